@@ -1,0 +1,286 @@
+//! Types shared by the kernel programs (`gateway-ebpf`) and the daemon (`gateway-user`).
+//!
+//! Every type is `#[repr(C)]`, built from fixed-width integers with explicit padding and no
+//! `bool` or enum fields, and carries a compile-time size assertion: the kernel and user space
+//! must agree on the bytes. Pinned maps are adopted only when their type, key size, value size
+//! and capacity match these types.
+//!
+//! Address conventions (the same on both sides):
+//! - IPv4 addresses are stored as the `u32` whose in-memory bytes are the address in network
+//!   order (what `bpf_sock_addr.user_ip4` holds); see [`ip4_word`].
+//! - IPv6 addresses are four such words. An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) is
+//!   always normalized to IPv4 before it is stored or used as a key.
+//! - Ports are stored in host byte order.
+#![no_std]
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_TCP: u16 = 6;
+pub const IPPROTO_UDP: u16 = 17;
+
+/// Map names, as they appear in the object file and under the pin directory.
+pub mod map_names {
+    pub const CONFIG: &str = "TG_CONFIG";
+    pub const SOCKETS: &str = "TG_SOCKETS";
+    pub const PENDING: &str = "TG_PENDING";
+    pub const EVENTS: &str = "TG_EVENTS";
+    pub const COUNTERS: &str = "TG_COUNTERS";
+    pub const ACCEPTED: &str = "TG_ACCEPTED";
+    pub const ALL: [&str; 6] = [CONFIG, SOCKETS, PENDING, EVENTS, COUNTERS, ACCEPTED];
+}
+
+/// Capacities of the bounded maps.
+pub const PENDING_MAX_ENTRIES: u32 = 65_536;
+pub const COUNTERS_MAX_ENTRIES: u32 = 16_384;
+pub const ACCEPTED_MAX_ENTRIES: u32 = 16_384;
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+pub const MAX_RESOLVERS: usize = 4;
+
+/// `SockState::flags` bits.
+pub mod sock_flags {
+    /// connect4/6 redirected this socket to the listener and recorded its origin.
+    pub const REDIRECTED: u32 = 1;
+    /// The socket was accepted by a server under an enforced root (passive side).
+    pub const ACCEPTED: u32 = 2;
+}
+
+/// Which hook refused, in [`RefusalEvent::hook`].
+pub mod hook {
+    pub const SOCK_CREATE: u32 = 1;
+    pub const BIND: u32 = 2;
+    pub const CONNECT: u32 = 3;
+    pub const SENDMSG: u32 = 4;
+    pub const EGRESS: u32 = 5;
+}
+
+/// Why, in [`RefusalEvent::reason`].
+pub mod reason {
+    /// A socket family/type/protocol other than TCP or UDP on IPv4/IPv6 (raw, ping, SCTP...).
+    pub const SOCKET_TYPE: u32 = 1;
+    /// Binding the gateway listener's port.
+    pub const LISTENER_PORT: u32 = 2;
+    /// UDP to anything but an allowed DNS resolver.
+    pub const UDP_NOT_DNS: u32 = 3;
+    /// A connect straight to the listener that no redirect recorded.
+    pub const DIRECT_TO_LISTENER: u32 = 4;
+    /// Backstop: a packet neither to the listener, nor allowed DNS, nor a reply on an accepted
+    /// connection.
+    pub const EGRESS_BACKSTOP: u32 = 5;
+    /// The config map is empty: the programs fail closed.
+    pub const NO_CONFIG: u32 = 6;
+    /// Socket-local storage could not be allocated, so the origin could not be recorded.
+    pub const NO_STORAGE: u32 = 7;
+}
+
+/// One allowed DNS resolver.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Resolver {
+    pub addr: [u32; 4],
+    pub port: u16,
+    /// `AF_INET`, `AF_INET6`, or 0 for an unused slot.
+    pub family: u16,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<Resolver>() == 24);
+
+/// The single entry of the `TG_CONFIG` array: written by the daemon before any program is
+/// attached. An all-zero entry (no listener port) makes every program fail closed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    pub listener_ip4: u32,
+    pub listener_port: u16,
+    pub _pad0: u16,
+    pub listener_ip6: [u32; 4],
+    /// cgroup id of the gateway's own leaf cgroup: its sockets are never enforced.
+    pub gateway_cgroup_id: u64,
+    /// Byte offset of `start_boottime` in the kernel's `task_struct`, read from the kernel's
+    /// BTF by the daemon; 0 when unknown (then no start time is recorded).
+    pub task_start_offset: u32,
+    pub resolver_count: u32,
+    pub resolvers: [Resolver; MAX_RESOLVERS],
+}
+const _: () = assert!(core::mem::size_of::<Config>() == 40 + 24 * MAX_RESOLVERS);
+
+/// Per-socket state in socket-local storage (`TG_SOCKETS`), freed with the socket. For a
+/// redirected socket it holds the origin: the original destination and who made the connect,
+/// as the kernel saw it in the caller's context.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockState {
+    pub dst_addr: [u32; 4],
+    pub dst_port: u16,
+    /// Family of the original destination after normalization (mapped IPv6 → `AF_INET`).
+    pub dst_family: u16,
+    pub flags: u32,
+    pub pid: u32,
+    pub tgid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub cgroup_id: u64,
+    pub netns_cookie: u64,
+    pub socket_cookie: u64,
+    /// The connecting thread's `start_boottime` in ns (0 if unknown).
+    pub start_boottime_ns: u64,
+    /// `bpf_ktime_get_ns()` when the lookup key was written (CLOCK_MONOTONIC).
+    pub recorded_ns: u64,
+    pub comm: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<SockState>() == 96);
+
+/// The key under which the listener finds a redirected connection's origin: the client end
+/// of the connection (normalized) in the client's network namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PendingKey {
+    pub netns_cookie: u64,
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub family: u16,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<PendingKey>() == 32);
+
+impl PendingKey {
+    /// The key for an IPv4 client end.
+    #[must_use]
+    pub const fn v4(netns_cookie: u64, addr: u32, port: u16) -> Self {
+        Self { netns_cookie, addr: [addr, 0, 0, 0], port, family: AF_INET, _pad: 0 }
+    }
+
+    /// The key for an IPv6 client end; a v4-mapped address becomes the IPv4 key.
+    #[must_use]
+    pub const fn v6(netns_cookie: u64, addr: [u32; 4], port: u16) -> Self {
+        if is_v4_mapped(addr) {
+            Self::v4(netns_cookie, addr[3], port)
+        } else {
+            Self { netns_cookie, addr, port, family: AF_INET6, _pad: 0 }
+        }
+    }
+}
+
+/// Key of `TG_ACCEPTED`: connections a server under an enforced root had already accepted
+/// when enforcement started, so the egress backstop lets their replies out.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AcceptedKey {
+    pub local_addr: [u32; 4],
+    pub remote_addr: [u32; 4],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub family: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<AcceptedKey>() == 40);
+
+/// Per-cgroup counters in `TG_COUNTERS`, keyed by cgroup id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Kernel refusals of this cgroup's sockets.
+    pub refused: u64,
+    /// Refusals whose event could not be put on the ring buffer (full).
+    pub events_lost: u64,
+    /// UDP datagrams or connects allowed to a DNS resolver (a known exfiltration channel).
+    pub dns_allowed: u64,
+}
+const _: () = assert!(core::mem::size_of::<Counters>() == 24);
+
+/// One kernel refusal, sent through the `TG_EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RefusalEvent {
+    pub hook: u32,
+    pub reason: u32,
+    pub pid: u32,
+    pub tgid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub cgroup_id: u64,
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub family: u16,
+    /// Socket type (`SOCK_STREAM`...) where known.
+    pub sock_type: u16,
+    pub protocol: u16,
+    pub ktime_ns: u64,
+    pub comm: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<RefusalEvent>() == 80);
+
+/// The word an IPv4 address is stored as: its network-order bytes, read natively.
+#[must_use]
+pub const fn ip4_word(octets: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(octets)
+}
+
+/// The four words an IPv6 address is stored as.
+#[must_use]
+pub const fn ip6_words(octets: [u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([octets[0], octets[1], octets[2], octets[3]]),
+        u32::from_ne_bytes([octets[4], octets[5], octets[6], octets[7]]),
+        u32::from_ne_bytes([octets[8], octets[9], octets[10], octets[11]]),
+        u32::from_ne_bytes([octets[12], octets[13], octets[14], octets[15]]),
+    ]
+}
+
+/// Whether the IPv6 words hold `::ffff:a.b.c.d`.
+#[must_use]
+pub const fn is_v4_mapped(addr: [u32; 4]) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::{AcceptedKey, Config, Counters, PendingKey, RefusalEvent, SockState};
+
+    // SAFETY: each type is `#[repr(C)]`, made only of integers and arrays of integers, with
+    // every padding byte an explicit field, so any bit pattern is valid.
+    unsafe impl aya::Pod for Config {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PendingKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for AcceptedKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Counters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for RefusalEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapped_v6_key_is_the_v4_key() {
+        let v4 = ip4_word([127, 0, 0, 1]);
+        let mapped = ip6_words([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1]);
+        assert!(is_v4_mapped(mapped));
+        assert_eq!(PendingKey::v6(7, mapped, 4000), PendingKey::v4(7, v4, 4000));
+    }
+
+    #[test]
+    fn native_v6_key_keeps_family() {
+        let lo = ip6_words([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        assert!(!is_v4_mapped(lo));
+        let key = PendingKey::v6(7, lo, 4000);
+        assert_eq!(key.family, AF_INET6);
+        assert_eq!(key.addr, lo);
+    }
+
+    #[test]
+    fn netns_distinguishes_keys() {
+        let a = PendingKey::v4(1, ip4_word([127, 0, 0, 1]), 4000);
+        let b = PendingKey::v4(2, ip4_word([127, 0, 0, 1]), 4000);
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn ip4_word_is_network_order_in_memory() {
+        assert_eq!(ip4_word([127, 0, 0, 1]).to_ne_bytes(), [127, 0, 0, 1]);
+    }
+}

@@ -1,0 +1,28 @@
+//! Tollgate's kernel programs. Every program runs for sockets of cgroups under an enforced root
+//! and must be idempotent: nested roots run the same program twice (the child's first).
+#![no_std]
+#![no_main]
+
+mod bind;
+mod connect;
+mod egress;
+mod getpeername;
+mod maps;
+mod refuse;
+mod sendmsg;
+mod sock_create;
+mod sock_ops;
+
+/// Verdicts of cgroup socket programs.
+pub(crate) const ALLOW: i32 = 1;
+pub(crate) const DENY: i32 = 0;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,199 @@
+//! The audit log: one JSON Lines record per decision, its own sink with a versioned schema.
+use std::{
+    fs::{File, OpenOptions},
+    io::Write,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use serde::Serialize;
+
+pub const SCHEMA: &str = "tollgate.audit/v1";
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Allow,
+    Deny,
+    /// Monitor mode: would have been denied, was let through.
+    WouldDeny,
+    Error,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Layer {
+    /// Refused in the kernel (socket hooks or the egress backstop).
+    Kernel,
+    /// A redirected connection, decided by the gateway.
+    Connect,
+    /// Daemon lifecycle: enforcement started, pre-existing connections destroyed.
+    Lifecycle,
+}
+
+/// Who, as far as it is known; kernel-recorded fields are always present for connections.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct WorkloadRecord {
+    pub pid: u32,
+    pub tgid: u32,
+    /// Thread start time since boot, in ns, as the kernel recorded it.
+    pub start_time_ns: u64,
+    pub uid: u32,
+    pub gid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+    pub cgroup: Option<String>,
+    pub unit: Option<String>,
+    pub exe: Option<String>,
+    pub exe_sha256: Option<String>,
+    /// Whether /proc still showed the same task (start time matched), so exe is trustworthy.
+    pub verified: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DstRecord {
+    pub orig_ip: Option<String>,
+    pub orig_port: Option<u16>,
+    pub protocol: Option<&'static str>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditRecord {
+    pub ts: String,
+    pub schema: &'static str,
+    pub decision: Verdict,
+    pub layer: Layer,
+    pub reason: String,
+    pub policy: Option<String>,
+    pub rule: Option<String>,
+    pub workload: WorkloadRecord,
+    pub dst: DstRecord,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_up: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_down: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// For aggregated records (suppressed kernel refusals, DNS counts): how many.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+}
+
+impl AuditRecord {
+    pub fn new(decision: Verdict, layer: Layer, reason: impl Into<String>) -> Self {
+        Self {
+            ts: now_rfc3339(),
+            schema: SCHEMA,
+            decision,
+            layer,
+            reason: reason.into(),
+            policy: None,
+            rule: None,
+            workload: WorkloadRecord::default(),
+            dst: DstRecord::default(),
+            bytes_up: None,
+            bytes_down: None,
+            duration_ms: None,
+            count: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("cannot open audit log {path}: {source}")]
+    Open { path: PathBuf, source: std::io::Error },
+    #[error("cannot write audit log: {0}")]
+    Write(#[source] std::io::Error),
+}
+
+/// The audit sink. Writes are line-atomic (one `write` per record) and flushed at once.
+#[derive(Clone, Debug)]
+pub struct AuditLog {
+    file: Arc<Mutex<File>>,
+}
+
+impl AuditLog {
+    pub fn open(path: &Path) -> Result<Self, AuditError> {
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|source| AuditError::Open { path: path.to_owned(), source })?;
+        Ok(Self { file: Arc::new(Mutex::new(file)) })
+    }
+
+    pub fn write(&self, record: &AuditRecord) -> Result<(), AuditError> {
+        let mut line = serde_json::to_vec(record).map_err(|e| AuditError::Write(e.into()))?;
+        line.push(b'\n');
+        let mut file = self.file.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        file.write_all(&line).map_err(AuditError::Write)
+    }
+
+    /// Writes, logging (never panicking) if the sink fails.
+    pub fn emit(&self, record: &AuditRecord) {
+        if let Err(e) = self.write(record) {
+            tracing::error!(error = %e, "audit record lost");
+        }
+    }
+}
+
+/// UTC time as RFC 3339 with microseconds, without a date-time dependency.
+pub fn now_rfc3339() -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = now.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(i64::try_from(days).unwrap_or(0));
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        now.subsec_micros()
+    )
+}
+
+/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = u32::try_from(doy - (153 * mp + 2) / 5 + 1).unwrap_or(1);
+    let m = u32::try_from(if mp < 10 { mp + 3 } else { mp - 9 }).unwrap_or(1);
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+        assert_eq!(civil_from_days(20_785), (2026, 11, 28));
+    }
+
+    #[test]
+    fn record_is_one_json_line_with_schema() {
+        let dir = std::env::temp_dir().join(format!("tg-audit-{}", std::process::id()));
+        let path = dir.join("a.jsonl");
+        let log = AuditLog::open(&path).expect("open");
+        let mut r = AuditRecord::new(Verdict::Deny, Layer::Connect, "no_rule_matched");
+        r.policy = Some("p".into());
+        log.write(&r).expect("write");
+        let text = std::fs::read_to_string(&path).expect("read");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(text.lines().count(), 1);
+        let v: serde_json::Value = serde_json::from_str(text.trim()).expect("json");
+        assert_eq!(v["schema"], SCHEMA);
+        assert_eq!(v["decision"], "deny");
+        assert_eq!(v["layer"], "connect");
+    }
+}

@@ -1,0 +1,147 @@
+//! Reads one fact from the kernel's BTF: where `start_boottime` sits in `task_struct`. The
+//! kernel programs use it to record the connecting thread's start time (pid-reuse check), so
+//! the offset comes from the running kernel, not from the build machine.
+
+const BTF_MAGIC: u16 = 0xeb9f;
+const KIND_STRUCT: u32 = 4;
+const KIND_UNION: u32 = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BtfError {
+    #[error("kernel BTF is malformed at byte {0}")]
+    Malformed(usize),
+    #[error("kernel BTF has no {0}")]
+    Missing(&'static str),
+}
+
+struct Type {
+    name_off: u32,
+    kind: u32,
+    kind_flag: bool,
+    /// For structs and unions: (name_off, type id, bit offset).
+    members: Vec<(u32, u32, u32)>,
+}
+
+/// The byte offset of `member` in `struct name`, looking through anonymous struct members.
+pub fn member_offset(btf: &[u8], strukt: &str, member: &'static str) -> Result<u32, BtfError> {
+    let (types, strings) = parse(btf)?;
+    let name_of = |off: u32| -> &[u8] {
+        let s = strings.get(off as usize..).unwrap_or_default();
+        &s[..s.iter().position(|b| *b == 0).unwrap_or(s.len())]
+    };
+    let root = types
+        .iter()
+        .position(|t| t.kind == KIND_STRUCT && name_of(t.name_off) == strukt.as_bytes())
+        .ok_or(BtfError::Missing("task_struct"))?;
+    find(&types, root, member.as_bytes(), &name_of, 0).ok_or(BtfError::Missing(member))
+}
+
+fn find<'s>(
+    types: &[Type],
+    idx: usize,
+    member: &[u8],
+    name_of: &dyn Fn(u32) -> &'s [u8],
+    base_bits: u32,
+) -> Option<u32> {
+    let t = types.get(idx)?;
+    for &(name_off, type_id, off) in &t.members {
+        let bits = base_bits + if t.kind_flag { off & 0x00ff_ffff } else { off };
+        if name_of(name_off) == member {
+            return Some(bits / 8);
+        }
+        if name_off == 0 {
+            // Anonymous struct or union member: type ids are 1-based.
+            let inner = (type_id as usize).checked_sub(1)?;
+            if matches!(types.get(inner).map(|t| t.kind), Some(KIND_STRUCT | KIND_UNION)) {
+                if let Some(found) = find(types, inner, member, name_of, bits) {
+                    return Some(found);
+                }
+            }
+        }
+    }
+    None
+}
+
+fn u32_at(b: &[u8], at: usize) -> Result<u32, BtfError> {
+    b.get(at..at + 4)
+        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+        .ok_or(BtfError::Malformed(at))
+}
+
+fn parse(b: &[u8]) -> Result<(Vec<Type>, &[u8]), BtfError> {
+    if b.len() < 24 || u16::from_le_bytes([b[0], b[1]]) != BTF_MAGIC {
+        return Err(BtfError::Malformed(0));
+    }
+    let hdr_len = u32_at(b, 4)? as usize;
+    let type_off = hdr_len + u32_at(b, 8)? as usize;
+    let type_len = u32_at(b, 12)? as usize;
+    let str_off = hdr_len + u32_at(b, 16)? as usize;
+    let str_len = u32_at(b, 20)? as usize;
+    let strings = b.get(str_off..str_off + str_len).ok_or(BtfError::Malformed(str_off))?;
+    let end = type_off + type_len;
+    let mut at = type_off;
+    let mut types = Vec::new();
+    while at < end {
+        let name_off = u32_at(b, at)?;
+        let info = u32_at(b, at + 4)?;
+        let vlen = (info & 0xffff) as usize;
+        let kind = (info >> 24) & 0x1f;
+        let kind_flag = info >> 31 == 1;
+        at += 12;
+        let mut members = Vec::new();
+        let extra = match kind {
+            1 | 14 | 17 => 4,       // int, var, decl_tag
+            3 => 12,                // array
+            4 | 5 => {
+                for i in 0..vlen {
+                    let m = at + i * 12;
+                    members.push((u32_at(b, m)?, u32_at(b, m + 4)?, u32_at(b, m + 8)?));
+                }
+                vlen * 12
+            }
+            6 | 13 => vlen * 8,      // enum, func_proto
+            15 | 19 => vlen * 12,    // datasec, enum64
+            2 | 7..=12 | 16 | 18 => 0,
+            _ => return Err(BtfError::Malformed(at)),
+        };
+        at += extra;
+        types.push(Type { name_off, kind, kind_flag, members });
+    }
+    Ok((types, strings))
+}
+
+/// The offset of `task_struct.start_boottime` in the running kernel.
+pub fn task_start_boottime_offset() -> Result<u32, BtfError> {
+    let data = std::fs::read("/sys/kernel/btf/vmlinux").map_err(|_| BtfError::Missing("/sys/kernel/btf/vmlinux"))?;
+    member_offset(&data, "task_struct", "start_boottime")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hand-built BTF blob: `struct task_struct { int a; struct { long start_boottime; }; }`.
+    fn blob() -> Vec<u8> {
+        let strings = b"\0task_struct\0a\0start_boottime\0int\0".to_vec();
+        let (task, a, sb, int) = (1u32, 13u32, 15u32, 30u32);
+        let mut types = Vec::new();
+        let mut push = |words: &[u32]| words.iter().for_each(|w| types.extend_from_slice(&w.to_le_bytes()));
+        push(&[int, 1 << 24, 8, 64]); // 1: int, 8 bytes
+        push(&[task, (4 << 24) | 2, 16, a, 1, 0, 0, 3, 64]); // 2: task_struct { a @0; anon @64 bits }
+        push(&[0, (4 << 24) | 1, 8, sb, 1, 0]); // 3: anon { start_boottime @0 }
+        let mut b = Vec::new();
+        for w in [u32::from(BTF_MAGIC) | (1 << 16), 24, 0, types.len() as u32, types.len() as u32, strings.len() as u32] {
+            b.extend_from_slice(&w.to_le_bytes());
+        }
+        b.extend_from_slice(&types);
+        b.extend_from_slice(&strings);
+        b
+    }
+
+    #[test]
+    fn finds_member_through_anonymous_struct() {
+        assert_eq!(member_offset(&blob(), "task_struct", "start_boottime").expect("offset"), 8);
+        assert!(member_offset(&blob(), "task_struct", "nope").is_err());
+        assert!(member_offset(b"garbage-garbage-garbage-", "task_struct", "a").is_err());
+    }
+}

@@ -1,0 +1,127 @@
+//! The `tollgate` command line.
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+use crate::{config::Config, daemon, policy::PolicySet};
+
+#[derive(Parser)]
+#[command(name = "tollgate", version, about = "Egress enforcement for workloads, by kernel-verified identity")]
+struct Cli {
+    /// Log as JSON lines instead of plain text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway: attach (or adopt) the kernel programs and serve redirected connections.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Create this file once enforcing (for supervisors and tests).
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
+    /// Show the programs attached at each enforced root (from the kernel's query interface).
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Remove every attachment and pin of this config's pin directory.
+    Uninstall {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Work with policy files.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Run the demo on the embedded default config (needs root, curl and python3).
+    Demo,
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Check every policy in DIR; print each error as file:line:column.
+    Check { dir: PathBuf },
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("tollgate: {msg}");
+    ExitCode::FAILURE
+}
+
+/// An error with its whole source chain on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = s.source();
+    }
+    out
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_json);
+    let load = |path: &PathBuf| Config::load(path);
+    match cli.command {
+        Command::Run { config, ready_file } => match load(&config) {
+            Ok(cfg) => match daemon::run(cfg, ready_file) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(chain(&e)),
+            },
+            Err(e) => fail(e),
+        },
+        Command::Status { config } => match load(&config).map_err(|e| e.to_string()).and_then(|c| daemon::status(&c).map_err(|e| e.to_string())) {
+            Ok(v) => {
+                println!("{v}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        Command::Uninstall { config } => match load(&config).map_err(|e| e.to_string()).and_then(|c| daemon::uninstall(&c).map_err(|e| e.to_string())) {
+            Ok(n) => {
+                println!("removed {n} pins");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        Command::Policy { command: PolicyCommand::Check { dir } } => match PolicySet::load_dir(&dir) {
+            Ok(set) => {
+                println!("{} policies OK", set.len());
+                ExitCode::SUCCESS
+            }
+            Err(errs) => {
+                for e in &errs {
+                    eprintln!("{e}");
+                }
+                ExitCode::FAILURE
+            }
+        },
+        Command::Demo => match crate::demo::run() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(format!("demo failed: {e:#}")),
+        },
+    }
+}

@@ -1,0 +1,208 @@
+//! The daemon's configuration: read (strict YAML) → validated → logged at startup.
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+use crate::cgroup::{CgroupError, CgroupPath};
+
+/// The configuration the demo runs on, embedded in the binary.
+pub const DEMO_CONFIG: &str = include_str!("../config/demo.yaml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}:{line}:{column}: {message}")]
+    Syntax { file: String, line: usize, column: usize, message: String },
+    #[error("{file}: {message}")]
+    Invalid { file: String, message: String },
+    #[error("cannot read config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{file}: {source}")]
+    Cgroup { file: String, source: CgroupError },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    /// Enforced roots: cgroup paths relative to the cgroup2 mount.
+    roots: Vec<String>,
+    /// The daemon's own leaf cgroup, outside every root.
+    gateway_cgroup: String,
+    #[serde(default)]
+    listener: RawListener,
+    #[serde(default)]
+    dns_resolvers: Vec<SocketAddr>,
+    policies: PathBuf,
+    audit_log: PathBuf,
+    #[serde(default = "default_pin_dir")]
+    pin_dir: PathBuf,
+    #[serde(default)]
+    upstream_bind: Option<std::net::IpAddr>,
+    #[serde(default)]
+    allow_private_bpffs: bool,
+    #[serde(default = "default_origin_max_age_ms")]
+    origin_max_age_ms: u64,
+    #[serde(default)]
+    test_resolver: BTreeMap<SocketAddr, SocketAddr>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    #[serde(default = "default_port")]
+    port: u16,
+    #[serde(default = "default_ipv4")]
+    ipv4: Ipv4Addr,
+    #[serde(default = "default_ipv6")]
+    ipv6: Ipv6Addr,
+}
+
+impl Default for RawListener {
+    fn default() -> Self {
+        Self { port: default_port(), ipv4: default_ipv4(), ipv6: default_ipv6() }
+    }
+}
+
+/// Below 1024, so a process outside the enforced roots needs CAP_NET_BIND_SERVICE to take it
+/// while the daemon is down (inside the roots, the bind hook refuses it to everyone).
+const fn default_port() -> u16 {
+    951
+}
+const fn default_ipv4() -> Ipv4Addr {
+    Ipv4Addr::LOCALHOST
+}
+const fn default_ipv6() -> Ipv6Addr {
+    Ipv6Addr::LOCALHOST
+}
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/tollgate")
+}
+const fn default_origin_max_age_ms() -> u64 {
+    5_000
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub roots: Vec<CgroupPath>,
+    pub gateway_cgroup: CgroupPath,
+    pub listener_port: u16,
+    pub listener_v4: Ipv4Addr,
+    pub listener_v6: Ipv6Addr,
+    pub dns_resolvers: Vec<SocketAddr>,
+    pub policies: PathBuf,
+    pub audit_log: PathBuf,
+    pub pin_dir: PathBuf,
+    pub upstream_bind: Option<std::net::IpAddr>,
+    pub allow_private_bpffs: bool,
+    pub origin_max_age_ms: u64,
+    /// Test-only: destinations mapped to local mocks. Always empty in release builds.
+    pub test_resolver: BTreeMap<SocketAddr, SocketAddr>,
+}
+
+impl Config {
+    /// Reads and validates a config file. Relative paths in it are relative to its directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, &path.display().to_string(), base)
+    }
+
+    /// Parses config text; `file` names it in errors, `base` anchors relative paths.
+    pub fn parse(text: &str, file: &str, base: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = serde_yaml_ng::from_str(text).map_err(|e| {
+            let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+            ConfigError::Syntax { file: file.to_owned(), line, column, message: e.to_string() }
+        })?;
+        let invalid = |message: String| ConfigError::Invalid { file: file.to_owned(), message };
+        let cg = |s: &str| {
+            CgroupPath::parse(s).map_err(|source| ConfigError::Cgroup { file: file.to_owned(), source })
+        };
+        if raw.roots.is_empty() {
+            return Err(invalid("`roots` is empty: name at least one cgroup to enforce".into()));
+        }
+        let roots = raw.roots.iter().map(|r| cg(r)).collect::<Result<Vec<_>, _>>()?;
+        let gateway_cgroup = cg(&raw.gateway_cgroup)?;
+        if let Some(root) = roots.iter().find(|r| gateway_cgroup.is_within(r)) {
+            return Err(invalid(format!(
+                "gateway_cgroup {gateway_cgroup} is under the enforced root {root}: \
+                 put the gateway in its own cgroup outside every root"
+            )));
+        }
+        if raw.listener.port == 0 {
+            return Err(invalid("listener.port must not be 0".into()));
+        }
+        if raw.dns_resolvers.len() > gateway_common::MAX_RESOLVERS {
+            return Err(invalid(format!(
+                "at most {} dns_resolvers are supported",
+                gateway_common::MAX_RESOLVERS
+            )));
+        }
+        if !cfg!(feature = "test-resolver") && !raw.test_resolver.is_empty() {
+            return Err(invalid(
+                "`test_resolver` exists only in test builds (feature test-resolver); remove it".into(),
+            ));
+        }
+        let anchor = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        Ok(Self {
+            roots,
+            gateway_cgroup,
+            listener_port: raw.listener.port,
+            listener_v4: raw.listener.ipv4,
+            listener_v6: raw.listener.ipv6,
+            dns_resolvers: raw.dns_resolvers,
+            policies: anchor(raw.policies),
+            audit_log: anchor(raw.audit_log),
+            pin_dir: raw.pin_dir,
+            upstream_bind: raw.upstream_bind,
+            allow_private_bpffs: raw.allow_private_bpffs,
+            origin_max_age_ms: raw.origin_max_age_ms,
+            test_resolver: raw.test_resolver,
+        })
+    }
+
+    /// Where the gateway dials for an original destination.
+    pub fn upstream_for(&self, orig: SocketAddr) -> SocketAddr {
+        self.test_resolver.get(&orig).copied().unwrap_or(orig)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "roots: [/tg]\ngateway_cgroup: /tg-gw\npolicies: p\naudit_log: /tmp/a\n";
+
+    #[test]
+    fn parses_minimal_config_with_defaults() {
+        let c = Config::parse(GOOD, "c.yaml", Path::new("/etc/tollgate")).expect("config");
+        assert_eq!(c.listener_port, 951);
+        assert_eq!(c.policies, PathBuf::from("/etc/tollgate/p"));
+        assert_eq!(c.roots[0].as_str(), "/tg");
+    }
+
+    #[test]
+    fn unknown_field_names_file_and_line() {
+        let text = format!("{GOOD}listner: {{}}\n");
+        let err = Config::parse(&text, "c.yaml", Path::new("/")).expect_err("unknown field");
+        let msg = err.to_string();
+        assert!(msg.starts_with("c.yaml:5:"), "{msg}");
+        assert!(msg.contains("listner"), "{msg}");
+    }
+
+    #[test]
+    fn gateway_inside_root_is_refused() {
+        let text = "roots: [/tg]\ngateway_cgroup: /tg/gw\npolicies: p\naudit_log: a\n";
+        let err = Config::parse(text, "c.yaml", Path::new("/")).expect_err("inside root");
+        assert!(err.to_string().contains("outside every root"), "{err}");
+    }
+
+    #[test]
+    fn demo_config_is_valid() {
+        Config::parse(DEMO_CONFIG, "demo", Path::new("/")).expect("demo config");
+    }
+}

@@ -1,0 +1,401 @@
+//! `tollgate run`: preflight checks, the gateway's own cgroup, the listener, the kernel side
+//! (adopting pins from a previous run), then serving. Any failure before serving undoes what
+//! this run created, so nothing is left half-attached.
+use std::{
+    collections::HashSet,
+    fs,
+    io::Write,
+    net::{IpAddr, SocketAddr},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, RwLock},
+};
+
+use gateway_common::{ip4_word, ip6_words, AcceptedKey, Config as KernelConfig, Resolver, AF_INET, AF_INET6};
+
+use crate::{
+    audit::{AuditLog, AuditRecord, Layer, Verdict, WorkloadRecord},
+    cgroup,
+    config::Config,
+    ebpf::{self, Kernel},
+    events,
+    policy::PolicySet,
+    proxy::{self, Gateway},
+    sockdiag,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::CgroupError),
+    #[error("enforced root {path} does not exist: create it (or fix `roots` in the config)")]
+    NoRoot { path: PathBuf },
+    #[error("this kernel has no BPF syscall or we lack the privilege for it ({0}): run as root on a kernel with CONFIG_BPF_SYSCALL")]
+    NoBpf(std::io::Error),
+    #[error("no BTF at /sys/kernel/btf/vmlinux: the kernel needs CONFIG_DEBUG_INFO_BTF")]
+    NoBtf,
+    #[error("bpffs: {0}")]
+    Bpffs(String),
+    #[error("another tollgate is running with pin dir {pin_dir} (lock {lock}): stop it first")]
+    AlreadyRunning { pin_dir: PathBuf, lock: PathBuf },
+    #[error("gateway cgroup {path}: {message}")]
+    GatewayCgroup { path: PathBuf, message: String },
+    #[error("cannot listen on {addr}: {source} (is another process using the listener port?)")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("policies: {0}")]
+    Policy(String),
+    #[error(transparent)]
+    Ebpf(#[from] ebpf::EbpfError),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Everything checked before the kernel is touched.
+struct Preflight {
+    cgroup_mount: PathBuf,
+    policies: PolicySet,
+}
+
+fn preflight(config: &Config) -> Result<Preflight, RunError> {
+    let policies = PolicySet::load_dir(&config.policies).map_err(|errs| {
+        RunError::Policy(errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
+    })?;
+    let cgroup_mount = cgroup::cgroup2_mount()?;
+    for root in &config.roots {
+        let dir = root.dir(&cgroup_mount);
+        if !dir.is_dir() {
+            return Err(RunError::NoRoot { path: dir });
+        }
+    }
+    // BPF: a harmless query on the cgroup root tells whether bpf(2) works for us.
+    let root = fs::File::open(&cgroup_mount)?;
+    crate::bpf_sys::query_cgroup(std::os::fd::AsFd::as_fd(&root), 2).map_err(RunError::NoBpf)?;
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return Err(RunError::NoBtf);
+    }
+    Ok(Preflight { cgroup_mount, policies })
+}
+
+/// Makes sure the pin directory is on a bpffs of the host's mount namespace (mounting bpffs
+/// at /sys/fs/bpf if nothing is there), so pins outlive this process.
+fn ensure_bpffs(config: &Config) -> Result<(), RunError> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
+    let parent = config.pin_dir.parent().unwrap_or(Path::new("/"));
+    let on_bpffs = |mi: &str| {
+        parent.ancestors().any(|a| cgroup::is_mounted_at(mi, "bpf", a))
+    };
+    if !on_bpffs(&mountinfo) {
+        if parent != Path::new("/sys/fs/bpf") {
+            return Err(RunError::Bpffs(format!(
+                "{} is not on a bpffs: mount one there (mount -t bpf bpf {}) or use a pin_dir under /sys/fs/bpf",
+                parent.display(),
+                parent.display()
+            )));
+        }
+        nix::mount::mount(Some("bpf"), "/sys/fs/bpf", Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+            .map_err(|e| RunError::Bpffs(format!("cannot mount bpffs at /sys/fs/bpf: {e}: mount it (mount -t bpf bpf /sys/fs/bpf) and retry")))?;
+        tracing::info!("mounted bpffs at /sys/fs/bpf");
+    }
+    if !in_host_mount_ns()? && !config.allow_private_bpffs {
+        return Err(RunError::Bpffs(
+            "tollgate runs in a private mount namespace: pins would die with it and enforcement would stop. \
+             Run it in the host's mount namespace (for Kubernetes: hostPID plus a bidirectional /sys/fs/bpf mount)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether this process shares pid 1's mount namespace. Where pid 1's namespace cannot be
+/// read (a sandbox without ptrace access to it), the initial mount namespace's fixed inode
+/// number (kernels 6.x) stands in for it.
+fn in_host_mount_ns() -> Result<bool, RunError> {
+    const INIT_MNT_NS_INO: &str = "mnt:[4026531832]";
+    let own = fs::read_link("/proc/self/ns/mnt")?;
+    Ok(match fs::read_link("/proc/1/ns/mnt") {
+        Ok(host) => own == host,
+        Err(_) => own.as_os_str() == INIT_MNT_NS_INO,
+    })
+}
+
+/// Holds an exclusive lock for this pin directory while the daemon runs.
+fn lock(config: &Config) -> Result<fs::File, RunError> {
+    let name: String = config.pin_dir.display().to_string().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    let dir = Path::new("/run/tollgate");
+    fs::create_dir_all(dir)?;
+    let path = dir.join(format!("{name}.lock"));
+    let file = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(RunError::AlreadyRunning { pin_dir: config.pin_dir.clone(), lock: path });
+    }
+    Ok(file)
+}
+
+/// Moves this process into its own leaf cgroup and checks nothing else lives there.
+fn enter_gateway_cgroup(config: &Config, mount: &Path) -> Result<u64, RunError> {
+    let dir = config.gateway_cgroup.dir(mount);
+    let err = |message: String| RunError::GatewayCgroup { path: dir.clone(), message };
+    fs::create_dir_all(&dir).map_err(|e| err(format!("cannot create it: {e}")))?;
+    fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
+        .map_err(|e| err(format!("cannot move the daemon into it: {e}")))?;
+    let me = i32::try_from(std::process::id()).unwrap_or(0);
+    let others: Vec<i32> = cgroup::procs(&dir).into_iter().filter(|p| *p != me).collect();
+    if !others.is_empty() {
+        return Err(err(format!("it also holds pids {others:?}: give the gateway a cgroup of its own")));
+    }
+    cgroup::cgroup_id(&dir).map_err(|e| err(e.to_string()))
+}
+
+fn kernel_config(config: &Config, gateway_cgroup_id: u64) -> KernelConfig {
+    let mut resolvers = [Resolver::default(); gateway_common::MAX_RESOLVERS];
+    for (slot, r) in resolvers.iter_mut().zip(&config.dns_resolvers) {
+        *slot = match r.ip() {
+            IpAddr::V4(v4) => Resolver { addr: [ip4_word(v4.octets()), 0, 0, 0], port: r.port(), family: AF_INET, _pad: 0 },
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Resolver { addr: [ip4_word(v4.octets()), 0, 0, 0], port: r.port(), family: AF_INET, _pad: 0 },
+                None => Resolver { addr: ip6_words(v6.octets()), port: r.port(), family: AF_INET6, _pad: 0 },
+            },
+        };
+    }
+    let task_start_offset = crate::btf::task_start_boottime_offset().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "no task start time from BTF: pid-reuse checks will refuse enrichment");
+        0
+    });
+    KernelConfig {
+        listener_ip4: ip4_word(config.listener_v4.octets()),
+        listener_port: config.listener_port,
+        _pad0: 0,
+        listener_ip6: ip6_words(config.listener_v6.octets()),
+        gateway_cgroup_id,
+        task_start_offset,
+        resolver_count: u32::try_from(config.dns_resolvers.len()).unwrap_or(0),
+        resolvers,
+    }
+}
+
+fn accepted_key(local: SocketAddr, remote: SocketAddr) -> AcceptedKey {
+    let norm = |a: SocketAddr| match a.ip() {
+        IpAddr::V4(v4) => (AF_INET, [ip4_word(v4.octets()), 0, 0, 0]),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => (AF_INET, [ip4_word(v4.octets()), 0, 0, 0]),
+            None => (AF_INET6, ip6_words(v6.octets())),
+        },
+    };
+    let (family, local_addr) = norm(local);
+    let (_, remote_addr) = norm(remote);
+    AcceptedKey { local_addr, remote_addr, local_port: local.port(), remote_port: remote.port(), family, _pad: 0 }
+}
+
+/// Sockets of processes in `dirs` (by inode), for sockets created before they joined.
+fn socket_inodes(dirs: &[PathBuf]) -> HashSet<u32> {
+    let mut out = HashSet::new();
+    for dir in dirs {
+        for pid in cgroup::procs(dir) {
+            let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
+            for fd in fds.flatten() {
+                if let Ok(target) = fs::read_link(fd.path()) {
+                    let t = target.to_string_lossy();
+                    if let Some(n) = t.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')) {
+                        if let Ok(n) = n.parse() {
+                            out.insert(n);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// When enforcement starts: destroys outbound TCP connections that already existed under the
+/// roots, and records connections a server there had accepted, so the backstop lets them be.
+fn settle_existing(
+    config: &Config,
+    mount: &Path,
+    accepted: &mut aya::maps::HashMap<aya::maps::MapData, AcceptedKey, u8>,
+    audit: &AuditLog,
+) -> Result<(), RunError> {
+    let dirs: Vec<PathBuf> = config.roots.iter().flat_map(|r| cgroup::walk(&r.dir(mount))).collect();
+    let ids: HashSet<u64> = dirs.iter().filter_map(|d| cgroup::cgroup_id(d).ok()).collect();
+    let inodes = socket_inodes(&dirs);
+    let socks = sockdiag::dump_tcp()?;
+    let listening: Vec<SocketAddr> = socks.iter().filter(|s| s.state == sockdiag::TCP_LISTEN).map(|s| s.local).collect();
+    let is_served = |local: SocketAddr| {
+        listening.iter().any(|l| l.port() == local.port() && (l.ip().is_unspecified() || l.ip() == local.ip()))
+    };
+    let listener = |a: SocketAddr| {
+        a.port() == config.listener_port && (a.ip() == IpAddr::V4(config.listener_v4) || a.ip() == IpAddr::V6(config.listener_v6))
+    };
+    for s in &socks {
+        let enforced = s.cgroup_id.is_some_and(|id| ids.contains(&id)) || inodes.contains(&s.inode);
+        if !enforced || matches!(s.state, sockdiag::TCP_LISTEN | 6 | 7) || listener(s.remote) {
+            continue;
+        }
+        let mut r = AuditRecord::new(Verdict::Deny, Layer::Lifecycle, "");
+        let cg = s.cgroup_id.and_then(|id| cgroup::path_of_id(mount, id));
+        r.workload = WorkloadRecord { cgroup_id: s.cgroup_id.unwrap_or(0), cgroup: cg.map(|c| c.to_string()), ..WorkloadRecord::default() };
+        r.dst.orig_ip = Some(s.remote.ip().to_string());
+        r.dst.orig_port = Some(s.remote.port());
+        r.dst.protocol = Some("tcp");
+        if is_served(s.local) {
+            accepted.insert(accepted_key(s.local, s.remote), 1, 0).map_err(|e| std::io::Error::other(e.to_string()))?;
+            r.decision = Verdict::Allow;
+            r.reason = "preexisting_accepted_connection_kept".into();
+        } else {
+            match sockdiag::destroy(s) {
+                Ok(()) => r.reason = "preexisting_outbound_connection_destroyed".into(),
+                Err(e) => {
+                    r.decision = Verdict::Error;
+                    r.reason = format!("preexisting_outbound_connection_not_destroyed: {e}");
+                }
+            }
+        }
+        audit.emit(&r);
+    }
+    Ok(())
+}
+
+/// Runs the daemon until SIGTERM/SIGINT. Pins stay: enforcement outlives the process.
+pub fn run(config: Config, ready_file: Option<PathBuf>) -> Result<(), RunError> {
+    let pre = preflight(&config)?;
+    ensure_bpffs(&config)?;
+    let _lock = lock(&config)?;
+    let gateway_cgroup_id = enter_gateway_cgroup(&config, &pre.cgroup_mount)?;
+    let audit = AuditLog::open(&config.audit_log)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let _enter = runtime.enter();
+    let listeners = [
+        SocketAddr::new(IpAddr::V4(config.listener_v4), config.listener_port),
+        SocketAddr::new(IpAddr::V6(config.listener_v6), config.listener_port),
+    ]
+    .into_iter()
+    .map(|addr| {
+        let std = std::net::TcpListener::bind(addr).map_err(|source| RunError::Listen { addr, source })?;
+        std.set_nonblocking(true)?;
+        tokio::net::TcpListener::from_std(std).map_err(|source| RunError::Listen { addr, source })
+    })
+    .collect::<Result<Vec<_>, _>>()?;
+
+    let fresh_install = !config.pin_dir.exists();
+    let attached = attach_all(&config, &pre.cgroup_mount, gateway_cgroup_id, &audit);
+    let (_kernel, maps) = match attached {
+        Ok(k) => k,
+        Err(e) => {
+            if fresh_install {
+                let _ = ebpf::uninstall(&config.pin_dir);
+            }
+            return Err(e);
+        }
+    };
+    let mut accepted = maps.accepted;
+    if let Err(e) = settle_existing(&config, &pre.cgroup_mount, &mut accepted, &audit) {
+        tracing::error!(error = %e, "could not settle connections that predate enforcement");
+    }
+    let gateway = Arc::new(Gateway {
+        config: config.clone(),
+        cgroup_mount: pre.cgroup_mount.clone(),
+        pending: Mutex::new(maps.pending),
+        policies: RwLock::new(Arc::new(pre.policies)),
+        audit: audit.clone(),
+        exe_cache: crate::identity::ExeHashCache::default(),
+    });
+    runtime.block_on(async {
+        for l in listeners {
+            tokio::spawn(proxy::serve(Arc::clone(&gateway), l));
+        }
+        tokio::spawn(events::drain_events(maps.events, audit.clone(), pre.cgroup_mount.clone()));
+        tokio::spawn(events::watch_counters(Arc::new(maps.counters), audit.clone(), pre.cgroup_mount.clone()));
+        tokio::spawn(watch_policies(Arc::clone(&gateway)));
+        tracing::info!(roots = ?config.roots.iter().map(ToString::to_string).collect::<Vec<_>>(), port = config.listener_port, "enforcing");
+        if let Some(path) = &ready_file {
+            let _ = fs::File::create(path).and_then(|mut f| f.write_all(b"ready\n"));
+        }
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+        tracing::info!("stopping; enforcement stays pinned (connects are refused until the next start)");
+        Ok::<(), RunError>(())
+    })?;
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    Ok(())
+}
+
+type Attached = (Kernel, ebpf::RuntimeMaps);
+
+fn attach_all(config: &Config, mount: &Path, gateway_cgroup_id: u64, audit: &AuditLog) -> Result<Attached, RunError> {
+    let mut kernel = Kernel::load(&config.pin_dir)?;
+    kernel.write_config(&kernel_config(config, gateway_cgroup_id))?;
+    for root in &config.roots {
+        let outcomes = kernel.enforce(mount, root)?;
+        let mut r = AuditRecord::new(Verdict::Allow, Layer::Lifecycle, "enforcement_started");
+        r.workload.cgroup = Some(root.to_string());
+        r.rule = Some(format!("{outcomes:?}"));
+        audit.emit(&r);
+        tracing::info!(root = %root, ?outcomes, "root enforced");
+    }
+    let maps = kernel.runtime_maps()?;
+    Ok((kernel, maps))
+}
+
+/// The policy directory's fingerprint: names, sizes and mtimes.
+fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
+    let mut v: Vec<_> = fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.metadata().ok().map(|m| (e.path(), m.len(), m.modified().ok())))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Reloads policies when their files change: compiled whole and swapped, or kept on error.
+async fn watch_policies(gateway: Arc<Gateway>) {
+    let dir = gateway.config.policies.clone();
+    let mut last = fingerprint(&dir);
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let now = fingerprint(&dir);
+        if now == last {
+            continue;
+        }
+        last = now;
+        match PolicySet::load_dir(&dir) {
+            Ok(set) => {
+                let n = set.len();
+                *gateway.policies.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(set);
+                tracing::info!(policies = n, "policies reloaded");
+                gateway.audit.emit(&AuditRecord::new(Verdict::Allow, Layer::Lifecycle, "policies_reloaded"));
+            }
+            Err(errs) => {
+                let msg = errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+                tracing::error!(error = %msg, "policy reload failed; keeping the running policy");
+                gateway.audit.emit(&AuditRecord::new(Verdict::Error, Layer::Lifecycle, format!("policy_reload_failed: {msg}")));
+            }
+        }
+    }
+}
+
+/// Attachment counts per program at each root, from the kernel's query interface.
+pub fn status(config: &Config) -> Result<serde_json::Value, RunError> {
+    let mount = cgroup::cgroup2_mount()?;
+    let mut roots = serde_json::Map::new();
+    for root in &config.roots {
+        let counts = ebpf::attachments(&root.dir(&mount))?;
+        roots.insert(root.to_string(), serde_json::to_value(counts).unwrap_or_default());
+    }
+    Ok(serde_json::json!({ "pin_dir": config.pin_dir, "roots": roots }))
+}
+
+/// Removes every pin (and so every attachment) this config's pin directory holds.
+pub fn uninstall(config: &Config) -> Result<usize, RunError> {
+    Ok(ebpf::uninstall(&config.pin_dir)?)
+}
+

@@ -1,0 +1,376 @@
+//! Loading the kernel programs, pinning them in bpffs, attaching them at the enforced roots
+//! (or adopting what a previous run pinned), and removing everything for uninstall.
+//!
+//! Pin layout under the pin directory:
+//! `maps/<MAP>` for every map, `links/<root>/<program>` for every attachment, where `<root>`
+//! is the root's cgroup path escaped for bpffs (see [`links_dir`]).
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{Array, HashMap, MapData, MapInfo, MapType, PerCpuHashMap, RingBuf},
+    programs::{
+        links::FdLink,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, SockOps,
+    },
+    Ebpf, EbpfLoader,
+};
+use gateway_common::{
+    map_names, AcceptedKey, Config as KernelConfig, Counters, PendingKey, SockState,
+};
+
+use crate::{bpf_sys, cgroup::CgroupPath};
+
+/// The kernel object built by `cargo xtask build-ebpf`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway.o"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error("this tollgate was built with a stub kernel object (TOLLGATE_EBPF_STUB=1): run `cargo xtask build-ebpf` and rebuild")]
+    Stub,
+    #[error("cannot load the kernel programs: {0} (is this a kernel with BPF, BTF and cgroup BPF, and are we root?)")]
+    Load(#[source] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program { name: &'static str, source: aya::programs::ProgramError },
+    #[error("link of {name}: {source}")]
+    Link { name: &'static str, source: aya::programs::links::LinkError },
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: aya::maps::MapError },
+    #[error(
+        "pinned map {path} has a different layout ({found}) than this build expects ({expected}): \
+         run `tollgate uninstall` with the old version's config, then start again"
+    )]
+    MapLayout { path: PathBuf, found: String, expected: String },
+    #[error("cannot open cgroup {path}: {source}")]
+    Cgroup { path: PathBuf, source: std::io::Error },
+    #[error("pin {path}: {source}")]
+    Pin { path: PathBuf, source: std::io::Error },
+    #[error("bpf query: {0}")]
+    Query(#[source] std::io::Error),
+}
+
+/// How a program attaches.
+#[derive(Clone, Copy, Debug)]
+enum Hook {
+    SockCreate,
+    Addr,
+    SockOps,
+    Egress,
+}
+
+/// Every program, with its kernel attach type (for queries).
+pub const PROGRAMS: [(&str, u32); 11] = [
+    ("tg_sock_create", 2),
+    ("tg_bind4", 8),
+    ("tg_bind6", 9),
+    ("tg_connect4", 10),
+    ("tg_connect6", 11),
+    ("tg_sendmsg4", 14),
+    ("tg_sendmsg6", 15),
+    ("tg_getpeername4", 29),
+    ("tg_getpeername6", 30),
+    ("tg_sock_ops", 3),
+    ("tg_egress", 1),
+];
+
+fn hook_of(name: &str) -> Hook {
+    match name {
+        "tg_sock_create" => Hook::SockCreate,
+        "tg_sock_ops" => Hook::SockOps,
+        "tg_egress" => Hook::Egress,
+        _ => Hook::Addr,
+    }
+}
+
+/// (type, key size, value size, max entries) each pinned map must have.
+fn expected_layout(name: &str) -> Option<(MapType, u32, u32, u32)> {
+    use core::mem::size_of;
+    let s = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    Some(match name {
+        map_names::CONFIG => (MapType::Array, 4, s(size_of::<KernelConfig>()), 1),
+        map_names::SOCKETS => (MapType::SkStorage, 4, s(size_of::<SockState>()), 0),
+        map_names::PENDING => (MapType::LruHash, s(size_of::<PendingKey>()), s(size_of::<SockState>()), gateway_common::PENDING_MAX_ENTRIES),
+        map_names::EVENTS => (MapType::RingBuf, 0, 0, gateway_common::EVENTS_BYTES),
+        map_names::COUNTERS => (MapType::LruPerCpuHash, 8, s(size_of::<Counters>()), gateway_common::COUNTERS_MAX_ENTRIES),
+        map_names::ACCEPTED => (MapType::Hash, s(size_of::<AcceptedKey>()), 1, gateway_common::ACCEPTED_MAX_ENTRIES),
+        _ => return None,
+    })
+}
+
+/// What happened to one program at one root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachOutcome {
+    Attached,
+    Adopted,
+    Replaced,
+}
+
+/// The loaded programs and their maps.
+pub struct Kernel {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+}
+
+/// The maps the daemon uses at run time.
+pub struct RuntimeMaps {
+    pub pending: HashMap<MapData, PendingKey, SockState>,
+    pub events: RingBuf<MapData>,
+    pub counters: PerCpuHashMap<MapData, u64, Counters>,
+    pub accepted: HashMap<MapData, AcceptedKey, u8>,
+}
+
+pub fn maps_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("maps")
+}
+
+/// bpffs refuses names with dots, so a root's path is escaped: `_` → `__`, `/` → `_s`,
+/// `.` → `_d` (reversible, so two roots never share a directory).
+pub fn links_dir(pin_dir: &Path, root: &CgroupPath) -> PathBuf {
+    let mut name = String::new();
+    for c in root.as_str().chars() {
+        match c {
+            '_' => name.push_str("__"),
+            '/' => name.push_str("_s"),
+            '.' => name.push_str("_d"),
+            c => name.push(c),
+        }
+    }
+    pin_dir.join("links").join(name)
+}
+
+impl Kernel {
+    /// Loads the object, reusing pinned maps (after checking their layout) or pinning new ones,
+    /// and loads every program into the kernel (nothing is attached yet).
+    pub fn load(pin_dir: &Path) -> Result<Self, EbpfError> {
+        if cfg!(ebpf_stub) || OBJECT.is_empty() {
+            return Err(EbpfError::Stub);
+        }
+        let maps = maps_dir(pin_dir);
+        std::fs::create_dir_all(&maps).map_err(|source| EbpfError::Pin { path: maps.clone(), source })?;
+        for name in map_names::ALL {
+            check_pinned_layout(&maps.join(name), name)?;
+        }
+        let mut loader = EbpfLoader::new();
+        let paths: Vec<(&str, PathBuf)> = map_names::ALL.iter().map(|n| (*n, maps.join(n))).collect();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(EbpfError::Load)?;
+        for (name, _) in PROGRAMS {
+            let program = ebpf.program_mut(name).ok_or(EbpfError::Program {
+                name,
+                source: aya::programs::ProgramError::UnexpectedProgramType,
+            })?;
+            let result = match hook_of(name) {
+                Hook::SockCreate => <&mut CgroupSock>::try_from(program).and_then(CgroupSock::load),
+                Hook::Addr => <&mut CgroupSockAddr>::try_from(program).and_then(CgroupSockAddr::load),
+                Hook::SockOps => <&mut SockOps>::try_from(program).and_then(SockOps::load),
+                Hook::Egress => <&mut CgroupSkb>::try_from(program).and_then(CgroupSkb::load),
+            };
+            result.map_err(|source| EbpfError::Program { name, source })?;
+        }
+        Ok(Self { ebpf, pin_dir: pin_dir.to_owned() })
+    }
+
+    /// Writes the single config entry the programs read.
+    pub fn write_config(&mut self, cfg: &KernelConfig) -> Result<(), EbpfError> {
+        let map = self.ebpf.map_mut(map_names::CONFIG).ok_or(EbpfError::Map {
+            name: map_names::CONFIG,
+            source: aya::maps::MapError::InvalidName { name: map_names::CONFIG.into() },
+        })?;
+        let mut array: Array<&mut MapData, KernelConfig> =
+            Array::try_from(map).map_err(|source| EbpfError::Map { name: map_names::CONFIG, source })?;
+        array.set(0, cfg, 0).map_err(|source| EbpfError::Map { name: map_names::CONFIG, source })
+    }
+
+    /// Makes sure each program is attached exactly once at `root`: a pinned link of the same
+    /// program (same tag) on the same cgroup is adopted; anything else is replaced, attaching
+    /// the new link before the old pin goes (idempotent programs make the overlap safe).
+    pub fn enforce(
+        &mut self,
+        cgroup_mount: &Path,
+        root: &CgroupPath,
+    ) -> Result<BTreeMap<&'static str, AttachOutcome>, EbpfError> {
+        let dir = root.dir(cgroup_mount);
+        let cgroup = File::open(&dir).map_err(|source| EbpfError::Cgroup { path: dir.clone(), source })?;
+        let cgroup_id = crate::cgroup::cgroup_id(&dir).map_err(|e| EbpfError::Cgroup {
+            path: dir.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let links = links_dir(&self.pin_dir, root);
+        std::fs::create_dir_all(&links).map_err(|source| EbpfError::Pin { path: links.clone(), source })?;
+        let mut outcomes = BTreeMap::new();
+        for (name, _) in PROGRAMS {
+            let pin = links.join(name);
+            let program = self.ebpf.program(name).ok_or(EbpfError::Program {
+                name,
+                source: aya::programs::ProgramError::UnexpectedProgramType,
+            })?;
+            let tag = program.info().map_err(|source| EbpfError::Program { name, source })?.tag();
+            let existing = bpf_sys::obj_get(&pin).ok();
+            if let Some(old) = &existing {
+                if pinned_matches(old, tag, cgroup_id) {
+                    outcomes.insert(name, AttachOutcome::Adopted);
+                    continue;
+                }
+            }
+            let link = self.attach(name, &cgroup)?;
+            let fresh = links.join(format!("{name}_new"));
+            let _ = std::fs::remove_file(&fresh);
+            link.pin(&fresh).map_err(|e| EbpfError::Pin { path: fresh.clone(), source: std::io::Error::other(e.to_string()) })?;
+            std::fs::rename(&fresh, &pin).map_err(|source| EbpfError::Pin { path: pin.clone(), source })?;
+            // The rename replaced the old pin; its fd, dropped at the end of this iteration,
+            // was the last reference, so the old program detaches.
+            let outcome = if existing.is_some() { AttachOutcome::Replaced } else { AttachOutcome::Attached };
+            outcomes.insert(name, outcome);
+        }
+        Ok(outcomes)
+    }
+
+    fn attach(&mut self, name: &'static str, cgroup: &File) -> Result<FdLink, EbpfError> {
+        let err = |source| EbpfError::Program { name, source };
+        let program = self.ebpf.program_mut(name).ok_or(EbpfError::Program {
+            name,
+            source: aya::programs::ProgramError::UnexpectedProgramType,
+        })?;
+        // Through bpf_link (kernel ≥ 5.7) the attachment is always multi-program and cannot be
+        // overridden by a program attached later; link_create takes no mode flags.
+        let mode = CgroupAttachMode::Single;
+        let link_err = |source| EbpfError::Link { name, source };
+        // Each program type has its own link type; all of them convert into an FdLink.
+        macro_rules! attach {
+            ($ty:ty, $($arg:expr),+) => {{
+                let p: &mut $ty = program.try_into().map_err(err)?;
+                let id = p.attach(cgroup.as_fd(), $($arg),+).map_err(err)?;
+                FdLink::try_from(p.take_link(id).map_err(err)?).map_err(link_err)?
+            }};
+        }
+        let link = match hook_of(name) {
+            Hook::SockCreate => attach!(CgroupSock, mode),
+            Hook::Addr => attach!(CgroupSockAddr, mode),
+            Hook::SockOps => attach!(SockOps, mode),
+            Hook::Egress => attach!(CgroupSkb, CgroupSkbAttachType::Egress, mode),
+        };
+        Ok(link)
+    }
+
+    /// Takes the maps the daemon needs at run time.
+    pub fn runtime_maps(&mut self) -> Result<RuntimeMaps, EbpfError> {
+        let mut take = |name: &'static str| {
+            self.ebpf.take_map(name).ok_or(EbpfError::Map {
+                name,
+                source: aya::maps::MapError::InvalidName { name: name.into() },
+            })
+        };
+        let pending = take(map_names::PENDING)?;
+        let events = take(map_names::EVENTS)?;
+        let counters = take(map_names::COUNTERS)?;
+        let accepted = take(map_names::ACCEPTED)?;
+        let m = |name: &'static str| move |source| EbpfError::Map { name, source };
+        Ok(RuntimeMaps {
+            pending: HashMap::try_from(pending).map_err(m(map_names::PENDING))?,
+            events: RingBuf::try_from(events).map_err(m(map_names::EVENTS))?,
+            counters: PerCpuHashMap::try_from(counters).map_err(m(map_names::COUNTERS))?,
+            accepted: HashMap::try_from(accepted).map_err(m(map_names::ACCEPTED))?,
+        })
+    }
+}
+
+/// Whether a pinned link runs the program with `tag` on the cgroup `cgroup_id`.
+fn pinned_matches(link: &std::os::fd::OwnedFd, tag: u64, cgroup_id: u64) -> bool {
+    let Ok(info) = bpf_sys::cgroup_link_info(link.as_fd()) else { return false };
+    if info.cgroup_id != cgroup_id {
+        return false;
+    }
+    aya::programs::loaded_programs()
+        .flatten()
+        .find(|p| p.id() == info.prog_id)
+        .is_some_and(|p| p.tag() == tag)
+}
+
+fn check_pinned_layout(path: &Path, name: &str) -> Result<(), EbpfError> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let Some((kind, key, value, max)) = expected_layout(name) else { return Ok(()) };
+    let info = MapInfo::from_pin(path).map_err(|e| EbpfError::MapLayout {
+        path: path.to_owned(),
+        found: format!("unreadable: {e}"),
+        expected: format!("{kind:?}"),
+    })?;
+    let found_kind = info.map_type().ok();
+    let found = (found_kind, info.key_size(), info.value_size(), info.max_entries());
+    let ring_ok = kind == MapType::RingBuf && found_kind == Some(MapType::RingBuf) && info.max_entries() == max;
+    if ring_ok || found == (Some(kind), key, value, max) {
+        Ok(())
+    } else {
+        Err(EbpfError::MapLayout {
+            path: path.to_owned(),
+            found: format!("{found:?}"),
+            expected: format!("{:?}", (Some(kind), key, value, max)),
+        })
+    }
+}
+
+/// Removes every pin under `pin_dir` (links first, so programs detach before maps go).
+pub fn uninstall(pin_dir: &Path) -> Result<usize, EbpfError> {
+    let mut removed = 0;
+    for sub in ["links", "maps"] {
+        let dir = pin_dir.join(sub);
+        if !dir.exists() {
+            continue;
+        }
+        for path in crate::cgroup::walk(&dir).into_iter().rev() {
+            if let Ok(entries) = std::fs::read_dir(&path) {
+                for e in entries.flatten() {
+                    if e.file_type().is_ok_and(|t| !t.is_dir()) {
+                        std::fs::remove_file(e.path()).map_err(|source| EbpfError::Pin { path: e.path(), source })?;
+                        removed += 1;
+                    }
+                }
+            }
+            std::fs::remove_dir(&path).map_err(|source| EbpfError::Pin { path: path.clone(), source })?;
+        }
+    }
+    if pin_dir.exists() {
+        std::fs::remove_dir(pin_dir).map_err(|source| EbpfError::Pin { path: pin_dir.to_owned(), source })?;
+    }
+    Ok(removed)
+}
+
+/// The ids of our programs attached directly at `dir`, per program name, through the kernel's
+/// query interface.
+pub fn attachments(dir: &Path) -> Result<BTreeMap<&'static str, usize>, EbpfError> {
+    let cgroup = File::open(dir).map_err(|source| EbpfError::Cgroup { path: dir.to_owned(), source })?;
+    let ours: std::collections::HashMap<u32, String> = aya::programs::loaded_programs()
+        .flatten()
+        .filter_map(|p| p.name_as_str().map(|n| (p.id(), n.to_owned())))
+        .collect();
+    let mut out = BTreeMap::new();
+    for (name, attach_type) in PROGRAMS {
+        let ids = bpf_sys::query_cgroup(cgroup.as_fd(), attach_type).map_err(EbpfError::Query)?;
+        // Kernel program names are truncated to 15 bytes.
+        let short = &name[..name.len().min(15)];
+        let n = ids.iter().filter(|id| ours.get(id).is_some_and(|n| n == short)).count();
+        out.insert(name, n);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_dirs_are_bpffs_safe_and_distinct() {
+        let dir = |p: &str| links_dir(Path::new("/p"), &CgroupPath::parse(p).expect("path"));
+        let a = dir("/kubepods.slice");
+        assert!(!a.file_name().expect("name").to_string_lossy().contains('.'));
+        assert_ne!(dir("/a_b"), dir("/a/b"));
+        assert_ne!(dir("/a.b"), dir("/a_db"));
+    }
+}

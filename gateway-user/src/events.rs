@@ -1,0 +1,134 @@
+//! Kernel refusals: the ring buffer becomes audit records; per-cgroup counters turn what the
+//! ring buffer could not carry (a flood) into "N refusals suppressed" records, and count DNS.
+use std::{collections::HashMap as StdHashMap, path::PathBuf, sync::Arc};
+
+use aya::maps::{MapData, PerCpuHashMap, RingBuf};
+use gateway_common::{hook, reason, Counters, RefusalEvent, AF_INET};
+use tokio::io::unix::AsyncFd;
+
+use crate::{
+    audit::{AuditLog, AuditRecord, DstRecord, Layer, Verdict, WorkloadRecord},
+    cgroup::path_of_id,
+    identity::comm_str,
+};
+
+/// The audit reason for a kernel refusal.
+pub fn reason_str(hook_id: u32, reason_id: u32) -> &'static str {
+    match (hook_id, reason_id) {
+        (_, reason::SOCKET_TYPE) if hook_id == hook::SOCK_CREATE => "kernel_socket_type_refused",
+        (_, reason::SOCKET_TYPE) => "kernel_protocol_refused",
+        (_, reason::LISTENER_PORT) => "kernel_bind_listener_port",
+        (_, reason::UDP_NOT_DNS) => "kernel_udp_not_dns",
+        (_, reason::DIRECT_TO_LISTENER) => "kernel_direct_to_listener",
+        (_, reason::EGRESS_BACKSTOP) => "kernel_egress_backstop",
+        (_, reason::NO_CONFIG) => "kernel_no_config",
+        (_, reason::NO_STORAGE) => "kernel_no_socket_storage",
+        _ => "kernel_refused",
+    }
+}
+
+fn protocol_str(p: u16) -> Option<&'static str> {
+    match p {
+        6 => Some("tcp"),
+        17 => Some("udp"),
+        1 => Some("icmp"),
+        58 => Some("icmpv6"),
+        255 => Some("raw"),
+        _ => None,
+    }
+}
+
+/// Turns one kernel event into its audit record.
+pub fn record_of(ev: &RefusalEvent, cgroup_mount: &std::path::Path) -> AuditRecord {
+    let mut r = AuditRecord::new(Verdict::Deny, Layer::Kernel, reason_str(ev.hook, ev.reason));
+    let cgroup = path_of_id(cgroup_mount, ev.cgroup_id);
+    r.workload = WorkloadRecord {
+        pid: ev.pid,
+        tgid: ev.tgid,
+        uid: ev.uid,
+        gid: ev.gid,
+        comm: comm_str(&ev.comm),
+        cgroup_id: ev.cgroup_id,
+        unit: cgroup.as_ref().and_then(|c| c.systemd_unit()).map(str::to_owned),
+        cgroup: cgroup.map(|c| c.to_string()),
+        ..WorkloadRecord::default()
+    };
+    let ip: Option<std::net::IpAddr> = match ev.family {
+        0 => None,
+        AF_INET => Some(ev.addr[0].to_ne_bytes().into()),
+        _ => {
+            let mut o = [0u8; 16];
+            for (i, w) in ev.addr.iter().enumerate() {
+                o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+            }
+            Some(o.into())
+        }
+    };
+    r.dst = DstRecord {
+        orig_ip: ip.map(|i| i.to_string()),
+        orig_port: (ev.port != 0).then_some(ev.port),
+        protocol: protocol_str(ev.protocol),
+    };
+    r
+}
+
+/// Reads the ring buffer forever.
+pub async fn drain_events(ring: RingBuf<MapData>, audit: AuditLog, cgroup_mount: PathBuf) {
+    // SAFETY: the ring buffer's fd stays open for as long as the AsyncFd owns the map.
+    let mut fd = match unsafe { AsyncFd::register(ring) }.map_err(|e| e.to_string()) {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot poll the kernel event ring; refusals are counted only");
+            return;
+        }
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else { return };
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            if item.len() >= std::mem::size_of::<RefusalEvent>() {
+                // SAFETY: the kernel wrote a `RefusalEvent` (checked length; read unaligned).
+                let ev: RefusalEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                let record = record_of(&ev, &cgroup_mount);
+                tracing::info!(reason = %record.reason, cgroup = ?record.workload.cgroup, "kernel refusal");
+                audit.emit(&record);
+            }
+        }
+        guard.clear_ready();
+    }
+}
+
+/// Polls the per-cgroup counters and audits what the event stream could not show.
+pub async fn watch_counters(counters: Arc<PerCpuHashMap<MapData, u64, Counters>>, audit: AuditLog, cgroup_mount: PathBuf) {
+    let mut seen: StdHashMap<u64, Counters> = StdHashMap::new();
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        for entry in counters.iter().flatten() {
+            let (cgroup_id, per_cpu) = entry;
+            let mut sum = Counters::default();
+            for c in per_cpu.iter() {
+                sum.refused += c.refused;
+                sum.events_lost += c.events_lost;
+                sum.dns_allowed += c.dns_allowed;
+            }
+            let last = seen.insert(cgroup_id, sum).unwrap_or_default();
+            let cgroup = path_of_id(&cgroup_mount, cgroup_id).map(|c| c.to_string());
+            let lost = sum.events_lost.saturating_sub(last.events_lost);
+            if lost > 0 {
+                let mut r = AuditRecord::new(Verdict::Deny, Layer::Kernel, "kernel_refusals_suppressed");
+                r.workload = WorkloadRecord { cgroup_id, cgroup: cgroup.clone(), ..WorkloadRecord::default() };
+                r.count = Some(lost);
+                audit.emit(&r);
+            }
+            let dns = sum.dns_allowed.saturating_sub(last.dns_allowed);
+            if dns > 0 {
+                let mut r = AuditRecord::new(Verdict::Allow, Layer::Kernel, "dns_to_allowed_resolver");
+                r.workload = WorkloadRecord { cgroup_id, cgroup, ..WorkloadRecord::default() };
+                r.dst.protocol = Some("udp");
+                r.count = Some(dns);
+                audit.emit(&r);
+            }
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! Who made a connection: the kernel-recorded origin, enriched from /proc only when the task
+//! there is provably the same one (its start time matches what the kernel recorded).
+use std::{
+    collections::HashMap,
+    io::Read,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use gateway_common::SockState;
+use sha2::{Digest, Sha256};
+
+use crate::{audit::WorkloadRecord, cgroup::CgroupPath};
+
+/// A workload identity: kernel facts first, /proc facts only if verified.
+#[derive(Debug, Clone)]
+pub struct WorkloadId {
+    pub pid: u32,
+    pub tgid: u32,
+    pub start_boottime_ns: u64,
+    pub uid: u32,
+    pub gid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+    pub cgroup: Option<CgroupPath>,
+    pub exe: Option<PathBuf>,
+    pub exe_sha256: Option<String>,
+    pub verified: bool,
+}
+
+impl WorkloadId {
+    pub fn record(&self) -> WorkloadRecord {
+        WorkloadRecord {
+            pid: self.pid,
+            tgid: self.tgid,
+            start_time_ns: self.start_boottime_ns,
+            uid: self.uid,
+            gid: self.gid,
+            comm: self.comm.clone(),
+            cgroup_id: self.cgroup_id,
+            cgroup: self.cgroup.as_ref().map(ToString::to_string),
+            unit: self.cgroup.as_ref().and_then(|c| c.systemd_unit()).map(str::to_owned),
+            exe: self.exe.as_ref().map(|p| p.display().to_string()),
+            exe_sha256: self.exe_sha256.clone(),
+            verified: self.verified,
+        }
+    }
+}
+
+/// The `comm` bytes as text.
+pub fn comm_str(comm: &[u8; 16]) -> String {
+    let end = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+/// Field 22 (starttime, clock ticks since boot) of a `/proc/.../stat` text. The command name
+/// in field 2 may contain spaces and parentheses: parse after the last `)`.
+pub fn stat_starttime(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // After ")": field 3 is the first; starttime is field 22 → index 19.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Clock ticks per second for /proc times.
+fn clock_ticks() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(t).ok().filter(|t| *t > 0).unwrap_or(100)
+}
+
+/// Whether the kernel-recorded start time (ns since boot) is the same task as /proc's ticks.
+pub fn same_start(recorded_ns: u64, proc_ticks: u64, ticks_per_sec: u64) -> bool {
+    recorded_ns != 0 && recorded_ns / (1_000_000_000 / ticks_per_sec) == proc_ticks
+}
+
+/// Cache of exe hashes, keyed by what changes when the file does (mtime can be reset).
+#[derive(Default)]
+pub struct ExeHashCache {
+    entries: Mutex<HashMap<(u64, u64, i64, i64, u64), String>>,
+}
+
+impl ExeHashCache {
+    /// The sha256 of the file behind `/proc/<tgid>/exe` (opened through the link, so it is the
+    /// executed file even if the path now names another one).
+    pub fn hash(&self, proc_exe: &Path) -> Option<String> {
+        let mut file = std::fs::File::open(proc_exe).ok()?;
+        let m = file.metadata().ok()?;
+        let key = (m.dev(), m.ino(), m.ctime(), m.ctime_nsec(), m.size());
+        if let Some(h) = self.entries.lock().ok()?.get(&key) {
+            return Some(h.clone());
+        }
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = file.read(&mut buf).ok()?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        let hex: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        let mut entries = self.entries.lock().ok()?;
+        if entries.len() > 4096 {
+            entries.clear();
+        }
+        entries.insert(key, hex.clone());
+        Some(hex)
+    }
+}
+
+/// Builds the identity of a redirected connection from its kernel-recorded origin.
+pub fn resolve(origin: &SockState, cgroup_mount: &Path, cache: &ExeHashCache) -> WorkloadId {
+    let mut id = WorkloadId {
+        pid: origin.pid,
+        tgid: origin.tgid,
+        start_boottime_ns: origin.start_boottime_ns,
+        uid: origin.uid,
+        gid: origin.gid,
+        comm: comm_str(&origin.comm),
+        cgroup_id: origin.cgroup_id,
+        cgroup: crate::cgroup::path_of_id(cgroup_mount, origin.cgroup_id),
+        exe: None,
+        exe_sha256: None,
+        verified: false,
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{}/task/{}/stat", origin.tgid, origin.pid));
+    let verified = stat
+        .ok()
+        .and_then(|s| stat_starttime(&s))
+        .is_some_and(|ticks| same_start(origin.start_boottime_ns, ticks, clock_ticks()));
+    if !verified {
+        return id;
+    }
+    let proc_exe = PathBuf::from(format!("/proc/{}/exe", origin.tgid));
+    id.exe = std::fs::read_link(&proc_exe).ok();
+    id.exe_sha256 = cache.hash(&proc_exe);
+    // Re-check after reading: if the task changed meanwhile, drop what /proc said.
+    let still = std::fs::read_to_string(format!("/proc/{}/task/{}/stat", origin.tgid, origin.pid))
+        .ok()
+        .and_then(|s| stat_starttime(&s))
+        .is_some_and(|ticks| same_start(origin.start_boottime_ns, ticks, clock_ticks()));
+    if still {
+        id.verified = true;
+    } else {
+        id.exe = None;
+        id.exe_sha256 = None;
+    }
+    id
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn starttime_after_tricky_comm() {
+        let stat = "1234 (a) b) (c) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 10";
+        assert_eq!(stat_starttime(stat), Some(98_765));
+        assert_eq!(stat_starttime("garbage"), None);
+    }
+
+    #[test]
+    fn start_time_comparison() {
+        assert!(same_start(987_650_000_000, 98_765, 100));
+        assert!(same_start(987_659_999_999, 98_765, 100));
+        assert!(!same_start(987_660_000_000, 98_765, 100));
+        assert!(!same_start(0, 0, 100), "an unknown start time never verifies");
+    }
+
+    #[test]
+    fn own_process_verifies_and_hashes() {
+        let me = std::process::id();
+        let stat = std::fs::read_to_string(format!("/proc/{me}/task/{me}/stat")).expect("stat");
+        let ticks = stat_starttime(&stat).expect("starttime");
+        assert!(ticks > 0);
+        let cache = ExeHashCache::default();
+        let a = cache.hash(Path::new("/proc/self/exe")).expect("hash");
+        let b = cache.hash(Path::new("/proc/self/exe")).expect("hash");
+        assert_eq!(a.len(), 64);
+        assert_eq!(a, b);
+    }
+}

@@ -1,0 +1,16 @@
+//! Tollgate's daemon and CLI: the listener that redirected connections reach, identity,
+//! policy, audit, and the kernel side's lifecycle.
+pub mod audit;
+pub mod bpf_sys;
+pub mod btf;
+pub mod cgroup;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod demo;
+pub mod ebpf;
+pub mod events;
+pub mod identity;
+pub mod policy;
+pub mod proxy;
+pub mod sockdiag;

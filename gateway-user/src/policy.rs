@@ -1,0 +1,411 @@
+//! Egress policy: raw YAML model → compiled form → a pure, synchronous `evaluate`.
+//!
+//! Selection: a policy applies to a workload whose cgroup path is its `workload.cgroup` or
+//! below it; `exe` and `uid` only narrow. Among the policies that apply, the one with the
+//! deepest cgroup wins, then the one with more narrowing fields; two policies that tie are a
+//! compile error. Within the chosen policy, rules are tried in file order and the first match
+//! decides. Nothing chosen, or no rule matched: deny.
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+use crate::cgroup::CgroupPath;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("{file}:{line}:{column}: {message}")]
+    Syntax { file: String, line: usize, column: usize, message: String },
+    #[error("{file}: {message}")]
+    Invalid { file: String, message: String },
+    #[error("cannot read policy {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawPolicy {
+    api_version: String,
+    kind: String,
+    metadata: RawMetadata,
+    spec: RawSpec,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetadata {
+    name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpec {
+    workload: RawWorkload,
+    #[serde(default)]
+    mode: Mode,
+    #[serde(default)]
+    egress: Vec<RawRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorkload {
+    cgroup: String,
+    #[serde(default)]
+    exe: Option<PathBuf>,
+    #[serde(default)]
+    uid: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: String,
+    #[serde(rename = "match")]
+    matches: RawMatch,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMatch {
+    cidr: String,
+    port: u16,
+}
+
+/// `enforce` denies; `monitor` decides and audits "would deny" but lets the connection through.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Monitor,
+}
+
+/// An IP network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| format!("{s:?} is not an IP address or CIDR"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| format!("{s:?} has an invalid prefix length"))?,
+            None => max,
+        };
+        Ok(Self { addr: canonical(addr), prefix })
+    }
+}
+
+/// IPv4-mapped IPv6 addresses are judged as IPv4.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 @ IpAddr::V4(_) => v4,
+    }
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, canonical(ip)) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub name: String,
+    cidr: Cidr,
+    port: u16,
+}
+
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub name: String,
+    pub file: PathBuf,
+    pub cgroup: CgroupPath,
+    pub exe: Option<PathBuf>,
+    pub uid: Option<u32>,
+    pub mode: Mode,
+    pub rules: Vec<Rule>,
+}
+
+impl Policy {
+    fn narrowers(&self) -> usize {
+        usize::from(self.exe.is_some()) + usize::from(self.uid.is_some())
+    }
+
+    fn applies_to(&self, w: &WorkloadView<'_>) -> bool {
+        w.cgroup.is_within(&self.cgroup)
+            && self.exe.as_deref().is_none_or(|e| w.exe == Some(e))
+            && self.uid.is_none_or(|u| u == w.uid)
+    }
+}
+
+/// What the policy engine sees of a workload.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkloadView<'a> {
+    pub cgroup: &'a CgroupPath,
+    /// `None` when the exe could not be verified (a pid whose start time did not match).
+    pub exe: Option<&'a Path>,
+    pub uid: u32,
+}
+
+/// The outcome of an evaluation. A denial is a value, not an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allow { policy: String, rule: String },
+    Deny { policy: Option<String>, reason: DenyReason },
+    /// Monitor mode: the policy would deny; the connection goes through.
+    WouldDeny { policy: String, reason: DenyReason },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenyReason {
+    NoPolicy,
+    NoRuleMatched,
+}
+
+impl DenyReason {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::NoPolicy => "no_policy_for_workload",
+            Self::NoRuleMatched => "no_rule_matched",
+        }
+    }
+}
+
+/// Every policy, compiled. Built whole; replaced whole.
+#[derive(Debug, Clone, Default)]
+pub struct PolicySet {
+    policies: Vec<Policy>,
+}
+
+impl PolicySet {
+    pub fn len(&self) -> usize {
+        self.policies.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+
+    pub fn policies(&self) -> &[Policy] {
+        &self.policies
+    }
+
+    /// Reads every `*.yaml`/`*.yml` file in `dir`. All errors are collected.
+    pub fn load_dir(dir: &Path) -> Result<Self, Vec<PolicyError>> {
+        let entries = std::fs::read_dir(dir)
+            .map_err(|source| vec![PolicyError::Read { path: dir.to_owned(), source }])?;
+        let mut files: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+            .collect();
+        files.sort();
+        let mut errors = Vec::new();
+        let mut policies = Vec::new();
+        for file in files {
+            match std::fs::read_to_string(&file) {
+                Ok(text) => match parse_policy(&text, &file) {
+                    Ok(p) => policies.push(p),
+                    Err(e) => errors.push(e),
+                },
+                Err(source) => errors.push(PolicyError::Read { path: file, source }),
+            }
+        }
+        if errors.is_empty() {
+            Self::from_policies(policies).map_err(|e| vec![e])
+        } else {
+            Err(errors)
+        }
+    }
+
+    pub fn from_policies(policies: Vec<Policy>) -> Result<Self, PolicyError> {
+        for (i, a) in policies.iter().enumerate() {
+            for b in &policies[i + 1..] {
+                if a.cgroup == b.cgroup && a.exe == b.exe && a.uid == b.uid {
+                    return Err(PolicyError::Invalid {
+                        file: b.file.display().to_string(),
+                        message: format!(
+                            "policy {:?} selects the same workload as {:?} in {}: merge them",
+                            b.name,
+                            a.name,
+                            a.file.display()
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(Self { policies })
+    }
+
+    /// The policy that governs `w`, if any.
+    pub fn select(&self, w: &WorkloadView<'_>) -> Option<&Policy> {
+        self.policies
+            .iter()
+            .filter(|p| p.applies_to(w))
+            .max_by_key(|p| (p.cgroup.depth(), p.narrowers()))
+    }
+
+    /// The decision for a connection of `w` to `dst`.
+    pub fn evaluate(&self, w: &WorkloadView<'_>, dst: std::net::SocketAddr) -> Decision {
+        let Some(policy) = self.select(w) else {
+            return Decision::Deny { policy: None, reason: DenyReason::NoPolicy };
+        };
+        if let Some(rule) = policy.rules.iter().find(|r| r.port == dst.port() && r.cidr.contains(dst.ip())) {
+            return Decision::Allow { policy: policy.name.clone(), rule: rule.name.clone() };
+        }
+        match policy.mode {
+            Mode::Enforce => Decision::Deny { policy: Some(policy.name.clone()), reason: DenyReason::NoRuleMatched },
+            Mode::Monitor => Decision::WouldDeny { policy: policy.name.clone(), reason: DenyReason::NoRuleMatched },
+        }
+    }
+}
+
+/// Parses one policy file's text.
+pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
+    let file_s = file.display().to_string();
+    let raw: RawPolicy = serde_yaml_ng::from_str(text).map_err(|e| {
+        let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+        PolicyError::Syntax { file: file_s.clone(), line, column, message: e.to_string() }
+    })?;
+    let invalid = |message: String| PolicyError::Invalid { file: file_s.clone(), message };
+    if raw.api_version != "tollgate/v1" {
+        return Err(invalid(format!("apiVersion {:?} is not supported; use tollgate/v1", raw.api_version)));
+    }
+    if raw.kind != "EgressPolicy" {
+        return Err(invalid(format!("kind {:?} is not supported; use EgressPolicy", raw.kind)));
+    }
+    let cgroup = CgroupPath::parse(&raw.spec.workload.cgroup).map_err(|e| invalid(e.to_string()))?;
+    let mut rules = Vec::new();
+    for r in raw.spec.egress {
+        let cidr = r.matches.cidr.parse::<Cidr>().map_err(|m| invalid(format!("rule {:?}: {m}", r.name)))?;
+        if r.matches.port == 0 {
+            return Err(invalid(format!("rule {:?}: port 0 matches nothing", r.name)));
+        }
+        rules.push(Rule { name: r.name, cidr, port: r.matches.port });
+    }
+    Ok(Policy {
+        name: raw.metadata.name,
+        file: file.to_owned(),
+        cgroup,
+        exe: raw.spec.workload.exe,
+        uid: raw.spec.workload.uid,
+        mode: raw.spec.mode,
+        rules,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+
+    fn policy(text: &str) -> Policy {
+        parse_policy(text, Path::new("t.yaml")).expect("policy")
+    }
+
+    fn set(texts: &[&str]) -> PolicySet {
+        PolicySet::from_policies(texts.iter().map(|t| policy(t)).collect()).expect("set")
+    }
+
+    const APP: &str = "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: { name: app }\nspec:\n  workload: { cgroup: /tg/app }\n  egress:\n    - name: api\n      match: { cidr: 127.0.0.0/8, port: 8080 }\n";
+    const APP_CURL: &str = "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: { name: app-curl }\nspec:\n  workload: { cgroup: /tg/app, exe: /usr/bin/curl }\n  egress:\n    - name: other\n      match: { cidr: 127.0.0.2, port: 9090 }\n";
+    const MONITOR: &str = "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: { name: mon }\nspec:\n  workload: { cgroup: /tg/mon }\n  mode: monitor\n";
+
+    fn view<'a>(cg: &'a CgroupPath, exe: Option<&'a Path>) -> WorkloadView<'a> {
+        WorkloadView { cgroup: cg, exe, uid: 1000 }
+    }
+
+    #[test]
+    fn table() {
+        let s = set(&[APP, APP_CURL, MONITOR]);
+        let app = CgroupPath::parse("/tg/app").expect("cg");
+        let child = CgroupPath::parse("/tg/app/worker").expect("cg");
+        let other = CgroupPath::parse("/tg/other").expect("cg");
+        let mon = CgroupPath::parse("/tg/mon").expect("cg");
+        let curl = Path::new("/usr/bin/curl");
+        let py = Path::new("/usr/bin/python3");
+        let a = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        let allow = |p: &str, r: &str| Decision::Allow { policy: p.into(), rule: r.into() };
+        let cases: Vec<(WorkloadView<'_>, SocketAddr, Decision)> = vec![
+            (view(&app, Some(py)), a("127.0.0.1:8080"), allow("app", "api")),
+            (view(&child, Some(py)), a("127.0.0.1:8080"), allow("app", "api")),
+            (view(&app, Some(py)), a("[::ffff:127.0.0.1]:8080"), allow("app", "api")),
+            (view(&app, Some(py)), a("127.0.0.1:8081"), Decision::Deny { policy: Some("app".into()), reason: DenyReason::NoRuleMatched }),
+            (view(&app, Some(py)), a("[::1]:8080"), Decision::Deny { policy: Some("app".into()), reason: DenyReason::NoRuleMatched }),
+            // exe narrows: curl gets its own policy, and only that one.
+            (view(&app, Some(curl)), a("127.0.0.2:9090"), allow("app-curl", "other")),
+            (view(&app, Some(curl)), a("127.0.0.1:8080"), Decision::Deny { policy: Some("app-curl".into()), reason: DenyReason::NoRuleMatched }),
+            // an unverified exe never matches an exe narrowing.
+            (view(&app, None), a("127.0.0.2:9090"), Decision::Deny { policy: Some("app".into()), reason: DenyReason::NoRuleMatched }),
+            (view(&other, Some(py)), a("127.0.0.1:8080"), Decision::Deny { policy: None, reason: DenyReason::NoPolicy }),
+            (view(&mon, Some(py)), a("127.0.0.1:8080"), Decision::WouldDeny { policy: "mon".into(), reason: DenyReason::NoRuleMatched }),
+        ];
+        for (w, dst, want) in cases {
+            assert_eq!(s.evaluate(&w, dst), want, "{w:?} → {dst}");
+        }
+    }
+
+    #[test]
+    fn exe_or_uid_never_select_alone() {
+        // A policy must name a cgroup: a file with only an exe does not parse.
+        let text = "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: { name: x }\nspec:\n  workload: { exe: /usr/bin/curl }\n";
+        assert!(parse_policy(text, Path::new("x.yaml")).is_err());
+    }
+
+    #[test]
+    fn unknown_field_is_an_error_with_line() {
+        let text = "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: { name: x }\nspec:\n  workload: { cgroup: /a }\n  egres: []\n";
+        let err = parse_policy(text, Path::new("x.yaml")).expect_err("unknown field").to_string();
+        assert!(err.starts_with("x.yaml:6:"), "{err}");
+        assert!(err.contains("egres"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_selectors_are_refused() {
+        let err = PolicySet::from_policies(vec![policy(APP), policy(APP)]).expect_err("dup");
+        assert!(err.to_string().contains("selects the same workload"), "{err}");
+    }
+
+    #[test]
+    fn cidr_parsing() {
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("nope".parse::<Cidr>().is_err());
+        let c: Cidr = "10.1.0.0/16".parse().expect("cidr");
+        assert!(c.contains("10.1.200.3".parse().expect("ip")));
+        assert!(!c.contains("10.2.0.1".parse().expect("ip")));
+        let all: Cidr = "0.0.0.0/0".parse().expect("cidr");
+        assert!(all.contains("127.0.0.1".parse().expect("ip")));
+    }
+
+    #[test]
+    fn example_policies_in_repo_compile() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+        let set = PolicySet::load_dir(&dir).unwrap_or_else(|e| panic!("{e:?}"));
+        assert!(!set.is_empty());
+    }
+}

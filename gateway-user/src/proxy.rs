@@ -1,0 +1,304 @@
+//! The listener: takes a redirected connection, finds its kernel-recorded origin, decides,
+//! and forwards the byte stream to the original destination (L4). Every connection gets
+//! exactly one audit record.
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::{Arc, Mutex, RwLock},
+    time::Instant,
+};
+
+use aya::maps::{HashMap, MapData};
+use gateway_common::{ip4_word, ip6_words, PendingKey, SockState, AF_INET};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use crate::{
+    audit::{AuditLog, AuditRecord, DstRecord, Layer, Verdict, WorkloadRecord},
+    config::Config,
+    identity::{self, ExeHashCache},
+    policy::{Decision, PolicySet, WorkloadView},
+    sockdiag,
+};
+
+/// Shared state of the accept loops.
+pub struct Gateway {
+    pub config: Config,
+    pub cgroup_mount: PathBuf,
+    pub pending: Mutex<HashMap<MapData, PendingKey, SockState>>,
+    pub policies: RwLock<Arc<PolicySet>>,
+    pub audit: AuditLog,
+    pub exe_cache: ExeHashCache,
+}
+
+/// Why a connection to the listener was refused before policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OriginError {
+    /// No redirect recorded this connection (a direct connect, or the entry was evicted).
+    Missing,
+    /// The entry is older than the configured maximum age.
+    Stale,
+    /// The entry was written for another socket than the one connected now (reuse).
+    Reused,
+    /// The recorded original destination is the listener itself.
+    IsListener,
+}
+
+impl OriginError {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Missing => "no_origin_recorded",
+            Self::Stale => "stale_origin",
+            Self::Reused => "origin_reused",
+            Self::IsListener => "origin_is_listener",
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// The lookup key of a client end seen by the listener.
+pub fn key_for(netns_cookie: u64, peer: SocketAddr) -> PendingKey {
+    match peer.ip() {
+        IpAddr::V4(v4) => PendingKey::v4(netns_cookie, ip4_word(v4.octets()), peer.port()),
+        IpAddr::V6(v6) => PendingKey::v6(netns_cookie, ip6_words(v6.octets()), peer.port()),
+    }
+}
+
+/// The original destination recorded in an origin.
+pub fn orig_dst(origin: &SockState) -> SocketAddr {
+    let ip = if origin.dst_family == AF_INET {
+        IpAddr::from(origin.dst_addr[0].to_ne_bytes())
+    } else {
+        let mut o = [0u8; 16];
+        for (i, w) in origin.dst_addr.iter().enumerate() {
+            o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::from(o)
+    };
+    SocketAddr::new(ip, origin.dst_port)
+}
+
+/// The network namespace cookie of a socket (SO_NETNS_COOKIE).
+pub fn netns_cookie(fd: &impl std::os::fd::AsRawFd) -> std::io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let mut v: u64 = 0;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<u64>()).unwrap_or(8);
+    // SAFETY: valid output buffer and length.
+    let r = unsafe {
+        libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, std::ptr::from_mut(&mut v).cast(), &mut len)
+    };
+    if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(v) }
+}
+
+impl Gateway {
+    /// Takes the origin of the connection `peer` → `local`, and checks it.
+    fn take_origin(&self, netns: u64, peer: SocketAddr, local: SocketAddr) -> Result<SockState, OriginError> {
+        let key = key_for(netns, peer);
+        let origin = {
+            let mut pending = self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let found = pending.get(&key, 0).ok();
+            if found.is_some() {
+                let _ = pending.remove(&key);
+            }
+            found
+        };
+        let origin = origin.ok_or(OriginError::Missing)?;
+        let age_ns = monotonic_ns().saturating_sub(origin.recorded_ns);
+        if origin.recorded_ns == 0 || age_ns > self.config.origin_max_age_ms * 1_000_000 {
+            return Err(OriginError::Stale);
+        }
+        // The entry must belong to the socket connected now: ask the kernel for the cookie of
+        // the client socket at this exact 4-tuple.
+        match sockdiag::lookup(peer, local) {
+            Ok(Some(sock)) if sock.cookie == origin.socket_cookie => {}
+            _ => return Err(OriginError::Reused),
+        }
+        let dst = orig_dst(&origin);
+        if dst.port() == self.config.listener_port
+            && (dst.ip() == IpAddr::V4(self.config.listener_v4) || dst.ip() == IpAddr::V6(self.config.listener_v6))
+        {
+            return Err(OriginError::IsListener);
+        }
+        Ok(origin)
+    }
+
+    /// Handles one accepted connection to its end.
+    pub async fn handle(self: Arc<Self>, client: TcpStream, netns: u64) {
+        let started = Instant::now();
+        let (Ok(peer), Ok(local)) = (client.peer_addr(), client.local_addr()) else { return };
+        let peer = canonical(peer);
+        let origin = match self.take_origin(netns, peer, local) {
+            Ok(o) => o,
+            Err(e) => {
+                let mut r = AuditRecord::new(Verdict::Deny, Layer::Connect, e.as_str());
+                r.workload = self.peer_workload(peer, local);
+                self.audit.emit(&r);
+                tracing::info!(%peer, reason = e.as_str(), "connection refused before policy");
+                reset(&client);
+                return;
+            }
+        };
+        let id = identity::resolve(&origin, &self.cgroup_mount, &self.exe_cache);
+        let dst = orig_dst(&origin);
+        let mut record = AuditRecord::new(Verdict::Deny, Layer::Connect, "");
+        record.workload = id.record();
+        record.dst = DstRecord { orig_ip: Some(dst.ip().to_string()), orig_port: Some(dst.port()), protocol: Some("tcp") };
+        let decision = match &id.cgroup {
+            Some(cgroup) => {
+                let view = WorkloadView { cgroup, exe: id.exe.as_deref(), uid: id.uid };
+                let policies = self.policies.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+                policies.evaluate(&view, dst)
+            }
+            None => Decision::Deny { policy: None, reason: crate::policy::DenyReason::NoPolicy },
+        };
+        match decision {
+            Decision::Deny { policy, reason } => {
+                record.policy = policy;
+                record.reason = reason.as_str().into();
+                self.audit.emit(&record);
+                tracing::info!(workload = ?id.cgroup, %dst, reason = reason.as_str(), "connection denied");
+                reset(&client);
+            }
+            Decision::Allow { policy, rule } => {
+                record.decision = Verdict::Allow;
+                record.policy = Some(policy);
+                record.rule = Some(rule);
+                record.reason = "rule_matched".into();
+                self.forward(client, dst, record, started).await;
+            }
+            Decision::WouldDeny { policy, reason } => {
+                record.decision = Verdict::WouldDeny;
+                record.policy = Some(policy);
+                record.reason = format!("monitor:{}", reason.as_str());
+                self.forward(client, dst, record, started).await;
+            }
+        }
+    }
+
+    async fn forward(&self, mut client: TcpStream, dst: SocketAddr, mut record: AuditRecord, started: Instant) {
+        let target = self.config.upstream_for(dst);
+        match self.dial(target).await {
+            Ok(mut upstream) => {
+                let (up, down) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await.unwrap_or((0, 0));
+                record.bytes_up = Some(up);
+                record.bytes_down = Some(down);
+            }
+            Err(e) => {
+                record.decision = Verdict::Error;
+                record.reason = format!("upstream_unreachable: {}", e.kind());
+                reset(&client);
+            }
+        }
+        record.duration_ms = Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
+        self.audit.emit(&record);
+    }
+
+    async fn dial(&self, target: SocketAddr) -> std::io::Result<TcpStream> {
+        let socket = if target.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        if let Some(src) = self.config.upstream_bind {
+            if src.is_ipv4() == target.is_ipv4() {
+                socket.bind(SocketAddr::new(src, 0))?;
+            }
+        }
+        tokio::time::timeout(std::time::Duration::from_secs(10), socket.connect(target))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+    }
+
+    /// What the kernel says about the client socket of a connection that had no valid origin:
+    /// its cgroup, so the audit record names the workload.
+    fn peer_workload(&self, peer: SocketAddr, local: SocketAddr) -> WorkloadRecord {
+        let mut w = WorkloadRecord::default();
+        if let Ok(Some(sock)) = sockdiag::lookup(peer, local) {
+            if let Some(id) = sock.cgroup_id {
+                w.cgroup_id = id;
+                let path = crate::cgroup::path_of_id(&self.cgroup_mount, id);
+                w.unit = path.as_ref().and_then(|p| p.systemd_unit()).map(str::to_owned);
+                w.cgroup = path.map(|p| p.to_string());
+            }
+        }
+        w
+    }
+}
+
+/// A v4-mapped peer address as IPv4.
+fn canonical(a: SocketAddr) -> SocketAddr {
+    match a.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(a, |v4| SocketAddr::new(IpAddr::V4(v4), a.port())),
+        IpAddr::V4(_) => a,
+    }
+}
+
+/// Makes the close send RST, so the client sees the refusal at once (SO_LINGER 0 never
+/// blocks: the socket is dropped without waiting for unsent data).
+fn reset(stream: &TcpStream) {
+    let _ = socket2_linger_zero(stream);
+}
+
+fn socket2_linger_zero(stream: &TcpStream) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: valid option buffer of the right size.
+    let r = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            std::ptr::from_ref(&linger).cast(),
+            libc::socklen_t::try_from(std::mem::size_of::<libc::linger>()).unwrap_or(8),
+        )
+    };
+    if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// Accepts forever on `listener`.
+pub async fn serve(gateway: Arc<Gateway>, listener: TcpListener) {
+    let netns = match netns_cookie(&listener) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the listener's netns cookie; refusing all connections");
+            0
+        }
+    };
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(Arc::clone(&gateway).handle(stream, netns));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_from_listener_view_match_kernel_normalization() {
+        let v4 = key_for(9, "127.0.0.1:4000".parse().expect("addr"));
+        assert_eq!(v4, PendingKey::v4(9, ip4_word([127, 0, 0, 1]), 4000));
+        let mapped = key_for(9, "[::ffff:127.0.0.1]:4000".parse().expect("addr"));
+        assert_eq!(mapped, v4);
+    }
+
+    #[test]
+    fn orig_dst_round_trips() {
+        let mut s = SockState { dst_family: AF_INET, dst_port: 443, ..SockState::default() };
+        s.dst_addr[0] = ip4_word([10, 1, 2, 3]);
+        assert_eq!(orig_dst(&s), "10.1.2.3:443".parse().expect("addr"));
+        let mut s6 = SockState { dst_family: gateway_common::AF_INET6, dst_port: 8443, ..SockState::default() };
+        s6.dst_addr = ip6_words("::1".parse::<std::net::Ipv6Addr>().expect("v6").octets());
+        assert_eq!(orig_dst(&s6), "[::1]:8443".parse().expect("addr"));
+    }
+}

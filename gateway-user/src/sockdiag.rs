@@ -1,0 +1,226 @@
+//! TCP sockets through NETLINK_SOCK_DIAG (inet_diag): listing them with their cgroup, looking
+//! one up by its exact 4-tuple (for its cookie), and destroying one (SOCK_DESTROY).
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
+
+const NETLINK_SOCK_DIAG: i32 = 4;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const SOCK_DESTROY: u16 = 21;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
+const NLM_F_DUMP: u16 = 0x300;
+const INET_DIAG_CGROUP_ID: u16 = 21;
+const HDR: usize = 16;
+const REQ: usize = 56;
+const MSG: usize = 72;
+
+pub const TCP_ESTABLISHED: u8 = 1;
+pub const TCP_SYN_SENT: u8 = 2;
+pub const TCP_LISTEN: u8 = 10;
+
+/// One TCP socket as inet_diag reports it.
+#[derive(Debug, Clone)]
+pub struct TcpSock {
+    pub state: u8,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub cookie: u64,
+    pub inode: u32,
+    pub cgroup_id: Option<u64>,
+    family: u8,
+    raw_id: [u8; 48],
+}
+
+fn socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the fd is owned at once.
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, NETLINK_SOCK_DIAG) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn send(fd: &OwnedFd, msg_type: u16, flags: u16, req: &[u8; REQ]) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(HDR + REQ);
+    buf.extend_from_slice(&u32::try_from(HDR + REQ).unwrap_or(0).to_ne_bytes());
+    buf.extend_from_slice(&msg_type.to_ne_bytes());
+    buf.extend_from_slice(&flags.to_ne_bytes());
+    buf.extend_from_slice(&1u32.to_ne_bytes());
+    buf.extend_from_slice(&0u32.to_ne_bytes());
+    buf.extend_from_slice(req);
+    // SAFETY: `buf` is a valid buffer of the given length.
+    let n = unsafe { libc::send(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), 0) };
+    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// Receives messages until DONE/ERROR (or one reply for non-dump requests), calling `each`
+/// with every inet_diag message body. Returns the errno of an NLMSG_ERROR (0 for an ack).
+fn recv_all(fd: &OwnedFd, dump: bool, mut each: impl FnMut(&[u8])) -> io::Result<i32> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: `buf` is a valid writable buffer.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let data = &buf[..usize::try_from(n).unwrap_or(0)];
+        let mut at = 0;
+        while at + HDR <= data.len() {
+            let len = u32::from_ne_bytes(data[at..at + 4].try_into().unwrap_or([0; 4])) as usize;
+            let kind = u16::from_ne_bytes([data[at + 4], data[at + 5]]);
+            if len < HDR || at + len > data.len() {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "short netlink message"));
+            }
+            let body = &data[at + HDR..at + len];
+            match kind {
+                NLMSG_DONE => return Ok(0),
+                NLMSG_ERROR => {
+                    let err = body.get(..4).map_or(0, |b| i32::from_ne_bytes(b.try_into().unwrap_or([0; 4])));
+                    return Ok(-err);
+                }
+                _ => each(body),
+            }
+            at += (len + 3) & !3;
+        }
+        if !dump {
+            return Ok(0);
+        }
+    }
+}
+
+fn addr_from(family: u8, words: &[u8]) -> IpAddr {
+    if i32::from(family) == libc::AF_INET {
+        IpAddr::V4(Ipv4Addr::new(words[0], words[1], words[2], words[3]))
+    } else {
+        let mut o = [0u8; 16];
+        o.copy_from_slice(&words[..16]);
+        IpAddr::V6(Ipv6Addr::from(o))
+    }
+}
+
+fn parse_msg(body: &[u8]) -> Option<TcpSock> {
+    if body.len() < MSG {
+        return None;
+    }
+    let family = body[0];
+    let state = body[1];
+    let id = &body[4..52];
+    let sport = u16::from_be_bytes([id[0], id[1]]);
+    let dport = u16::from_be_bytes([id[2], id[3]]);
+    let local = SocketAddr::new(addr_from(family, &id[4..20]), sport);
+    let remote = SocketAddr::new(addr_from(family, &id[20..36]), dport);
+    let cookie = u64::from(u32::from_ne_bytes(id[40..44].try_into().ok()?))
+        | (u64::from(u32::from_ne_bytes(id[44..48].try_into().ok()?)) << 32);
+    let inode = u32::from_ne_bytes(body[68..72].try_into().ok()?);
+    let mut cgroup_id = None;
+    let mut at = MSG;
+    while at + 4 <= body.len() {
+        let len = usize::from(u16::from_ne_bytes([body[at], body[at + 1]]));
+        let kind = u16::from_ne_bytes([body[at + 2], body[at + 3]]);
+        if len < 4 || at + len > body.len() {
+            break;
+        }
+        if kind == INET_DIAG_CGROUP_ID && len >= 12 {
+            cgroup_id = Some(u64::from_ne_bytes(body[at + 4..at + 12].try_into().ok()?));
+        }
+        at += (len + 3) & !3;
+    }
+    let mut raw_id = [0u8; 48];
+    raw_id.copy_from_slice(id);
+    Some(TcpSock { state, local, remote, cookie, inode, cgroup_id, family, raw_id })
+}
+
+fn request(family: u8, states: u32, id: [u8; 48]) -> [u8; REQ] {
+    let mut req = [0u8; REQ];
+    req[0] = family;
+    req[1] = u8::try_from(libc::IPPROTO_TCP).unwrap_or(6);
+    req[4..8].copy_from_slice(&states.to_ne_bytes());
+    req[8..56].copy_from_slice(&id);
+    req
+}
+
+/// Every TCP socket of this network namespace.
+pub fn dump_tcp() -> io::Result<Vec<TcpSock>> {
+    let mut out = Vec::new();
+    for family in [libc::AF_INET, libc::AF_INET6] {
+        let fd = socket()?;
+        let family = u8::try_from(family).unwrap_or(0);
+        send(&fd, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, &request(family, u32::MAX, [0; 48]))?;
+        recv_all(&fd, true, |body| out.extend(parse_msg(body)))?;
+    }
+    Ok(out)
+}
+
+/// Destroys one socket (SOCK_DESTROY, needs CONFIG_INET_DIAG_DESTROY): its owner sees ECONNABORTED.
+pub fn destroy(sock: &TcpSock) -> io::Result<()> {
+    let fd = socket()?;
+    send(&fd, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, &request(sock.family, u32::MAX, sock.raw_id))?;
+    match recv_all(&fd, false, |_| {})? {
+        0 => Ok(()),
+        errno => Err(io::Error::from_raw_os_error(errno)),
+    }
+}
+
+fn id_for(local: SocketAddr, remote: SocketAddr) -> Option<(u8, [u8; 48])> {
+    let mut id = [0u8; 48];
+    id[0..2].copy_from_slice(&local.port().to_be_bytes());
+    id[2..4].copy_from_slice(&remote.port().to_be_bytes());
+    let family = match (local.ip(), remote.ip()) {
+        (IpAddr::V4(l), IpAddr::V4(r)) => {
+            id[4..8].copy_from_slice(&l.octets());
+            id[20..24].copy_from_slice(&r.octets());
+            libc::AF_INET
+        }
+        (IpAddr::V6(l), IpAddr::V6(r)) => {
+            id[4..20].copy_from_slice(&l.octets());
+            id[20..36].copy_from_slice(&r.octets());
+            libc::AF_INET6
+        }
+        _ => return None,
+    };
+    // No cookie: match on the tuple.
+    id[40..48].copy_from_slice(&[0xff; 8]);
+    Some((u8::try_from(family).ok()?, id))
+}
+
+/// The socket whose local end is `local` and remote end `remote`, if one exists.
+pub fn lookup(local: SocketAddr, remote: SocketAddr) -> io::Result<Option<TcpSock>> {
+    let Some((family, id)) = id_for(local, remote) else { return Ok(None) };
+    let fd = socket()?;
+    send(&fd, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, &request(family, u32::MAX, id))?;
+    let mut found = None;
+    let errno = recv_all(&fd, false, |body| found = parse_msg(body))?;
+    match errno {
+        0 => Ok(found),
+        e if e == libc::ENOENT => Ok(None),
+        e => Err(io::Error::from_raw_os_error(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_own_connection_by_tuple() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let client = std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (_server, _) = listener.accept().expect("accept");
+        let local = client.local_addr().expect("local");
+        let remote = client.peer_addr().expect("peer");
+        let cookie = lookup(local, remote).expect("diag").expect("found").cookie;
+        assert_ne!(cookie, 0);
+        let all = dump_tcp().expect("dump");
+        let me = all.iter().find(|s| s.local == local && s.remote == remote).expect("listed");
+        assert_eq!(me.cookie, cookie);
+        assert_eq!(me.state, TCP_ESTABLISHED);
+        assert!(all.iter().any(|s| s.state == TCP_LISTEN && s.local == listener.local_addr().expect("addr")));
+        assert!(lookup(local, "127.0.0.1:1".parse().expect("addr")).expect("diag").is_none());
+    }
+}
