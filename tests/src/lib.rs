@@ -1,1 +1,411 @@
+//! Helpers for the privileged end-to-end tests. Every helper undoes what it made on `Drop`,
+//! also when the test fails: cgroups (their processes killed first), bpffs mounts (taking
+//! every pin and attachment with them), daemons, temporary directories.
+//!
+//! The suite must run as root in a private mount namespace (`cargo xtask test` does both).
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener},
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
 
+use serde_json::Value;
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// The cgroup2 mount, from mountinfo.
+pub fn cgroup2_mount() -> PathBuf {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    text.lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            if post.split_whitespace().next()? != "cgroup2" {
+                return None;
+            }
+            Some(PathBuf::from(pre.split_whitespace().nth(4)?))
+        })
+        .expect("a cgroup2 mount (kernel feature missing: cgroup v2)")
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `secs`.
+pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn tollgate_bin() -> PathBuf {
+    std::env::var_os("TOLLGATE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/tollgate"))
+}
+
+pub fn probe_bin() -> PathBuf {
+    std::env::var_os("TG_PROBE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/tg-probe"))
+}
+
+/// Makes `cmd` join `cgroup` in the child, before exec, so every socket it makes is the
+/// cgroup's.
+pub fn join_before_exec(cmd: &mut Command, cgroup: &Path) {
+    let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").to_string_lossy().as_bytes()).expect("path");
+    // SAFETY: only async-signal-safe syscalls in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let r = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+            if r == 1 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+        });
+    }
+}
+
+/// A cgroup made by a test, removed (processes killed first) on drop.
+pub struct Cgroup {
+    pub path: PathBuf,
+}
+
+impl Cgroup {
+    pub fn create(path: PathBuf) -> Self {
+        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("create cgroup {}: {e}", path.display()));
+        Self { path }
+    }
+
+    pub fn remove(path: &Path) {
+        if !path.exists() {
+            return;
+        }
+        let mut dirs = vec![path.to_owned()];
+        let mut i = 0;
+        while i < dirs.len() {
+            if let Ok(rd) = std::fs::read_dir(&dirs[i]) {
+                dirs.extend(rd.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
+            }
+            i += 1;
+        }
+        let _ = std::fs::write(path.join("cgroup.kill"), "1");
+        for d in dirs.iter().rev() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while d.exists() && std::fs::remove_dir(d).is_err() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        Self::remove(&self.path);
+    }
+}
+
+/// A bpffs mounted at a test's own directory; unmounting it drops every pin it holds.
+struct Bpffs {
+    path: PathBuf,
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// One test's world: an enforced root, a gateway cgroup, its own bpffs, a listener port.
+pub struct TestEnv {
+    pub name: String,
+    pub mount: PathBuf,
+    pub dir: PathBuf,
+    pub port: u16,
+    pub root: Cgroup,
+    pub gateway_cgroup: PathBuf,
+    pub config: PathBuf,
+    pub audit: PathBuf,
+    pub policies: PathBuf,
+    children: Vec<Cgroup>,
+    _bpffs: Bpffs,
+}
+
+impl TestEnv {
+    /// Makes the environment. Panics (never skips) when a needed kernel feature is missing.
+    pub fn new(test: &str) -> Self {
+        let own = std::fs::read_link("/proc/self/ns/mnt").expect("own mount ns");
+        assert!(
+            own.as_os_str() != "mnt:[4026531832]",
+            "the privileged tests must run in a private mount namespace: use `cargo xtask test`"
+        );
+        let mount = cgroup2_mount();
+        let n = SEQ.fetch_add(1, Ordering::SeqCst);
+        let name = format!("tg-test-{}-{n}-{test}", std::process::id());
+        let dir = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(dir.join("policies")).expect("test dir");
+        let bpffs_path = dir.join("bpffs");
+        std::fs::create_dir_all(&bpffs_path).expect("bpffs dir");
+        nix::mount::mount(Some("bpf"), &bpffs_path, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+            .expect("mount bpffs (kernel feature missing: CONFIG_BPF_SYSCALL)");
+        let bpffs = Bpffs { path: bpffs_path.clone() };
+        let root = Cgroup::create(mount.join(format!("{name}.slice")));
+        let gateway_cgroup = mount.join(format!("{name}-gw.scope"));
+        let port = free_port();
+        let config = dir.join("tollgate.yaml");
+        let audit = dir.join("audit.jsonl");
+        let env = Self {
+            name: name.clone(),
+            mount,
+            dir: dir.clone(),
+            port,
+            root,
+            gateway_cgroup,
+            config,
+            audit,
+            policies: dir.join("policies"),
+            children: Vec::new(),
+            _bpffs: bpffs,
+        };
+        env.write_config("");
+        env
+    }
+
+    /// The root's path relative to the cgroup2 mount.
+    pub fn root_rel(&self) -> String {
+        format!("/{}.slice", self.name)
+    }
+
+    /// Writes the daemon config, with `extra` YAML lines appended.
+    pub fn write_config(&self, extra: &str) {
+        let text = format!(
+            "roots: [{root}]\ngateway_cgroup: /{name}-gw.scope\nlistener: {{ port: {port} }}\n\
+             dns_resolvers: [\"127.0.0.53:53\"]\npolicies: {policies}\naudit_log: {audit}\n\
+             pin_dir: {pins}\nallow_private_bpffs: true\nupstream_bind: 127.0.0.2\n{extra}",
+            root = self.root_rel(),
+            name = self.name,
+            port = self.port,
+            policies = self.policies.display(),
+            audit = self.audit.display(),
+            pins = self.dir.join("bpffs/tollgate").display(),
+        );
+        std::fs::write(&self.config, text).expect("write config");
+    }
+
+    /// Allows the workload `cgroup` (relative to the root) to reach each `addr`.
+    pub fn allow(&self, policy: &str, cgroup: &str, addrs: &[SocketAddr]) {
+        let mut text = format!(
+            "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: {{ name: {policy} }}\nspec:\n  workload:\n    cgroup: {}/{cgroup}\n  egress:\n",
+            self.root_rel()
+        );
+        for (i, a) in addrs.iter().enumerate() {
+            text.push_str(&format!("    - name: rule-{i}\n      match: {{ cidr: \"{}\", port: {} }}\n", a.ip(), a.port()));
+        }
+        std::fs::write(self.policies.join(format!("{policy}.yaml")), text).expect("write policy");
+    }
+
+    /// A workload cgroup under the root (nested paths allowed), removed with the env.
+    pub fn workload(&mut self, rel: &str) -> PathBuf {
+        let path = self.root.path.join(rel);
+        self.children.push(Cgroup::create(path.clone()));
+        path
+    }
+
+    pub fn listener(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// Starts the daemon and waits until it enforces.
+    pub fn start(&self) -> Daemon {
+        Daemon::start(self).unwrap_or_else(|log| panic!("daemon did not start: {log}"))
+    }
+
+    /// Runs `tollgate` with `args` (after `--config` when `with_config`), returning its output.
+    pub fn tollgate(&self, args: &[&str]) -> Output {
+        Command::new(tollgate_bin()).args(args).arg("--config").arg(&self.config).output().expect("run tollgate")
+    }
+
+    /// All audit records so far.
+    pub fn records(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.audit)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Waits for an audit record matching `pred`.
+    pub fn wait_record(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        wait_for(10, what, || self.records().into_iter().find(|r| pred(r)))
+    }
+
+    /// Runs the probe with `args` in `cgroup` (or in the test's own cgroup when `None`).
+    pub fn probe(&self, cgroup: Option<&Path>, args: &[&str]) -> Value {
+        let mut cmd = Command::new(probe_bin());
+        cmd.args(args);
+        if let Some(cg) = cgroup {
+            join_before_exec(&mut cmd, cg);
+        }
+        let out = cmd.output().expect("run tg-probe");
+        let text = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(text.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("probe output {text:?}: {e}"))
+    }
+
+    /// Attachment counts per program at the root, from `tollgate status`.
+    pub fn attachments(&self) -> Value {
+        let out = self.tollgate(&["status"]);
+        assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).expect("status json");
+        v["roots"][self.root_rel()].clone()
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        while let Some(c) = self.children.pop() {
+            drop(c);
+        }
+        Cgroup::remove(&self.root.path);
+        Cgroup::remove(&self.gateway_cgroup);
+        // `_bpffs` unmounts after this body; the directory goes once it is unmounted.
+        let dir = self.dir.clone();
+        let bpffs = dir.join("bpffs");
+        let _ = nix::mount::umount2(&bpffs, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// A running `tollgate run`, killed on drop.
+pub struct Daemon {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    fn start(env: &TestEnv) -> Result<Self, String> {
+        let ready = env.dir.join("ready");
+        let _ = std::fs::remove_file(&ready);
+        let log = env.dir.join(format!("daemon-{}.log", SEQ.fetch_add(1, Ordering::SeqCst)));
+        let child = Command::new(tollgate_bin())
+            .args(["run", "--config"])
+            .arg(&env.config)
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("spawn tollgate");
+        let mut d = Self { child: Some(child), log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ready.exists() {
+            if let Some(c) = d.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    return Err(format!("exited {status}: {}", std::fs::read_to_string(&d.log).unwrap_or_default()));
+                }
+            }
+            if Instant::now() > deadline {
+                return Err("not ready in 20 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(d)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| i32::try_from(c.id()).unwrap_or(0))
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(c.id()).unwrap_or(0)), nix::sys::signal::Signal::SIGTERM);
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A loopback HTTP-ish upstream that records who connected.
+pub struct Mock {
+    pub addr: SocketAddr,
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
+}
+
+impl Mock {
+    pub fn start(bind: &str) -> Self {
+        let listener = TcpListener::bind(bind).unwrap_or_else(|e| panic!("mock bind {bind}: {e}"));
+        let addr = listener.local_addr().expect("addr");
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&peers);
+        std::thread::spawn(move || {
+            for s in listener.incoming().flatten() {
+                if let Ok(p) = s.peer_addr() {
+                    seen.lock().expect("peers").push(p);
+                }
+                std::thread::spawn(move || {
+                    let mut s = s;
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                    let mut buf = [0u8; 2048];
+                    let _ = s.read(&mut buf);
+                    let body = format!("mock {addr}\n");
+                    let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                });
+            }
+        });
+        Self { addr, peers }
+    }
+
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.peers.lock().expect("peers").clone()
+    }
+}
+
+/// Spawns a long-running command in `cgroup` whose first stdout line is returned.
+pub fn spawn_in(cgroup: &Path, program: &Path, args: &[&str]) -> (Child, String) {
+    let mut cmd = Command::new(program);
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::null());
+    join_before_exec(&mut cmd, cgroup);
+    let mut child = cmd.spawn().expect("spawn");
+    let mut reader = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("first line");
+    // Keep the pipe's read end alive with the child so later writes do not fail.
+    std::mem::forget(reader);
+    (child, line)
+}
+
+/// Runs `program args` in `cgroup`, returning its output.
+pub fn run_in(cgroup: &Path, program: &str, args: &[&str]) -> Output {
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    join_before_exec(&mut cmd, cgroup);
+    cmd.output().unwrap_or_else(|e| panic!("run {program}: {e}"))
+}

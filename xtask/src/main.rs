@@ -1,1 +1,162 @@
-fn main(){}
+//! Project tasks: `setup`, `build-ebpf`, `test`, `demo`.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the kernel-side build needs (idempotent): LLVM 22, bpf-linker, nightly rust-src.
+    Setup,
+    /// Build the eBPF programs (nightly, bpf-linker).
+    BuildEbpf,
+    /// Setup, build, then run every test: unit, privileged end-to-end, and the demo.
+    Test {
+        /// Only run privileged tests whose name contains this.
+        #[arg(long)]
+        filter: Option<String>,
+    },
+    /// Setup, build, then run the demo.
+    Demo,
+}
+
+const APT_PACKAGES: [&str; 5] = ["llvm-22-dev", "libclang-22-dev", "curl", "python3", "iproute2"];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: {cmd:?}");
+    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output_ok(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A command with the environment a parent cargo set for itself removed, so the toolchain
+/// we name is the one that runs.
+fn clean(program: &str) -> Command {
+    let mut cmd = Command::new(program);
+    for key in ["RUSTC", "RUSTDOC", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "RUSTUP_TOOLCHAIN", "CARGO", "CARGO_TARGET_DIR", "RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS"] {
+        cmd.env_remove(key);
+    }
+    cmd
+}
+
+fn setup() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            output_ok(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_none_or(|s| !s.contains("install ok installed"))
+        })
+        .collect();
+    if !missing.is_empty() {
+        run(Command::new("apt-get").arg("update").arg("-q"))?;
+        run(Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    let nightly = output_ok(clean("rustup").args(["toolchain", "list"])).unwrap_or_default();
+    if !nightly.lines().any(|l| l.starts_with("nightly")) {
+        bail!("no nightly Rust toolchain: the kernel programs need one (rustup toolchain install nightly)");
+    }
+    let components = output_ok(clean("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"])).unwrap_or_default();
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        run(clean("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    let linker = output_ok(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if !linker.contains(BPF_LINKER_VERSION) {
+        run(clean("cargo")
+            .args(["+stable", "install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
+    }
+    Ok(())
+}
+
+fn build_ebpf() -> Result<()> {
+    let dir = root().join("gateway-ebpf");
+    let flags = ["--cfg=bpf_target_arch=\"x86_64\"", "-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f");
+    run(clean("rustup")
+        .current_dir(&dir)
+        .args(["run", "nightly", "cargo", "build", "--release", "--locked", "-Z", "build-std=core", "--target", "bpfel-unknown-none"])
+        .env("CARGO_ENCODED_RUSTFLAGS", flags))?;
+    let object = dir.join("target/bpfel-unknown-none/release/gateway");
+    if !object.exists() {
+        bail!("the build did not produce {}", object.display());
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+fn is_root() -> bool {
+    output_ok(Command::new("id").arg("-u")).is_some_and(|s| s.trim() == "0")
+}
+
+fn test(filter: Option<&str>) -> Result<()> {
+    setup()?;
+    build_ebpf()?;
+    run(cargo().args(["build", "--locked", "--workspace", "--all-targets"]))?;
+    run(cargo().args(["test", "--locked", "-p", "gateway-common", "-p", "gateway-user", "-p", "xtask"]))?;
+    if !is_root() {
+        bail!("the privileged tests need root (they load BPF programs and make cgroups)");
+    }
+    let bin = root().join("target/debug/tollgate");
+    let probe = root().join("target/debug/tg-probe");
+    // The privileged suite runs in its own mount namespace: its bpffs mounts (and with them
+    // every pin and attachment) die with it, even if a test process is killed.
+    let mut suite = Command::new("unshare");
+    suite
+        .args(["--mount", "--propagation", "private", "--"])
+        .arg(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["test", "--locked", "-p", "tollgate-tests", "--", "--test-threads=1"])
+        .current_dir(root())
+        .env("TOLLGATE_BIN", &bin)
+        .env("TG_PROBE_BIN", &probe)
+        .env("TOLLGATE_CI_STRICT", "1");
+    if let Some(f) = filter {
+        suite.arg(f);
+    }
+    run(&mut suite)?;
+    if filter.is_none() {
+        run(Command::new(&bin).arg("demo"))?;
+    }
+    Ok(())
+}
+
+fn demo() -> Result<()> {
+    setup()?;
+    build_ebpf()?;
+    run(cargo().args(["build", "--locked", "-p", "gateway-user"]))?;
+    run(Command::new(root().join("target/debug/tollgate")).arg("demo"))
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup(),
+        Task::BuildEbpf => build_ebpf(),
+        Task::Test { filter } => test(filter.as_deref()),
+        Task::Demo => demo(),
+    }
+}

@@ -1,0 +1,231 @@
+//! A socket prober for the privileged tests: each subcommand makes one real attempt with raw
+//! syscalls and prints one JSON line: `{"ok":true,...}` or `{"ok":false,"errno":N,"error":"..."}`.
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    time::Duration,
+};
+
+use serde_json::{json, Value};
+
+fn errno_json(e: &std::io::Error) -> Value {
+    json!({ "ok": false, "errno": e.raw_os_error().unwrap_or(0), "error": e.to_string() })
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is large enough and suitably aligned for sockaddr_in.
+            let sin = unsafe { &mut *std::ptr::from_mut(&mut ss).cast::<libc::sockaddr_in>() };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = a.port().to_be();
+            sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sin6 = unsafe { &mut *std::ptr::from_mut(&mut ss).cast::<libc::sockaddr_in6>() };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = a.port().to_be();
+            sin6.sin6_addr.s6_addr = a.ip().octets();
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, libc::socklen_t::try_from(len).unwrap_or(0))
+}
+
+fn socket(domain: i32, ty: i32, proto: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: plain socket(2).
+    let fd = unsafe { libc::socket(domain, ty | libc::SOCK_CLOEXEC, proto) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn domain_of(addr: SocketAddr) -> i32 {
+    if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 }
+}
+
+fn check(r: libc::c_int) -> std::io::Result<libc::c_int> {
+    if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(r) }
+}
+
+fn bind(fd: &OwnedFd, addr: SocketAddr) -> std::io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: valid option buffer.
+    unsafe { libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, std::ptr::from_ref(&one).cast(), 4) };
+    let (ss, len) = sockaddr(addr);
+    // SAFETY: valid sockaddr of `len` bytes.
+    check(unsafe { libc::bind(fd.as_raw_fd(), std::ptr::from_ref(&ss).cast(), len) }).map(|_| ())
+}
+
+/// Sends a request line, reads the reply to EOF, and reports both ends as the socket sees them.
+fn exchange(stream: &mut TcpStream) -> Value {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let local = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    if let Err(e) = stream.write_all(b"GET /probe HTTP/1.0\r\n\r\n") {
+        return errno_json(&e);
+    }
+    let mut body = Vec::new();
+    match stream.read_to_end(&mut body) {
+        Ok(_) => json!({ "ok": true, "peer": peer, "local": local, "reply": String::from_utf8_lossy(&body) }),
+        Err(e) => {
+            let mut v = errno_json(&e);
+            v["peer"] = json!(peer);
+            v["local"] = json!(local);
+            v
+        }
+    }
+}
+
+fn tcp(addr: SocketAddr, bind_to: Option<SocketAddr>) -> Value {
+    let fd = match socket(domain_of(addr), libc::SOCK_STREAM, 0) {
+        Ok(fd) => fd,
+        Err(e) => return errno_json(&e),
+    };
+    if let Some(b) = bind_to {
+        if let Err(e) = bind(&fd, b) {
+            return errno_json(&e);
+        }
+    }
+    let (ss, len) = sockaddr(addr);
+    // SAFETY: valid sockaddr.
+    if let Err(e) = check(unsafe { libc::connect(fd.as_raw_fd(), std::ptr::from_ref(&ss).cast(), len) }) {
+        return errno_json(&e);
+    }
+    exchange(&mut TcpStream::from(fd))
+}
+
+fn tfo(addr: SocketAddr) -> Value {
+    let fd = match socket(domain_of(addr), libc::SOCK_STREAM, 0) {
+        Ok(fd) => fd,
+        Err(e) => return errno_json(&e),
+    };
+    let (ss, len) = sockaddr(addr);
+    let msg = b"GET /tfo HTTP/1.0\r\n\r\n";
+    // SAFETY: valid buffer and sockaddr.
+    let r = unsafe { libc::sendto(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), libc::MSG_FASTOPEN, std::ptr::from_ref(&ss).cast(), len) };
+    if r < 0 {
+        return errno_json(&std::io::Error::last_os_error());
+    }
+    let mut stream = TcpStream::from(fd);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let mut body = Vec::new();
+    match stream.read_to_end(&mut body) {
+        Ok(_) => json!({ "ok": true, "peer": peer, "reply": String::from_utf8_lossy(&body) }),
+        Err(e) => errno_json(&e),
+    }
+}
+
+fn uring(addr: SocketAddr) -> Value {
+    let fd = match socket(domain_of(addr), libc::SOCK_STREAM, 0) {
+        Ok(fd) => fd,
+        Err(e) => return errno_json(&e),
+    };
+    let (ss, len) = sockaddr(addr);
+    let mut ring = match io_uring::IoUring::new(4) {
+        Ok(r) => r,
+        Err(e) => return errno_json(&e),
+    };
+    let op = io_uring::opcode::Connect::new(io_uring::types::Fd(fd.as_raw_fd()), std::ptr::from_ref(&ss).cast(), len).build();
+    // SAFETY: the sockaddr outlives the submission (we wait for completion below).
+    if unsafe { ring.submission().push(&op) }.is_err() {
+        return json!({ "ok": false, "error": "submission queue full" });
+    }
+    if let Err(e) = ring.submit_and_wait(1) {
+        return errno_json(&e);
+    }
+    let res = ring.completion().next().map_or(-1, |c| c.result());
+    if res < 0 {
+        return errno_json(&std::io::Error::from_raw_os_error(-res));
+    }
+    let mut v = exchange(&mut TcpStream::from(fd));
+    v["via"] = json!("io_uring");
+    v
+}
+
+fn udp(addr: SocketAddr, v6_socket: bool, connect: bool) -> Value {
+    let domain = if v6_socket { libc::AF_INET6 } else { domain_of(addr) };
+    let fd = match socket(domain, libc::SOCK_DGRAM, 0) {
+        Ok(fd) => fd,
+        Err(e) => return errno_json(&e),
+    };
+    let (ss, len) = sockaddr(addr);
+    let msg = b"datagram";
+    let r = if connect {
+        // SAFETY: valid sockaddr.
+        let c = unsafe { libc::connect(fd.as_raw_fd(), std::ptr::from_ref(&ss).cast(), len) };
+        if c < 0 {
+            return errno_json(&std::io::Error::last_os_error());
+        }
+        // SAFETY: valid buffer.
+        unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) }
+    } else {
+        // SAFETY: valid buffer and sockaddr.
+        unsafe { libc::sendto(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0, std::ptr::from_ref(&ss).cast(), len) }
+    };
+    if r < 0 { errno_json(&std::io::Error::last_os_error()) } else { json!({ "ok": true, "sent": r }) }
+}
+
+fn make_socket(domain: i32, ty: i32, proto: i32) -> Value {
+    match socket(domain, ty, proto) {
+        Ok(_) => json!({ "ok": true }),
+        Err(e) => errno_json(&e),
+    }
+}
+
+fn bind_port(addr: SocketAddr) -> Value {
+    let fd = match socket(domain_of(addr), libc::SOCK_STREAM, 0) {
+        Ok(fd) => fd,
+        Err(e) => return errno_json(&e),
+    };
+    match bind(&fd, addr) {
+        Ok(()) => json!({ "ok": true }),
+        Err(e) => errno_json(&e),
+    }
+}
+
+/// Connects, reports, waits until `wait_file` exists, then tries to use the connection.
+fn hold(addr: SocketAddr, wait_file: &str) -> Value {
+    let mut stream = match TcpStream::connect(addr) {
+        Ok(s) => s,
+        Err(e) => return errno_json(&e),
+    };
+    println!("{}", json!({ "connected": true, "local": stream.local_addr().map(|a| a.to_string()).unwrap_or_default() }));
+    let _ = std::io::stdout().flush();
+    while !std::path::Path::new(wait_file).exists() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    exchange(&mut stream)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let addr = |i: usize| -> SocketAddr { args.get(i).and_then(|a| a.parse().ok()).unwrap_or_else(|| panic!("argument {i} must be ip:port")) };
+    let result = match args.first().map(String::as_str) {
+        Some("tcp") => tcp(addr(1), args.get(2).and_then(|a| a.parse().ok())),
+        Some("tfo") => tfo(addr(1)),
+        Some("uring") => uring(addr(1)),
+        Some("udp") => udp(addr(1), false, false),
+        Some("udp6") => udp(addr(1), true, false),
+        Some("udp-connect") => udp(addr(1), false, true),
+        Some("udp6-connect") => udp(addr(1), true, true),
+        Some("ping") => make_socket(libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_ICMP),
+        Some("raw") => make_socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW),
+        Some("sctp") => make_socket(libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_SCTP),
+        Some("bind") => bind_port(addr(1)),
+        Some("hold") => hold(addr(1), args.get(2).map_or("/nonexistent", String::as_str)),
+        _ => {
+            eprintln!("usage: tg-probe tcp|tfo|uring|udp|udp6|udp-connect|udp6-connect ADDR | ping | raw | sctp | bind ADDR | hold ADDR FILE");
+            std::process::exit(2);
+        }
+    };
+    println!("{result}");
+}
