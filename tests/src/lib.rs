@@ -388,8 +388,8 @@ impl Mock {
     }
 }
 
-/// Spawns a long-running command in `cgroup` whose first stdout line is returned.
-pub fn spawn_in(cgroup: &Path, program: &Path, args: &[&str]) -> (Child, String) {
+/// Spawns a long-running command in `cgroup`; returns it, its stdout, and its first line.
+pub fn spawn_in(cgroup: &Path, program: &Path, args: &[&str]) -> (Child, BufReader<std::process::ChildStdout>, String) {
     let mut cmd = Command::new(program);
     cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::null());
     join_before_exec(&mut cmd, cgroup);
@@ -397,9 +397,7 @@ pub fn spawn_in(cgroup: &Path, program: &Path, args: &[&str]) -> (Child, String)
     let mut reader = BufReader::new(child.stdout.take().expect("stdout"));
     let mut line = String::new();
     reader.read_line(&mut line).expect("first line");
-    // Keep the pipe's read end alive with the child so later writes do not fail.
-    std::mem::forget(reader);
-    (child, line)
+    (child, reader, line)
 }
 
 /// Runs `program args` in `cgroup`, returning its output.
