@@ -116,7 +116,7 @@ impl Config {
     pub fn parse(text: &str, file: &str, base: &Path) -> Result<Self, ConfigError> {
         let raw: RawConfig = serde_yaml_ng::from_str(text).map_err(|e| {
             let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
-            ConfigError::Syntax { file: file.to_owned(), line, column, message: e.to_string() }
+            ConfigError::Syntax { file: file.to_owned(), line, column, message: strip_location(&e.to_string()) }
         })?;
         let invalid = |message: String| ConfigError::Invalid { file: file.to_owned(), message };
         let cg = |s: &str| {
@@ -204,5 +204,14 @@ mod tests {
     #[test]
     fn demo_config_is_valid() {
         Config::parse(DEMO_CONFIG, "demo", Path::new("/")).expect("demo config");
+    }
+}
+
+/// A YAML error message without the trailing "at line L column C" (the location is printed
+/// first, as file:line:column).
+pub fn strip_location(msg: &str) -> String {
+    match msg.rfind(" at line ") {
+        Some(i) if msg[i..].contains(" column ") => msg[..i].to_owned(),
+        _ => msg.to_owned(),
     }
 }

@@ -24,6 +24,8 @@ struct Cleanup {
     config: PathBuf,
     cgroups: Vec<PathBuf>,
     daemon: Option<Child>,
+    /// The daemon mounts bpffs at /sys/fs/bpf when missing; the demo unmounts what it caused.
+    unmount_bpffs: bool,
 }
 
 impl Drop for Cleanup {
@@ -48,6 +50,9 @@ impl Drop for Cleanup {
             }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+        if self.unmount_bpffs {
+            let _ = nix::mount::umount("/sys/fs/bpf");
+        }
     }
 }
 
@@ -105,7 +110,9 @@ pub fn run() -> Result<()> {
     std::fs::create_dir_all(dir.join("policies"))?;
     let config_path = dir.join("tollgate.yaml");
     let config = crate::config::Config::parse(DEMO_CONFIG, "embedded demo config", &dir)?;
-    let mut cleanup = Cleanup { dir: dir.clone(), config: config_path.clone(), cgroups: Vec::new(), daemon: None };
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let unmount_bpffs = !cgroup::is_mounted_at(&mountinfo, "bpf", Path::new("/sys/fs/bpf"));
+    let mut cleanup = Cleanup { dir: dir.clone(), config: config_path.clone(), cgroups: Vec::new(), daemon: None, unmount_bpffs };
     std::fs::write(&config_path, DEMO_CONFIG)?;
     std::fs::write(dir.join("policies/demo-app.yaml"), DEMO_POLICY)?;
 

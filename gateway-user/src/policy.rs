@@ -12,7 +12,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::cgroup::CgroupPath;
+use crate::{cgroup::CgroupPath, config::strip_location};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -289,7 +289,7 @@ pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
     let file_s = file.display().to_string();
     let raw: RawPolicy = serde_yaml_ng::from_str(text).map_err(|e| {
         let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
-        PolicyError::Syntax { file: file_s.clone(), line, column, message: e.to_string() }
+        PolicyError::Syntax { file: file_s.clone(), line, column, message: strip_location(&e.to_string()) }
     })?;
     let invalid = |message: String| PolicyError::Invalid { file: file_s.clone(), message };
     if raw.api_version != "tollgate/v1" {

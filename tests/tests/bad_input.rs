@@ -1,0 +1,97 @@
+//! Bad input: a clear one-line error naming the thing, a non-zero exit, nothing half-attached.
+use std::process::Command;
+
+use tollgate_tests::{Mock, TestEnv};
+
+fn run_once(env: &TestEnv) -> (bool, String) {
+    let out = Command::new(std::env::var_os("TOLLGATE_BIN").map_or_else(
+        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/tollgate"),
+        std::path::PathBuf::from,
+    ))
+    .args(["run", "--config"])
+    .arg(&env.config)
+    .output()
+    .expect("tollgate");
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// The one error line (log lines, if any, come before it).
+fn error_line(stderr: &str) -> &str {
+    stderr.lines().rfind(|l| l.starts_with("tollgate: ")).unwrap_or_else(|| panic!("no error line in {stderr:?}"))
+}
+
+fn assert_nothing_attached(env: &TestEnv) {
+    assert!(!env.dir.join("bpffs/tollgate").exists(), "no pins left behind");
+    let counts = env.attachments();
+    assert!(counts.as_object().expect("counts").values().all(|n| n == 0), "nothing attached: {counts}");
+}
+
+#[test]
+fn a_policy_that_does_not_parse_stops_before_the_kernel() {
+    let env = TestEnv::new("badpolicy");
+    std::fs::write(env.policies.join("broken.yaml"), "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: { name: x }\nspec:\n  workload: { cgroup: /a }\n  egres: []\n").expect("write");
+    let (ok, stderr) = run_once(&env);
+    assert!(!ok);
+    let line = error_line(&stderr);
+    assert!(line.contains("broken.yaml:6:"), "{line}");
+    assert!(line.contains("egres"), "{line}");
+    assert_nothing_attached(&env);
+
+    let check = Command::new(std::env::var_os("TOLLGATE_BIN").expect("TOLLGATE_BIN")).args(["policy", "check"]).arg(&env.policies).output().expect("check");
+    assert!(!check.status.success());
+    assert!(String::from_utf8_lossy(&check.stderr).contains("broken.yaml:6:"), "{}", String::from_utf8_lossy(&check.stderr));
+}
+
+#[test]
+fn a_missing_root_or_a_bad_config_is_named() {
+    let env = TestEnv::new("noroot");
+    let good = std::fs::read_to_string(&env.config).expect("config");
+    std::fs::write(&env.config, good.replace(&env.root_rel(), "/tg-test-no-such-root.slice")).expect("write");
+    let (ok, stderr) = run_once(&env);
+    assert!(!ok);
+    let line = error_line(&stderr);
+    assert!(line.contains("tg-test-no-such-root.slice") && line.contains("does not exist"), "{line}");
+    assert!(!env.dir.join("bpffs/tollgate").exists());
+
+    std::fs::write(&env.config, format!("{good}listner: {{}}\n")).expect("write");
+    let (ok, stderr) = run_once(&env);
+    assert!(!ok);
+    let line = error_line(&stderr);
+    assert!(line.contains("tollgate.yaml:10:") && line.contains("listner"), "{line}");
+    std::fs::write(&env.config, good).expect("restore");
+    assert_nothing_attached(&env);
+}
+
+#[test]
+fn a_pin_dir_off_bpffs_and_a_private_namespace_are_refused() {
+    let env = TestEnv::new("bpffs");
+    let good = std::fs::read_to_string(&env.config).expect("config");
+    let plain = env.dir.join("plain/tollgate");
+    std::fs::write(&env.config, good.replace(&env.dir.join("bpffs/tollgate").display().to_string(), &plain.display().to_string())).expect("write");
+    let (ok, stderr) = run_once(&env);
+    assert!(!ok);
+    assert!(error_line(&stderr).contains("is not on a bpffs"), "{stderr}");
+    assert!(!plain.exists());
+
+    std::fs::write(&env.config, good.replace("allow_private_bpffs: true", "allow_private_bpffs: false")).expect("write");
+    let (ok, stderr) = run_once(&env);
+    assert!(!ok);
+    assert!(error_line(&stderr).contains("private mount namespace"), "{stderr}");
+    assert_nothing_attached(&env);
+}
+
+#[test]
+fn a_second_daemon_is_refused_and_the_first_keeps_working() {
+    let mut env = TestEnv::new("second");
+    let mock = Mock::start("127.0.0.1:0");
+    let app = env.workload("app.service");
+    env.allow("app", "app.service", &[mock.addr]);
+    let _d = env.start();
+    let (ok, stderr) = run_once(&env);
+    assert!(!ok);
+    assert!(error_line(&stderr).contains("another tollgate is running"), "{stderr}");
+    let counts = env.attachments();
+    assert!(counts.as_object().expect("counts").values().all(|n| n == 1), "still exactly one of each: {counts}");
+    let p = env.probe(Some(&app), &["tcp", &mock.addr.to_string()]);
+    assert_eq!(p["ok"], true, "{p}");
+}
