@@ -14,7 +14,9 @@ fn main() {
     if object.exists() {
         fs::copy(&object, &out).expect("copy kernel object");
     } else if env::var("TOLLGATE_EBPF_STUB").as_deref() == Ok("1") {
-        println!("cargo::warning=building with a STUB kernel object: the daemon will refuse to run");
+        println!(
+            "cargo::warning=building with a STUB kernel object: the daemon will refuse to run"
+        );
         println!("cargo::rustc-cfg=ebpf_stub");
         fs::write(&out, b"").expect("write stub");
     } else {

@@ -146,7 +146,13 @@ impl PendingKey {
     /// The key for an IPv4 client end.
     #[must_use]
     pub const fn v4(netns_cookie: u64, addr: u32, port: u16) -> Self {
-        Self { netns_cookie, addr: [addr, 0, 0, 0], port, family: AF_INET, _pad: 0 }
+        Self {
+            netns_cookie,
+            addr: [addr, 0, 0, 0],
+            port,
+            family: AF_INET,
+            _pad: 0,
+        }
     }
 
     /// The key for an IPv6 client end; a v4-mapped address becomes the IPv4 key.
@@ -155,7 +161,13 @@ impl PendingKey {
         if is_v4_mapped(addr) {
             Self::v4(netns_cookie, addr[3], port)
         } else {
-            Self { netns_cookie, addr, port, family: AF_INET6, _pad: 0 }
+            Self {
+                netns_cookie,
+                addr,
+                port,
+                family: AF_INET6,
+                _pad: 0,
+            }
         }
     }
 }

@@ -3,8 +3,8 @@
 //! resolver. An IPv4-mapped IPv6 destination is judged as the IPv4 address it maps.
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, bpf_probe_read_kernel,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        bpf_probe_read_kernel,
         generated::{bpf_get_current_task, bpf_get_netns_cookie, bpf_get_socket_cookie},
     },
     macros::cgroup_sock_addr,

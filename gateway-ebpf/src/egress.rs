@@ -68,8 +68,9 @@ pub fn tg_egress(ctx: SkBuffContext) -> i32 {
 
 #[inline(always)]
 fn refuse(cgroup_id: u64, pkt: Option<&Packet>) -> i32 {
-    let (family, addr, port, protocol) =
-        pkt.map_or((0, [0; 4], 0, 0), |p| (p.family, p.dst, p.dport, p.protocol));
+    let (family, addr, port, protocol) = pkt.map_or((0, [0; 4], 0, 0), |p| {
+        (p.family, p.dst, p.dport, p.protocol)
+    });
     report(&Refusal {
         hook: hook::EGRESS,
         reason: reason::EGRESS_BACKSTOP,
@@ -140,7 +141,14 @@ fn parse(ctx: &SkBuffContext, ethertype: u16) -> Option<Packet> {
         let src: [u32; 4] = ctx.load(8).ok()?;
         let dst: [u32; 4] = ctx.load(24).ok()?;
         let (sport, dport) = ports(ctx, 40, protocol);
-        Some(Packet { family: AF_INET6, protocol: u16::from(protocol), src, dst, sport, dport })
+        Some(Packet {
+            family: AF_INET6,
+            protocol: u16::from(protocol),
+            src,
+            dst,
+            sport,
+            dport,
+        })
     } else {
         None
     }

@@ -39,7 +39,11 @@ pub(crate) static TG_ACCEPTED: HashMap<AcceptedKey, u8, { ACCEPTED_MAX_ENTRIES a
 #[inline(always)]
 pub(crate) fn config() -> Option<&'static Config> {
     let cfg = TG_CONFIG.get(0)?;
-    if cfg.listener_port == 0 { None } else { Some(cfg) }
+    if cfg.listener_port == 0 {
+        None
+    } else {
+        Some(cfg)
+    }
 }
 
 /// Whether `addr:port` of `family` is an allowed DNS resolver.
@@ -52,7 +56,10 @@ pub(crate) fn is_resolver(cfg: &Config, family: u16, addr: &[u32; 4], port: u16)
             let same = if family == gateway_common::AF_INET {
                 r.addr[0] == addr[0]
             } else {
-                r.addr[0] == addr[0] && r.addr[1] == addr[1] && r.addr[2] == addr[2] && r.addr[3] == addr[3]
+                r.addr[0] == addr[0]
+                    && r.addr[1] == addr[1]
+                    && r.addr[2] == addr[2]
+                    && r.addr[3] == addr[3]
             };
             if same {
                 return true;

@@ -1,9 +1,7 @@
 //! `cgroup/sendmsg4|6`: a UDP send that names an address may only go to an allowed DNS
 //! resolver. An AF_INET6 send to `::ffff:a.b.c.d` runs sendmsg4 in the kernel; sendmsg6
 //! normalizes mapped addresses anyway, so every hook decides the same.
-use aya_ebpf::{
-    macros::cgroup_sock_addr, programs::SockAddrContext,
-};
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use gateway_common::{hook, reason};
 
 use crate::{

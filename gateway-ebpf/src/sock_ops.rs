@@ -22,17 +22,22 @@ pub fn tg_sock_ops(ctx: SockOpsContext) -> u32 {
     // SAFETY: the kernel hands a valid `bpf_sock_ops`; read every field before branching.
     let (op, family, local_ip4, local_ip6, local_port, sk) = unsafe {
         let ops = &*ctx.ops;
-        (ops.op, ops.family, ops.local_ip4, ops.local_ip6, ops.local_port, ops.__bindgen_anon_2.sk)
+        (
+            ops.op,
+            ops.family,
+            ops.local_ip4,
+            ops.local_ip6,
+            ops.local_port,
+            ops.__bindgen_anon_2.sk,
+        )
     };
     if sk.is_null() {
         return 1;
     }
     if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
         // SAFETY: `sk` is the non-null full socket of this callback.
-        let state = unsafe {
-            bpf_sk_storage_get(storage(), sk.cast(), core::ptr::null_mut(), 0)
-        }
-        .cast::<SockState>();
+        let state = unsafe { bpf_sk_storage_get(storage(), sk.cast(), core::ptr::null_mut(), 0) }
+            .cast::<SockState>();
         if state.is_null() {
             return 1;
         }
@@ -58,7 +63,12 @@ pub fn tg_sock_ops(ctx: SockOpsContext) -> u32 {
     } else if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
         // SAFETY: `sk` is the non-null full socket of this callback.
         let state = unsafe {
-            bpf_sk_storage_get(storage(), sk.cast(), core::ptr::null_mut(), BPF_SK_STORAGE_GET_F_CREATE)
+            bpf_sk_storage_get(
+                storage(),
+                sk.cast(),
+                core::ptr::null_mut(),
+                BPF_SK_STORAGE_GET_F_CREATE,
+            )
         }
         .cast::<SockState>();
         if !state.is_null() {

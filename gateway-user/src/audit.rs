@@ -102,7 +102,10 @@ impl AuditRecord {
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
     #[error("cannot open audit log {path}: {source}")]
-    Open { path: PathBuf, source: std::io::Error },
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot write audit log: {0}")]
     Write(#[source] std::io::Error),
 }
@@ -122,14 +125,22 @@ impl AuditLog {
             .create(true)
             .append(true)
             .open(path)
-            .map_err(|source| AuditError::Open { path: path.to_owned(), source })?;
-        Ok(Self { file: Arc::new(Mutex::new(file)) })
+            .map_err(|source| AuditError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        Ok(Self {
+            file: Arc::new(Mutex::new(file)),
+        })
     }
 
     pub fn write(&self, record: &AuditRecord) -> Result<(), AuditError> {
         let mut line = serde_json::to_vec(record).map_err(|e| AuditError::Write(e.into()))?;
         line.push(b'\n');
-        let mut file = self.file.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut file = self
+            .file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         file.write_all(&line).map_err(AuditError::Write)
     }
 
@@ -143,7 +154,9 @@ impl AuditLog {
 
 /// UTC time as RFC 3339 with microseconds, without a date-time dependency.
 pub fn now_rfc3339() -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     let secs = now.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, d) = civil_from_days(i64::try_from(days).unwrap_or(0));

@@ -1,6 +1,9 @@
 //! The few bpf(2) commands aya 0.14 does not expose: a link's target cgroup, and the programs
 //! attached to a cgroup (the kernel's query interface).
-use std::{io, os::fd::{AsRawFd, BorrowedFd}};
+use std::{
+    io,
+    os::fd::{AsRawFd, BorrowedFd},
+};
 
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_QUERY: libc::c_long = 16;
@@ -8,7 +11,11 @@ const BPF_PROG_QUERY: libc::c_long = 16;
 fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> io::Result<i64> {
     // SAFETY: `attr` is a zero-initialized `union bpf_attr` large enough for these commands.
     let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r) }
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
 }
 
 /// What the kernel says about a cgroup link.

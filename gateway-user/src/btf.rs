@@ -52,7 +52,10 @@ fn find<'s>(
         if name_off == 0 {
             // Anonymous struct or union member: type ids are 1-based.
             let inner = (type_id as usize).checked_sub(1)?;
-            if matches!(types.get(inner).map(|t| t.kind), Some(KIND_STRUCT | KIND_UNION)) {
+            if matches!(
+                types.get(inner).map(|t| t.kind),
+                Some(KIND_STRUCT | KIND_UNION)
+            ) {
                 if let Some(found) = find(types, inner, member, name_of, bits) {
                     return Some(found);
                 }
@@ -77,7 +80,9 @@ fn parse(b: &[u8]) -> Result<(Vec<Type>, &[u8]), BtfError> {
     let type_len = u32_at(b, 12)? as usize;
     let str_off = hdr_len + u32_at(b, 16)? as usize;
     let str_len = u32_at(b, 20)? as usize;
-    let strings = b.get(str_off..str_off + str_len).ok_or(BtfError::Malformed(str_off))?;
+    let strings = b
+        .get(str_off..str_off + str_len)
+        .ok_or(BtfError::Malformed(str_off))?;
     let end = type_off + type_len;
     let mut at = type_off;
     let mut types = Vec::new();
@@ -90,8 +95,8 @@ fn parse(b: &[u8]) -> Result<(Vec<Type>, &[u8]), BtfError> {
         at += 12;
         let mut members = Vec::new();
         let extra = match kind {
-            1 | 14 | 17 => 4,       // int, var, decl_tag
-            3 => 12,                // array
+            1 | 14 | 17 => 4, // int, var, decl_tag
+            3 => 12,          // array
             4 | 5 => {
                 for i in 0..vlen {
                     let m = at + i * 12;
@@ -99,20 +104,26 @@ fn parse(b: &[u8]) -> Result<(Vec<Type>, &[u8]), BtfError> {
                 }
                 vlen * 12
             }
-            6 | 13 => vlen * 8,      // enum, func_proto
-            15 | 19 => vlen * 12,    // datasec, enum64
+            6 | 13 => vlen * 8,   // enum, func_proto
+            15 | 19 => vlen * 12, // datasec, enum64
             2 | 7..=12 | 16 | 18 => 0,
             _ => return Err(BtfError::Malformed(at)),
         };
         at += extra;
-        types.push(Type { name_off, kind, kind_flag, members });
+        types.push(Type {
+            name_off,
+            kind,
+            kind_flag,
+            members,
+        });
     }
     Ok((types, strings))
 }
 
 /// The offset of `task_struct.start_boottime` in the running kernel.
 pub fn task_start_boottime_offset() -> Result<u32, BtfError> {
-    let data = std::fs::read("/sys/kernel/btf/vmlinux").map_err(|_| BtfError::Missing("/sys/kernel/btf/vmlinux"))?;
+    let data = std::fs::read("/sys/kernel/btf/vmlinux")
+        .map_err(|_| BtfError::Missing("/sys/kernel/btf/vmlinux"))?;
     member_offset(&data, "task_struct", "start_boottime")
 }
 
@@ -125,12 +136,23 @@ mod tests {
         let strings = b"\0task_struct\0a\0start_boottime\0int\0".to_vec();
         let (task, a, sb, int) = (1u32, 13u32, 15u32, 30u32);
         let mut types = Vec::new();
-        let mut push = |words: &[u32]| words.iter().for_each(|w| types.extend_from_slice(&w.to_le_bytes()));
+        let mut push = |words: &[u32]| {
+            words
+                .iter()
+                .for_each(|w| types.extend_from_slice(&w.to_le_bytes()))
+        };
         push(&[int, 1 << 24, 8, 64]); // 1: int, 8 bytes
         push(&[task, (4 << 24) | 2, 16, a, 1, 0, 0, 3, 64]); // 2: task_struct { a @0; anon @64 bits }
         push(&[0, (4 << 24) | 1, 8, sb, 1, 0]); // 3: anon { start_boottime @0 }
         let mut b = Vec::new();
-        for w in [u32::from(BTF_MAGIC) | (1 << 16), 24, 0, types.len() as u32, types.len() as u32, strings.len() as u32] {
+        for w in [
+            u32::from(BTF_MAGIC) | (1 << 16),
+            24,
+            0,
+            types.len() as u32,
+            types.len() as u32,
+            strings.len() as u32,
+        ] {
             b.extend_from_slice(&w.to_le_bytes());
         }
         b.extend_from_slice(&types);
@@ -140,7 +162,10 @@ mod tests {
 
     #[test]
     fn finds_member_through_anonymous_struct() {
-        assert_eq!(member_offset(&blob(), "task_struct", "start_boottime").expect("offset"), 8);
+        assert_eq!(
+            member_offset(&blob(), "task_struct", "start_boottime").expect("offset"),
+            8
+        );
         assert!(member_offset(&blob(), "task_struct", "nope").is_err());
         assert!(member_offset(b"garbage-garbage-garbage-", "task_struct", "a").is_err());
     }

@@ -2,8 +2,7 @@
 //! workload (its systemd unit).
 use std::{
     ffi::CString,
-    fs,
-    io,
+    fs, io,
     os::unix::{ffi::OsStrExt, fs::MetadataExt},
     path::{Path, PathBuf},
 };
@@ -14,7 +13,9 @@ pub enum CgroupError {
     NotMounted { mountinfo: String },
     #[error("cannot read {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
-    #[error("cgroup path {0:?} must be absolute (relative to the cgroup2 mount), e.g. /system.slice")]
+    #[error(
+        "cgroup path {0:?} must be absolute (relative to the cgroup2 mount), e.g. /system.slice"
+    )]
     NotAbsolute(String),
     #[error("cgroup path {0:?} contains `..` or empty components")]
     BadComponent(String),
@@ -36,23 +37,36 @@ pub fn cgroup2_mount_from(mountinfo: &str) -> Option<PathBuf> {
 /// Whether a mountinfo text lists a mount of `fstype` at `path`.
 pub fn is_mounted_at(mountinfo: &str, fstype: &str, path: &Path) -> bool {
     mountinfo.lines().any(|line| {
-        let Some((pre, post)) = line.split_once(" - ") else { return false };
+        let Some((pre, post)) = line.split_once(" - ") else {
+            return false;
+        };
         post.split_whitespace().next() == Some(fstype)
-            && pre.split_whitespace().nth(4).map(unescape_mountinfo).as_deref()
+            && pre
+                .split_whitespace()
+                .nth(4)
+                .map(unescape_mountinfo)
+                .as_deref()
                 == Some(&*path.to_string_lossy())
     })
 }
 
 fn unescape_mountinfo(s: &str) -> String {
-    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
 }
 
 /// The cgroup2 mount point of this host, from `/proc/self/mountinfo`.
 pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
     let mountinfo = "/proc/self/mountinfo";
-    let text = fs::read_to_string(mountinfo)
-        .map_err(|source| CgroupError::Io { path: mountinfo.into(), source })?;
-    cgroup2_mount_from(&text).ok_or(CgroupError::NotMounted { mountinfo: mountinfo.into() })
+    let text = fs::read_to_string(mountinfo).map_err(|source| CgroupError::Io {
+        path: mountinfo.into(),
+        source,
+    })?;
+    cgroup2_mount_from(&text).ok_or(CgroupError::NotMounted {
+        mountinfo: mountinfo.into(),
+    })
 }
 
 /// A cgroup path as policies and the config name it: absolute, relative to the cgroup2 mount,
@@ -112,7 +126,10 @@ impl std::fmt::Display for CgroupPath {
 pub fn cgroup_id(dir: &Path) -> Result<u64, CgroupError> {
     fs::metadata(dir)
         .map(|m| m.ino())
-        .map_err(|source| CgroupError::Io { path: dir.to_owned(), source })
+        .map_err(|source| CgroupError::Io {
+            path: dir.to_owned(),
+            source,
+        })
 }
 
 /// The path of the cgroup with kernel id `id`, asked of the kernel through a file handle
@@ -127,11 +144,20 @@ pub fn path_of_id(mount: &Path, id: u64) -> Option<CgroupPath> {
     }
     let mount_c = CString::new(mount.as_os_str().as_bytes()).ok()?;
     // SAFETY: a valid NUL-terminated path; the returned fd is owned below.
-    let mount_fd = unsafe { libc::open(mount_c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) };
+    let mount_fd = unsafe {
+        libc::open(
+            mount_c.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
     if mount_fd < 0 {
         return None;
     }
-    let mut handle = Handle { bytes: 8, kind: FILEID_KERNFS, id };
+    let mut handle = Handle {
+        bytes: 8,
+        kind: FILEID_KERNFS,
+        id,
+    };
     // SAFETY: `handle` has the `struct file_handle` layout with 8 bytes of handle data.
     let fd = unsafe {
         libc::syscall(
@@ -186,19 +212,32 @@ mod tests {
     fn finds_cgroup2_on_hybrid_and_unified_hosts() {
         let hybrid = "35 25 0:30 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755\n\
                       41 35 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
-        assert_eq!(cgroup2_mount_from(hybrid), Some(PathBuf::from("/sys/fs/cgroup/unified")));
-        let unified = "30 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
-        assert_eq!(cgroup2_mount_from(unified), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(
+            cgroup2_mount_from(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let unified =
+            "30 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(
+            cgroup2_mount_from(unified),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
         let none = "30 23 0:26 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n";
         assert_eq!(cgroup2_mount_from(none), None);
         let spaced = "30 23 0:26 / /mnt/my\\040cg rw - cgroup2 cgroup2 rw\n";
-        assert_eq!(cgroup2_mount_from(spaced), Some(PathBuf::from("/mnt/my cg")));
+        assert_eq!(
+            cgroup2_mount_from(spaced),
+            Some(PathBuf::from("/mnt/my cg"))
+        );
     }
 
     #[test]
     fn parses_and_normalizes_paths() {
         let table = [
-            ("/system.slice/billing.service", Some("/system.slice/billing.service")),
+            (
+                "/system.slice/billing.service",
+                Some("/system.slice/billing.service"),
+            ),
             ("/system.slice/", Some("/system.slice")),
             ("/", Some("/")),
             ("system.slice", None),
@@ -207,31 +246,56 @@ mod tests {
             ("/a/./b", None),
         ];
         for (input, want) in table {
-            assert_eq!(CgroupPath::parse(input).ok().as_ref().map(CgroupPath::as_str), want, "{input}");
+            assert_eq!(
+                CgroupPath::parse(input)
+                    .ok()
+                    .as_ref()
+                    .map(CgroupPath::as_str),
+                want,
+                "{input}"
+            );
         }
     }
 
     #[test]
     fn within_is_component_wise() {
         let root = CgroupPath::parse("/tollgate").expect("path");
-        assert!(CgroupPath::parse("/tollgate/app").expect("path").is_within(&root));
-        assert!(CgroupPath::parse("/tollgate").expect("path").is_within(&root));
-        assert!(!CgroupPath::parse("/tollgate-other").expect("path").is_within(&root));
-        assert!(CgroupPath::parse("/x").expect("path").is_within(&CgroupPath::parse("/").expect("root")));
+        assert!(CgroupPath::parse("/tollgate/app")
+            .expect("path")
+            .is_within(&root));
+        assert!(CgroupPath::parse("/tollgate")
+            .expect("path")
+            .is_within(&root));
+        assert!(!CgroupPath::parse("/tollgate-other")
+            .expect("path")
+            .is_within(&root));
+        assert!(CgroupPath::parse("/x")
+            .expect("path")
+            .is_within(&CgroupPath::parse("/").expect("root")));
     }
 
     #[test]
     fn systemd_units() {
         let table = [
             ("/system.slice/billing.service", Some("billing.service")),
-            ("/user.slice/user-1000.slice/session-3.scope", Some("session-3.scope")),
-            ("/system.slice/docker-abc.scope/inner", Some("docker-abc.scope")),
+            (
+                "/user.slice/user-1000.slice/session-3.scope",
+                Some("session-3.scope"),
+            ),
+            (
+                "/system.slice/docker-abc.scope/inner",
+                Some("docker-abc.scope"),
+            ),
             ("/system.slice", None),
             ("/tollgate/app", None),
             ("/.service", None),
         ];
         for (input, want) in table {
-            assert_eq!(CgroupPath::parse(input).expect("path").systemd_unit(), want, "{input}");
+            assert_eq!(
+                CgroupPath::parse(input).expect("path").systemd_unit(),
+                want,
+                "{input}"
+            );
         }
     }
 }

@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 use crate::{config::Config, daemon, policy::PolicySet};
 
 #[derive(Parser)]
-#[command(name = "tollgate", version, about = "Egress enforcement for workloads, by kernel-verified identity")]
+#[command(
+    name = "tollgate",
+    version,
+    about = "Egress enforcement for workloads, by kernel-verified identity"
+)]
 struct Cli {
     /// Log as JSON lines instead of plain text.
     #[arg(long, global = true)]
@@ -53,7 +57,9 @@ enum PolicyCommand {
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -87,27 +93,35 @@ pub fn main() -> ExitCode {
     let load = |path: &PathBuf| Config::load(path);
     match cli.command {
         Command::Run { config, ready_file } => match load(&config) {
-            Ok(cfg) => match daemon::run(cfg, ready_file) {
+            Ok(cfg) => match daemon::run(&cfg, ready_file.as_deref()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(chain(&e)),
             },
             Err(e) => fail(e),
         },
-        Command::Status { config } => match load(&config).map_err(|e| e.to_string()).and_then(|c| daemon::status(&c).map_err(|e| e.to_string())) {
+        Command::Status { config } => match load(&config)
+            .map_err(|e| e.to_string())
+            .and_then(|c| daemon::status(&c).map_err(|e| e.to_string()))
+        {
             Ok(v) => {
                 println!("{v}");
                 ExitCode::SUCCESS
             }
             Err(e) => fail(e),
         },
-        Command::Uninstall { config } => match load(&config).map_err(|e| e.to_string()).and_then(|c| daemon::uninstall(&c).map_err(|e| e.to_string())) {
+        Command::Uninstall { config } => match load(&config)
+            .map_err(|e| e.to_string())
+            .and_then(|c| daemon::uninstall(&c).map_err(|e| e.to_string()))
+        {
             Ok(n) => {
                 println!("removed {n} pins");
                 ExitCode::SUCCESS
             }
             Err(e) => fail(e),
         },
-        Command::Policy { command: PolicyCommand::Check { dir } } => match PolicySet::load_dir(&dir) {
+        Command::Policy {
+            command: PolicyCommand::Check { dir },
+        } => match PolicySet::load_dir(&dir) {
             Ok(set) => {
                 println!("{} policies OK", set.len());
                 ExitCode::SUCCESS

@@ -15,11 +15,19 @@ pub const DEMO_CONFIG: &str = include_str!("../config/demo.yaml");
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{file}:{line}:{column}: {message}")]
-    Syntax { file: String, line: usize, column: usize, message: String },
+    Syntax {
+        file: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
     #[error("{file}: {message}")]
     Invalid { file: String, message: String },
     #[error("cannot read config {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{file}: {source}")]
     Cgroup { file: String, source: CgroupError },
 }
@@ -62,7 +70,11 @@ struct RawListener {
 
 impl Default for RawListener {
     fn default() -> Self {
-        Self { port: default_port(), ipv4: default_ipv4(), ipv6: default_ipv6() }
+        Self {
+            port: default_port(),
+            ipv4: default_ipv4(),
+            ipv6: default_ipv6(),
+        }
     }
 }
 
@@ -106,8 +118,10 @@ pub struct Config {
 impl Config {
     /// Reads and validates a config file. Relative paths in it are relative to its directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
         Self::parse(&text, &path.display().to_string(), base)
     }
@@ -116,16 +130,33 @@ impl Config {
     pub fn parse(text: &str, file: &str, base: &Path) -> Result<Self, ConfigError> {
         let raw: RawConfig = serde_yaml_ng::from_str(text).map_err(|e| {
             let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
-            ConfigError::Syntax { file: file.to_owned(), line, column, message: strip_location(&e.to_string()) }
+            ConfigError::Syntax {
+                file: file.to_owned(),
+                line,
+                column,
+                message: strip_location(&e.to_string()),
+            }
         })?;
-        let invalid = |message: String| ConfigError::Invalid { file: file.to_owned(), message };
+        let invalid = |message: String| ConfigError::Invalid {
+            file: file.to_owned(),
+            message,
+        };
         let cg = |s: &str| {
-            CgroupPath::parse(s).map_err(|source| ConfigError::Cgroup { file: file.to_owned(), source })
+            CgroupPath::parse(s).map_err(|source| ConfigError::Cgroup {
+                file: file.to_owned(),
+                source,
+            })
         };
         if raw.roots.is_empty() {
-            return Err(invalid("`roots` is empty: name at least one cgroup to enforce".into()));
+            return Err(invalid(
+                "`roots` is empty: name at least one cgroup to enforce".into(),
+            ));
         }
-        let roots = raw.roots.iter().map(|r| cg(r)).collect::<Result<Vec<_>, _>>()?;
+        let roots = raw
+            .roots
+            .iter()
+            .map(|r| cg(r))
+            .collect::<Result<Vec<_>, _>>()?;
         let gateway_cgroup = cg(&raw.gateway_cgroup)?;
         if let Some(root) = roots.iter().find(|r| gateway_cgroup.is_within(r)) {
             return Err(invalid(format!(
@@ -144,7 +175,8 @@ impl Config {
         }
         if !cfg!(feature = "test-resolver") && !raw.test_resolver.is_empty() {
             return Err(invalid(
-                "`test_resolver` exists only in test builds (feature test-resolver); remove it".into(),
+                "`test_resolver` exists only in test builds (feature test-resolver); remove it"
+                    .into(),
             ));
         }
         let anchor = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
@@ -168,6 +200,15 @@ impl Config {
     /// Where the gateway dials for an original destination.
     pub fn upstream_for(&self, orig: SocketAddr) -> SocketAddr {
         self.test_resolver.get(&orig).copied().unwrap_or(orig)
+    }
+}
+
+/// A YAML error message without the trailing "at line L column C" (the location is printed
+/// first, as file:line:column).
+pub fn strip_location(msg: &str) -> String {
+    match msg.rfind(" at line ") {
+        Some(i) if msg[i..].contains(" column ") => msg[..i].to_owned(),
+        _ => msg.to_owned(),
     }
 }
 
@@ -204,14 +245,5 @@ mod tests {
     #[test]
     fn demo_config_is_valid() {
         Config::parse(DEMO_CONFIG, "demo", Path::new("/")).expect("demo config");
-    }
-}
-
-/// A YAML error message without the trailing "at line L column C" (the location is printed
-/// first, as file:line:column).
-pub fn strip_location(msg: &str) -> String {
-    match msg.rfind(" at line ") {
-        Some(i) if msg[i..].contains(" column ") => msg[..i].to_owned(),
-        _ => msg.to_owned(),
     }
 }

@@ -11,7 +11,9 @@ use std::{
     sync::{Arc, Mutex, RwLock},
 };
 
-use gateway_common::{ip4_word, ip6_words, AcceptedKey, Config as KernelConfig, Resolver, AF_INET, AF_INET6};
+use gateway_common::{
+    ip4_word, ip6_words, AcceptedKey, Config as KernelConfig, Resolver, AF_INET, AF_INET6,
+};
 
 use crate::{
     audit::{AuditLog, AuditRecord, Layer, Verdict, WorkloadRecord},
@@ -41,7 +43,10 @@ pub enum RunError {
     #[error("gateway cgroup {path}: {message}")]
     GatewayCgroup { path: PathBuf, message: String },
     #[error("cannot listen on {addr}: {source} (is another process using the listener port?)")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("policies: {0}")]
     Policy(String),
     #[error(transparent)]
@@ -60,7 +65,12 @@ struct Preflight {
 
 fn preflight(config: &Config) -> Result<Preflight, RunError> {
     let policies = PolicySet::load_dir(&config.policies).map_err(|errs| {
-        RunError::Policy(errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
+        RunError::Policy(
+            errs.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
     })?;
     let cgroup_mount = cgroup::cgroup2_mount()?;
     for root in &config.roots {
@@ -75,7 +85,10 @@ fn preflight(config: &Config) -> Result<Preflight, RunError> {
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
         return Err(RunError::NoBtf);
     }
-    Ok(Preflight { cgroup_mount, policies })
+    Ok(Preflight {
+        cgroup_mount,
+        policies,
+    })
 }
 
 /// Makes sure the pin directory is on a bpffs of the host's mount namespace (mounting bpffs
@@ -84,7 +97,9 @@ fn ensure_bpffs(config: &Config) -> Result<(), RunError> {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
     let parent = config.pin_dir.parent().unwrap_or(Path::new("/"));
     let on_bpffs = |mi: &str| {
-        parent.ancestors().any(|a| cgroup::is_mounted_at(mi, "bpf", a))
+        parent
+            .ancestors()
+            .any(|a| cgroup::is_mounted_at(mi, "bpf", a))
     };
     if !on_bpffs(&mountinfo) {
         if parent != Path::new("/sys/fs/bpf") {
@@ -122,14 +137,27 @@ fn in_host_mount_ns() -> Result<bool, RunError> {
 
 /// Holds an exclusive lock for this pin directory while the daemon runs.
 fn lock(config: &Config) -> Result<fs::File, RunError> {
-    let name: String = config.pin_dir.display().to_string().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    let name: String = config
+        .pin_dir
+        .display()
+        .to_string()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
     let dir = Path::new("/run/tollgate");
     fs::create_dir_all(dir)?;
     let path = dir.join(format!("{name}.lock"));
-    let file = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)?;
     // SAFETY: flock on an fd we own.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(RunError::AlreadyRunning { pin_dir: config.pin_dir.clone(), lock: path });
+        return Err(RunError::AlreadyRunning {
+            pin_dir: config.pin_dir.clone(),
+            lock: path,
+        });
     }
     Ok(file)
 }
@@ -137,14 +165,22 @@ fn lock(config: &Config) -> Result<fs::File, RunError> {
 /// Moves this process into its own leaf cgroup and checks nothing else lives there.
 fn enter_gateway_cgroup(config: &Config, mount: &Path) -> Result<u64, RunError> {
     let dir = config.gateway_cgroup.dir(mount);
-    let err = |message: String| RunError::GatewayCgroup { path: dir.clone(), message };
+    let err = |message: String| RunError::GatewayCgroup {
+        path: dir.clone(),
+        message,
+    };
     fs::create_dir_all(&dir).map_err(|e| err(format!("cannot create it: {e}")))?;
     fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
         .map_err(|e| err(format!("cannot move the daemon into it: {e}")))?;
     let me = i32::try_from(std::process::id()).unwrap_or(0);
-    let others: Vec<i32> = cgroup::procs(&dir).into_iter().filter(|p| *p != me).collect();
+    let others: Vec<i32> = cgroup::procs(&dir)
+        .into_iter()
+        .filter(|p| *p != me)
+        .collect();
     if !others.is_empty() {
-        return Err(err(format!("it also holds pids {others:?}: give the gateway a cgroup of its own")));
+        return Err(err(format!(
+            "it also holds pids {others:?}: give the gateway a cgroup of its own"
+        )));
     }
     cgroup::cgroup_id(&dir).map_err(|e| err(e.to_string()))
 }
@@ -153,10 +189,25 @@ fn kernel_config(config: &Config, gateway_cgroup_id: u64) -> KernelConfig {
     let mut resolvers = [Resolver::default(); gateway_common::MAX_RESOLVERS];
     for (slot, r) in resolvers.iter_mut().zip(&config.dns_resolvers) {
         *slot = match r.ip() {
-            IpAddr::V4(v4) => Resolver { addr: [ip4_word(v4.octets()), 0, 0, 0], port: r.port(), family: AF_INET, _pad: 0 },
+            IpAddr::V4(v4) => Resolver {
+                addr: [ip4_word(v4.octets()), 0, 0, 0],
+                port: r.port(),
+                family: AF_INET,
+                _pad: 0,
+            },
             IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => Resolver { addr: [ip4_word(v4.octets()), 0, 0, 0], port: r.port(), family: AF_INET, _pad: 0 },
-                None => Resolver { addr: ip6_words(v6.octets()), port: r.port(), family: AF_INET6, _pad: 0 },
+                Some(v4) => Resolver {
+                    addr: [ip4_word(v4.octets()), 0, 0, 0],
+                    port: r.port(),
+                    family: AF_INET,
+                    _pad: 0,
+                },
+                None => Resolver {
+                    addr: ip6_words(v6.octets()),
+                    port: r.port(),
+                    family: AF_INET6,
+                    _pad: 0,
+                },
             },
         };
     }
@@ -186,7 +237,14 @@ fn accepted_key(local: SocketAddr, remote: SocketAddr) -> AcceptedKey {
     };
     let (family, local_addr) = norm(local);
     let (_, remote_addr) = norm(remote);
-    AcceptedKey { local_addr, remote_addr, local_port: local.port(), remote_port: remote.port(), family, _pad: 0 }
+    AcceptedKey {
+        local_addr,
+        remote_addr,
+        local_port: local.port(),
+        remote_port: remote.port(),
+        family,
+        _pad: 0,
+    }
 }
 
 /// Sockets of processes in `dirs` (by inode), for sockets created before they joined.
@@ -194,7 +252,9 @@ fn socket_inodes(dirs: &[PathBuf]) -> HashSet<u32> {
     let mut out = HashSet::new();
     for dir in dirs {
         for pid in cgroup::procs(dir) {
-            let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
+            let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+                continue;
+            };
             for fd in fds.flatten() {
                 if let Ok(target) = fs::read_link(fd.path()) {
                     let t = target.to_string_lossy();
@@ -218,16 +278,31 @@ fn settle_existing(
     accepted: &mut aya::maps::HashMap<aya::maps::MapData, AcceptedKey, u8>,
     audit: &AuditLog,
 ) -> Result<(), RunError> {
-    let dirs: Vec<PathBuf> = config.roots.iter().flat_map(|r| cgroup::walk(&r.dir(mount))).collect();
-    let ids: HashSet<u64> = dirs.iter().filter_map(|d| cgroup::cgroup_id(d).ok()).collect();
+    let dirs: Vec<PathBuf> = config
+        .roots
+        .iter()
+        .flat_map(|r| cgroup::walk(&r.dir(mount)))
+        .collect();
+    let ids: HashSet<u64> = dirs
+        .iter()
+        .filter_map(|d| cgroup::cgroup_id(d).ok())
+        .collect();
     let inodes = socket_inodes(&dirs);
     let socks = sockdiag::dump_tcp()?;
-    let listening: Vec<SocketAddr> = socks.iter().filter(|s| s.state == sockdiag::TCP_LISTEN).map(|s| s.local).collect();
+    let listening: Vec<SocketAddr> = socks
+        .iter()
+        .filter(|s| s.state == sockdiag::TCP_LISTEN)
+        .map(|s| s.local)
+        .collect();
     let is_served = |local: SocketAddr| {
-        listening.iter().any(|l| l.port() == local.port() && (l.ip().is_unspecified() || l.ip() == local.ip()))
+        listening
+            .iter()
+            .any(|l| l.port() == local.port() && (l.ip().is_unspecified() || l.ip() == local.ip()))
     };
     let listener = |a: SocketAddr| {
-        a.port() == config.listener_port && (a.ip() == IpAddr::V4(config.listener_v4) || a.ip() == IpAddr::V6(config.listener_v6))
+        a.port() == config.listener_port
+            && (a.ip() == IpAddr::V4(config.listener_v4)
+                || a.ip() == IpAddr::V6(config.listener_v6))
     };
     for s in &socks {
         let enforced = s.cgroup_id.is_some_and(|id| ids.contains(&id)) || inodes.contains(&s.inode);
@@ -236,12 +311,18 @@ fn settle_existing(
         }
         let mut r = AuditRecord::new(Verdict::Deny, Layer::Lifecycle, "");
         let cg = s.cgroup_id.and_then(|id| cgroup::path_of_id(mount, id));
-        r.workload = WorkloadRecord { cgroup_id: s.cgroup_id.unwrap_or(0), cgroup: cg.map(|c| c.to_string()), ..WorkloadRecord::default() };
+        r.workload = WorkloadRecord {
+            cgroup_id: s.cgroup_id.unwrap_or(0),
+            cgroup: cg.map(|c| c.to_string()),
+            ..WorkloadRecord::default()
+        };
         r.dst.orig_ip = Some(s.remote.ip().to_string());
         r.dst.orig_port = Some(s.remote.port());
         r.dst.protocol = Some("tcp");
         if is_served(s.local) {
-            accepted.insert(accepted_key(s.local, s.remote), 1, 0).map_err(|e| std::io::Error::other(e.to_string()))?;
+            accepted
+                .insert(accepted_key(s.local, s.remote), 1, 0)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
             r.decision = Verdict::Allow;
             r.reason = "preexisting_accepted_connection_kept".into();
         } else {
@@ -259,13 +340,16 @@ fn settle_existing(
 }
 
 /// Runs the daemon until SIGTERM/SIGINT. Pins stay: enforcement outlives the process.
-pub fn run(config: Config, ready_file: Option<PathBuf>) -> Result<(), RunError> {
-    let pre = preflight(&config)?;
-    ensure_bpffs(&config)?;
-    let _lock = lock(&config)?;
-    let gateway_cgroup_id = enter_gateway_cgroup(&config, &pre.cgroup_mount)?;
+pub fn run(config: &Config, ready_file: Option<&Path>) -> Result<(), RunError> {
+    let pre = preflight(config)?;
+    ensure_bpffs(config)?;
+    let _lock = lock(config)?;
+    let gateway_cgroup_id = enter_gateway_cgroup(config, &pre.cgroup_mount)?;
     let audit = AuditLog::open(&config.audit_log)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let _enter = runtime.enter();
     let listeners = [
         SocketAddr::new(IpAddr::V4(config.listener_v4), config.listener_port),
@@ -273,14 +357,15 @@ pub fn run(config: Config, ready_file: Option<PathBuf>) -> Result<(), RunError> 
     ]
     .into_iter()
     .map(|addr| {
-        let std = std::net::TcpListener::bind(addr).map_err(|source| RunError::Listen { addr, source })?;
+        let std = std::net::TcpListener::bind(addr)
+            .map_err(|source| RunError::Listen { addr, source })?;
         std.set_nonblocking(true)?;
         tokio::net::TcpListener::from_std(std).map_err(|source| RunError::Listen { addr, source })
     })
     .collect::<Result<Vec<_>, _>>()?;
 
     let fresh_install = !config.pin_dir.exists();
-    let attached = attach_all(&config, &pre.cgroup_mount, gateway_cgroup_id, &audit);
+    let attached = attach_all(config, &pre.cgroup_mount, gateway_cgroup_id, &audit);
     let (_kernel, maps) = match attached {
         Ok(k) => k,
         Err(e) => {
@@ -291,7 +376,7 @@ pub fn run(config: Config, ready_file: Option<PathBuf>) -> Result<(), RunError> 
         }
     };
     let mut accepted = maps.accepted;
-    if let Err(e) = settle_existing(&config, &pre.cgroup_mount, &mut accepted, &audit) {
+    if let Err(e) = settle_existing(config, &pre.cgroup_mount, &mut accepted, &audit) {
         tracing::error!(error = %e, "could not settle connections that predate enforcement");
     }
     let gateway = Arc::new(Gateway {
@@ -310,7 +395,7 @@ pub fn run(config: Config, ready_file: Option<PathBuf>) -> Result<(), RunError> 
         tokio::spawn(events::watch_counters(Arc::new(maps.counters), audit.clone(), pre.cgroup_mount.clone()));
         tokio::spawn(watch_policies(Arc::clone(&gateway)));
         tracing::info!(roots = ?config.roots.iter().map(ToString::to_string).collect::<Vec<_>>(), port = config.listener_port, "enforcing");
-        if let Some(path) = &ready_file {
+        if let Some(path) = ready_file {
             let _ = fs::File::create(path).and_then(|mut f| f.write_all(b"ready\n"));
         }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -327,7 +412,12 @@ pub fn run(config: Config, ready_file: Option<PathBuf>) -> Result<(), RunError> 
 
 type Attached = (Kernel, ebpf::RuntimeMaps);
 
-fn attach_all(config: &Config, mount: &Path, gateway_cgroup_id: u64, audit: &AuditLog) -> Result<Attached, RunError> {
+fn attach_all(
+    config: &Config,
+    mount: &Path,
+    gateway_cgroup_id: u64,
+    audit: &AuditLog,
+) -> Result<Attached, RunError> {
     let mut kernel = Kernel::load(&config.pin_dir)?;
     kernel.write_config(&kernel_config(config, gateway_cgroup_id))?;
     for root in &config.roots {
@@ -347,7 +437,11 @@ fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)>
     let mut v: Vec<_> = fs::read_dir(dir)
         .map(|rd| {
             rd.flatten()
-                .filter_map(|e| e.metadata().ok().map(|m| (e.path(), m.len(), m.modified().ok())))
+                .filter_map(|e| {
+                    e.metadata()
+                        .ok()
+                        .map(|m| (e.path(), m.len(), m.modified().ok()))
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -370,14 +464,29 @@ async fn watch_policies(gateway: Arc<Gateway>) {
         match PolicySet::load_dir(&dir) {
             Ok(set) => {
                 let n = set.len();
-                *gateway.policies.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(set);
+                *gateway
+                    .policies
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(set);
                 tracing::info!(policies = n, "policies reloaded");
-                gateway.audit.emit(&AuditRecord::new(Verdict::Allow, Layer::Lifecycle, "policies_reloaded"));
+                gateway.audit.emit(&AuditRecord::new(
+                    Verdict::Allow,
+                    Layer::Lifecycle,
+                    "policies_reloaded",
+                ));
             }
             Err(errs) => {
-                let msg = errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+                let msg = errs
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ");
                 tracing::error!(error = %msg, "policy reload failed; keeping the running policy");
-                gateway.audit.emit(&AuditRecord::new(Verdict::Error, Layer::Lifecycle, format!("policy_reload_failed: {msg}")));
+                gateway.audit.emit(&AuditRecord::new(
+                    Verdict::Error,
+                    Layer::Lifecycle,
+                    format!("policy_reload_failed: {msg}"),
+                ));
             }
         }
     }
@@ -389,7 +498,10 @@ pub fn status(config: &Config) -> Result<serde_json::Value, RunError> {
     let mut roots = serde_json::Map::new();
     for root in &config.roots {
         let counts = ebpf::attachments(&root.dir(&mount))?;
-        roots.insert(root.to_string(), serde_json::to_value(counts).unwrap_or_default());
+        roots.insert(
+            root.to_string(),
+            serde_json::to_value(counts).unwrap_or_default(),
+        );
     }
     Ok(serde_json::json!({ "pin_dir": config.pin_dir, "roots": roots }))
 }
@@ -398,4 +510,3 @@ pub fn status(config: &Config) -> Result<serde_json::Value, RunError> {
 pub fn uninstall(config: &Config) -> Result<usize, RunError> {
     Ok(ebpf::uninstall(&config.pin_dir)?)
 }
-

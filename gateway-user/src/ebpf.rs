@@ -14,8 +14,8 @@ use std::{
 use aya::{
     maps::{Array, HashMap, MapData, MapInfo, MapType, PerCpuHashMap, RingBuf},
     programs::{
-        links::FdLink,
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, SockOps,
+        links::FdLink, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock,
+        CgroupSockAddr, SockOps,
     },
     Ebpf, EbpfLoader,
 };
@@ -35,20 +35,39 @@ pub enum EbpfError {
     #[error("cannot load the kernel programs: {0} (is this a kernel with BPF, BTF and cgroup BPF, and are we root?)")]
     Load(#[source] aya::EbpfError),
     #[error("program {name}: {source}")]
-    Program { name: &'static str, source: aya::programs::ProgramError },
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
     #[error("link of {name}: {source}")]
-    Link { name: &'static str, source: aya::programs::links::LinkError },
+    Link {
+        name: &'static str,
+        source: aya::programs::links::LinkError,
+    },
     #[error("map {name}: {source}")]
-    Map { name: &'static str, source: aya::maps::MapError },
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
     #[error(
         "pinned map {path} has a different layout ({found}) than this build expects ({expected}): \
          run `tollgate uninstall` with the old version's config, then start again"
     )]
-    MapLayout { path: PathBuf, found: String, expected: String },
+    MapLayout {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
     #[error("cannot open cgroup {path}: {source}")]
-    Cgroup { path: PathBuf, source: std::io::Error },
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("pin {path}: {source}")]
-    Pin { path: PathBuf, source: std::io::Error },
+    Pin {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("bpf query: {0}")]
     Query(#[source] std::io::Error),
 }
@@ -93,10 +112,25 @@ fn expected_layout(name: &str) -> Option<(MapType, u32, u32, u32)> {
     Some(match name {
         map_names::CONFIG => (MapType::Array, 4, s(size_of::<KernelConfig>()), 1),
         map_names::SOCKETS => (MapType::SkStorage, 4, s(size_of::<SockState>()), 0),
-        map_names::PENDING => (MapType::LruHash, s(size_of::<PendingKey>()), s(size_of::<SockState>()), gateway_common::PENDING_MAX_ENTRIES),
+        map_names::PENDING => (
+            MapType::LruHash,
+            s(size_of::<PendingKey>()),
+            s(size_of::<SockState>()),
+            gateway_common::PENDING_MAX_ENTRIES,
+        ),
         map_names::EVENTS => (MapType::RingBuf, 0, 0, gateway_common::EVENTS_BYTES),
-        map_names::COUNTERS => (MapType::LruPerCpuHash, 8, s(size_of::<Counters>()), gateway_common::COUNTERS_MAX_ENTRIES),
-        map_names::ACCEPTED => (MapType::Hash, s(size_of::<AcceptedKey>()), 1, gateway_common::ACCEPTED_MAX_ENTRIES),
+        map_names::COUNTERS => (
+            MapType::LruPerCpuHash,
+            8,
+            s(size_of::<Counters>()),
+            gateway_common::COUNTERS_MAX_ENTRIES,
+        ),
+        map_names::ACCEPTED => (
+            MapType::Hash,
+            s(size_of::<AcceptedKey>()),
+            1,
+            gateway_common::ACCEPTED_MAX_ENTRIES,
+        ),
         _ => return None,
     })
 }
@@ -150,12 +184,16 @@ impl Kernel {
             return Err(EbpfError::Stub);
         }
         let maps = maps_dir(pin_dir);
-        std::fs::create_dir_all(&maps).map_err(|source| EbpfError::Pin { path: maps.clone(), source })?;
+        std::fs::create_dir_all(&maps).map_err(|source| EbpfError::Pin {
+            path: maps.clone(),
+            source,
+        })?;
         for name in map_names::ALL {
             check_pinned_layout(&maps.join(name), name)?;
         }
         let mut loader = EbpfLoader::new();
-        let paths: Vec<(&str, PathBuf)> = map_names::ALL.iter().map(|n| (*n, maps.join(n))).collect();
+        let paths: Vec<(&str, PathBuf)> =
+            map_names::ALL.iter().map(|n| (*n, maps.join(n))).collect();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -167,24 +205,37 @@ impl Kernel {
             })?;
             let result = match hook_of(name) {
                 Hook::SockCreate => <&mut CgroupSock>::try_from(program).and_then(CgroupSock::load),
-                Hook::Addr => <&mut CgroupSockAddr>::try_from(program).and_then(CgroupSockAddr::load),
+                Hook::Addr => {
+                    <&mut CgroupSockAddr>::try_from(program).and_then(CgroupSockAddr::load)
+                }
                 Hook::SockOps => <&mut SockOps>::try_from(program).and_then(SockOps::load),
                 Hook::Egress => <&mut CgroupSkb>::try_from(program).and_then(CgroupSkb::load),
             };
             result.map_err(|source| EbpfError::Program { name, source })?;
         }
-        Ok(Self { ebpf, pin_dir: pin_dir.to_owned() })
+        Ok(Self {
+            ebpf,
+            pin_dir: pin_dir.to_owned(),
+        })
     }
 
     /// Writes the single config entry the programs read.
     pub fn write_config(&mut self, cfg: &KernelConfig) -> Result<(), EbpfError> {
         let map = self.ebpf.map_mut(map_names::CONFIG).ok_or(EbpfError::Map {
             name: map_names::CONFIG,
-            source: aya::maps::MapError::InvalidName { name: map_names::CONFIG.into() },
+            source: aya::maps::MapError::InvalidName {
+                name: map_names::CONFIG.into(),
+            },
         })?;
         let mut array: Array<&mut MapData, KernelConfig> =
-            Array::try_from(map).map_err(|source| EbpfError::Map { name: map_names::CONFIG, source })?;
-        array.set(0, cfg, 0).map_err(|source| EbpfError::Map { name: map_names::CONFIG, source })
+            Array::try_from(map).map_err(|source| EbpfError::Map {
+                name: map_names::CONFIG,
+                source,
+            })?;
+        array.set(0, cfg, 0).map_err(|source| EbpfError::Map {
+            name: map_names::CONFIG,
+            source,
+        })
     }
 
     /// Makes sure each program is attached exactly once at `root`: a pinned link of the same
@@ -196,13 +247,19 @@ impl Kernel {
         root: &CgroupPath,
     ) -> Result<BTreeMap<&'static str, AttachOutcome>, EbpfError> {
         let dir = root.dir(cgroup_mount);
-        let cgroup = File::open(&dir).map_err(|source| EbpfError::Cgroup { path: dir.clone(), source })?;
+        let cgroup = File::open(&dir).map_err(|source| EbpfError::Cgroup {
+            path: dir.clone(),
+            source,
+        })?;
         let cgroup_id = crate::cgroup::cgroup_id(&dir).map_err(|e| EbpfError::Cgroup {
             path: dir.clone(),
             source: std::io::Error::other(e.to_string()),
         })?;
         let links = links_dir(&self.pin_dir, root);
-        std::fs::create_dir_all(&links).map_err(|source| EbpfError::Pin { path: links.clone(), source })?;
+        std::fs::create_dir_all(&links).map_err(|source| EbpfError::Pin {
+            path: links.clone(),
+            source,
+        })?;
         let mut outcomes = BTreeMap::new();
         for (name, _) in PROGRAMS {
             let pin = links.join(name);
@@ -210,7 +267,10 @@ impl Kernel {
                 name,
                 source: aya::programs::ProgramError::UnexpectedProgramType,
             })?;
-            let tag = program.info().map_err(|source| EbpfError::Program { name, source })?.tag();
+            let tag = program
+                .info()
+                .map_err(|source| EbpfError::Program { name, source })?
+                .tag();
             let existing = bpf_sys::obj_get(&pin).ok();
             if let Some(old) = &existing {
                 if pinned_matches(old, tag, cgroup_id) {
@@ -221,11 +281,21 @@ impl Kernel {
             let link = self.attach(name, &cgroup)?;
             let fresh = links.join(format!("{name}_new"));
             let _ = std::fs::remove_file(&fresh);
-            link.pin(&fresh).map_err(|e| EbpfError::Pin { path: fresh.clone(), source: std::io::Error::other(e.to_string()) })?;
-            std::fs::rename(&fresh, &pin).map_err(|source| EbpfError::Pin { path: pin.clone(), source })?;
+            link.pin(&fresh).map_err(|e| EbpfError::Pin {
+                path: fresh.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            std::fs::rename(&fresh, &pin).map_err(|source| EbpfError::Pin {
+                path: pin.clone(),
+                source,
+            })?;
             // The rename replaced the old pin; its fd, dropped at the end of this iteration,
             // was the last reference, so the old program detaches.
-            let outcome = if existing.is_some() { AttachOutcome::Replaced } else { AttachOutcome::Attached };
+            let outcome = if existing.is_some() {
+                AttachOutcome::Replaced
+            } else {
+                AttachOutcome::Attached
+            };
             outcomes.insert(name, outcome);
         }
         Ok(outcomes)
@@ -282,7 +352,9 @@ impl Kernel {
 
 /// Whether a pinned link runs the program with `tag` on the cgroup `cgroup_id`.
 fn pinned_matches(link: &std::os::fd::OwnedFd, tag: u64, cgroup_id: u64) -> bool {
-    let Ok(info) = bpf_sys::cgroup_link_info(link.as_fd()) else { return false };
+    let Ok(info) = bpf_sys::cgroup_link_info(link.as_fd()) else {
+        return false;
+    };
     if info.cgroup_id != cgroup_id {
         return false;
     }
@@ -296,15 +368,24 @@ fn check_pinned_layout(path: &Path, name: &str) -> Result<(), EbpfError> {
     if !path.exists() {
         return Ok(());
     }
-    let Some((kind, key, value, max)) = expected_layout(name) else { return Ok(()) };
+    let Some((kind, key, value, max)) = expected_layout(name) else {
+        return Ok(());
+    };
     let info = MapInfo::from_pin(path).map_err(|e| EbpfError::MapLayout {
         path: path.to_owned(),
         found: format!("unreadable: {e}"),
         expected: format!("{kind:?}"),
     })?;
     let found_kind = info.map_type().ok();
-    let found = (found_kind, info.key_size(), info.value_size(), info.max_entries());
-    let ring_ok = kind == MapType::RingBuf && found_kind == Some(MapType::RingBuf) && info.max_entries() == max;
+    let found = (
+        found_kind,
+        info.key_size(),
+        info.value_size(),
+        info.max_entries(),
+    );
+    let ring_ok = kind == MapType::RingBuf
+        && found_kind == Some(MapType::RingBuf)
+        && info.max_entries() == max;
     if ring_ok || found == (Some(kind), key, value, max) {
         Ok(())
     } else {
@@ -328,16 +409,25 @@ pub fn uninstall(pin_dir: &Path) -> Result<usize, EbpfError> {
             if let Ok(entries) = std::fs::read_dir(&path) {
                 for e in entries.flatten() {
                     if e.file_type().is_ok_and(|t| !t.is_dir()) {
-                        std::fs::remove_file(e.path()).map_err(|source| EbpfError::Pin { path: e.path(), source })?;
+                        std::fs::remove_file(e.path()).map_err(|source| EbpfError::Pin {
+                            path: e.path(),
+                            source,
+                        })?;
                         removed += 1;
                     }
                 }
             }
-            std::fs::remove_dir(&path).map_err(|source| EbpfError::Pin { path: path.clone(), source })?;
+            std::fs::remove_dir(&path).map_err(|source| EbpfError::Pin {
+                path: path.clone(),
+                source,
+            })?;
         }
     }
     if pin_dir.exists() {
-        std::fs::remove_dir(pin_dir).map_err(|source| EbpfError::Pin { path: pin_dir.to_owned(), source })?;
+        std::fs::remove_dir(pin_dir).map_err(|source| EbpfError::Pin {
+            path: pin_dir.to_owned(),
+            source,
+        })?;
     }
     Ok(removed)
 }
@@ -345,7 +435,10 @@ pub fn uninstall(pin_dir: &Path) -> Result<usize, EbpfError> {
 /// The ids of our programs attached directly at `dir`, per program name, through the kernel's
 /// query interface.
 pub fn attachments(dir: &Path) -> Result<BTreeMap<&'static str, usize>, EbpfError> {
-    let cgroup = File::open(dir).map_err(|source| EbpfError::Cgroup { path: dir.to_owned(), source })?;
+    let cgroup = File::open(dir).map_err(|source| EbpfError::Cgroup {
+        path: dir.to_owned(),
+        source,
+    })?;
     let ours: std::collections::HashMap<u32, String> = aya::programs::loaded_programs()
         .flatten()
         .filter_map(|p| p.name_as_str().map(|n| (p.id(), n.to_owned())))
@@ -355,7 +448,10 @@ pub fn attachments(dir: &Path) -> Result<BTreeMap<&'static str, usize>, EbpfErro
         let ids = bpf_sys::query_cgroup(cgroup.as_fd(), attach_type).map_err(EbpfError::Query)?;
         // Kernel program names are truncated to 15 bytes.
         let short = &name[..name.len().min(15)];
-        let n = ids.iter().filter(|id| ours.get(id).is_some_and(|n| n == short)).count();
+        let n = ids
+            .iter()
+            .filter(|id| ours.get(id).is_some_and(|n| n == short))
+            .count();
         out.insert(name, n);
     }
     Ok(out)

@@ -49,7 +49,10 @@ pub fn record_of(ev: &RefusalEvent, cgroup_mount: &std::path::Path) -> AuditReco
         gid: ev.gid,
         comm: comm_str(&ev.comm),
         cgroup_id: ev.cgroup_id,
-        unit: cgroup.as_ref().and_then(|c| c.systemd_unit()).map(str::to_owned),
+        unit: cgroup
+            .as_ref()
+            .and_then(|c| c.systemd_unit())
+            .map(str::to_owned),
         cgroup: cgroup.map(|c| c.to_string()),
         ..WorkloadRecord::default()
     };
@@ -83,7 +86,9 @@ pub async fn drain_events(ring: RingBuf<MapData>, audit: AuditLog, cgroup_mount:
         }
     };
     loop {
-        let Ok(mut guard) = fd.readable_mut().await else { return };
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
         let ring = guard.get_inner_mut();
         while let Some(item) = ring.next() {
             if item.len() >= std::mem::size_of::<RefusalEvent>() {
@@ -99,7 +104,11 @@ pub async fn drain_events(ring: RingBuf<MapData>, audit: AuditLog, cgroup_mount:
 }
 
 /// Polls the per-cgroup counters and audits what the event stream could not show.
-pub async fn watch_counters(counters: Arc<PerCpuHashMap<MapData, u64, Counters>>, audit: AuditLog, cgroup_mount: PathBuf) {
+pub async fn watch_counters(
+    counters: Arc<PerCpuHashMap<MapData, u64, Counters>>,
+    audit: AuditLog,
+    cgroup_mount: PathBuf,
+) {
     let mut seen: StdHashMap<u64, Counters> = StdHashMap::new();
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
     loop {
@@ -116,15 +125,25 @@ pub async fn watch_counters(counters: Arc<PerCpuHashMap<MapData, u64, Counters>>
             let cgroup = path_of_id(&cgroup_mount, cgroup_id).map(|c| c.to_string());
             let lost = sum.events_lost.saturating_sub(last.events_lost);
             if lost > 0 {
-                let mut r = AuditRecord::new(Verdict::Deny, Layer::Kernel, "kernel_refusals_suppressed");
-                r.workload = WorkloadRecord { cgroup_id, cgroup: cgroup.clone(), ..WorkloadRecord::default() };
+                let mut r =
+                    AuditRecord::new(Verdict::Deny, Layer::Kernel, "kernel_refusals_suppressed");
+                r.workload = WorkloadRecord {
+                    cgroup_id,
+                    cgroup: cgroup.clone(),
+                    ..WorkloadRecord::default()
+                };
                 r.count = Some(lost);
                 audit.emit(&r);
             }
             let dns = sum.dns_allowed.saturating_sub(last.dns_allowed);
             if dns > 0 {
-                let mut r = AuditRecord::new(Verdict::Allow, Layer::Kernel, "dns_to_allowed_resolver");
-                r.workload = WorkloadRecord { cgroup_id, cgroup, ..WorkloadRecord::default() };
+                let mut r =
+                    AuditRecord::new(Verdict::Allow, Layer::Kernel, "dns_to_allowed_resolver");
+                r.workload = WorkloadRecord {
+                    cgroup_id,
+                    cgroup,
+                    ..WorkloadRecord::default()
+                };
                 r.dst.protocol = Some("udp");
                 r.count = Some(dns);
                 audit.emit(&r);

@@ -40,7 +40,11 @@ impl WorkloadId {
             comm: self.comm.clone(),
             cgroup_id: self.cgroup_id,
             cgroup: self.cgroup.as_ref().map(ToString::to_string),
-            unit: self.cgroup.as_ref().and_then(|c| c.systemd_unit()).map(str::to_owned),
+            unit: self
+                .cgroup
+                .as_ref()
+                .and_then(|c| c.systemd_unit())
+                .map(str::to_owned),
             exe: self.exe.as_ref().map(|p| p.display().to_string()),
             exe_sha256: self.exe_sha256.clone(),
             verified: self.verified,
@@ -75,9 +79,12 @@ pub fn same_start(recorded_ns: u64, proc_ticks: u64, ticks_per_sec: u64) -> bool
 }
 
 /// Cache of exe hashes, keyed by what changes when the file does (mtime can be reset).
+/// What identifies an executable's content: device, inode, ctime (s, ns), size.
+type FileKey = (u64, u64, i64, i64, u64);
+
 #[derive(Default)]
 pub struct ExeHashCache {
-    entries: Mutex<HashMap<(u64, u64, i64, i64, u64), String>>,
+    entries: Mutex<HashMap<FileKey, String>>,
 }
 
 impl ExeHashCache {
@@ -99,7 +106,11 @@ impl ExeHashCache {
             }
             hasher.update(&buf[..n]);
         }
-        let hex: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        let hex: String = hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         let mut entries = self.entries.lock().ok()?;
         if entries.len() > 4096 {
             entries.clear();
@@ -155,7 +166,8 @@ mod tests {
 
     #[test]
     fn starttime_after_tricky_comm() {
-        let stat = "1234 (a) b) (c) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 10";
+        let stat =
+            "1234 (a) b) (c) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 10";
         assert_eq!(stat_starttime(stat), Some(98_765));
         assert_eq!(stat_starttime("garbage"), None);
     }
@@ -165,7 +177,10 @@ mod tests {
         assert!(same_start(987_650_000_000, 98_765, 100));
         assert!(same_start(987_659_999_999, 98_765, 100));
         assert!(!same_start(987_660_000_000, 98_765, 100));
-        assert!(!same_start(0, 0, 100), "an unknown start time never verifies");
+        assert!(
+            !same_start(0, 0, 100),
+            "an unknown start time never verifies"
+        );
     }
 
     #[test]

@@ -17,11 +17,19 @@ use crate::{cgroup::CgroupPath, config::strip_location};
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
     #[error("{file}:{line}:{column}: {message}")]
-    Syntax { file: String, line: usize, column: usize, message: String },
+    Syntax {
+        file: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
     #[error("{file}: {message}")]
     Invalid { file: String, message: String },
     #[error("cannot read policy {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -98,13 +106,22 @@ impl std::str::FromStr for Cidr {
             Some((a, p)) => (a, Some(p)),
             None => (s, None),
         };
-        let addr: IpAddr = addr.parse().map_err(|_| format!("{s:?} is not an IP address or CIDR"))?;
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP address or CIDR"))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
-            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| format!("{s:?} has an invalid prefix length"))?,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?} has an invalid prefix length"))?,
             None => max,
         };
-        Ok(Self { addr: canonical(addr), prefix })
+        Ok(Self {
+            addr: canonical(addr),
+            prefix,
+        })
     }
 }
 
@@ -120,11 +137,15 @@ impl Cidr {
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, canonical(ip)) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u128::from(net) & mask == u128::from(ip) & mask
             }
             _ => false,
@@ -174,10 +195,19 @@ pub struct WorkloadView<'a> {
 /// The outcome of an evaluation. A denial is a value, not an error.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    Allow { policy: String, rule: String },
-    Deny { policy: Option<String>, reason: DenyReason },
+    Allow {
+        policy: String,
+        rule: String,
+    },
+    Deny {
+        policy: Option<String>,
+        reason: DenyReason,
+    },
     /// Monitor mode: the policy would deny; the connection goes through.
-    WouldDeny { policy: String, reason: DenyReason },
+    WouldDeny {
+        policy: String,
+        reason: DenyReason,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,8 +246,12 @@ impl PolicySet {
 
     /// Reads every `*.yaml`/`*.yml` file in `dir`. All errors are collected.
     pub fn load_dir(dir: &Path) -> Result<Self, Vec<PolicyError>> {
-        let entries = std::fs::read_dir(dir)
-            .map_err(|source| vec![PolicyError::Read { path: dir.to_owned(), source }])?;
+        let entries = std::fs::read_dir(dir).map_err(|source| {
+            vec![PolicyError::Read {
+                path: dir.to_owned(),
+                source,
+            }]
+        })?;
         let mut files: Vec<PathBuf> = entries
             .flatten()
             .map(|e| e.path())
@@ -272,14 +306,30 @@ impl PolicySet {
     /// The decision for a connection of `w` to `dst`.
     pub fn evaluate(&self, w: &WorkloadView<'_>, dst: std::net::SocketAddr) -> Decision {
         let Some(policy) = self.select(w) else {
-            return Decision::Deny { policy: None, reason: DenyReason::NoPolicy };
+            return Decision::Deny {
+                policy: None,
+                reason: DenyReason::NoPolicy,
+            };
         };
-        if let Some(rule) = policy.rules.iter().find(|r| r.port == dst.port() && r.cidr.contains(dst.ip())) {
-            return Decision::Allow { policy: policy.name.clone(), rule: rule.name.clone() };
+        if let Some(rule) = policy
+            .rules
+            .iter()
+            .find(|r| r.port == dst.port() && r.cidr.contains(dst.ip()))
+        {
+            return Decision::Allow {
+                policy: policy.name.clone(),
+                rule: rule.name.clone(),
+            };
         }
         match policy.mode {
-            Mode::Enforce => Decision::Deny { policy: Some(policy.name.clone()), reason: DenyReason::NoRuleMatched },
-            Mode::Monitor => Decision::WouldDeny { policy: policy.name.clone(), reason: DenyReason::NoRuleMatched },
+            Mode::Enforce => Decision::Deny {
+                policy: Some(policy.name.clone()),
+                reason: DenyReason::NoRuleMatched,
+            },
+            Mode::Monitor => Decision::WouldDeny {
+                policy: policy.name.clone(),
+                reason: DenyReason::NoRuleMatched,
+            },
         }
     }
 }
@@ -289,23 +339,49 @@ pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
     let file_s = file.display().to_string();
     let raw: RawPolicy = serde_yaml_ng::from_str(text).map_err(|e| {
         let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
-        PolicyError::Syntax { file: file_s.clone(), line, column, message: strip_location(&e.to_string()) }
+        PolicyError::Syntax {
+            file: file_s.clone(),
+            line,
+            column,
+            message: strip_location(&e.to_string()),
+        }
     })?;
-    let invalid = |message: String| PolicyError::Invalid { file: file_s.clone(), message };
+    let invalid = |message: String| PolicyError::Invalid {
+        file: file_s.clone(),
+        message,
+    };
     if raw.api_version != "tollgate/v1" {
-        return Err(invalid(format!("apiVersion {:?} is not supported; use tollgate/v1", raw.api_version)));
+        return Err(invalid(format!(
+            "apiVersion {:?} is not supported; use tollgate/v1",
+            raw.api_version
+        )));
     }
     if raw.kind != "EgressPolicy" {
-        return Err(invalid(format!("kind {:?} is not supported; use EgressPolicy", raw.kind)));
+        return Err(invalid(format!(
+            "kind {:?} is not supported; use EgressPolicy",
+            raw.kind
+        )));
     }
-    let cgroup = CgroupPath::parse(&raw.spec.workload.cgroup).map_err(|e| invalid(e.to_string()))?;
+    let cgroup =
+        CgroupPath::parse(&raw.spec.workload.cgroup).map_err(|e| invalid(e.to_string()))?;
     let mut rules = Vec::new();
     for r in raw.spec.egress {
-        let cidr = r.matches.cidr.parse::<Cidr>().map_err(|m| invalid(format!("rule {:?}: {m}", r.name)))?;
+        let cidr = r
+            .matches
+            .cidr
+            .parse::<Cidr>()
+            .map_err(|m| invalid(format!("rule {:?}: {m}", r.name)))?;
         if r.matches.port == 0 {
-            return Err(invalid(format!("rule {:?}: port 0 matches nothing", r.name)));
+            return Err(invalid(format!(
+                "rule {:?}: port 0 matches nothing",
+                r.name
+            )));
         }
-        rules.push(Rule { name: r.name, cidr, port: r.matches.port });
+        rules.push(Rule {
+            name: r.name,
+            cidr,
+            port: r.matches.port,
+        });
     }
     Ok(Policy {
         name: raw.metadata.name,
@@ -337,7 +413,11 @@ mod tests {
     const MONITOR: &str = "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: { name: mon }\nspec:\n  workload: { cgroup: /tg/mon }\n  mode: monitor\n";
 
     fn view<'a>(cg: &'a CgroupPath, exe: Option<&'a Path>) -> WorkloadView<'a> {
-        WorkloadView { cgroup: cg, exe, uid: 1000 }
+        WorkloadView {
+            cgroup: cg,
+            exe,
+            uid: 1000,
+        }
     }
 
     #[test]
@@ -350,20 +430,81 @@ mod tests {
         let curl = Path::new("/usr/bin/curl");
         let py = Path::new("/usr/bin/python3");
         let a = |s: &str| s.parse::<SocketAddr>().expect("addr");
-        let allow = |p: &str, r: &str| Decision::Allow { policy: p.into(), rule: r.into() };
+        let allow = |p: &str, r: &str| Decision::Allow {
+            policy: p.into(),
+            rule: r.into(),
+        };
         let cases: Vec<(WorkloadView<'_>, SocketAddr, Decision)> = vec![
-            (view(&app, Some(py)), a("127.0.0.1:8080"), allow("app", "api")),
-            (view(&child, Some(py)), a("127.0.0.1:8080"), allow("app", "api")),
-            (view(&app, Some(py)), a("[::ffff:127.0.0.1]:8080"), allow("app", "api")),
-            (view(&app, Some(py)), a("127.0.0.1:8081"), Decision::Deny { policy: Some("app".into()), reason: DenyReason::NoRuleMatched }),
-            (view(&app, Some(py)), a("[::1]:8080"), Decision::Deny { policy: Some("app".into()), reason: DenyReason::NoRuleMatched }),
+            (
+                view(&app, Some(py)),
+                a("127.0.0.1:8080"),
+                allow("app", "api"),
+            ),
+            (
+                view(&child, Some(py)),
+                a("127.0.0.1:8080"),
+                allow("app", "api"),
+            ),
+            (
+                view(&app, Some(py)),
+                a("[::ffff:127.0.0.1]:8080"),
+                allow("app", "api"),
+            ),
+            (
+                view(&app, Some(py)),
+                a("127.0.0.1:8081"),
+                Decision::Deny {
+                    policy: Some("app".into()),
+                    reason: DenyReason::NoRuleMatched,
+                },
+            ),
+            (
+                view(&app, Some(py)),
+                a("[::1]:8080"),
+                Decision::Deny {
+                    policy: Some("app".into()),
+                    reason: DenyReason::NoRuleMatched,
+                },
+            ),
             // exe narrows: curl gets its own policy, and only that one.
-            (view(&app, Some(curl)), a("127.0.0.2:9090"), allow("app-curl", "other")),
-            (view(&app, Some(curl)), a("127.0.0.1:8080"), Decision::Deny { policy: Some("app-curl".into()), reason: DenyReason::NoRuleMatched }),
+            (
+                view(&app, Some(curl)),
+                a("127.0.0.2:9090"),
+                allow("app-curl", "other"),
+            ),
+            (
+                view(&app, Some(curl)),
+                a("127.0.0.1:8080"),
+                Decision::Deny {
+                    policy: Some("app-curl".into()),
+                    reason: DenyReason::NoRuleMatched,
+                },
+            ),
             // an unverified exe never matches an exe narrowing.
-            (view(&app, None), a("127.0.0.2:9090"), Decision::Deny { policy: Some("app".into()), reason: DenyReason::NoRuleMatched }),
-            (view(&other, Some(py)), a("127.0.0.1:8080"), Decision::Deny { policy: None, reason: DenyReason::NoPolicy }),
-            (view(&mon, Some(py)), a("127.0.0.1:8080"), Decision::WouldDeny { policy: "mon".into(), reason: DenyReason::NoRuleMatched }),
+            (
+                view(&app, None),
+                a("127.0.0.2:9090"),
+                Decision::Deny {
+                    policy: Some("app".into()),
+                    reason: DenyReason::NoRuleMatched,
+                },
+            ),
+            (
+                view(&other, Some(py)),
+                a("127.0.0.1:8080"),
+                Decision::Deny {
+                    policy: None,
+                    reason: DenyReason::NoPolicy,
+                },
+            ),
+            (
+                view(&mon, Some(py)),
+                a("127.0.0.1:8080"),
+                Decision::WouldDeny {
+                    policy: "mon".into(),
+                    reason: DenyReason::NoRuleMatched,
+                },
+            ),
         ];
         for (w, dst, want) in cases {
             assert_eq!(s.evaluate(&w, dst), want, "{w:?} → {dst}");
@@ -380,7 +521,9 @@ mod tests {
     #[test]
     fn unknown_field_is_an_error_with_line() {
         let text = "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: { name: x }\nspec:\n  workload: { cgroup: /a }\n  egres: []\n";
-        let err = parse_policy(text, Path::new("x.yaml")).expect_err("unknown field").to_string();
+        let err = parse_policy(text, Path::new("x.yaml"))
+            .expect_err("unknown field")
+            .to_string();
         assert!(err.starts_with("x.yaml:6:"), "{err}");
         assert!(err.contains("egres"), "{err}");
     }
@@ -388,7 +531,10 @@ mod tests {
     #[test]
     fn duplicate_selectors_are_refused() {
         let err = PolicySet::from_policies(vec![policy(APP), policy(APP)]).expect_err("dup");
-        assert!(err.to_string().contains("selects the same workload"), "{err}");
+        assert!(
+            err.to_string().contains("selects the same workload"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -56,7 +56,10 @@ impl OriginError {
 
 /// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid pointer to a timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
@@ -91,17 +94,35 @@ pub fn netns_cookie(fd: &impl std::os::fd::AsRawFd) -> std::io::Result<u64> {
     let mut len = libc::socklen_t::try_from(std::mem::size_of::<u64>()).unwrap_or(8);
     // SAFETY: valid output buffer and length.
     let r = unsafe {
-        libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, std::ptr::from_mut(&mut v).cast(), &mut len)
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            std::ptr::from_mut(&mut v).cast(),
+            &mut len,
+        )
     };
-    if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(v) }
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(v)
+    }
 }
 
 impl Gateway {
     /// Takes the origin of the connection `peer` → `local`, and checks it.
-    fn take_origin(&self, netns: u64, peer: SocketAddr, local: SocketAddr) -> Result<SockState, OriginError> {
+    fn take_origin(
+        &self,
+        netns: u64,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<SockState, OriginError> {
         let key = key_for(netns, peer);
         let origin = {
-            let mut pending = self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut pending = self
+                .pending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let found = pending.get(&key, 0).ok();
             if found.is_some() {
                 let _ = pending.remove(&key);
@@ -121,7 +142,8 @@ impl Gateway {
         }
         let dst = orig_dst(&origin);
         if dst.port() == self.config.listener_port
-            && (dst.ip() == IpAddr::V4(self.config.listener_v4) || dst.ip() == IpAddr::V6(self.config.listener_v6))
+            && (dst.ip() == IpAddr::V4(self.config.listener_v4)
+                || dst.ip() == IpAddr::V6(self.config.listener_v6))
         {
             return Err(OriginError::IsListener);
         }
@@ -131,7 +153,9 @@ impl Gateway {
     /// Handles one accepted connection to its end.
     pub async fn handle(self: Arc<Self>, client: TcpStream, netns: u64) {
         let started = Instant::now();
-        let (Ok(peer), Ok(local)) = (client.peer_addr(), client.local_addr()) else { return };
+        let (Ok(peer), Ok(local)) = (client.peer_addr(), client.local_addr()) else {
+            return;
+        };
         let peer = canonical(peer);
         let origin = match self.take_origin(netns, peer, local) {
             Ok(o) => o,
@@ -148,14 +172,29 @@ impl Gateway {
         let dst = orig_dst(&origin);
         let mut record = AuditRecord::new(Verdict::Deny, Layer::Connect, "");
         record.workload = id.record();
-        record.dst = DstRecord { orig_ip: Some(dst.ip().to_string()), orig_port: Some(dst.port()), protocol: Some("tcp") };
+        record.dst = DstRecord {
+            orig_ip: Some(dst.ip().to_string()),
+            orig_port: Some(dst.port()),
+            protocol: Some("tcp"),
+        };
         let decision = match &id.cgroup {
             Some(cgroup) => {
-                let view = WorkloadView { cgroup, exe: id.exe.as_deref(), uid: id.uid };
-                let policies = self.policies.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+                let view = WorkloadView {
+                    cgroup,
+                    exe: id.exe.as_deref(),
+                    uid: id.uid,
+                };
+                let policies = self
+                    .policies
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone();
                 policies.evaluate(&view, dst)
             }
-            None => Decision::Deny { policy: None, reason: crate::policy::DenyReason::NoPolicy },
+            None => Decision::Deny {
+                policy: None,
+                reason: crate::policy::DenyReason::NoPolicy,
+            },
         };
         match decision {
             Decision::Deny { policy, reason } => {
@@ -181,11 +220,19 @@ impl Gateway {
         }
     }
 
-    async fn forward(&self, mut client: TcpStream, dst: SocketAddr, mut record: AuditRecord, started: Instant) {
+    async fn forward(
+        &self,
+        mut client: TcpStream,
+        dst: SocketAddr,
+        mut record: AuditRecord,
+        started: Instant,
+    ) {
         let target = self.config.upstream_for(dst);
         match self.dial(target).await {
             Ok(mut upstream) => {
-                let (up, down) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await.unwrap_or((0, 0));
+                let (up, down) = tokio::io::copy_bidirectional(&mut client, &mut upstream)
+                    .await
+                    .unwrap_or((0, 0));
                 record.bytes_up = Some(up);
                 record.bytes_down = Some(down);
             }
@@ -200,7 +247,11 @@ impl Gateway {
     }
 
     async fn dial(&self, target: SocketAddr) -> std::io::Result<TcpStream> {
-        let socket = if target.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        let socket = if target.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
         if let Some(src) = self.config.upstream_bind {
             if src.is_ipv4() == target.is_ipv4() {
                 socket.bind(SocketAddr::new(src, 0))?;
@@ -219,7 +270,10 @@ impl Gateway {
             if let Some(id) = sock.cgroup_id {
                 w.cgroup_id = id;
                 let path = crate::cgroup::path_of_id(&self.cgroup_mount, id);
-                w.unit = path.as_ref().and_then(|p| p.systemd_unit()).map(str::to_owned);
+                w.unit = path
+                    .as_ref()
+                    .and_then(|p| p.systemd_unit())
+                    .map(str::to_owned);
                 w.cgroup = path.map(|p| p.to_string());
             }
         }
@@ -230,7 +284,9 @@ impl Gateway {
 /// A v4-mapped peer address as IPv4.
 fn canonical(a: SocketAddr) -> SocketAddr {
     match a.ip() {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(a, |v4| SocketAddr::new(IpAddr::V4(v4), a.port())),
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(a, |v4| SocketAddr::new(IpAddr::V4(v4), a.port())),
         IpAddr::V4(_) => a,
     }
 }
@@ -243,7 +299,10 @@ fn reset(stream: &TcpStream) {
 
 fn socket2_linger_zero(stream: &TcpStream) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     // SAFETY: valid option buffer of the right size.
     let r = unsafe {
         libc::setsockopt(
@@ -254,7 +313,11 @@ fn socket2_linger_zero(stream: &TcpStream) -> std::io::Result<()> {
             libc::socklen_t::try_from(std::mem::size_of::<libc::linger>()).unwrap_or(8),
         )
     };
-    if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// Accepts forever on `listener`.
@@ -294,10 +357,18 @@ mod tests {
 
     #[test]
     fn orig_dst_round_trips() {
-        let mut s = SockState { dst_family: AF_INET, dst_port: 443, ..SockState::default() };
+        let mut s = SockState {
+            dst_family: AF_INET,
+            dst_port: 443,
+            ..SockState::default()
+        };
         s.dst_addr[0] = ip4_word([10, 1, 2, 3]);
         assert_eq!(orig_dst(&s), "10.1.2.3:443".parse().expect("addr"));
-        let mut s6 = SockState { dst_family: gateway_common::AF_INET6, dst_port: 8443, ..SockState::default() };
+        let mut s6 = SockState {
+            dst_family: gateway_common::AF_INET6,
+            dst_port: 8443,
+            ..SockState::default()
+        };
         s6.dst_addr = ip6_words("::1".parse::<std::net::Ipv6Addr>().expect("v6").octets());
         assert_eq!(orig_dst(&s6), "[::1]:8443".parse().expect("addr"));
     }

@@ -38,7 +38,13 @@ pub struct TcpSock {
 
 fn socket() -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2); the fd is owned at once.
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, NETLINK_SOCK_DIAG) };
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            NETLINK_SOCK_DIAG,
+        )
+    };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -56,7 +62,11 @@ fn send(fd: &OwnedFd, msg_type: u16, flags: u16, req: &[u8; REQ]) -> io::Result<
     buf.extend_from_slice(req);
     // SAFETY: `buf` is a valid buffer of the given length.
     let n = unsafe { libc::send(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), 0) };
-    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// Receives messages until DONE/ERROR (or one reply for non-dump requests), calling `each`
@@ -75,13 +85,18 @@ fn recv_all(fd: &OwnedFd, dump: bool, mut each: impl FnMut(&[u8])) -> io::Result
             let len = u32::from_ne_bytes(data[at..at + 4].try_into().unwrap_or([0; 4])) as usize;
             let kind = u16::from_ne_bytes([data[at + 4], data[at + 5]]);
             if len < HDR || at + len > data.len() {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "short netlink message"));
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "short netlink message",
+                ));
             }
             let body = &data[at + HDR..at + len];
             match kind {
                 NLMSG_DONE => return Ok(0),
                 NLMSG_ERROR => {
-                    let err = body.get(..4).map_or(0, |b| i32::from_ne_bytes(b.try_into().unwrap_or([0; 4])));
+                    let err = body
+                        .get(..4)
+                        .map_or(0, |b| i32::from_ne_bytes(b.try_into().unwrap_or([0; 4])));
                     return Ok(-err);
                 }
                 _ => each(body),
@@ -133,7 +148,16 @@ fn parse_msg(body: &[u8]) -> Option<TcpSock> {
     }
     let mut raw_id = [0u8; 48];
     raw_id.copy_from_slice(id);
-    Some(TcpSock { state, local, remote, cookie, inode, cgroup_id, family, raw_id })
+    Some(TcpSock {
+        state,
+        local,
+        remote,
+        cookie,
+        inode,
+        cgroup_id,
+        family,
+        raw_id,
+    })
 }
 
 fn request(family: u8, states: u32, id: [u8; 48]) -> [u8; REQ] {
@@ -151,7 +175,12 @@ pub fn dump_tcp() -> io::Result<Vec<TcpSock>> {
     for family in [libc::AF_INET, libc::AF_INET6] {
         let fd = socket()?;
         let family = u8::try_from(family).unwrap_or(0);
-        send(&fd, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, &request(family, u32::MAX, [0; 48]))?;
+        send(
+            &fd,
+            SOCK_DIAG_BY_FAMILY,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            &request(family, u32::MAX, [0; 48]),
+        )?;
         recv_all(&fd, true, |body| out.extend(parse_msg(body)))?;
     }
     Ok(out)
@@ -160,7 +189,12 @@ pub fn dump_tcp() -> io::Result<Vec<TcpSock>> {
 /// Destroys one socket (SOCK_DESTROY, needs CONFIG_INET_DIAG_DESTROY): its owner sees ECONNABORTED.
 pub fn destroy(sock: &TcpSock) -> io::Result<()> {
     let fd = socket()?;
-    send(&fd, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, &request(sock.family, u32::MAX, sock.raw_id))?;
+    send(
+        &fd,
+        SOCK_DESTROY,
+        NLM_F_REQUEST | NLM_F_ACK,
+        &request(sock.family, u32::MAX, sock.raw_id),
+    )?;
     match recv_all(&fd, false, |_| {})? {
         0 => Ok(()),
         errno => Err(io::Error::from_raw_os_error(errno)),
@@ -191,9 +225,16 @@ fn id_for(local: SocketAddr, remote: SocketAddr) -> Option<(u8, [u8; 48])> {
 
 /// The socket whose local end is `local` and remote end `remote`, if one exists.
 pub fn lookup(local: SocketAddr, remote: SocketAddr) -> io::Result<Option<TcpSock>> {
-    let Some((family, id)) = id_for(local, remote) else { return Ok(None) };
+    let Some((family, id)) = id_for(local, remote) else {
+        return Ok(None);
+    };
     let fd = socket()?;
-    send(&fd, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, &request(family, u32::MAX, id))?;
+    send(
+        &fd,
+        SOCK_DIAG_BY_FAMILY,
+        NLM_F_REQUEST,
+        &request(family, u32::MAX, id),
+    )?;
     let mut found = None;
     let errno = recv_all(&fd, false, |body| found = parse_msg(body))?;
     match errno {
@@ -210,17 +251,25 @@ mod tests {
     #[test]
     fn finds_own_connection_by_tuple() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let client = std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let client =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
         let (_server, _) = listener.accept().expect("accept");
         let local = client.local_addr().expect("local");
         let remote = client.peer_addr().expect("peer");
         let cookie = lookup(local, remote).expect("diag").expect("found").cookie;
         assert_ne!(cookie, 0);
         let all = dump_tcp().expect("dump");
-        let me = all.iter().find(|s| s.local == local && s.remote == remote).expect("listed");
+        let me = all
+            .iter()
+            .find(|s| s.local == local && s.remote == remote)
+            .expect("listed");
         assert_eq!(me.cookie, cookie);
         assert_eq!(me.state, TCP_ESTABLISHED);
-        assert!(all.iter().any(|s| s.state == TCP_LISTEN && s.local == listener.local_addr().expect("addr")));
-        assert!(lookup(local, "127.0.0.1:1".parse().expect("addr")).expect("diag").is_none());
+        assert!(all
+            .iter()
+            .any(|s| s.state == TCP_LISTEN && s.local == listener.local_addr().expect("addr")));
+        assert!(lookup(local, "127.0.0.1:1".parse().expect("addr"))
+            .expect("diag")
+            .is_none());
     }
 }

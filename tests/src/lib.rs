@@ -61,7 +61,8 @@ pub fn probe_bin() -> PathBuf {
 /// Makes `cmd` join `cgroup` in the child, before exec, so every socket it makes is the
 /// cgroup's.
 pub fn join_before_exec(cmd: &mut Command, cgroup: &Path) {
-    let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").to_string_lossy().as_bytes()).expect("path");
+    let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").to_string_lossy().as_bytes())
+        .expect("path");
     // SAFETY: only async-signal-safe syscalls in the child.
     unsafe {
         cmd.pre_exec(move || {
@@ -71,7 +72,11 @@ pub fn join_before_exec(cmd: &mut Command, cgroup: &Path) {
             }
             let r = libc::write(fd, b"0".as_ptr().cast(), 1);
             libc::close(fd);
-            if r == 1 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+            if r == 1 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
         });
     }
 }
@@ -83,7 +88,8 @@ pub struct Cgroup {
 
 impl Cgroup {
     pub fn create(path: PathBuf) -> Self {
-        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("create cgroup {}: {e}", path.display()));
+        std::fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("create cgroup {}: {e}", path.display()));
         Self { path }
     }
 
@@ -95,7 +101,11 @@ impl Cgroup {
         let mut i = 0;
         while i < dirs.len() {
             if let Ok(rd) = std::fs::read_dir(&dirs[i]) {
-                dirs.extend(rd.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
+                dirs.extend(
+                    rd.flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path()),
+                );
             }
             i += 1;
         }
@@ -156,9 +166,17 @@ impl TestEnv {
         std::fs::create_dir_all(dir.join("policies")).expect("test dir");
         let bpffs_path = dir.join("bpffs");
         std::fs::create_dir_all(&bpffs_path).expect("bpffs dir");
-        nix::mount::mount(Some("bpf"), &bpffs_path, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-            .expect("mount bpffs (kernel feature missing: CONFIG_BPF_SYSCALL)");
-        let bpffs = Bpffs { path: bpffs_path.clone() };
+        nix::mount::mount(
+            Some("bpf"),
+            &bpffs_path,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .expect("mount bpffs (kernel feature missing: CONFIG_BPF_SYSCALL)");
+        let bpffs = Bpffs {
+            path: bpffs_path.clone(),
+        };
         let root = Cgroup::create(mount.join(format!("{name}.slice")));
         let gateway_cgroup = mount.join(format!("{name}-gw.scope"));
         let port = free_port();
@@ -209,7 +227,11 @@ impl TestEnv {
             self.root_rel()
         );
         for (i, a) in addrs.iter().enumerate() {
-            text.push_str(&format!("    - name: rule-{i}\n      match: {{ cidr: \"{}\", port: {} }}\n", a.ip(), a.port()));
+            text.push_str(&format!(
+                "    - name: rule-{i}\n      match: {{ cidr: \"{}\", port: {} }}\n",
+                a.ip(),
+                a.port()
+            ));
         }
         std::fs::write(self.policies.join(format!("{policy}.yaml")), text).expect("write policy");
     }
@@ -232,7 +254,12 @@ impl TestEnv {
 
     /// Runs `tollgate` with `args` (after `--config` when `with_config`), returning its output.
     pub fn tollgate(&self, args: &[&str]) -> Output {
-        Command::new(tollgate_bin()).args(args).arg("--config").arg(&self.config).output().expect("run tollgate")
+        Command::new(tollgate_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .expect("run tollgate")
     }
 
     /// All audit records so far.
@@ -258,13 +285,18 @@ impl TestEnv {
         }
         let out = cmd.output().expect("run tg-probe");
         let text = String::from_utf8_lossy(&out.stdout);
-        serde_json::from_str(text.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("probe output {text:?}: {e}"))
+        serde_json::from_str(text.lines().last().unwrap_or(""))
+            .unwrap_or_else(|e| panic!("probe output {text:?}: {e}"))
     }
 
     /// Attachment counts per program at the root, from `tollgate status`.
     pub fn attachments(&self) -> Value {
         let out = self.tollgate(&["status"]);
-        assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: Value = serde_json::from_slice(&out.stdout).expect("status json");
         v["roots"][self.root_rel()].clone()
     }
@@ -287,7 +319,11 @@ impl Drop for TestEnv {
 
 /// A port nothing listens on right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 /// A running `tollgate run`, killed on drop.
@@ -300,7 +336,9 @@ impl Daemon {
     fn start(env: &TestEnv) -> Result<Self, String> {
         let ready = env.dir.join("ready");
         let _ = std::fs::remove_file(&ready);
-        let log = env.dir.join(format!("daemon-{}.log", SEQ.fetch_add(1, Ordering::SeqCst)));
+        let log = env
+            .dir
+            .join(format!("daemon-{}.log", SEQ.fetch_add(1, Ordering::SeqCst)));
         let child = Command::new(tollgate_bin())
             .args(["run", "--config"])
             .arg(&env.config)
@@ -310,12 +348,18 @@ impl Daemon {
             .stderr(std::fs::File::create(&log).expect("log"))
             .spawn()
             .expect("spawn tollgate");
-        let mut d = Self { child: Some(child), log };
+        let mut d = Self {
+            child: Some(child),
+            log,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !ready.exists() {
             if let Some(c) = d.child.as_mut() {
                 if let Ok(Some(status)) = c.try_wait() {
-                    return Err(format!("exited {status}: {}", std::fs::read_to_string(&d.log).unwrap_or_default()));
+                    return Err(format!(
+                        "exited {status}: {}",
+                        std::fs::read_to_string(&d.log).unwrap_or_default()
+                    ));
                 }
             }
             if Instant::now() > deadline {
@@ -327,7 +371,9 @@ impl Daemon {
     }
 
     pub fn pid(&self) -> i32 {
-        self.child.as_ref().map_or(0, |c| i32::try_from(c.id()).unwrap_or(0))
+        self.child
+            .as_ref()
+            .map_or(0, |c| i32::try_from(c.id()).unwrap_or(0))
     }
 
     /// SIGKILL, no chance to clean up.
@@ -341,7 +387,10 @@ impl Daemon {
     /// SIGTERM and wait.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(c.id()).unwrap_or(0)), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(i32::try_from(c.id()).unwrap_or(0)),
+                nix::sys::signal::Signal::SIGTERM,
+            );
             let _ = c.wait();
         }
     }
@@ -376,7 +425,11 @@ impl Mock {
                     let mut buf = [0u8; 2048];
                     let _ = s.read(&mut buf);
                     let body = format!("mock {addr}\n");
-                    let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                    let _ = write!(
+                        s,
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
                 });
             }
         });
@@ -389,7 +442,11 @@ impl Mock {
 }
 
 /// Spawns a long-running command in `cgroup`; returns it, its stdout, and its first line.
-pub fn spawn_in(cgroup: &Path, program: &Path, args: &[&str]) -> (Child, BufReader<std::process::ChildStdout>, String) {
+pub fn spawn_in(
+    cgroup: &Path,
+    program: &Path,
+    args: &[&str],
+) -> (Child, BufReader<std::process::ChildStdout>, String) {
     let mut cmd = Command::new(program);
     cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::null());
     join_before_exec(&mut cmd, cgroup);
@@ -405,5 +462,6 @@ pub fn run_in(cgroup: &Path, program: &str, args: &[&str]) -> Output {
     let mut cmd = Command::new(program);
     cmd.args(args);
     join_before_exec(&mut cmd, cgroup);
-    cmd.output().unwrap_or_else(|e| panic!("run {program}: {e}"))
+    cmd.output()
+        .unwrap_or_else(|e| panic!("run {program}: {e}"))
 }

@@ -12,18 +12,30 @@ fn run_once(env: &TestEnv) -> (bool, String) {
     .arg(&env.config)
     .output()
     .expect("tollgate");
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// The one error line (log lines, if any, come before it).
 fn error_line(stderr: &str) -> &str {
-    stderr.lines().rfind(|l| l.starts_with("tollgate: ")).unwrap_or_else(|| panic!("no error line in {stderr:?}"))
+    stderr
+        .lines()
+        .rfind(|l| l.starts_with("tollgate: "))
+        .unwrap_or_else(|| panic!("no error line in {stderr:?}"))
 }
 
 fn assert_nothing_attached(env: &TestEnv) {
-    assert!(!env.dir.join("bpffs/tollgate").exists(), "no pins left behind");
+    assert!(
+        !env.dir.join("bpffs/tollgate").exists(),
+        "no pins left behind"
+    );
     let counts = env.attachments();
-    assert!(counts.as_object().expect("counts").values().all(|n| n == 0), "nothing attached: {counts}");
+    assert!(
+        counts.as_object().expect("counts").values().all(|n| n == 0),
+        "nothing attached: {counts}"
+    );
 }
 
 #[test]
@@ -37,27 +49,45 @@ fn a_policy_that_does_not_parse_stops_before_the_kernel() {
     assert!(line.contains("egres"), "{line}");
     assert_nothing_attached(&env);
 
-    let check = Command::new(std::env::var_os("TOLLGATE_BIN").expect("TOLLGATE_BIN")).args(["policy", "check"]).arg(&env.policies).output().expect("check");
+    let check = Command::new(std::env::var_os("TOLLGATE_BIN").expect("TOLLGATE_BIN"))
+        .args(["policy", "check"])
+        .arg(&env.policies)
+        .output()
+        .expect("check");
     assert!(!check.status.success());
-    assert!(String::from_utf8_lossy(&check.stderr).contains("broken.yaml:6:"), "{}", String::from_utf8_lossy(&check.stderr));
+    assert!(
+        String::from_utf8_lossy(&check.stderr).contains("broken.yaml:6:"),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
 }
 
 #[test]
 fn a_missing_root_or_a_bad_config_is_named() {
     let env = TestEnv::new("noroot");
     let good = std::fs::read_to_string(&env.config).expect("config");
-    std::fs::write(&env.config, good.replace(&env.root_rel(), "/tg-test-no-such-root.slice")).expect("write");
+    std::fs::write(
+        &env.config,
+        good.replace(&env.root_rel(), "/tg-test-no-such-root.slice"),
+    )
+    .expect("write");
     let (ok, stderr) = run_once(&env);
     assert!(!ok);
     let line = error_line(&stderr);
-    assert!(line.contains("tg-test-no-such-root.slice") && line.contains("does not exist"), "{line}");
+    assert!(
+        line.contains("tg-test-no-such-root.slice") && line.contains("does not exist"),
+        "{line}"
+    );
     assert!(!env.dir.join("bpffs/tollgate").exists());
 
     std::fs::write(&env.config, format!("{good}listner: {{}}\n")).expect("write");
     let (ok, stderr) = run_once(&env);
     assert!(!ok);
     let line = error_line(&stderr);
-    assert!(line.contains("tollgate.yaml:10:") && line.contains("listner"), "{line}");
+    assert!(
+        line.contains("tollgate.yaml:10:") && line.contains("listner"),
+        "{line}"
+    );
     std::fs::write(&env.config, good).expect("restore");
     assert_nothing_attached(&env);
 }
@@ -67,16 +97,33 @@ fn a_pin_dir_off_bpffs_and_a_private_namespace_are_refused() {
     let env = TestEnv::new("bpffs");
     let good = std::fs::read_to_string(&env.config).expect("config");
     let plain = env.dir.join("plain/tollgate");
-    std::fs::write(&env.config, good.replace(&env.dir.join("bpffs/tollgate").display().to_string(), &plain.display().to_string())).expect("write");
+    std::fs::write(
+        &env.config,
+        good.replace(
+            &env.dir.join("bpffs/tollgate").display().to_string(),
+            &plain.display().to_string(),
+        ),
+    )
+    .expect("write");
     let (ok, stderr) = run_once(&env);
     assert!(!ok);
-    assert!(error_line(&stderr).contains("is not on a bpffs"), "{stderr}");
+    assert!(
+        error_line(&stderr).contains("is not on a bpffs"),
+        "{stderr}"
+    );
     assert!(!plain.exists());
 
-    std::fs::write(&env.config, good.replace("allow_private_bpffs: true", "allow_private_bpffs: false")).expect("write");
+    std::fs::write(
+        &env.config,
+        good.replace("allow_private_bpffs: true", "allow_private_bpffs: false"),
+    )
+    .expect("write");
     let (ok, stderr) = run_once(&env);
     assert!(!ok);
-    assert!(error_line(&stderr).contains("private mount namespace"), "{stderr}");
+    assert!(
+        error_line(&stderr).contains("private mount namespace"),
+        "{stderr}"
+    );
     assert_nothing_attached(&env);
 }
 
@@ -89,9 +136,15 @@ fn a_second_daemon_is_refused_and_the_first_keeps_working() {
     let _d = env.start();
     let (ok, stderr) = run_once(&env);
     assert!(!ok);
-    assert!(error_line(&stderr).contains("another tollgate is running"), "{stderr}");
+    assert!(
+        error_line(&stderr).contains("another tollgate is running"),
+        "{stderr}"
+    );
     let counts = env.attachments();
-    assert!(counts.as_object().expect("counts").values().all(|n| n == 1), "still exactly one of each: {counts}");
+    assert!(
+        counts.as_object().expect("counts").values().all(|n| n == 1),
+        "still exactly one of each: {counts}"
+    );
     let p = env.probe(Some(&app), &["tcp", &mock.addr.to_string()]);
     assert_eq!(p["ok"], true, "{p}");
 }

@@ -23,8 +23,14 @@ fn redirect_reaches_upstream_through_gateway_with_identity() {
     let direct = env.probe(None, &["tcp", &mock.addr.to_string()]);
     assert_eq!(direct["ok"], true, "{direct}");
     let peers = mock.peers();
-    assert!(peers.iter().all(|p| !from_gateway(p)), "outside the root is untouched: {peers:?}");
-    assert!(env.records().iter().all(|r| r["layer"] != "connect"), "no decision for outside traffic");
+    assert!(
+        peers.iter().all(|p| !from_gateway(p)),
+        "outside the root is untouched: {peers:?}"
+    );
+    assert!(
+        env.records().iter().all(|r| r["layer"] != "connect"),
+        "no decision for outside traffic"
+    );
 
     // A python client in the workload cgroup, kept alive so /proc can be compared.
     let script = format!(
@@ -32,20 +38,44 @@ fn redirect_reaches_upstream_through_gateway_with_identity() {
         mock.addr
     );
     let mut cmd = Command::new("python3");
-    cmd.args(["-c", &script]).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
+    cmd.args(["-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
     join_before_exec(&mut cmd, &app);
     let mut child = cmd.spawn().expect("python3");
     let pid = child.id();
     let mut first = [0u8; 64];
-    let n = child.stdout.as_mut().expect("stdout").read(&mut first).expect("read");
-    assert!(String::from_utf8_lossy(&first[..n]).contains("mock"), "python got the upstream reply");
+    let n = child
+        .stdout
+        .as_mut()
+        .expect("stdout")
+        .read(&mut first)
+        .expect("read");
+    assert!(
+        String::from_utf8_lossy(&first[..n]).contains("mock"),
+        "python got the upstream reply"
+    );
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let ticks: u64 = stat[stat.rfind(')').expect(")") + 1..].split_whitespace().nth(19).expect("field").parse().expect("ticks");
+    let ticks: u64 = stat[stat.rfind(')').expect(")") + 1..]
+        .split_whitespace()
+        .nth(19)
+        .expect("field")
+        .parse()
+        .expect("ticks");
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).expect("exe");
-    let sha: String = Sha256::digest(std::fs::read(&exe).expect("read exe")).iter().map(|b| format!("{b:02x}")).collect();
+    let sha: String = Sha256::digest(std::fs::read(&exe).expect("read exe"))
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
 
-    assert!(mock.peers().iter().any(from_gateway), "the upstream saw the gateway's address: {:?}", mock.peers());
-    let rec = env.wait_record("python's allow record", |r| r["layer"] == "connect" && r["workload"]["pid"] == pid);
+    assert!(
+        mock.peers().iter().any(from_gateway),
+        "the upstream saw the gateway's address: {:?}",
+        mock.peers()
+    );
+    let rec = env.wait_record("python's allow record", |r| {
+        r["layer"] == "connect" && r["workload"]["pid"] == pid
+    });
     drop(child.stdin.take());
     let _ = child.wait();
 
@@ -60,7 +90,11 @@ fn redirect_reaches_upstream_through_gateway_with_identity() {
     assert_eq!(w["verified"], true);
     assert_eq!(w["exe"], exe.display().to_string());
     assert_eq!(w["exe_sha256"], sha);
-    assert_eq!(w["start_time_ns"].as_u64().expect("start") / 10_000_000, ticks, "start time matches /proc");
+    assert_eq!(
+        w["start_time_ns"].as_u64().expect("start") / 10_000_000,
+        ticks,
+        "start time matches /proc"
+    );
     assert_eq!(rec["dst"]["orig_ip"], mock.addr.ip().to_string());
     assert_eq!(rec["dst"]["orig_port"], mock.addr.port());
     assert!(rec["workload"]["cgroup_id"].as_u64().expect("id") > 0);
@@ -73,12 +107,33 @@ fn curl_is_captured_and_sees_its_original_peer() {
     let app = env.workload("app.service");
     env.allow("app", "app.service", &[mock.addr]);
     let _d = env.start();
-    let out = run_in(&app, "curl", &["-sS", "--max-time", "5", "-w", "\\n%{remote_ip}:%{remote_port}", &format!("http://{}/", mock.addr)]);
+    let out = run_in(
+        &app,
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "5",
+            "-w",
+            "\\n%{remote_ip}:%{remote_port}",
+            &format!("http://{}/", mock.addr),
+        ],
+    );
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("mock"), "{text}");
-    assert!(text.ends_with(&mock.addr.to_string()), "getpeername shows the original destination: {text}");
-    assert!(mock.peers().iter().all(from_gateway), "every upstream connection came from the gateway");
+    assert!(
+        text.ends_with(&mock.addr.to_string()),
+        "getpeername shows the original destination: {text}"
+    );
+    assert!(
+        mock.peers().iter().all(from_gateway),
+        "every upstream connection came from the gateway"
+    );
     // getpeername from the probe as well.
     let p = env.probe(Some(&app), &["tcp", &mock.addr.to_string()]);
     assert_eq!(p["ok"], true, "{p}");
@@ -97,11 +152,20 @@ fn nested_child_cgroup_inherits_and_gets_one_origin() {
     assert_eq!(p["ok"], true, "{p}");
     assert!(mock.peers().iter().all(from_gateway));
     let local = p["local"].as_str().expect("local").to_owned();
-    let rec = env.wait_record("the nested workload's record", |r| r["layer"] == "connect" && r["workload"]["comm"] == "tg-probe");
-    assert_eq!(rec["workload"]["cgroup"], format!("{}/team.slice/job.service/worker", env.root_rel()));
+    let rec = env.wait_record("the nested workload's record", |r| {
+        r["layer"] == "connect" && r["workload"]["comm"] == "tg-probe"
+    });
+    assert_eq!(
+        rec["workload"]["cgroup"],
+        format!("{}/team.slice/job.service/worker", env.root_rel())
+    );
     assert_eq!(rec["workload"]["unit"], "job.service");
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let n = env.records().iter().filter(|r| r["layer"] == "connect" && r["workload"]["comm"] == "tg-probe").count();
+    let n = env
+        .records()
+        .iter()
+        .filter(|r| r["layer"] == "connect" && r["workload"]["comm"] == "tg-probe")
+        .count();
     assert_eq!(n, 1, "exactly one decision for one connection from {local}");
 }
 
@@ -119,7 +183,10 @@ fn recreated_workload_cgroup_is_still_enforced() {
         assert_eq!(p["ok"], true, "round {round}: {p}");
         let after = mock.peers();
         assert_eq!(after.len(), before + 1);
-        assert!(from_gateway(after.last().expect("peer")), "round {round}: captured after recreation");
+        assert!(
+            from_gateway(after.last().expect("peer")),
+            "round {round}: captured after recreation"
+        );
         drop(cg);
         assert!(!svc.exists());
     }
@@ -144,12 +211,23 @@ fn ipv6_mapped_tfo_and_io_uring_connects_are_captured() {
         // Positive control: the same attempt from outside the root reaches the mock directly.
         let control = env.probe(None, &[mode, &target]);
         assert_eq!(control["ok"], true, "control {mode} {target}: {control}");
-        let n = env.records().iter().filter(|r| r["layer"] == "connect").count();
+        let n = env
+            .records()
+            .iter()
+            .filter(|r| r["layer"] == "connect")
+            .count();
         let p = env.probe(Some(&app), &[mode, &target]);
         assert_eq!(p["ok"], true, "{mode} {target}: {p}");
-        assert!(p["reply"].as_str().unwrap_or("").contains("mock"), "{mode} {target}: {p}");
+        assert!(
+            p["reply"].as_str().unwrap_or("").contains("mock"),
+            "{mode} {target}: {p}"
+        );
         let recs = wait_for(10, "a new decision", || {
-            let r: Vec<_> = env.records().into_iter().filter(|r| r["layer"] == "connect").collect();
+            let r: Vec<_> = env
+                .records()
+                .into_iter()
+                .filter(|r| r["layer"] == "connect")
+                .collect();
             (r.len() > n).then_some(r)
         });
         let rec = recs.last().expect("record");
@@ -157,4 +235,78 @@ fn ipv6_mapped_tfo_and_io_uring_connects_are_captured() {
         assert_eq!(rec["dst"]["orig_ip"], judged_as, "{mode} {target}");
     }
     assert!(v4.peers().iter().any(from_gateway));
+}
+
+#[test]
+fn nested_enforced_roots_record_one_origin() {
+    let mut env = TestEnv::new("nestedroots");
+    let mock = Mock::start("127.0.0.1:0");
+    let inner = env.workload("tenant.slice");
+    let app = env.workload("tenant.slice/app.service");
+    let text = std::fs::read_to_string(&env.config).expect("config");
+    let nested = format!("{}/tenant.slice", env.root_rel());
+    std::fs::write(
+        &env.config,
+        text.replace(
+            &format!("roots: [{}]", env.root_rel()),
+            &format!("roots: [{}, {nested}]", env.root_rel()),
+        ),
+    )
+    .expect("write");
+    env.allow("app", "tenant.slice/app.service", &[mock.addr]);
+    let _d = env.start();
+    let counts = env.attachments();
+    assert!(
+        counts.as_object().expect("counts").values().all(|n| n == 1),
+        "outer root: {counts}"
+    );
+    assert!(inner.exists());
+    let p = env.probe(Some(&app), &["tcp", &mock.addr.to_string()]);
+    assert_eq!(
+        p["ok"], true,
+        "both roots' programs ran and the connection still got through: {p}"
+    );
+    assert_eq!(p["peer"], mock.addr.to_string());
+    let rec = env.wait_record("the decision", |r| {
+        r["layer"] == "connect" && r["workload"]["comm"] == "tg-probe"
+    });
+    assert_eq!(rec["dst"]["orig_ip"], "127.0.0.1");
+    assert_eq!(
+        rec["dst"]["orig_port"],
+        mock.addr.port(),
+        "the origin is the workload's, not the inner root's rewrite"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        env.records()
+            .iter()
+            .filter(|r| r["layer"] == "connect")
+            .count(),
+        1
+    );
+    assert!(mock.peers().iter().all(from_gateway));
+}
+
+#[test]
+fn a_socket_mark_does_not_exempt_anyone() {
+    let mut env = TestEnv::new("mark");
+    let mock = Mock::start("127.0.0.1:0");
+    let app = env.workload("app.service");
+    let _d = env.start();
+    let control = env.probe(None, &["tcp-mark", &mock.addr.to_string()]);
+    assert_eq!(
+        control["ok"], true,
+        "control: SO_MARK works outside the root: {control}"
+    );
+    let p = env.probe(Some(&app), &["tcp-mark", &mock.addr.to_string()]);
+    assert_eq!(p["ok"], false, "no policy allows it, mark or not: {p}");
+    let rec = env.wait_record("the denial", |r| {
+        r["layer"] == "connect" && r["workload"]["comm"] == "tg-probe"
+    });
+    assert_eq!(rec["reason"], "no_policy_for_workload");
+    assert_eq!(
+        mock.peers().len(),
+        1,
+        "only the control reached the upstream"
+    );
 }

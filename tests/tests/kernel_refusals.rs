@@ -3,7 +3,7 @@
 //! works).
 use std::process::Command;
 
-use tollgate_tests::{join_before_exec, probe_bin, TestEnv};
+use tollgate_tests::{join_before_exec, probe_bin, wait_for, TestEnv};
 
 const EPERM: i64 = 1;
 
@@ -18,7 +18,10 @@ fn udp_to_non_dns_is_eperm_on_every_path() {
     let _d = env.start();
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp sink");
     let sink = udp.local_addr().expect("addr");
-    let sink6 = std::net::UdpSocket::bind("[::1]:0").expect("udp6 sink").local_addr().expect("addr");
+    let sink6 = std::net::UdpSocket::bind("[::1]:0")
+        .expect("udp6 sink")
+        .local_addr()
+        .expect("addr");
     let mapped = format!("[::ffff:127.0.0.1]:{}", sink.port());
     let cases = [
         ("udp", sink.to_string()),
@@ -38,13 +41,26 @@ fn udp_to_non_dns_is_eperm_on_every_path() {
     }
     let port = sink.port();
     let rec = env.wait_record("a kernel UDP refusal judged as IPv4", |r| {
-        r["reason"] == "kernel_udp_not_dns" && r["dst"]["orig_ip"] == "127.0.0.1" && r["dst"]["orig_port"] == port
+        r["reason"] == "kernel_udp_not_dns"
+            && r["dst"]["orig_ip"] == "127.0.0.1"
+            && r["dst"]["orig_port"] == port
     });
-    assert_eq!(rec["workload"]["cgroup"], format!("{}/app.service", env.root_rel()));
+    assert_eq!(
+        rec["workload"]["cgroup"],
+        format!("{}/app.service", env.root_rel())
+    );
     assert_eq!(rec["workload"]["comm"], "tg-probe");
     assert_eq!(rec["layer"], "kernel");
-    let n = env.records().iter().filter(|r| r["reason"] == "kernel_udp_not_dns").count();
-    assert!(n >= cases.len(), "every refusal audited ({n} of {})", cases.len());
+    let n = env
+        .records()
+        .iter()
+        .filter(|r| r["reason"] == "kernel_udp_not_dns")
+        .count();
+    assert!(
+        n >= cases.len(),
+        "every refusal audited ({n} of {})",
+        cases.len()
+    );
 }
 
 #[test]
@@ -56,8 +72,13 @@ fn dns_to_the_allowed_resolver_is_allowed_and_counted() {
     assert_eq!(p["ok"], true, "{p}");
     let other = env.probe(Some(&app), &["udp", "127.0.0.53:54"]);
     assert_eq!(errno(&other), EPERM, "{other}");
-    let rec = env.wait_record("the DNS count", |r| r["reason"] == "dns_to_allowed_resolver");
-    assert_eq!(rec["workload"]["cgroup"], format!("{}/app.service", env.root_rel()));
+    let rec = env.wait_record("the DNS count", |r| {
+        r["reason"] == "dns_to_allowed_resolver"
+    });
+    assert_eq!(
+        rec["workload"]["cgroup"],
+        format!("{}/app.service", env.root_rel())
+    );
     assert!(rec["count"].as_u64().unwrap_or(0) >= 1);
 }
 
@@ -70,8 +91,10 @@ fn ping_raw_and_sctp_sockets_are_refused_at_creation() {
     // made for this attempt, so the host's setting is never touched.
     let ping = |cgroup: Option<&std::path::Path>| {
         let mut cmd = Command::new("unshare");
-        cmd.args(["--net", "--", "sh", "-c"])
-            .arg(format!("sysctl -qw net.ipv4.ping_group_range='0 2147483647' && exec {} ping", probe_bin().display()));
+        cmd.args(["--net", "--", "sh", "-c"]).arg(format!(
+            "sysctl -qw net.ipv4.ping_group_range='0 2147483647' && exec {} ping",
+            probe_bin().display()
+        ));
         if let Some(cg) = cgroup {
             join_before_exec(&mut cmd, cg);
         }
@@ -80,7 +103,10 @@ fn ping_raw_and_sctp_sockets_are_refused_at_creation() {
             .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)))
     };
     let control = ping(None);
-    assert_eq!(control["ok"], true, "control: a ping socket outside the root: {control}");
+    assert_eq!(
+        control["ok"], true,
+        "control: a ping socket outside the root: {control}"
+    );
     let p = ping(Some(&app));
     assert_eq!(errno(&p), EPERM, "ping socket in the root: {p}");
     for kind in ["raw", "sctp"] {
@@ -94,9 +120,16 @@ fn ping_raw_and_sctp_sockets_are_refused_at_creation() {
             assert_eq!(kind, "sctp", "raw control must work: {control}");
         }
     }
-    let rec = env.wait_record("the raw socket refusal", |r| r["reason"] == "kernel_socket_type_refused" && r["dst"]["protocol"] == "raw");
-    assert_eq!(rec["workload"]["cgroup"], format!("{}/app.service", env.root_rel()));
-    env.wait_record("the ping socket refusal", |r| r["reason"] == "kernel_socket_type_refused" && r["dst"]["protocol"] == "icmp");
+    let rec = env.wait_record("the raw socket refusal", |r| {
+        r["reason"] == "kernel_socket_type_refused" && r["dst"]["protocol"] == "raw"
+    });
+    assert_eq!(
+        rec["workload"]["cgroup"],
+        format!("{}/app.service", env.root_rel())
+    );
+    env.wait_record("the ping socket refusal", |r| {
+        r["reason"] == "kernel_socket_type_refused" && r["dst"]["protocol"] == "icmp"
+    });
 }
 
 #[test]
@@ -106,15 +139,23 @@ fn binding_the_listener_port_is_refused_in_the_root() {
     let _d = env.start();
     let other_ip = format!("127.0.0.3:{}", env.port);
     let control = env.probe(None, &["bind", &other_ip]);
-    assert_eq!(control["ok"], true, "control: outside the root the port is free on 127.0.0.3: {control}");
+    assert_eq!(
+        control["ok"], true,
+        "control: outside the root the port is free on 127.0.0.3: {control}"
+    );
     let p = env.probe(Some(&app), &["bind", &other_ip]);
     assert_eq!(errno(&p), EPERM, "{p}");
     let p6 = env.probe(Some(&app), &["bind", &format!("[::]:{}", env.port)]);
     assert_eq!(errno(&p6), EPERM, "{p6}");
     let free = format!("127.0.0.3:{}", tollgate_tests::free_port());
     let ok = env.probe(Some(&app), &["bind", &free]);
-    assert_eq!(ok["ok"], true, "other ports stay bindable in the root: {ok}");
-    env.wait_record("the bind refusal", |r| r["reason"] == "kernel_bind_listener_port" && r["workload"]["comm"] == "tg-probe");
+    assert_eq!(
+        ok["ok"], true,
+        "other ports stay bindable in the root: {ok}"
+    );
+    env.wait_record("the bind refusal", |r| {
+        r["reason"] == "kernel_bind_listener_port" && r["workload"]["comm"] == "tg-probe"
+    });
 }
 
 #[test]
@@ -124,12 +165,58 @@ fn direct_connection_to_the_listener_is_refused() {
     let _d = env.start();
     let listener = env.listener().to_string();
     let p = env.probe(Some(&app), &["tcp", &listener]);
-    assert_eq!(errno(&p), EPERM, "from the root the connect hook refuses it: {p}");
-    env.wait_record("the kernel refusal", |r| r["reason"] == "kernel_direct_to_listener");
+    assert_eq!(
+        errno(&p),
+        EPERM,
+        "from the root the connect hook refuses it: {p}"
+    );
+    env.wait_record("the kernel refusal", |r| {
+        r["reason"] == "kernel_direct_to_listener"
+    });
     // From outside the root, no redirect recorded it: the gateway refuses and names the peer.
     let outside = env.probe(None, &["tcp", &listener]);
     assert_eq!(outside["ok"], false, "{outside}");
-    let rec = env.wait_record("the gateway's refusal", |r| r["reason"] == "no_origin_recorded");
+    let rec = env.wait_record("the gateway's refusal", |r| {
+        r["reason"] == "no_origin_recorded"
+    });
     assert_eq!(rec["decision"], "deny");
-    assert!(rec["workload"]["cgroup_id"].as_u64().unwrap_or(0) > 0, "the refused peer's cgroup is named: {rec}");
+    assert!(
+        rec["workload"]["cgroup_id"].as_u64().unwrap_or(0) > 0,
+        "the refused peer's cgroup is named: {rec}"
+    );
+}
+
+#[test]
+fn a_refusal_flood_is_audited_as_events_plus_counts() {
+    let mut env = TestEnv::new("flood");
+    let app = env.workload("flood.service");
+    let _d = env.start();
+    const N: u64 = 20_000;
+    let p = env.probe(Some(&app), &["udp-flood", "127.0.0.1:9", &N.to_string()]);
+    assert_eq!(p["refused"], N, "{p}");
+    let cgroup = format!("{}/flood.service", env.root_rel());
+    // Every refusal is accounted for: one record each, or inside a "suppressed" count.
+    let total = wait_for(15, "all refusals to be audited", || {
+        let recs = env.records();
+        let events = recs
+            .iter()
+            .filter(|r| {
+                r["reason"] == "kernel_udp_not_dns" && r["workload"]["cgroup"] == cgroup.as_str()
+            })
+            .count() as u64;
+        let suppressed: u64 = recs
+            .iter()
+            .filter(|r| {
+                r["reason"] == "kernel_refusals_suppressed"
+                    && r["workload"]["cgroup"] == cgroup.as_str()
+            })
+            .map(|r| r["count"].as_u64().unwrap_or(0))
+            .sum();
+        (events + suppressed >= N).then_some((events, suppressed))
+    });
+    assert_eq!(total.0 + total.1, N, "nothing counted twice: {total:?}");
+    eprintln!(
+        "flood of {N}: {} as events, {} as suppressed counts",
+        total.0, total.1
+    );
 }

@@ -26,7 +26,11 @@ fn sigkill_leaves_connects_refused_never_direct() {
         assert_eq!(p["ok"], false, "{mode} after SIGKILL: {p}");
         assert_eq!(p["errno"], ECONNREFUSED, "{mode}: {p}");
     }
-    assert_eq!(mock.peers().len(), before, "nothing reached the upstream directly");
+    assert_eq!(
+        mock.peers().len(),
+        before,
+        "nothing reached the upstream directly"
+    );
     // Positive control: outside the root the mock is reachable.
     let control = env.probe(None, &["tcp", &mock.addr.to_string()]);
     assert_eq!(control["ok"], true, "{control}");
@@ -45,28 +49,48 @@ fn restart_adopts_pins_and_leaves_one_attachment_each() {
     let first = env.attachments();
     d.stop();
     let during = env.attachments();
-    assert_eq!(first, during, "the programs stay attached while the daemon is down");
+    assert_eq!(
+        first, during,
+        "the programs stay attached while the daemon is down"
+    );
     let _d2 = env.start();
     let after = env.attachments();
     let counts = after.as_object().expect("counts");
     assert_eq!(counts.len(), 11, "{after}");
     for (program, n) in counts {
-        assert_eq!(n, 1, "{program} attached exactly once after restart: {after}");
+        assert_eq!(
+            n, 1,
+            "{program} attached exactly once after restart: {after}"
+        );
     }
     let adopted = env.wait_record("the second start's record", |r| {
-        r["reason"] == "enforcement_started" && r["rule"].as_str().is_some_and(|s| s.contains("Adopted"))
+        r["reason"] == "enforcement_started"
+            && r["rule"].as_str().is_some_and(|s| s.contains("Adopted"))
     });
-    assert!(!adopted["rule"].as_str().unwrap_or("").contains("Attached"), "nothing attached twice: {adopted}");
+    assert!(
+        !adopted["rule"].as_str().unwrap_or("").contains("Attached"),
+        "nothing attached twice: {adopted}"
+    );
     let p = env.probe(Some(&app), &["tcp", &mock.addr.to_string()]);
     assert_eq!(p["ok"], true, "enforcement works after the restart: {p}");
     // Uninstall removes every attachment.
     drop(_d2);
     let out = env.tollgate(&["uninstall"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let gone = env.attachments();
-    assert!(gone.as_object().expect("counts").values().all(|n| n == 0), "{gone}");
+    assert!(
+        gone.as_object().expect("counts").values().all(|n| n == 0),
+        "{gone}"
+    );
     let free = env.probe(Some(&app), &["tcp", &mock.addr.to_string()]);
-    assert_eq!(free["ok"], true, "after uninstall the workload is no longer redirected: {free}");
+    assert_eq!(
+        free["ok"], true,
+        "after uninstall the workload is no longer redirected: {free}"
+    );
 }
 
 #[test]
@@ -77,35 +101,71 @@ fn connections_older_than_enforcement_are_destroyed_servers_survive() {
     let web = env.workload("web.service");
     let go = env.dir.join("go");
     // An outbound connection made before enforcement.
-    let (mut holder, mut holder_out, line) = spawn_in(&app, &tollgate_tests::probe_bin(), &["hold", &mock.addr.to_string(), go.to_str().expect("path")]);
+    let (mut holder, mut holder_out, line) = spawn_in(
+        &app,
+        &tollgate_tests::probe_bin(),
+        &["hold", &mock.addr.to_string(), go.to_str().expect("path")],
+    );
     assert!(line.contains("connected"), "{line}");
     // A server under the root, and a connection it accepted before enforcement.
     let port = free_port();
     let mut server = std::process::Command::new("python3");
-    server.args(["-m", "http.server", "--bind", "127.0.0.1", &port.to_string()]).current_dir(&env.dir)
-        .stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    server
+        .args([
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            &port.to_string(),
+        ])
+        .current_dir(&env.dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
     tollgate_tests::join_before_exec(&mut server, &web);
     let mut server = server.spawn().expect("http.server");
-    let mut accepted = wait_for(10, "http.server to listen", || TcpStream::connect(("127.0.0.1", port)).ok());
+    let mut accepted = wait_for(10, "http.server to listen", || {
+        TcpStream::connect(("127.0.0.1", port)).ok()
+    });
 
     let _d = env.start();
     std::fs::write(&go, "").expect("go");
     let mut text = String::new();
     holder_out.read_to_string(&mut text).expect("holder output");
     let _ = holder.wait();
-    let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap_or("")).expect("json");
-    assert_eq!(last["ok"], false, "the pre-existing outbound connection is dead: {last}");
-    env.wait_record("the destruction record", |r| r["reason"] == "preexisting_outbound_connection_destroyed");
-    env.wait_record("the kept accepted connection", |r| r["reason"] == "preexisting_accepted_connection_kept");
+    let last: serde_json::Value =
+        serde_json::from_str(text.lines().last().unwrap_or("")).expect("json");
+    assert_eq!(
+        last["ok"], false,
+        "the pre-existing outbound connection is dead: {last}"
+    );
+    env.wait_record("the destruction record", |r| {
+        r["reason"] == "preexisting_outbound_connection_destroyed"
+    });
+    env.wait_record("the kept accepted connection", |r| {
+        r["reason"] == "preexisting_accepted_connection_kept"
+    });
 
     // The accepted connection and the listener both still serve.
-    accepted.write_all(b"GET / HTTP/1.0\r\n\r\n").expect("write");
-    accepted.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    accepted
+        .write_all(b"GET / HTTP/1.0\r\n\r\n")
+        .expect("write");
+    accepted
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
     let mut reply = String::new();
     let _ = accepted.read_to_string(&mut reply);
-    assert!(reply.starts_with("HTTP/1.0 200"), "accepted connection survived: {reply:?}");
+    assert!(
+        reply.starts_with("HTTP/1.0 200"),
+        "accepted connection survived: {reply:?}"
+    );
     let fresh = env.probe(None, &["tcp", &format!("127.0.0.1:{port}")]);
-    assert!(fresh["reply"].as_str().unwrap_or("").starts_with("HTTP/1.0 404"), "listener keeps serving (it has no /probe): {fresh}");
+    assert!(
+        fresh["reply"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("HTTP/1.0 404"),
+        "listener keeps serving (it has no /probe): {fresh}"
+    );
     let _ = server.kill();
     let _ = server.wait();
 }
@@ -117,19 +177,49 @@ fn server_under_root_answers_inbound_connections() {
     let _d = env.start();
     let port = free_port();
     let mut server = std::process::Command::new("python3");
-    server.args(["-m", "http.server", "--bind", "127.0.0.1", &port.to_string()]).current_dir(&env.dir)
-        .stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    server
+        .args([
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            &port.to_string(),
+        ])
+        .current_dir(&env.dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
     tollgate_tests::join_before_exec(&mut server, &web);
     let mut server = server.spawn().expect("http.server");
-    wait_for(10, "http.server to listen", || TcpStream::connect(("127.0.0.1", port)).ok());
+    wait_for(10, "http.server to listen", || {
+        TcpStream::connect(("127.0.0.1", port)).ok()
+    });
     for _ in 0..3 {
         let out = std::process::Command::new("curl")
-            .args(["-sS", "--max-time", "5", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://127.0.0.1:{port}/")])
+            .args([
+                "-sS",
+                "--max-time",
+                "5",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &format!("http://127.0.0.1:{port}/"),
+            ])
             .output()
             .expect("curl");
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "200",
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    assert!(env.records().iter().all(|r| r["reason"] != "kernel_egress_backstop"), "no reply was dropped");
+    assert!(
+        env.records()
+            .iter()
+            .all(|r| r["reason"] != "kernel_egress_backstop"),
+        "no reply was dropped"
+    );
     let _ = server.kill();
     let _ = server.wait();
 }
@@ -150,10 +240,19 @@ fn a_stale_origin_reused_by_another_process_is_refused() {
     let _d2 = env.start();
     // Another process, outside the root, takes the same source port and connects directly.
     let reuse = env.probe(None, &["tcp", &env.listener().to_string(), &src]);
-    assert_eq!(reuse["ok"], false, "the reused entry grants nothing: {reuse}");
-    let rec = env.wait_record("the refusal", |r| r["reason"] == "origin_reused" || r["reason"] == "stale_origin");
+    assert_eq!(
+        reuse["ok"], false,
+        "the reused entry grants nothing: {reuse}"
+    );
+    let rec = env.wait_record("the refusal", |r| {
+        r["reason"] == "origin_reused" || r["reason"] == "stale_origin"
+    });
     assert_eq!(rec["decision"], "deny");
-    assert!(mock.peers().is_empty(), "nothing was forwarded: {:?}", mock.peers());
+    assert!(
+        mock.peers().is_empty(),
+        "nothing was forwarded: {:?}",
+        mock.peers()
+    );
     // Positive control: a real redirected connection after the restart is allowed.
     let ok = env.probe(Some(&app), &["tcp", &mock.addr.to_string()]);
     assert_eq!(ok["ok"], true, "{ok}");

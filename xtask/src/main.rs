@@ -29,16 +29,27 @@ enum Task {
     Demo,
 }
 
-const APT_PACKAGES: [&str; 5] = ["llvm-22-dev", "libclang-22-dev", "curl", "python3", "iproute2"];
+const APT_PACKAGES: [&str; 5] = [
+    "llvm-22-dev",
+    "libclang-22-dev",
+    "curl",
+    "python3",
+    "iproute2",
+];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("xtask: {cmd:?}");
-    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }
@@ -47,14 +58,26 @@ fn run(cmd: &mut Command) -> Result<()> {
 
 fn output_ok(cmd: &mut Command) -> Option<String> {
     let out = cmd.output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// A command with the environment a parent cargo set for itself removed, so the toolchain
 /// we name is the one that runs.
 fn clean(program: &str) -> Command {
     let mut cmd = Command::new(program);
-    for key in ["RUSTC", "RUSTDOC", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "RUSTUP_TOOLCHAIN", "CARGO", "CARGO_TARGET_DIR", "RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS"] {
+    for key in [
+        "RUSTC",
+        "RUSTDOC",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTUP_TOOLCHAIN",
+        "CARGO",
+        "CARGO_TARGET_DIR",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+    ] {
         cmd.env_remove(key);
     }
     cmd
@@ -71,20 +94,39 @@ fn setup() -> Result<()> {
         .collect();
     if !missing.is_empty() {
         run(Command::new("apt-get").arg("update").arg("-q"))?;
-        run(Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
     let nightly = output_ok(clean("rustup").args(["toolchain", "list"])).unwrap_or_default();
     if !nightly.lines().any(|l| l.starts_with("nightly")) {
         bail!("no nightly Rust toolchain: the kernel programs need one (rustup toolchain install nightly)");
     }
-    let components = output_ok(clean("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"])).unwrap_or_default();
+    let components = output_ok(clean("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .unwrap_or_default();
     if !components.lines().any(|l| l.starts_with("rust-src")) {
         run(clean("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
     }
     let linker = output_ok(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
     if !linker.contains(BPF_LINKER_VERSION) {
         run(clean("cargo")
-            .args(["+stable", "install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features", "--features", "llvm-22"])
+            .args([
+                "+stable",
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
     }
     Ok(())
@@ -92,10 +134,26 @@ fn setup() -> Result<()> {
 
 fn build_ebpf() -> Result<()> {
     let dir = root().join("gateway-ebpf");
-    let flags = ["--cfg=bpf_target_arch=\"x86_64\"", "-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f");
+    let flags = [
+        "--cfg=bpf_target_arch=\"x86_64\"",
+        "-Cdebuginfo=2",
+        "-Clink-arg=--btf",
+    ]
+    .join("\x1f");
     run(clean("rustup")
         .current_dir(&dir)
-        .args(["run", "nightly", "cargo", "build", "--release", "--locked", "-Z", "build-std=core", "--target", "bpfel-unknown-none"])
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "build",
+            "--release",
+            "--locked",
+            "-Z",
+            "build-std=core",
+            "--target",
+            "bpfel-unknown-none",
+        ])
         .env("CARGO_ENCODED_RUSTFLAGS", flags))?;
     let object = dir.join("target/bpfel-unknown-none/release/gateway");
     if !object.exists() {
@@ -118,7 +176,16 @@ fn test(filter: Option<&str>) -> Result<()> {
     setup()?;
     build_ebpf()?;
     run(cargo().args(["build", "--locked", "--workspace", "--all-targets"]))?;
-    run(cargo().args(["test", "--locked", "-p", "gateway-common", "-p", "gateway-user", "-p", "xtask"]))?;
+    run(cargo().args([
+        "test",
+        "--locked",
+        "-p",
+        "gateway-common",
+        "-p",
+        "gateway-user",
+        "-p",
+        "xtask",
+    ]))?;
     if !is_root() {
         bail!("the privileged tests need root (they load BPF programs and make cgroups)");
     }
@@ -131,7 +198,14 @@ fn test(filter: Option<&str>) -> Result<()> {
     suite
         .args(["--mount", "--propagation", "private", "--"])
         .arg(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["test", "--locked", "-p", "tollgate-tests", "--", "--test-threads=1"])
+        .args([
+            "test",
+            "--locked",
+            "-p",
+            "tollgate-tests",
+            "--",
+            "--test-threads=1",
+        ])
         .current_dir(root())
         .env("TOLLGATE_BIN", &bin)
         .env("TG_PROBE_BIN", &probe);
@@ -151,7 +225,8 @@ fn sweep_test_cgroups() -> Result<()> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
     let Some(mount) = mountinfo.lines().find_map(|l| {
         let (pre, post) = l.split_once(" - ")?;
-        (post.split_whitespace().next()? == "cgroup2").then(|| pre.split_whitespace().nth(4).map(PathBuf::from))?
+        (post.split_whitespace().next()? == "cgroup2")
+            .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))?
     }) else {
         bail!("no cgroup2 mount: the privileged tests need cgroup v2");
     };
@@ -166,7 +241,11 @@ fn sweep_test_cgroups() -> Result<()> {
         let mut i = 0;
         while i < dirs.len() {
             if let Ok(rd) = std::fs::read_dir(&dirs[i]) {
-                dirs.extend(rd.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
+                dirs.extend(
+                    rd.flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path()),
+                );
             }
             i += 1;
         }

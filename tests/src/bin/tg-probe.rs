@@ -48,17 +48,33 @@ fn socket(domain: i32, ty: i32, proto: i32) -> std::io::Result<OwnedFd> {
 }
 
 fn domain_of(addr: SocketAddr) -> i32 {
-    if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 }
+    if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    }
 }
 
 fn check(r: libc::c_int) -> std::io::Result<libc::c_int> {
-    if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(r) }
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
 }
 
 fn bind(fd: &OwnedFd, addr: SocketAddr) -> std::io::Result<()> {
     let one: libc::c_int = 1;
     // SAFETY: valid option buffer.
-    unsafe { libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, std::ptr::from_ref(&one).cast(), 4) };
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            std::ptr::from_ref(&one).cast(),
+            4,
+        )
+    };
     let (ss, len) = sockaddr(addr);
     // SAFETY: valid sockaddr of `len` bytes.
     check(unsafe { libc::bind(fd.as_raw_fd(), std::ptr::from_ref(&ss).cast(), len) }).map(|_| ())
@@ -67,14 +83,22 @@ fn bind(fd: &OwnedFd, addr: SocketAddr) -> std::io::Result<()> {
 /// Sends a request line, reads the reply to EOF, and reports both ends as the socket sees them.
 fn exchange(stream: &mut TcpStream) -> Value {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-    let local = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let local = stream
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     if let Err(e) = stream.write_all(b"GET /probe HTTP/1.0\r\n\r\n") {
         return errno_json(&e);
     }
     let mut body = Vec::new();
     match stream.read_to_end(&mut body) {
-        Ok(_) => json!({ "ok": true, "peer": peer, "local": local, "reply": String::from_utf8_lossy(&body) }),
+        Ok(_) => {
+            json!({ "ok": true, "peer": peer, "local": local, "reply": String::from_utf8_lossy(&body) })
+        }
         Err(e) => {
             let mut v = errno_json(&e);
             v["peer"] = json!(peer);
@@ -84,11 +108,26 @@ fn exchange(stream: &mut TcpStream) -> Value {
     }
 }
 
-fn tcp(addr: SocketAddr, bind_to: Option<SocketAddr>) -> Value {
+fn tcp(addr: SocketAddr, bind_to: Option<SocketAddr>, mark: Option<u32>) -> Value {
     let fd = match socket(domain_of(addr), libc::SOCK_STREAM, 0) {
         Ok(fd) => fd,
         Err(e) => return errno_json(&e),
     };
+    if let Some(m) = mark {
+        // SAFETY: valid option buffer.
+        let r = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_MARK,
+                std::ptr::from_ref(&m).cast(),
+                4,
+            )
+        };
+        if r < 0 {
+            return errno_json(&std::io::Error::last_os_error());
+        }
+    }
     if let Some(b) = bind_to {
         if let Err(e) = bind(&fd, b) {
             return errno_json(&e);
@@ -96,7 +135,9 @@ fn tcp(addr: SocketAddr, bind_to: Option<SocketAddr>) -> Value {
     }
     let (ss, len) = sockaddr(addr);
     // SAFETY: valid sockaddr.
-    if let Err(e) = check(unsafe { libc::connect(fd.as_raw_fd(), std::ptr::from_ref(&ss).cast(), len) }) {
+    if let Err(e) =
+        check(unsafe { libc::connect(fd.as_raw_fd(), std::ptr::from_ref(&ss).cast(), len) })
+    {
         return errno_json(&e);
     }
     exchange(&mut TcpStream::from(fd))
@@ -110,13 +151,25 @@ fn tfo(addr: SocketAddr) -> Value {
     let (ss, len) = sockaddr(addr);
     let msg = b"GET /tfo HTTP/1.0\r\n\r\n";
     // SAFETY: valid buffer and sockaddr.
-    let r = unsafe { libc::sendto(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), libc::MSG_FASTOPEN, std::ptr::from_ref(&ss).cast(), len) };
+    let r = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            msg.as_ptr().cast(),
+            msg.len(),
+            libc::MSG_FASTOPEN,
+            std::ptr::from_ref(&ss).cast(),
+            len,
+        )
+    };
     if r < 0 {
         return errno_json(&std::io::Error::last_os_error());
     }
     let mut stream = TcpStream::from(fd);
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     let mut body = Vec::new();
     match stream.read_to_end(&mut body) {
         Ok(_) => json!({ "ok": true, "peer": peer, "reply": String::from_utf8_lossy(&body) }),
@@ -134,7 +187,12 @@ fn uring(addr: SocketAddr) -> Value {
         Ok(r) => r,
         Err(e) => return errno_json(&e),
     };
-    let op = io_uring::opcode::Connect::new(io_uring::types::Fd(fd.as_raw_fd()), std::ptr::from_ref(&ss).cast(), len).build();
+    let op = io_uring::opcode::Connect::new(
+        io_uring::types::Fd(fd.as_raw_fd()),
+        std::ptr::from_ref(&ss).cast(),
+        len,
+    )
+    .build();
     // SAFETY: the sockaddr outlives the submission (we wait for completion below).
     if unsafe { ring.submission().push(&op) }.is_err() {
         return json!({ "ok": false, "error": "submission queue full" });
@@ -152,7 +210,11 @@ fn uring(addr: SocketAddr) -> Value {
 }
 
 fn udp(addr: SocketAddr, v6_socket: bool, connect: bool) -> Value {
-    let domain = if v6_socket { libc::AF_INET6 } else { domain_of(addr) };
+    let domain = if v6_socket {
+        libc::AF_INET6
+    } else {
+        domain_of(addr)
+    };
     let fd = match socket(domain, libc::SOCK_DGRAM, 0) {
         Ok(fd) => fd,
         Err(e) => return errno_json(&e),
@@ -169,9 +231,51 @@ fn udp(addr: SocketAddr, v6_socket: bool, connect: bool) -> Value {
         unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) }
     } else {
         // SAFETY: valid buffer and sockaddr.
-        unsafe { libc::sendto(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0, std::ptr::from_ref(&ss).cast(), len) }
+        unsafe {
+            libc::sendto(
+                fd.as_raw_fd(),
+                msg.as_ptr().cast(),
+                msg.len(),
+                0,
+                std::ptr::from_ref(&ss).cast(),
+                len,
+            )
+        }
     };
-    if r < 0 { errno_json(&std::io::Error::last_os_error()) } else { json!({ "ok": true, "sent": r }) }
+    if r < 0 {
+        errno_json(&std::io::Error::last_os_error())
+    } else {
+        json!({ "ok": true, "sent": r })
+    }
+}
+
+/// Sends `n` datagrams as fast as possible; counts how many the kernel refused.
+fn udp_flood(addr: SocketAddr, n: u32) -> Value {
+    let fd = match socket(domain_of(addr), libc::SOCK_DGRAM, 0) {
+        Ok(fd) => fd,
+        Err(e) => return errno_json(&e),
+    };
+    let (ss, len) = sockaddr(addr);
+    let (mut refused, mut sent) = (0u32, 0u32);
+    for _ in 0..n {
+        // SAFETY: valid buffer and sockaddr.
+        let r = unsafe {
+            libc::sendto(
+                fd.as_raw_fd(),
+                b"x".as_ptr().cast(),
+                1,
+                0,
+                std::ptr::from_ref(&ss).cast(),
+                len,
+            )
+        };
+        if r < 0 {
+            refused += 1
+        } else {
+            sent += 1
+        }
+    }
+    json!({ "ok": true, "refused": refused, "sent": sent })
 }
 
 fn make_socket(domain: i32, ty: i32, proto: i32) -> Value {
@@ -198,7 +302,10 @@ fn hold(addr: SocketAddr, wait_file: &str) -> Value {
         Ok(s) => s,
         Err(e) => return errno_json(&e),
     };
-    println!("{}", json!({ "connected": true, "local": stream.local_addr().map(|a| a.to_string()).unwrap_or_default() }));
+    println!(
+        "{}",
+        json!({ "connected": true, "local": stream.local_addr().map(|a| a.to_string()).unwrap_or_default() })
+    );
     let _ = std::io::stdout().flush();
     while !std::path::Path::new(wait_file).exists() {
         std::thread::sleep(Duration::from_millis(20));
@@ -208,9 +315,18 @@ fn hold(addr: SocketAddr, wait_file: &str) -> Value {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let addr = |i: usize| -> SocketAddr { args.get(i).and_then(|a| a.parse().ok()).unwrap_or_else(|| panic!("argument {i} must be ip:port")) };
+    let addr = |i: usize| -> SocketAddr {
+        args.get(i)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("argument {i} must be ip:port"))
+    };
     let result = match args.first().map(String::as_str) {
-        Some("tcp") => tcp(addr(1), args.get(2).and_then(|a| a.parse().ok())),
+        Some("tcp") => tcp(addr(1), args.get(2).and_then(|a| a.parse().ok()), None),
+        Some("tcp-mark") => tcp(addr(1), None, Some(0x7011)),
+        Some("udp-flood") => udp_flood(
+            addr(1),
+            args.get(2).and_then(|n| n.parse().ok()).unwrap_or(1000),
+        ),
         Some("tfo") => tfo(addr(1)),
         Some("uring") => uring(addr(1)),
         Some("udp") => udp(addr(1), false, false),
