@@ -46,7 +46,7 @@ pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T
     }
 }
 
-fn tollgate_bin() -> PathBuf {
+pub fn tollgate_bin() -> PathBuf {
     std::env::var_os("TOLLGATE_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/tollgate"))

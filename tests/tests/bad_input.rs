@@ -1,17 +1,14 @@
 //! Bad input: a clear one-line error naming the thing, a non-zero exit, nothing half-attached.
 use std::process::Command;
 
-use tollgate_tests::{Mock, TestEnv};
+use tollgate_tests::{tollgate_bin, Mock, TestEnv};
 
 fn run_once(env: &TestEnv) -> (bool, String) {
-    let out = Command::new(std::env::var_os("TOLLGATE_BIN").map_or_else(
-        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/tollgate"),
-        std::path::PathBuf::from,
-    ))
-    .args(["run", "--config"])
-    .arg(&env.config)
-    .output()
-    .expect("tollgate");
+    let out = Command::new(tollgate_bin())
+        .args(["run", "--config"])
+        .arg(&env.config)
+        .output()
+        .expect("tollgate");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -49,7 +46,7 @@ fn a_policy_that_does_not_parse_stops_before_the_kernel() {
     assert!(line.contains("egres"), "{line}");
     assert_nothing_attached(&env);
 
-    let check = Command::new(std::env::var_os("TOLLGATE_BIN").expect("TOLLGATE_BIN"))
+    let check = Command::new(tollgate_bin())
         .args(["policy", "check"])
         .arg(&env.policies)
         .output()
@@ -147,4 +144,48 @@ fn a_second_daemon_is_refused_and_the_first_keeps_working() {
     );
     let p = env.probe(Some(&app), &["tcp", &mock.addr.to_string()]);
     assert_eq!(p["ok"], true, "{p}");
+}
+
+#[test]
+fn a_kernel_without_bpf_or_cgroup2_is_named() {
+    let env = TestEnv::new("nokernel");
+    // bpf(2) refused (EPERM), as on a kernel without it or without the privilege.
+    let out = Command::new(tollgate_tests::probe_bin())
+        .arg("no-bpf")
+        .arg(tollgate_bin())
+        .args(["run", "--config"])
+        .arg(&env.config)
+        .output()
+        .expect("probe");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(error_line(&stderr).contains("no BPF syscall"), "{stderr}");
+    assert_nothing_attached(&env);
+
+    // No cgroup2 mounted: the daemon runs in a mount namespace where it is unmounted.
+    let script = format!(
+        "umount -l {} && exec {} run --config {}",
+        env.mount.display(),
+        tollgate_bin().display(),
+        env.config.display()
+    );
+    let out = Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .output()
+        .expect("unshare");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        error_line(&stderr).contains("no cgroup2 filesystem is mounted"),
+        "{stderr}"
+    );
+    assert_nothing_attached(&env);
 }

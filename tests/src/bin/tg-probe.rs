@@ -313,6 +313,61 @@ fn hold(addr: SocketAddr, wait_file: &str) -> Value {
     exchange(&mut stream)
 }
 
+/// Execs `argv` with bpf(2) failing with EPERM (a seccomp filter): a kernel without BPF, as
+/// far as the program can tell.
+fn exec_without_bpf(argv: &[String]) -> Value {
+    use std::os::unix::process::CommandExt;
+    const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
+    const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
+    let nr = u32::try_from(libc::SYS_bpf).unwrap_or(0);
+    let filter = [
+        libc::sock_filter {
+            code: 0x20,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        }, // ld [nr]
+        libc::sock_filter {
+            code: 0x15,
+            jt: 0,
+            jf: 1,
+            k: nr,
+        }, // jeq SYS_bpf
+        libc::sock_filter {
+            code: 0x06,
+            jt: 0,
+            jf: 0,
+            k: SECCOMP_RET_ERRNO | 1,
+        }, // ret EPERM
+        libc::sock_filter {
+            code: 0x06,
+            jt: 0,
+            jf: 0,
+            k: SECCOMP_RET_ALLOW,
+        },
+    ];
+    let prog = libc::sock_fprog {
+        len: 4,
+        filter: filter.as_ptr().cast_mut(),
+    };
+    // SAFETY: prctl with a valid filter program that outlives the call.
+    unsafe {
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            || libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                std::ptr::from_ref(&prog),
+            ) != 0
+        {
+            return errno_json(&std::io::Error::last_os_error());
+        }
+    }
+    let Some((program, rest)) = argv.split_first() else {
+        return json!({ "ok": false, "error": "no command" });
+    };
+    errno_json(&std::process::Command::new(program).args(rest).exec())
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let addr = |i: usize| -> SocketAddr {
@@ -337,6 +392,7 @@ fn main() {
         Some("raw") => make_socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW),
         Some("sctp") => make_socket(libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_SCTP),
         Some("bind") => bind_port(addr(1)),
+        Some("no-bpf") => exec_without_bpf(&args[1..]),
         Some("hold") => hold(addr(1), args.get(2).map_or("/nonexistent", String::as_str)),
         _ => {
             eprintln!("usage: tg-probe tcp|tfo|uring|udp|udp6|udp-connect|udp6-connect ADDR | ping | raw | sctp | bind ADDR | hold ADDR FILE");
