@@ -310,3 +310,30 @@ fn a_socket_mark_does_not_exempt_anyone() {
         "only the control reached the upstream"
     );
 }
+
+#[test]
+fn a_workload_program_cannot_override_ours() {
+    let mut env = TestEnv::new("override");
+    let mock = Mock::start("127.0.0.1:0");
+    let app = env.workload("app.service");
+    let _d = env.start();
+    // The attacker attaches its own allow-everything connect4 at its cgroup (as a privileged
+    // workload could); it succeeds, and it changes nothing: our programs still run.
+    let attach = env.probe(None, &["override-connect4", app.to_str().expect("path")]);
+    assert_eq!(
+        attach["ok"], true,
+        "the attacker's program is attached: {attach}"
+    );
+    let p = env.probe(Some(&app), &["tcp", &mock.addr.to_string()]);
+    assert_eq!(p["ok"], false, "still captured and denied (no policy): {p}");
+    env.wait_record("the denial", |r| r["reason"] == "no_policy_for_workload");
+    assert!(
+        mock.peers().is_empty(),
+        "nothing reached the upstream directly"
+    );
+    let counts = env.attachments();
+    assert!(
+        counts.as_object().expect("counts").values().all(|n| n == 1),
+        "ours are intact: {counts}"
+    );
+}

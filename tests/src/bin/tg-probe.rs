@@ -313,6 +313,52 @@ fn hold(addr: SocketAddr, wait_file: &str) -> Value {
     exchange(&mut stream)
 }
 
+/// What a workload able to load BPF would try: attach its own allow-everything connect4
+/// program at `cgroup` with BPF_F_ALLOW_OVERRIDE (or, failing that, as one more program).
+fn override_connect4(cgroup: &str) -> Value {
+    fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> std::io::Result<i64> {
+        // SAFETY: a zeroed bpf_attr of sufficient size.
+        let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(r)
+        }
+    }
+    // r0 = 1; exit
+    let insns: [u8; 16] = [0xb7, 0, 0, 0, 1, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0];
+    let license = b"GPL\0";
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&18u32.to_ne_bytes()); // BPF_PROG_TYPE_CGROUP_SOCK_ADDR
+    attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
+    attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+    attr[68..72].copy_from_slice(&10u32.to_ne_bytes()); // BPF_CGROUP_INET4_CONNECT
+    let prog = match bpf(5, &mut attr) {
+        Ok(fd) => fd,
+        Err(e) => return errno_json(&e),
+    };
+    let dir = match std::fs::File::open(cgroup) {
+        Ok(f) => f,
+        Err(e) => return errno_json(&e),
+    };
+    let mut results = Vec::new();
+    for flags in [1u32, 0, 2] {
+        let mut attr = [0u8; 128];
+        attr[0..4].copy_from_slice(&u32::try_from(dir.as_raw_fd()).unwrap_or(0).to_ne_bytes());
+        attr[4..8].copy_from_slice(&u32::try_from(prog).unwrap_or(0).to_ne_bytes());
+        attr[8..12].copy_from_slice(&10u32.to_ne_bytes());
+        attr[12..16].copy_from_slice(&flags.to_ne_bytes());
+        let r = bpf(8, &mut attr); // BPF_PROG_ATTACH
+        results.push(json!({ "flags": flags, "attached": r.is_ok(), "error": r.err().map(|e| e.to_string()) }));
+        if results.last().is_some_and(|v| v["attached"] == true) {
+            break;
+        }
+    }
+    let attached = results.iter().any(|v| v["attached"] == true);
+    json!({ "ok": attached, "attempts": results })
+}
+
 /// Execs `argv` with bpf(2) failing with EPERM (a seccomp filter): a kernel without BPF, as
 /// far as the program can tell.
 fn exec_without_bpf(argv: &[String]) -> Value {
@@ -392,6 +438,7 @@ fn main() {
         Some("raw") => make_socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW),
         Some("sctp") => make_socket(libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_SCTP),
         Some("bind") => bind_port(addr(1)),
+        Some("override-connect4") => override_connect4(args.get(1).map_or("", String::as_str)),
         Some("no-bpf") => exec_without_bpf(&args[1..]),
         Some("hold") => hold(addr(1), args.get(2).map_or("/nonexistent", String::as_str)),
         _ => {
