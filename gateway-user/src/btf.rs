@@ -139,7 +139,7 @@ mod tests {
         let mut push = |words: &[u32]| {
             words
                 .iter()
-                .for_each(|w| types.extend_from_slice(&w.to_le_bytes()))
+                .for_each(|w| types.extend_from_slice(&w.to_le_bytes()));
         };
         push(&[int, 1 << 24, 8, 64]); // 1: int, 8 bytes
         push(&[task, (4 << 24) | 2, 16, a, 1, 0, 0, 3, 64]); // 2: task_struct { a @0; anon @64 bits }

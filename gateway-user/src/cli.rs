@@ -39,6 +39,11 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Workload network namespaces.
+    Netns {
+        #[command(subcommand)]
+        command: NetnsCommand,
+    },
     /// Work with policy files.
     Policy {
         #[command(subcommand)]
@@ -46,6 +51,17 @@ enum Command {
     },
     /// Run the demo on the embedded default config (needs root, curl and python3).
     Demo,
+}
+
+#[derive(Subcommand)]
+enum NetnsCommand {
+    /// Serve the namespace at PATH (e.g. /run/netns/<pod>) before its workloads start; returns
+    /// when its listener is up.
+    Add {
+        #[arg(long, short)]
+        config: PathBuf,
+        path: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -119,6 +135,20 @@ pub fn main() -> ExitCode {
             }
             Err(e) => fail(e),
         },
+        Command::Netns {
+            command: NetnsCommand::Add { config, path },
+        } => {
+            match load(&config)
+                .map_err(|e| e.to_string())
+                .and_then(|c| daemon::register_netns(&c, &path))
+            {
+                Ok(cookie) => {
+                    println!("serving {} (netns cookie {cookie})", path.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
         Command::Policy {
             command: PolicyCommand::Check { dir },
         } => match PolicySet::load_dir(&dir) {

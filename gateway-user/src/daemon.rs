@@ -21,6 +21,8 @@ use crate::{
     config::Config,
     ebpf::{self, Kernel},
     events,
+    namespaces::Namespaces,
+    netns::Netns,
     policy::PolicySet,
     proxy::{self, Gateway},
     sockdiag,
@@ -45,6 +47,11 @@ pub enum RunError {
     #[error("cannot listen on {addr}: {source} (is another process using the listener port?)")]
     Listen {
         addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot open the admin socket {path}: {source}")]
+    Admin {
+        path: PathBuf,
         source: std::io::Error,
     },
     #[error("policies: {0}")]
@@ -123,6 +130,18 @@ fn ensure_bpffs(config: &Config) -> Result<(), RunError> {
     Ok(())
 }
 
+/// A per-instance file under /run/tollgate (lock, admin socket), named after the pin dir.
+pub fn runtime_path(config: &Config, ext: &str) -> PathBuf {
+    let name: String = config
+        .pin_dir
+        .display()
+        .to_string()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    Path::new("/run/tollgate").join(format!("{name}.{ext}"))
+}
+
 /// Whether this process shares pid 1's mount namespace. Where pid 1's namespace cannot be
 /// read (a sandbox without ptrace access to it), the initial mount namespace's fixed inode
 /// number (kernels 6.x) stands in for it.
@@ -137,16 +156,10 @@ fn in_host_mount_ns() -> Result<bool, RunError> {
 
 /// Holds an exclusive lock for this pin directory while the daemon runs.
 fn lock(config: &Config) -> Result<fs::File, RunError> {
-    let name: String = config
-        .pin_dir
-        .display()
-        .to_string()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
-    let dir = Path::new("/run/tollgate");
-    fs::create_dir_all(dir)?;
-    let path = dir.join(format!("{name}.lock"));
+    let path = runtime_path(config, "lock");
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir)?;
+    }
     let file = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -272,10 +285,11 @@ fn socket_inodes(dirs: &[PathBuf]) -> HashSet<u32> {
 
 /// When enforcement starts: destroys outbound TCP connections that already existed under the
 /// roots, and records connections a server there had accepted, so the backstop lets them be.
-fn settle_existing(
+pub fn settle_existing(
     config: &Config,
     mount: &Path,
-    accepted: &mut aya::maps::HashMap<aya::maps::MapData, AcceptedKey, u8>,
+    ns: &Netns,
+    accepted: &Mutex<AcceptedMap>,
     audit: &AuditLog,
 ) -> Result<(), RunError> {
     let dirs: Vec<PathBuf> = config
@@ -288,7 +302,7 @@ fn settle_existing(
         .filter_map(|d| cgroup::cgroup_id(d).ok())
         .collect();
     let inodes = socket_inodes(&dirs);
-    let socks = sockdiag::dump_tcp()?;
+    let socks = sockdiag::dump_tcp(ns)?;
     let listening: Vec<SocketAddr> = socks
         .iter()
         .filter(|s| s.state == sockdiag::TCP_LISTEN)
@@ -321,12 +335,14 @@ fn settle_existing(
         r.dst.protocol = Some("tcp");
         if is_served(s.local) {
             accepted
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .insert(accepted_key(s.local, s.remote), 1, 0)
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
             r.decision = Verdict::Allow;
             r.reason = "preexisting_accepted_connection_kept".into();
         } else {
-            match sockdiag::destroy(s) {
+            match sockdiag::destroy(ns, s) {
                 Ok(()) => r.reason = "preexisting_outbound_connection_destroyed".into(),
                 Err(e) => {
                     r.decision = Verdict::Error;
@@ -357,12 +373,22 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> Result<(), RunError> {
     ]
     .into_iter()
     .map(|addr| {
-        let std = std::net::TcpListener::bind(addr)
-            .map_err(|source| RunError::Listen { addr, source })?;
-        std.set_nonblocking(true)?;
-        tokio::net::TcpListener::from_std(std).map_err(|source| RunError::Listen { addr, source })
+        Netns::Host
+            .listen(addr)
+            .and_then(tokio::net::TcpListener::from_std)
+            .map_err(|source| RunError::Listen { addr, source })
     })
     .collect::<Result<Vec<_>, _>>()?;
+    let admin_path = runtime_path(config, "sock");
+    let _ = fs::remove_file(&admin_path);
+    let admin = tokio::net::UnixListener::bind(&admin_path).map_err(|source| RunError::Admin {
+        path: admin_path.clone(),
+        source,
+    })?;
+    fs::set_permissions(
+        &admin_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
 
     let fresh_install = !config.pin_dir.exists();
     let attached = attach_all(config, &pre.cgroup_mount, gateway_cgroup_id, &audit);
@@ -375,8 +401,8 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> Result<(), RunError> {
             return Err(e);
         }
     };
-    let mut accepted = maps.accepted;
-    if let Err(e) = settle_existing(config, &pre.cgroup_mount, &mut accepted, &audit) {
+    let accepted = Arc::new(Mutex::new(maps.accepted));
+    if let Err(e) = settle_existing(config, &pre.cgroup_mount, &Netns::Host, &accepted, &audit) {
         tracing::error!(error = %e, "could not settle connections that predate enforcement");
     }
     let gateway = Arc::new(Gateway {
@@ -387,10 +413,17 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> Result<(), RunError> {
         audit: audit.clone(),
         exe_cache: crate::identity::ExeHashCache::default(),
     });
+    let namespaces = Arc::new(Namespaces::new(Arc::clone(&gateway), accepted)?);
     runtime.block_on(async {
+        let host = Arc::new(Netns::Host);
         for l in listeners {
-            tokio::spawn(proxy::serve(Arc::clone(&gateway), l));
+            tokio::spawn(proxy::serve(Arc::clone(&gateway), l, Arc::clone(&host)));
         }
+        // Namespaces of workloads already running are served before we say we are ready.
+        let initial = Arc::clone(&namespaces);
+        let _ = tokio::task::spawn_blocking(move || initial.sweep()).await;
+        tokio::spawn(Arc::clone(&namespaces).sweep_forever());
+        tokio::spawn(Arc::clone(&namespaces).serve_admin(admin));
         tokio::spawn(events::drain_events(maps.events, audit.clone(), pre.cgroup_mount.clone()));
         tokio::spawn(events::watch_counters(Arc::new(maps.counters), audit.clone(), pre.cgroup_mount.clone()));
         tokio::spawn(watch_policies(Arc::clone(&gateway)));
@@ -404,6 +437,7 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> Result<(), RunError> {
             _ = tokio::signal::ctrl_c() => {},
         }
         tracing::info!("stopping; enforcement stays pinned (connects are refused until the next start)");
+        let _ = fs::remove_file(&admin_path);
         Ok::<(), RunError>(())
     })?;
     runtime.shutdown_timeout(std::time::Duration::from_millis(200));
@@ -411,6 +445,9 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> Result<(), RunError> {
 }
 
 type Attached = (Kernel, ebpf::RuntimeMaps);
+
+/// The map of connections accepted before enforcement started.
+pub type AcceptedMap = aya::maps::HashMap<aya::maps::MapData, AcceptedKey, u8>;
 
 fn attach_all(
     config: &Config,
@@ -509,4 +546,27 @@ pub fn status(config: &Config) -> Result<serde_json::Value, RunError> {
 /// Removes every pin (and so every attachment) this config's pin directory holds.
 pub fn uninstall(config: &Config) -> Result<usize, RunError> {
     Ok(ebpf::uninstall(&config.pin_dir)?)
+}
+
+/// Asks the running daemon to serve the network namespace at `path` (what a CNI plugin does
+/// before a pod's containers start). Returns the namespace's cookie once its listener is up.
+pub fn register_netns(config: &Config, path: &Path) -> Result<u64, String> {
+    use std::io::{BufRead, BufReader};
+    let admin = runtime_path(config, "sock");
+    let mut stream = std::os::unix::net::UnixStream::connect(&admin).map_err(|e| {
+        format!(
+            "cannot reach the daemon at {}: {e} (is `tollgate run` running with this config?)",
+            admin.display()
+        )
+    })?;
+    writeln!(stream, "netns-add {}", path.display()).map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(stream)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    match line.trim().split_once(' ') {
+        Some(("ok", cookie)) => cookie.parse().map_err(|_| format!("bad reply {line:?}")),
+        Some(("error", msg)) => Err(format!("{}: {msg}", path.display())),
+        _ => Err(format!("bad reply {line:?}")),
+    }
 }

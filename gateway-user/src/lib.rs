@@ -11,6 +11,8 @@ pub mod demo;
 pub mod ebpf;
 pub mod events;
 pub mod identity;
+pub mod namespaces;
+pub mod netns;
 pub mod policy;
 pub mod proxy;
 pub mod sockdiag;

@@ -16,6 +16,7 @@ use crate::{
     audit::{AuditLog, AuditRecord, DstRecord, Layer, Verdict, WorkloadRecord},
     config::Config,
     identity::{self, ExeHashCache},
+    netns::Netns,
     policy::{Decision, PolicySet, WorkloadView},
     sockdiag,
 };
@@ -87,32 +88,11 @@ pub fn orig_dst(origin: &SockState) -> SocketAddr {
     SocketAddr::new(ip, origin.dst_port)
 }
 
-/// The network namespace cookie of a socket (SO_NETNS_COOKIE).
-pub fn netns_cookie(fd: &impl std::os::fd::AsRawFd) -> std::io::Result<u64> {
-    const SO_NETNS_COOKIE: libc::c_int = 71;
-    let mut v: u64 = 0;
-    let mut len = libc::socklen_t::try_from(std::mem::size_of::<u64>()).unwrap_or(8);
-    // SAFETY: valid output buffer and length.
-    let r = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            std::ptr::from_mut(&mut v).cast(),
-            &mut len,
-        )
-    };
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(v)
-    }
-}
-
 impl Gateway {
     /// Takes the origin of the connection `peer` → `local`, and checks it.
     fn take_origin(
         &self,
+        ns: &Netns,
         netns: u64,
         peer: SocketAddr,
         local: SocketAddr,
@@ -136,7 +116,7 @@ impl Gateway {
         }
         // The entry must belong to the socket connected now: ask the kernel for the cookie of
         // the client socket at this exact 4-tuple.
-        match sockdiag::lookup(peer, local) {
+        match sockdiag::lookup(ns, peer, local) {
             Ok(Some(sock)) if sock.cookie == origin.socket_cookie => {}
             _ => return Err(OriginError::Reused),
         }
@@ -151,17 +131,17 @@ impl Gateway {
     }
 
     /// Handles one accepted connection to its end.
-    pub async fn handle(self: Arc<Self>, client: TcpStream, netns: u64) {
+    pub async fn handle(self: Arc<Self>, client: TcpStream, ns: Arc<Netns>, netns: u64) {
         let started = Instant::now();
         let (Ok(peer), Ok(local)) = (client.peer_addr(), client.local_addr()) else {
             return;
         };
         let peer = canonical(peer);
-        let origin = match self.take_origin(netns, peer, local) {
+        let origin = match self.take_origin(&ns, netns, peer, local) {
             Ok(o) => o,
             Err(e) => {
                 let mut r = AuditRecord::new(Verdict::Deny, Layer::Connect, e.as_str());
-                r.workload = self.peer_workload(peer, local);
+                r.workload = self.peer_workload(&ns, peer, local);
                 self.audit.emit(&r);
                 tracing::info!(%peer, reason = e.as_str(), "connection refused before policy");
                 reset(&client);
@@ -209,26 +189,27 @@ impl Gateway {
                 record.policy = Some(policy);
                 record.rule = Some(rule);
                 record.reason = "rule_matched".into();
-                self.forward(client, dst, record, started).await;
+                self.forward(&ns, client, dst, record, started).await;
             }
             Decision::WouldDeny { policy, reason } => {
                 record.decision = Verdict::WouldDeny;
                 record.policy = Some(policy);
                 record.reason = format!("monitor:{}", reason.as_str());
-                self.forward(client, dst, record, started).await;
+                self.forward(&ns, client, dst, record, started).await;
             }
         }
     }
 
     async fn forward(
         &self,
+        ns: &Netns,
         mut client: TcpStream,
         dst: SocketAddr,
         mut record: AuditRecord,
         started: Instant,
     ) {
         let target = self.config.upstream_for(dst);
-        match self.dial(target).await {
+        match self.dial(ns, target).await {
             Ok(mut upstream) => {
                 let (up, down) = tokio::io::copy_bidirectional(&mut client, &mut upstream)
                     .await
@@ -246,12 +227,16 @@ impl Gateway {
         self.audit.emit(&record);
     }
 
-    async fn dial(&self, target: SocketAddr) -> std::io::Result<TcpStream> {
-        let socket = if target.is_ipv4() {
-            TcpSocket::new_v4()?
+    /// Connects to `target` from the workload's network namespace (the socket is made there;
+    /// it belongs to the gateway's cgroup, so no enforcement applies to it).
+    async fn dial(&self, ns: &Netns, target: SocketAddr) -> std::io::Result<TcpStream> {
+        let domain = if target.is_ipv4() {
+            libc::AF_INET
         } else {
-            TcpSocket::new_v6()?
+            libc::AF_INET6
         };
+        let fd = ns.socket(domain, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0)?;
+        let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
         if let Some(src) = self.config.upstream_bind {
             if src.is_ipv4() == target.is_ipv4() {
                 socket.bind(SocketAddr::new(src, 0))?;
@@ -264,9 +249,9 @@ impl Gateway {
 
     /// What the kernel says about the client socket of a connection that had no valid origin:
     /// its cgroup, so the audit record names the workload.
-    fn peer_workload(&self, peer: SocketAddr, local: SocketAddr) -> WorkloadRecord {
+    fn peer_workload(&self, ns: &Netns, peer: SocketAddr, local: SocketAddr) -> WorkloadRecord {
         let mut w = WorkloadRecord::default();
-        if let Ok(Some(sock)) = sockdiag::lookup(peer, local) {
+        if let Ok(Some(sock)) = sockdiag::lookup(ns, peer, local) {
             if let Some(id) = sock.cgroup_id {
                 w.cgroup_id = id;
                 let path = crate::cgroup::path_of_id(&self.cgroup_mount, id);
@@ -320,9 +305,9 @@ fn socket2_linger_zero(stream: &TcpStream) -> std::io::Result<()> {
     }
 }
 
-/// Accepts forever on `listener`.
-pub async fn serve(gateway: Arc<Gateway>, listener: TcpListener) {
-    let netns = match netns_cookie(&listener) {
+/// Accepts forever on `listener`, a listener in the namespace `ns`.
+pub async fn serve(gateway: Arc<Gateway>, listener: TcpListener, ns: Arc<Netns>) {
+    let netns = match crate::netns::cookie_of(&listener) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "cannot read the listener's netns cookie; refusing all connections");
@@ -333,7 +318,7 @@ pub async fn serve(gateway: Arc<Gateway>, listener: TcpListener) {
         match listener.accept().await {
             Ok((stream, _)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(Arc::clone(&gateway).handle(stream, netns));
+                tokio::spawn(Arc::clone(&gateway).handle(stream, Arc::clone(&ns), netns));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");

@@ -1,9 +1,10 @@
 //! TCP sockets through NETLINK_SOCK_DIAG (inet_diag): listing them with their cgroup, looking
 //! one up by its exact 4-tuple (for its cookie), and destroying one (SOCK_DESTROY).
+use crate::netns::Netns;
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, OwnedFd},
 };
 
 const NETLINK_SOCK_DIAG: i32 = 4;
@@ -36,20 +37,8 @@ pub struct TcpSock {
     raw_id: [u8; 48],
 }
 
-fn socket() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2); the fd is owned at once.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            NETLINK_SOCK_DIAG,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+fn socket(ns: &Netns) -> io::Result<OwnedFd> {
+    ns.socket(libc::AF_NETLINK, libc::SOCK_DGRAM, NETLINK_SOCK_DIAG)
 }
 
 fn send(fd: &OwnedFd, msg_type: u16, flags: u16, req: &[u8; REQ]) -> io::Result<()> {
@@ -169,11 +158,11 @@ fn request(family: u8, states: u32, id: [u8; 48]) -> [u8; REQ] {
     req
 }
 
-/// Every TCP socket of this network namespace.
-pub fn dump_tcp() -> io::Result<Vec<TcpSock>> {
+/// Every TCP socket of the network namespace `ns`.
+pub fn dump_tcp(ns: &Netns) -> io::Result<Vec<TcpSock>> {
     let mut out = Vec::new();
     for family in [libc::AF_INET, libc::AF_INET6] {
-        let fd = socket()?;
+        let fd = socket(ns)?;
         let family = u8::try_from(family).unwrap_or(0);
         send(
             &fd,
@@ -187,8 +176,8 @@ pub fn dump_tcp() -> io::Result<Vec<TcpSock>> {
 }
 
 /// Destroys one socket (SOCK_DESTROY, needs CONFIG_INET_DIAG_DESTROY): its owner sees ECONNABORTED.
-pub fn destroy(sock: &TcpSock) -> io::Result<()> {
-    let fd = socket()?;
+pub fn destroy(ns: &Netns, sock: &TcpSock) -> io::Result<()> {
+    let fd = socket(ns)?;
     send(
         &fd,
         SOCK_DESTROY,
@@ -224,11 +213,11 @@ fn id_for(local: SocketAddr, remote: SocketAddr) -> Option<(u8, [u8; 48])> {
 }
 
 /// The socket whose local end is `local` and remote end `remote`, if one exists.
-pub fn lookup(local: SocketAddr, remote: SocketAddr) -> io::Result<Option<TcpSock>> {
+pub fn lookup(ns: &Netns, local: SocketAddr, remote: SocketAddr) -> io::Result<Option<TcpSock>> {
     let Some((family, id)) = id_for(local, remote) else {
         return Ok(None);
     };
-    let fd = socket()?;
+    let fd = socket(ns)?;
     send(
         &fd,
         SOCK_DIAG_BY_FAMILY,
@@ -256,9 +245,12 @@ mod tests {
         let (_server, _) = listener.accept().expect("accept");
         let local = client.local_addr().expect("local");
         let remote = client.peer_addr().expect("peer");
-        let cookie = lookup(local, remote).expect("diag").expect("found").cookie;
+        let cookie = lookup(&Netns::Host, local, remote)
+            .expect("diag")
+            .expect("found")
+            .cookie;
         assert_ne!(cookie, 0);
-        let all = dump_tcp().expect("dump");
+        let all = dump_tcp(&Netns::Host).expect("dump");
         let me = all
             .iter()
             .find(|s| s.local == local && s.remote == remote)
@@ -268,8 +260,10 @@ mod tests {
         assert!(all
             .iter()
             .any(|s| s.state == TCP_LISTEN && s.local == listener.local_addr().expect("addr")));
-        assert!(lookup(local, "127.0.0.1:1".parse().expect("addr"))
-            .expect("diag")
-            .is_none());
+        assert!(
+            lookup(&Netns::Host, local, "127.0.0.1:1".parse().expect("addr"))
+                .expect("diag")
+                .is_none()
+        );
     }
 }

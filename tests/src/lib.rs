@@ -143,6 +143,8 @@ pub struct TestEnv {
     pub dir: PathBuf,
     pub port: u16,
     pub root: Cgroup,
+    /// The enforced root: `root` itself, or a cgroup below it (see [`TestEnv::kube`]).
+    pub enforced: PathBuf,
     pub gateway_cgroup: PathBuf,
     pub config: PathBuf,
     pub audit: PathBuf,
@@ -187,6 +189,7 @@ impl TestEnv {
             mount,
             dir: dir.clone(),
             port,
+            enforced: root.path.clone(),
             root,
             gateway_cgroup,
             config,
@@ -201,7 +204,23 @@ impl TestEnv {
 
     /// The root's path relative to the cgroup2 mount.
     pub fn root_rel(&self) -> String {
-        format!("/{}.slice", self.name)
+        format!(
+            "/{}",
+            self.enforced
+                .strip_prefix(&self.mount)
+                .expect("under the mount")
+                .display()
+        )
+    }
+
+    /// An environment whose enforced root is named like Kubernetes' (`…/kubepods.slice`).
+    pub fn kube(test: &str) -> Self {
+        let mut env = Self::new(test);
+        let kubepods = env.root.path.join("kubepods.slice");
+        std::fs::create_dir_all(&kubepods).expect("kubepods.slice");
+        env.enforced = kubepods;
+        env.write_config("");
+        env
     }
 
     /// Writes the daemon config, with `extra` YAML lines appended.
@@ -238,7 +257,7 @@ impl TestEnv {
 
     /// A workload cgroup under the root (nested paths allowed), removed with the env.
     pub fn workload(&mut self, rel: &str) -> PathBuf {
-        let path = self.root.path.join(rel);
+        let path = self.enforced.join(rel);
         self.children.push(Cgroup::create(path.clone()));
         path
     }
@@ -464,4 +483,84 @@ pub fn run_in(cgroup: &Path, program: &str, args: &[&str]) -> Output {
     join_before_exec(&mut cmd, cgroup);
     cmd.output()
         .unwrap_or_else(|e| panic!("run {program}: {e}"))
+}
+
+/// A "pod": a network namespace of its own (loopback up), named like a runtime's sandbox.
+pub struct Pod {
+    pub name: String,
+    pub netns: PathBuf,
+    pub cgroup: PathBuf,
+}
+
+impl Pod {
+    /// Makes the namespace; `cgroup` is the workload cgroup its containers run in.
+    pub fn new(env: &TestEnv, label: &str, cgroup: PathBuf) -> Self {
+        let name = format!("{}-{label}", env.name);
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("ip netns add")
+            .success();
+        assert!(
+            ok,
+            "ip netns add {name} (kernel feature missing: network namespaces)"
+        );
+        let ok = Command::new("ip")
+            .args(["-n", &name, "link", "set", "lo", "up"])
+            .status()
+            .expect("ip link")
+            .success();
+        assert!(ok, "bring lo up in {name}");
+        Self {
+            netns: PathBuf::from("/run/netns").join(&name),
+            name,
+            cgroup,
+        }
+    }
+
+    /// Runs `program args` in the pod: its cgroup (joined before exec) and its namespace.
+    pub fn run(&self, program: &str, args: &[&str]) -> Output {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.netns.display()))
+            .arg("--")
+            .arg(program)
+            .args(args);
+        join_before_exec(&mut cmd, &self.cgroup);
+        cmd.output()
+            .unwrap_or_else(|e| panic!("nsenter {program}: {e}"))
+    }
+
+    /// Runs the probe in the pod and parses its JSON line.
+    pub fn probe(&self, args: &[&str]) -> Value {
+        let probe = probe_bin();
+        let out = self.run(probe.to_str().expect("path"), args);
+        let text = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(text.lines().last().unwrap_or(""))
+            .unwrap_or_else(|e| panic!("probe output {text:?}: {e}"))
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+impl Mock {
+    /// A mock listening inside the network namespace at `netns`.
+    pub fn start_in(netns: &Path, bind: &str) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let netns = netns.to_owned();
+        let bind = bind.to_owned();
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(&netns).expect("netns file");
+            // SAFETY: setns on this thread only.
+            let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            tx.send(Mock::start(&bind)).expect("send mock");
+        });
+        rx.recv().expect("mock in netns")
+    }
 }

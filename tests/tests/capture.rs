@@ -176,7 +176,7 @@ fn recreated_workload_cgroup_is_still_enforced() {
     env.allow("svc", "svc.service", &[mock.addr]);
     let _d = env.start();
     for round in 0..2 {
-        let svc = env.root.path.join("svc.service");
+        let svc = env.enforced.join("svc.service");
         let cg = tollgate_tests::Cgroup::create(svc.clone());
         let before = mock.peers().len();
         let p = env.probe(Some(&svc), &["tcp", &mock.addr.to_string()]);

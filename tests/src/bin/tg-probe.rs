@@ -270,9 +270,9 @@ fn udp_flood(addr: SocketAddr, n: u32) -> Value {
             )
         };
         if r < 0 {
-            refused += 1
+            refused += 1;
         } else {
-            sent += 1
+            sent += 1;
         }
     }
     json!({ "ok": true, "refused": refused, "sent": sent })

@@ -1,0 +1,230 @@
+//! The workload network namespaces the gateway serves. Each gets a listener inside it (on the
+//! same addresses and port as the host's) before its workloads connect: a runtime registers a
+//! new namespace through the admin socket (`tollgate netns add`, as a CNI plugin would, before
+//! the containers start), and namespaces of processes found under the roots are adopted too.
+//! Until a namespace is served, its redirected connects are refused (closed, never open).
+use std::{
+    collections::{HashMap, HashSet},
+    fs::File,
+    io,
+    net::{IpAddr, SocketAddr},
+    os::unix::fs::MetadataExt,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::UnixListener,
+    task::JoinHandle,
+};
+
+use crate::{
+    audit::{AuditRecord, Layer, Verdict},
+    cgroup,
+    daemon::{settle_existing, AcceptedMap},
+    netns::{Netns, Workload},
+    proxy::{self, Gateway},
+};
+
+struct Entry {
+    ns: Arc<Netns>,
+    tasks: Vec<JoinHandle<()>>,
+    /// The path a runtime registered (e.g. /run/netns/<pod>), if any.
+    path: Option<PathBuf>,
+}
+
+/// Every workload namespace being served, by namespace inode.
+pub struct Namespaces {
+    gateway: Arc<Gateway>,
+    accepted: Arc<Mutex<AcceptedMap>>,
+    host_inode: u64,
+    entries: Mutex<HashMap<u64, Entry>>,
+}
+
+fn inode_of(path: &std::path::Path) -> Option<u64> {
+    std::fs::metadata(path).ok().map(|m| m.ino())
+}
+
+impl Namespaces {
+    pub fn new(gateway: Arc<Gateway>, accepted: Arc<Mutex<AcceptedMap>>) -> io::Result<Self> {
+        let host_inode = inode_of(std::path::Path::new("/proc/self/ns/net"))
+            .ok_or_else(|| io::Error::other("cannot read /proc/self/ns/net"))?;
+        Ok(Self {
+            gateway,
+            accepted,
+            host_inode,
+            entries: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Serves the namespace behind `file` (idempotent). Returns its netns cookie. Blocking:
+    /// call from a blocking context.
+    pub fn add(&self, file: File, path: Option<PathBuf>, how: &str) -> io::Result<u64> {
+        let inode = file.metadata()?.ino();
+        if inode == self.host_inode {
+            return Netns::Host.cookie();
+        }
+        let mut entries = self
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(e) = entries.get_mut(&inode) {
+            if path.is_some() {
+                e.path = path;
+            }
+            return e.ns.cookie();
+        }
+        let ns = Arc::new(Netns::Workload(Workload::enter(file)?));
+        let config = &self.gateway.config;
+        let mut tasks = Vec::new();
+        for (ip, required) in [
+            (IpAddr::V4(config.listener_v4), true),
+            (IpAddr::V6(config.listener_v6), false),
+        ] {
+            let addr = SocketAddr::new(ip, config.listener_port);
+            match ns.listen(addr).and_then(tokio::net::TcpListener::from_std) {
+                Ok(l) => tasks.push(tokio::spawn(proxy::serve(
+                    Arc::clone(&self.gateway),
+                    l,
+                    Arc::clone(&ns),
+                ))),
+                Err(e) if required => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("listener {addr} in the namespace: {e}"),
+                    ))
+                }
+                Err(e) => {
+                    tracing::warn!(%addr, error = %e, "no IPv6 listener in a workload namespace");
+                }
+            }
+        }
+        if let Err(e) = settle_existing(
+            config,
+            &self.gateway.cgroup_mount,
+            &ns,
+            &self.accepted,
+            &self.gateway.audit,
+        ) {
+            tracing::warn!(error = %e, "could not settle connections that predate the namespace's enforcement");
+        }
+        let cookie = ns.cookie()?;
+        let mut r = AuditRecord::new(Verdict::Allow, Layer::Lifecycle, "netns_enforced");
+        r.rule = Some(format!(
+            "{how}: inode {inode}, cookie {cookie}{}",
+            path.as_ref()
+                .map(|p| format!(", {}", p.display()))
+                .unwrap_or_default()
+        ));
+        self.gateway.audit.emit(&r);
+        tracing::info!(inode, cookie, how, "serving a workload network namespace");
+        entries.insert(inode, Entry { ns, tasks, path });
+        Ok(cookie)
+    }
+
+    /// Namespace inodes of the processes under the enforced roots, with a pid in each.
+    fn in_use(&self) -> HashMap<u64, i32> {
+        let mount = &self.gateway.cgroup_mount;
+        let mut out = HashMap::new();
+        for root in &self.gateway.config.roots {
+            for dir in cgroup::walk(&root.dir(mount)) {
+                for pid in cgroup::procs(&dir) {
+                    if let Some(ino) =
+                        inode_of(std::path::Path::new(&format!("/proc/{pid}/ns/net")))
+                    {
+                        out.entry(ino).or_insert(pid);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Adopts namespaces of processes under the roots that no runtime registered, and stops
+    /// serving namespaces nobody uses any more.
+    pub fn sweep(&self) {
+        let used = self.in_use();
+        let known: HashSet<u64> = self
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .keys()
+            .copied()
+            .collect();
+        for (ino, pid) in &used {
+            if *ino == self.host_inode || known.contains(ino) {
+                continue;
+            }
+            match File::open(format!("/proc/{pid}/ns/net")) {
+                Ok(f) => {
+                    if let Err(e) = self.add(f, None, "discovered") {
+                        tracing::warn!(pid, error = %e, "cannot serve a workload's network namespace");
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(pid, error = %e, "process gone before its namespace was read");
+                }
+            }
+        }
+        let mut entries = self
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        entries.retain(|ino, e| {
+            let registered = e.path.as_ref().is_some_and(|p| inode_of(p) == Some(*ino));
+            let keep = registered || used.contains_key(ino);
+            if !keep {
+                for t in &e.tasks {
+                    t.abort();
+                }
+                tracing::info!(inode = ino, "workload network namespace released");
+            }
+            keep
+        });
+    }
+
+    /// Serves the admin socket: `netns-add <path>` → `ok <cookie>` or `error <message>`.
+    pub async fn serve_admin(self: Arc<Self>, listener: UnixListener) {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let me = Arc::clone(&self);
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut line = String::new();
+                if BufReader::new(read).read_line(&mut line).await.is_err() {
+                    return;
+                }
+                let reply = match line.trim().split_once(' ') {
+                    Some(("netns-add", path)) => {
+                        let path = PathBuf::from(path);
+                        let result = tokio::task::spawn_blocking(move || {
+                            File::open(&path).and_then(|f| me.add(f, Some(path), "registered"))
+                        })
+                        .await
+                        .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
+                        match result {
+                            Ok(cookie) => format!("ok {cookie}\n"),
+                            Err(e) => format!("error {e}\n"),
+                        }
+                    }
+                    _ => "error unknown request; expected `netns-add <path>`\n".to_owned(),
+                };
+                let _ = write.write_all(reply.as_bytes()).await;
+            });
+        }
+    }
+
+    /// Sweeps periodically.
+    pub async fn sweep_forever(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+            let me = Arc::clone(&self);
+            let _ = tokio::task::spawn_blocking(move || me.sweep()).await;
+        }
+    }
+}

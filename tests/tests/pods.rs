@@ -1,0 +1,215 @@
+//! Workloads in their own network namespaces ("pods"): captured, decided and forwarded inside
+//! their namespace, under an enforced root named like Kubernetes'.
+use std::process::Command;
+
+use tollgate_tests::{tollgate_bin, wait_for, Mock, Pod, TestEnv};
+
+const CONTAINER_A: &str = "4f6b1c0d2e3a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9a0b1c2d3e";
+const CONTAINER_B: &str = "9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b3a2f1e0d9c8b7a6f5e4d3c2b1a0f9e8d";
+
+/// The cgroup containerd (systemd driver) makes for a burstable pod's container.
+fn containerd_cgroup(pod_uid: &str, container: &str) -> String {
+    let uid = pod_uid.replace('-', "_");
+    format!("kubepods-burstable.slice/kubepods-burstable-pod{uid}.slice/cri-containerd-{container}.scope")
+}
+
+fn register(env: &TestEnv, pod: &Pod) {
+    let out = Command::new(tollgate_bin())
+        .args(["netns", "add", "--config"])
+        .arg(&env.config)
+        .arg(&pod.netns)
+        .output()
+        .expect("tollgate netns add");
+    assert!(
+        out.status.success(),
+        "register {}: {}",
+        pod.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn pod_clients_reach_an_allowed_mock_through_the_gateway() {
+    let mut env = TestEnv::kube("pod");
+    let uid = "0b4f2a4e-6d1c-4c8e-9a57-3f2e1d0c9b8a";
+    let rel = containerd_cgroup(uid, CONTAINER_A);
+    let cg = env.workload(&rel);
+    // The pod's policy is declared before the pod exists.
+    let port = tollgate_tests::free_port();
+    env.allow(
+        "pod-a",
+        &rel,
+        &[format!("127.0.0.1:{port}").parse().expect("addr")],
+    );
+    let _d = env.start();
+    // A new pod, created while the daemon runs: namespace, registration (as the runtime's
+    // network plugin would), then the workload's first connection.
+    let pod = Pod::new(&env, "a", cg);
+    let allowed = Mock::start_in(&pod.netns, &format!("127.0.0.1:{port}"));
+    let denied = Mock::start_in(&pod.netns, "127.0.0.1:0");
+    register(&env, &pod);
+
+    let first = pod.probe(&["tcp", &allowed.addr.to_string()]);
+    assert_eq!(
+        first["ok"], true,
+        "the pod's first connection is captured and allowed: {first}"
+    );
+    assert_eq!(
+        first["peer"],
+        allowed.addr.to_string(),
+        "getpeername shows the original destination"
+    );
+    let url = format!("http://{}/", allowed.addr);
+    let curl = pod.run("curl", &["-sS", "--max-time", "5", &url]);
+    assert!(
+        String::from_utf8_lossy(&curl.stdout).contains("mock"),
+        "curl: {}",
+        String::from_utf8_lossy(&curl.stderr)
+    );
+    let py = pod.run(
+        "python3",
+        &[
+            "-c",
+            &format!(
+                "import urllib.request;print(urllib.request.urlopen('{url}').read().decode())"
+            ),
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&py.stdout).contains("mock"),
+        "python: {}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    assert_eq!(allowed.peers().len(), 3);
+    assert!(
+        allowed
+            .peers()
+            .iter()
+            .all(|p| p.ip().to_string() == "127.0.0.2"),
+        "the upstream saw the gateway (dialing from inside the pod's namespace): {:?}",
+        allowed.peers()
+    );
+
+    let refused = pod.probe(&["tcp", &denied.addr.to_string()]);
+    assert_eq!(refused["ok"], false, "{refused}");
+    assert!(denied.peers().is_empty());
+    let rec = env.wait_record("the pod's denial", |r| r["reason"] == "no_rule_matched");
+    assert_eq!(
+        rec["workload"]["cgroup"],
+        format!("{}/{rel}", env.root_rel())
+    );
+    let allow = env.wait_record("the pod's allow", |r| {
+        r["decision"] == "allow" && r["layer"] == "connect"
+    });
+    assert_eq!(allow["dst"]["orig_ip"], "127.0.0.1");
+
+    // Positive control: the same mock is not reachable from the host's namespace at all (the
+    // pod's 127.0.0.1 is its own), so the gateway really dialed inside the pod.
+    let host = env.probe(None, &["tcp", &allowed.addr.to_string()]);
+    assert!(
+        host["ok"] == false
+            || !host["reply"]
+                .as_str()
+                .unwrap_or("")
+                .contains(&allowed.addr.to_string()),
+        "{host}"
+    );
+}
+
+#[test]
+fn two_pods_with_the_same_source_port_never_get_each_others_origin() {
+    let mut env = TestEnv::kube("samesport");
+    let rel_a = containerd_cgroup("11111111-2222-3333-4444-555555555555", CONTAINER_A);
+    let rel_b = containerd_cgroup("66666666-7777-8888-9999-000000000000", CONTAINER_B);
+    let cg_a = env.workload(&rel_a);
+    let cg_b = env.workload(&rel_b);
+    let port = tollgate_tests::free_port();
+    env.allow(
+        "pod-a",
+        &rel_a,
+        &[format!("127.0.0.1:{port}").parse().expect("addr")],
+    );
+    let _d = env.start();
+    let pod_a = Pod::new(&env, "a", cg_a);
+    let pod_b = Pod::new(&env, "b", cg_b);
+    let mock_a = Mock::start_in(&pod_a.netns, &format!("127.0.0.1:{port}"));
+    // Pod B's mock listens on the same port number in its own namespace.
+    let mock_b = Mock::start_in(&pod_b.netns, &format!("127.0.0.1:{port}"));
+    register(&env, &pod_a);
+    register(&env, &pod_b);
+    let src = format!("127.0.0.1:{}", tollgate_tests::free_port());
+    let target = mock_a.addr.to_string();
+    // Both at once, from the same source address and port, each in its own namespace.
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| pod_a.probe(&["tcp", &target, &src]));
+        let b = s.spawn(|| pod_b.probe(&["tcp", &target, &src]));
+        (a.join().expect("a"), b.join().expect("b"))
+    });
+    assert_eq!(a["ok"], true, "pod A is allowed: {a}");
+    assert_eq!(a["local"], src);
+    assert_eq!(b["ok"], false, "pod B has no policy: {b}");
+    assert_eq!(mock_a.peers().len(), 1);
+    assert!(
+        mock_b.peers().is_empty(),
+        "pod B's connection was never forwarded"
+    );
+    let recs = wait_for(10, "both decisions", || {
+        let r: Vec<_> = env
+            .records()
+            .into_iter()
+            .filter(|r| r["layer"] == "connect")
+            .collect();
+        (r.len() >= 2).then_some(r)
+    });
+    let of = |rel: &str| {
+        recs.iter()
+            .find(|r| r["workload"]["cgroup"] == format!("{}/{rel}", env.root_rel()))
+            .cloned()
+            .expect("record")
+    };
+    assert_eq!(of(&rel_a)["decision"], "allow");
+    assert_eq!(of(&rel_b)["decision"], "deny");
+    assert_eq!(of(&rel_b)["reason"], "no_policy_for_workload");
+}
+
+#[test]
+fn an_unregistered_pod_is_discovered_and_host_workloads_keep_working() {
+    let mut env = TestEnv::kube("discover");
+    let rel = containerd_cgroup("abcdefab-1234-5678-9abc-def012345678", CONTAINER_A);
+    let cg = env.workload(&rel);
+    let host_cg = env.workload("host-agent.service");
+    let host_mock = Mock::start("127.0.0.1:0");
+    env.allow("host-agent", "host-agent.service", &[host_mock.addr]);
+    let _d = env.start();
+    let pod = Pod::new(&env, "c", cg.clone());
+    let mock = Mock::start_in(&pod.netns, "127.0.0.1:0");
+    env.allow("pod-c", &rel, &[mock.addr]);
+    // A long-running process of the pod, not registered by anyone: the daemon finds it.
+    let mut sleeper = Command::new("nsenter");
+    sleeper
+        .arg(format!("--net={}", pod.netns.display()))
+        .args(["--", "sleep", "30"]);
+    tollgate_tests::join_before_exec(&mut sleeper, &cg);
+    let mut sleeper = sleeper.spawn().expect("sleep");
+    env.wait_record("the namespace's discovery", |r| {
+        r["reason"] == "netns_enforced"
+            && r["rule"].as_str().unwrap_or("").starts_with("discovered")
+    });
+    let p = pod.probe(&["tcp", &mock.addr.to_string()]);
+    assert_eq!(p["ok"], true, "{p}");
+    assert!(mock
+        .peers()
+        .iter()
+        .all(|a| a.ip().to_string() == "127.0.0.2"));
+    let h = env.probe(Some(&host_cg), &["tcp", &host_mock.addr.to_string()]);
+    assert_eq!(
+        h["ok"], true,
+        "a host-namespace workload in the same root still works: {h}"
+    );
+    assert!(host_mock
+        .peers()
+        .iter()
+        .all(|a| a.ip().to_string() == "127.0.0.2"));
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+}
