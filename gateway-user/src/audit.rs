@@ -44,10 +44,38 @@ pub struct WorkloadRecord {
     pub cgroup_id: u64,
     pub cgroup: Option<String>,
     pub unit: Option<String>,
+    pub container_id: Option<String>,
+    /// The container runtime the cgroup name shows (`docker`, `containerd`, `cri-o`, `podman`).
+    pub runtime: Option<&'static str>,
+    pub pod: Option<crate::container::Pod>,
     pub exe: Option<String>,
     pub exe_sha256: Option<String>,
     /// Whether /proc still showed the same task (start time matched), so exe is trustworthy.
     pub verified: bool,
+}
+
+impl WorkloadRecord {
+    /// A record naming only a cgroup (id and, if it still exists, its path and what the path
+    /// says: systemd unit, container, pod).
+    pub fn of_cgroup(cgroup_id: u64, path: Option<&crate::cgroup::CgroupPath>) -> Self {
+        let mut w = Self {
+            cgroup_id,
+            ..Self::default()
+        };
+        w.set_cgroup(path);
+        w
+    }
+
+    /// Fills the fields derived from the cgroup path.
+    pub fn set_cgroup(&mut self, path: Option<&crate::cgroup::CgroupPath>) {
+        let Some(path) = path else { return };
+        self.cgroup = Some(path.to_string());
+        self.unit = path.systemd_unit().map(str::to_owned);
+        let placement = crate::container::placement(path.as_str());
+        self.runtime = placement.container.as_ref().map(|c| c.runtime);
+        self.container_id = placement.container.map(|c| c.id);
+        self.pod = placement.pod;
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

@@ -325,11 +325,7 @@ pub fn settle_existing(
         }
         let mut r = AuditRecord::new(Verdict::Deny, Layer::Lifecycle, "");
         let cg = s.cgroup_id.and_then(|id| cgroup::path_of_id(mount, id));
-        r.workload = WorkloadRecord {
-            cgroup_id: s.cgroup_id.unwrap_or(0),
-            cgroup: cg.map(|c| c.to_string()),
-            ..WorkloadRecord::default()
-        };
+        r.workload = WorkloadRecord::of_cgroup(s.cgroup_id.unwrap_or(0), cg.as_ref());
         r.dst.orig_ip = Some(s.remote.ip().to_string());
         r.dst.orig_port = Some(s.remote.port());
         r.dst.protocol = Some("tcp");

@@ -48,13 +48,7 @@ pub fn record_of(ev: &RefusalEvent, cgroup_mount: &std::path::Path) -> AuditReco
         uid: ev.uid,
         gid: ev.gid,
         comm: comm_str(&ev.comm),
-        cgroup_id: ev.cgroup_id,
-        unit: cgroup
-            .as_ref()
-            .and_then(|c| c.systemd_unit())
-            .map(str::to_owned),
-        cgroup: cgroup.map(|c| c.to_string()),
-        ..WorkloadRecord::default()
+        ..WorkloadRecord::of_cgroup(ev.cgroup_id, cgroup.as_ref())
     };
     let ip: Option<std::net::IpAddr> = match ev.family {
         0 => None,
@@ -122,16 +116,13 @@ pub async fn watch_counters(
                 sum.dns_allowed += c.dns_allowed;
             }
             let last = seen.insert(cgroup_id, sum).unwrap_or_default();
-            let cgroup = path_of_id(&cgroup_mount, cgroup_id).map(|c| c.to_string());
+            let workload =
+                WorkloadRecord::of_cgroup(cgroup_id, path_of_id(&cgroup_mount, cgroup_id).as_ref());
             let lost = sum.events_lost.saturating_sub(last.events_lost);
             if lost > 0 {
                 let mut r =
                     AuditRecord::new(Verdict::Deny, Layer::Kernel, "kernel_refusals_suppressed");
-                r.workload = WorkloadRecord {
-                    cgroup_id,
-                    cgroup: cgroup.clone(),
-                    ..WorkloadRecord::default()
-                };
+                r.workload = workload.clone();
                 r.count = Some(lost);
                 audit.emit(&r);
             }
@@ -139,11 +130,7 @@ pub async fn watch_counters(
             if dns > 0 {
                 let mut r =
                     AuditRecord::new(Verdict::Allow, Layer::Kernel, "dns_to_allowed_resolver");
-                r.workload = WorkloadRecord {
-                    cgroup_id,
-                    cgroup,
-                    ..WorkloadRecord::default()
-                };
+                r.workload = workload;
                 r.dst.protocol = Some("udp");
                 r.count = Some(dns);
                 audit.emit(&r);

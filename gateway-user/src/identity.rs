@@ -38,16 +38,10 @@ impl WorkloadId {
             uid: self.uid,
             gid: self.gid,
             comm: self.comm.clone(),
-            cgroup_id: self.cgroup_id,
-            cgroup: self.cgroup.as_ref().map(ToString::to_string),
-            unit: self
-                .cgroup
-                .as_ref()
-                .and_then(|c| c.systemd_unit())
-                .map(str::to_owned),
             exe: self.exe.as_ref().map(|p| p.display().to_string()),
             exe_sha256: self.exe_sha256.clone(),
             verified: self.verified,
+            ..WorkloadRecord::of_cgroup(self.cgroup_id, self.cgroup.as_ref())
         }
     }
 }

@@ -6,6 +6,7 @@ pub mod btf;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+pub mod container;
 pub mod daemon;
 pub mod demo;
 pub mod ebpf;

@@ -1,10 +1,12 @@
 //! Egress policy: raw YAML model → compiled form → a pure, synchronous `evaluate`.
 //!
-//! Selection: a policy applies to a workload whose cgroup path is its `workload.cgroup` or
-//! below it; `exe` and `uid` only narrow. Among the policies that apply, the one with the
-//! deepest cgroup wins, then the one with more narrowing fields; two policies that tie are a
-//! compile error. Within the chosen policy, rules are tried in file order and the first match
-//! decides. Nothing chosen, or no rule matched: deny.
+//! Selection: a policy names its workload by any of `cgroup` (that cgroup and everything below
+//! it), `container_id` (full id, or a prefix of at least 12 digits) and `pod_uid`; all that it
+//! names must match. `exe` and `uid` only narrow. Among the policies that apply, a container
+//! selector beats a pod selector beats a cgroup one, then the deeper cgroup, then more
+//! narrowing fields; two policies that tie are a compile error. Within the chosen policy,
+//! rules are tried in file order and the first match decides. Nothing chosen, or no rule
+//! matched: deny.
 use std::{
     net::IpAddr,
     path::{Path, PathBuf},
@@ -60,7 +62,12 @@ struct RawSpec {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawWorkload {
-    cgroup: String,
+    #[serde(default)]
+    cgroup: Option<String>,
+    #[serde(default)]
+    container_id: Option<String>,
+    #[serde(default)]
+    pod_uid: Option<String>,
     #[serde(default)]
     exe: Option<PathBuf>,
     #[serde(default)]
@@ -164,7 +171,9 @@ pub struct Rule {
 pub struct Policy {
     pub name: String,
     pub file: PathBuf,
-    pub cgroup: CgroupPath,
+    pub cgroup: Option<CgroupPath>,
+    pub container_id: Option<String>,
+    pub pod_uid: Option<String>,
     pub exe: Option<PathBuf>,
     pub uid: Option<u32>,
     pub mode: Mode,
@@ -176,8 +185,26 @@ impl Policy {
         usize::from(self.exe.is_some()) + usize::from(self.uid.is_some())
     }
 
+    /// How specific the selector is: container, pod, cgroup depth, narrowers.
+    fn rank(&self) -> (bool, bool, usize, usize) {
+        (
+            self.container_id.is_some(),
+            self.pod_uid.is_some(),
+            self.cgroup.as_ref().map_or(0, CgroupPath::depth),
+            self.narrowers(),
+        )
+    }
+
     fn applies_to(&self, w: &WorkloadView<'_>) -> bool {
-        w.cgroup.is_within(&self.cgroup)
+        self.cgroup.as_ref().is_none_or(|c| w.cgroup.is_within(c))
+            && self
+                .container_id
+                .as_deref()
+                .is_none_or(|id| w.container_id.is_some_and(|w| w.starts_with(id)))
+            && self
+                .pod_uid
+                .as_deref()
+                .is_none_or(|uid| w.pod_uid == Some(uid))
             && self.exe.as_deref().is_none_or(|e| w.exe == Some(e))
             && self.uid.is_none_or(|u| u == w.uid)
     }
@@ -187,6 +214,8 @@ impl Policy {
 #[derive(Debug, Clone, Copy)]
 pub struct WorkloadView<'a> {
     pub cgroup: &'a CgroupPath,
+    pub container_id: Option<&'a str>,
+    pub pod_uid: Option<&'a str>,
     /// `None` when the exe could not be verified (a pid whose start time did not match).
     pub exe: Option<&'a Path>,
     pub uid: u32,
@@ -279,7 +308,12 @@ impl PolicySet {
     pub fn from_policies(policies: Vec<Policy>) -> Result<Self, PolicyError> {
         for (i, a) in policies.iter().enumerate() {
             for b in &policies[i + 1..] {
-                if a.cgroup == b.cgroup && a.exe == b.exe && a.uid == b.uid {
+                if a.cgroup == b.cgroup
+                    && a.container_id == b.container_id
+                    && a.pod_uid == b.pod_uid
+                    && a.exe == b.exe
+                    && a.uid == b.uid
+                {
                     return Err(PolicyError::Invalid {
                         file: b.file.display().to_string(),
                         message: format!(
@@ -300,7 +334,7 @@ impl PolicySet {
         self.policies
             .iter()
             .filter(|p| p.applies_to(w))
-            .max_by_key(|p| (p.cgroup.depth(), p.narrowers()))
+            .max_by_key(|p| p.rank())
     }
 
     /// The decision for a connection of `w` to `dst`.
@@ -362,8 +396,37 @@ pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
             raw.kind
         )));
     }
-    let cgroup =
-        CgroupPath::parse(&raw.spec.workload.cgroup).map_err(|e| invalid(e.to_string()))?;
+    let w = &raw.spec.workload;
+    if w.cgroup.is_none() && w.container_id.is_none() && w.pod_uid.is_none() {
+        return Err(invalid(
+            "spec.workload must name a cgroup, a container_id or a pod_uid (exe and uid only narrow)".into(),
+        ));
+    }
+    let cgroup = w
+        .cgroup
+        .as_deref()
+        .map(CgroupPath::parse)
+        .transpose()
+        .map_err(|e| invalid(e.to_string()))?;
+    if let Some(id) = &w.container_id {
+        if id.len() < 12
+            || id.len() > 64
+            || !id
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(invalid(format!(
+                "container_id {id:?}: use 12 to 64 lowercase hex digits"
+            )));
+        }
+    }
+    if let Some(uid) = &w.pod_uid {
+        if uid.len() != 36 || uid.matches('-').count() != 4 {
+            return Err(invalid(format!(
+                "pod_uid {uid:?}: use the pod's UID as the API server shows it"
+            )));
+        }
+    }
     let mut rules = Vec::new();
     for r in raw.spec.egress {
         let cidr = r
@@ -387,6 +450,8 @@ pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
         name: raw.metadata.name,
         file: file.to_owned(),
         cgroup,
+        container_id: raw.spec.workload.container_id,
+        pod_uid: raw.spec.workload.pod_uid,
         exe: raw.spec.workload.exe,
         uid: raw.spec.workload.uid,
         mode: raw.spec.mode,
@@ -415,6 +480,8 @@ mod tests {
     fn view<'a>(cg: &'a CgroupPath, exe: Option<&'a Path>) -> WorkloadView<'a> {
         WorkloadView {
             cgroup: cg,
+            container_id: None,
+            pod_uid: None,
             exe,
             uid: 1000,
         }
@@ -513,7 +580,7 @@ mod tests {
 
     #[test]
     fn exe_or_uid_never_select_alone() {
-        // A policy must name a cgroup: a file with only an exe does not parse.
+        // A policy must name a cgroup, container or pod: only an exe is refused.
         let text = "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: { name: x }\nspec:\n  workload: { exe: /usr/bin/curl }\n";
         assert!(parse_policy(text, Path::new("x.yaml")).is_err());
     }
@@ -553,5 +620,71 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
         let set = PolicySet::load_dir(&dir).unwrap_or_else(|e| panic!("{e:?}"));
         assert!(!set.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod container_selectors {
+    use super::*;
+
+    const ID: &str = "4f6b1c0d2e3a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9a0b1c2d3e";
+    const UID: &str = "0b4f2a4e-6d1c-4c8e-9a57-3f2e1d0c9b8a";
+
+    fn policy(name: &str, workload: &str) -> Policy {
+        let text = format!("apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: {{ name: {name} }}\nspec:\n  workload: {workload}\n  egress:\n    - name: r\n      match: {{ cidr: 127.0.0.1, port: 1 }}\n");
+        parse_policy(&text, Path::new("t.yaml")).expect("policy")
+    }
+
+    #[test]
+    fn container_beats_pod_beats_cgroup() {
+        let set = PolicySet::from_policies(vec![
+            policy("by-cgroup", "{ cgroup: /kubepods.slice }"),
+            policy("by-pod", &format!("{{ pod_uid: {UID} }}")),
+            policy(
+                "by-container",
+                &format!("{{ container_id: {} }}", &ID[..12]),
+            ),
+        ])
+        .expect("set");
+        let cg = CgroupPath::parse("/kubepods.slice/x").expect("cg");
+        let view = |container_id, pod_uid| WorkloadView {
+            cgroup: &cg,
+            container_id,
+            pod_uid,
+            exe: None,
+            uid: 0,
+        };
+        let name = |w: WorkloadView<'_>| set.select(&w).map(|p| p.name.clone());
+        assert_eq!(name(view(Some(ID), Some(UID))), Some("by-container".into()));
+        assert_eq!(
+            name(view(Some("ffffffffffffffff"), Some(UID))),
+            Some("by-pod".into())
+        );
+        assert_eq!(name(view(None, None)), Some("by-cgroup".into()));
+        let other = CgroupPath::parse("/system.slice").expect("cg");
+        let w = WorkloadView {
+            cgroup: &other,
+            container_id: None,
+            pod_uid: None,
+            exe: None,
+            uid: 0,
+        };
+        assert_eq!(set.select(&w).map(|p| p.name.clone()), None);
+    }
+
+    #[test]
+    fn bad_container_and_pod_selectors_are_refused() {
+        for workload in [
+            "{ container_id: abc }",
+            "{ container_id: XYZXYZXYZXYZ }",
+            "{ pod_uid: nope }",
+            "{ exe: /bin/sh }",
+        ] {
+            let text = format!("apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: {{ name: x }}\nspec:\n  workload: {workload}\n");
+            assert!(
+                parse_policy(&text, Path::new("t.yaml")).is_err(),
+                "{workload}"
+            );
+        }
     }
 }

@@ -159,7 +159,10 @@ impl Gateway {
         };
         let decision = match &id.cgroup {
             Some(cgroup) => {
+                let placement = crate::container::placement(cgroup.as_str());
                 let view = WorkloadView {
+                    container_id: placement.container.as_ref().map(|c| c.id.as_str()),
+                    pod_uid: placement.pod.as_ref().map(|p| p.uid.as_str()),
                     cgroup,
                     exe: id.exe.as_deref(),
                     uid: id.uid,
@@ -253,13 +256,10 @@ impl Gateway {
         let mut w = WorkloadRecord::default();
         if let Ok(Some(sock)) = sockdiag::lookup(ns, peer, local) {
             if let Some(id) = sock.cgroup_id {
-                w.cgroup_id = id;
-                let path = crate::cgroup::path_of_id(&self.cgroup_mount, id);
-                w.unit = path
-                    .as_ref()
-                    .and_then(|p| p.systemd_unit())
-                    .map(str::to_owned);
-                w.cgroup = path.map(|p| p.to_string());
+                w = WorkloadRecord::of_cgroup(
+                    id,
+                    crate::cgroup::path_of_id(&self.cgroup_mount, id).as_ref(),
+                );
             }
         }
         w

@@ -241,9 +241,17 @@ impl TestEnv {
 
     /// Allows the workload `cgroup` (relative to the root) to reach each `addr`.
     pub fn allow(&self, policy: &str, cgroup: &str, addrs: &[SocketAddr]) {
+        self.allow_by(
+            policy,
+            &format!("{{ cgroup: {}/{cgroup} }}", self.root_rel()),
+            addrs,
+        );
+    }
+
+    /// Allows the workload `selector` (a YAML mapping, e.g. `{ pod_uid: ... }`) to reach each `addr`.
+    pub fn allow_by(&self, policy: &str, selector: &str, addrs: &[SocketAddr]) {
         let mut text = format!(
-            "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: {{ name: {policy} }}\nspec:\n  workload:\n    cgroup: {}/{cgroup}\n  egress:\n",
-            self.root_rel()
+            "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: {{ name: {policy} }}\nspec:\n  workload: {selector}\n  egress:\n"
         );
         for (i, a) in addrs.iter().enumerate() {
             text.push_str(&format!(

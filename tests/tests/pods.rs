@@ -180,10 +180,16 @@ fn an_unregistered_pod_is_discovered_and_host_workloads_keep_working() {
     let host_cg = env.workload("host-agent.service");
     let host_mock = Mock::start("127.0.0.1:0");
     env.allow("host-agent", "host-agent.service", &[host_mock.addr]);
+    // Selected by a short container id (12 digits), as `docker ps` shows it.
+    let port = tollgate_tests::free_port();
+    env.allow_by(
+        "pod-c",
+        &format!("{{ container_id: {} }}", &CONTAINER_A[..12]),
+        &[format!("127.0.0.1:{port}").parse().expect("addr")],
+    );
     let _d = env.start();
     let pod = Pod::new(&env, "c", cg.clone());
-    let mock = Mock::start_in(&pod.netns, "127.0.0.1:0");
-    env.allow("pod-c", &rel, &[mock.addr]);
+    let mock = Mock::start_in(&pod.netns, &format!("127.0.0.1:{port}"));
     // A long-running process of the pod, not registered by anyone: the daemon finds it.
     let mut sleeper = Command::new("nsenter");
     sleeper
