@@ -102,6 +102,10 @@ pub struct AuditRecord {
     pub bytes_down: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
+    /// Time from accept to decision in the gateway (origin lookup and checks, identity,
+    /// policy), in microseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decision_us: Option<u64>,
     /// For aggregated records (suppressed kernel refusals, DNS counts): how many.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub count: Option<u64>,
@@ -122,6 +126,7 @@ impl AuditRecord {
             bytes_up: None,
             bytes_down: None,
             duration_ms: None,
+            decision_us: None,
             count: None,
         }
     }

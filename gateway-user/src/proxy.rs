@@ -179,6 +179,7 @@ impl Gateway {
                 reason: crate::policy::DenyReason::NoPolicy,
             },
         };
+        record.decision_us = Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
         match decision {
             Decision::Deny { policy, reason } => {
                 record.policy = policy;

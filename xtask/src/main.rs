@@ -25,6 +25,8 @@ enum Task {
         #[arg(long)]
         filter: Option<String>,
     },
+    /// Setup, build (release), then measure capture costs; writes target/bench/report.md.
+    Bench,
     /// Setup, build, then run the demo.
     Demo,
 }
@@ -261,6 +263,24 @@ fn sweep_test_cgroups() -> Result<()> {
     Ok(())
 }
 
+fn bench() -> Result<()> {
+    setup()?;
+    build_ebpf()?;
+    run(cargo().args(["build", "--locked", "--release", "-p", "gateway-user", "-p", "tollgate-tests", "--bins"]))?;
+    if !is_root() {
+        bail!("the benchmark needs root (it loads BPF programs and makes cgroups)");
+    }
+    sweep_test_cgroups()?;
+    let release = root().join("target/release");
+    run(Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--"])
+        .arg(release.join("tg-bench"))
+        .arg(root().join("target/bench"))
+        .current_dir(root())
+        .env("TOLLGATE_BIN", release.join("tollgate"))
+        .env("TG_PROBE_BIN", release.join("tg-probe")))
+}
+
 fn demo() -> Result<()> {
     setup()?;
     build_ebpf()?;
@@ -273,6 +293,7 @@ fn main() -> Result<()> {
         Task::Setup => setup(),
         Task::BuildEbpf => build_ebpf(),
         Task::Test { filter } => test(filter.as_deref()),
+        Task::Bench => bench(),
         Task::Demo => demo(),
     }
 }
