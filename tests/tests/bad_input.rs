@@ -189,3 +189,34 @@ fn a_kernel_without_bpf_or_cgroup2_is_named() {
     );
     assert_nothing_attached(&env);
 }
+
+#[test]
+fn unreadable_policies_and_impossible_selectors_are_named() {
+    let env = TestEnv::new("unreadable");
+    // A policy "file" that cannot be read as one.
+    std::fs::create_dir_all(env.policies.join("team.yaml")).expect("dir");
+    let (ok, stderr) = run_once(&env);
+    assert!(!ok);
+    let line = error_line(&stderr);
+    assert!(
+        line.contains("cannot read policy") && line.contains("team.yaml"),
+        "{line}"
+    );
+    assert_nothing_attached(&env);
+    std::fs::remove_dir(env.policies.join("team.yaml")).expect("rmdir");
+
+    // A selector no runtime layout can produce.
+    std::fs::write(
+        env.policies.join("pod.yaml"),
+        "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: { name: pod }\nspec:\n  workload: { container_id: not-a-container }\n",
+    )
+    .expect("write");
+    let (ok, stderr) = run_once(&env);
+    assert!(!ok);
+    let line = error_line(&stderr);
+    assert!(
+        line.contains("pod.yaml") && line.contains("container_id"),
+        "{line}"
+    );
+    assert_nothing_attached(&env);
+}

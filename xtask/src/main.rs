@@ -266,7 +266,16 @@ fn sweep_test_cgroups() -> Result<()> {
 fn bench() -> Result<()> {
     setup()?;
     build_ebpf()?;
-    run(cargo().args(["build", "--locked", "--release", "-p", "gateway-user", "-p", "tollgate-tests", "--bins"]))?;
+    run(cargo().args([
+        "build",
+        "--locked",
+        "--release",
+        "-p",
+        "gateway-user",
+        "-p",
+        "tollgate-tests",
+        "--bins",
+    ]))?;
     if !is_root() {
         bail!("the benchmark needs root (it loads BPF programs and makes cgroups)");
     }

@@ -62,7 +62,8 @@ fn run_loop(cgroup: Option<&Path>, addr: SocketAddr) -> Value {
         join_before_exec(&mut cmd, cg);
     }
     let out = cmd.output().expect("child");
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)))
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)))
 }
 
 /// A plain listener that accepts and closes.
@@ -113,16 +114,26 @@ fn main() {
         base.push(run_loop(None, listener));
         enforced.push(run_loop(Some(&app), target));
     }
-    let pick = |v: &[Value], k: &str| median(v.iter().map(|r| r[k].as_u64().unwrap_or(0)).collect());
-    let failures: u64 = enforced.iter().chain(&base).map(|r| r["failures"].as_u64().unwrap_or(0)).sum();
+    let pick =
+        |v: &[Value], k: &str| median(v.iter().map(|r| r[k].as_u64().unwrap_or(0)).collect());
+    let failures: u64 = enforced
+        .iter()
+        .chain(&base)
+        .map(|r| r["failures"].as_u64().unwrap_or(0))
+        .sum();
 
     // The programs' own run time per invocation.
     let mut programs: Vec<(String, u64, u64)> = aya::programs::loaded_programs()
         .flatten()
         .filter_map(|p| {
             let name = p.name_as_str()?.to_owned();
-            (name.starts_with("tg_") && p.run_count() > 0)
-                .then(|| (name, p.run_count(), u64::try_from(p.run_time().as_nanos()).unwrap_or(0)))
+            (name.starts_with("tg_") && p.run_count() > 0).then(|| {
+                (
+                    name,
+                    p.run_count(),
+                    u64::try_from(p.run_time().as_nanos()).unwrap_or(0),
+                )
+            })
         })
         .collect();
     programs.sort();
@@ -162,13 +173,32 @@ fn main() {
         "# Tollgate capture benchmark\n\nKernel {}, {cpus} CPUs. {ROUNDS} interleaved rounds of {CONNECTS} connects each; medians of the rounds' percentiles. Failures: {failures}.\n\n",
         kernel.trim()
     ));
-    md.push_str("## connect() on loopback\n\n| | p50 µs | p90 µs | p99 µs |\n|---|---:|---:|---:|\n");
-    for (label, v) in [("baseline: straight to the gateway's listener, no programs", &base), ("enforced: to an upstream, programs attached, redirected to the same listener", &enforced)] {
-        md.push_str(&format!("| {label} | {} | {} | {} |\n", us(pick(v, "p50")), us(pick(v, "p90")), us(pick(v, "p99"))));
+    md.push_str(
+        "## connect() on loopback\n\n| | p50 µs | p90 µs | p99 µs |\n|---|---:|---:|---:|\n",
+    );
+    for (label, v) in [
+        (
+            "baseline: straight to the gateway's listener, no programs",
+            &base,
+        ),
+        (
+            "enforced: to an upstream, programs attached, redirected to the same listener",
+            &enforced,
+        ),
+    ] {
+        md.push_str(&format!(
+            "| {label} | {} | {} | {} |\n",
+            us(pick(v, "p50")),
+            us(pick(v, "p90")),
+            us(pick(v, "p99"))
+        ));
     }
     let d50 = pick(&enforced, "p50").saturating_sub(pick(&base, "p50"));
     let ratio = pick(&enforced, "p50") as f64 / pick(&base, "p50").max(1) as f64;
-    md.push_str(&format!("\nAdded at p50: {} µs (×{ratio:.2} the baseline). Goal: at most 2 µs.\n\n", us(d50)));
+    md.push_str(&format!(
+        "\nAdded at p50: {} µs (×{ratio:.2} the baseline). Goal: at most 2 µs.\n\n",
+        us(d50)
+    ));
     md.push_str("## The programs' own run time (BPF_ENABLE_STATS)\n\n| program | runs | ns per run |\n|---|---:|---:|\n");
     let mut total_ns = 0;
     for (name, runs, total) in &programs {
@@ -194,7 +224,9 @@ fn main() {
         hit.as_secs_f64() * 1e6
     ));
     let path = out_dir.join("report.md");
-    std::fs::File::create(&path).and_then(|mut f| f.write_all(md.as_bytes())).expect("write report");
+    std::fs::File::create(&path)
+        .and_then(|mut f| f.write_all(md.as_bytes()))
+        .expect("write report");
     print!("{md}");
     eprintln!("report: {}", path.display());
 }
