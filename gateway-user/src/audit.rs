@@ -27,6 +27,8 @@ pub enum Layer {
     Kernel,
     /// A redirected connection, decided by the gateway.
     Connect,
+    /// One HTTP request on an inspected connection.
+    Request,
     /// Daemon lifecycle: enforcement started, pre-existing connections destroyed.
     Lifecycle,
 }
@@ -80,9 +82,21 @@ impl WorkloadRecord {
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct DstRecord {
+    /// The host an HTTP request named (normalized).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     pub orig_ip: Option<String>,
     pub orig_port: Option<u16>,
     pub protocol: Option<&'static str>,
+}
+
+/// One HTTP request. The path is normalized and never carries the query (where an injected
+/// credential may be).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HttpRecord {
+    pub method: String,
+    pub path: Option<String>,
+    pub status: u16,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -96,6 +110,11 @@ pub struct AuditRecord {
     pub rule: Option<String>,
     pub workload: WorkloadRecord,
     pub dst: DstRecord,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpRecord>,
+    /// The credential binding injected (its name, never its value).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bytes_up: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -123,6 +142,8 @@ impl AuditRecord {
             rule: None,
             workload: WorkloadRecord::default(),
             dst: DstRecord::default(),
+            http: None,
+            credential: None,
             bytes_up: None,
             bytes_down: None,
             duration_ms: None,

@@ -54,7 +54,11 @@ struct RawConfig {
     #[serde(default = "default_origin_max_age_ms")]
     origin_max_age_ms: u64,
     #[serde(default)]
-    test_resolver: BTreeMap<SocketAddr, SocketAddr>,
+    test_resolver: BTreeMap<String, SocketAddr>,
+    #[serde(default)]
+    credentials: Option<PathBuf>,
+    #[serde(default)]
+    upstream_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -112,7 +116,11 @@ pub struct Config {
     pub allow_private_bpffs: bool,
     pub origin_max_age_ms: u64,
     /// Test-only: destinations mapped to local mocks. Always empty in release builds.
-    pub test_resolver: BTreeMap<SocketAddr, SocketAddr>,
+    pub test_resolver: BTreeMap<String, SocketAddr>,
+    /// The credentials file (bindings of secrets to hosts), if any.
+    pub credentials: Option<PathBuf>,
+    /// Extra CA certificates (PEM) trusted for upstream TLS, besides the public roots.
+    pub upstream_ca: Option<PathBuf>,
 }
 
 impl Config {
@@ -194,12 +202,24 @@ impl Config {
             allow_private_bpffs: raw.allow_private_bpffs,
             origin_max_age_ms: raw.origin_max_age_ms,
             test_resolver: raw.test_resolver,
+            credentials: raw.credentials.map(&anchor),
+            upstream_ca: raw.upstream_ca.map(&anchor),
         })
     }
 
     /// Where the gateway dials for an original destination.
     pub fn upstream_for(&self, orig: SocketAddr) -> SocketAddr {
-        self.test_resolver.get(&orig).copied().unwrap_or(orig)
+        self.test_resolver.get(&orig.to_string()).copied().unwrap_or(orig)
+    }
+
+    /// Test builds only: where `host:port` really is (a local mock). Counts as naming the
+    /// address explicitly, so internal addresses are allowed for it.
+    pub fn test_override(&self, host: &str, port: u16) -> Option<SocketAddr> {
+        if cfg!(feature = "test-resolver") {
+            self.test_resolver.get(&format!("{host}:{port}")).copied()
+        } else {
+            None
+        }
     }
 }
 

@@ -21,6 +21,7 @@ use crate::{
     config::Config,
     ebpf::{self, Kernel},
     events,
+    credentials::Credentials,
     namespaces::Namespaces,
     netns::Netns,
     policy::PolicySet,
@@ -54,6 +55,10 @@ pub enum RunError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("credentials: {0}")]
+    Credentials(String),
+    #[error("upstream TLS: {0}")]
+    Tls(#[from] crate::upstream::TlsSetupError),
     #[error("policies: {0}")]
     Policy(String),
     #[error(transparent)]
@@ -68,6 +73,7 @@ pub enum RunError {
 struct Preflight {
     cgroup_mount: PathBuf,
     policies: PolicySet,
+    credentials: Credentials,
 }
 
 fn preflight(config: &Config) -> Result<Preflight, RunError> {
@@ -79,6 +85,11 @@ fn preflight(config: &Config) -> Result<Preflight, RunError> {
                 .join("; "),
         )
     })?;
+    let credentials = match &config.credentials {
+        Some(path) => Credentials::load(path).map_err(|e| RunError::Credentials(e.to_string()))?,
+        None => Credentials::default(),
+    };
+    check_bindings(&policies, &credentials).map_err(RunError::Policy)?;
     let cgroup_mount = cgroup::cgroup2_mount()?;
     for root in &config.roots {
         let dir = root.dir(&cgroup_mount);
@@ -95,7 +106,32 @@ fn preflight(config: &Config) -> Result<Preflight, RunError> {
     Ok(Preflight {
         cgroup_mount,
         policies,
+        credentials,
     })
+}
+
+/// Every credential a rule names must exist and be bound to that rule's host.
+pub fn check_bindings(policies: &PolicySet, credentials: &Credentials) -> Result<(), String> {
+    for (policy, rule, name) in policies.credential_names() {
+        let Some(binding) = credentials.get(name) else {
+            return Err(format!(
+                "{}: rule {:?} uses credential {name:?}, which the credentials file does not define",
+                policy.file.display(),
+                rule.name
+            ));
+        };
+        if let crate::policy::RuleKind::Host(h) = &rule.kind {
+            if !h.host.as_str().starts_with("*.") && !binding.allows_host(h.host.as_str()) {
+                return Err(format!(
+                    "{}: rule {:?} sends credential {name:?} to {}, which the binding does not list in `hosts`",
+                    policy.file.display(),
+                    rule.name,
+                    h.host.as_str()
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Makes sure the pin directory is on a bpffs of the host's mount namespace (mounting bpffs
@@ -386,6 +422,11 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> Result<(), RunError> {
         std::os::unix::fs::PermissionsExt::from_mode(0o600),
     )?;
 
+    let policies = Arc::new(RwLock::new(Arc::new(pre.policies)));
+    let upstreams = crate::upstream::Upstreams::new(crate::upstream::DialPolicy {
+        config: config.clone(),
+        policies: Arc::clone(&policies),
+    })?;
     let fresh_install = !config.pin_dir.exists();
     let attached = attach_all(config, &pre.cgroup_mount, gateway_cgroup_id, &audit);
     let (_kernel, maps) = match attached {
@@ -405,7 +446,9 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> Result<(), RunError> {
         config: config.clone(),
         cgroup_mount: pre.cgroup_mount.clone(),
         pending: Mutex::new(maps.pending),
-        policies: RwLock::new(Arc::new(pre.policies)),
+        policies: Arc::clone(&policies),
+        credentials: RwLock::new(Arc::new(pre.credentials)),
+        upstreams,
         audit: audit.clone(),
         exe_cache: crate::identity::ExeHashCache::default(),
     });
@@ -485,44 +528,50 @@ fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)>
 /// Reloads policies when their files change: compiled whole and swapped, or kept on error.
 async fn watch_policies(gateway: Arc<Gateway>) {
     let dir = gateway.config.policies.clone();
-    let mut last = fingerprint(&dir);
+    // Credentials: the file, and the files beside it (where secret files usually live).
+    let cred_dir = gateway.config.credentials.as_ref().and_then(|c| c.parent().map(Path::to_path_buf));
+    let snapshot = || {
+        let mut f = fingerprint(&dir);
+        if let Some(d) = &cred_dir {
+            f.extend(fingerprint(d));
+        }
+        f
+    };
+    let mut last = snapshot();
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
     loop {
         tick.tick().await;
-        let now = fingerprint(&dir);
+        let now = snapshot();
         if now == last {
             continue;
         }
         last = now;
-        match PolicySet::load_dir(&dir) {
-            Ok(set) => {
+        match reload(&gateway.config) {
+            Ok((set, creds)) => {
                 let n = set.len();
-                *gateway
-                    .policies
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(set);
-                tracing::info!(policies = n, "policies reloaded");
-                gateway.audit.emit(&AuditRecord::new(
-                    Verdict::Allow,
-                    Layer::Lifecycle,
-                    "policies_reloaded",
-                ));
+                *gateway.credentials.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(creds);
+                *gateway.policies.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(set);
+                tracing::info!(policies = n, "policies and credentials reloaded");
+                gateway.audit.emit(&AuditRecord::new(Verdict::Allow, Layer::Lifecycle, "policies_reloaded"));
             }
-            Err(errs) => {
-                let msg = errs
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                tracing::error!(error = %msg, "policy reload failed; keeping the running policy");
-                gateway.audit.emit(&AuditRecord::new(
-                    Verdict::Error,
-                    Layer::Lifecycle,
-                    format!("policy_reload_failed: {msg}"),
-                ));
+            Err(msg) => {
+                tracing::error!(error = %msg, "reload failed; keeping the running policies and credentials");
+                gateway.audit.emit(&AuditRecord::new(Verdict::Error, Layer::Lifecycle, format!("policy_reload_failed: {msg}")));
             }
         }
     }
+}
+
+/// Compiles the policies and loads the credentials, whole, or says why not.
+fn reload(config: &Config) -> Result<(PolicySet, Credentials), String> {
+    let set = PolicySet::load_dir(&config.policies)
+        .map_err(|errs| errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))?;
+    let creds = match &config.credentials {
+        Some(path) => Credentials::load(path).map_err(|e| e.to_string())?,
+        None => Credentials::default(),
+    };
+    check_bindings(&set, &creds)?;
+    Ok((set, creds))
 }
 
 /// Attachment counts per program at each root, from the kernel's query interface.

@@ -62,6 +62,7 @@ pub fn record_of(ev: &RefusalEvent, cgroup_mount: &std::path::Path) -> AuditReco
         }
     };
     r.dst = DstRecord {
+        host: None,
         orig_ip: ip.map(|i| i.to_string()),
         orig_port: (ev.port != 0).then_some(ev.port),
         protocol: protocol_str(ev.protocol),

@@ -80,13 +80,138 @@ struct RawRule {
     name: String,
     #[serde(rename = "match")]
     matches: RawMatch,
+    #[serde(default)]
+    upstream: Option<RawUpstream>,
+    #[serde(default)]
+    tls: Option<TlsMode>,
+    #[serde(default)]
+    http: Vec<RawHttp>,
+    #[serde(default)]
+    credential: Option<String>,
+    /// Lets the policy host resolve to loopback, private, link-local or metadata addresses.
+    #[serde(default)]
+    allow_private: bool,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawMatch {
-    cidr: String,
+    #[serde(default)]
+    cidr: Option<String>,
+    #[serde(default)]
+    host: Option<String>,
     port: u16,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    port: u16,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    #[serde(default)]
+    methods: Vec<String>,
+    #[serde(default)]
+    paths: Vec<String>,
+}
+
+/// How a host rule handles TLS.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// The workload speaks plain HTTP to the API's name; the gateway speaks TLS upstream,
+    /// verifying the certificate for that name.
+    Originate,
+    /// Plain HTTP both ways (internal services; never with a credential).
+    None,
+    /// Allow or deny on the TLS SNI and splice the bytes (not available yet).
+    Passthrough,
+}
+
+/// A host name pattern: exact, or `*.` and a suffix (one or more labels).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPattern(String);
+
+impl HostPattern {
+    fn parse(s: &str) -> Result<Self, String> {
+        let (wild, rest) = match s.strip_prefix("*.") {
+            Some(r) => (true, r),
+            None => (false, s),
+        };
+        let (name, port) = crate::normalize::host(rest).map_err(|e| format!("host {s:?}: {}", e.as_str()))?;
+        if port.is_some() {
+            return Err(format!("host {s:?}: put the port in `port`"));
+        }
+        Ok(Self(if wild { format!("*.{name}") } else { name }))
+    }
+
+    pub fn matches(&self, host: &str) -> bool {
+        match self.0.strip_prefix("*.") {
+            Some(suffix) => host.len() > suffix.len() + 1 && host.ends_with(suffix) && host.as_bytes()[host.len() - suffix.len() - 1] == b'.',
+            None => self.0 == host,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A path pattern: exact (`/v1/models`), everything below (`/v1/files/*`), or with `*` standing
+/// for one segment (`/v1/threads/*/runs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathPattern(String);
+
+impl PathPattern {
+    fn parse(s: &str) -> Result<Self, String> {
+        let normalized = crate::normalize::path(&s.replace('*', "x")).map_err(|e| format!("path {s:?}: {}", e.as_str()))?;
+        if normalized.len() != s.trim_end_matches('/').len().max(1) && s != "/" {
+            return Err(format!("path {s:?}: write it normalized (no `..`, `//`, `%2e` or trailing slash)"));
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    pub fn matches(&self, path: &str) -> bool {
+        if let Some(prefix) = self.0.strip_suffix("/*") {
+            if !prefix.contains('*') {
+                return path.starts_with(prefix) && path.as_bytes().get(prefix.len()) == Some(&b'/');
+            }
+        }
+        let pat: Vec<&str> = self.0.split('/').collect();
+        let got: Vec<&str> = path.split('/').collect();
+        pat.len() == got.len() && pat.iter().zip(&got).all(|(p, g)| *p == "*" && !g.is_empty() || p == g)
+    }
+}
+
+/// Which requests a host rule lets through.
+#[derive(Debug, Clone)]
+pub struct HttpMatch {
+    /// Upper-case; empty: any method.
+    methods: Vec<String>,
+    /// Empty: any path.
+    paths: Vec<PathPattern>,
+}
+
+impl HttpMatch {
+    fn allows(&self, method: &str, path: &str) -> bool {
+        (self.methods.is_empty() || self.methods.iter().any(|m| m == method))
+            && (self.paths.is_empty() || self.paths.iter().any(|p| p.matches(path)))
+    }
+}
+
+/// A rule on a destination name, decided per request.
+#[derive(Debug, Clone)]
+pub struct HostRule {
+    pub host: HostPattern,
+    pub port: u16,
+    pub upstream_port: u16,
+    pub tls: TlsMode,
+    http: Vec<HttpMatch>,
+    pub credential: Option<String>,
+    pub allow_private: bool,
 }
 
 /// `enforce` denies; `monitor` decides and audits "would deny" but lets the connection through.
@@ -163,8 +288,15 @@ impl Cidr {
 #[derive(Debug, Clone)]
 pub struct Rule {
     pub name: String,
-    cidr: Cidr,
-    port: u16,
+    pub kind: RuleKind,
+}
+
+#[derive(Debug, Clone)]
+pub enum RuleKind {
+    /// Addresses and a port, decided per connection.
+    L4 { cidr: Cidr, port: u16 },
+    /// A host name and a port, decided per HTTP request.
+    Host(HostRule),
 }
 
 #[derive(Debug, Clone)]
@@ -232,6 +364,8 @@ pub enum Decision {
         policy: Option<String>,
         reason: DenyReason,
     },
+    /// A host rule covers the port: HTTP requests are decided one by one.
+    Inspect { policy: String },
     /// Monitor mode: the policy would deny; the connection goes through.
     WouldDeny {
         policy: String,
@@ -345,15 +479,17 @@ impl PolicySet {
                 reason: DenyReason::NoPolicy,
             };
         };
-        if let Some(rule) = policy
-            .rules
-            .iter()
-            .find(|r| r.port == dst.port() && r.cidr.contains(dst.ip()))
-        {
-            return Decision::Allow {
-                policy: policy.name.clone(),
-                rule: rule.name.clone(),
-            };
+        for rule in &policy.rules {
+            match &rule.kind {
+                RuleKind::L4 { cidr, port } if *port == dst.port() && cidr.contains(dst.ip()) => {
+                    return Decision::Allow { policy: policy.name.clone(), rule: rule.name.clone() };
+                }
+                // The workload asked for a port a host rule covers: decide on each request.
+                RuleKind::Host(h) if h.port == dst.port() => {
+                    return Decision::Inspect { policy: policy.name.clone() };
+                }
+                _ => {}
+            }
         }
         match policy.mode {
             Mode::Enforce => Decision::Deny {
@@ -365,6 +501,56 @@ impl PolicySet {
                 reason: DenyReason::NoRuleMatched,
             },
         }
+    }
+}
+
+/// The outcome for one HTTP request.
+#[derive(Debug, Clone)]
+pub enum RequestDecision {
+    Allow { policy: String, rule: String, route: HostRule },
+    Deny { policy: Option<String>, rule: Option<String>, reason: &'static str },
+    /// Monitor mode: would be denied; forwarded without a credential... or with the route, if one matched by host.
+    WouldDeny { policy: String, rule: Option<String>, reason: &'static str, route: Option<HostRule> },
+}
+
+impl PolicySet {
+    /// The decision for a request to `host` on the port the workload connected to. First host
+    /// rule (in file order) whose host and port match decides; its `http` entries must allow
+    /// the method and normalized path.
+    pub fn evaluate_request(&self, w: &WorkloadView<'_>, port: u16, host: &str, method: &str, path: &str) -> RequestDecision {
+        let Some(policy) = self.select(w) else {
+            return RequestDecision::Deny { policy: None, rule: None, reason: "no_policy_for_workload" };
+        };
+        let deny = |rule: Option<&Rule>, reason: &'static str, route: Option<&HostRule>| match policy.mode {
+            Mode::Enforce => RequestDecision::Deny { policy: Some(policy.name.clone()), rule: rule.map(|r| r.name.clone()), reason },
+            Mode::Monitor => RequestDecision::WouldDeny { policy: policy.name.clone(), rule: rule.map(|r| r.name.clone()), reason, route: route.cloned() },
+        };
+        for rule in &policy.rules {
+            let RuleKind::Host(h) = &rule.kind else { continue };
+            if h.port != port || !h.host.matches(host) {
+                continue;
+            }
+            if h.http.is_empty() || h.http.iter().any(|m| m.allows(method, path)) {
+                return RequestDecision::Allow { policy: policy.name.clone(), rule: rule.name.clone(), route: h.clone() };
+            }
+            return deny(Some(rule), "method_or_path_not_allowed", Some(h));
+        }
+        deny(None, "host_not_allowed", None)
+    }
+
+    /// Whether some rule lets `host` resolve to internal addresses.
+    pub fn allows_private(&self, host: &str) -> bool {
+        self.policies.iter().flat_map(|p| &p.rules).any(|r| matches!(&r.kind, RuleKind::Host(h) if h.allow_private && h.host.matches(host)))
+    }
+
+    /// Every credential binding a rule names.
+    pub fn credential_names(&self) -> impl Iterator<Item = (&Policy, &Rule, &str)> {
+        self.policies.iter().flat_map(|p| {
+            p.rules.iter().filter_map(move |r| match &r.kind {
+                RuleKind::Host(h) => h.credential.as_deref().map(|c| (p, r, c)),
+                RuleKind::L4 { .. } => None,
+            })
+        })
     }
 }
 
@@ -429,22 +615,48 @@ pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
     }
     let mut rules = Vec::new();
     for r in raw.spec.egress {
-        let cidr = r
-            .matches
-            .cidr
-            .parse::<Cidr>()
-            .map_err(|m| invalid(format!("rule {:?}: {m}", r.name)))?;
+        let rule_err = |m: String| invalid(format!("rule {:?}: {m}", r.name));
         if r.matches.port == 0 {
-            return Err(invalid(format!(
-                "rule {:?}: port 0 matches nothing",
-                r.name
-            )));
+            return Err(rule_err("port 0 matches nothing".into()));
         }
-        rules.push(Rule {
-            name: r.name,
-            cidr,
-            port: r.matches.port,
-        });
+        let kind = match (&r.matches.cidr, &r.matches.host) {
+            (Some(cidr), None) => {
+                if r.upstream.is_some() || r.tls.is_some() || !r.http.is_empty() || r.credential.is_some() || r.allow_private {
+                    return Err(rule_err("a `cidr` rule is L4: upstream, tls, http, credential and allow_private need a `host` rule".into()));
+                }
+                RuleKind::L4 { cidr: cidr.parse::<Cidr>().map_err(&rule_err)?, port: r.matches.port }
+            }
+            (None, Some(host)) => {
+                let tls = r.tls.ok_or_else(|| rule_err("a `host` rule needs `tls: originate | none`".into()))?;
+                if tls == TlsMode::Passthrough {
+                    return Err(rule_err("`tls: passthrough` is not available yet; use originate".into()));
+                }
+                if tls == TlsMode::None && r.credential.is_some() {
+                    return Err(rule_err("a credential is only ever sent over verified TLS: use `tls: originate`".into()));
+                }
+                let mut http = Vec::new();
+                for m in &r.http {
+                    let paths = m.paths.iter().map(|p| PathPattern::parse(p)).collect::<Result<Vec<_>, _>>().map_err(&rule_err)?;
+                    let methods = m.methods.iter().map(|x| x.to_ascii_uppercase()).collect();
+                    http.push(HttpMatch { methods, paths });
+                }
+                let upstream_port = r.upstream.as_ref().map_or(r.matches.port, |u| u.port);
+                if upstream_port == 0 {
+                    return Err(rule_err("upstream port 0".into()));
+                }
+                RuleKind::Host(HostRule {
+                    host: HostPattern::parse(host).map_err(&rule_err)?,
+                    port: r.matches.port,
+                    upstream_port,
+                    tls,
+                    http,
+                    credential: r.credential.clone(),
+                    allow_private: r.allow_private,
+                })
+            }
+            _ => return Err(rule_err("`match` needs exactly one of `cidr` or `host`".into())),
+        };
+        rules.push(Rule { name: r.name, kind });
     }
     Ok(Policy {
         name: raw.metadata.name,

@@ -15,10 +15,12 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use crate::{
     audit::{AuditLog, AuditRecord, DstRecord, Layer, Verdict, WorkloadRecord},
     config::Config,
+    credentials::Credentials,
     identity::{self, ExeHashCache},
     netns::Netns,
     policy::{Decision, PolicySet, WorkloadView},
     sockdiag,
+    upstream::Upstreams,
 };
 
 /// Shared state of the accept loops.
@@ -26,7 +28,9 @@ pub struct Gateway {
     pub config: Config,
     pub cgroup_mount: PathBuf,
     pub pending: Mutex<HashMap<MapData, PendingKey, SockState>>,
-    pub policies: RwLock<Arc<PolicySet>>,
+    pub policies: Arc<RwLock<Arc<PolicySet>>>,
+    pub credentials: RwLock<Arc<Credentials>>,
+    pub upstreams: Upstreams,
     pub audit: AuditLog,
     pub exe_cache: ExeHashCache,
 }
@@ -153,6 +157,7 @@ impl Gateway {
         let mut record = AuditRecord::new(Verdict::Deny, Layer::Connect, "");
         record.workload = id.record();
         record.dst = DstRecord {
+            host: None,
             orig_ip: Some(dst.ip().to_string()),
             orig_port: Some(dst.port()),
             protocol: Some("tcp"),
@@ -181,6 +186,10 @@ impl Gateway {
         };
         record.decision_us = Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
         match decision {
+            Decision::Inspect { policy } => {
+                record.policy = Some(policy);
+                self.inspect(client, ns, netns, id, dst, record).await;
+            }
             Decision::Deny { policy, reason } => {
                 record.policy = policy;
                 record.reason = reason.as_str().into();
@@ -229,6 +238,35 @@ impl Gateway {
         }
         record.duration_ms = Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
         self.audit.emit(&record);
+    }
+
+    /// A host rule covers the port: detect the protocol, then decide request by request.
+    async fn inspect(self: Arc<Self>, client: TcpStream, ns: Arc<Netns>, netns: u64, id: identity::WorkloadId, dst: SocketAddr, mut record: AuditRecord) {
+        let mut first = [0u8; 24];
+        let peeked = tokio::time::timeout(std::time::Duration::from_secs(10), client.peek(&mut first)).await;
+        let n = match peeked {
+            Ok(Ok(n)) => n,
+            _ => {
+                record.reason = "no_request_in_time".into();
+                self.audit.emit(&record);
+                return;
+            }
+        };
+        let refusal = if n > 0 && first[0] == 0x16 {
+            Some("tls_on_an_originate_rule: speak plain HTTP to the API's name (e.g. http://api.example.com)")
+        } else if first[..n].starts_with(b"PRI * HTTP/2.0") {
+            Some("http2_prior_knowledge_not_supported")
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            record.reason = reason.split(':').next().unwrap_or(reason).to_owned();
+            self.audit.emit(&record);
+            reset(&client);
+            return;
+        }
+        let conn = crate::http_proxy::Conn { gateway: Arc::clone(&self), ns, netns_cookie: netns, workload: id, orig: dst };
+        crate::http_proxy::serve(conn, client).await;
     }
 
     /// Connects to `target` from the workload's network namespace (the socket is made there;

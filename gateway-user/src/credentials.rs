@@ -1,0 +1,251 @@
+//! Credential bindings: which secret goes to which destination hosts, and how it is injected.
+//! Secrets live in `SecretString` (zeroized on drop, redacted in `Debug`) and are exposed only
+//! where the header value is built. The file itself holds no secrets, only where they come
+//! from; it must not be readable by group or others all the same.
+use std::{
+    collections::BTreeMap,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use crate::config::strip_location;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    #[error("{file}:{line}:{column}: {message}")]
+    Syntax { file: String, line: usize, column: usize, message: String },
+    #[error("{file}: {message}")]
+    Invalid { file: String, message: String },
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path} is readable by group or others (mode {mode:o}): chmod 600 it")]
+    Permissions { path: PathBuf, mode: u32 },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    bindings: Vec<RawBinding>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBinding {
+    name: String,
+    hosts: Vec<String>,
+    inject: RawInject,
+    source: RawSource,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInject {
+    #[serde(default)]
+    header: Option<String>,
+    #[serde(default)]
+    format: Option<String>,
+    #[serde(default)]
+    query: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    #[serde(default)]
+    file: Option<PathBuf>,
+    #[serde(default)]
+    env: Option<String>,
+}
+
+/// How a secret is put on a request.
+#[derive(Debug, Clone)]
+pub enum Inject {
+    /// A header whose value is `format` with `{secret}` replaced.
+    Header { name: http::HeaderName, format: String },
+    /// A query parameter.
+    Query { param: String },
+}
+
+/// One binding, with its secret loaded.
+pub struct Binding {
+    pub name: String,
+    /// Exact host names this secret may go to (lower-case).
+    pub hosts: Vec<String>,
+    pub inject: Inject,
+    secret: SecretString,
+}
+
+impl std::fmt::Debug for Binding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Binding").field("name", &self.name).field("hosts", &self.hosts).field("secret", &"[REDACTED]").finish()
+    }
+}
+
+impl Binding {
+    /// The header value to inject, marked sensitive (never logged by hyper/http).
+    pub fn header_value(&self) -> Option<http::HeaderValue> {
+        let Inject::Header { format, .. } = &self.inject else { return None };
+        let mut v = http::HeaderValue::from_str(&format.replace("{secret}", self.secret.expose_secret())).ok()?;
+        v.set_sensitive(true);
+        Some(v)
+    }
+
+    /// The query parameter value, for `Inject::Query`.
+    pub fn query_value(&self) -> Option<&str> {
+        matches!(self.inject, Inject::Query { .. }).then(|| self.secret.expose_secret())
+    }
+
+    /// The secret's bytes, only to redact echoes of it.
+    pub fn secret_bytes(&self) -> &[u8] {
+        self.secret.expose_secret().as_bytes()
+    }
+
+    /// Whether the secret may go to `host`.
+    pub fn allows_host(&self, host: &str) -> bool {
+        self.hosts.iter().any(|h| h == host)
+    }
+}
+
+/// Every binding, by name.
+#[derive(Debug, Default)]
+pub struct Credentials {
+    bindings: BTreeMap<String, Binding>,
+}
+
+impl Credentials {
+    pub fn get(&self, name: &str) -> Option<&Binding> {
+        self.bindings.get(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.bindings.keys().map(String::as_str)
+    }
+
+    /// Loads the credentials file and every secret it names.
+    pub fn load(path: &Path) -> Result<Self, CredentialError> {
+        check_private(path)?;
+        let text = std::fs::read_to_string(path).map_err(|source| CredentialError::Read { path: path.to_owned(), source })?;
+        let base = path.parent().unwrap_or(Path::new("/"));
+        Self::parse(&text, &path.display().to_string(), base, &|var| std::env::var(var).ok())
+    }
+
+    /// Parses credentials text; `env` reads the daemon's environment (tests pass their own).
+    pub fn parse(text: &str, file: &str, base: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, CredentialError> {
+        let raw: RawFile = serde_yaml_ng::from_str(text).map_err(|e| {
+            let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+            CredentialError::Syntax { file: file.to_owned(), line, column, message: strip_location(&e.to_string()) }
+        })?;
+        let invalid = |message: String| CredentialError::Invalid { file: file.to_owned(), message };
+        let mut bindings = BTreeMap::new();
+        for b in raw.bindings {
+            if b.hosts.is_empty() {
+                return Err(invalid(format!("binding {:?}: name at least one host", b.name)));
+            }
+            let hosts = b
+                .hosts
+                .iter()
+                .map(|h| crate::normalize::host(h).map(|(n, _)| n).map_err(|e| invalid(format!("binding {:?}: host {h:?}: {}", b.name, e.as_str()))))
+                .collect::<Result<Vec<_>, _>>()?;
+            let inject = match (b.inject.header, b.inject.format, b.inject.query) {
+                (Some(h), format, None) => Inject::Header {
+                    name: http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| invalid(format!("binding {:?}: bad header name {h:?}", b.name)))?,
+                    format: format.unwrap_or_else(|| "{secret}".into()),
+                },
+                (None, None, Some(q)) => Inject::Query { param: q },
+                _ => return Err(invalid(format!("binding {:?}: inject needs `header` (with optional `format`) or `query`", b.name))),
+            };
+            if let Inject::Header { format, .. } = &inject {
+                if !format.contains("{secret}") {
+                    return Err(invalid(format!("binding {:?}: format must contain {{secret}}", b.name)));
+                }
+            }
+            let secret = match (b.source.file, b.source.env) {
+                (Some(f), None) => {
+                    let f = if f.is_absolute() { f } else { base.join(f) };
+                    check_private(&f)?;
+                    let s = std::fs::read_to_string(&f).map_err(|source| CredentialError::Read { path: f.clone(), source })?;
+                    SecretString::from(s.trim_end_matches(['\n', '\r']).to_owned())
+                }
+                (None, Some(var)) => SecretString::from(env(&var).ok_or_else(|| invalid(format!("binding {:?}: environment variable {var} is not set", b.name)))?),
+                _ => return Err(invalid(format!("binding {:?}: source needs exactly one of `file` or `env`", b.name))),
+            };
+            if secret.expose_secret().is_empty() {
+                return Err(invalid(format!("binding {:?}: the secret is empty", b.name)));
+            }
+            if bindings.contains_key(&b.name) {
+                return Err(invalid(format!("binding {:?} is defined twice", b.name)));
+            }
+            bindings.insert(b.name.clone(), Binding { name: b.name, hosts, inject, secret });
+        }
+        Ok(Self { bindings })
+    }
+}
+
+fn check_private(path: &Path) -> Result<(), CredentialError> {
+    let meta = std::fs::metadata(path).map_err(|source| CredentialError::Read { path: path.to_owned(), source })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(CredentialError::Permissions { path: path.to_owned(), mode });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = "bindings:\n  - name: openai-prod\n    hosts: [API.openai.com]\n    inject: { header: Authorization, format: \"Bearer {secret}\" }\n    source: { env: TG_TEST_KEY }\n  - name: maps\n    hosts: [maps.example]\n    inject: { query: key }\n    source: { env: TG_MAPS }\n";
+
+    fn env(var: &str) -> Option<String> {
+        match var {
+            "TG_TEST_KEY" => Some("sk-test-123".into()),
+            "TG_MAPS" => Some("m-456".into()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn parses_and_injects() {
+        let c = Credentials::parse(TEXT, "c.yaml", Path::new("/"), &env).expect("creds");
+        let b = c.get("openai-prod").expect("binding");
+        assert!(b.allows_host("api.openai.com"));
+        assert!(!b.allows_host("evil.example"));
+        let v = b.header_value().expect("header");
+        assert_eq!(v.to_str().expect("ascii"), "Bearer sk-test-123");
+        assert!(v.is_sensitive());
+        assert_eq!(c.get("maps").and_then(Binding::query_value), Some("m-456"));
+    }
+
+    #[test]
+    fn debug_never_shows_the_secret() {
+        let c = Credentials::parse(TEXT, "c.yaml", Path::new("/"), &env).expect("creds");
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("sk-test-123") && !shown.contains("m-456"), "{shown}");
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let missing = TEXT.replace("TG_MAPS", "TG_NOPE");
+        assert!(Credentials::parse(&missing, "c.yaml", Path::new("/"), &env).expect_err("missing env").to_string().contains("TG_NOPE"));
+        let unknown = TEXT.replace("    source: { env: TG_TEST_KEY }", "    source: { env: TG_TEST_KEY }\n    sorce: x");
+        assert!(Credentials::parse(&unknown, "c.yaml", Path::new("/"), &env).expect_err("unknown").to_string().starts_with("c.yaml:6:"));
+        let no_placeholder = TEXT.replace("Bearer {secret}", "Bearer");
+        assert!(Credentials::parse(&no_placeholder, "c.yaml", Path::new("/"), &env).is_err());
+    }
+
+    #[test]
+    fn group_readable_files_are_refused() {
+        let dir = std::env::temp_dir().join(format!("tg-cred-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let f = dir.join("creds.yaml");
+        std::fs::write(&f, TEXT).expect("write");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        let err = Credentials::load(&f).expect_err("group readable");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+    }
+}

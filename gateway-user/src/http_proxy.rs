@@ -1,0 +1,321 @@
+//! HTTP/1.1 on a redirected connection whose port a host rule covers: every request is
+//! decided on its own (host, method, normalized path), forwarded with the bound credential
+//! injected, and audited once.
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use crate::{
+    audit::{AuditRecord, HttpRecord, Layer, Verdict},
+    credentials::Inject,
+    identity::WorkloadId,
+    netns::Netns,
+    normalize,
+    policy::{RequestDecision, TlsMode, WorkloadView},
+    proxy::Gateway,
+    redact::Redact,
+};
+
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// How long a client may take to send request headers (slowloris); separate from the upstream's
+/// time to first byte, which is not limited (LLM calls are slow).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Headers that describe one hop, never forwarded.
+const HOP_BY_HOP: [&str; 9] =
+    ["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "proxy-authorization", "proxy-authenticate"];
+
+/// Caller-supplied credentials removed before a bound credential is injected.
+const CALLER_CREDENTIALS: [&str; 3] = ["authorization", "x-api-key", "api-key"];
+
+/// The connection's context: who, in which namespace, to which port.
+pub struct Conn {
+    pub gateway: Arc<Gateway>,
+    pub ns: Arc<Netns>,
+    pub netns_cookie: u64,
+    pub workload: WorkloadId,
+    pub orig: SocketAddr,
+}
+
+fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())).map_err(|never: Infallible| match never {}).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// Strict framing, before anything reaches hyper's client: no Content-Length together with
+/// Transfer-Encoding, one Content-Length, and `chunked` as the only transfer coding.
+pub fn framing_error(headers: &HeaderMap) -> Option<&'static str> {
+    let cl = headers.get_all(header::CONTENT_LENGTH).iter().count();
+    let te: Vec<&HeaderValue> = headers.get_all(header::TRANSFER_ENCODING).iter().collect();
+    if cl > 1 {
+        return Some("duplicate_content_length");
+    }
+    if cl == 1 && !te.is_empty() {
+        return Some("content_length_with_transfer_encoding");
+    }
+    if te.len() > 1 || te.first().is_some_and(|v| v.as_bytes() != b"chunked") {
+        return Some("unsupported_transfer_encoding");
+    }
+    None
+}
+
+/// Removes hop-by-hop headers and every header the Connection header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for h in HOP_BY_HOP {
+        headers.remove(h);
+    }
+}
+
+/// Serves HTTP/1.1 on one client connection until it closes.
+pub async fn serve(conn: Conn, client: TcpStream) {
+    let conn = Arc::new(conn);
+    let service = hyper::service::service_fn(move |req| {
+        let conn = Arc::clone(&conn);
+        async move { Ok::<_, Infallible>(handle(&conn, req).await) }
+    });
+    let result = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(client), service)
+        .await;
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "client connection ended with an error");
+    }
+}
+
+async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let mut record = AuditRecord::new(Verdict::Deny, Layer::Request, "");
+    record.workload = conn.workload.record();
+    record.dst.orig_ip = Some(conn.orig.ip().to_string());
+    record.dst.orig_port = Some(conn.orig.port());
+    record.dst.protocol = Some("http");
+    let mut http = HttpRecord { method: req.method().to_string(), path: None, status: 0 };
+    let (response, credential) = decide_and_forward(conn, req, &mut record, &mut http).await;
+    http.status = response.status().as_u16();
+    record.http = Some(http);
+    record.credential = credential;
+    record.duration_ms = Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
+    conn.gateway.audit.emit(&record);
+    response
+}
+
+fn refuse(record: &mut AuditRecord, status: StatusCode, reason: &str, rule: Option<String>) -> Response<Body> {
+    record.decision = Verdict::Deny;
+    record.reason = reason.to_owned();
+    record.rule.clone_from(&rule);
+    json_response(status, serde_json::json!({ "error": "denied", "reason": reason, "rule": rule }))
+}
+
+async fn decide_and_forward(
+    conn: &Conn,
+    req: Request<Incoming>,
+    record: &mut AuditRecord,
+    http: &mut HttpRecord,
+) -> (Response<Body>, Option<String>) {
+    if let Some(reason) = framing_error(req.headers()) {
+        return (refuse(record, StatusCode::BAD_REQUEST, reason, None), None);
+    }
+    // The host the request names: the Host header, which an absolute-form target must agree with.
+    let host_header = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned);
+    let Some(raw_host) = host_header.or_else(|| req.uri().authority().map(ToString::to_string)) else {
+        return (refuse(record, StatusCode::BAD_REQUEST, "missing_host", None), None);
+    };
+    let (host, _) = match normalize::host(&raw_host) {
+        Ok(h) => h,
+        Err(e) => return (refuse(record, StatusCode::BAD_REQUEST, e.as_str(), None), None),
+    };
+    if let Some(authority) = req.uri().authority() {
+        if normalize::host(authority.as_str()).map(|(h, _)| h).as_deref() != Ok(host.as_str()) {
+            return (refuse(record, StatusCode::BAD_REQUEST, "absolute_target_host_mismatch", None), None);
+        }
+    }
+    record.dst.host = Some(host.clone());
+    let path = match normalize::path(req.uri().path()) {
+        Ok(p) => p,
+        Err(e) => return (refuse(record, StatusCode::BAD_REQUEST, e.as_str(), None), None),
+    };
+    http.path = Some(path.clone());
+
+    let id = &conn.workload;
+    let Some(cgroup) = &id.cgroup else {
+        return (refuse(record, StatusCode::FORBIDDEN, "no_policy_for_workload", None), None);
+    };
+    let placement = crate::container::placement(cgroup.as_str());
+    let view = WorkloadView {
+        cgroup,
+        container_id: placement.container.as_ref().map(|c| c.id.as_str()),
+        pod_uid: placement.pod.as_ref().map(|p| p.uid.as_str()),
+        exe: id.exe.as_deref(),
+        uid: id.uid,
+    };
+    let policies = conn.gateway.policies.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    let decision = policies.evaluate_request(&view, conn.orig.port(), &host, req.method().as_str(), &path);
+    let (route, verdict) = match decision {
+        RequestDecision::Deny { policy, rule, reason } => {
+            record.policy = policy;
+            return (refuse(record, StatusCode::FORBIDDEN, reason, rule), None);
+        }
+        RequestDecision::WouldDeny { policy, rule, reason, route } => {
+            record.policy = Some(policy);
+            let Some(route) = route else {
+                // Nothing says where this host's upstream is: refused even in monitor mode.
+                return (refuse(record, StatusCode::FORBIDDEN, reason, rule), None);
+            };
+            record.rule = rule;
+            record.reason = format!("monitor:{reason}");
+            (route, Verdict::WouldDeny)
+        }
+        RequestDecision::Allow { policy, rule, route } => {
+            record.policy = Some(policy);
+            record.rule = Some(rule);
+            record.reason = "rule_matched".into();
+            (route, Verdict::Allow)
+        }
+    };
+
+    // The credential, if the rule binds one, and only for a host the binding names.
+    let credentials = conn.gateway.credentials.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    let binding = match &route.credential {
+        Some(name) => match credentials.get(name) {
+            Some(b) if b.allows_host(&host) => Some(b),
+            Some(_) => return (refuse(record, StatusCode::FORBIDDEN, "credential_not_bound_to_host", record.rule.clone()), None),
+            None => return (refuse(record, StatusCode::FORBIDDEN, "credential_missing", record.rule.clone()), None),
+        },
+        None => None,
+    };
+    let credential_name = binding.map(|b| b.name.clone());
+
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let prefix: Vec<HeaderName> = parts.headers.keys().filter(|k| k.as_str().starts_with("x-tollgate-")).cloned().collect();
+    for k in prefix {
+        parts.headers.remove(k);
+    }
+    let mut query = parts.uri.query().map(str::to_owned);
+    if let Some(b) = binding {
+        for h in CALLER_CREDENTIALS {
+            parts.headers.remove(h);
+        }
+        match &b.inject {
+            Inject::Header { name, .. } => {
+                parts.headers.remove(name);
+                if let Some(v) = b.header_value() {
+                    parts.headers.insert(name.clone(), v);
+                }
+            }
+            Inject::Query { param } => {
+                let kept: Vec<&str> = query.as_deref().unwrap_or("").split('&').filter(|kv| !kv.is_empty() && kv.split('=').next() != Some(param.as_str())).collect();
+                let mut q = kept.join("&");
+                if !q.is_empty() {
+                    q.push('&');
+                }
+                q.push_str(param.as_str());
+                q.push('=');
+                q.push_str(&percent_encode(b.query_value().unwrap_or("")));
+                query = Some(q);
+            }
+        }
+    }
+    let scheme = if route.tls == TlsMode::Originate { "https" } else { "http" };
+    let default_port = if scheme == "https" { 443 } else { 80 };
+    let authority = if route.upstream_port == default_port { host.clone() } else { format!("{host}:{}", route.upstream_port) };
+    let target = match query {
+        Some(q) => format!("{scheme}://{authority}{path}?{q}"),
+        None => format!("{scheme}://{authority}{path}"),
+    };
+    let Ok(uri) = target.parse::<Uri>() else {
+        return (refuse(record, StatusCode::BAD_REQUEST, "bad_target", record.rule.clone()), credential_name);
+    };
+    parts.uri = uri;
+    parts.version = http::Version::HTTP_11;
+    if let Ok(v) = HeaderValue::from_str(&authority) {
+        parts.headers.insert(header::HOST, v);
+    }
+    let client = conn.gateway.upstreams.client(&conn.ns, conn.netns_cookie);
+    match client.request(Request::from_parts(parts, body)).await {
+        Ok(resp) => {
+            record.decision = verdict;
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            let body = match binding {
+                Some(b) => Redact::new(body, b.secret_bytes()).boxed(),
+                None => body.boxed(),
+            };
+            (Response::from_parts(parts, body), credential_name)
+        }
+        Err(e) => {
+            record.decision = Verdict::Error;
+            let timed_out = format!("{e:?}").contains("TimedOut");
+            let (status, reason) = if timed_out { (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout") } else { (StatusCode::BAD_GATEWAY, "upstream_unreachable") };
+            record.reason = reason.into();
+            tracing::info!(%host, error = %e, "upstream request failed");
+            (json_response(status, serde_json::json!({ "error": reason })), credential_name)
+        }
+    }
+}
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') { char::from(b).to_string() } else { format!("%{b:02X}") })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_bytes(k.as_bytes()).expect("name"), HeaderValue::from_str(v).expect("value"));
+        }
+        h
+    }
+
+    #[test]
+    fn framing() {
+        assert_eq!(framing_error(&headers(&[("content-length", "5")])), None);
+        assert_eq!(framing_error(&headers(&[("transfer-encoding", "chunked")])), None);
+        assert_eq!(framing_error(&headers(&[("content-length", "5"), ("content-length", "5")])), Some("duplicate_content_length"));
+        assert_eq!(framing_error(&headers(&[("content-length", "5"), ("transfer-encoding", "chunked")])), Some("content_length_with_transfer_encoding"));
+        assert_eq!(framing_error(&headers(&[("transfer-encoding", "chunked, identity")])), Some("unsupported_transfer_encoding"));
+        assert_eq!(framing_error(&headers(&[("transfer-encoding", " chunked")])), Some("unsupported_transfer_encoding"));
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_go() {
+        let mut h = headers(&[("connection", "keep-alive, x-secret-hop"), ("x-secret-hop", "1"), ("keep-alive", "5"), ("te", "trailers"), ("accept", "*/*")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("accept"));
+    }
+
+    #[test]
+    fn query_values_are_encoded() {
+        assert_eq!(percent_encode("a b&c=d"), "a%20b%26c%3Dd");
+    }
+}
