@@ -209,7 +209,10 @@ impl Config {
 
     /// Where the gateway dials for an original destination.
     pub fn upstream_for(&self, orig: SocketAddr) -> SocketAddr {
-        self.test_resolver.get(&orig.to_string()).copied().unwrap_or(orig)
+        self.test_resolver
+            .get(&orig.to_string())
+            .copied()
+            .unwrap_or(orig)
     }
 
     /// Test builds only: where `host:port` really is (a local mock). Counts as naming the
@@ -260,6 +263,26 @@ mod tests {
         let text = "roots: [/tg]\ngateway_cgroup: /tg/gw\npolicies: p\naudit_log: a\n";
         let err = Config::parse(text, "c.yaml", Path::new("/")).expect_err("inside root");
         assert!(err.to_string().contains("outside every root"), "{err}");
+    }
+
+    #[test]
+    fn test_resolver_exists_only_in_test_builds() {
+        let text =
+            format!("{GOOD}test_resolver: {{ \"api.openai.com:443\": \"127.0.0.1:8443\" }}\n");
+        let parsed = Config::parse(&text, "c.yaml", Path::new("/"));
+        if cfg!(feature = "test-resolver") {
+            let c = parsed.expect("test build");
+            assert_eq!(
+                c.test_override("api.openai.com", 443),
+                Some("127.0.0.1:8443".parse().expect("addr"))
+            );
+            assert_eq!(c.test_override("api.openai.com", 80), None);
+        } else {
+            assert!(parsed
+                .expect_err("release build")
+                .to_string()
+                .contains("only in test builds"));
+        }
     }
 
     #[test]

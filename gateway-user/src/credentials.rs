@@ -16,11 +16,19 @@ use crate::config::strip_location;
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialError {
     #[error("{file}:{line}:{column}: {message}")]
-    Syntax { file: String, line: usize, column: usize, message: String },
+    Syntax {
+        file: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
     #[error("{file}: {message}")]
     Invalid { file: String, message: String },
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} is readable by group or others (mode {mode:o}): chmod 600 it")]
     Permissions { path: PathBuf, mode: u32 },
 }
@@ -64,7 +72,10 @@ struct RawSource {
 #[derive(Debug, Clone)]
 pub enum Inject {
     /// A header whose value is `format` with `{secret}` replaced.
-    Header { name: http::HeaderName, format: String },
+    Header {
+        name: http::HeaderName,
+        format: String,
+    },
     /// A query parameter.
     Query { param: String },
 }
@@ -80,15 +91,23 @@ pub struct Binding {
 
 impl std::fmt::Debug for Binding {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Binding").field("name", &self.name).field("hosts", &self.hosts).field("secret", &"[REDACTED]").finish()
+        f.debug_struct("Binding")
+            .field("name", &self.name)
+            .field("hosts", &self.hosts)
+            .field("secret", &"[REDACTED]")
+            .finish()
     }
 }
 
 impl Binding {
     /// The header value to inject, marked sensitive (never logged by hyper/http).
     pub fn header_value(&self) -> Option<http::HeaderValue> {
-        let Inject::Header { format, .. } = &self.inject else { return None };
-        let mut v = http::HeaderValue::from_str(&format.replace("{secret}", self.secret.expose_secret())).ok()?;
+        let Inject::Header { format, .. } = &self.inject else {
+            return None;
+        };
+        let mut v =
+            http::HeaderValue::from_str(&format.replace("{secret}", self.secret.expose_secret()))
+                .ok()?;
         v.set_sensitive(true);
         Some(v)
     }
@@ -127,68 +146,134 @@ impl Credentials {
     /// Loads the credentials file and every secret it names.
     pub fn load(path: &Path) -> Result<Self, CredentialError> {
         check_private(path)?;
-        let text = std::fs::read_to_string(path).map_err(|source| CredentialError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| CredentialError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         let base = path.parent().unwrap_or(Path::new("/"));
-        Self::parse(&text, &path.display().to_string(), base, &|var| std::env::var(var).ok())
+        Self::parse(&text, &path.display().to_string(), base, &|var| {
+            std::env::var(var).ok()
+        })
     }
 
     /// Parses credentials text; `env` reads the daemon's environment (tests pass their own).
-    pub fn parse(text: &str, file: &str, base: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, CredentialError> {
+    pub fn parse(
+        text: &str,
+        file: &str,
+        base: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, CredentialError> {
         let raw: RawFile = serde_yaml_ng::from_str(text).map_err(|e| {
             let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
-            CredentialError::Syntax { file: file.to_owned(), line, column, message: strip_location(&e.to_string()) }
+            CredentialError::Syntax {
+                file: file.to_owned(),
+                line,
+                column,
+                message: strip_location(&e.to_string()),
+            }
         })?;
-        let invalid = |message: String| CredentialError::Invalid { file: file.to_owned(), message };
+        let invalid = |message: String| CredentialError::Invalid {
+            file: file.to_owned(),
+            message,
+        };
         let mut bindings = BTreeMap::new();
         for b in raw.bindings {
             if b.hosts.is_empty() {
-                return Err(invalid(format!("binding {:?}: name at least one host", b.name)));
+                return Err(invalid(format!(
+                    "binding {:?}: name at least one host",
+                    b.name
+                )));
             }
             let hosts = b
                 .hosts
                 .iter()
-                .map(|h| crate::normalize::host(h).map(|(n, _)| n).map_err(|e| invalid(format!("binding {:?}: host {h:?}: {}", b.name, e.as_str()))))
+                .map(|h| {
+                    crate::normalize::host(h).map(|(n, _)| n).map_err(|e| {
+                        invalid(format!("binding {:?}: host {h:?}: {}", b.name, e.as_str()))
+                    })
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             let inject = match (b.inject.header, b.inject.format, b.inject.query) {
                 (Some(h), format, None) => Inject::Header {
-                    name: http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| invalid(format!("binding {:?}: bad header name {h:?}", b.name)))?,
+                    name: http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
+                        invalid(format!("binding {:?}: bad header name {h:?}", b.name))
+                    })?,
                     format: format.unwrap_or_else(|| "{secret}".into()),
                 },
                 (None, None, Some(q)) => Inject::Query { param: q },
-                _ => return Err(invalid(format!("binding {:?}: inject needs `header` (with optional `format`) or `query`", b.name))),
+                _ => {
+                    return Err(invalid(format!(
+                        "binding {:?}: inject needs `header` (with optional `format`) or `query`",
+                        b.name
+                    )))
+                }
             };
             if let Inject::Header { format, .. } = &inject {
                 if !format.contains("{secret}") {
-                    return Err(invalid(format!("binding {:?}: format must contain {{secret}}", b.name)));
+                    return Err(invalid(format!(
+                        "binding {:?}: format must contain {{secret}}",
+                        b.name
+                    )));
                 }
             }
             let secret = match (b.source.file, b.source.env) {
                 (Some(f), None) => {
                     let f = if f.is_absolute() { f } else { base.join(f) };
                     check_private(&f)?;
-                    let s = std::fs::read_to_string(&f).map_err(|source| CredentialError::Read { path: f.clone(), source })?;
+                    let s =
+                        std::fs::read_to_string(&f).map_err(|source| CredentialError::Read {
+                            path: f.clone(),
+                            source,
+                        })?;
                     SecretString::from(s.trim_end_matches(['\n', '\r']).to_owned())
                 }
-                (None, Some(var)) => SecretString::from(env(&var).ok_or_else(|| invalid(format!("binding {:?}: environment variable {var} is not set", b.name)))?),
-                _ => return Err(invalid(format!("binding {:?}: source needs exactly one of `file` or `env`", b.name))),
+                (None, Some(var)) => SecretString::from(env(&var).ok_or_else(|| {
+                    invalid(format!(
+                        "binding {:?}: environment variable {var} is not set",
+                        b.name
+                    ))
+                })?),
+                _ => {
+                    return Err(invalid(format!(
+                        "binding {:?}: source needs exactly one of `file` or `env`",
+                        b.name
+                    )))
+                }
             };
             if secret.expose_secret().is_empty() {
-                return Err(invalid(format!("binding {:?}: the secret is empty", b.name)));
+                return Err(invalid(format!(
+                    "binding {:?}: the secret is empty",
+                    b.name
+                )));
             }
             if bindings.contains_key(&b.name) {
                 return Err(invalid(format!("binding {:?} is defined twice", b.name)));
             }
-            bindings.insert(b.name.clone(), Binding { name: b.name, hosts, inject, secret });
+            bindings.insert(
+                b.name.clone(),
+                Binding {
+                    name: b.name,
+                    hosts,
+                    inject,
+                    secret,
+                },
+            );
         }
         Ok(Self { bindings })
     }
 }
 
 fn check_private(path: &Path) -> Result<(), CredentialError> {
-    let meta = std::fs::metadata(path).map_err(|source| CredentialError::Read { path: path.to_owned(), source })?;
+    let meta = std::fs::metadata(path).map_err(|source| CredentialError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        return Err(CredentialError::Permissions { path: path.to_owned(), mode });
+        return Err(CredentialError::Permissions {
+            path: path.to_owned(),
+            mode,
+        });
     }
     Ok(())
 }
@@ -223,15 +308,27 @@ mod tests {
     fn debug_never_shows_the_secret() {
         let c = Credentials::parse(TEXT, "c.yaml", Path::new("/"), &env).expect("creds");
         let shown = format!("{c:?}");
-        assert!(!shown.contains("sk-test-123") && !shown.contains("m-456"), "{shown}");
+        assert!(
+            !shown.contains("sk-test-123") && !shown.contains("m-456"),
+            "{shown}"
+        );
     }
 
     #[test]
     fn errors_name_the_problem() {
         let missing = TEXT.replace("TG_MAPS", "TG_NOPE");
-        assert!(Credentials::parse(&missing, "c.yaml", Path::new("/"), &env).expect_err("missing env").to_string().contains("TG_NOPE"));
-        let unknown = TEXT.replace("    source: { env: TG_TEST_KEY }", "    source: { env: TG_TEST_KEY }\n    sorce: x");
-        assert!(Credentials::parse(&unknown, "c.yaml", Path::new("/"), &env).expect_err("unknown").to_string().starts_with("c.yaml:6:"));
+        assert!(Credentials::parse(&missing, "c.yaml", Path::new("/"), &env)
+            .expect_err("missing env")
+            .to_string()
+            .contains("TG_NOPE"));
+        let unknown = TEXT.replace(
+            "    source: { env: TG_TEST_KEY }",
+            "    source: { env: TG_TEST_KEY }\n    sorce: x",
+        );
+        assert!(Credentials::parse(&unknown, "c.yaml", Path::new("/"), &env)
+            .expect_err("unknown")
+            .to_string()
+            .starts_with("c.yaml:6:"));
         let no_placeholder = TEXT.replace("Bearer {secret}", "Bearer");
         assert!(Credentials::parse(&no_placeholder, "c.yaml", Path::new("/"), &env).is_err());
     }

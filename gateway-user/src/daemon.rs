@@ -19,9 +19,9 @@ use crate::{
     audit::{AuditLog, AuditRecord, Layer, Verdict, WorkloadRecord},
     cgroup,
     config::Config,
+    credentials::Credentials,
     ebpf::{self, Kernel},
     events,
-    credentials::Credentials,
     namespaces::Namespaces,
     netns::Netns,
     policy::PolicySet,
@@ -529,7 +529,11 @@ fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)>
 async fn watch_policies(gateway: Arc<Gateway>) {
     let dir = gateway.config.policies.clone();
     // Credentials: the file, and the files beside it (where secret files usually live).
-    let cred_dir = gateway.config.credentials.as_ref().and_then(|c| c.parent().map(Path::to_path_buf));
+    let cred_dir = gateway
+        .config
+        .credentials
+        .as_ref()
+        .and_then(|c| c.parent().map(Path::to_path_buf));
     let snapshot = || {
         let mut f = fingerprint(&dir);
         if let Some(d) = &cred_dir {
@@ -549,14 +553,28 @@ async fn watch_policies(gateway: Arc<Gateway>) {
         match reload(&gateway.config) {
             Ok((set, creds)) => {
                 let n = set.len();
-                *gateway.credentials.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(creds);
-                *gateway.policies.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(set);
+                *gateway
+                    .credentials
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(creds);
+                *gateway
+                    .policies
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(set);
                 tracing::info!(policies = n, "policies and credentials reloaded");
-                gateway.audit.emit(&AuditRecord::new(Verdict::Allow, Layer::Lifecycle, "policies_reloaded"));
+                gateway.audit.emit(&AuditRecord::new(
+                    Verdict::Allow,
+                    Layer::Lifecycle,
+                    "policies_reloaded",
+                ));
             }
             Err(msg) => {
                 tracing::error!(error = %msg, "reload failed; keeping the running policies and credentials");
-                gateway.audit.emit(&AuditRecord::new(Verdict::Error, Layer::Lifecycle, format!("policy_reload_failed: {msg}")));
+                gateway.audit.emit(&AuditRecord::new(
+                    Verdict::Error,
+                    Layer::Lifecycle,
+                    format!("policy_reload_failed: {msg}"),
+                ));
             }
         }
     }
@@ -564,8 +582,12 @@ async fn watch_policies(gateway: Arc<Gateway>) {
 
 /// Compiles the policies and loads the credentials, whole, or says why not.
 fn reload(config: &Config) -> Result<(PolicySet, Credentials), String> {
-    let set = PolicySet::load_dir(&config.policies)
-        .map_err(|errs| errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))?;
+    let set = PolicySet::load_dir(&config.policies).map_err(|errs| {
+        errs.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    })?;
     let creds = match &config.credentials {
         Some(path) => Credentials::load(path).map_err(|e| e.to_string())?,
         None => Credentials::default(),

@@ -33,8 +33,17 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Headers that describe one hop, never forwarded.
-const HOP_BY_HOP: [&str; 9] =
-    ["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "proxy-authorization", "proxy-authenticate"];
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+];
 
 /// Caller-supplied credentials removed before a bound credential is injected.
 const CALLER_CREDENTIALS: [&str; 3] = ["authorization", "x-api-key", "api-key"];
@@ -48,10 +57,17 @@ pub struct Conn {
     pub orig: SocketAddr,
 }
 
-fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())).map_err(|never: Infallible| match never {}).boxed());
+fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(body.to_string()))
+            .map_err(|never: Infallible| match never {})
+            .boxed(),
+    );
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -67,6 +83,55 @@ pub fn framing_error(headers: &HeaderMap) -> Option<&'static str> {
         return Some("content_length_with_transfer_encoding");
     }
     if te.len() > 1 || te.first().is_some_and(|v| v.as_bytes() != b"chunked") {
+        return Some("unsupported_transfer_encoding");
+    }
+    None
+}
+
+/// The same strict check on the raw request head, before hyper parses it (hyper resolves a
+/// Content-Length/Transfer-Encoding conflict by itself; we refuse it). Also refuses bare-LF
+/// line endings and whitespace before a header's colon.
+pub fn raw_head_error(head: &[u8]) -> Option<&'static str> {
+    let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Some("incomplete_head");
+    };
+    let head = &head[..end + 2];
+    if head
+        .iter()
+        .enumerate()
+        .any(|(i, b)| *b == b'\n' && (i == 0 || head[i - 1] != b'\r'))
+    {
+        return Some("bare_lf_in_head");
+    }
+    let (mut cl, mut te) = (0, Vec::new());
+    for line in head.split(|b| *b == b'\n').skip(1) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            continue;
+        }
+        let Some(colon) = line.iter().position(|b| *b == b':') else {
+            return Some("malformed_header");
+        };
+        let name = &line[..colon];
+        if name.is_empty() || name.iter().any(u8::is_ascii_whitespace) {
+            return Some("whitespace_in_header_name");
+        }
+        let value = String::from_utf8_lossy(&line[colon + 1..])
+            .trim()
+            .to_owned();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            cl += 1;
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            te.push(value);
+        }
+    }
+    if cl > 1 {
+        return Some("duplicate_content_length");
+    }
+    if cl == 1 && !te.is_empty() {
+        return Some("content_length_with_transfer_encoding");
+    }
+    if te.len() > 1 || te.first().is_some_and(|v| v != "chunked") {
         return Some("unsupported_transfer_encoding");
     }
     None
@@ -89,8 +154,45 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Serves HTTP/1.1 on one client connection until it closes.
+/// Serves one HTTP/1.1 request on a client connection (keep-alive is off: the raw head of
+/// every request is checked before hyper sees it, and this connection carries one head).
 pub async fn serve(conn: Conn, client: TcpStream) {
+    let mut head = vec![0u8; 16 * 1024];
+    let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
+    let problem = loop {
+        let n = match tokio::time::timeout_at(deadline, client.peek(&mut head)).await {
+            Ok(Ok(n)) => n,
+            _ => return,
+        };
+        if head[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+            break raw_head_error(&head[..n]);
+        }
+        if n == head.len() {
+            break Some("head_too_large");
+        }
+        if n == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    if let Some(reason) = problem {
+        let mut record = AuditRecord::new(Verdict::Deny, Layer::Request, reason);
+        record.workload = conn.workload.record();
+        record.dst.orig_ip = Some(conn.orig.ip().to_string());
+        record.dst.orig_port = Some(conn.orig.port());
+        record.dst.protocol = Some("http");
+        record.http = Some(HttpRecord {
+            method: String::new(),
+            path: None,
+            status: 400,
+        });
+        conn.gateway.audit.emit(&record);
+        let body = serde_json::json!({ "error": "denied", "reason": reason }).to_string();
+        let reply = format!("HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+        let mut client = client;
+        let _ = tokio::io::AsyncWriteExt::write_all(&mut client, reply.as_bytes()).await;
+        return;
+    }
     let conn = Arc::new(conn);
     let service = hyper::service::service_fn(move |req| {
         let conn = Arc::clone(&conn);
@@ -99,6 +201,7 @@ pub async fn serve(conn: Conn, client: TcpStream) {
     let result = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(false)
         .serve_connection(TokioIo::new(client), service)
         .await;
     if let Err(e) = result {
@@ -113,7 +216,11 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
     record.dst.orig_ip = Some(conn.orig.ip().to_string());
     record.dst.orig_port = Some(conn.orig.port());
     record.dst.protocol = Some("http");
-    let mut http = HttpRecord { method: req.method().to_string(), path: None, status: 0 };
+    let mut http = HttpRecord {
+        method: req.method().to_string(),
+        path: None,
+        status: 0,
+    };
     let (response, credential) = decide_and_forward(conn, req, &mut record, &mut http).await;
     http.status = response.status().as_u16();
     record.http = Some(http);
@@ -123,11 +230,19 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
     response
 }
 
-fn refuse(record: &mut AuditRecord, status: StatusCode, reason: &str, rule: Option<String>) -> Response<Body> {
+fn refuse(
+    record: &mut AuditRecord,
+    status: StatusCode,
+    reason: &str,
+    rule: Option<&str>,
+) -> Response<Body> {
     record.decision = Verdict::Deny;
     record.reason = reason.to_owned();
-    record.rule.clone_from(&rule);
-    json_response(status, serde_json::json!({ "error": "denied", "reason": reason, "rule": rule }))
+    record.rule = rule.map(str::to_owned);
+    json_response(
+        status,
+        &serde_json::json!({ "error": "denied", "reason": reason, "rule": rule }),
+    )
 }
 
 async fn decide_and_forward(
@@ -140,29 +255,67 @@ async fn decide_and_forward(
         return (refuse(record, StatusCode::BAD_REQUEST, reason, None), None);
     }
     // The host the request names: the Host header, which an absolute-form target must agree with.
-    let host_header = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned);
-    let Some(raw_host) = host_header.or_else(|| req.uri().authority().map(ToString::to_string)) else {
-        return (refuse(record, StatusCode::BAD_REQUEST, "missing_host", None), None);
+    let host_header = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned);
+    let Some(raw_host) = host_header.or_else(|| req.uri().authority().map(ToString::to_string))
+    else {
+        return (
+            refuse(record, StatusCode::BAD_REQUEST, "missing_host", None),
+            None,
+        );
     };
     let (host, _) = match normalize::host(&raw_host) {
         Ok(h) => h,
-        Err(e) => return (refuse(record, StatusCode::BAD_REQUEST, e.as_str(), None), None),
+        Err(e) => {
+            return (
+                refuse(record, StatusCode::BAD_REQUEST, e.as_str(), None),
+                None,
+            )
+        }
     };
     if let Some(authority) = req.uri().authority() {
-        if normalize::host(authority.as_str()).map(|(h, _)| h).as_deref() != Ok(host.as_str()) {
-            return (refuse(record, StatusCode::BAD_REQUEST, "absolute_target_host_mismatch", None), None);
+        if normalize::host(authority.as_str())
+            .map(|(h, _)| h)
+            .as_deref()
+            != Ok(host.as_str())
+        {
+            return (
+                refuse(
+                    record,
+                    StatusCode::BAD_REQUEST,
+                    "absolute_target_host_mismatch",
+                    None,
+                ),
+                None,
+            );
         }
     }
     record.dst.host = Some(host.clone());
     let path = match normalize::path(req.uri().path()) {
         Ok(p) => p,
-        Err(e) => return (refuse(record, StatusCode::BAD_REQUEST, e.as_str(), None), None),
+        Err(e) => {
+            return (
+                refuse(record, StatusCode::BAD_REQUEST, e.as_str(), None),
+                None,
+            )
+        }
     };
     http.path = Some(path.clone());
 
     let id = &conn.workload;
     let Some(cgroup) = &id.cgroup else {
-        return (refuse(record, StatusCode::FORBIDDEN, "no_policy_for_workload", None), None);
+        return (
+            refuse(
+                record,
+                StatusCode::FORBIDDEN,
+                "no_policy_for_workload",
+                None,
+            ),
+            None,
+        );
     };
     let placement = crate::container::placement(cgroup.as_str());
     let view = WorkloadView {
@@ -172,24 +325,49 @@ async fn decide_and_forward(
         exe: id.exe.as_deref(),
         uid: id.uid,
     };
-    let policies = conn.gateway.policies.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-    let decision = policies.evaluate_request(&view, conn.orig.port(), &host, req.method().as_str(), &path);
+    let policies = conn
+        .gateway
+        .policies
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let decision =
+        policies.evaluate_request(&view, conn.orig.port(), &host, req.method().as_str(), &path);
     let (route, verdict) = match decision {
-        RequestDecision::Deny { policy, rule, reason } => {
+        RequestDecision::Deny {
+            policy,
+            rule,
+            reason,
+        } => {
             record.policy = policy;
-            return (refuse(record, StatusCode::FORBIDDEN, reason, rule), None);
+            return (
+                refuse(record, StatusCode::FORBIDDEN, reason, rule.as_deref()),
+                None,
+            );
         }
-        RequestDecision::WouldDeny { policy, rule, reason, route } => {
+        RequestDecision::WouldDeny {
+            policy,
+            rule,
+            reason,
+            route,
+        } => {
             record.policy = Some(policy);
             let Some(route) = route else {
                 // Nothing says where this host's upstream is: refused even in monitor mode.
-                return (refuse(record, StatusCode::FORBIDDEN, reason, rule), None);
+                return (
+                    refuse(record, StatusCode::FORBIDDEN, reason, rule.as_deref()),
+                    None,
+                );
             };
             record.rule = rule;
             record.reason = format!("monitor:{reason}");
             (route, Verdict::WouldDeny)
         }
-        RequestDecision::Allow { policy, rule, route } => {
+        RequestDecision::Allow {
+            policy,
+            rule,
+            route,
+        } => {
             record.policy = Some(policy);
             record.rule = Some(rule);
             record.reason = "rule_matched".into();
@@ -198,12 +376,37 @@ async fn decide_and_forward(
     };
 
     // The credential, if the rule binds one, and only for a host the binding names.
-    let credentials = conn.gateway.credentials.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    let credentials = conn
+        .gateway
+        .credentials
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
     let binding = match &route.credential {
         Some(name) => match credentials.get(name) {
             Some(b) if b.allows_host(&host) => Some(b),
-            Some(_) => return (refuse(record, StatusCode::FORBIDDEN, "credential_not_bound_to_host", record.rule.clone()), None),
-            None => return (refuse(record, StatusCode::FORBIDDEN, "credential_missing", record.rule.clone()), None),
+            Some(_) => {
+                return (
+                    refuse(
+                        record,
+                        StatusCode::FORBIDDEN,
+                        "credential_not_bound_to_host",
+                        record.rule.clone().as_deref(),
+                    ),
+                    None,
+                )
+            }
+            None => {
+                return (
+                    refuse(
+                        record,
+                        StatusCode::FORBIDDEN,
+                        "credential_missing",
+                        record.rule.clone().as_deref(),
+                    ),
+                    None,
+                )
+            }
         },
         None => None,
     };
@@ -211,7 +414,12 @@ async fn decide_and_forward(
 
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    let prefix: Vec<HeaderName> = parts.headers.keys().filter(|k| k.as_str().starts_with("x-tollgate-")).cloned().collect();
+    let prefix: Vec<HeaderName> = parts
+        .headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-tollgate-"))
+        .cloned()
+        .collect();
     for k in prefix {
         parts.headers.remove(k);
     }
@@ -228,7 +436,12 @@ async fn decide_and_forward(
                 }
             }
             Inject::Query { param } => {
-                let kept: Vec<&str> = query.as_deref().unwrap_or("").split('&').filter(|kv| !kv.is_empty() && kv.split('=').next() != Some(param.as_str())).collect();
+                let kept: Vec<&str> = query
+                    .as_deref()
+                    .unwrap_or("")
+                    .split('&')
+                    .filter(|kv| !kv.is_empty() && kv.split('=').next() != Some(param.as_str()))
+                    .collect();
                 let mut q = kept.join("&");
                 if !q.is_empty() {
                     q.push('&');
@@ -240,15 +453,31 @@ async fn decide_and_forward(
             }
         }
     }
-    let scheme = if route.tls == TlsMode::Originate { "https" } else { "http" };
+    let scheme = if route.tls == TlsMode::Originate {
+        "https"
+    } else {
+        "http"
+    };
     let default_port = if scheme == "https" { 443 } else { 80 };
-    let authority = if route.upstream_port == default_port { host.clone() } else { format!("{host}:{}", route.upstream_port) };
+    let authority = if route.upstream_port == default_port {
+        host.clone()
+    } else {
+        format!("{host}:{}", route.upstream_port)
+    };
     let target = match query {
         Some(q) => format!("{scheme}://{authority}{path}?{q}"),
         None => format!("{scheme}://{authority}{path}"),
     };
     let Ok(uri) = target.parse::<Uri>() else {
-        return (refuse(record, StatusCode::BAD_REQUEST, "bad_target", record.rule.clone()), credential_name);
+        return (
+            refuse(
+                record,
+                StatusCode::BAD_REQUEST,
+                "bad_target",
+                record.rule.clone().as_deref(),
+            ),
+            credential_name,
+        );
     };
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
@@ -262,7 +491,11 @@ async fn decide_and_forward(
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             let body = match binding {
-                Some(b) => Redact::new(body, b.secret_bytes()).boxed(),
+                Some(b) => {
+                    // Redaction may change the length: let the body frame itself.
+                    parts.headers.remove(header::CONTENT_LENGTH);
+                    Redact::new(body, b.secret_bytes()).boxed()
+                }
                 None => body.boxed(),
             };
             (Response::from_parts(parts, body), credential_name)
@@ -270,17 +503,30 @@ async fn decide_and_forward(
         Err(e) => {
             record.decision = Verdict::Error;
             let timed_out = format!("{e:?}").contains("TimedOut");
-            let (status, reason) = if timed_out { (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout") } else { (StatusCode::BAD_GATEWAY, "upstream_unreachable") };
+            let (status, reason) = if timed_out {
+                (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout")
+            } else {
+                (StatusCode::BAD_GATEWAY, "upstream_unreachable")
+            };
             record.reason = reason.into();
             tracing::info!(%host, error = %e, "upstream request failed");
-            (json_response(status, serde_json::json!({ "error": reason })), credential_name)
+            (
+                json_response(status, &serde_json::json!({ "error": reason })),
+                credential_name,
+            )
         }
     }
 }
 
 fn percent_encode(s: &str) -> String {
     s.bytes()
-        .map(|b| if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') { char::from(b).to_string() } else { format!("%{b:02X}") })
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
         .collect()
 }
 
@@ -291,7 +537,10 @@ mod tests {
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(HeaderName::from_bytes(k.as_bytes()).expect("name"), HeaderValue::from_str(v).expect("value"));
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
         }
         h
     }
@@ -299,16 +548,65 @@ mod tests {
     #[test]
     fn framing() {
         assert_eq!(framing_error(&headers(&[("content-length", "5")])), None);
-        assert_eq!(framing_error(&headers(&[("transfer-encoding", "chunked")])), None);
-        assert_eq!(framing_error(&headers(&[("content-length", "5"), ("content-length", "5")])), Some("duplicate_content_length"));
-        assert_eq!(framing_error(&headers(&[("content-length", "5"), ("transfer-encoding", "chunked")])), Some("content_length_with_transfer_encoding"));
-        assert_eq!(framing_error(&headers(&[("transfer-encoding", "chunked, identity")])), Some("unsupported_transfer_encoding"));
-        assert_eq!(framing_error(&headers(&[("transfer-encoding", " chunked")])), Some("unsupported_transfer_encoding"));
+        assert_eq!(
+            framing_error(&headers(&[("transfer-encoding", "chunked")])),
+            None
+        );
+        assert_eq!(
+            framing_error(&headers(&[
+                ("content-length", "5"),
+                ("content-length", "5")
+            ])),
+            Some("duplicate_content_length")
+        );
+        assert_eq!(
+            framing_error(&headers(&[
+                ("content-length", "5"),
+                ("transfer-encoding", "chunked")
+            ])),
+            Some("content_length_with_transfer_encoding")
+        );
+        assert_eq!(
+            framing_error(&headers(&[("transfer-encoding", "chunked, identity")])),
+            Some("unsupported_transfer_encoding")
+        );
+        assert_eq!(
+            framing_error(&headers(&[("transfer-encoding", " chunked")])),
+            Some("unsupported_transfer_encoding")
+        );
+    }
+
+    #[test]
+    fn raw_heads() {
+        let ok = b"POST /v1/x HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n";
+        assert_eq!(raw_head_error(ok), None);
+        let table: [(&[u8], &str); 6] = [
+            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n", "content_length_with_transfer_encoding"),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\n", "duplicate_content_length"),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n", "unsupported_transfer_encoding"),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n", "whitespace_in_header_name"),
+            (b"POST / HTTP/1.1\nHost: a\r\n\r\n", "bare_lf_in_head"),
+            (b"POST / HTTP/1.1\r\nHost: a\r\n", "incomplete_head"),
+        ];
+        for (head, want) in table {
+            assert_eq!(
+                raw_head_error(head),
+                Some(want),
+                "{}",
+                String::from_utf8_lossy(head)
+            );
+        }
     }
 
     #[test]
     fn hop_by_hop_and_connection_named_headers_go() {
-        let mut h = headers(&[("connection", "keep-alive, x-secret-hop"), ("x-secret-hop", "1"), ("keep-alive", "5"), ("te", "trailers"), ("accept", "*/*")]);
+        let mut h = headers(&[
+            ("connection", "keep-alive, x-secret-hop"),
+            ("x-secret-hop", "1"),
+            ("keep-alive", "5"),
+            ("te", "trailers"),
+            ("accept", "*/*"),
+        ]);
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("accept"));

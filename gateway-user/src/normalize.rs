@@ -52,11 +52,15 @@ pub fn host(raw: &str) -> Result<(String, Option<u16>), Reject> {
             None if after.is_empty() => None,
             None => return Err(Reject::BadHost),
         };
-        v6.parse::<std::net::Ipv6Addr>().map_err(|_| Reject::BadHost)?;
+        v6.parse::<std::net::Ipv6Addr>()
+            .map_err(|_| Reject::BadHost)?;
         (format!("[{}]", v6.to_ascii_lowercase()), port)
     } else {
         match raw.rsplit_once(':') {
-            Some((n, p)) => (n.to_owned(), Some(p.parse::<u16>().map_err(|_| Reject::BadPort)?)),
+            Some((n, p)) => (
+                n.to_owned(),
+                Some(p.parse::<u16>().map_err(|_| Reject::BadPort)?),
+            ),
             None => (raw.to_owned(), None),
         }
     };
@@ -65,7 +69,9 @@ pub fn host(raw: &str) -> Result<(String, Option<u16>), Reject> {
         return Err(Reject::EmptyHost);
     }
     if !name.starts_with('[')
-        && !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+        && !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
     {
         return Err(Reject::BadHost);
     }
@@ -97,8 +103,13 @@ pub fn path(raw: &str) -> Result<String, Reject> {
     while i < bytes.len() {
         let b = bytes[i];
         if b == b'%' {
-            let (h, l) = (bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex));
-            let (Some(h), Some(l)) = (h, l) else { return Err(Reject::BadPercentEncoding) };
+            let (h, l) = (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            );
+            let (Some(h), Some(l)) = (h, l) else {
+                return Err(Reject::BadPercentEncoding);
+            };
             let c = h * 16 + l;
             if c == b'/' || c == b'\\' {
                 return Err(Reject::EncodedSeparator);
@@ -142,9 +153,11 @@ pub fn path(raw: &str) -> Result<String, Reject> {
 mod tests {
     use super::*;
 
+    type HostCase = (&'static str, Result<(&'static str, Option<u16>), Reject>);
+
     #[test]
     fn hosts() {
-        let table: [(&str, Result<(&str, Option<u16>), Reject>); 10] = [
+        let table: [HostCase; 10] = [
             ("api.openai.com", Ok(("api.openai.com", None))),
             ("API.OpenAI.com.", Ok(("api.openai.com", None))),
             ("api.openai.com:443", Ok(("api.openai.com", Some(443)))),
@@ -158,7 +171,11 @@ mod tests {
         ];
         for (input, want) in table {
             let got = host(input);
-            assert_eq!(got.as_ref().map(|(h, p)| (h.as_str(), *p)).map_err(|e| *e), want, "{input:?}");
+            assert_eq!(
+                got.as_ref().map(|(h, p)| (h.as_str(), *p)).map_err(|e| *e),
+                want,
+                "{input:?}"
+            );
         }
     }
 

@@ -141,7 +141,8 @@ impl HostPattern {
             Some(r) => (true, r),
             None => (false, s),
         };
-        let (name, port) = crate::normalize::host(rest).map_err(|e| format!("host {s:?}: {}", e.as_str()))?;
+        let (name, port) =
+            crate::normalize::host(rest).map_err(|e| format!("host {s:?}: {}", e.as_str()))?;
         if port.is_some() {
             return Err(format!("host {s:?}: put the port in `port`"));
         }
@@ -150,7 +151,11 @@ impl HostPattern {
 
     pub fn matches(&self, host: &str) -> bool {
         match self.0.strip_prefix("*.") {
-            Some(suffix) => host.len() > suffix.len() + 1 && host.ends_with(suffix) && host.as_bytes()[host.len() - suffix.len() - 1] == b'.',
+            Some(suffix) => {
+                host.len() > suffix.len() + 1
+                    && host.ends_with(suffix)
+                    && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+            }
             None => self.0 == host,
         }
     }
@@ -167,9 +172,12 @@ pub struct PathPattern(String);
 
 impl PathPattern {
     fn parse(s: &str) -> Result<Self, String> {
-        let normalized = crate::normalize::path(&s.replace('*', "x")).map_err(|e| format!("path {s:?}: {}", e.as_str()))?;
+        let normalized = crate::normalize::path(&s.replace('*', "x"))
+            .map_err(|e| format!("path {s:?}: {}", e.as_str()))?;
         if normalized.len() != s.trim_end_matches('/').len().max(1) && s != "/" {
-            return Err(format!("path {s:?}: write it normalized (no `..`, `//`, `%2e` or trailing slash)"));
+            return Err(format!(
+                "path {s:?}: write it normalized (no `..`, `//`, `%2e` or trailing slash)"
+            ));
         }
         Ok(Self(s.to_owned()))
     }
@@ -177,12 +185,17 @@ impl PathPattern {
     pub fn matches(&self, path: &str) -> bool {
         if let Some(prefix) = self.0.strip_suffix("/*") {
             if !prefix.contains('*') {
-                return path.starts_with(prefix) && path.as_bytes().get(prefix.len()) == Some(&b'/');
+                return path.starts_with(prefix)
+                    && path.as_bytes().get(prefix.len()) == Some(&b'/');
             }
         }
         let pat: Vec<&str> = self.0.split('/').collect();
         let got: Vec<&str> = path.split('/').collect();
-        pat.len() == got.len() && pat.iter().zip(&got).all(|(p, g)| *p == "*" && !g.is_empty() || p == g)
+        pat.len() == got.len()
+            && pat
+                .iter()
+                .zip(&got)
+                .all(|(p, g)| *p == "*" && !g.is_empty() || p == g)
     }
 }
 
@@ -365,7 +378,9 @@ pub enum Decision {
         reason: DenyReason,
     },
     /// A host rule covers the port: HTTP requests are decided one by one.
-    Inspect { policy: String },
+    Inspect {
+        policy: String,
+    },
     /// Monitor mode: the policy would deny; the connection goes through.
     WouldDeny {
         policy: String,
@@ -482,11 +497,16 @@ impl PolicySet {
         for rule in &policy.rules {
             match &rule.kind {
                 RuleKind::L4 { cidr, port } if *port == dst.port() && cidr.contains(dst.ip()) => {
-                    return Decision::Allow { policy: policy.name.clone(), rule: rule.name.clone() };
+                    return Decision::Allow {
+                        policy: policy.name.clone(),
+                        rule: rule.name.clone(),
+                    };
                 }
                 // The workload asked for a port a host rule covers: decide on each request.
                 RuleKind::Host(h) if h.port == dst.port() => {
-                    return Decision::Inspect { policy: policy.name.clone() };
+                    return Decision::Inspect {
+                        policy: policy.name.clone(),
+                    };
                 }
                 _ => {}
             }
@@ -507,31 +527,72 @@ impl PolicySet {
 /// The outcome for one HTTP request.
 #[derive(Debug, Clone)]
 pub enum RequestDecision {
-    Allow { policy: String, rule: String, route: HostRule },
-    Deny { policy: Option<String>, rule: Option<String>, reason: &'static str },
+    Allow {
+        policy: String,
+        rule: String,
+        route: HostRule,
+    },
+    Deny {
+        policy: Option<String>,
+        rule: Option<String>,
+        reason: &'static str,
+    },
     /// Monitor mode: would be denied; forwarded without a credential... or with the route, if one matched by host.
-    WouldDeny { policy: String, rule: Option<String>, reason: &'static str, route: Option<HostRule> },
+    WouldDeny {
+        policy: String,
+        rule: Option<String>,
+        reason: &'static str,
+        route: Option<HostRule>,
+    },
 }
 
 impl PolicySet {
     /// The decision for a request to `host` on the port the workload connected to. First host
     /// rule (in file order) whose host and port match decides; its `http` entries must allow
     /// the method and normalized path.
-    pub fn evaluate_request(&self, w: &WorkloadView<'_>, port: u16, host: &str, method: &str, path: &str) -> RequestDecision {
+    pub fn evaluate_request(
+        &self,
+        w: &WorkloadView<'_>,
+        port: u16,
+        host: &str,
+        method: &str,
+        path: &str,
+    ) -> RequestDecision {
         let Some(policy) = self.select(w) else {
-            return RequestDecision::Deny { policy: None, rule: None, reason: "no_policy_for_workload" };
+            return RequestDecision::Deny {
+                policy: None,
+                rule: None,
+                reason: "no_policy_for_workload",
+            };
         };
-        let deny = |rule: Option<&Rule>, reason: &'static str, route: Option<&HostRule>| match policy.mode {
-            Mode::Enforce => RequestDecision::Deny { policy: Some(policy.name.clone()), rule: rule.map(|r| r.name.clone()), reason },
-            Mode::Monitor => RequestDecision::WouldDeny { policy: policy.name.clone(), rule: rule.map(|r| r.name.clone()), reason, route: route.cloned() },
-        };
+        let deny =
+            |rule: Option<&Rule>, reason: &'static str, route: Option<&HostRule>| match policy.mode
+            {
+                Mode::Enforce => RequestDecision::Deny {
+                    policy: Some(policy.name.clone()),
+                    rule: rule.map(|r| r.name.clone()),
+                    reason,
+                },
+                Mode::Monitor => RequestDecision::WouldDeny {
+                    policy: policy.name.clone(),
+                    rule: rule.map(|r| r.name.clone()),
+                    reason,
+                    route: route.cloned(),
+                },
+            };
         for rule in &policy.rules {
-            let RuleKind::Host(h) = &rule.kind else { continue };
+            let RuleKind::Host(h) = &rule.kind else {
+                continue;
+            };
             if h.port != port || !h.host.matches(host) {
                 continue;
             }
             if h.http.is_empty() || h.http.iter().any(|m| m.allows(method, path)) {
-                return RequestDecision::Allow { policy: policy.name.clone(), rule: rule.name.clone(), route: h.clone() };
+                return RequestDecision::Allow {
+                    policy: policy.name.clone(),
+                    rule: rule.name.clone(),
+                    route: h.clone(),
+                };
             }
             return deny(Some(rule), "method_or_path_not_allowed", Some(h));
         }
@@ -540,7 +601,9 @@ impl PolicySet {
 
     /// Whether some rule lets `host` resolve to internal addresses.
     pub fn allows_private(&self, host: &str) -> bool {
-        self.policies.iter().flat_map(|p| &p.rules).any(|r| matches!(&r.kind, RuleKind::Host(h) if h.allow_private && h.host.matches(host)))
+        self.policies.iter().flat_map(|p| &p.rules).any(
+            |r| matches!(&r.kind, RuleKind::Host(h) if h.allow_private && h.host.matches(host)),
+        )
     }
 
     /// Every credential binding a rule names.
@@ -621,22 +684,42 @@ pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
         }
         let kind = match (&r.matches.cidr, &r.matches.host) {
             (Some(cidr), None) => {
-                if r.upstream.is_some() || r.tls.is_some() || !r.http.is_empty() || r.credential.is_some() || r.allow_private {
+                if r.upstream.is_some()
+                    || r.tls.is_some()
+                    || !r.http.is_empty()
+                    || r.credential.is_some()
+                    || r.allow_private
+                {
                     return Err(rule_err("a `cidr` rule is L4: upstream, tls, http, credential and allow_private need a `host` rule".into()));
                 }
-                RuleKind::L4 { cidr: cidr.parse::<Cidr>().map_err(&rule_err)?, port: r.matches.port }
+                RuleKind::L4 {
+                    cidr: cidr.parse::<Cidr>().map_err(&rule_err)?,
+                    port: r.matches.port,
+                }
             }
             (None, Some(host)) => {
-                let tls = r.tls.ok_or_else(|| rule_err("a `host` rule needs `tls: originate | none`".into()))?;
+                let tls = r.tls.ok_or_else(|| {
+                    rule_err("a `host` rule needs `tls: originate | none`".into())
+                })?;
                 if tls == TlsMode::Passthrough {
-                    return Err(rule_err("`tls: passthrough` is not available yet; use originate".into()));
+                    return Err(rule_err(
+                        "`tls: passthrough` is not available yet; use originate".into(),
+                    ));
                 }
                 if tls == TlsMode::None && r.credential.is_some() {
-                    return Err(rule_err("a credential is only ever sent over verified TLS: use `tls: originate`".into()));
+                    return Err(rule_err(
+                        "a credential is only ever sent over verified TLS: use `tls: originate`"
+                            .into(),
+                    ));
                 }
                 let mut http = Vec::new();
                 for m in &r.http {
-                    let paths = m.paths.iter().map(|p| PathPattern::parse(p)).collect::<Result<Vec<_>, _>>().map_err(&rule_err)?;
+                    let paths = m
+                        .paths
+                        .iter()
+                        .map(|p| PathPattern::parse(p))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(&rule_err)?;
                     let methods = m.methods.iter().map(|x| x.to_ascii_uppercase()).collect();
                     http.push(HttpMatch { methods, paths });
                 }
@@ -654,7 +737,11 @@ pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
                     allow_private: r.allow_private,
                 })
             }
-            _ => return Err(rule_err("`match` needs exactly one of `cidr` or `host`".into())),
+            _ => {
+                return Err(rule_err(
+                    "`match` needs exactly one of `cidr` or `host`".into(),
+                ))
+            }
         };
         rules.push(Rule { name: r.name, kind });
     }
@@ -897,6 +984,130 @@ mod container_selectors {
                 parse_policy(&text, Path::new("t.yaml")).is_err(),
                 "{workload}"
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod host_rules {
+    use super::*;
+
+    const OPENAI: &str = "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: { name: agent }\nspec:\n  workload: { cgroup: /agents }\n  egress:\n    - name: openai\n      match: { host: api.openai.com, port: 80 }\n      upstream: { port: 443 }\n      tls: originate\n      http:\n        - methods: [post]\n          paths: [/v1/chat/completions, /v1/threads/*/runs]\n        - methods: [GET]\n          paths: [/v1/models/*]\n      credential: openai-prod\n    - name: any-example\n      match: { host: \"*.example.com\", port: 80 }\n      tls: none\n";
+
+    #[test]
+    fn requests_are_decided_by_host_method_and_path() {
+        let set = PolicySet::from_policies(vec![
+            parse_policy(OPENAI, Path::new("a.yaml")).expect("policy")
+        ])
+        .expect("set");
+        let cg = CgroupPath::parse("/agents/a1").expect("cg");
+        let w = WorkloadView {
+            cgroup: &cg,
+            container_id: None,
+            pod_uid: None,
+            exe: None,
+            uid: 0,
+        };
+        assert_eq!(
+            set.evaluate(&w, "127.0.0.9:80".parse().expect("addr")),
+            Decision::Inspect {
+                policy: "agent".into()
+            }
+        );
+        let table = [
+            (
+                "api.openai.com",
+                "POST",
+                "/v1/chat/completions",
+                Ok("openai"),
+            ),
+            (
+                "api.openai.com",
+                "POST",
+                "/v1/threads/t_1/runs",
+                Ok("openai"),
+            ),
+            (
+                "api.openai.com",
+                "POST",
+                "/v1/threads/t_1/x/runs",
+                Err("method_or_path_not_allowed"),
+            ),
+            ("api.openai.com", "GET", "/v1/models/gpt-x", Ok("openai")),
+            (
+                "api.openai.com",
+                "GET",
+                "/v1/models",
+                Err("method_or_path_not_allowed"),
+            ),
+            (
+                "api.openai.com",
+                "GET",
+                "/v1/chat/completions",
+                Err("method_or_path_not_allowed"),
+            ),
+            (
+                "api.openai.com",
+                "DELETE",
+                "/v1/models/gpt-x",
+                Err("method_or_path_not_allowed"),
+            ),
+            ("a.example.com", "PUT", "/anything", Ok("any-example")),
+            ("example.com", "GET", "/", Err("host_not_allowed")),
+            (
+                "evil.com",
+                "POST",
+                "/v1/chat/completions",
+                Err("host_not_allowed"),
+            ),
+        ];
+        for (host, method, path, want) in table {
+            let got = match set.evaluate_request(&w, 80, host, method, path) {
+                RequestDecision::Allow { rule, .. } => Ok(rule),
+                RequestDecision::Deny { reason, .. } => Err(reason),
+                RequestDecision::WouldDeny { reason, .. } => Err(reason),
+            };
+            assert_eq!(
+                got.as_ref().map(String::as_str).map_err(|e| *e),
+                want,
+                "{method} {host}{path}"
+            );
+        }
+        match set.evaluate_request(&w, 8080, "api.openai.com", "POST", "/v1/chat/completions") {
+            RequestDecision::Deny { reason, .. } => assert_eq!(reason, "host_not_allowed"),
+            other => panic!("another port is another rule: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn host_rule_mistakes_are_errors() {
+        let bad = [
+            (
+                OPENAI.replace("tls: originate", "tls: none"),
+                "only ever sent over verified TLS",
+            ),
+            (OPENAI.replace("      tls: originate\n", ""), "needs `tls"),
+            (
+                OPENAI.replace("/v1/chat/completions", "/v1/../admin"),
+                "normalized",
+            ),
+            (
+                OPENAI.replace(
+                    "host: api.openai.com, port: 80",
+                    "host: api.openai.com, cidr: 10.0.0.0/8, port: 80",
+                ),
+                "exactly one of",
+            ),
+            (
+                OPENAI.replace("tls: originate", "tls: passthrough"),
+                "not available yet",
+            ),
+        ];
+        for (text, want) in bad {
+            let err = parse_policy(&text, Path::new("a.yaml"))
+                .expect_err(want)
+                .to_string();
+            assert!(err.contains(want), "{err}");
         }
     }
 }

@@ -241,9 +241,18 @@ impl Gateway {
     }
 
     /// A host rule covers the port: detect the protocol, then decide request by request.
-    async fn inspect(self: Arc<Self>, client: TcpStream, ns: Arc<Netns>, netns: u64, id: identity::WorkloadId, dst: SocketAddr, mut record: AuditRecord) {
+    async fn inspect(
+        self: Arc<Self>,
+        client: TcpStream,
+        ns: Arc<Netns>,
+        netns: u64,
+        id: identity::WorkloadId,
+        dst: SocketAddr,
+        mut record: AuditRecord,
+    ) {
         let mut first = [0u8; 24];
-        let peeked = tokio::time::timeout(std::time::Duration::from_secs(10), client.peek(&mut first)).await;
+        let peeked =
+            tokio::time::timeout(std::time::Duration::from_secs(10), client.peek(&mut first)).await;
         let n = match peeked {
             Ok(Ok(n)) => n,
             _ => {
@@ -265,7 +274,13 @@ impl Gateway {
             reset(&client);
             return;
         }
-        let conn = crate::http_proxy::Conn { gateway: Arc::clone(&self), ns, netns_cookie: netns, workload: id, orig: dst };
+        let conn = crate::http_proxy::Conn {
+            gateway: Arc::clone(&self),
+            ns,
+            netns_cookie: netns,
+            workload: id,
+            orig: dst,
+        };
         crate::http_proxy::serve(conn, client).await;
     }
 

@@ -20,7 +20,12 @@ pub struct Redact<B> {
 
 impl<B> Redact<B> {
     pub fn new(inner: B, secret: &[u8]) -> Self {
-        Self { inner, secret: secret.to_vec(), carry: BytesMut::new(), done: false }
+        Self {
+            inner,
+            secret: secret.to_vec(),
+            carry: BytesMut::new(),
+            done: false,
+        }
     }
 }
 
@@ -58,7 +63,10 @@ where
     type Data = Bytes;
     type Error = B::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
         if this.done {
             return Poll::Ready(None);
@@ -100,7 +108,10 @@ mod tests {
     #[test]
     fn scrubs_whole_and_split_secrets() {
         let s = b"sk-live-XYZ";
-        assert_eq!(scrub(b"key=sk-live-XYZ;", s, false), (b"key=[REDACTED];".to_vec(), 0));
+        assert_eq!(
+            scrub(b"key=sk-live-XYZ;", s, false),
+            (b"key=[REDACTED];".to_vec(), 0)
+        );
         let (out, held) = scrub(b"data: sk-li", s, false);
         assert_eq!((out.as_slice(), held), (&b"data: "[..], 5));
         let (out, held) = scrub(b"sk-live-XYZ\n\n", s, false);

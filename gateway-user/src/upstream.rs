@@ -70,7 +70,11 @@ impl Connection for Stream {
 }
 
 impl hyper::rt::Read for Stream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: hyper::rt::ReadBufCursor<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
@@ -79,7 +83,11 @@ impl hyper::rt::Read for Stream {
 }
 
 impl hyper::rt::Write for Stream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
@@ -136,8 +144,17 @@ impl Connector {
             return Ok(vec![addr]);
         }
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
-        let allowed = self.dial.policies.read().unwrap_or_else(std::sync::PoisonError::into_inner).allows_private(host);
-        let usable: Vec<SocketAddr> = addrs.iter().copied().filter(|a| allowed || !is_internal(a.ip())).collect();
+        let allowed = self
+            .dial
+            .policies
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .allows_private(host);
+        let usable: Vec<SocketAddr> = addrs
+            .iter()
+            .copied()
+            .filter(|a| allowed || !is_internal(a.ip()))
+            .collect();
         if usable.is_empty() {
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
@@ -148,13 +165,22 @@ impl Connector {
     }
 
     async fn connect(self, uri: Uri) -> io::Result<Stream> {
-        let host = uri.host().ok_or_else(|| io::Error::other("no host"))?.to_owned();
+        let host = uri
+            .host()
+            .ok_or_else(|| io::Error::other("no host"))?
+            .to_owned();
         let https = uri.scheme_str() == Some("https");
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
         let mut last = io::Error::other("no address");
         for addr in self.resolve(&host, port).await? {
-            let domain = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
-            let fd = self.ns.socket(domain, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0)?;
+            let domain = if addr.is_ipv4() {
+                libc::AF_INET
+            } else {
+                libc::AF_INET6
+            };
+            let fd = self
+                .ns
+                .socket(domain, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0)?;
             let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
             if let Some(src) = self.dial.config.upstream_bind {
                 if src.is_ipv4() == addr.is_ipv4() {
@@ -169,11 +195,18 @@ impl Connector {
                     }
                     let name = rustls::pki_types::ServerName::try_from(host.clone())
                         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-                    let tls = TlsConnector::from(Arc::clone(&self.tls)).connect(name, tcp).await?;
+                    let tls = TlsConnector::from(Arc::clone(&self.tls))
+                        .connect(name, tcp)
+                        .await?;
                     return Ok(Stream::Tls(Box::new(TokioIo::new(tls))));
                 }
                 Ok(Err(e)) => last = e,
-                Err(_) => last = io::Error::new(io::ErrorKind::TimedOut, format!("connect to {addr} timed out")),
+                Err(_) => {
+                    last = io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("connect to {addr} timed out"),
+                    );
+                }
             }
         }
         Err(last)
@@ -192,7 +225,10 @@ pub struct Upstreams {
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
     #[error("cannot read upstream_ca {path}: {source}")]
-    Read { path: std::path::PathBuf, source: io::Error },
+    Read {
+        path: std::path::PathBuf,
+        source: io::Error,
+    },
     #[error("upstream_ca {path}: no usable certificate in it")]
     Empty { path: std::path::PathBuf },
     #[error("TLS setup: {0}")]
@@ -201,9 +237,14 @@ pub enum TlsSetupError {
 
 impl Upstreams {
     pub fn new(dial: DialPolicy) -> Result<Self, TlsSetupError> {
-        let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+        let mut roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
         if let Some(path) = &dial.config.upstream_ca {
-            let pem = std::fs::read(path).map_err(|source| TlsSetupError::Read { path: path.clone(), source })?;
+            let pem = std::fs::read(path).map_err(|source| TlsSetupError::Read {
+                path: path.clone(),
+                source,
+            })?;
             let mut added = 0;
             for cert in rustls_pemfile::certs(&mut pem.as_slice()).flatten() {
                 if roots.add(cert).is_ok() {
@@ -219,17 +260,30 @@ impl Upstreams {
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        Ok(Self { tls: Arc::new(tls), dial: Arc::new(dial), clients: Mutex::new(HashMap::new()) })
+        Ok(Self {
+            tls: Arc::new(tls),
+            dial: Arc::new(dial),
+            clients: Mutex::new(HashMap::new()),
+        })
     }
 
     /// The pooled client dialing from `ns`.
     pub fn client(&self, ns: &Arc<Netns>, cookie: u64) -> HttpClient {
-        let mut clients = self.clients.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut clients = self
+            .clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         clients
             .entry(cookie)
             .or_insert_with(|| {
-                let connector = Connector { ns: Arc::clone(ns), tls: Arc::clone(&self.tls), dial: Arc::clone(&self.dial) };
-                Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).build(connector)
+                let connector = Connector {
+                    ns: Arc::clone(ns),
+                    tls: Arc::clone(&self.tls),
+                    dial: Arc::clone(&self.dial),
+                };
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(90))
+                    .build(connector)
             })
             .clone()
     }
@@ -241,7 +295,20 @@ mod tests {
 
     #[test]
     fn internal_addresses() {
-        for ip in ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0", "::1", "fd00::1", "fe80::1", "::ffff:10.0.0.1", "224.0.0.1"] {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:10.0.0.1",
+            "224.0.0.1",
+        ] {
             assert!(is_internal(ip.parse().expect("ip")), "{ip}");
         }
         for ip in ["8.8.8.8", "2001:4860::8888", "::ffff:1.1.1.1"] {

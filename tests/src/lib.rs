@@ -572,3 +572,132 @@ impl Mock {
         rx.recv().expect("mock in netns")
     }
 }
+
+/// A TLS "API" upstream with a certificate for `name` from a throwaway CA. It answers:
+/// `/…/echo` with every request header in the body (an upstream that echoes credentials);
+/// `/…/events` with a server-sent event stream whose second event waits for `go` to exist;
+/// anything else with JSON naming the path, host and the sha256 of the Authorization header
+/// (never the header itself).
+pub struct TlsApi {
+    pub addr: SocketAddr,
+    pub ca_pem: String,
+    requests: Arc<Mutex<Vec<String>>>,
+}
+
+impl TlsApi {
+    pub fn start(name: &str, go: PathBuf) -> Self {
+        use sha2::{Digest, Sha256};
+        let ca_key = rcgen::KeyPair::generate().expect("ca key");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "tollgate test CA");
+        let ca = ca_params.self_signed(&ca_key).expect("ca");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
+            .expect("params")
+            .signed_by(&key, &ca, &ca_key)
+            .expect("cert");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .expect("server config");
+        let config = Arc::new(config);
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&requests);
+        std::thread::spawn(move || {
+            for tcp in listener.incoming().flatten() {
+                let config = Arc::clone(&config);
+                let seen = Arc::clone(&seen);
+                let go = go.clone();
+                std::thread::spawn(move || {
+                    let Ok(conn) = rustls::ServerConnection::new(config) else {
+                        return;
+                    };
+                    let mut tls = rustls::StreamOwned::new(conn, tcp);
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match tls.read(&mut byte) {
+                            Ok(1) => head.push(byte[0]),
+                            _ => return,
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    let mut body = vec![0u8; len];
+                    let _ = tls.read_exact(&mut body);
+                    seen.lock().expect("requests").push(head.clone());
+                    let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+                    let header = |n: &str| {
+                        head.lines().find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case(n).then(|| v.trim().to_owned())
+                        })
+                    };
+                    if path.ends_with("/events") {
+                        let _ = tls.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n");
+                        let chunk = |t: &mut rustls::StreamOwned<
+                            rustls::ServerConnection,
+                            std::net::TcpStream,
+                        >,
+                                     s: &str| {
+                            let _ = write!(t, "{:x}\r\n{s}\r\n", s.len());
+                            let _ = t.flush();
+                        };
+                        chunk(&mut tls, "data: first\n\n");
+                        let deadline = Instant::now() + Duration::from_secs(10);
+                        while !go.exists() && Instant::now() < deadline {
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                        chunk(&mut tls, "data: second\n\n");
+                        let _ = tls.write_all(b"0\r\n\r\n");
+                        let _ = tls.flush();
+                        return;
+                    }
+                    let reply = if path.ends_with("/echo") {
+                        head.clone()
+                    } else {
+                        let auth = header("authorization").map(|a| {
+                            Sha256::digest(a.as_bytes())
+                                .iter()
+                                .map(|b| format!("{b:02x}"))
+                                .collect::<String>()
+                        });
+                        serde_json::json!({ "path": path, "host": header("host"), "auth_sha256": auth, "body_len": len }).to_string()
+                    };
+                    let _ = write!(tls, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}", reply.len());
+                    let _ = tls.flush();
+                    tls.conn.send_close_notify();
+                    let _ = tls.flush();
+                });
+            }
+        });
+        Self {
+            addr,
+            ca_pem: ca.pem(),
+            requests,
+        }
+    }
+
+    /// The request heads the upstream received.
+    pub fn requests(&self) -> Vec<String> {
+        self.requests.lock().expect("requests").clone()
+    }
+}

@@ -170,6 +170,39 @@ fn cargo() -> Command {
     cmd
 }
 
+/// Runs a cargo build and returns the executables it produced, by target name. (The copies
+/// under target/debug are not refreshed when a build with other features is already fresh,
+/// so tests use the paths cargo reports.)
+fn build_bins(args: &[&str]) -> Result<std::collections::HashMap<String, PathBuf>> {
+    let mut cmd = cargo();
+    cmd.args(args)
+        .arg("--message-format=json-render-diagnostics")
+        .stdout(std::process::Stdio::piped());
+    eprintln!("xtask: {cmd:?}");
+    let out = cmd.output().context("cargo build")?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", out.status);
+    }
+    let mut bins = std::collections::HashMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if let (Some(name), Some(exe)) =
+            (msg["target"]["name"].as_str(), msg["executable"].as_str())
+        {
+            let is_bin = msg["target"]["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "bin"));
+            // `--all-targets` also builds each binary as a test harness: skip those.
+            if is_bin && msg["profile"]["test"] == false {
+                bins.insert(name.to_owned(), PathBuf::from(exe));
+            }
+        }
+    }
+    Ok(bins)
+}
+
 fn is_root() -> bool {
     output_ok(Command::new("id").arg("-u")).is_some_and(|s| s.trim() == "0")
 }
@@ -177,7 +210,8 @@ fn is_root() -> bool {
 fn test(filter: Option<&str>) -> Result<()> {
     setup()?;
     build_ebpf()?;
-    run(cargo().args(["build", "--locked", "--workspace", "--all-targets"]))?;
+    // Unit tests as released (no test hooks), then the binaries the privileged suite drives,
+    // built with the test-only resolver override (mapping API names to local mocks).
     run(cargo().args([
         "test",
         "--locked",
@@ -188,12 +222,26 @@ fn test(filter: Option<&str>) -> Result<()> {
         "-p",
         "xtask",
     ]))?;
+    let bins = build_bins(&[
+        "build",
+        "--locked",
+        "--workspace",
+        "--all-targets",
+        "--features",
+        "gateway-user/test-resolver",
+    ])?;
     if !is_root() {
         bail!("the privileged tests need root (they load BPF programs and make cgroups)");
     }
     sweep_test_cgroups()?;
-    let bin = root().join("target/debug/tollgate");
-    let probe = root().join("target/debug/tg-probe");
+    let bin = bins
+        .get("tollgate")
+        .cloned()
+        .context("the build made no tollgate binary")?;
+    let probe = bins
+        .get("tg-probe")
+        .cloned()
+        .context("the build made no tg-probe binary")?;
     // The privileged suite runs in its own mount namespace: its bpffs mounts (and with them
     // every pin and attachment) die with it, even if a test process is killed.
     let mut suite = Command::new("unshare");
@@ -205,6 +253,8 @@ fn test(filter: Option<&str>) -> Result<()> {
             "--locked",
             "-p",
             "tollgate-tests",
+            "--features",
+            "gateway-user/test-resolver",
             "--",
             "--test-threads=1",
         ])

@@ -1,0 +1,323 @@
+//! HTTP APIs through the gateway: per-request policy, a credential the workload never holds,
+//! and one audit record per request. The "API" is a local TLS mock named api.openai.com (the
+//! test-only resolver override points the name at it; the gateway trusts its test CA).
+use std::{
+    io::{BufRead, BufReader, Read},
+    net::TcpListener,
+    os::unix::fs::PermissionsExt,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use sha2::{Digest, Sha256};
+use tollgate_tests::{join_before_exec, run_in, TestEnv, TlsApi};
+
+const POLICY: &str = "apiVersion: tollgate/v1
+kind: EgressPolicy
+metadata: { name: agent }
+spec:
+  workload: { cgroup: ROOT/agent.service }
+  egress:
+    - name: openai
+      match: { host: api.openai.com, port: 80 }
+      upstream: { port: 443 }
+      tls: originate
+      http:
+        - methods: [POST]
+          paths: [/v1/chat/completions]
+        - methods: [GET]
+          paths: [/v1/models/*, /v1/events]
+      credential: openai-prod
+";
+
+fn private_file(path: &std::path::Path, text: &str) {
+    std::fs::write(path, text).expect("write");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+struct Setup {
+    env: TestEnv,
+    api: TlsApi,
+    secret: String,
+    agent: std::path::PathBuf,
+    other: std::path::PathBuf,
+    go: std::path::PathBuf,
+}
+
+fn setup(name: &str) -> Setup {
+    let mut env = TestEnv::new(name);
+    let agent = env.workload("agent.service");
+    let other = env.workload("other.service");
+    let go = env.dir.join("go");
+    let api = TlsApi::start("api.openai.com", go.clone());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("time")
+        .subsec_nanos();
+    let secret = format!("sk-test-{}-{nanos}", std::process::id());
+    private_file(&env.dir.join("openai.key"), &secret);
+    private_file(
+        &env.dir.join("credentials.yaml"),
+        "bindings:\n  - name: openai-prod\n    hosts: [api.openai.com]\n    inject: { header: Authorization, format: \"Bearer {secret}\" }\n    source: { file: openai.key }\n",
+    );
+    std::fs::write(env.dir.join("ca.pem"), &api.ca_pem).expect("ca");
+    env.write_config(&format!(
+        "credentials: {}\nupstream_ca: {}\ntest_resolver: {{ \"api.openai.com:443\": \"{}\" }}\n",
+        env.dir.join("credentials.yaml").display(),
+        env.dir.join("ca.pem").display(),
+        api.addr
+    ));
+    std::fs::write(
+        env.policies.join("agent.yaml"),
+        POLICY.replace("ROOT", &env.root_rel()),
+    )
+    .expect("policy");
+    Setup {
+        env,
+        api,
+        secret,
+        agent,
+        other,
+        go,
+    }
+}
+
+fn curl(cgroup: &std::path::Path, args: &[&str]) -> (String, String) {
+    let mut all = vec![
+        "-sS",
+        "--max-time",
+        "10",
+        "--resolve",
+        "api.openai.com:80:127.0.0.9",
+        "--resolve",
+        "evil.example:80:127.0.0.9",
+    ];
+    all.extend_from_slice(args);
+    let out = run_in(cgroup, "curl", &all);
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_workload_never_holds_the_key_and_every_request_is_decided() {
+    let s = setup("http");
+    let env = &s.env;
+    // A canary where the workload thinks the API is: the credential must never go there.
+    let canary = TcpListener::bind("127.0.0.9:80").expect("canary on 127.0.0.9:80");
+    canary.set_nonblocking(true).expect("nonblocking");
+    let _d = env.start();
+    let want_auth = hex(&Sha256::digest(format!("Bearer {}", s.secret).as_bytes()));
+    let url = |p: &str| format!("http://api.openai.com{p}");
+    let mut outputs = String::new();
+
+    // Injection, with a caller-sent Authorization replaced.
+    let (out, err) = curl(
+        &s.agent,
+        &[
+            "-X",
+            "POST",
+            "-H",
+            "Authorization: Bearer attacker",
+            "-H",
+            "x-api-key: stolen",
+            "-d",
+            "{\"model\":\"m\"}",
+            &url("/v1/chat/completions"),
+        ],
+    );
+    outputs.push_str(&out);
+    let v: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}"));
+    assert_eq!(
+        v["auth_sha256"], want_auth,
+        "the upstream got the bound key, not the caller's"
+    );
+    assert_eq!(v["host"], "api.openai.com");
+    assert_eq!(v["path"], "/v1/chat/completions");
+    let head = s.api.requests().last().cloned().expect("request");
+    assert!(
+        !head.to_ascii_lowercase().contains("x-api-key"),
+        "caller credentials removed: {head}"
+    );
+
+    // python3 (urllib), no key at all.
+    let script = format!(
+        "import urllib.request\nr=urllib.request.Request('{}', data=b'{{}}', method='POST')\nprint(urllib.request.urlopen(r).read().decode())",
+        "http://api.openai.com/v1/chat/completions"
+    );
+    // urllib resolves the name itself: give it the address curl was given, through an
+    // /etc/hosts bound over the real one in the client's own mount namespace.
+    let py = {
+        let hosts = env.dir.join("hosts");
+        std::fs::write(&hosts, "127.0.0.9 api.openai.com\n").expect("hosts");
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--", "sh", "-c"])
+            .arg(format!(
+                "mount --bind {} /etc/hosts && exec python3 -c \"$0\"",
+                hosts.display()
+            ))
+            .arg(&script);
+        join_before_exec(&mut cmd, &s.agent);
+        cmd.output().expect("python3")
+    };
+    let py_out = String::from_utf8_lossy(&py.stdout).into_owned();
+    outputs.push_str(&py_out);
+    assert!(
+        py_out.contains(&want_auth),
+        "python3: {py_out} {}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+
+    // Path normalized before matching, and forwarded normalized.
+    let (out, _) = curl(
+        &s.agent,
+        &[
+            "--path-as-is",
+            "-X",
+            "POST",
+            "-d",
+            "{}",
+            &url("/v1/files/../chat//completions"),
+        ],
+    );
+    outputs.push_str(&out);
+    assert!(out.contains("\"path\":\"/v1/chat/completions\""), "{out}");
+
+    // Denials: path, method, host, encoded separator, smuggling.
+    let denied = [
+        (
+            vec!["-X", "GET", "-w", "\n%{http_code}"],
+            "/v1/files",
+            "403",
+            "method_or_path_not_allowed",
+        ),
+        (
+            vec!["-X", "GET", "-w", "\n%{http_code}"],
+            "/v1/chat/completions",
+            "403",
+            "method_or_path_not_allowed",
+        ),
+        (
+            vec!["--path-as-is", "-X", "POST", "-w", "\n%{http_code}"],
+            "/v1/chat%2fcompletions",
+            "400",
+            "encoded_separator_in_path",
+        ),
+    ];
+    for (mut args, path, code, reason) in denied {
+        let u = url(path);
+        args.push(&u);
+        let (out, _) = curl(&s.agent, &args);
+        outputs.push_str(&out);
+        assert!(out.ends_with(code), "{path}: {out}");
+        assert!(out.contains(reason), "{path}: {out}");
+    }
+    let (out, _) = curl(
+        &s.agent,
+        &[
+            "-w",
+            "\n%{http_code}",
+            "http://evil.example/v1/chat/completions",
+        ],
+    );
+    assert!(
+        out.ends_with("403") && out.contains("host_not_allowed"),
+        "{out}"
+    );
+    let smuggle = "import socket\ns=socket.create_connection(('127.0.0.9',80))\ns.sendall(b'POST /v1/chat/completions HTTP/1.1\\r\\nHost: api.openai.com\\r\\nContent-Length: 4\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\n0\\r\\n\\r\\n')\nprint(s.recv(4096).decode().split('\\r\\n')[0])";
+    let out = run_in(&s.agent, "python3", &["-c", smuggle]);
+    let line = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(line.starts_with("HTTP/1.1 400"), "CL+TE refused: {line:?}");
+
+    // A workload without a policy gets nothing, at connect.
+    let (out, err) = curl(
+        &s.other,
+        &["-X", "POST", "-d", "{}", &url("/v1/chat/completions")],
+    );
+    assert!(
+        out.is_empty() && !err.is_empty(),
+        "other.service: {out} {err}"
+    );
+
+    // An upstream that echoes the request: the key is redacted from the response.
+    let (out, _) = curl(&s.agent, &[&url("/v1/models/echo")]);
+    outputs.push_str(&out);
+    assert!(out.contains("[REDACTED]"), "{out}");
+
+    // Server-sent events: the first event arrives before the upstream finishes.
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-sSN",
+        "--max-time",
+        "15",
+        "--resolve",
+        "api.openai.com:80:127.0.0.9",
+        &url("/v1/events"),
+    ])
+    .stdout(Stdio::piped());
+    join_before_exec(&mut cmd, &s.agent);
+    let mut sse = cmd.spawn().expect("curl -N");
+    let mut reader = BufReader::new(sse.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    reader.read_line(&mut first).expect("first event");
+    assert_eq!(first.trim(), "data: first");
+    assert!(
+        !s.go.exists(),
+        "the upstream is still holding the stream open"
+    );
+    std::fs::write(&s.go, "").expect("go");
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).expect("rest");
+    let _ = sse.wait();
+    assert!(rest.contains("data: second"), "{rest}");
+
+    // The workload's chosen address never saw a connection.
+    let mut seen = 0;
+    while canary.accept().is_ok() {
+        seen += 1;
+    }
+    assert_eq!(seen, 0, "nothing was sent to 127.0.0.9");
+
+    // One audit record per request, naming the binding, never its value.
+    std::thread::sleep(Duration::from_millis(300));
+    let records = env.records();
+    let requests: Vec<_> = records.iter().filter(|r| r["layer"] == "request").collect();
+    assert!(requests.len() >= 9, "{} request records", requests.len());
+    let allowed = requests
+        .iter()
+        .find(|r| r["http"]["path"] == "/v1/chat/completions" && r["decision"] == "allow")
+        .expect("allow record");
+    assert_eq!(allowed["credential"], "openai-prod");
+    assert_eq!(allowed["dst"]["host"], "api.openai.com");
+    assert_eq!(allowed["http"]["status"], 200);
+    assert_eq!(
+        allowed["workload"]["cgroup"],
+        format!("{}/agent.service", env.root_rel())
+    );
+    assert!(requests
+        .iter()
+        .any(|r| r["reason"] == "method_or_path_not_allowed" && r["http"]["status"] == 403));
+    let audit_text = std::fs::read_to_string(&env.audit).expect("audit");
+    let logs: String = std::fs::read_dir(&env.dir)
+        .expect("dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("daemon-"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect();
+    for (what, text) in [
+        ("audit log", &audit_text),
+        ("daemon log", &logs),
+        ("client output", &outputs),
+    ] {
+        assert!(
+            !text.contains(&s.secret),
+            "the secret appeared in the {what}"
+        );
+    }
+}
