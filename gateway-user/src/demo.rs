@@ -16,6 +16,9 @@ use crate::{cgroup, config::DEMO_CONFIG};
 
 const DEMO_POLICY: &str = include_str!("../../policies/demo-app.yaml");
 const ALLOWED_PORT: u16 = 18080;
+/// Where the app thinks the LLM API is (its base URL), and where the mock API really listens.
+const LLM_PORT: u16 = 18090;
+const LLM_TLS_PORT: u16 = 18443;
 const DENIED_PORT: u16 = 18081;
 
 /// Everything the demo made, undone on drop (also when a step fails).
@@ -82,6 +85,86 @@ fn mock(port: u16, body: &'static str) -> Result<()> {
     Ok(())
 }
 
+/// A mock of an LLM API on loopback, over TLS with a certificate for 127.0.0.1 from a
+/// throwaway CA. It answers chat completions and says whether it received the demo key (it
+/// never echoes the key). Returns the CA certificate (PEM).
+fn mock_llm(key: String) -> Result<String> {
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "tollgate demo CA");
+    let ca = ca_params.self_signed(&ca_key)?;
+    let leaf_key = rcgen::KeyPair::generate()?;
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])?
+        .signed_by(&leaf_key, &ca, &ca_key)?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let tls = std::sync::Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+            )?,
+    );
+    let listener = TcpListener::bind(("127.0.0.1", LLM_TLS_PORT))
+        .with_context(|| format!("mock LLM port {LLM_TLS_PORT} is busy"))?;
+    std::thread::spawn(move || {
+        for tcp in listener.incoming().flatten() {
+            let Ok(conn) = rustls::ServerConnection::new(std::sync::Arc::clone(&tls)) else {
+                continue;
+            };
+            let mut s = rustls::StreamOwned::new(conn, tcp);
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && s.read(&mut b).is_ok_and(|n| n == 1) {
+                head.push(b[0]);
+            }
+            let head = String::from_utf8_lossy(&head).into_owned();
+            let header = |name: &str| {
+                head.lines().find_map(|l| {
+                    l.split_once(':')
+                        .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+                        .map(|(_, v)| v.trim().to_owned())
+                })
+            };
+            let len: usize = header("content-length")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let mut body = vec![0u8; len.min(1 << 20)];
+            let _ = s.read_exact(&mut body);
+            let key_ok =
+                header("authorization").as_deref() == Some(format!("Bearer {key}").as_str());
+            let reply = format!(
+                "{{\"id\":\"chatcmpl-demo\",\"choices\":[{{\"message\":{{\"role\":\"assistant\",\"content\":\"Hello from the mock LLM\"}}}}],\"mock_received_the_demo_key\":{key_ok}}}"
+            );
+            let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}", reply.len());
+            s.conn.send_close_notify();
+            let _ = s.flush();
+        }
+    });
+    Ok(ca.pem())
+}
+
+/// A fresh random demo key.
+fn demo_key() -> Result<String> {
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(format!(
+        "sk-demo-{}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    ))
+}
+
+fn private_file(path: &Path, text: &str) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(())
+}
+
 fn in_cgroup(cmd: &mut Command, cgroup: &Path) {
     let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").to_string_lossy().as_bytes())
         .unwrap_or_default();
@@ -140,10 +223,18 @@ pub fn run() -> Result<()> {
     };
     std::fs::write(&config_path, DEMO_CONFIG)?;
     std::fs::write(dir.join("policies/demo-app.yaml"), DEMO_POLICY)?;
+    let key = demo_key()?;
+    private_file(&dir.join("llm.key"), &key)?;
+    private_file(
+        &dir.join("credentials.yaml"),
+        "bindings:\n  - name: demo-llm\n    hosts: [127.0.0.1]\n    inject: { header: Authorization, format: \"Bearer {secret}\" }\n    source: { file: llm.key }\n",
+    )?;
+    std::fs::write(dir.join("ca.pem"), mock_llm(key.clone())?)?;
 
     let root = config.roots[0].dir(&mount);
     let app = root.join("app.service");
-    for cg in [&root, &app] {
+    let other = root.join("other.service");
+    for cg in [&root, &app, &other] {
         std::fs::create_dir_all(cg)
             .with_context(|| format!("cannot create cgroup {}", cg.display()))?;
         cleanup.cgroups.push(cg.clone());
@@ -212,11 +303,51 @@ pub fn run() -> Result<()> {
         &["-c", py_udp],
     )?;
 
+    println!("== an LLM API through the gateway (the clients hold no key):");
+    let chat = format!("http://127.0.0.1:{LLM_PORT}/v1/chat/completions");
+    let body = r#"{"model":"demo","messages":[{"role":"user","content":"hi"}]}"#;
+    let curl_chat = [
+        "-sS",
+        "--max-time",
+        "10",
+        "-H",
+        "content-type: application/json",
+        "-d",
+        body,
+        chat.as_str(),
+    ];
+    client("curl POST /v1/chat/completions", &app, "curl", &curl_chat)?;
+    let py_chat = format!(
+        "import urllib.request\nr=urllib.request.Request('{chat}', data=b'{body}', headers={{'content-type':'application/json'}})\nprint(urllib.request.urlopen(r).read().decode())"
+    );
+    client(
+        "python3 urllib POST /v1/chat/completions",
+        &app,
+        "python3",
+        &["-c", &py_chat],
+    )?;
+    let files = format!("http://127.0.0.1:{LLM_PORT}/v1/files");
+    client(
+        "curl POST /v1/files (forbidden path)",
+        &app,
+        "curl",
+        &["-sS", "--max-time", "10", "-d", "{}", &files],
+    )?;
+    client(
+        "curl from other.service (no policy)",
+        &other,
+        "curl",
+        &curl_chat,
+    )?;
+
     let audit_path = config.audit_log.clone();
     let wanted = [
         "\"rule_matched\"",
         "\"no_rule_matched\"",
         "\"kernel_udp_not_dns\"",
+        "\"credential\":\"demo-llm\"",
+        "\"method_or_path_not_allowed\"",
+        "\"no_policy_for_workload\"",
     ];
     let deadline = Instant::now() + Duration::from_secs(10);
     let text = loop {
@@ -237,8 +368,11 @@ pub fn run() -> Result<()> {
     if !missing.is_empty() {
         bail!("expected audit records missing: {missing:?}");
     }
+    if text.contains(&key) {
+        bail!("the demo key appeared in the audit log");
+    }
     println!(
-        "== demo complete: one connection allowed, one denied by policy, one refused in the kernel"
+        "== demo complete: connections allowed and denied by policy, one refused in the kernel, LLM calls with an injected key the clients never held, a forbidden path and an unknown workload denied"
     );
     drop(cleanup);
     Ok(())
