@@ -411,6 +411,21 @@ async fn decide_and_forward(
         None => None,
     };
     let credential_name = binding.map(|b| b.name.clone());
+    // A placeholder (`tollgate:<binding>`) stands for a key the workload does not hold: it is
+    // swapped only where this rule injects that very binding, and refused anywhere else.
+    if let Some(name) = placeholder(req.headers()) {
+        if credential_name.as_deref() != Some(name.as_str()) {
+            return (
+                refuse(
+                    record,
+                    StatusCode::FORBIDDEN,
+                    "placeholder_not_allowed",
+                    record.rule.clone().as_deref(),
+                ),
+                None,
+            );
+        }
+    }
 
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -518,6 +533,19 @@ async fn decide_and_forward(
     }
 }
 
+/// The binding a `tollgate:<name>` placeholder in a credential header names, if any.
+pub fn placeholder(headers: &HeaderMap) -> Option<String> {
+    headers.iter().find_map(|(_, v)| {
+        let v = v.to_str().ok()?;
+        let at = v.find("tollgate:")?;
+        let name: String = v[at + 9..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+            .collect();
+        (!name.is_empty()).then_some(name)
+    })
+}
+
 fn percent_encode(s: &str) -> String {
     s.bytes()
         .map(|b| {
@@ -610,6 +638,25 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("accept"));
+    }
+
+    #[test]
+    fn placeholders() {
+        assert_eq!(
+            placeholder(&headers(&[(
+                "authorization",
+                "Bearer tollgate:openai-prod"
+            )])),
+            Some("openai-prod".into())
+        );
+        assert_eq!(
+            placeholder(&headers(&[("x-api-key", "tollgate:a_b")])),
+            Some("a_b".into())
+        );
+        assert_eq!(
+            placeholder(&headers(&[("authorization", "Bearer sk-123")])),
+            None
+        );
     }
 
     #[test]

@@ -576,6 +576,7 @@ impl Mock {
 /// A TLS "API" upstream with a certificate for `name` from a throwaway CA. It answers:
 /// `/…/echo` with every request header in the body (an upstream that echoes credentials);
 /// `/…/events` with a server-sent event stream whose second event waits for `go` to exist;
+/// `/…/redirect` with a 302 to another host;
 /// anything else with JSON naming the path, host and the sha256 of the Authorization header
 /// (never the header itself).
 pub struct TlsApi {
@@ -585,7 +586,7 @@ pub struct TlsApi {
 }
 
 impl TlsApi {
-    pub fn start(name: &str, go: PathBuf) -> Self {
+    pub fn start(names: &[&str], go: PathBuf) -> Self {
         use sha2::{Digest, Sha256};
         let ca_key = rcgen::KeyPair::generate().expect("ca key");
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
@@ -595,7 +596,8 @@ impl TlsApi {
             .push(rcgen::DnType::CommonName, "tollgate test CA");
         let ca = ca_params.self_signed(&ca_key).expect("ca");
         let key = rcgen::KeyPair::generate().expect("key");
-        let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let cert = rcgen::CertificateParams::new(names)
             .expect("params")
             .signed_by(&key, &ca, &ca_key)
             .expect("cert");
@@ -668,6 +670,11 @@ impl TlsApi {
                         }
                         chunk(&mut tls, "data: second\n\n");
                         let _ = tls.write_all(b"0\r\n\r\n");
+                        let _ = tls.flush();
+                        return;
+                    }
+                    if path.ends_with("/redirect") {
+                        let _ = tls.write_all(b"HTTP/1.1 302 Found\r\nLocation: https://evil.example/steal\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
                         let _ = tls.flush();
                         return;
                     }

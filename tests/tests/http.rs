@@ -28,6 +28,15 @@ spec:
         - methods: [GET]
           paths: [/v1/models/*, /v1/events]
       credential: openai-prod
+    - name: maps
+      match: { host: maps.example, port: 80 }
+      upstream: { port: 443 }
+      tls: originate
+      credential: maps-key
+    - name: down
+      match: { host: down.example, port: 80 }
+      upstream: { port: 443 }
+      tls: originate
 ";
 
 fn private_file(path: &std::path::Path, text: &str) {
@@ -53,7 +62,10 @@ fn setup(name: &str) -> Setup {
     let agent = env.workload("agent.service");
     let other = env.workload("other.service");
     let go = env.dir.join("go");
-    let api = TlsApi::start("api.openai.com", go.clone());
+    let api = TlsApi::start(
+        &["api.openai.com", "maps.example", "down.example"],
+        go.clone(),
+    );
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("time")
@@ -62,14 +74,15 @@ fn setup(name: &str) -> Setup {
     private_file(&env.dir.join("openai.key"), &secret);
     private_file(
         &env.dir.join("credentials.yaml"),
-        "bindings:\n  - name: openai-prod\n    hosts: [api.openai.com]\n    inject: { header: Authorization, format: \"Bearer {secret}\" }\n    source: { file: openai.key }\n",
+        "bindings:\n  - name: openai-prod\n    hosts: [api.openai.com]\n    inject: { header: Authorization, format: \"Bearer {secret}\" }\n    source: { file: openai.key }\n  - name: maps-key\n    hosts: [maps.example]\n    inject: { query: key }\n    source: { file: openai.key }\n",
     );
     std::fs::write(env.dir.join("ca.pem"), &api.ca_pem).expect("ca");
+    let closed = tollgate_tests::free_port();
     env.write_config(&format!(
-        "credentials: {}\nupstream_ca: {}\ntest_resolver: {{ \"api.openai.com:443\": \"{}\" }}\n",
+        "credentials: {}\nupstream_ca: {}\ntest_resolver: {{ \"api.openai.com:443\": \"{a}\", \"maps.example:443\": \"{a}\", \"down.example:443\": \"127.0.0.1:{closed}\" }}\n",
         env.dir.join("credentials.yaml").display(),
         env.dir.join("ca.pem").display(),
-        api.addr
+        a = api.addr
     ));
     std::fs::write(
         env.policies.join("agent.yaml"),
@@ -95,6 +108,10 @@ fn curl(cgroup: &std::path::Path, args: &[&str]) -> (String, String) {
         "api.openai.com:80:127.0.0.9",
         "--resolve",
         "evil.example:80:127.0.0.9",
+        "--resolve",
+        "maps.example:80:127.0.0.9",
+        "--resolve",
+        "down.example:80:127.0.0.9",
     ];
     all.extend_from_slice(args);
     let out = run_in(cgroup, "curl", &all);
@@ -320,4 +337,176 @@ fn the_workload_never_holds_the_key_and_every_request_is_decided() {
             "the secret appeared in the {what}"
         );
     }
+}
+
+/// Waits until the daemon has reloaded policies `n` times.
+fn wait_reloads(env: &TestEnv, reason: &str, n: usize) {
+    tollgate_tests::wait_for(10, reason, || {
+        (env.records()
+            .iter()
+            .filter(|r| r["reason"].as_str().is_some_and(|x| x.starts_with(reason)))
+            .count()
+            >= n)
+            .then_some(())
+    });
+}
+
+#[test]
+fn placeholders_redirects_query_keys_failures_monitor_and_reloads() {
+    let s = setup("http2");
+    let env = &s.env;
+    let _d = env.start();
+    let url = |h: &str, p: &str| format!("http://{h}{p}");
+    let want_auth = hex(&Sha256::digest(format!("Bearer {}", s.secret).as_bytes()));
+    let mut outputs = String::new();
+
+    // A placeholder the SDK insists on is swapped where the policy binds that credential...
+    let (out, _) = curl(
+        &s.agent,
+        &[
+            "-X",
+            "POST",
+            "-H",
+            "Authorization: Bearer tollgate:openai-prod",
+            "-d",
+            "{}",
+            &url("api.openai.com", "/v1/chat/completions"),
+        ],
+    );
+    outputs.push_str(&out);
+    assert!(out.contains(&want_auth), "placeholder swapped: {out}");
+    // ...and refused anywhere else.
+    let (out, _) = curl(
+        &s.agent,
+        &[
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            "x-api-key: tollgate:openai-prod",
+            &url("maps.example", "/v1/geocode"),
+        ],
+    );
+    assert!(
+        out.ends_with("403") && out.contains("placeholder_not_allowed"),
+        "{out}"
+    );
+
+    // A credential injected as a query parameter: sent, redacted from the echo, never audited.
+    let (out, _) = curl(&s.agent, &[&url("maps.example", "/v1/geocode?q=here")]);
+    outputs.push_str(&out);
+    assert!(
+        out.contains("[REDACTED]") && out.contains("q=here"),
+        "{out}"
+    );
+    let head = s.api.requests().last().cloned().expect("request");
+    assert!(
+        head.contains(&format!("key={}", s.secret)),
+        "the upstream got the key in the query"
+    );
+
+    // A redirect to another host is passed back, never followed with the credential.
+    let n = s.api.requests().len();
+    let (out, _) = curl(
+        &s.agent,
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{redirect_url}",
+            &url("api.openai.com", "/v1/models/redirect"),
+        ],
+    );
+    assert_eq!(out, "302 https://evil.example/steal");
+    assert_eq!(
+        s.api.requests().len(),
+        n + 1,
+        "only the one request reached any upstream"
+    );
+
+    // An upstream that is down: 502 with a short reason.
+    let (out, _) = curl(
+        &s.agent,
+        &["-w", "\n%{http_code}", &url("down.example", "/x")],
+    );
+    assert!(
+        out.ends_with("502") && out.contains("upstream_unreachable"),
+        "{out}"
+    );
+
+    // Reload while a stream is in flight: the stream finishes; new requests see the new policy.
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-sSN",
+        "--max-time",
+        "15",
+        "--resolve",
+        "api.openai.com:80:127.0.0.9",
+        &url("api.openai.com", "/v1/events"),
+    ])
+    .stdout(Stdio::piped());
+    join_before_exec(&mut cmd, &s.agent);
+    let mut sse = cmd.spawn().expect("curl -N");
+    let mut reader = BufReader::new(sse.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    reader.read_line(&mut first).expect("first event");
+    assert_eq!(first.trim(), "data: first");
+    let policy_path = env.policies.join("agent.yaml");
+    let monitor = std::fs::read_to_string(&policy_path)
+        .expect("policy")
+        .replace("  egress:", "  mode: monitor\n  egress:")
+        .replace("paths: [/v1/models/*, /v1/events]", "paths: [/v1/models/*]");
+    std::fs::write(&policy_path, &monitor).expect("rewrite");
+    wait_reloads(env, "policies_reloaded", 1);
+    std::fs::write(&s.go, "").expect("go");
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).expect("rest");
+    let _ = sse.wait();
+    assert!(
+        rest.contains("data: second"),
+        "the in-flight stream was not dropped: {rest}"
+    );
+
+    // Monitor mode: what the policy would deny goes through and is audited as would_deny.
+    let (out, _) = curl(
+        &s.agent,
+        &["-w", "\n%{http_code}", &url("api.openai.com", "/v1/files")],
+    );
+    assert!(out.ends_with("200"), "monitor lets it through: {out}");
+    let rec = env.wait_record("the would-deny record", |r| {
+        r["decision"] == "would_deny" && r["http"]["path"] == "/v1/files"
+    });
+    assert_eq!(rec["reason"], "monitor:method_or_path_not_allowed");
+
+    // A broken edit keeps the running policy (still monitor), and is audited.
+    std::fs::write(
+        &policy_path,
+        "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: [broken\n",
+    )
+    .expect("break");
+    wait_reloads(env, "policy_reload_failed", 1);
+    let (out, _) = curl(
+        &s.agent,
+        &["-w", "\n%{http_code}", &url("api.openai.com", "/v1/files")],
+    );
+    assert!(
+        out.ends_with("200"),
+        "the old (monitor) policy still decides: {out}"
+    );
+
+    let audit_text = std::fs::read_to_string(&env.audit).expect("audit");
+    for (what, text) in [("audit log", &audit_text), ("client output", &outputs)] {
+        assert!(
+            !text.contains(&s.secret),
+            "the secret appeared in the {what}"
+        );
+    }
+    let geocode = env
+        .records()
+        .into_iter()
+        .find(|r| r["dst"]["host"] == "maps.example" && r["decision"] == "allow")
+        .expect("maps record");
+    assert_eq!(
+        geocode["http"]["path"], "/v1/geocode",
+        "the audited path carries no query"
+    );
 }
