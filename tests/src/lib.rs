@@ -3,6 +3,8 @@
 //! every pin and attachment with them), daemons, temporary directories.
 //!
 //! The suite must run as root in a private mount namespace (`cargo xtask test` does both).
+pub mod httpbench;
+
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener},

@@ -315,6 +315,30 @@ fn sweep_test_cgroups() -> Result<()> {
 
 fn bench() -> Result<()> {
     setup()?;
+    // The peer measured in the same run: Debian's nginx as a plain reverse proxy.
+    // The package must not start a system nginx on port 80: policy-rc.d forbids service
+    // starts while it installs.
+    if Command::new("nginx").arg("-v").output().is_err() {
+        let policy = Path::new("/usr/sbin/policy-rc.d");
+        let existed = policy.exists();
+        if !existed {
+            std::fs::write(policy, "#!/bin/sh\nexit 101\n")?;
+            std::fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        }
+        let installed = run(Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "-q",
+                "--no-install-recommends",
+                "nginx-light",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive"));
+        if !existed {
+            let _ = std::fs::remove_file(policy);
+        }
+        installed?;
+    }
     build_ebpf()?;
     run(cargo().args([
         "build",

@@ -89,6 +89,25 @@ fn us(ns: u64) -> String {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("http-load") {
+        let target: SocketAddr = args[1].parse().expect("target");
+        let rate: u64 = args[3].parse().expect("rate");
+        let secs: u64 = args[4].parse().expect("secs");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("rt");
+        let (lat, errors) = rt.block_on(tollgate_tests::httpbench::open_loop(
+            target, &args[2], rate, secs,
+        ));
+        use tollgate_tests::httpbench::pct;
+        println!(
+            "{}",
+            json!({ "n": lat.len(), "errors": errors, "p50": pct(&lat, 0.5), "p99": pct(&lat, 0.99), "p999": pct(&lat, 0.999) })
+        );
+        return;
+    }
     if args.first().map(String::as_str) == Some("connect-loop") {
         let addr = args[1].parse().expect("addr");
         let n = args[2].parse().expect("n");
@@ -101,9 +120,44 @@ fn main() {
     let mut env = TestEnv::new("bench");
     let app = env.workload("bench.service");
     let target = sink();
-    env.allow("bench", "bench.service", &[target]);
+    // The HTTP part: a mock API (plain for the direct baseline, TLS behind the gateway and
+    // nginx), a credential, and a host rule on an address-literal host (release builds have no
+    // resolver override).
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("rt");
+    let (plain, tls, ca) = tollgate_tests::httpbench::start_upstream(&rt, &["127.0.0.1"]);
+    let api_port = tollgate_tests::free_port();
+    std::fs::write(env.dir.join("ca.pem"), ca).expect("ca");
+    for (name, text) in [
+        ("bench.key", "sk-bench-0123456789abcdef".to_owned()),
+        (
+            "credentials.yaml",
+            "bindings:\n  - name: bench-key\n    hosts: [127.0.0.1]\n    inject: { header: Authorization, format: \"Bearer {secret}\" }\n    source: { file: bench.key }\n".to_owned(),
+        ),
+    ] {
+        std::fs::write(env.dir.join(name), text).expect("write");
+        std::fs::set_permissions(env.dir.join(name), std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+    }
+    env.write_config(&format!(
+        "credentials: {}\nupstream_ca: {}\n",
+        env.dir.join("credentials.yaml").display(),
+        env.dir.join("ca.pem").display()
+    ));
+    std::fs::write(
+        env.policies.join("bench.yaml"),
+        format!(
+            "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: {{ name: bench }}\nspec:\n  workload: {{ cgroup: {}/bench.service }}\n  egress:\n    - name: sink\n      match: {{ cidr: 127.0.0.1/32, port: {} }}\n    - name: api\n      match: {{ host: 127.0.0.1, port: {api_port} }}\n      upstream: {{ port: {} }}\n      tls: originate\n      allow_private: true\n      http:\n        - methods: [POST]\n          paths: [/v1/chat/completions]\n      credential: bench-key\n",
+            env.root_rel(),
+            target.port(),
+            tls.port()
+        ),
+    )
+    .expect("policy");
     let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
-    let _daemon = env.start();
+    let daemon = env.start();
 
     // Warm up both paths, then interleave rounds.
     let _ = run_loop(None, env.listener());
@@ -223,10 +277,146 @@ fn main() {
         miss.as_secs_f64() * 1000.0,
         hit.as_secs_f64() * 1e6
     ));
+    md.push_str(&http_section(&env, &app, &daemon, plain, tls, api_port));
     let path = out_dir.join("report.md");
     std::fs::File::create(&path)
         .and_then(|mut f| f.write_all(md.as_bytes()))
         .expect("write report");
     print!("{md}");
     eprintln!("report: {}", path.display());
+}
+
+fn http_load(cgroup: Option<&Path>, target: SocketAddr, rate: u64, secs: u64) -> Value {
+    let mut cmd = Command::new(std::env::current_exe().expect("exe"));
+    cmd.args([
+        "http-load",
+        &target.to_string(),
+        "127.0.0.1",
+        &rate.to_string(),
+        &secs.to_string(),
+    ]);
+    if let Some(cg) = cgroup {
+        join_before_exec(&mut cmd, cg);
+    }
+    let out = cmd.output().expect("load child");
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+fn rss_kib(pid: i32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+/// nginx (Debian's) as a plain reverse proxy to the same TLS upstream, if installed.
+fn start_nginx(dir: &Path, port: u16, tls: SocketAddr) -> Option<std::process::Child> {
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes 2;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx-error.log;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {dir};\n  upstream api {{ server {tls}; keepalive 64; }}\n  server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass https://api;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_ssl_session_reuse on;\n    }}\n  }}\n}}\n",
+            dir = dir.display()
+        ),
+    )
+    .ok()?;
+    let child = Command::new("nginx")
+        .arg("-c")
+        .arg(&conf)
+        .args(["-g", "daemon off;"])
+        .spawn()
+        .ok()?;
+    tollgate_tests::wait_for(10, "nginx to listen", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    Some(child)
+}
+
+fn http_section(
+    env: &TestEnv,
+    app: &Path,
+    daemon: &tollgate_tests::Daemon,
+    plain: SocketAddr,
+    tls: SocketAddr,
+    api_port: u16,
+) -> String {
+    const RATES: [u64; 3] = [500, 1000, 2000];
+    const SECS: u64 = 5;
+    let gateway_target: SocketAddr = format!("127.0.0.1:{api_port}").parse().expect("addr");
+    let nginx_port = tollgate_tests::free_port();
+    let mut nginx = start_nginx(&env.dir, nginx_port, tls);
+    let idle_rss = rss_kib(daemon.pid(), "VmRSS:");
+    let mut md = format!(
+        "## HTTP: added latency per request\n\nOpen-loop load at fixed rates ({SECS} s each), latency measured from each request's scheduled send (no coordinated omission), a new client connection per request, `POST /v1/chat/completions` with a 1 KiB JSON body. Direct: to the mock API's plain port. Tollgate: redirected from the workload's cgroup; policy, credential injection, TLS to the mock (pooled) and the audit record on. nginx (Debian): plain reverse proxy to the same TLS port, upstream keep-alive.\n\n| rate/s | direct p50/p99/p99.9 µs | Tollgate added p50/p99/p99.9 µs | nginx added p50/p99/p99.9 µs | errors (direct/tollgate/nginx) |\n|---:|---|---|---|---|\n"
+    );
+    for rate in RATES {
+        let direct = http_load(None, plain, rate, SECS);
+        let through = http_load(Some(app), gateway_target, rate, SECS);
+        let via_nginx = nginx.as_ref().map(|_| {
+            http_load(
+                None,
+                format!("127.0.0.1:{nginx_port}").parse().expect("addr"),
+                rate,
+                SECS,
+            )
+        });
+        let v = |r: &Value, k: &str| r[k].as_u64().unwrap_or(0);
+        let added = |r: &Value| {
+            format!(
+                "{:+} / {:+} / {:+}",
+                v(r, "p50") as i64 - v(&direct, "p50") as i64,
+                v(r, "p99") as i64 - v(&direct, "p99") as i64,
+                v(r, "p999") as i64 - v(&direct, "p999") as i64
+            )
+        };
+        md.push_str(&format!(
+            "| {rate} | {} / {} / {} | {} | {} | {} / {} / {} |\n",
+            v(&direct, "p50"),
+            v(&direct, "p99"),
+            v(&direct, "p999"),
+            added(&through),
+            via_nginx.as_ref().map_or("not installed".into(), added),
+            v(&direct, "errors"),
+            v(&through, "errors"),
+            via_nginx
+                .as_ref()
+                .map_or("-".into(), |r| v(r, "errors").to_string()),
+        ));
+    }
+    let peak = rss_kib(daemon.pid(), "VmHWM:");
+    let nginx_rss: u64 = nginx.as_ref().map_or(0, |n| {
+        let master = i32::try_from(n.id()).unwrap_or(0);
+        let children = std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
+            .unwrap_or_default();
+        rss_kib(master, "VmRSS:")
+            + children
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .map(|p| rss_kib(p, "VmRSS:"))
+                .sum::<u64>()
+    });
+    if let Some(n) = nginx.as_mut() {
+        // SIGQUIT: the master stops its workers too (SIGKILL would orphan them).
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(n.id()).unwrap_or(0)),
+            nix::sys::signal::Signal::SIGQUIT,
+        );
+        let _ = n.wait();
+    }
+    md.push_str(&format!(
+        "\nGateway RSS: {:.1} MiB idle, {:.1} MiB peak under load. nginx (master + workers) after the runs: {}.\n",
+        idle_rss as f64 / 1024.0,
+        peak as f64 / 1024.0,
+        if nginx_rss == 0 { "not measured".into() } else { format!("{:.1} MiB", nginx_rss as f64 / 1024.0) }
+    ));
+    md
 }

@@ -1,0 +1,144 @@
+//! Pieces of the HTTP benchmark: a mock API upstream (plain and TLS), an open-loop load
+//! generator that measures from each request's scheduled time (so a stall is not hidden by
+//! sending fewer requests: no coordinated omission), and percentile math.
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Serves `POST` with a small JSON answer, on plain `plain` and TLS `tls` listeners, forever.
+pub fn start_upstream(
+    rt: &tokio::runtime::Runtime,
+    cert_names: &[&str],
+) -> (SocketAddr, SocketAddr, String) {
+    let ca_key = rcgen::KeyPair::generate().expect("ca key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("ca");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let names: Vec<String> = cert_names.iter().map(|n| (*n).to_owned()).collect();
+    let cert = rcgen::CertificateParams::new(names)
+        .expect("params")
+        .signed_by(&key, &ca, &ca_key)
+        .expect("cert");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .expect("tls");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let plain = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let secure = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let (plain_addr, tls_addr) = (
+        plain.local_addr().expect("addr"),
+        secure.local_addr().expect("addr"),
+    );
+    let service = || {
+        hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+            use http_body_util::BodyExt;
+            let _ = req.into_body().collect().await;
+            Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(
+                br#"{"id":"chatcmpl-bench","choices":[{"message":{"role":"assistant","content":"ok"}}]}"#,
+            ))))
+        })
+    };
+    rt.spawn(async move {
+        loop {
+            let Ok((s, _)) = plain.accept().await else {
+                continue;
+            };
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), service())
+                    .await;
+            });
+        }
+    });
+    rt.spawn(async move {
+        loop {
+            let Ok((s, _)) = secure.accept().await else {
+                continue;
+            };
+            let _ = s.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(s).await else {
+                    return;
+                };
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service())
+                    .await;
+            });
+        }
+    });
+    (plain_addr, tls_addr, ca.pem())
+}
+
+/// One open-loop run: `rate` requests per second for `secs`, each on a new connection to
+/// `target` with `Host: host`, a 1 KiB JSON body. Latencies in µs, from the scheduled send.
+pub async fn open_loop(target: SocketAddr, host: &str, rate: u64, secs: u64) -> (Vec<u64>, u64) {
+    let body = format!(
+        "{{\"model\":\"bench\",\"input\":\"{}\"}}",
+        "x".repeat(1024 - 28)
+    );
+    let request = Arc::new(format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    ));
+    let start = Instant::now() + Duration::from_millis(50);
+    let interval = Duration::from_nanos(1_000_000_000 / rate);
+    let total = rate * secs;
+    let mut tasks = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+    for i in 0..total {
+        let scheduled = start + interval * u32::try_from(i).unwrap_or(u32::MAX);
+        let request = Arc::clone(&request);
+        tokio::time::sleep_until(scheduled.into()).await;
+        tasks.push(tokio::spawn(async move {
+            let result = async {
+                let mut s = tokio::net::TcpStream::connect(target).await?;
+                s.set_nodelay(true)?;
+                s.write_all(request.as_bytes()).await?;
+                let mut buf = Vec::with_capacity(512);
+                s.read_to_end(&mut buf).await?;
+                Ok::<bool, std::io::Error>(buf.starts_with(b"HTTP/1.1 200"))
+            };
+            match tokio::time::timeout(Duration::from_secs(10), result).await {
+                Ok(Ok(true)) => {
+                    Some(u64::try_from(scheduled.elapsed().as_micros()).unwrap_or(u64::MAX))
+                }
+                _ => None,
+            }
+        }));
+    }
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        match t.await {
+            Ok(Some(us)) => lat.push(us),
+            _ => errors += 1,
+        }
+    }
+    lat.sort_unstable();
+    (lat, errors)
+}
+
+pub fn pct(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
