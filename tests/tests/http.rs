@@ -163,32 +163,50 @@ fn the_workload_never_holds_the_key_and_every_request_is_decided() {
         "caller credentials removed: {head}"
     );
 
-    // python3 (urllib), no key at all.
-    let script = format!(
-        "import urllib.request\nr=urllib.request.Request('{}', data=b'{{}}', method='POST')\nprint(urllib.request.urlopen(r).read().decode())",
-        "http://api.openai.com/v1/chat/completions"
-    );
-    // urllib resolves the name itself: give it the address curl was given, through an
-    // /etc/hosts bound over the real one in the client's own mount namespace.
-    let py = {
-        let hosts = env.dir.join("hosts");
-        std::fs::write(&hosts, "127.0.0.9 api.openai.com\n").expect("hosts");
+    // python3, no key at all: urllib and requests. They resolve the name themselves: give them
+    // the address curl was given, through an /etc/hosts bound over the real one in the
+    // client's own mount namespace.
+    let hosts = env.dir.join("hosts");
+    std::fs::write(&hosts, "127.0.0.9 api.openai.com\n").expect("hosts");
+    let python = |script: &str| {
         let mut cmd = Command::new("unshare");
         cmd.args(["--mount", "--", "sh", "-c"])
             .arg(format!(
                 "mount --bind {} /etc/hosts && exec python3 -c \"$0\"",
                 hosts.display()
             ))
-            .arg(&script);
+            .arg(script);
         join_before_exec(&mut cmd, &s.agent);
-        cmd.output().expect("python3")
+        let out = cmd.output().expect("python3");
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
-    let py_out = String::from_utf8_lossy(&py.stdout).into_owned();
-    outputs.push_str(&py_out);
+    let chat = "http://api.openai.com/v1/chat/completions";
+    for (client, script) in [
+        ("urllib", format!("import urllib.request\nr=urllib.request.Request('{chat}', data=b'{{}}', method='POST')\nprint(urllib.request.urlopen(r).read().decode())")),
+        ("requests", format!("import requests\nprint(requests.post('{chat}', json={{}}, headers={{'Authorization': 'Bearer tollgate:openai-prod'}}).text)")),
+    ] {
+        let (out, err) = python(&script);
+        outputs.push_str(&out);
+        assert!(out.contains(&want_auth), "python3 {client}: {out} {err}");
+    }
+    // A Rust client (hyper).
+    let rust = run_in(
+        &s.agent,
+        tollgate_tests::probe_bin()
+            .with_file_name("tg-http")
+            .to_str()
+            .expect("path"),
+        &["POST", chat, "127.0.0.9:80", "{}"],
+    );
+    let rust_out = String::from_utf8_lossy(&rust.stdout).into_owned();
+    outputs.push_str(&rust_out);
     assert!(
-        py_out.contains(&want_auth),
-        "python3: {py_out} {}",
-        String::from_utf8_lossy(&py.stderr)
+        rust_out.starts_with("200") && rust_out.contains(&want_auth),
+        "rust client: {rust_out} {}",
+        String::from_utf8_lossy(&rust.stderr)
     );
 
     // Path normalized before matching, and forwarded normalized.

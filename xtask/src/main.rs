@@ -116,6 +116,17 @@ fn setup() -> Result<()> {
     if !components.lines().any(|l| l.starts_with("rust-src")) {
         run(clean("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
     }
+    // The tests' Python clients: urllib (stdlib) and requests, from PyPI.
+    if output_ok(Command::new("python3").args(["-c", "import requests"])).is_none() {
+        run(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "requests",
+        ]))?;
+    }
     let linker = output_ok(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
     if !linker.contains(BPF_LINKER_VERSION) {
         run(clean("cargo")
