@@ -117,9 +117,31 @@ impl Binding {
         matches!(self.inject, Inject::Query { .. }).then(|| self.secret.expose_secret())
     }
 
-    /// The secret's bytes, only to redact echoes of it.
-    pub fn secret_bytes(&self) -> &[u8] {
-        self.secret.expose_secret().as_bytes()
+    /// The forms an echo of the secret can take (raw, percent-encoded, JSON-escaped), only to
+    /// redact them.
+    pub fn secret_forms(&self) -> Vec<Vec<u8>> {
+        let raw = self.secret.expose_secret();
+        let pct: String = raw
+            .bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                    char::from(b).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect();
+        let json = serde_json::to_string(raw).unwrap_or_default();
+        let json = json.trim_matches('"').replace('/', "\\/");
+        let mut forms = vec![
+            raw.as_bytes().to_vec(),
+            pct.into_bytes(),
+            pct_lower(raw).into_bytes(),
+            json.into_bytes(),
+        ];
+        forms.sort();
+        forms.dedup();
+        forms
     }
 
     /// Whether the secret may go to `host`.
@@ -261,6 +283,18 @@ impl Credentials {
         }
         Ok(Self { bindings })
     }
+}
+
+fn pct_lower(raw: &str) -> String {
+    raw.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02x}")
+            }
+        })
+        .collect()
 }
 
 fn check_private(path: &Path) -> Result<(), CredentialError> {

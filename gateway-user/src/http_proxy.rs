@@ -21,7 +21,7 @@ use crate::{
     identity::WorkloadId,
     netns::Netns,
     normalize,
-    policy::{RequestDecision, TlsMode, WorkloadView},
+    policy::{RequestDecision, TlsMode},
     proxy::Gateway,
     redact::Redact,
 };
@@ -92,6 +92,9 @@ pub fn framing_error(headers: &HeaderMap) -> Option<&'static str> {
 /// Content-Length/Transfer-Encoding conflict by itself; we refuse it). Also refuses bare-LF
 /// line endings and whitespace before a header's colon.
 pub fn raw_head_error(head: &[u8]) -> Option<&'static str> {
+    if head.first().is_some_and(|b| *b == b'\r' || *b == b'\n') {
+        return Some("leading_empty_line");
+    }
     let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
         return Some("incomplete_head");
     };
@@ -159,10 +162,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 pub async fn serve(conn: Conn, client: TcpStream) {
     let mut head = vec![0u8; 16 * 1024];
     let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
+    let mut pause = Duration::from_millis(1);
     let problem = loop {
         let n = match tokio::time::timeout_at(deadline, client.peek(&mut head)).await {
             Ok(Ok(n)) => n,
-            _ => return,
+            _ => break Some("no_request_in_time"),
         };
         if head[..n].windows(4).any(|w| w == b"\r\n\r\n") {
             break raw_head_error(&head[..n]);
@@ -171,22 +175,21 @@ pub async fn serve(conn: Conn, client: TcpStream) {
             break Some("head_too_large");
         }
         if n == 0 {
-            return;
+            break Some("closed_before_request");
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        if tokio::time::Instant::now() >= deadline {
+            break Some("no_request_in_time");
+        }
+        // The head is arriving in pieces: wait a little longer each time (a stalled client
+        // costs a few peeks, not a busy loop).
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
     };
     if let Some(reason) = problem {
-        let mut record = AuditRecord::new(Verdict::Deny, Layer::Request, reason);
-        record.workload = conn.workload.record();
-        record.dst.orig_ip = Some(conn.orig.ip().to_string());
-        record.dst.orig_port = Some(conn.orig.port());
-        record.dst.protocol = Some("http");
-        record.http = Some(HttpRecord {
-            method: String::new(),
-            path: None,
-            status: 400,
-        });
-        conn.gateway.audit.emit(&record);
+        early_record(&conn, reason, 400);
+        if reason == "closed_before_request" || reason == "no_request_in_time" {
+            return;
+        }
         let body = serde_json::json!({ "error": "denied", "reason": reason }).to_string();
         let reply = format!("HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
         let mut client = client;
@@ -194,8 +197,12 @@ pub async fn serve(conn: Conn, client: TcpStream) {
         return;
     }
     let conn = Arc::new(conn);
+    let for_audit = Arc::clone(&conn);
+    let handled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = Arc::clone(&handled);
     let service = hyper::service::service_fn(move |req| {
         let conn = Arc::clone(&conn);
+        seen.store(true, std::sync::atomic::Ordering::Relaxed);
         async move { Ok::<_, Infallible>(handle(&conn, req).await) }
     });
     let result = hyper::server::conn::http1::Builder::new()
@@ -206,7 +213,25 @@ pub async fn serve(conn: Conn, client: TcpStream) {
         .await;
     if let Err(e) = result {
         tracing::debug!(error = %e, "client connection ended with an error");
+        if !handled.load(std::sync::atomic::Ordering::Relaxed) {
+            early_record(&for_audit, "request_unparsable", 400);
+        }
     }
+}
+
+/// The audit record of a connection that ended before a request could be decided.
+fn early_record(conn: &Conn, reason: &str, status: u16) {
+    let mut record = AuditRecord::new(Verdict::Deny, Layer::Request, reason);
+    record.workload = conn.workload.record();
+    record.dst.orig_ip = Some(conn.orig.ip().to_string());
+    record.dst.orig_port = Some(conn.orig.port());
+    record.dst.protocol = Some("http");
+    record.http = Some(HttpRecord {
+        method: String::new(),
+        path: None,
+        status,
+    });
+    conn.gateway.audit.emit(&record);
 }
 
 async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
@@ -305,8 +330,8 @@ async fn decide_and_forward(
     };
     http.path = Some(path.clone());
 
-    let id = &conn.workload;
-    let Some(cgroup) = &id.cgroup else {
+    let placement = conn.workload.placement();
+    let Some(view) = conn.workload.view(&placement) else {
         return (
             refuse(
                 record,
@@ -316,14 +341,6 @@ async fn decide_and_forward(
             ),
             None,
         );
-    };
-    let placement = crate::container::placement(cgroup.as_str());
-    let view = WorkloadView {
-        cgroup,
-        container_id: placement.container.as_ref().map(|c| c.id.as_str()),
-        pod_uid: placement.pod.as_ref().map(|p| p.uid.as_str()),
-        exe: id.exe.as_deref(),
-        uid: id.uid,
     };
     let policies = conn
         .gateway
@@ -375,6 +392,17 @@ async fn decide_and_forward(
         }
     };
 
+    if route.tls == TlsMode::Passthrough {
+        return (
+            refuse(
+                record,
+                StatusCode::FORBIDDEN,
+                "plain_http_on_a_passthrough_rule",
+                record.rule.clone().as_deref(),
+            ),
+            None,
+        );
+    }
     // The credential, if the rule binds one, and only for a host the binding names.
     let credentials = conn
         .gateway
@@ -439,6 +467,13 @@ async fn decide_and_forward(
         parts.headers.remove(k);
     }
     let mut query = parts.uri.query().map(str::to_owned);
+    if binding.is_some() {
+        // Redaction reads the response bytes: no compressed encodings where a secret went out.
+        parts.headers.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+    }
     if let Some(b) = binding {
         for h in CALLER_CREDENTIALS {
             parts.headers.remove(h);
@@ -499,7 +534,10 @@ async fn decide_and_forward(
     if let Ok(v) = HeaderValue::from_str(&authority) {
         parts.headers.insert(header::HOST, v);
     }
-    let client = conn.gateway.upstreams.client(&conn.ns, conn.netns_cookie);
+    let client = conn
+        .gateway
+        .upstreams
+        .client(&conn.ns, conn.netns_cookie, route.allow_private);
     match client.request(Request::from_parts(parts, body)).await {
         Ok(resp) => {
             record.decision = verdict;
@@ -507,9 +545,26 @@ async fn decide_and_forward(
             strip_hop_by_hop(&mut parts.headers);
             let body = match binding {
                 Some(b) => {
+                    let encoded = parts
+                        .headers
+                        .get(header::CONTENT_ENCODING)
+                        .is_some_and(|v| v.as_bytes() != b"identity");
+                    if encoded {
+                        record.decision = Verdict::Error;
+                        record.reason = "upstream_compressed_response".into();
+                        return (
+                            json_response(
+                                StatusCode::BAD_GATEWAY,
+                                &serde_json::json!({ "error": "upstream_compressed_response" }),
+                            ),
+                            credential_name,
+                        );
+                    }
+                    let forms = b.secret_forms();
+                    scrub_headers(&mut parts.headers, &forms);
                     // Redaction may change the length: let the body frame itself.
                     parts.headers.remove(header::CONTENT_LENGTH);
-                    Redact::new(body, b.secret_bytes()).boxed()
+                    Redact::new(body, forms).boxed()
                 }
                 None => body.boxed(),
             };
@@ -529,6 +584,19 @@ async fn decide_and_forward(
                 json_response(status, &serde_json::json!({ "error": reason })),
                 credential_name,
             )
+        }
+    }
+}
+
+/// Replaces every form of the secret in response header values (a redirect's Location may
+/// carry a query parameter the gateway injected).
+pub fn scrub_headers(headers: &mut HeaderMap, forms: &[Vec<u8>]) {
+    for value in headers.values_mut() {
+        let (clean, _) = crate::redact::scrub(value.as_bytes(), forms, true);
+        if clean != value.as_bytes() {
+            if let Ok(v) = HeaderValue::from_bytes(&clean) {
+                *value = v;
+            }
         }
     }
 }
@@ -608,13 +676,14 @@ mod tests {
     fn raw_heads() {
         let ok = b"POST /v1/x HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n";
         assert_eq!(raw_head_error(ok), None);
-        let table: [(&[u8], &str); 6] = [
+        let table: [(&[u8], &str); 7] = [
             (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n", "content_length_with_transfer_encoding"),
             (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\n", "duplicate_content_length"),
             (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n", "unsupported_transfer_encoding"),
             (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n", "whitespace_in_header_name"),
             (b"POST / HTTP/1.1\nHost: a\r\n\r\n", "bare_lf_in_head"),
             (b"POST / HTTP/1.1\r\nHost: a\r\n", "incomplete_head"),
+            (b"\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\n", "leading_empty_line"),
         ];
         for (head, want) in table {
             assert_eq!(
@@ -657,6 +726,17 @@ mod tests {
             placeholder(&headers(&[("authorization", "Bearer sk-123")])),
             None
         );
+    }
+
+    #[test]
+    fn secrets_are_scrubbed_from_headers() {
+        let mut h = headers(&[("location", "/api/items/?key=sk-1%2B2"), ("x-ok", "fine")]);
+        scrub_headers(&mut h, &[b"sk-1+2".to_vec(), b"sk-1%2B2".to_vec()]);
+        assert_eq!(
+            h.get("location").and_then(|v| v.to_str().ok()),
+            Some("/api/items/?key=[REDACTED]")
+        );
+        assert_eq!(h.get("x-ok").and_then(|v| v.to_str().ok()), Some("fine"));
     }
 
     #[test]

@@ -46,6 +46,30 @@ impl WorkloadId {
     }
 }
 
+impl WorkloadId {
+    /// The container and pod the cgroup path shows.
+    pub fn placement(&self) -> crate::container::Placement {
+        self.cgroup
+            .as_ref()
+            .map(|c| crate::container::placement(c.as_str()))
+            .unwrap_or_default()
+    }
+
+    /// What the policy engine sees; `None` without a cgroup path (nothing can be selected).
+    pub fn view<'a>(
+        &'a self,
+        placement: &'a crate::container::Placement,
+    ) -> Option<crate::policy::WorkloadView<'a>> {
+        Some(crate::policy::WorkloadView {
+            cgroup: self.cgroup.as_ref()?,
+            container_id: placement.container.as_ref().map(|c| c.id.as_str()),
+            pod_uid: placement.pod.as_ref().map(|p| p.uid.as_str()),
+            exe: self.exe.as_deref(),
+            uid: self.uid,
+        })
+    }
+}
+
 /// The `comm` bytes as text.
 pub fn comm_str(comm: &[u8; 16]) -> String {
     let end = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());

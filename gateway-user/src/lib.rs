@@ -21,4 +21,5 @@ pub mod policy;
 pub mod proxy;
 pub mod redact;
 pub mod sockdiag;
+pub mod tls;
 pub mod upstream;

@@ -131,7 +131,12 @@ pub fn path(raw: &str) -> Result<String, Reject> {
         if b == b';' || b < 0x20 || b == 0x7f || b == b'#' {
             return Err(Reject::BadPathCharacter);
         }
-        decoded.push(char::from(b));
+        if b >= 0x80 {
+            // Raw non-ASCII (UTF-8) bytes: forwarded percent-encoded, byte for byte.
+            decoded.push_str(&format!("%{b:02X}"));
+        } else {
+            decoded.push(char::from(b));
+        }
         i += 1;
     }
     let mut out: Vec<&str> = Vec::new();
@@ -181,7 +186,8 @@ mod tests {
 
     #[test]
     fn paths() {
-        let table: [(&str, Result<&str, Reject>); 16] = [
+        let table: [(&str, Result<&str, Reject>); 17] = [
+            ("/caf\u{e9}", Ok("/caf%C3%A9")),
             ("/v1/chat/completions", Ok("/v1/chat/completions")),
             ("/v1//chat/completions", Ok("/v1/chat/completions")),
             ("/v1/chat/completions/", Ok("/v1/chat/completions")),

@@ -127,7 +127,8 @@ pub enum TlsMode {
     Originate,
     /// Plain HTTP both ways (internal services; never with a credential).
     None,
-    /// Allow or deny on the TLS SNI and splice the bytes (not available yet).
+    /// Allow or deny on the TLS SNI (identity + name) and splice the bytes; the gateway dials
+    /// the SNI name it resolves itself. No injection is possible.
     Passthrough,
 }
 
@@ -599,11 +600,30 @@ impl PolicySet {
         deny(None, "host_not_allowed", None)
     }
 
-    /// Whether some rule lets `host` resolve to internal addresses.
-    pub fn allows_private(&self, host: &str) -> bool {
-        self.policies.iter().flat_map(|p| &p.rules).any(
-            |r| matches!(&r.kind, RuleKind::Host(h) if h.allow_private && h.host.matches(host)),
-        )
+    /// The decision for a TLS connection naming `sni` on `port`: the first host rule whose host
+    /// and port match decides; it must be a passthrough rule.
+    pub fn evaluate_sni(&self, w: &WorkloadView<'_>, port: u16, sni: &str) -> RequestDecision {
+        match self.evaluate_request(w, port, sni, "", "") {
+            RequestDecision::Allow {
+                route,
+                policy,
+                rule,
+            } if route.tls != TlsMode::Passthrough => RequestDecision::Deny {
+                policy: Some(policy),
+                rule: Some(rule),
+                reason: "tls_on_an_originate_rule",
+            },
+            RequestDecision::Deny {
+                policy,
+                rule,
+                reason: "method_or_path_not_allowed",
+            } => RequestDecision::Deny {
+                policy,
+                rule,
+                reason: "tls_on_an_originate_rule",
+            },
+            other => other,
+        }
     }
 
     /// Every credential binding a rule names.
@@ -701,9 +721,9 @@ pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
                 let tls = r.tls.ok_or_else(|| {
                     rule_err("a `host` rule needs `tls: originate | none`".into())
                 })?;
-                if tls == TlsMode::Passthrough {
+                if tls == TlsMode::Passthrough && (!r.http.is_empty() || r.credential.is_some()) {
                     return Err(rule_err(
-                        "`tls: passthrough` is not available yet; use originate".into(),
+                        "`tls: passthrough` splices bytes it cannot read: no `http` rules and no credential".into(),
                     ));
                 }
                 if tls == TlsMode::None && r.credential.is_some() {
@@ -1100,7 +1120,7 @@ mod host_rules {
             ),
             (
                 OPENAI.replace("tls: originate", "tls: passthrough"),
-                "not available yet",
+                "no `http` rules and no credential",
             ),
         ];
         for (text, want) in bad {

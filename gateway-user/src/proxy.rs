@@ -18,7 +18,7 @@ use crate::{
     credentials::Credentials,
     identity::{self, ExeHashCache},
     netns::Netns,
-    policy::{Decision, PolicySet, WorkloadView},
+    policy::{Decision, PolicySet},
     sockdiag,
     upstream::Upstreams,
 };
@@ -162,16 +162,9 @@ impl Gateway {
             orig_port: Some(dst.port()),
             protocol: Some("tcp"),
         };
-        let decision = match &id.cgroup {
-            Some(cgroup) => {
-                let placement = crate::container::placement(cgroup.as_str());
-                let view = WorkloadView {
-                    container_id: placement.container.as_ref().map(|c| c.id.as_str()),
-                    pod_uid: placement.pod.as_ref().map(|p| p.uid.as_str()),
-                    cgroup,
-                    exe: id.exe.as_deref(),
-                    uid: id.uid,
-                };
+        let placement = id.placement();
+        let decision = match id.view(&placement) {
+            Some(view) => {
                 let policies = self
                     .policies
                     .read()
@@ -261,9 +254,11 @@ impl Gateway {
                 return;
             }
         };
-        let refusal = if n > 0 && first[0] == 0x16 {
-            Some("tls_on_an_originate_rule: speak plain HTTP to the API's name (e.g. http://api.example.com)")
-        } else if first[..n].starts_with(b"PRI * HTTP/2.0") {
+        if n > 0 && first[0] == 0x16 {
+            self.passthrough(client, ns, id, dst, record).await;
+            return;
+        }
+        let refusal = if first[..n].starts_with(b"PRI * HTTP/2.0") {
             Some("http2_prior_knowledge_not_supported")
         } else {
             None
@@ -282,6 +277,133 @@ impl Gateway {
             orig: dst,
         };
         crate::http_proxy::serve(conn, client).await;
+    }
+
+    /// TLS on a port a host rule covers: decide on the SNI, then splice to the SNI name the
+    /// gateway resolves itself (never the address the workload chose).
+    async fn passthrough(
+        self: Arc<Self>,
+        mut client: TcpStream,
+        ns: Arc<Netns>,
+        id: identity::WorkloadId,
+        dst: SocketAddr,
+        mut record: AuditRecord,
+    ) {
+        use crate::tls::{parse, Hello, MAX_HELLO};
+        let started = Instant::now();
+        record.dst.protocol = Some("tls");
+        let mut buf = vec![0u8; MAX_HELLO + 2048];
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let hello = loop {
+            let Ok(Ok(n)) = tokio::time::timeout_at(deadline, client.peek(&mut buf)).await else {
+                break Hello::Incomplete;
+            };
+            match parse(&buf[..n]) {
+                Hello::Incomplete if n < buf.len() && n > 0 => {
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                }
+                other => break other,
+            }
+        };
+        let sni = match &hello {
+            Hello::Sni(name) => crate::normalize::host(name).ok().map(|(h, _)| h),
+            _ => None,
+        };
+        let Some(sni) = sni else {
+            record.reason = match hello {
+                Hello::Ech => "encrypted_client_hello_refused",
+                Hello::NoSni => "tls_without_sni",
+                Hello::Incomplete => "no_client_hello_in_time",
+                _ => "not_a_tls_client_hello",
+            }
+            .into();
+            self.audit.emit(&record);
+            reset(&client);
+            return;
+        };
+        record.dst.host = Some(sni.clone());
+        let placement = id.placement();
+        let decision = match id.view(&placement) {
+            Some(view) => self
+                .policies
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+                .evaluate_sni(&view, dst.port(), &sni),
+            None => crate::policy::RequestDecision::Deny {
+                policy: None,
+                rule: None,
+                reason: "no_policy_for_workload",
+            },
+        };
+        use crate::policy::{RequestDecision, TlsMode};
+        let denied = match decision {
+            RequestDecision::Allow {
+                policy,
+                rule,
+                route,
+            } => {
+                record.policy = Some(policy);
+                record.rule = Some(rule);
+                record.reason = "sni_allowed".into();
+                record.decision = Verdict::Allow;
+                Ok(route)
+            }
+            RequestDecision::WouldDeny {
+                policy,
+                rule,
+                reason,
+                route: Some(route),
+            } if route.tls == TlsMode::Passthrough => {
+                record.policy = Some(policy);
+                record.rule = rule;
+                record.reason = format!("monitor:{reason}");
+                record.decision = Verdict::WouldDeny;
+                Ok(route)
+            }
+            RequestDecision::Deny {
+                policy,
+                rule,
+                reason,
+            } => Err((policy, rule, reason)),
+            RequestDecision::WouldDeny {
+                policy,
+                rule,
+                reason,
+                ..
+            } => Err((Some(policy), rule, reason)),
+        };
+        let route = match denied {
+            Ok(route) => route,
+            Err((policy, rule, reason)) => {
+                record.policy = policy;
+                record.rule = rule;
+                record.reason = reason.into();
+                self.audit.emit(&record);
+                reset(&client);
+                return;
+            }
+        };
+        match self
+            .upstreams
+            .dial_tcp(&ns, &sni, route.upstream_port, route.allow_private)
+            .await
+        {
+            Ok(mut upstream) => {
+                let (up, down) = tokio::io::copy_bidirectional(&mut client, &mut upstream)
+                    .await
+                    .unwrap_or((0, 0));
+                record.bytes_up = Some(up);
+                record.bytes_down = Some(down);
+            }
+            Err(e) => {
+                record.decision = Verdict::Error;
+                record.reason = format!("upstream_unreachable: {}", e.kind());
+                reset(&client);
+            }
+        }
+        record.duration_ms = Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
+        self.audit.emit(&record);
     }
 
     /// Connects to `target` from the workload's network namespace (the socket is made there;

@@ -13,16 +13,17 @@ const MASK: &[u8] = b"[REDACTED]";
 
 pub struct Redact<B> {
     inner: B,
-    secret: Vec<u8>,
+    secrets: Vec<Vec<u8>>,
     carry: BytesMut,
     done: bool,
 }
 
 impl<B> Redact<B> {
-    pub fn new(inner: B, secret: &[u8]) -> Self {
+    /// Redacts every form in `secrets` (the raw secret and its encodings).
+    pub fn new(inner: B, secrets: Vec<Vec<u8>>) -> Self {
         Self {
             inner,
-            secret: secret.to_vec(),
+            secrets: secrets.into_iter().filter(|s| !s.is_empty()).collect(),
             carry: BytesMut::new(),
             done: false,
         }
@@ -32,22 +33,30 @@ impl<B> Redact<B> {
 impl<B> Drop for Redact<B> {
     fn drop(&mut self) {
         // Best effort: do not leave the secret in freed memory.
-        self.secret.iter_mut().for_each(|b| *b = 0);
+        self.secrets
+            .iter_mut()
+            .for_each(|s| s.iter_mut().for_each(|b| *b = 0));
     }
 }
 
-/// Replaces every occurrence of `secret` in `data`; returns the output and how many bytes at
-/// the end were held back because they could start the secret.
-pub fn scrub(data: &[u8], secret: &[u8], last: bool) -> (Vec<u8>, usize) {
+/// Replaces every occurrence of any of `secrets` in `data`; returns the output and how many
+/// bytes at the end were held back because they could start one of them.
+pub fn scrub(data: &[u8], secrets: &[Vec<u8>], last: bool) -> (Vec<u8>, usize) {
     let mut out = Vec::with_capacity(data.len());
     let mut i = 0;
-    while i < data.len() {
-        if !secret.is_empty() && data[i..].starts_with(secret) {
-            out.extend_from_slice(MASK);
-            i += secret.len();
-            continue;
+    'outer: while i < data.len() {
+        for secret in secrets {
+            if !secret.is_empty() && data[i..].starts_with(secret) {
+                out.extend_from_slice(MASK);
+                i += secret.len();
+                continue 'outer;
+            }
         }
-        if !last && !secret.is_empty() && secret.starts_with(&data[i..]) {
+        if !last
+            && secrets
+                .iter()
+                .any(|s| !s.is_empty() && s.starts_with(&data[i..]))
+        {
             return (out, data.len() - i);
         }
         out.push(data[i]);
@@ -76,7 +85,7 @@ where
             Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                 Ok(data) => {
                     this.carry.extend_from_slice(&data);
-                    let (out, held) = scrub(&this.carry, &this.secret, false);
+                    let (out, held) = scrub(&this.carry, &this.secrets, false);
                     let keep = this.carry.split_off(this.carry.len() - held);
                     this.carry = keep;
                     Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))))
@@ -89,7 +98,7 @@ where
                 if this.carry.is_empty() {
                     return Poll::Ready(None);
                 }
-                let (out, _) = scrub(&this.carry, &this.secret, true);
+                let (out, _) = scrub(&this.carry, &this.secrets, true);
                 this.carry.clear();
                 Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))))
             }
@@ -107,7 +116,7 @@ mod tests {
 
     #[test]
     fn scrubs_whole_and_split_secrets() {
-        let s = b"sk-live-XYZ";
+        let s = &[b"sk-live-XYZ".to_vec()];
         assert_eq!(
             scrub(b"key=sk-live-XYZ;", s, false),
             (b"key=[REDACTED];".to_vec(), 0)
@@ -119,5 +128,10 @@ mod tests {
         // An event ending in bytes that cannot start the secret is not held back.
         assert_eq!(scrub(b"data: {}\n\n", s, false).1, 0);
         assert_eq!(scrub(b"sk-li", s, true), (b"sk-li".to_vec(), 0));
+        let both = &[b"k+y/=".to_vec(), b"k%2By%2F%3D".to_vec()];
+        assert_eq!(
+            scrub(b"a k%2By%2F%3D b k+y/= c", both, true).0,
+            b"a [REDACTED] b [REDACTED] c".to_vec()
+        );
     }
 }

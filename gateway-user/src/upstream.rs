@@ -42,12 +42,29 @@ pub fn is_internal(ip: IpAddr) -> bool {
                 || v4.is_broadcast()
                 || (o[0] == 100 && (o[1] & 0xc0) == 64)
                 || o[0] == 0
+                || (o[0] == 192 && o[1] == 0 && o[2] == 0)
+                || (o[0] == 198 && (o[1] & 0xfe) == 18)
+                || o[0] >= 240
         }
         IpAddr::V6(v6) => {
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return is_internal(IpAddr::V4(v4));
             }
             let seg = v6.segments();
+            let embedded = |hi: u16, lo: u16| {
+                IpAddr::V4(std::net::Ipv4Addr::from(
+                    (u32::from(hi) << 16) | u32::from(lo),
+                ))
+            };
+            // NAT64 (64:ff9b::/96), IPv4-compatible (::a.b.c.d), 6to4 (2002::/16): judge the IPv4 inside.
+            if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0]
+                || (seg[..6] == [0; 6] && (seg[6] != 0 || seg[7] > 1))
+            {
+                return is_internal(embedded(seg[6], seg[7]));
+            }
+            if seg[0] == 0x2002 {
+                return is_internal(embedded(seg[1], seg[2]));
+            }
             v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
@@ -119,6 +136,8 @@ pub struct DialPolicy {
 #[derive(Clone)]
 pub struct Connector {
     ns: Arc<Netns>,
+    /// The matched rule says the name may resolve to internal addresses.
+    allow_private: bool,
     tls: Arc<rustls::ClientConfig>,
     dial: Arc<DialPolicy>,
 }
@@ -144,12 +163,7 @@ impl Connector {
             return Ok(vec![addr]);
         }
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
-        let allowed = self
-            .dial
-            .policies
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .allows_private(host);
+        let allowed = self.allow_private;
         let usable: Vec<SocketAddr> = addrs
             .iter()
             .copied()
@@ -164,15 +178,11 @@ impl Connector {
         Ok(usable)
     }
 
-    async fn connect(self, uri: Uri) -> io::Result<Stream> {
-        let host = uri
-            .host()
-            .ok_or_else(|| io::Error::other("no host"))?
-            .to_owned();
-        let https = uri.scheme_str() == Some("https");
-        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+    /// A TCP connection to `host:port`, resolved by the gateway, made in the workload's
+    /// namespace.
+    async fn tcp(&self, host: &str, port: u16) -> io::Result<TcpStream> {
         let mut last = io::Error::other("no address");
-        for addr in self.resolve(&host, port).await? {
+        for addr in self.resolve(host, port).await? {
             let domain = if addr.is_ipv4() {
                 libc::AF_INET
             } else {
@@ -190,15 +200,7 @@ impl Connector {
             match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(addr)).await {
                 Ok(Ok(tcp)) => {
                     let _ = tcp.set_nodelay(true);
-                    if !https {
-                        return Ok(Stream::Plain(TokioIo::new(tcp)));
-                    }
-                    let name = rustls::pki_types::ServerName::try_from(host.clone())
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-                    let tls = TlsConnector::from(Arc::clone(&self.tls))
-                        .connect(name, tcp)
-                        .await?;
-                    return Ok(Stream::Tls(Box::new(TokioIo::new(tls))));
+                    return Ok(tcp);
                 }
                 Ok(Err(e)) => last = e,
                 Err(_) => {
@@ -211,6 +213,25 @@ impl Connector {
         }
         Err(last)
     }
+
+    async fn connect(self, uri: Uri) -> io::Result<Stream> {
+        let host = uri
+            .host()
+            .ok_or_else(|| io::Error::other("no host"))?
+            .to_owned();
+        let https = uri.scheme_str() == Some("https");
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let tcp = self.tcp(&host, port).await?;
+        if !https {
+            return Ok(Stream::Plain(TokioIo::new(tcp)));
+        }
+        let name = rustls::pki_types::ServerName::try_from(host.clone())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let tls = TlsConnector::from(Arc::clone(&self.tls))
+            .connect(name, tcp)
+            .await?;
+        Ok(Stream::Tls(Box::new(TokioIo::new(tls))))
+    }
 }
 
 pub type HttpClient = Client<Connector, Incoming>;
@@ -219,7 +240,8 @@ pub type HttpClient = Client<Connector, Incoming>;
 pub struct Upstreams {
     tls: Arc<rustls::ClientConfig>,
     dial: Arc<DialPolicy>,
-    clients: Mutex<HashMap<u64, HttpClient>>,
+    /// Pools by (namespace cookie, whether internal addresses are allowed).
+    clients: Mutex<HashMap<(u64, bool), HttpClient>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -267,17 +289,35 @@ impl Upstreams {
         })
     }
 
+    /// A plain TCP connection to `host:port` from `ns` (TLS passthrough).
+    pub async fn dial_tcp(
+        &self,
+        ns: &Arc<Netns>,
+        host: &str,
+        port: u16,
+        allow_private: bool,
+    ) -> io::Result<TcpStream> {
+        let connector = Connector {
+            allow_private,
+            ns: Arc::clone(ns),
+            tls: Arc::clone(&self.tls),
+            dial: Arc::clone(&self.dial),
+        };
+        connector.tcp(host, port).await
+    }
+
     /// The pooled client dialing from `ns`.
-    pub fn client(&self, ns: &Arc<Netns>, cookie: u64) -> HttpClient {
+    pub fn client(&self, ns: &Arc<Netns>, cookie: u64, allow_private: bool) -> HttpClient {
         let mut clients = self
             .clients
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         clients
-            .entry(cookie)
+            .entry((cookie, allow_private))
             .or_insert_with(|| {
                 let connector = Connector {
                     ns: Arc::clone(ns),
+                    allow_private,
                     tls: Arc::clone(&self.tls),
                     dial: Arc::clone(&self.dial),
                 };

@@ -33,6 +33,9 @@ spec:
       upstream: { port: 443 }
       tls: originate
       credential: maps-key
+    - name: openai-tls
+      match: { host: api.openai.com, port: 443 }
+      tls: passthrough
     - name: down
       match: { host: down.example, port: 80 }
       upstream: { port: 443 }
@@ -527,4 +530,81 @@ fn placeholders_redirects_query_keys_failures_monitor_and_reloads() {
         geocode["http"]["path"], "/v1/geocode",
         "the audited path carries no query"
     );
+}
+
+#[test]
+fn tls_passthrough_decides_on_the_sni_and_dials_the_name() {
+    let s = setup("passthrough");
+    let env = &s.env;
+    let canary = TcpListener::bind("127.0.0.9:443").expect("canary on 127.0.0.9:443");
+    canary.set_nonblocking(true).expect("nonblocking");
+    let _d = env.start();
+    let ca = env.dir.join("ca.pem");
+    let ca = ca.to_str().expect("path");
+    // The client speaks TLS end to end with the API and verifies it itself; no key is added.
+    let out = run_in(
+        &s.agent,
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "10",
+            "--cacert",
+            ca,
+            "--resolve",
+            "api.openai.com:443:127.0.0.9",
+            "https://api.openai.com/v1/models/x",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("\"path\":\"/v1/models/x\"") && text.contains("\"auth_sha256\":null"),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Another name: refused at the ClientHello.
+    let out = run_in(
+        &s.agent,
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "10",
+            "-k",
+            "--resolve",
+            "evil.example:443:127.0.0.9",
+            "https://evil.example/",
+        ],
+    );
+    assert!(
+        !out.status.success() && out.stdout.is_empty(),
+        "evil.example must be refused"
+    );
+    let rec = env.wait_record("the SNI refusal", |r| {
+        r["dst"]["host"] == "evil.example" && r["decision"] == "deny"
+    });
+    assert_eq!(rec["reason"], "host_not_allowed");
+    assert_eq!(rec["dst"]["protocol"], "tls");
+    let ok = env.wait_record("the passthrough record", |r| {
+        r["dst"]["host"] == "api.openai.com" && r["reason"] == "sni_allowed"
+    });
+    assert_eq!(ok["rule"], "openai-tls");
+    assert!(ok["bytes_down"].as_u64().unwrap_or(0) > 0);
+    // TLS on a port whose rule originates TLS itself is refused (the workload must speak HTTP).
+    let out = run_in(
+        &s.agent,
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "10",
+            "-k",
+            "--resolve",
+            "api.openai.com:80:127.0.0.9",
+            "https://api.openai.com:80/",
+        ],
+    );
+    assert!(!out.status.success());
+    env.wait_record("the refusal", |r| r["reason"] == "tls_on_an_originate_rule");
+    assert!(canary.accept().is_err(), "nothing was sent to 127.0.0.9");
 }
