@@ -168,6 +168,9 @@ pub enum AuditError {
 #[derive(Clone, Debug)]
 pub struct AuditLog {
     file: Arc<Mutex<File>>,
+    /// Whether the last write succeeded. While it did not, allowing is refused (fail closed)
+    /// unless the operator chose `audit_failure: allow`.
+    healthy: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AuditLog {
@@ -185,7 +188,13 @@ impl AuditLog {
             })?;
         Ok(Self {
             file: Arc::new(Mutex::new(file)),
+            healthy: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         })
+    }
+
+    /// Whether the audit sink took the last record.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn write(&self, record: &AuditRecord) -> Result<(), AuditError> {
@@ -195,7 +204,10 @@ impl AuditLog {
             .file
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        file.write_all(&line).map_err(AuditError::Write)
+        let result = file.write_all(&line).map_err(AuditError::Write);
+        self.healthy
+            .store(result.is_ok(), std::sync::atomic::Ordering::Relaxed);
+        result
     }
 
     /// Writes, logging (never panicking) if the sink fails.

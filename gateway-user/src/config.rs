@@ -59,6 +59,19 @@ struct RawConfig {
     credentials: Option<PathBuf>,
     #[serde(default)]
     upstream_ca: Option<PathBuf>,
+    #[serde(default)]
+    audit_failure: AuditFailure,
+}
+
+/// What happens to decisions that would allow while the audit sink cannot be written.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditFailure {
+    /// Refuse (fail closed): nothing goes out that cannot be audited.
+    #[default]
+    Deny,
+    /// Keep allowing; the failure is logged.
+    Allow,
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,6 +134,7 @@ pub struct Config {
     pub credentials: Option<PathBuf>,
     /// Extra CA certificates (PEM) trusted for upstream TLS, besides the public roots.
     pub upstream_ca: Option<PathBuf>,
+    pub audit_failure: AuditFailure,
 }
 
 impl Config {
@@ -204,6 +218,7 @@ impl Config {
             test_resolver: raw.test_resolver,
             credentials: raw.credentials.map(&anchor),
             upstream_ca: raw.upstream_ca.map(&anchor),
+            audit_failure: raw.audit_failure,
         })
     }
 

@@ -392,6 +392,18 @@ async fn decide_and_forward(
         }
     };
 
+    if conn.gateway.audit_blocks() {
+        tracing::error!(%host, "audit log not writable: refusing what would be allowed");
+        return (
+            refuse(
+                record,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "audit_unavailable",
+                record.rule.clone().as_deref(),
+            ),
+            None,
+        );
+    }
     if route.tls == TlsMode::Passthrough {
         return (
             refuse(

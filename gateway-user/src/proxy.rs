@@ -93,6 +93,12 @@ pub fn orig_dst(origin: &SockState) -> SocketAddr {
 }
 
 impl Gateway {
+    /// Whether allowing must stop because the audit sink fails (and the operator did not choose
+    /// `audit_failure: allow`).
+    pub fn audit_blocks(&self) -> bool {
+        self.config.audit_failure == crate::config::AuditFailure::Deny && !self.audit.is_healthy()
+    }
+
     /// Takes the origin of the connection `peer` → `local`, and checks it.
     fn take_origin(
         &self,
@@ -176,6 +182,19 @@ impl Gateway {
                 policy: None,
                 reason: crate::policy::DenyReason::NoPolicy,
             },
+        };
+        let decision = match decision {
+            Decision::Allow { policy, .. } | Decision::WouldDeny { policy, .. }
+                if self.audit_blocks() =>
+            {
+                record.reason = "audit_unavailable".into();
+                record.policy = Some(policy);
+                self.audit.emit(&record);
+                tracing::error!(workload = ?id.cgroup, "audit log not writable: refusing what would be allowed");
+                reset(&client);
+                return;
+            }
+            d => d,
         };
         record.decision_us = Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
         match decision {
@@ -384,6 +403,13 @@ impl Gateway {
                 return;
             }
         };
+        if self.audit_blocks() {
+            record.decision = Verdict::Deny;
+            record.reason = "audit_unavailable".into();
+            self.audit.emit(&record);
+            reset(&client);
+            return;
+        }
         match self
             .upstreams
             .dial_tcp(&ns, &sni, route.upstream_port, route.allow_private)

@@ -1,0 +1,96 @@
+//! Faults: the audit sink fails → the gateway fails closed, and recovers when it can write.
+use std::io::Write;
+
+use tollgate_tests::{Mock, TestEnv};
+
+/// A tiny tmpfs, unmounted on drop.
+struct SmallFs(std::path::PathBuf);
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[test]
+fn an_unwritable_audit_log_refuses_what_would_be_allowed() {
+    let mut env = TestEnv::new("auditfull");
+    let mock = Mock::start("127.0.0.1:0");
+    let app = env.workload("app.service");
+    env.allow("app", "app.service", &[mock.addr]);
+    let fs_dir = env.dir.join("auditfs");
+    std::fs::create_dir_all(&fs_dir).expect("dir");
+    nix::mount::mount(
+        Some("tmpfs"),
+        &fs_dir,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=256k"),
+    )
+    .expect("tmpfs");
+    let _fs = SmallFs(fs_dir.clone());
+    let audit = fs_dir.join("audit.jsonl");
+    let config = std::fs::read_to_string(&env.config).expect("config");
+    std::fs::write(
+        &env.config,
+        config.replace(
+            &env.audit.display().to_string(),
+            &audit.display().to_string(),
+        ),
+    )
+    .expect("config");
+    let mut d = env.start();
+    let target = mock.addr.to_string();
+    let ok = env.probe(Some(&app), &["tcp", &target]);
+    assert_eq!(ok["ok"], true, "{ok}");
+
+    // Fill the file system the audit log lives on.
+    let filler = fs_dir.join("filler");
+    let mut f = std::fs::File::create(&filler).expect("filler");
+    let block = vec![0u8; 4096];
+    while f.write_all(&block).is_ok() {}
+    drop(f);
+    // And the slack in the audit file's last page (blank lines are harmless in JSON Lines).
+    let mut a = std::fs::OpenOptions::new().append(true).open(&audit).expect("audit");
+    while a.write_all(b"\n").is_ok() {}
+    drop(a);
+
+    // The record that fails to be written flips the gateway to refusing.
+    let results: Vec<bool> = (0..4)
+        .map(|_| env.probe(Some(&app), &["tcp", &target])["ok"] == true)
+        .collect();
+    let first_refused = results
+        .iter()
+        .position(|ok| !ok)
+        .expect("a connection is refused once the audit log cannot be written");
+    assert!(
+        first_refused <= 1,
+        "at most the connection whose record failed got through: {results:?}"
+    );
+    assert!(
+        results[first_refused..].iter().all(|ok| !ok),
+        "every later one is refused: {results:?}"
+    );
+    let peers = mock.peers().len();
+    assert_eq!(
+        peers,
+        1 + first_refused,
+        "nothing refused reached the upstream"
+    );
+    let log = std::fs::read_to_string(&d.log).expect("log");
+    assert!(
+        log.contains("audit log not writable"),
+        "the failure is logged"
+    );
+
+    // Room again: the next refusal's record is written, and allowing resumes.
+    std::fs::remove_file(&filler).expect("free");
+    let recovered = (0..4).any(|_| env.probe(Some(&app), &["tcp", &target])["ok"] == true);
+    assert!(recovered, "allowing resumes once records can be written");
+    let text = std::fs::read_to_string(&audit).expect("audit");
+    assert!(
+        text.contains("\"audit_unavailable\""),
+        "the refusals are audited once the sink is back"
+    );
+    d.stop();
+}
