@@ -219,6 +219,31 @@ pub async fn serve(conn: Conn, client: TcpStream) {
     }
 }
 
+/// Serves HTTP/2 with prior knowledge on a client connection: each stream is one request,
+/// decided and audited on its own.
+pub async fn serve_h2(conn: Conn, client: TcpStream) {
+    let conn = Arc::new(conn);
+    let for_audit = Arc::clone(&conn);
+    let handled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = Arc::clone(&handled);
+    let service = hyper::service::service_fn(move |req| {
+        let conn = Arc::clone(&conn);
+        seen.store(true, std::sync::atomic::Ordering::Relaxed);
+        async move { Ok::<_, Infallible>(handle(&conn, req).await) }
+    });
+    let result = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(64)
+        .serve_connection(TokioIo::new(client), service)
+        .await;
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "HTTP/2 client connection ended with an error");
+        if !handled.load(std::sync::atomic::Ordering::Relaxed) {
+            early_record(&for_audit, "request_unparsable", 400);
+        }
+    }
+}
+
 /// The audit record of a connection that ended before a request could be decided.
 fn early_record(conn: &Conn, reason: &str, status: u16) {
     let mut record = AuditRecord::new(Verdict::Deny, Layer::Request, reason);

@@ -277,17 +277,6 @@ impl Gateway {
             self.passthrough(client, ns, id, dst, record).await;
             return;
         }
-        let refusal = if first[..n].starts_with(b"PRI * HTTP/2.0") {
-            Some("http2_prior_knowledge_not_supported")
-        } else {
-            None
-        };
-        if let Some(reason) = refusal {
-            record.reason = reason.split(':').next().unwrap_or(reason).to_owned();
-            self.audit.emit(&record);
-            reset(&client);
-            return;
-        }
         let conn = crate::http_proxy::Conn {
             gateway: Arc::clone(&self),
             ns,
@@ -295,7 +284,13 @@ impl Gateway {
             workload: id,
             orig: dst,
         };
-        crate::http_proxy::serve(conn, client).await;
+        if first[..n].starts_with(b"PRI") {
+            // HTTP/2 with prior knowledge: binary framing leaves no Content-Length /
+            // Transfer-Encoding ambiguity; every stream is decided like an HTTP/1.1 request.
+            crate::http_proxy::serve_h2(conn, client).await;
+        } else {
+            crate::http_proxy::serve(conn, client).await;
+        }
     }
 
     /// TLS on a port a host rule covers: decide on the SNI, then splice to the SNI name the

@@ -51,7 +51,10 @@ fn an_unwritable_audit_log_refuses_what_would_be_allowed() {
     while f.write_all(&block).is_ok() {}
     drop(f);
     // And the slack in the audit file's last page (blank lines are harmless in JSON Lines).
-    let mut a = std::fs::OpenOptions::new().append(true).open(&audit).expect("audit");
+    let mut a = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&audit)
+        .expect("audit");
     while a.write_all(b"\n").is_ok() {}
     drop(a);
 

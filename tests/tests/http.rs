@@ -273,6 +273,31 @@ fn the_workload_never_holds_the_key_and_every_request_is_decided() {
     let line = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(line.starts_with("HTTP/1.1 400"), "CL+TE refused: {line:?}");
 
+    // HTTP/2 with prior knowledge: decided and injected the same way.
+    let (out, err) = curl(
+        &s.agent,
+        &[
+            "--http2-prior-knowledge",
+            "-X",
+            "POST",
+            "-d",
+            "{}",
+            &url("/v1/chat/completions"),
+        ],
+    );
+    outputs.push_str(&out);
+    assert!(out.contains(&want_auth), "h2: {out} {err}");
+    let (out, _) = curl(
+        &s.agent,
+        &[
+            "--http2-prior-knowledge",
+            "-w",
+            "\n%{http_code}",
+            &url("/v1/files"),
+        ],
+    );
+    assert!(out.ends_with("403"), "h2 denial: {out}");
+
     // A workload without a policy gets nothing, at connect.
     let (out, err) = curl(
         &s.other,
