@@ -25,6 +25,12 @@ enum Task {
         #[arg(long)]
         filter: Option<String>,
     },
+    /// Run each fuzz target for a while (cargo-fuzz, nightly); new inputs go to a scratch
+    /// corpus, crashes fail the command.
+    Fuzz {
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
     /// Setup, build (release), then measure capture costs; writes target/bench/report.md.
     Bench,
     /// Setup, build, then run the demo.
@@ -278,6 +284,7 @@ fn test(filter: Option<&str>) -> Result<()> {
     run(&mut suite)?;
     if filter.is_none() {
         run(Command::new(&bin).arg("demo"))?;
+        fuzz(15)?;
     }
     Ok(())
 }
@@ -320,6 +327,30 @@ fn sweep_test_cgroups() -> Result<()> {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
         }
+    }
+    Ok(())
+}
+
+const FUZZ_TARGETS: [&str; 4] = ["policy", "client_hello", "normalize", "raw_head"];
+
+fn fuzz(seconds: u64) -> Result<()> {
+    setup()?;
+    build_ebpf()?;
+    if output_ok(clean("cargo").args(["fuzz", "--version"])).is_none() {
+        run(clean("cargo").args(["+stable", "install", "cargo-fuzz", "--locked"]))?;
+    }
+    let scratch = root().join("fuzz/target/scratch-corpus");
+    for target in FUZZ_TARGETS {
+        let dir = scratch.join(target);
+        std::fs::create_dir_all(&dir)?;
+        // The scratch corpus comes first: libFuzzer writes new inputs there, not to the seeds.
+        run(clean("cargo")
+            .current_dir(root())
+            .args(["+nightly", "fuzz", "run", "--fuzz-dir", "fuzz", target])
+            .arg(&dir)
+            .arg(root().join("fuzz/corpus").join(target))
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}")))?;
     }
     Ok(())
 }
@@ -388,6 +419,7 @@ fn main() -> Result<()> {
         Task::BuildEbpf => build_ebpf(),
         Task::Test { filter } => test(filter.as_deref()),
         Task::Bench => bench(),
+        Task::Fuzz { seconds } => fuzz(seconds),
         Task::Demo => demo(),
     }
 }
