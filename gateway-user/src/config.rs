@@ -12,15 +12,33 @@ use crate::cgroup::{CgroupError, CgroupPath};
 /// The configuration the demo runs on, embedded in the binary.
 pub const DEMO_CONFIG: &str = include_str!("../config/demo.yaml");
 
+/// A YAML file that does not parse into its strict model: where, and what.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}:{line}:{column}: {message}")]
+pub struct YamlError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+/// Parses strict YAML (`deny_unknown_fields` models), naming file, line and column on error.
+pub fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str, file: &str) -> Result<T, YamlError> {
+    serde_yaml_ng::from_str(text).map_err(|e| {
+        let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+        YamlError {
+            file: file.to_owned(),
+            line,
+            column,
+            message: strip_location(&e.to_string()),
+        }
+    })
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{file}:{line}:{column}: {message}")]
-    Syntax {
-        file: String,
-        line: usize,
-        column: usize,
-        message: String,
-    },
+    #[error(transparent)]
+    Syntax(#[from] YamlError),
     #[error("{file}: {message}")]
     Invalid { file: String, message: String },
     #[error("cannot read config {path}: {source}")]
@@ -150,15 +168,7 @@ impl Config {
 
     /// Parses config text; `file` names it in errors, `base` anchors relative paths.
     pub fn parse(text: &str, file: &str, base: &Path) -> Result<Self, ConfigError> {
-        let raw: RawConfig = serde_yaml_ng::from_str(text).map_err(|e| {
-            let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
-            ConfigError::Syntax {
-                file: file.to_owned(),
-                line,
-                column,
-                message: strip_location(&e.to_string()),
-            }
-        })?;
+        let raw: RawConfig = parse_yaml(text, file)?;
         let invalid = |message: String| ConfigError::Invalid {
             file: file.to_owned(),
             message,

@@ -11,17 +11,12 @@ use std::{
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use crate::config::strip_location;
+use crate::config::parse_yaml;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialError {
-    #[error("{file}:{line}:{column}: {message}")]
-    Syntax {
-        file: String,
-        line: usize,
-        column: usize,
-        message: String,
-    },
+    #[error(transparent)]
+    Syntax(#[from] crate::config::YamlError),
     #[error("{file}: {message}")]
     Invalid { file: String, message: String },
     #[error("cannot read {path}: {source}")]
@@ -185,15 +180,7 @@ impl Credentials {
         base: &Path,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, CredentialError> {
-        let raw: RawFile = serde_yaml_ng::from_str(text).map_err(|e| {
-            let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
-            CredentialError::Syntax {
-                file: file.to_owned(),
-                line,
-                column,
-                message: strip_location(&e.to_string()),
-            }
-        })?;
+        let raw: RawFile = parse_yaml(text, file)?;
         let invalid = |message: String| CredentialError::Invalid {
             file: file.to_owned(),
             message,

@@ -14,17 +14,12 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::{cgroup::CgroupPath, config::strip_location};
+use crate::{cgroup::CgroupPath, config::parse_yaml};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
-    #[error("{file}:{line}:{column}: {message}")]
-    Syntax {
-        file: String,
-        line: usize,
-        column: usize,
-        message: String,
-    },
+    #[error(transparent)]
+    Syntax(#[from] crate::config::YamlError),
     #[error("{file}: {message}")]
     Invalid { file: String, message: String },
     #[error("cannot read policy {path}: {source}")]
@@ -640,15 +635,7 @@ impl PolicySet {
 /// Parses one policy file's text.
 pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
     let file_s = file.display().to_string();
-    let raw: RawPolicy = serde_yaml_ng::from_str(text).map_err(|e| {
-        let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
-        PolicyError::Syntax {
-            file: file_s.clone(),
-            line,
-            column,
-            message: strip_location(&e.to_string()),
-        }
-    })?;
+    let raw: RawPolicy = parse_yaml(text, &file_s)?;
     let invalid = |message: String| PolicyError::Invalid {
         file: file_s.clone(),
         message,

@@ -14,27 +14,8 @@ pub fn start_upstream(
     rt: &tokio::runtime::Runtime,
     cert_names: &[&str],
 ) -> (SocketAddr, SocketAddr, String) {
-    let ca_key = rcgen::KeyPair::generate().expect("ca key");
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca");
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).expect("ca");
-    let key = rcgen::KeyPair::generate().expect("key");
-    let names: Vec<String> = cert_names.iter().map(|n| (*n).to_owned()).collect();
-    let cert = rcgen::CertificateParams::new(names)
-        .expect("params")
-        .signed_by(&key, &ca, &ca_key)
-        .expect("cert");
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-        )
-        .expect("tls");
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let (tls, ca_pem) = crate::tls_server(cert_names);
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let plain = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .expect("bind");
@@ -84,7 +65,7 @@ pub fn start_upstream(
             });
         }
     });
-    (plain_addr, tls_addr, ca.pem())
+    (plain_addr, tls_addr, ca_pem)
 }
 
 /// One open-loop run: `rate` requests per second for `secs`, each on a new connection to
