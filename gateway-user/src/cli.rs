@@ -68,6 +68,22 @@ enum NetnsCommand {
 enum PolicyCommand {
     /// Check every policy in DIR; print each error as file:line:column.
     Check { dir: PathBuf },
+    /// Show the decision and the rule that makes it, for a workload and a request:
+    /// `tcp IP:PORT`, `tls HOST:PORT` or `METHOD http://HOST[:PORT]/PATH`.
+    Explain {
+        /// The policy directory.
+        #[arg(long)]
+        policies: PathBuf,
+        /// The workload's cgroup path (relative to the cgroup2 mount).
+        #[arg(long)]
+        cgroup: String,
+        #[arg(long)]
+        exe: Option<PathBuf>,
+        #[arg(long, default_value_t = 0)]
+        uid: u32,
+        /// The request, e.g. "POST http://api.openai.com/v1/chat/completions".
+        request: String,
+    },
 }
 
 fn init_logging(json: bool) {
@@ -163,6 +179,45 @@ pub fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Policy {
+            command:
+                PolicyCommand::Explain {
+                    policies,
+                    cgroup,
+                    exe,
+                    uid,
+                    request,
+                },
+        } => {
+            let set = match PolicySet::load_dir(&policies) {
+                Ok(set) => set,
+                Err(errs) => {
+                    for e in &errs {
+                        eprintln!("{e}");
+                    }
+                    return ExitCode::FAILURE;
+                }
+            };
+            let cgroup = match crate::cgroup::CgroupPath::parse(&cgroup) {
+                Ok(c) => c,
+                Err(e) => return fail(e),
+            };
+            let placement = crate::container::placement(cgroup.as_str());
+            let view = crate::policy::WorkloadView {
+                cgroup: &cgroup,
+                container_id: placement.container.as_ref().map(|c| c.id.as_str()),
+                pod_uid: placement.pod.as_ref().map(|p| p.uid.as_str()),
+                exe: exe.as_deref(),
+                uid,
+            };
+            match crate::policy::explain(&set, &view, &request) {
+                Ok(line) => {
+                    println!("{line}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
         Command::Demo => match crate::demo::run() {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(format!("demo failed: {e:#}")),

@@ -63,6 +63,9 @@ struct RawWorkload {
     container_id: Option<String>,
     #[serde(default)]
     pod_uid: Option<String>,
+    /// A systemd unit (`billing.service`): the cgroup path's innermost unit.
+    #[serde(default)]
+    unit: Option<String>,
     #[serde(default)]
     exe: Option<PathBuf>,
     #[serde(default)]
@@ -315,6 +318,7 @@ pub struct Policy {
     pub cgroup: Option<CgroupPath>,
     pub container_id: Option<String>,
     pub pod_uid: Option<String>,
+    pub unit: Option<String>,
     pub exe: Option<PathBuf>,
     pub uid: Option<u32>,
     pub mode: Mode,
@@ -327,10 +331,11 @@ impl Policy {
     }
 
     /// How specific the selector is: container, pod, cgroup depth, narrowers.
-    fn rank(&self) -> (bool, bool, usize, usize) {
+    fn rank(&self) -> (bool, bool, bool, usize, usize) {
         (
             self.container_id.is_some(),
             self.pod_uid.is_some(),
+            self.unit.is_some(),
             self.cgroup.as_ref().map_or(0, CgroupPath::depth),
             self.narrowers(),
         )
@@ -346,6 +351,10 @@ impl Policy {
                 .pod_uid
                 .as_deref()
                 .is_none_or(|uid| w.pod_uid == Some(uid))
+            && self
+                .unit
+                .as_deref()
+                .is_none_or(|u| w.cgroup.systemd_unit() == Some(u))
             && self.exe.as_deref().is_none_or(|e| w.exe == Some(e))
             && self.uid.is_none_or(|u| u == w.uid)
     }
@@ -456,6 +465,7 @@ impl PolicySet {
                 if a.cgroup == b.cgroup
                     && a.container_id == b.container_id
                     && a.pod_uid == b.pod_uid
+                    && a.unit == b.unit
                     && a.exe == b.exe
                     && a.uid == b.uid
                 {
@@ -632,6 +642,79 @@ impl PolicySet {
     }
 }
 
+/// `tollgate policy explain`: the decision for `request` by the workload `w`, as one line.
+/// `request` is `tcp IP:PORT`, `tls HOST:PORT`, or `METHOD http://HOST[:PORT]/PATH`.
+pub fn explain(set: &PolicySet, w: &WorkloadView<'_>, request: &str) -> Result<String, String> {
+    let (kind, target) = request
+        .trim()
+        .split_once(' ')
+        .ok_or("give `tcp IP:PORT`, `tls HOST:PORT` or `METHOD http://HOST/PATH`")?;
+    let selected = set.select(w).map_or_else(
+        || "no policy".to_owned(),
+        |p| format!("policy {:?} ({})", p.name, p.file.display()),
+    );
+    let show = |d: &RequestDecision| match d {
+        RequestDecision::Allow { rule, route, .. } => format!(
+            "allow by rule {rule:?}: upstream {}:{} tls {:?}{}",
+            route.host.as_str(),
+            route.upstream_port,
+            route.tls,
+            route
+                .credential
+                .as_ref()
+                .map(|c| format!(", credential {c}"))
+                .unwrap_or_default()
+        ),
+        RequestDecision::Deny { rule, reason, .. } => format!(
+            "deny ({reason}){}",
+            rule.as_ref()
+                .map(|r| format!(" by rule {r:?}"))
+                .unwrap_or_default()
+        ),
+        RequestDecision::WouldDeny { rule, reason, .. } => format!(
+            "would deny, monitor mode ({reason}){}",
+            rule.as_ref()
+                .map(|r| format!(" by rule {r:?}"))
+                .unwrap_or_default()
+        ),
+    };
+    let line = match kind {
+        "tcp" => {
+            let dst: std::net::SocketAddr = target
+                .parse()
+                .map_err(|_| format!("{target:?} is not IP:PORT"))?;
+            match set.evaluate(w, dst) {
+                Decision::Allow { rule, .. } => format!("allow by rule {rule:?}"),
+                Decision::Inspect { .. } => "inspect: a host rule covers this port; each HTTP request (or the TLS SNI) decides".into(),
+                Decision::Deny { reason, .. } => format!("deny ({})", reason.as_str()),
+                Decision::WouldDeny { reason, .. } => format!("would deny, monitor mode ({})", reason.as_str()),
+            }
+        }
+        "tls" => {
+            let (host, port) = crate::normalize::host(target).map_err(|e| e.as_str().to_owned())?;
+            show(&set.evaluate_sni(w, port.unwrap_or(443), &host))
+        }
+        method => {
+            let uri: http::Uri = target
+                .parse()
+                .map_err(|_| format!("{target:?} is not a URL"))?;
+            let authority = uri.authority().ok_or("the URL needs a host")?;
+            let (host, port) =
+                crate::normalize::host(authority.as_str()).map_err(|e| e.as_str().to_owned())?;
+            let path = crate::normalize::path(uri.path())
+                .map_err(|e| format!("path refused: {}", e.as_str()))?;
+            show(&set.evaluate_request(
+                w,
+                port.unwrap_or(80),
+                &host,
+                &method.to_ascii_uppercase(),
+                &path,
+            ))
+        }
+    };
+    Ok(format!("{selected}: {line}"))
+}
+
 /// Parses one policy file's text.
 pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
     let file_s = file.display().to_string();
@@ -653,9 +736,9 @@ pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
         )));
     }
     let w = &raw.spec.workload;
-    if w.cgroup.is_none() && w.container_id.is_none() && w.pod_uid.is_none() {
+    if w.cgroup.is_none() && w.container_id.is_none() && w.pod_uid.is_none() && w.unit.is_none() {
         return Err(invalid(
-            "spec.workload must name a cgroup, a container_id or a pod_uid (exe and uid only narrow)".into(),
+            "spec.workload must name a cgroup, a unit, a container_id or a pod_uid (exe and uid only narrow)".into(),
         ));
     }
     let cgroup = w
@@ -758,6 +841,7 @@ pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
         cgroup,
         container_id: raw.spec.workload.container_id,
         pod_uid: raw.spec.workload.pod_uid,
+        unit: raw.spec.workload.unit,
         exe: raw.spec.workload.exe,
         uid: raw.spec.workload.uid,
         mode: raw.spec.mode,
@@ -1116,5 +1200,66 @@ mod host_rules {
                 .to_string();
             assert!(err.contains(want), "{err}");
         }
+    }
+}
+
+#[cfg(test)]
+mod explain_and_units {
+    use super::*;
+
+    #[test]
+    fn unit_selector_and_explain() {
+        let text = "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: { name: billing }\nspec:\n  workload: { unit: billing.service }\n  egress:\n    - name: db\n      match: { cidr: 10.20.0.0/16, port: 5432 }\n    - name: api\n      match: { host: api.example.com, port: 80 }\n      upstream: { port: 443 }\n      tls: originate\n      http:\n        - methods: [GET]\n          paths: [/v1/*]\n";
+        let set = PolicySet::from_policies(vec![
+            parse_policy(text, Path::new("b.yaml")).expect("policy")
+        ])
+        .expect("set");
+        let cg = CgroupPath::parse("/system.slice/billing.service").expect("cg");
+        let other = CgroupPath::parse("/system.slice/web.service").expect("cg");
+        let w = WorkloadView {
+            cgroup: &cg,
+            container_id: None,
+            pod_uid: None,
+            exe: None,
+            uid: 0,
+        };
+        let o = WorkloadView {
+            cgroup: &other,
+            ..w
+        };
+        let table = [
+            (&w, "tcp 10.20.1.5:5432", "allow by rule \"db\""),
+            (&w, "tcp 10.30.1.5:5432", "deny (no_rule_matched)"),
+            (
+                &w,
+                "GET http://api.example.com/v1/models",
+                "upstream api.example.com:443",
+            ),
+            (
+                &w,
+                "POST http://api.example.com/v1/models",
+                "deny (method_or_path_not_allowed)",
+            ),
+            (
+                &w,
+                "GET http://api.example.com/v1/../admin",
+                "deny (method_or_path_not_allowed)",
+            ),
+            (
+                &w,
+                "tls api.example.com:80",
+                "deny (tls_on_an_originate_rule)",
+            ),
+            (
+                &o,
+                "tcp 10.20.1.5:5432",
+                "no policy: deny (no_policy_for_workload)",
+            ),
+        ];
+        for (who, request, want) in table {
+            let got = explain(&set, who, request).expect("explain");
+            assert!(got.contains(want), "{request}: {got}");
+        }
+        assert!(explain(&set, &w, "nonsense").is_err());
     }
 }
