@@ -146,6 +146,10 @@ fn the_workload_never_holds_the_key_and_every_request_is_decided() {
             "Authorization: Bearer attacker",
             "-H",
             "x-api-key: stolen",
+            "-H",
+            "X-Tollgate-Identity: admin",
+            "-H",
+            "X-Forwarded-For: 127.0.0.66",
             "-d",
             "{\"model\":\"m\"}",
             &url("/v1/chat/completions"),
@@ -164,6 +168,18 @@ fn the_workload_never_holds_the_key_and_every_request_is_decided() {
     assert!(
         !head.to_ascii_lowercase().contains("x-api-key"),
         "caller credentials removed: {head}"
+    );
+    assert!(
+        !head.to_ascii_lowercase().contains("x-tollgate-"),
+        "identity claims from the workload are dropped: {head}"
+    );
+    let rec = env.wait_record("the first allow", |r| {
+        r["layer"] == "request" && r["decision"] == "allow"
+    });
+    assert_eq!(
+        rec["workload"]["cgroup"],
+        format!("{}/agent.service", env.root_rel()),
+        "identity is the kernel's, whatever the headers say"
     );
 
     // python3, no key at all: urllib and requests. They resolve the name themselves: give them

@@ -437,6 +437,7 @@ fn main() {
         Some("ping") => make_socket(libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_ICMP),
         Some("raw") => make_socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW),
         Some("sctp") => make_socket(libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_SCTP),
+        Some("mptcp") => make_socket(libc::AF_INET, libc::SOCK_STREAM, 262),
         Some("bind") => bind_port(addr(1)),
         Some("override-connect4") => override_connect4(args.get(1).map_or("", String::as_str)),
         Some("no-bpf") => exec_without_bpf(&args[1..]),
