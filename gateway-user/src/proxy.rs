@@ -10,7 +10,7 @@ use std::{
 
 use aya::maps::{HashMap, MapData};
 use gateway_common::{ip4_word, ip6_words, PendingKey, SockState, AF_INET};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
     audit::{AuditLog, AuditRecord, DstRecord, Layer, Verdict, WorkloadRecord},
@@ -225,16 +225,33 @@ impl Gateway {
         }
     }
 
+    /// L4: dials the original destination (the rule named its address, so internal addresses
+    /// are allowed) and splices.
     async fn forward(
         &self,
-        ns: &Netns,
-        mut client: TcpStream,
+        ns: &Arc<Netns>,
+        client: TcpStream,
         dst: SocketAddr,
-        mut record: AuditRecord,
+        record: AuditRecord,
         started: Instant,
     ) {
         let target = self.config.upstream_for(dst);
-        match self.dial(ns, target).await {
+        let upstream = self
+            .upstreams
+            .dial_tcp(ns, &target.ip().to_string(), target.port(), true)
+            .await;
+        self.splice(client, upstream, record, started).await;
+    }
+
+    /// Copies both ways until either side closes, then writes the connection's one record.
+    async fn splice(
+        &self,
+        mut client: TcpStream,
+        upstream: std::io::Result<TcpStream>,
+        mut record: AuditRecord,
+        started: Instant,
+    ) {
+        match upstream {
             Ok(mut upstream) => {
                 let (up, down) = tokio::io::copy_bidirectional(&mut client, &mut upstream)
                     .await
@@ -297,7 +314,7 @@ impl Gateway {
     /// gateway resolves itself (never the address the workload chose).
     async fn passthrough(
         self: Arc<Self>,
-        mut client: TcpStream,
+        client: TcpStream,
         ns: Arc<Netns>,
         id: identity::WorkloadId,
         dst: SocketAddr,
@@ -405,46 +422,11 @@ impl Gateway {
             reset(&client);
             return;
         }
-        match self
+        let upstream = self
             .upstreams
             .dial_tcp(&ns, &sni, route.upstream_port, route.allow_private)
-            .await
-        {
-            Ok(mut upstream) => {
-                let (up, down) = tokio::io::copy_bidirectional(&mut client, &mut upstream)
-                    .await
-                    .unwrap_or((0, 0));
-                record.bytes_up = Some(up);
-                record.bytes_down = Some(down);
-            }
-            Err(e) => {
-                record.decision = Verdict::Error;
-                record.reason = format!("upstream_unreachable: {}", e.kind());
-                reset(&client);
-            }
-        }
-        record.duration_ms = Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
-        self.audit.emit(&record);
-    }
-
-    /// Connects to `target` from the workload's network namespace (the socket is made there;
-    /// it belongs to the gateway's cgroup, so no enforcement applies to it).
-    async fn dial(&self, ns: &Netns, target: SocketAddr) -> std::io::Result<TcpStream> {
-        let domain = if target.is_ipv4() {
-            libc::AF_INET
-        } else {
-            libc::AF_INET6
-        };
-        let fd = ns.socket(domain, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0)?;
-        let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
-        if let Some(src) = self.config.upstream_bind {
-            if src.is_ipv4() == target.is_ipv4() {
-                socket.bind(SocketAddr::new(src, 0))?;
-            }
-        }
-        tokio::time::timeout(std::time::Duration::from_secs(10), socket.connect(target))
-            .await
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+            .await;
+        self.splice(client, upstream, record, started).await;
     }
 
     /// What the kernel says about the client socket of a connection that had no valid origin:
