@@ -22,25 +22,42 @@ pub const IPPROTO_UDP: u16 = 17;
 pub mod map_names {
     pub const CONFIG: &str = "TG_CONFIG";
     pub const SOCKETS: &str = "TG_SOCKETS";
-    pub const PENDING: &str = "TG_PENDING";
+    pub const ORIGINS: &str = "TG_ORIGINS";
     pub const EVENTS: &str = "TG_EVENTS";
     pub const COUNTERS: &str = "TG_COUNTERS";
     pub const ACCEPTED: &str = "TG_ACCEPTED";
-    pub const ALL: [&str; 6] = [CONFIG, SOCKETS, PENDING, EVENTS, COUNTERS, ACCEPTED];
+    pub const ALL: [&str; 6] = [CONFIG, SOCKETS, ORIGINS, EVENTS, COUNTERS, ACCEPTED];
 }
 
 /// Capacities of the bounded maps.
-pub const PENDING_MAX_ENTRIES: u32 = 65_536;
+/// Slots of `TG_ORIGINS` (a power of two): a socket's origin lives in slot `cookie % ORIGIN_SLOTS`
+/// until a socket with a cookie that many later takes the slot.
+pub const ORIGIN_SLOTS: u32 = 65_536;
 pub const COUNTERS_MAX_ENTRIES: u32 = 16_384;
 pub const ACCEPTED_MAX_ENTRIES: u32 = 16_384;
 pub const EVENTS_BYTES: u32 = 256 * 1024;
 pub const MAX_RESOLVERS: usize = 4;
 
+/// Map flags the kernel programs declare, checked when pinned maps are adopted.
+pub mod map_flags {
+    /// `BPF_F_NO_PREALLOC`.
+    pub const NO_PREALLOC: u32 = 1;
+    /// `BPF_F_NO_COMMON_LRU`: one LRU list per CPU, no shared lock.
+    pub const NO_COMMON_LRU: u32 = 2;
+    /// `BPF_F_CLONE`: socket storage is copied to the sockets a listener accepts.
+    pub const CLONE: u32 = 1 << 9;
+    /// `TG_SOCKETS`.
+    pub const SOCKETS: u32 = NO_PREALLOC | CLONE;
+    /// `TG_ORIGINS`.
+    pub const ORIGINS: u32 = 0;
+}
+
 /// `SockState::flags` bits.
 pub mod sock_flags {
     /// connect4/6 redirected this socket to the listener and recorded its origin.
     pub const REDIRECTED: u32 = 1;
-    /// The socket was accepted by a server under an enforced root (passive side).
+    /// A listener under an enforced root, or a connection it accepted (the storage is cloned
+    /// to accepted sockets): the passive side, whose replies the egress backstop lets out.
     pub const ACCEPTED: u32 = 2;
 }
 
@@ -103,9 +120,9 @@ pub struct Config {
 }
 const _: () = assert!(core::mem::size_of::<Config>() == 40 + 24 * MAX_RESOLVERS);
 
-/// Per-socket state in socket-local storage (`TG_SOCKETS`), freed with the socket. For a
-/// redirected socket it holds the origin: the original destination and who made the connect,
-/// as the kernel saw it in the caller's context.
+/// The origin of a redirected socket (`TG_ORIGINS`, in the slot of its cookie): the
+/// original destination and who made the connect, as the kernel saw it in the caller's
+/// context. In socket-local storage (`TG_SOCKETS`) only `flags` is used.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockState {
@@ -123,54 +140,39 @@ pub struct SockState {
     pub socket_cookie: u64,
     /// The connecting thread's `start_boottime` in ns (0 if unknown).
     pub start_boottime_ns: u64,
-    /// `bpf_ktime_get_ns()` when the lookup key was written (CLOCK_MONOTONIC).
+    /// `bpf_ktime_get_ns()` when the origin was recorded (CLOCK_MONOTONIC).
     pub recorded_ns: u64,
     pub comm: [u8; 16],
 }
 const _: () = assert!(core::mem::size_of::<SockState>() == 96);
 
-/// The key under which the listener finds a redirected connection's origin: the client end
-/// of the connection (normalized) in the client's network namespace.
+/// The kernel's `struct bpf_spin_lock`. The verifier recognizes it by this name in the map
+/// value's BTF, so the type must keep it.
+#[allow(non_camel_case_types)]
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct PendingKey {
-    pub netns_cookie: u64,
-    pub addr: [u32; 4],
-    pub port: u16,
-    pub family: u16,
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct bpf_spin_lock {
+    pub val: u32,
+}
+
+/// A slot of `TG_ORIGINS`. connect4/6 write `origin` under `lock`; the daemon reads it with
+/// `BPF_F_LOCK`, so it never sees a half-written origin, and accepts it only when
+/// `origin.socket_cookie` is the cookie of the client socket it is serving.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OriginSlot {
+    pub lock: bpf_spin_lock,
     pub _pad: u32,
+    pub origin: SockState,
 }
-const _: () = assert!(core::mem::size_of::<PendingKey>() == 32);
+const _: () = assert!(core::mem::size_of::<OriginSlot>() == 104);
 
-impl PendingKey {
-    /// The key for an IPv4 client end.
-    #[must_use]
-    pub const fn v4(netns_cookie: u64, addr: u32, port: u16) -> Self {
-        Self {
-            netns_cookie,
-            addr: [addr, 0, 0, 0],
-            port,
-            family: AF_INET,
-            _pad: 0,
-        }
-    }
-
-    /// The key for an IPv6 client end; a v4-mapped address becomes the IPv4 key.
-    #[must_use]
-    pub const fn v6(netns_cookie: u64, addr: [u32; 4], port: u16) -> Self {
-        if is_v4_mapped(addr) {
-            Self::v4(netns_cookie, addr[3], port)
-        } else {
-            Self {
-                netns_cookie,
-                addr,
-                port,
-                family: AF_INET6,
-                _pad: 0,
-            }
-        }
-    }
+/// The slot of a socket cookie in `TG_ORIGINS`.
+#[must_use]
+pub const fn origin_slot(socket_cookie: u64) -> u32 {
+    (socket_cookie as u32) & (ORIGIN_SLOTS - 1)
 }
+const _: () = assert!(ORIGIN_SLOTS.is_power_of_two());
 
 /// Key of `TG_ACCEPTED`: connections a server under an enforced root had already accepted
 /// when enforcement started, so the egress backstop lets their replies out.
@@ -246,15 +248,15 @@ pub const fn is_v4_mapped(addr: [u32; 4]) -> bool {
 
 #[cfg(feature = "user")]
 mod user {
-    use super::{AcceptedKey, Config, Counters, PendingKey, RefusalEvent, SockState};
+    use super::{AcceptedKey, Config, Counters, OriginSlot, RefusalEvent, SockState};
 
     // SAFETY: each type is `#[repr(C)]`, made only of integers and arrays of integers, with
     // every padding byte an explicit field, so any bit pattern is valid.
     unsafe impl aya::Pod for Config {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SockState {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for PendingKey {}
+    // SAFETY: as above (the lock word is an integer).
+    unsafe impl aya::Pod for OriginSlot {}
     // SAFETY: as above.
     unsafe impl aya::Pod for AcceptedKey {}
     // SAFETY: as above.
@@ -268,27 +270,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn mapped_v6_key_is_the_v4_key() {
-        let v4 = ip4_word([127, 0, 0, 1]);
+    fn v4_mapped_is_recognized() {
         let mapped = ip6_words([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1]);
         assert!(is_v4_mapped(mapped));
-        assert_eq!(PendingKey::v6(7, mapped, 4000), PendingKey::v4(7, v4, 4000));
-    }
-
-    #[test]
-    fn native_v6_key_keeps_family() {
+        assert_eq!(mapped[3], ip4_word([127, 0, 0, 1]));
         let lo = ip6_words([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
         assert!(!is_v4_mapped(lo));
-        let key = PendingKey::v6(7, lo, 4000);
-        assert_eq!(key.family, AF_INET6);
-        assert_eq!(key.addr, lo);
-    }
-
-    #[test]
-    fn netns_distinguishes_keys() {
-        let a = PendingKey::v4(1, ip4_word([127, 0, 0, 1]), 4000);
-        let b = PendingKey::v4(2, ip4_word([127, 0, 0, 1]), 4000);
-        assert_ne!(a, b);
     }
 
     #[test]

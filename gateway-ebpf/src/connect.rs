@@ -1,11 +1,13 @@
-//! `cgroup/connect4|6`, in the caller's context: record who connects where in socket-local
-//! storage, then redirect TCP to the gateway listener. UDP may only reach an allowed DNS
+//! `cgroup/connect4|6`, in the caller's context: record who connects where under the socket's
+//! cookie, then redirect TCP to the gateway listener. UDP may only reach an allowed DNS
 //! resolver. An IPv4-mapped IPv6 destination is judged as the IPv4 address it maps.
 use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         bpf_probe_read_kernel,
-        generated::{bpf_get_current_task, bpf_get_netns_cookie, bpf_get_socket_cookie},
+        generated::{
+            bpf_get_current_task, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        },
     },
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
@@ -17,7 +19,7 @@ use gateway_common::{
 };
 
 use crate::{
-    maps::{self, TG_SOCKETS},
+    maps,
     refuse::{report, Refusal},
     ALLOW, DENY,
 };
@@ -129,54 +131,55 @@ fn on_connect(ctx: &SockAddrContext, dest: &Dest, v6_socket: bool) -> i32 {
         report(&dest.refusal(hook::CONNECT, reason::SOCKET_TYPE, cgroup_id));
         return DENY;
     }
-    // SAFETY: `ctx` is this program's context; the helper dereferences its socket.
-    let state = unsafe { TG_SOCKETS.get_or_insert_ptr_mut(ctx, None) };
-    if state.is_null() {
-        report(&dest.refusal(hook::CONNECT, reason::NO_STORAGE, cgroup_id));
-        return DENY;
-    }
-    // SAFETY: non-null storage returned by the kernel for this socket, live for the program.
-    let state = unsafe { &mut *state };
+    // SAFETY: the helper takes this program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if maps::is_listener(cfg, dest.family, &dest.addr, dest.port) {
-        // A nested root already redirected this connect (or this is a retry of a redirected
-        // connect): its origin stands. Anything else aimed at the listener is direct.
-        if state.flags & sock_flags::REDIRECTED != 0 {
+        // A nested root already redirected this connect: its origin stands. Anything else
+        // aimed at the listener is direct.
+        if maps::origin_of(cookie).is_some() {
             return ALLOW;
         }
         report(&dest.refusal(hook::CONNECT, reason::DIRECT_TO_LISTENER, cgroup_id));
         return DENY;
     }
-    record_origin(ctx, cfg, state, dest, cgroup_id);
+    let origin = origin(ctx, cfg, dest, cgroup_id, cookie);
+    if !maps::record_origin(&origin) {
+        report(&dest.refusal(hook::CONNECT, reason::NO_STORAGE, cgroup_id));
+        return DENY;
+    }
     redirect(ctx, cfg, dest, v6_socket);
     ALLOW
 }
 
+/// Who connects where, as the kernel sees it in the caller's context.
 #[inline(always)]
-fn record_origin(
+fn origin(
     ctx: &SockAddrContext,
     cfg: &Config,
-    state: &mut SockState,
     dest: &Dest,
     cgroup_id: u64,
-) {
+    socket_cookie: u64,
+) -> SockState {
     let pid_tgid = bpf_get_current_pid_tgid();
     let uid_gid = bpf_get_current_uid_gid();
-    state.dst_addr = dest.addr;
-    state.dst_port = dest.port;
-    state.dst_family = dest.family;
-    state.flags |= sock_flags::REDIRECTED;
-    state.pid = pid_tgid as u32;
-    state.tgid = (pid_tgid >> 32) as u32;
-    state.uid = uid_gid as u32;
-    state.gid = (uid_gid >> 32) as u32;
-    state.cgroup_id = cgroup_id;
-    // SAFETY: both helpers take this program's context.
-    state.netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    // SAFETY: as above.
-    state.socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    state.start_boottime_ns = task_start_boottime(cfg);
-    state.recorded_ns = 0;
-    state.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    SockState {
+        dst_addr: dest.addr,
+        dst_port: dest.port,
+        dst_family: dest.family,
+        flags: sock_flags::REDIRECTED,
+        pid: pid_tgid as u32,
+        tgid: (pid_tgid >> 32) as u32,
+        uid: uid_gid as u32,
+        gid: (uid_gid >> 32) as u32,
+        cgroup_id,
+        // SAFETY: the helper takes this program's context.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        socket_cookie,
+        start_boottime_ns: task_start_boottime(cfg),
+        // SAFETY: no preconditions.
+        recorded_ns: unsafe { bpf_ktime_get_ns() },
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    }
 }
 
 /// The current thread's `start_boottime`, through the offset the daemon read from BTF.

@@ -1,7 +1,8 @@
 //! `cgroup_skb/egress`: the backstop. Whatever slipped past the socket hooks (a socket created
 //! before enforcement started, a raw socket made earlier) is dropped unless it goes to the
 //! listener, is DNS to an allowed resolver, or belongs to a connection a server under the root
-//! accepted (marked by sock_ops, or recorded by the daemon when enforcement started).
+//! accepted (a listener is marked when it answers a SYN, and the mark is cloned to every socket
+//! it accepts; connections accepted before enforcement started are recorded by the daemon).
 use aya_ebpf::{
     bindings::{bpf_sock, BPF_TCP_LISTEN},
     helpers::generated::{bpf_sk_fullsock, bpf_sk_storage_get, bpf_skb_cgroup_id},
@@ -13,13 +14,13 @@ use gateway_common::{
 };
 
 use crate::{
-    maps::{self, TG_ACCEPTED},
+    maps::{self, TG_ACCEPTED, TG_SOCKETS},
     refuse::{report, Refusal},
-    sock_ops::storage,
     ALLOW, DENY,
 };
 
 const ETH_P_IP: u16 = 0x0800;
+const BPF_SK_STORAGE_GET_F_CREATE: u64 = 1;
 const ETH_P_IPV6: u16 = 0x86DD;
 
 /// What the backstop needs from a packet's headers.
@@ -99,11 +100,28 @@ fn is_accepted(sk: *mut bpf_sock, pkt: &Packet) -> bool {
     // SAFETY: a full socket returned by the helper.
     let state = unsafe { (*full).state };
     if state == BPF_TCP_LISTEN {
+        // A SYN-ACK. Mark the listener: the sockets it accepts inherit the mark (BPF_F_CLONE).
+        // SAFETY: `full` is a full socket; the storage is created if missing.
+        let st = unsafe {
+            bpf_sk_storage_get(
+                TG_SOCKETS.as_ptr(),
+                full.cast(),
+                core::ptr::null_mut(),
+                BPF_SK_STORAGE_GET_F_CREATE,
+            )
+        }
+        .cast::<SockState>();
+        if !st.is_null() {
+            // SAFETY: non-null storage returned by the kernel for this socket.
+            unsafe { (*st).flags |= sock_flags::ACCEPTED };
+        }
         return true;
     }
     // SAFETY: `full` is a full socket; no creation.
-    let st = unsafe { bpf_sk_storage_get(storage(), full.cast(), core::ptr::null_mut(), 0) }
-        .cast::<SockState>();
+    let st = unsafe {
+        bpf_sk_storage_get(TG_SOCKETS.as_ptr(), full.cast(), core::ptr::null_mut(), 0)
+    }
+    .cast::<SockState>();
     // SAFETY: non-null storage returned by the kernel.
     if !st.is_null() && unsafe { (*st).flags } & sock_flags::ACCEPTED != 0 {
         return true;

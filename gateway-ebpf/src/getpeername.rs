@@ -1,9 +1,12 @@
 //! `cgroup/getpeername4|6`: a redirected socket reports its original destination, not the
 //! listener, so applications that log or check their peer keep working.
-use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
-use gateway_common::{sock_flags, AF_INET};
+use aya_ebpf::{
+    helpers::generated::bpf_get_socket_cookie, macros::cgroup_sock_addr,
+    programs::SockAddrContext, EbpfContext,
+};
+use gateway_common::AF_INET;
 
-use crate::{maps::TG_SOCKETS, ALLOW};
+use crate::{maps, ALLOW};
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn tg_getpeername4(ctx: SockAddrContext) -> i32 {
@@ -17,16 +20,11 @@ pub fn tg_getpeername6(ctx: SockAddrContext) -> i32 {
 
 #[inline(always)]
 fn rewrite_peer(ctx: &SockAddrContext, v6_socket: bool) -> i32 {
-    // SAFETY: `ctx` is this program's context; the helper dereferences its socket.
-    let state = unsafe { TG_SOCKETS.get_ptr_mut(ctx) };
-    if state.is_null() {
+    // SAFETY: the helper takes this program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(state) = maps::origin_of(cookie) else {
         return ALLOW;
-    }
-    // SAFETY: non-null storage returned by the kernel for this socket.
-    let state = unsafe { &*state };
-    if state.flags & sock_flags::REDIRECTED == 0 {
-        return ALLOW;
-    }
+    };
     let port = u32::from(state.dst_port.to_be());
     // SAFETY: writing the user address fields is what these hooks are for.
     unsafe {

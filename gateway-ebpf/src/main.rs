@@ -11,7 +11,6 @@ mod maps;
 mod refuse;
 mod sendmsg;
 mod sock_create;
-mod sock_ops;
 
 /// Verdicts of cgroup socket programs.
 pub(crate) const ALLOW: i32 = 1;

@@ -1,25 +1,30 @@
 //! The maps shared with the daemon. Layouts live in `gateway_common`.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, RingBuf, SkStorage},
+    bindings::{bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, bpf_spin_lock},
+    helpers::generated::{bpf_spin_lock, bpf_spin_unlock},
+    btf_maps::{Array, HashMap, LruPerCpuHashMap, RingBuf},
     macros::btf_map,
 };
 use gateway_common::{
-    AcceptedKey, Config, Counters, PendingKey, RefusalEvent, SockState, ACCEPTED_MAX_ENTRIES,
-    COUNTERS_MAX_ENTRIES, EVENTS_BYTES, PENDING_MAX_ENTRIES,
+    map_flags, origin_slot, AcceptedKey, Config, Counters, OriginSlot, RefusalEvent, SockState,
+    ACCEPTED_MAX_ENTRIES, COUNTERS_MAX_ENTRIES, EVENTS_BYTES, ORIGIN_SLOTS,
 };
 
 /// Listener address, gateway cgroup, resolvers. Written by the daemon before attaching.
 #[btf_map]
 pub(crate) static TG_CONFIG: Array<Config, 1> = Array::new();
 
-/// Per-socket origin, freed with the socket.
+/// Socket-local flags (listeners and what they accept), freed with the socket and cloned to
+/// accepted sockets. Only the passive side allocates it: the connect path never does.
 #[btf_map]
-pub(crate) static TG_SOCKETS: SkStorage<SockState> = SkStorage::new();
+pub(crate) static TG_SOCKETS: ClonedSkStorage<SockState> = ClonedSkStorage::new();
 
-/// Origins waiting for the listener's accept, keyed by the client end of the connection.
+/// Origins of redirected connections, in the slot of the client socket's cookie (cookies are
+/// unique for the kernel's lifetime, across namespaces, and handed out in sequence, so a slot is
+/// reused only after that many newer sockets). An array: recording an origin allocates and
+/// evicts nothing. Each slot has a spin lock; the daemon reads under it.
 #[btf_map]
-pub(crate) static TG_PENDING: LruHashMap<PendingKey, SockState, { PENDING_MAX_ENTRIES as usize }> =
-    LruHashMap::new();
+pub(crate) static TG_ORIGINS: Array<OriginSlot, { ORIGIN_SLOTS as usize }> = Array::new();
 
 /// Kernel refusals for the daemon's audit log.
 #[btf_map]
@@ -34,6 +39,71 @@ pub(crate) static TG_COUNTERS: LruPerCpuHashMap<u64, Counters, { COUNTERS_MAX_EN
 #[btf_map]
 pub(crate) static TG_ACCEPTED: HashMap<AcceptedKey, u8, { ACCEPTED_MAX_ENTRIES as usize }> =
     HashMap::new();
+
+/// A socket-storage map definition with `BPF_F_CLONE` (aya-ebpf's `SkStorage` fixes its flags
+/// to `BPF_F_NO_PREALLOC`). Same BTF shape as every map definition: the loader reads the type,
+/// key, value, capacity and flags from the pointee types.
+#[repr(C)]
+pub(crate) struct ClonedSkStorage<T> {
+    r#type: *const [i32; BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const T,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; map_flags::SOCKETS as usize],
+}
+
+// SAFETY: the fields are placeholders for the loader and never dereferenced.
+unsafe impl<T> Sync for ClonedSkStorage<T> {}
+
+impl<T> ClonedSkStorage<T> {
+    pub(crate) const fn new() -> Self {
+        Self {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            max_entries: core::ptr::null(),
+            map_flags: core::ptr::null(),
+        }
+    }
+
+    /// The map as the storage helpers want it.
+    #[inline(always)]
+    pub(crate) fn as_ptr(&self) -> *mut core::ffi::c_void {
+        core::ptr::from_ref(self).cast_mut().cast()
+    }
+}
+
+/// Records `origin` in the slot of its socket cookie. False if the slot is unavailable.
+#[inline(always)]
+pub(crate) fn record_origin(origin: &SockState) -> bool {
+    let Some(slot) = TG_ORIGINS.get_ptr_mut(origin_slot(origin.socket_cookie)) else {
+        return false;
+    };
+    // SAFETY: `slot` points into the map's value for this program's lifetime. The origin is
+    // copied under the slot's lock (plain stores only while it is held).
+    unsafe {
+        let lock = core::ptr::addr_of_mut!((*slot).lock).cast::<bpf_spin_lock>();
+        bpf_spin_lock(lock);
+        (*slot).origin = *origin;
+        bpf_spin_unlock(lock);
+    }
+    true
+}
+
+/// The origin recorded for the socket with `cookie`, if its slot still holds it.
+#[inline(always)]
+pub(crate) fn origin_of(cookie: u64) -> Option<SockState> {
+    let slot = TG_ORIGINS.get_ptr_mut(origin_slot(cookie))?;
+    // SAFETY: as in `record_origin`; the copy is taken under the lock.
+    let origin = unsafe {
+        let lock = core::ptr::addr_of_mut!((*slot).lock).cast::<bpf_spin_lock>();
+        bpf_spin_lock(lock);
+        let origin = (*slot).origin;
+        bpf_spin_unlock(lock);
+        origin
+    };
+    (cookie != 0 && origin.socket_cookie == cookie).then_some(origin)
+}
 
 /// The configuration, or `None` when the daemon has not written it (callers fail closed).
 #[inline(always)]

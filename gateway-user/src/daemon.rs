@@ -445,7 +445,7 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> Result<(), RunError> {
     let gateway = Arc::new(Gateway {
         config: config.clone(),
         cgroup_mount: pre.cgroup_mount.clone(),
-        pending: Mutex::new(maps.pending),
+        origins: maps.origins,
         policies: Arc::clone(&policies),
         credentials: RwLock::new(Arc::new(pre.credentials)),
         upstreams,

@@ -15,12 +15,12 @@ use aya::{
     maps::{Array, HashMap, MapData, MapInfo, MapType, PerCpuHashMap, RingBuf},
     programs::{
         links::FdLink, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock,
-        CgroupSockAddr, SockOps,
+        CgroupSockAddr,
     },
     Ebpf, EbpfLoader,
 };
 use gateway_common::{
-    map_names, AcceptedKey, Config as KernelConfig, Counters, PendingKey, SockState,
+    map_names, AcceptedKey, Config as KernelConfig, Counters, OriginSlot, SockState,
 };
 
 use crate::{bpf_sys, cgroup::CgroupPath};
@@ -77,12 +77,11 @@ pub enum EbpfError {
 enum Hook {
     SockCreate,
     Addr,
-    SockOps,
     Egress,
 }
 
 /// Every program, with its kernel attach type (for queries).
-pub const PROGRAMS: [(&str, u32); 11] = [
+pub const PROGRAMS: [(&str, u32); 10] = [
     ("tg_sock_create", 2),
     ("tg_bind4", 8),
     ("tg_bind6", 9),
@@ -92,44 +91,52 @@ pub const PROGRAMS: [(&str, u32); 11] = [
     ("tg_sendmsg6", 15),
     ("tg_getpeername4", 29),
     ("tg_getpeername6", 30),
-    ("tg_sock_ops", 3),
     ("tg_egress", 1),
 ];
 
 fn hook_of(name: &str) -> Hook {
     match name {
         "tg_sock_create" => Hook::SockCreate,
-        "tg_sock_ops" => Hook::SockOps,
         "tg_egress" => Hook::Egress,
         _ => Hook::Addr,
     }
 }
 
-/// (type, key size, value size, max entries) each pinned map must have.
-fn expected_layout(name: &str) -> Option<(MapType, u32, u32, u32)> {
+/// (type, key size, value size, max entries, flags) each pinned map must have.
+fn expected_layout(name: &str) -> Option<(MapType, u32, u32, u32, u32)> {
     use core::mem::size_of;
+    use gateway_common::map_flags;
     let s = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
     Some(match name {
-        map_names::CONFIG => (MapType::Array, 4, s(size_of::<KernelConfig>()), 1),
-        map_names::SOCKETS => (MapType::SkStorage, 4, s(size_of::<SockState>()), 0),
-        map_names::PENDING => (
-            MapType::LruHash,
-            s(size_of::<PendingKey>()),
+        map_names::CONFIG => (MapType::Array, 4, s(size_of::<KernelConfig>()), 1, 0),
+        map_names::SOCKETS => (
+            MapType::SkStorage,
+            4,
             s(size_of::<SockState>()),
-            gateway_common::PENDING_MAX_ENTRIES,
+            0,
+            map_flags::SOCKETS,
         ),
-        map_names::EVENTS => (MapType::RingBuf, 0, 0, gateway_common::EVENTS_BYTES),
+        map_names::ORIGINS => (
+            MapType::Array,
+            4,
+            s(size_of::<OriginSlot>()),
+            gateway_common::ORIGIN_SLOTS,
+            0,
+        ),
+        map_names::EVENTS => (MapType::RingBuf, 0, 0, gateway_common::EVENTS_BYTES, 0),
         map_names::COUNTERS => (
             MapType::LruPerCpuHash,
             8,
             s(size_of::<Counters>()),
             gateway_common::COUNTERS_MAX_ENTRIES,
+            0,
         ),
         map_names::ACCEPTED => (
             MapType::Hash,
             s(size_of::<AcceptedKey>()),
             1,
             gateway_common::ACCEPTED_MAX_ENTRIES,
+            0,
         ),
         _ => return None,
     })
@@ -151,7 +158,7 @@ pub struct Kernel {
 
 /// The maps the daemon uses at run time.
 pub struct RuntimeMaps {
-    pub pending: HashMap<MapData, PendingKey, SockState>,
+    pub origins: Array<MapData, OriginSlot>,
     pub events: RingBuf<MapData>,
     pub counters: PerCpuHashMap<MapData, u64, Counters>,
     pub accepted: HashMap<MapData, AcceptedKey, u8>,
@@ -208,7 +215,6 @@ impl Kernel {
                 Hook::Addr => {
                     <&mut CgroupSockAddr>::try_from(program).and_then(CgroupSockAddr::load)
                 }
-                Hook::SockOps => <&mut SockOps>::try_from(program).and_then(SockOps::load),
                 Hook::Egress => <&mut CgroupSkb>::try_from(program).and_then(CgroupSkb::load),
             };
             result.map_err(|source| EbpfError::Program { name, source })?;
@@ -322,7 +328,6 @@ impl Kernel {
         let link = match hook_of(name) {
             Hook::SockCreate => attach!(CgroupSock, mode),
             Hook::Addr => attach!(CgroupSockAddr, mode),
-            Hook::SockOps => attach!(SockOps, mode),
             Hook::Egress => attach!(CgroupSkb, CgroupSkbAttachType::Egress, mode),
         };
         Ok(link)
@@ -336,13 +341,13 @@ impl Kernel {
                 source: aya::maps::MapError::InvalidName { name: name.into() },
             })
         };
-        let pending = take(map_names::PENDING)?;
+        let origins = take(map_names::ORIGINS)?;
         let events = take(map_names::EVENTS)?;
         let counters = take(map_names::COUNTERS)?;
         let accepted = take(map_names::ACCEPTED)?;
         let m = |name: &'static str| move |source| EbpfError::Map { name, source };
         Ok(RuntimeMaps {
-            pending: HashMap::try_from(pending).map_err(m(map_names::PENDING))?,
+            origins: Array::try_from(origins).map_err(m(map_names::ORIGINS))?,
             events: RingBuf::try_from(events).map_err(m(map_names::EVENTS))?,
             counters: PerCpuHashMap::try_from(counters).map_err(m(map_names::COUNTERS))?,
             accepted: HashMap::try_from(accepted).map_err(m(map_names::ACCEPTED))?,
@@ -368,7 +373,7 @@ fn check_pinned_layout(path: &Path, name: &str) -> Result<(), EbpfError> {
     if !path.exists() {
         return Ok(());
     }
-    let Some((kind, key, value, max)) = expected_layout(name) else {
+    let Some((kind, key, value, max, flags)) = expected_layout(name) else {
         return Ok(());
     };
     let info = MapInfo::from_pin(path).map_err(|e| EbpfError::MapLayout {
@@ -382,17 +387,18 @@ fn check_pinned_layout(path: &Path, name: &str) -> Result<(), EbpfError> {
         info.key_size(),
         info.value_size(),
         info.max_entries(),
+        info.map_flags(),
     );
     let ring_ok = kind == MapType::RingBuf
         && found_kind == Some(MapType::RingBuf)
         && info.max_entries() == max;
-    if ring_ok || found == (Some(kind), key, value, max) {
+    if ring_ok || found == (Some(kind), key, value, max, flags) {
         Ok(())
     } else {
         Err(EbpfError::MapLayout {
             path: path.to_owned(),
             found: format!("{found:?}"),
-            expected: format!("{:?}", (Some(kind), key, value, max)),
+            expected: format!("{:?}", (Some(kind), key, value, max, flags)),
         })
     }
 }

@@ -4,12 +4,12 @@
 use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, RwLock},
     time::Instant,
 };
 
-use aya::maps::{HashMap, MapData};
-use gateway_common::{ip4_word, ip6_words, PendingKey, SockState, AF_INET};
+use aya::maps::{Array, MapData};
+use gateway_common::{origin_slot, OriginSlot, SockState, AF_INET};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
@@ -27,7 +27,8 @@ use crate::{
 pub struct Gateway {
     pub config: Config,
     pub cgroup_mount: PathBuf,
-    pub pending: Mutex<HashMap<MapData, PendingKey, SockState>>,
+    /// Origins recorded by connect4/6, in the slot of the client socket's cookie.
+    pub origins: Array<MapData, OriginSlot>,
     pub policies: Arc<RwLock<Arc<PolicySet>>>,
     pub credentials: RwLock<Arc<Credentials>>,
     pub upstreams: Upstreams,
@@ -42,7 +43,7 @@ pub enum OriginError {
     Missing,
     /// The entry is older than the configured maximum age.
     Stale,
-    /// The entry was written for another socket than the one connected now (reuse).
+    /// The entry was recorded for another socket or namespace than the connection's.
     Reused,
     /// The recorded original destination is the listener itself.
     IsListener,
@@ -68,14 +69,6 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: valid pointer to a timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
-}
-
-/// The lookup key of a client end seen by the listener.
-pub fn key_for(netns_cookie: u64, peer: SocketAddr) -> PendingKey {
-    match peer.ip() {
-        IpAddr::V4(v4) => PendingKey::v4(netns_cookie, ip4_word(v4.octets()), peer.port()),
-        IpAddr::V6(v6) => PendingKey::v6(netns_cookie, ip6_words(v6.octets()), peer.port()),
-    }
 }
 
 /// The original destination recorded in an origin.
@@ -107,28 +100,29 @@ impl Gateway {
         peer: SocketAddr,
         local: SocketAddr,
     ) -> Result<SockState, OriginError> {
-        let key = key_for(netns, peer);
-        let origin = {
-            let mut pending = self
-                .pending
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let found = pending.get(&key, 0).ok();
-            if found.is_some() {
-                let _ = pending.remove(&key);
-            }
-            found
+        // The client socket at this exact 4-tuple, in the listener's namespace: its cookie is
+        // the key under which connect4/6 recorded the origin.
+        let cookie = match sockdiag::lookup(ns, peer, local) {
+            Ok(Some(sock)) => sock.cookie,
+            _ => return Err(OriginError::Missing),
         };
-        let origin = origin.ok_or(OriginError::Missing)?;
+        // Read under the slot's lock, so never half-written.
+        const BPF_F_LOCK: u64 = 4;
+        let slot = self
+            .origins
+            .get(&origin_slot(cookie), BPF_F_LOCK)
+            .map_err(|_| OriginError::Missing)?;
+        let origin = slot.origin;
+        if origin.socket_cookie != cookie {
+            // Never recorded, or a later socket took the slot.
+            return Err(OriginError::Missing);
+        }
+        if origin.netns_cookie != netns {
+            return Err(OriginError::Reused);
+        }
         let age_ns = monotonic_ns().saturating_sub(origin.recorded_ns);
         if origin.recorded_ns == 0 || age_ns > self.config.origin_max_age_ms * 1_000_000 {
             return Err(OriginError::Stale);
-        }
-        // The entry must belong to the socket connected now: ask the kernel for the cookie of
-        // the client socket at this exact 4-tuple.
-        match sockdiag::lookup(ns, peer, local) {
-            Ok(Some(sock)) if sock.cookie == origin.socket_cookie => {}
-            _ => return Err(OriginError::Reused),
         }
         let dst = orig_dst(&origin);
         if dst.port() == self.config.listener_port
@@ -509,15 +503,9 @@ pub async fn serve(gateway: Arc<Gateway>, listener: TcpListener, ns: Arc<Netns>)
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use gateway_common::{ip4_word, ip6_words};
 
-    #[test]
-    fn keys_from_listener_view_match_kernel_normalization() {
-        let v4 = key_for(9, "127.0.0.1:4000".parse().expect("addr"));
-        assert_eq!(v4, PendingKey::v4(9, ip4_word([127, 0, 0, 1]), 4000));
-        let mapped = key_for(9, "[::ffff:127.0.0.1]:4000".parse().expect("addr"));
-        assert_eq!(mapped, v4);
-    }
+    use super::*;
 
     #[test]
     fn orig_dst_round_trips() {

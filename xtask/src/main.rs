@@ -32,7 +32,11 @@ enum Task {
         seconds: u64,
     },
     /// Setup, build (release), then measure capture costs; writes target/bench/report.md.
-    Bench,
+    Bench {
+        /// Only this part of the report: `capture` (connect, programs, identity) or `http`.
+        #[arg(long)]
+        only: Option<String>,
+    },
     /// Setup, build, then run the demo.
     Demo,
 }
@@ -355,7 +359,7 @@ fn fuzz(seconds: u64) -> Result<()> {
     Ok(())
 }
 
-fn bench() -> Result<()> {
+fn bench(only: Option<&str>) -> Result<()> {
     setup()?;
     // The peer measured in the same run: Debian's nginx as a plain reverse proxy.
     // The package must not start a system nginx on port 80: policy-rc.d forbids service
@@ -401,6 +405,7 @@ fn bench() -> Result<()> {
         .args(["--mount", "--propagation", "private", "--"])
         .arg(release.join("tg-bench"))
         .arg(root().join("target/bench"))
+        .args(only)
         .current_dir(root())
         .env("TOLLGATE_BIN", release.join("tollgate"))
         .env("TG_PROBE_BIN", release.join("tg-probe")))
@@ -418,7 +423,7 @@ fn main() -> Result<()> {
         Task::Setup => setup(),
         Task::BuildEbpf => build_ebpf(),
         Task::Test { filter } => test(filter.as_deref()),
-        Task::Bench => bench(),
+        Task::Bench { only } => bench(only.as_deref()),
         Task::Fuzz { seconds } => fuzz(seconds),
         Task::Demo => demo(),
     }
