@@ -140,30 +140,29 @@ fn is_accepted(sk: *mut bpf_sock, pkt: &Packet) -> bool {
 #[inline(always)]
 fn parse(ctx: &SkBuffContext, ethertype: u16) -> Option<Packet> {
     if ethertype == ETH_P_IP {
-        let vihl: u8 = ctx.load(0).ok()?;
-        let protocol: u8 = ctx.load(9).ok()?;
-        let src: u32 = ctx.load(12).ok()?;
-        let dst: u32 = ctx.load(16).ok()?;
+        // One load for the fixed header, one for the ports: each load is a helper call.
+        let hdr: [u32; 5] = ctx.load(0).ok()?;
+        let [vihl, _, _, _] = hdr[0].to_ne_bytes();
+        let [_, protocol, _, _] = hdr[2].to_ne_bytes();
         let l4 = usize::from(vihl & 0x0f) * 4;
         let (sport, dport) = ports(ctx, l4, protocol);
         Some(Packet {
             family: AF_INET,
             protocol: u16::from(protocol),
-            src: [src, 0, 0, 0],
-            dst: [dst, 0, 0, 0],
+            src: [hdr[3], 0, 0, 0],
+            dst: [hdr[4], 0, 0, 0],
             sport,
             dport,
         })
     } else if ethertype == ETH_P_IPV6 {
-        let protocol: u8 = ctx.load(6).ok()?;
-        let src: [u32; 4] = ctx.load(8).ok()?;
-        let dst: [u32; 4] = ctx.load(24).ok()?;
+        let hdr: [u32; 10] = ctx.load(0).ok()?;
+        let [_, _, protocol, _] = hdr[1].to_ne_bytes();
         let (sport, dport) = ports(ctx, 40, protocol);
         Some(Packet {
             family: AF_INET6,
             protocol: u16::from(protocol),
-            src,
-            dst,
+            src: [hdr[2], hdr[3], hdr[4], hdr[5]],
+            dst: [hdr[6], hdr[7], hdr[8], hdr[9]],
             sport,
             dport,
         })
@@ -180,7 +179,8 @@ fn ports(ctx: &SkBuffContext, l4: usize, protocol: u8) -> (u16, u16) {
     if l4 < 20 || l4 > 60 {
         return (0, 0);
     }
-    let sport: u16 = ctx.load(l4).unwrap_or(0);
-    let dport: u16 = ctx.load(l4 + 2).unwrap_or(0);
-    (u16::from_be(sport), u16::from_be(dport))
+    let Ok(ports) = ctx.load::<[u16; 2]>(l4) else {
+        return (0, 0);
+    };
+    (u16::from_be(ports[0]), u16::from_be(ports[1]))
 }

@@ -14,8 +14,7 @@ use std::{
 use aya::{
     maps::{Array, HashMap, MapData, MapInfo, MapType, PerCpuHashMap, RingBuf},
     programs::{
-        links::FdLink, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock,
-        CgroupSockAddr,
+        links::FdLink, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
     },
     Ebpf, EbpfLoader,
 };

@@ -39,12 +39,14 @@ pub struct Gateway {
 /// Why a connection to the listener was refused before policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OriginError {
-    /// No redirect recorded this connection (a direct connect, or the entry was evicted).
+    /// No redirect recorded an origin for this client socket (a direct connect), or a later
+    /// socket has taken its slot.
     Missing,
     /// The entry is older than the configured maximum age.
     Stale,
-    /// The entry was recorded for another socket or namespace than the connection's.
-    Reused,
+    /// The origin was recorded in another network namespace than the one the connection
+    /// arrived in.
+    OtherNamespace,
     /// The recorded original destination is the listener itself.
     IsListener,
 }
@@ -54,7 +56,7 @@ impl OriginError {
         match self {
             Self::Missing => "no_origin_recorded",
             Self::Stale => "stale_origin",
-            Self::Reused => "origin_reused",
+            Self::OtherNamespace => "origin_other_namespace",
             Self::IsListener => "origin_is_listener",
         }
     }
@@ -118,7 +120,7 @@ impl Gateway {
             return Err(OriginError::Missing);
         }
         if origin.netns_cookie != netns {
-            return Err(OriginError::Reused);
+            return Err(OriginError::OtherNamespace);
         }
         let age_ns = monotonic_ns().saturating_sub(origin.recorded_ns);
         if origin.recorded_ns == 0 || age_ns > self.config.origin_max_age_ms * 1_000_000 {

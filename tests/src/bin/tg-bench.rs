@@ -1,10 +1,11 @@
 //! `cargo xtask bench`: measures what capture costs, against a baseline run in the same
 //! process on the same machine, and writes a Markdown report.
 //!
-//! - connect(): the same client reaching the same listener (the gateway's), from outside the
-//!   enforced root by connecting to it directly (baseline: no programs), and from inside it by
-//!   connecting to an upstream address (programs attached: recorded and redirected there);
-//!   interleaved rounds, percentiles of the connect() call itself.
+//! - connect(): the same client connecting to the same plain loopback listener, from outside
+//!   the enforced root (baseline: no programs) and from inside it (programs attached: the origin
+//!   is recorded and the connect redirected to the gateway's listener); interleaved rounds,
+//!   percentiles of the connect() call itself, with a pause between connects so the gateway's
+//!   work on the other CPU stays out of the timed calls.
 //! - the programs' own run time per invocation (BPF_ENABLE_STATS while the bench runs).
 //! - accept-to-decision latency in the gateway (`decision_us` of the audit records).
 //! - the exe-hash cache: hashing an executable (miss) against a cache hit.
@@ -22,6 +23,7 @@ use tollgate_tests::{join_before_exec, TestEnv};
 
 const CONNECTS: usize = 4000;
 const ROUNDS: usize = 7;
+const GAP: Duration = Duration::from_micros(150);
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
@@ -33,6 +35,7 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 
 /// Child mode: `connect-loop ADDR N` — N connects, timing only the connect() call.
 fn connect_loop(addr: SocketAddr, n: usize) -> Value {
+    pin(0, CLIENT_CPU);
     let mut ns = Vec::with_capacity(n);
     let (ss, len) = gateway_user::netns::socket_addr(addr);
     let mut failures = 0;
@@ -40,6 +43,22 @@ fn connect_loop(addr: SocketAddr, n: usize) -> Value {
         // SAFETY: plain socket(2).
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
         assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        // Close with a reset: no TIME_WAIT left behind, so the kernel's source-port search
+        // costs the same in every round.
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: valid option buffer.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                std::ptr::from_ref(&linger).cast(),
+                size_of::<libc::linger>() as libc::socklen_t,
+            );
+        }
         let t = Instant::now();
         // SAFETY: valid sockaddr.
         let r = unsafe { libc::connect(fd, std::ptr::from_ref(&ss).cast(), len) };
@@ -51,6 +70,12 @@ fn connect_loop(addr: SocketAddr, n: usize) -> Value {
         }
         // SAFETY: closing our fd.
         unsafe { libc::close(fd) };
+        // Let the gateway finish this connection on the other CPU before the next connect,
+        // so its work does not land inside the next timed call (both loops wait the same).
+        let pause = Instant::now();
+        while pause.elapsed() < GAP {
+            std::hint::spin_loop();
+        }
     }
     ns.sort_unstable();
     json!({ "n": ns.len(), "failures": failures, "p50": percentile(&ns, 0.5), "p90": percentile(&ns, 0.9), "p99": percentile(&ns, 0.99) })
@@ -72,11 +97,45 @@ fn sink() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = l.local_addr().expect("addr");
     std::thread::spawn(move || {
+        pin(0, SERVER_CPU);
         for s in l.incoming() {
             drop(s);
         }
     });
     addr
+}
+
+/// The connect() measurement puts the client on one CPU and every listener (the plain one and
+/// all the gateway's threads) on the other, so each connect wakes its listener the same way.
+const CLIENT_CPU: usize = 0;
+const SERVER_CPU: usize = 1;
+
+/// Pins task `tid` (0: the calling thread) to `cpu` (`None`: every CPU), if the machine has it.
+fn pin(tid: i32, cpu: impl Into<Option<usize>>) {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let cpu = cpu.into();
+    if cpus <= cpu.unwrap_or(0) {
+        return;
+    }
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for c in (0..cpus).filter(|c| cpu.is_none_or(|only| only == *c)) {
+            libc::CPU_SET(c, &mut set);
+        }
+        libc::sched_setaffinity(tid, size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Pins every thread of process `pid` to `cpu` (`None`: every CPU).
+fn pin_process(pid: i32, cpu: Option<usize>) {
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Some(tid) = t.file_name().to_str().and_then(|n| n.parse().ok()) {
+                pin(tid, cpu);
+            }
+        }
+    }
 }
 
 fn median(mut v: Vec<u64>) -> u64 {
@@ -165,7 +224,7 @@ fn main() {
     let daemon = env.start();
     let mut md = String::new();
     if only != Some("http") {
-        md.push_str(&capture_section(&env, &app, target));
+        md.push_str(&capture_section(&env, &app, &daemon, target));
     }
     if only != Some("capture") {
         md.push_str(&http_section(&env, &app, &daemon, plain, tls, api_port));
@@ -179,17 +238,47 @@ fn main() {
 }
 
 /// connect() against the baseline, the programs' own run time, accept-to-decision, exe hash.
-fn capture_section(env: &TestEnv, app: &Path, target: SocketAddr) -> String {
+fn capture_section(
+    env: &TestEnv,
+    app: &Path,
+    daemon: &tollgate_tests::Daemon,
+    target: SocketAddr,
+) -> String {
+    pin_process(daemon.pid(), Some(SERVER_CPU));
+    // Keep the listeners' CPU out of idle (a halted virtual CPU is slow to wake, and how often
+    // each listener finds its CPU halted would otherwise decide the comparison): a spinner
+    // that yields to anything else.
+    let spinning = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let spinner = {
+        let spinning = spinning.clone();
+        std::thread::spawn(move || {
+            pin(0, SERVER_CPU);
+            // SAFETY: plain sched_setscheduler(2) on the calling thread.
+            unsafe {
+                let param = libc::sched_param { sched_priority: 0 };
+                libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
+            }
+            while spinning.load(std::sync::atomic::Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+        })
+    };
+    // The baseline client runs in a sibling of the enforced root: same depth, no programs.
+    let outside =
+        tollgate_tests::Cgroup::create(env.mount.join(format!("{}-baseline.scope", env.name)));
+    let outside = Some(outside.path.as_path());
     let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
 
     // Warm up both paths (the enforced one until the origin map has reused every slot at
     // least once: the steady state of a busy host), then interleave rounds.
-    let _ = run_loop(None, env.listener(), CONNECTS);
+    // Its own plain listener: the gateway's upstream connections (and their TIME_WAITs) go to
+    // `target`, never to this one.
+    let plain = sink();
+    let _ = run_loop(outside, plain, CONNECTS);
     let _ = run_loop(Some(app), target, ORIGIN_SLOTS as usize + CONNECTS);
     let (mut base, mut enforced) = (Vec::new(), Vec::new());
-    let listener = env.listener();
     for _ in 0..ROUNDS {
-        base.push(run_loop(None, listener, CONNECTS));
+        base.push(run_loop(outside, plain, CONNECTS));
         enforced.push(run_loop(Some(app), target, CONNECTS));
     }
     let pick =
@@ -216,6 +305,9 @@ fn capture_section(env: &TestEnv, app: &Path, target: SocketAddr) -> String {
         .collect();
     programs.sort();
     drop(stats);
+    spinning.store(false, std::sync::atomic::Ordering::Relaxed);
+    let _ = spinner.join();
+    pin_process(daemon.pid(), None);
 
     // Accept-to-decision in the gateway.
     std::thread::sleep(Duration::from_millis(500));
@@ -256,11 +348,11 @@ fn capture_section(env: &TestEnv, app: &Path, target: SocketAddr) -> String {
     );
     for (label, v) in [
         (
-            "baseline: straight to the gateway's listener, no programs",
+            "baseline: to a plain listener, outside the root (no programs)",
             &base,
         ),
         (
-            "enforced: to an upstream, programs attached, redirected to the same listener",
+            "enforced: the same connect inside the root (programs attached, redirected to the gateway)",
             &enforced,
         ),
     ] {
