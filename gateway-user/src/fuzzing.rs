@@ -64,8 +64,23 @@ pub fn normalize(data: &[u8]) {
     }
 }
 
-/// The raw HTTP head check.
+/// The raw HTTP head check, and the request framing of a kept-alive stream: the verdict on
+/// a stream never depends on how it was cut into reads.
 pub fn raw_head(data: &[u8]) {
     let _ = crate::http_proxy::raw_head_error(data);
     let _ = crate::http_proxy::placeholder(&http::HeaderMap::new());
+    let whole = crate::framing::RequestFraming::default().feed(data);
+    for cut in [1, data.len() / 3, data.len() / 2] {
+        let cut = cut.min(data.len());
+        let mut split = crate::framing::RequestFraming::default();
+        let verdict = split
+            .feed(&data[..cut])
+            .and_then(|()| split.feed(&data[cut..]));
+        // The reason may differ (which problem is met first), never whether it is refused.
+        assert_eq!(
+            whole.is_ok(),
+            verdict.is_ok(),
+            "cut at {cut}: {whole:?} / {verdict:?}"
+        );
+    }
 }

@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 use crate::{
     audit::{AuditRecord, HttpRecord, Layer, Verdict},
     credentials::Inject,
+    framing::Guarded,
     identity::WorkloadId,
     netns::Netns,
     normalize,
@@ -157,8 +158,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Serves one HTTP/1.1 request on a client connection (keep-alive is off: the raw head of
-/// every request is checked before hyper sees it, and this connection carries one head).
+/// Serves HTTP/1.1 on a client connection, kept alive between requests. The first head is
+/// checked before hyper reads anything (a violation gets a 400 with the reason); every head,
+/// the first included, is checked again as hyper reads it ([`Guarded`]), and a violation in a
+/// later request ends the connection. Each request is decided and audited on its own.
 pub async fn serve(conn: Conn, client: TcpStream) {
     let mut head = vec![0u8; 16 * 1024];
     let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
@@ -205,13 +208,18 @@ pub async fn serve(conn: Conn, client: TcpStream) {
         seen.store(true, std::sync::atomic::Ordering::Relaxed);
         async move { Ok::<_, Infallible>(handle(&conn, req).await) }
     });
+    let refused = Arc::new(std::sync::OnceLock::new());
+    let guarded = Guarded::new(client, Arc::clone(&refused));
     let result = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
-        .keep_alive(false)
-        .serve_connection(TokioIo::new(client), service)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(guarded), service)
         .await;
-    if let Err(e) = result {
+    if let Some(reason) = refused.get() {
+        tracing::info!(reason, "request framing refused; connection closed");
+        early_record(&for_audit, reason, 400);
+    } else if let Err(e) = result {
         tracing::debug!(error = %e, "client connection ended with an error");
         if !handled.load(std::sync::atomic::Ordering::Relaxed) {
             early_record(&for_audit, "request_unparsable", 400);

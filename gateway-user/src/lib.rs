@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod demo;
 pub mod ebpf;
 pub mod events;
+pub mod framing;
 pub mod fuzzing;
 pub mod http_proxy;
 pub mod identity;

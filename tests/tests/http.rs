@@ -289,6 +289,80 @@ fn the_workload_never_holds_the_key_and_every_request_is_decided() {
     let line = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(line.starts_with("HTTP/1.1 400"), "CL+TE refused: {line:?}");
 
+    // Keep-alive: one connection, several requests, each decided, injected and audited on its
+    // own; ambiguous framing in a later request ends the connection.
+    let (out, err) = curl(
+        &s.agent,
+        &[
+            "-X",
+            "POST",
+            "-d",
+            "{}",
+            "-w",
+            "\nconnects=%{num_connects}\n",
+            &url("/v1/chat/completions"),
+            &url("/v1/chat/completions"),
+        ],
+    );
+    outputs.push_str(&out);
+    assert_eq!(
+        out.matches(&want_auth).count(),
+        2,
+        "both injected: {out} {err}"
+    );
+    assert!(
+        out.contains("connects=1") && out.contains("connects=0"),
+        "curl reused its connection: {out}"
+    );
+    let keepalive = "import http.client
+c=http.client.HTTPConnection('127.0.0.9',80,timeout=10)
+c.connect()
+port=c.sock.getsockname()[1]
+for m,p,b in [('GET','/v1/files',None),('POST','/v1/chat/completions','{}'),('GET','/v1/models/x',None)]:
+    c.request(m,p,body=b,headers={'Host':'api.openai.com'})
+    r=c.getresponse()
+    print(r.status, c.sock.getsockname()[1]==port, r.read().decode())
+c.sock.sendall(b'POST /v1/chat/completions HTTP/1.1\\r\\nHost: api.openai.com\\r\\nContent-Length: 4\\r\\nTransfer-Encoding: chunked\\r\\n\\r\\n0\\r\\n\\r\\n')
+try:
+    tail=c.sock.recv(4096)
+except ConnectionResetError:
+    tail=b''
+print('after:', repr(tail))";
+    let out = run_in(&s.agent, "python3", &["-c", keepalive]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    outputs.push_str(&text);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines.len(),
+        4,
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        lines[0].starts_with("403 True") && lines[0].contains("method_or_path_not_allowed"),
+        "{text}"
+    );
+    assert!(
+        lines[1].starts_with("200 True") && lines[1].contains(&want_auth),
+        "{text}"
+    );
+    assert!(
+        lines[2].starts_with("200 True") && lines[2].contains(&want_auth),
+        "{text}"
+    );
+    assert_eq!(
+        lines[3], "after: b''",
+        "no answer to the ambiguous request: {text}"
+    );
+    tollgate_tests::wait_for(10, "the later framing refusal", || {
+        (env.records()
+            .iter()
+            .filter(|r| r["reason"] == "content_length_with_transfer_encoding")
+            .count()
+            >= 2)
+            .then_some(())
+    });
+
     // HTTP/2 with prior knowledge: decided and injected the same way.
     let (out, err) = curl(
         &s.agent,
