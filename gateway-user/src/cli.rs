@@ -83,6 +83,9 @@ enum PolicyCommand {
         uid: u32,
         /// The request, e.g. "POST http://api.openai.com/v1/chat/completions".
         request: String,
+        /// A request header, `Name: value` (repeat for more).
+        #[arg(long = "header", short = 'H')]
+        headers: Vec<String>,
     },
 }
 
@@ -187,6 +190,7 @@ pub fn main() -> ExitCode {
                     exe,
                     uid,
                     request,
+                    headers,
                 },
         } => {
             let set = match PolicySet::load_dir(&policies) {
@@ -210,7 +214,20 @@ pub fn main() -> ExitCode {
                 exe: exe.as_deref(),
                 uid,
             };
-            match crate::policy::explain(&set, &view, &request) {
+            let mut header_map = http::HeaderMap::new();
+            for h in &headers {
+                let parsed = h.split_once(':').and_then(|(name, value)| {
+                    Some((
+                        http::HeaderName::from_bytes(name.trim().as_bytes()).ok()?,
+                        http::HeaderValue::from_str(value.trim()).ok()?,
+                    ))
+                });
+                let Some((name, value)) = parsed else {
+                    return fail(format!("--header {h:?}: give `Name: value`"));
+                };
+                header_map.append(name, value);
+            }
+            match crate::policy::explain(&set, &view, &request, &header_map) {
                 Ok(line) => {
                     println!("{line}");
                     ExitCode::SUCCESS

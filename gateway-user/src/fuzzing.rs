@@ -18,7 +18,14 @@ pub fn policy(data: &[u8]) {
                 uid: 0,
             };
             let _ = set.evaluate(&w, std::net::SocketAddr::from(([127, 0, 0, 1], 80)));
-            let _ = set.evaluate_request(&w, 80, "api.example.com", "POST", "/v1/x");
+            let _ = set.evaluate_request(
+                &w,
+                80,
+                "api.example.com",
+                "POST",
+                "/v1/x",
+                &http::HeaderMap::new(),
+            );
         }
     }
 }

@@ -381,8 +381,14 @@ async fn decide_and_forward(
         .read()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .clone();
-    let decision =
-        policies.evaluate_request(&view, conn.orig.port(), &host, req.method().as_str(), &path);
+    let decision = policies.evaluate_request(
+        &view,
+        conn.orig.port(),
+        &host,
+        req.method().as_str(),
+        &path,
+        req.headers(),
+    );
     let (route, verdict) = match decision {
         RequestDecision::Deny {
             policy,

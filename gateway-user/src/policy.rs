@@ -114,6 +114,12 @@ struct RawHttp {
     methods: Vec<String>,
     #[serde(default)]
     paths: Vec<String>,
+    /// Header name → the value it must have (`"*"`: only present).
+    #[serde(default)]
+    require_headers: std::collections::BTreeMap<String, String>,
+    /// Headers that must be absent.
+    #[serde(default)]
+    forbid_headers: Vec<String>,
 }
 
 /// How a host rule handles TLS.
@@ -205,12 +211,28 @@ pub struct HttpMatch {
     methods: Vec<String>,
     /// Empty: any path.
     paths: Vec<PathPattern>,
+    /// Headers that must be present, with the exact value when one is given.
+    require: Vec<(http::HeaderName, Option<String>)>,
+    /// Headers that must be absent.
+    forbid: Vec<http::HeaderName>,
 }
 
 impl HttpMatch {
-    fn allows(&self, method: &str, path: &str) -> bool {
+    fn allows_line(&self, method: &str, path: &str) -> bool {
         (self.methods.is_empty() || self.methods.iter().any(|m| m == method))
             && (self.paths.is_empty() || self.paths.iter().any(|p| p.matches(path)))
+    }
+
+    /// Every required header is there (one of its values equal to the one asked for, if any),
+    /// and no forbidden header is.
+    fn allows_headers(&self, headers: &http::HeaderMap) -> bool {
+        self.require.iter().all(|(name, want)| {
+            let mut values = headers.get_all(name).iter();
+            match want {
+                None => values.next().is_some(),
+                Some(want) => values.any(|v| v.as_bytes().trim_ascii() == want.as_bytes()),
+            }
+        }) && self.forbid.iter().all(|name| !headers.contains_key(name))
     }
 }
 
@@ -554,8 +576,9 @@ pub enum RequestDecision {
 
 impl PolicySet {
     /// The decision for a request to `host` on the port the workload connected to. First host
-    /// rule (in file order) whose host and port match decides; its `http` entries must allow
-    /// the method and normalized path.
+    /// rule (in file order) whose host and port match decides; one of its `http` entries must
+    /// allow the method and normalized path, then that entry's header conditions must hold
+    /// (on the headers as the workload sent them).
     pub fn evaluate_request(
         &self,
         w: &WorkloadView<'_>,
@@ -563,6 +586,7 @@ impl PolicySet {
         host: &str,
         method: &str,
         path: &str,
+        headers: &http::HeaderMap,
     ) -> RequestDecision {
         let Some(policy) = self.select(w) else {
             return RequestDecision::Deny {
@@ -593,14 +617,24 @@ impl PolicySet {
             if h.port != port || !h.host.matches(host) {
                 continue;
             }
-            if h.http.is_empty() || h.http.iter().any(|m| m.allows(method, path)) {
+            let lines: Vec<&HttpMatch> = h
+                .http
+                .iter()
+                .filter(|m| m.allows_line(method, path))
+                .collect();
+            if h.http.is_empty() || lines.iter().any(|m| m.allows_headers(headers)) {
                 return RequestDecision::Allow {
                     policy: policy.name.clone(),
                     rule: rule.name.clone(),
                     route: h.clone(),
                 };
             }
-            return deny(Some(rule), "method_or_path_not_allowed", Some(h));
+            let reason = if lines.is_empty() {
+                "method_or_path_not_allowed"
+            } else {
+                "headers_not_allowed"
+            };
+            return deny(Some(rule), reason, Some(h));
         }
         deny(None, "host_not_allowed", None)
     }
@@ -608,7 +642,7 @@ impl PolicySet {
     /// The decision for a TLS connection naming `sni` on `port`: the first host rule whose host
     /// and port match decides; it must be a passthrough rule.
     pub fn evaluate_sni(&self, w: &WorkloadView<'_>, port: u16, sni: &str) -> RequestDecision {
-        match self.evaluate_request(w, port, sni, "", "") {
+        match self.evaluate_request(w, port, sni, "", "", &http::HeaderMap::new()) {
             RequestDecision::Allow {
                 route,
                 policy,
@@ -644,7 +678,12 @@ impl PolicySet {
 
 /// `tollgate policy explain`: the decision for `request` by the workload `w`, as one line.
 /// `request` is `tcp IP:PORT`, `tls HOST:PORT`, or `METHOD http://HOST[:PORT]/PATH`.
-pub fn explain(set: &PolicySet, w: &WorkloadView<'_>, request: &str) -> Result<String, String> {
+pub fn explain(
+    set: &PolicySet,
+    w: &WorkloadView<'_>,
+    request: &str,
+    headers: &http::HeaderMap,
+) -> Result<String, String> {
     let (kind, target) = request
         .trim()
         .split_once(' ')
@@ -709,6 +748,7 @@ pub fn explain(set: &PolicySet, w: &WorkloadView<'_>, request: &str) -> Result<S
                 &host,
                 &method.to_ascii_uppercase(),
                 &path,
+                headers,
             ))
         }
     };
@@ -811,7 +851,34 @@ pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
                         .collect::<Result<Vec<_>, _>>()
                         .map_err(&rule_err)?;
                     let methods = m.methods.iter().map(|x| x.to_ascii_uppercase()).collect();
-                    http.push(HttpMatch { methods, paths });
+                    let header = |name: &str| {
+                        http::HeaderName::from_bytes(name.as_bytes())
+                            .map_err(|_| rule_err(format!("{name:?} is not a header name")))
+                    };
+                    let require = m
+                        .require_headers
+                        .iter()
+                        .map(|(name, value)| {
+                            Ok((
+                                header(name)?,
+                                (value != "*").then(|| value.trim().to_owned()),
+                            ))
+                        })
+                        .collect::<Result<Vec<_>, PolicyError>>()?;
+                    let forbid = m
+                        .forbid_headers
+                        .iter()
+                        .map(|name| header(name))
+                        .collect::<Result<Vec<_>, PolicyError>>()?;
+                    if let Some((name, _)) = require.iter().find(|(n, _)| forbid.contains(n)) {
+                        return Err(rule_err(format!("{name} is both required and forbidden")));
+                    }
+                    http.push(HttpMatch {
+                        methods,
+                        paths,
+                        require,
+                        forbid,
+                    });
                 }
                 let upstream_port = r.upstream.as_ref().map_or(r.matches.port, |u| u.port);
                 if upstream_port == 0 {
@@ -1086,6 +1153,96 @@ mod host_rules {
     const OPENAI: &str = "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: { name: agent }\nspec:\n  workload: { cgroup: /agents }\n  egress:\n    - name: openai\n      match: { host: api.openai.com, port: 80 }\n      upstream: { port: 443 }\n      tls: originate\n      http:\n        - methods: [post]\n          paths: [/v1/chat/completions, /v1/threads/*/runs]\n        - methods: [GET]\n          paths: [/v1/models/*]\n      credential: openai-prod\n    - name: any-example\n      match: { host: \"*.example.com\", port: 80 }\n      tls: none\n";
 
     #[test]
+    fn header_conditions_decide_after_method_and_path() {
+        let text = "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: { name: agent }\nspec:\n  workload: { cgroup: /agents }\n  egress:\n    - name: openai\n      match: { host: api.openai.com, port: 80 }\n      upstream: { port: 443 }\n      tls: originate\n      http:\n        - methods: [POST]\n          paths: [/v1/assistants]\n          require_headers: { OpenAI-Beta: assistants=v2, content-type: \"*\" }\n          forbid_headers: [x-debug]\n        - methods: [GET]\n          paths: [/v1/models]\n";
+        let set = PolicySet::from_policies(vec![
+            parse_policy(text, Path::new("h.yaml")).expect("policy")
+        ])
+        .expect("set");
+        let cg = CgroupPath::parse("/agents/a1").expect("cg");
+        let w = WorkloadView {
+            cgroup: &cg,
+            container_id: None,
+            pod_uid: None,
+            exe: None,
+            uid: 0,
+        };
+        let headers = |pairs: &[(&str, &str)]| {
+            let mut h = http::HeaderMap::new();
+            for (n, v) in pairs {
+                h.append(
+                    http::HeaderName::from_bytes(n.as_bytes()).expect("name"),
+                    http::HeaderValue::from_str(v).expect("value"),
+                );
+            }
+            h
+        };
+        let decide = |method: &str, path: &str, h: &http::HeaderMap| match set.evaluate_request(
+            &w,
+            80,
+            "api.openai.com",
+            method,
+            path,
+            h,
+        ) {
+            RequestDecision::Allow { .. } => Ok(()),
+            RequestDecision::Deny { reason, .. } | RequestDecision::WouldDeny { reason, .. } => {
+                Err(reason)
+            }
+        };
+        let good = [
+            ("openai-beta", "assistants=v2"),
+            ("content-type", "application/json"),
+        ];
+        assert_eq!(decide("POST", "/v1/assistants", &headers(&good)), Ok(()));
+        for (case, h) in [
+            ("missing required", vec![("openai-beta", "assistants=v2")]),
+            (
+                "wrong value",
+                vec![("openai-beta", "assistants=v1"), ("content-type", "a")],
+            ),
+            (
+                "forbidden present",
+                vec![
+                    ("openai-beta", "assistants=v2"),
+                    ("content-type", "a"),
+                    ("X-Debug", "1"),
+                ],
+            ),
+        ] {
+            assert_eq!(
+                decide("POST", "/v1/assistants", &headers(&h)),
+                Err("headers_not_allowed"),
+                "{case}"
+            );
+        }
+        // Another entry without header conditions still decides its own method and path.
+        assert_eq!(
+            decide("GET", "/v1/models", &headers(&[("x-debug", "1")])),
+            Ok(())
+        );
+        assert_eq!(
+            decide("GET", "/v1/assistants", &headers(&good)),
+            Err("method_or_path_not_allowed")
+        );
+        let both = text.replace(
+            "forbid_headers: [x-debug]",
+            "forbid_headers: [content-type]",
+        );
+        let err = parse_policy(&both, Path::new("h.yaml")).expect_err("contradiction");
+        assert!(
+            err.to_string().contains("both required and forbidden"),
+            "{err}"
+        );
+        let bad = text.replace(
+            "forbid_headers: [x-debug]",
+            "forbid_headers: [\"bad header\"]",
+        );
+        let err = parse_policy(&bad, Path::new("h.yaml")).expect_err("bad name");
+        assert!(err.to_string().contains("is not a header name"), "{err}");
+    }
+
+    #[test]
     fn requests_are_decided_by_host_method_and_path() {
         let set = PolicySet::from_policies(vec![
             parse_policy(OPENAI, Path::new("a.yaml")).expect("policy")
@@ -1153,18 +1310,26 @@ mod host_rules {
             ),
         ];
         for (host, method, path, want) in table {
-            let got = match set.evaluate_request(&w, 80, host, method, path) {
-                RequestDecision::Allow { rule, .. } => Ok(rule),
-                RequestDecision::Deny { reason, .. } => Err(reason),
-                RequestDecision::WouldDeny { reason, .. } => Err(reason),
-            };
+            let got =
+                match set.evaluate_request(&w, 80, host, method, path, &http::HeaderMap::new()) {
+                    RequestDecision::Allow { rule, .. } => Ok(rule),
+                    RequestDecision::Deny { reason, .. } => Err(reason),
+                    RequestDecision::WouldDeny { reason, .. } => Err(reason),
+                };
             assert_eq!(
                 got.as_ref().map(String::as_str).map_err(|e| *e),
                 want,
                 "{method} {host}{path}"
             );
         }
-        match set.evaluate_request(&w, 8080, "api.openai.com", "POST", "/v1/chat/completions") {
+        match set.evaluate_request(
+            &w,
+            8080,
+            "api.openai.com",
+            "POST",
+            "/v1/chat/completions",
+            &http::HeaderMap::new(),
+        ) {
             RequestDecision::Deny { reason, .. } => assert_eq!(reason, "host_not_allowed"),
             other => panic!("another port is another rule: {other:?}"),
         }
@@ -1257,9 +1422,9 @@ mod explain_and_units {
             ),
         ];
         for (who, request, want) in table {
-            let got = explain(&set, who, request).expect("explain");
+            let got = explain(&set, who, request, &http::HeaderMap::new()).expect("explain");
             assert!(got.contains(want), "{request}: {got}");
         }
-        assert!(explain(&set, &w, "nonsense").is_err());
+        assert!(explain(&set, &w, "nonsense", &http::HeaderMap::new()).is_err());
     }
 }

@@ -68,9 +68,17 @@ pub fn start_upstream(
     (plain_addr, tls_addr, ca_pem)
 }
 
-/// One open-loop run: `rate` requests per second for `secs`, each on a new connection to
-/// `target` with `Host: host`, a 1 KiB JSON body. Latencies in µs, from the scheduled send.
-pub async fn open_loop(target: SocketAddr, host: &str, rate: u64, secs: u64) -> (Vec<u64>, u64) {
+/// One open-loop run: `rate` requests per second for `secs` to `target` with `Host: host`, a
+/// 1 KiB JSON body. `keepalive`: requests share a pool of kept-alive connections (a new one
+/// opens whenever all are busy, so the schedule never waits); otherwise each request opens
+/// its own. Latencies in µs, from the scheduled send.
+pub async fn open_loop(
+    target: SocketAddr,
+    host: &str,
+    rate: u64,
+    secs: u64,
+    keepalive: bool,
+) -> (Vec<u64>, u64) {
     let body = format!(
         "{{\"model\":\"bench\",\"input\":\"{}\"}}",
         "x".repeat(1024 - 28)
@@ -79,31 +87,74 @@ pub async fn open_loop(target: SocketAddr, host: &str, rate: u64, secs: u64) -> 
         "POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     ));
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_max_idle_per_host(usize::MAX)
+            .build(connector);
+    let uri: hyper::Uri = format!("http://{target}/v1/chat/completions")
+        .parse()
+        .expect("uri");
+    let body = bytes::Bytes::from(body);
+    let host = host.to_owned();
     let start = Instant::now() + Duration::from_millis(50);
     let interval = Duration::from_nanos(1_000_000_000 / rate);
     let total = rate * secs;
+    // The schedule is kept by a plain thread sleeping with a 1 ns timer slack (tokio's timers
+    // have a 1 ms granularity, which would land in every measurement); it hands each
+    // scheduled instant to the runtime, which sends at once.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let pacer = std::thread::spawn(move || {
+        // SAFETY: prctl(PR_SET_TIMERSLACK) on the calling thread.
+        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1, 0, 0, 0) };
+        for i in 0..total {
+            let scheduled = start + interval * u32::try_from(i).unwrap_or(u32::MAX);
+            if let Some(wait) = scheduled.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            if tx.send(scheduled).is_err() {
+                return;
+            }
+        }
+    });
     let mut tasks = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
-    for i in 0..total {
-        let scheduled = start + interval * u32::try_from(i).unwrap_or(u32::MAX);
-        let request = Arc::clone(&request);
-        tokio::time::sleep_until(scheduled.into()).await;
-        tasks.push(tokio::spawn(async move {
-            let result = async {
-                let mut s = tokio::net::TcpStream::connect(target).await?;
-                s.set_nodelay(true)?;
-                s.write_all(request.as_bytes()).await?;
+    while let Some(scheduled) = rx.recv().await {
+        let ok = if keepalive {
+            let req = hyper::Request::post(uri.clone())
+                .header(hyper::header::HOST, host.as_str())
+                .header(hyper::header::CONTENT_TYPE, "application/json")
+                .body(http_body_util::Full::new(body.clone()))
+                .expect("request");
+            let client = client.clone();
+            tokio::spawn(async move {
+                use http_body_util::BodyExt;
+                let resp = client.request(req).await.ok()?;
+                let status = resp.status();
+                resp.into_body().collect().await.ok()?;
+                Some(status == hyper::StatusCode::OK)
+            })
+        } else {
+            let request = Arc::clone(&request);
+            tokio::spawn(async move {
+                let mut s = tokio::net::TcpStream::connect(target).await.ok()?;
+                s.set_nodelay(true).ok()?;
+                s.write_all(request.as_bytes()).await.ok()?;
                 let mut buf = Vec::with_capacity(512);
-                s.read_to_end(&mut buf).await?;
-                Ok::<bool, std::io::Error>(buf.starts_with(b"HTTP/1.1 200"))
-            };
-            match tokio::time::timeout(Duration::from_secs(10), result).await {
-                Ok(Ok(true)) => {
+                s.read_to_end(&mut buf).await.ok()?;
+                Some(buf.starts_with(b"HTTP/1.1 200"))
+            })
+        };
+        tasks.push(tokio::spawn(async move {
+            match tokio::time::timeout(Duration::from_secs(10), ok).await {
+                Ok(Ok(Some(true))) => {
                     Some(u64::try_from(scheduled.elapsed().as_micros()).unwrap_or(u64::MAX))
                 }
                 _ => None,
             }
         }));
     }
+    let _ = pacer.join();
     let mut lat = Vec::new();
     let mut errors = 0;
     for t in tasks {

@@ -27,6 +27,7 @@ spec:
           paths: [/v1/chat/completions]
         - methods: [GET]
           paths: [/v1/models/*, /v1/events]
+          forbid_headers: [x-debug-bypass]
       credential: openai-prod
     - name: maps
       match: { host: maps.example, port: 80 }
@@ -243,8 +244,14 @@ fn the_workload_never_holds_the_key_and_every_request_is_decided() {
     outputs.push_str(&out);
     assert!(out.contains("\"path\":\"/v1/chat/completions\""), "{out}");
 
-    // Denials: path, method, host, encoded separator, smuggling.
+    // Denials: path, method, header, host, encoded separator, smuggling.
     let denied = [
+        (
+            vec!["-H", "X-Debug-Bypass: 1", "-w", "\n%{http_code}"],
+            "/v1/models/x",
+            "403",
+            "headers_not_allowed",
+        ),
         (
             vec!["-X", "GET", "-w", "\n%{http_code}"],
             "/v1/files",

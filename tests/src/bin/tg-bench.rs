@@ -34,7 +34,7 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 }
 
 /// Child mode: `connect-loop ADDR N` — N connects, timing only the connect() call.
-fn connect_loop(addr: SocketAddr, n: usize) -> Value {
+fn connect_loop(addr: SocketAddr, n: usize, reset: bool) -> Value {
     pin(0, CLIENT_CPU);
     let mut ns = Vec::with_capacity(n);
     let (ss, len) = gateway_user::netns::socket_addr(addr);
@@ -46,7 +46,7 @@ fn connect_loop(addr: SocketAddr, n: usize) -> Value {
         // Close with a reset: no TIME_WAIT left behind, so the kernel's source-port search
         // costs the same in every round.
         let linger = libc::linger {
-            l_onoff: 1,
+            l_onoff: i32::from(reset),
             l_linger: 0,
         };
         // SAFETY: valid option buffer.
@@ -81,9 +81,14 @@ fn connect_loop(addr: SocketAddr, n: usize) -> Value {
     json!({ "n": ns.len(), "failures": failures, "p50": percentile(&ns, 0.5), "p90": percentile(&ns, 0.9), "p99": percentile(&ns, 0.99) })
 }
 
-fn run_loop(cgroup: Option<&Path>, addr: SocketAddr, n: usize) -> Value {
+fn run_loop(cgroup: Option<&Path>, addr: SocketAddr, n: usize, reset: bool) -> Value {
     let mut cmd = Command::new(std::env::current_exe().expect("exe"));
-    cmd.args(["connect-loop", &addr.to_string(), &n.to_string()]);
+    cmd.args([
+        "connect-loop",
+        &addr.to_string(),
+        &n.to_string(),
+        if reset { "reset" } else { "fin" },
+    ]);
     if let Some(cg) = cgroup {
         join_before_exec(&mut cmd, cg);
     }
@@ -158,8 +163,9 @@ fn main() {
             .enable_all()
             .build()
             .expect("rt");
+        let keepalive = args.get(5).map(String::as_str) == Some("keepalive");
         let (lat, errors) = rt.block_on(tollgate_tests::httpbench::open_loop(
-            target, &args[2], rate, secs,
+            target, &args[2], rate, secs, keepalive,
         ));
         use tollgate_tests::httpbench::pct;
         println!(
@@ -171,7 +177,10 @@ fn main() {
     if args.first().map(String::as_str) == Some("connect-loop") {
         let addr = args[1].parse().expect("addr");
         let n = args[2].parse().expect("n");
-        println!("{}", connect_loop(addr, n));
+        println!(
+            "{}",
+            connect_loop(addr, n, args.get(3).map(String::as_str) == Some("reset"))
+        );
         return;
     }
     let out_dir = Path::new(args.first().map_or("target/bench", String::as_str)).to_owned();
@@ -274,12 +283,12 @@ fn capture_section(
     // Its own plain listener: the gateway's upstream connections (and their TIME_WAITs) go to
     // `target`, never to this one.
     let plain = sink();
-    let _ = run_loop(outside, plain, CONNECTS);
-    let _ = run_loop(Some(app), target, ORIGIN_SLOTS as usize + CONNECTS);
+    let _ = run_loop(outside, plain, CONNECTS, true);
+    let _ = run_loop(Some(app), target, ORIGIN_SLOTS as usize + CONNECTS, true);
     let (mut base, mut enforced) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
-        base.push(run_loop(outside, plain, CONNECTS));
-        enforced.push(run_loop(Some(app), target, CONNECTS));
+        base.push(run_loop(outside, plain, CONNECTS, true));
+        enforced.push(run_loop(Some(app), target, CONNECTS, true));
     }
     let pick =
         |v: &[Value], k: &str| median(v.iter().map(|r| r[k].as_u64().unwrap_or(0)).collect());
@@ -309,7 +318,9 @@ fn capture_section(
     let _ = spinner.join();
     pin_process(daemon.pid(), None);
 
-    // Accept-to-decision in the gateway.
+    // Accept-to-decision in the gateway, on connections closed normally (a reset can reach the
+    // gateway before it looked the client socket up, which it then refuses).
+    let _ = run_loop(Some(app), target, CONNECTS, false);
     std::thread::sleep(Duration::from_millis(500));
     let mut decisions: Vec<u64> = env
         .records()
@@ -399,7 +410,13 @@ fn capture_section(
     md
 }
 
-fn http_load(cgroup: Option<&Path>, target: SocketAddr, rate: u64, secs: u64) -> Value {
+fn http_load(
+    cgroup: Option<&Path>,
+    target: SocketAddr,
+    rate: u64,
+    secs: u64,
+    keepalive: bool,
+) -> Value {
     let mut cmd = Command::new(std::env::current_exe().expect("exe"));
     cmd.args([
         "http-load",
@@ -407,6 +424,7 @@ fn http_load(cgroup: Option<&Path>, target: SocketAddr, rate: u64, secs: u64) ->
         "127.0.0.1",
         &rate.to_string(),
         &secs.to_string(),
+        if keepalive { "keepalive" } else { "close" },
     ]);
     if let Some(cg) = cgroup {
         join_before_exec(&mut cmd, cg);
@@ -462,48 +480,57 @@ fn http_section(
     tls: SocketAddr,
     api_port: u16,
 ) -> String {
-    const RATES: [u64; 3] = [500, 1000, 2000];
     const SECS: u64 = 5;
     let gateway_target: SocketAddr = format!("127.0.0.1:{api_port}").parse().expect("addr");
     let nginx_port = tollgate_tests::free_port();
+    let nginx_target: SocketAddr = format!("127.0.0.1:{nginx_port}").parse().expect("addr");
     let mut nginx = start_nginx(&env.dir, nginx_port, tls);
     let idle_rss = rss_kib(daemon.pid(), "VmRSS:");
     let mut md = format!(
-        "## HTTP: added latency per request\n\nOpen-loop load at fixed rates ({SECS} s each), latency measured from each request's scheduled send (no coordinated omission), a new client connection per request, `POST /v1/chat/completions` with a 1 KiB JSON body. Direct: to the mock API's plain port. Tollgate: redirected from the workload's cgroup; policy, credential injection, TLS to the mock (pooled) and the audit record on. nginx (Debian): plain reverse proxy to the same TLS port, upstream keep-alive.\n\n| rate/s | direct p50/p99/p99.9 µs | Tollgate added p50/p99/p99.9 µs | nginx added p50/p99/p99.9 µs | errors (direct/tollgate/nginx) |\n|---:|---|---|---|---|\n"
+        "## HTTP: added latency per request\n\nOpen-loop load at fixed rates ({SECS} s each), latency measured from each request's scheduled send (no coordinated omission), `POST /v1/chat/completions` with a 1 KiB JSON body. Direct: to the mock API's plain port. Tollgate: redirected from the workload's cgroup; policy, credential injection, TLS to the mock (pooled) and the audit record on. nginx (Debian): plain reverse proxy to the same TLS port, upstream keep-alive. Added = the proxy's percentile minus direct's, from runs back to back.\n"
     );
-    for rate in RATES {
-        let direct = http_load(None, plain, rate, SECS);
-        let through = http_load(Some(app), gateway_target, rate, SECS);
-        let via_nginx = nginx.as_ref().map(|_| {
-            http_load(
-                None,
-                format!("127.0.0.1:{nginx_port}").parse().expect("addr"),
-                rate,
-                SECS,
-            )
-        });
-        let v = |r: &Value, k: &str| r[k].as_u64().unwrap_or(0);
-        let added = |r: &Value| {
-            format!(
-                "{:+} / {:+} / {:+}",
-                v(r, "p50") as i64 - v(&direct, "p50") as i64,
-                v(r, "p99") as i64 - v(&direct, "p99") as i64,
-                v(r, "p999") as i64 - v(&direct, "p999") as i64
-            )
-        };
-        md.push_str(&format!(
-            "| {rate} | {} / {} / {} | {} | {} | {} / {} / {} |\n",
-            v(&direct, "p50"),
-            v(&direct, "p99"),
-            v(&direct, "p999"),
-            added(&through),
-            via_nginx.as_ref().map_or("not installed".into(), added),
-            v(&direct, "errors"),
-            v(&through, "errors"),
-            via_nginx
+    for (keepalive, rates, what) in [
+        (
+            true,
+            [1000, 2000, 4000],
+            "kept-alive client connections (a new one opens only when all are busy)",
+        ),
+        (
+            false,
+            [500, 1000, 2000],
+            "a new client connection per request",
+        ),
+    ] {
+        md.push_str(&format!("\n### {what}\n\n| rate/s | direct p50/p99/p99.9 µs | Tollgate added p50/p99/p99.9 µs | nginx added p50/p99/p99.9 µs | errors (direct/tollgate/nginx) |\n|---:|---|---|---|---|\n"));
+        for rate in rates {
+            let direct = http_load(None, plain, rate, SECS, keepalive);
+            let through = http_load(Some(app), gateway_target, rate, SECS, keepalive);
+            let via_nginx = nginx
                 .as_ref()
-                .map_or("-".into(), |r| v(r, "errors").to_string()),
-        ));
+                .map(|_| http_load(None, nginx_target, rate, SECS, keepalive));
+            let v = |r: &Value, k: &str| r[k].as_u64().unwrap_or(0);
+            let added = |r: &Value| {
+                format!(
+                    "{:+} / {:+} / {:+}",
+                    v(r, "p50") as i64 - v(&direct, "p50") as i64,
+                    v(r, "p99") as i64 - v(&direct, "p99") as i64,
+                    v(r, "p999") as i64 - v(&direct, "p999") as i64
+                )
+            };
+            md.push_str(&format!(
+                "| {rate} | {} / {} / {} | {} | {} | {} / {} / {} |\n",
+                v(&direct, "p50"),
+                v(&direct, "p99"),
+                v(&direct, "p999"),
+                added(&through),
+                via_nginx.as_ref().map_or("not installed".into(), added),
+                v(&direct, "errors"),
+                v(&through, "errors"),
+                via_nginx
+                    .as_ref()
+                    .map_or("-".into(), |r| v(r, "errors").to_string()),
+            ));
+        }
     }
     let peak = rss_kib(daemon.pid(), "VmHWM:");
     let nginx_rss: u64 = nginx.as_ref().map_or(0, |n| {
