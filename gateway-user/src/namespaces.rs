@@ -179,6 +179,10 @@ impl Namespaces {
                 for t in &e.tasks {
                     t.abort();
                 }
+                // Idle upstream connections made in the namespace go with it.
+                if let Ok(cookie) = e.ns.cookie() {
+                    self.gateway.upstreams.forget(cookie);
+                }
                 tracing::info!(inode = ino, "workload network namespace released");
             }
             keep

@@ -306,6 +306,28 @@ impl Upstreams {
         connector.tcp(host, port).await
     }
 
+    /// Drops the pools of the namespace with `cookie` (its idle connections close; requests in
+    /// flight keep their own handle until they end).
+    pub fn forget(&self, cookie: u64) {
+        self.clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|(c, _), _| *c != cookie);
+    }
+
+    /// The number of namespaces with a pool.
+    pub fn pooled_namespaces(&self) -> usize {
+        let clients = self
+            .clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        clients
+            .keys()
+            .map(|(c, _)| *c)
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+    }
+
     /// The pooled client dialing from `ns`.
     pub fn client(&self, ns: &Arc<Netns>, cookie: u64, allow_private: bool) -> HttpClient {
         let mut clients = self
@@ -332,6 +354,31 @@ impl Upstreams {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_released_namespace_takes_its_pools_along() {
+        let mut config = crate::config::Config::parse(
+            crate::config::DEMO_CONFIG,
+            "demo",
+            std::path::Path::new("/"),
+        )
+        .expect("config");
+        config.upstream_ca = None;
+        let up = Upstreams::new(DialPolicy {
+            config,
+            policies: Arc::default(),
+        })
+        .expect("upstreams");
+        let ns = Arc::new(Netns::Host);
+        let _a = up.client(&ns, 7, false);
+        let _b = up.client(&ns, 7, true);
+        let _c = up.client(&ns, 9, false);
+        assert_eq!(up.pooled_namespaces(), 2);
+        up.forget(7);
+        assert_eq!(up.pooled_namespaces(), 1);
+        up.forget(9);
+        assert_eq!(up.pooled_namespaces(), 0);
+    }
 
     #[test]
     fn internal_addresses() {

@@ -51,11 +51,18 @@ fn udp_to_non_dns_is_eperm_on_every_path() {
     );
     assert_eq!(rec["workload"]["comm"], "tg-probe");
     assert_eq!(rec["layer"], "kernel");
-    let n = env
-        .records()
-        .iter()
-        .filter(|r| r["reason"] == "kernel_udp_not_dns")
-        .count();
+    // Events are audited as the daemon drains the ring buffer: wait for all of them.
+    let count = || {
+        env.records()
+            .iter()
+            .filter(|r| r["reason"] == "kernel_udp_not_dns")
+            .count()
+    };
+    let all = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while count() < cases.len() && std::time::Instant::now() < all {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let n = count();
     assert!(
         n >= cases.len(),
         "every refusal audited ({n} of {})",
