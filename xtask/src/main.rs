@@ -19,8 +19,12 @@ enum Task {
     Setup,
     /// Build the eBPF programs (nightly, bpf-linker).
     BuildEbpf,
-    /// Setup, build, then run every test: unit, privileged end-to-end, and the demo.
+    /// Setup, build, then run every test: unit, privileged end-to-end, the demo and a short
+    /// fuzz run. `test adversarial`: only the privileged suites that attack the enforcement
+    /// (THREATS.md), without unit tests, demo or fuzzing.
     Test {
+        /// `adversarial`, or nothing for everything.
+        suite: Option<String>,
         /// Only run privileged tests whose name contains this.
         #[arg(long)]
         filter: Option<String>,
@@ -228,21 +232,40 @@ fn is_root() -> bool {
     output_ok(Command::new("id").arg("-u")).is_some_and(|s| s.trim() == "0")
 }
 
-fn test(filter: Option<&str>) -> Result<()> {
+/// The privileged test files that attack the enforcement, item by item of THREATS.md.
+const ADVERSARIAL: [&str; 6] = [
+    "adversarial",
+    "capture",
+    "kernel_refusals",
+    "lifecycle",
+    "faults",
+    "http",
+];
+
+fn test(suite: Option<&str>, filter: Option<&str>) -> Result<()> {
+    let adversarial = match suite {
+        None => false,
+        Some("adversarial") => true,
+        Some(other) => {
+            bail!("unknown test suite {other:?}: use `adversarial`, or nothing for every test")
+        }
+    };
     setup()?;
     build_ebpf()?;
     // Unit tests as released (no test hooks), then the binaries the privileged suite drives,
     // built with the test-only resolver override (mapping API names to local mocks).
-    run(cargo().args([
-        "test",
-        "--locked",
-        "-p",
-        "gateway-common",
-        "-p",
-        "gateway-user",
-        "-p",
-        "xtask",
-    ]))?;
+    if !adversarial {
+        run(cargo().args([
+            "test",
+            "--locked",
+            "-p",
+            "gateway-common",
+            "-p",
+            "gateway-user",
+            "-p",
+            "xtask",
+        ]))?;
+    }
     let bins = build_bins(&[
         "build",
         "--locked",
@@ -276,9 +299,14 @@ fn test(filter: Option<&str>) -> Result<()> {
             "tollgate-tests",
             "--features",
             "gateway-user/test-resolver",
-            "--",
-            "--test-threads=1",
         ])
+        .args(
+            ADVERSARIAL
+                .iter()
+                .filter(|_| adversarial)
+                .flat_map(|t| ["--test", t]),
+        )
+        .args(["--", "--test-threads=1"])
         .current_dir(root())
         .env("TOLLGATE_BIN", &bin)
         .env("TG_PROBE_BIN", &probe);
@@ -286,7 +314,7 @@ fn test(filter: Option<&str>) -> Result<()> {
         suite.arg(f);
     }
     run(&mut suite)?;
-    if filter.is_none() {
+    if filter.is_none() && !adversarial {
         run(Command::new(&bin).arg("demo"))?;
         fuzz(15)?;
     }
@@ -422,7 +450,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Task::Setup => setup(),
         Task::BuildEbpf => build_ebpf(),
-        Task::Test { filter } => test(filter.as_deref()),
+        Task::Test { suite, filter } => test(suite.as_deref(), filter.as_deref()),
         Task::Bench { only } => bench(only.as_deref()),
         Task::Fuzz { seconds } => fuzz(seconds),
         Task::Demo => demo(),
