@@ -1,7 +1,89 @@
-//! Faults: the audit sink fails → the gateway fails closed, and recovers when it can write.
-use std::io::Write;
+//! Faults: the audit sink fails → the gateway fails closed, and recovers when it can write; the
+//! daemon is killed and restarted under a prober connecting every millisecond → nothing gets
+//! through in the gap, and exactly one attachment of each program remains.
+use std::{
+    io::Write,
+    net::TcpListener,
+    process::{Command, Stdio},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
-use tollgate_tests::{Mock, TestEnv};
+use tollgate_tests::{join_before_exec, probe_bin, Mock, TestEnv};
+
+#[test]
+fn a_kill_and_restart_under_a_1ms_prober_lets_nothing_through() {
+    let mut env = TestEnv::new("restartprobe");
+    let mock = Mock::start("127.0.0.1:0");
+    let app = env.workload("app.service");
+    env.allow("app", "app.service", &[mock.addr]);
+    // The canary stands for the outside: not in the policy.
+    let canary = TcpListener::bind("127.0.0.1:0").expect("canary");
+    let target = canary.local_addr().expect("addr");
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&seen);
+    std::thread::spawn(move || {
+        for s in canary.incoming().flatten() {
+            counter.fetch_add(1, Ordering::SeqCst);
+            drop(s);
+        }
+    });
+    // Control: the prober reaches the canary from outside the root.
+    let control = env.probe(None, &["probe-loop", &target.to_string(), "50"]);
+    assert!(control["connected"].as_u64().unwrap_or(0) > 0, "{control}");
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        seen.swap(0, Ordering::SeqCst) > 0,
+        "the canary counts direct connections"
+    );
+
+    let mut d = env.start();
+    let mut cmd = Command::new(probe_bin());
+    cmd.args(["probe-loop", &target.to_string(), "4000"])
+        .stdout(Stdio::piped());
+    join_before_exec(&mut cmd, &app);
+    let prober = cmd.spawn().expect("prober");
+    std::thread::sleep(Duration::from_millis(700));
+    d.kill();
+    std::thread::sleep(Duration::from_millis(500));
+    let _d2 = env.start();
+    let out = prober.wait_with_output().expect("prober output");
+    let counts: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    let n = |k: &str| counts[k].as_u64().unwrap_or(0);
+    assert!(
+        n("attempts") > 1500,
+        "about one connect per millisecond: {counts}"
+    );
+    assert!(
+        n("refused") > 0,
+        "the gap was probed: connects refused while down: {counts}"
+    );
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        0,
+        "no connection reached the canary directly: {counts}"
+    );
+    let after = env.attachments();
+    let programs = after.as_object().expect("counts");
+    assert_eq!(
+        programs.len(),
+        gateway_user::ebpf::PROGRAMS.len(),
+        "{after}"
+    );
+    for (program, count) in programs {
+        assert_eq!(
+            count, 1,
+            "{program}: exactly one attachment after the restart: {after}"
+        );
+    }
+    // And the restarted gateway decides again: the allowed mock is reachable.
+    let ok = env.probe(Some(&app), &["tcp", &mock.addr.to_string()]);
+    assert_eq!(ok["ok"], true, "{ok}");
+}
 
 /// A tiny tmpfs, unmounted on drop.
 struct SmallFs(std::path::PathBuf);

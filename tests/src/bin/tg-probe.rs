@@ -392,6 +392,26 @@ fn exec_without_bpf(argv: &[String]) -> Value {
     errno_json(&std::process::Command::new(program).args(rest).exec())
 }
 
+/// `probe-loop ADDR MILLIS`: a connect every millisecond for MILLIS ms; counts what happened.
+fn probe_loop(addr: SocketAddr, millis: u64) -> Value {
+    let start = std::time::Instant::now();
+    let (mut attempts, mut connected, mut refused, mut other) = (0u64, 0u64, 0u64, 0u64);
+    let mut next = start;
+    while start.elapsed() < Duration::from_millis(millis) {
+        attempts += 1;
+        match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            Ok(_) => connected += 1,
+            Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => refused += 1,
+            Err(_) => other += 1,
+        }
+        next += Duration::from_millis(1);
+        if let Some(wait) = next.checked_duration_since(std::time::Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+    json!({ "ok": true, "attempts": attempts, "connected": connected, "refused": refused, "other": other })
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let addr = |i: usize| -> SocketAddr {
@@ -420,6 +440,10 @@ fn main() {
         Some("override-connect4") => override_connect4(args.get(1).map_or("", String::as_str)),
         Some("no-bpf") => exec_without_bpf(&args[1..]),
         Some("hold") => hold(addr(1), args.get(2).map_or("/nonexistent", String::as_str)),
+        Some("probe-loop") => probe_loop(
+            addr(1),
+            args.get(2).and_then(|n| n.parse().ok()).unwrap_or(1000),
+        ),
         _ => {
             eprintln!("usage: tg-probe tcp|tfo|uring|udp|udp6|udp-connect|udp6-connect ADDR | ping | raw | sctp | bind ADDR | hold ADDR FILE");
             std::process::exit(2);
