@@ -482,6 +482,85 @@ print('after:', repr(tail))";
     }
 }
 
+#[test]
+fn policy_rewritten_every_100ms_under_load_never_flips_a_decision() {
+    let s = setup("reloadstorm");
+    let env = &s.env;
+    let _d = env.start();
+    // Two valid policies that agree on chat (allowed) and /v1/files (denied) and differ on the
+    // rest; a third edit is broken. The file is replaced atomically every 100 ms.
+    let a = POLICY.replace("ROOT", &env.root_rel());
+    let b = a.replace("paths: [/v1/models/*, /v1/events]", "paths: [/v1/events]");
+    let broken = format!("{a}\n  nonsense: [\n");
+    let path = env.policies.join("agent.yaml");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = std::sync::Arc::clone(&stop);
+        let path = path.clone();
+        std::thread::spawn(move || {
+            let mut i = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let text = [&a, &b, &broken][i % 3];
+                let tmp = path.with_extension("tmp");
+                std::fs::write(&tmp, text).expect("write");
+                std::fs::rename(&tmp, &path).expect("rename");
+                i += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            i
+        })
+    };
+    // Load for 3 s on one kept-alive connection: chat (both policies allow) and /v1/files
+    // (both deny), alternating.
+    let load = "import http.client, time
+c=http.client.HTTPConnection('127.0.0.9',80,timeout=10)
+good=bad=0
+end=time.time()+3
+i=0
+while time.time()<end:
+    p='/v1/chat/completions' if i%2==0 else '/v1/files'
+    m='POST' if i%2==0 else 'GET'
+    c.request(m,p,body='{}' if m=='POST' else None,headers={'Host':'api.openai.com'})
+    r=c.getresponse(); r.read()
+    if r.status==(200 if i%2==0 else 403): good+=1
+    else: bad+=1; print('unexpected',p,r.status)
+    i+=1
+print('good',good,'bad',bad)";
+    let out = run_in(&s.agent, "python3", &["-c", load]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let writes = writer.join().expect("writer");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let last = text.lines().last().unwrap_or_default();
+    let good: u64 = last
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        last.ends_with("bad 0") && good > 100,
+        "every request decided as both policies agree, no 5xx: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        writes >= 10,
+        "the policy was rewritten throughout ({writes} writes)"
+    );
+    // Reloads happened, and the broken edit was refused each time it was seen.
+    let records = env.records();
+    let reloads = records
+        .iter()
+        .filter(|r| r["layer"] == "lifecycle" && r["reason"] == "policies_reloaded")
+        .count();
+    assert!(reloads >= 2, "{reloads} reloads");
+    assert!(
+        records.iter().any(|r| r["layer"] == "lifecycle"
+            && r["reason"]
+                .as_str()
+                .is_some_and(|x| x.starts_with("policy_reload_failed"))),
+        "the broken edit was seen and refused"
+    );
+}
+
 /// Waits until the daemon has reloaded policies `n` times.
 fn wait_reloads(env: &TestEnv, reason: &str, n: usize) {
     tollgate_tests::wait_for(10, reason, || {
