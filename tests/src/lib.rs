@@ -342,7 +342,30 @@ impl Drop for TestEnv {
         let dir = self.dir.clone();
         let bpffs = dir.join("bpffs");
         let _ = nix::mount::umount2(&bpffs, nix::mount::MntFlags::MNT_DETACH);
+        // Under `cargo xtask test` the directory (logs, audit, client output) is kept for the
+        // secret scan that ends the run.
+        if let Some(keep) = std::env::var_os("TG_ARTIFACTS") {
+            let _ = std::fs::remove_dir(&bpffs);
+            let keep = PathBuf::from(keep);
+            let _ = std::fs::create_dir_all(&keep);
+            if std::fs::rename(&dir, keep.join(&self.name)).is_ok() {
+                return;
+            }
+        }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// Records a test secret for the scan that ends `cargo xtask test`: no file the suite wrote
+/// (other than the secret's own `*.key` source) may contain it.
+pub fn register_secret(secret: &str) {
+    if let Some(path) = std::env::var_os("TG_SECRETS_FILE") {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("secrets file");
+        std::io::Write::write_all(&mut f, format!("{secret}\n").as_bytes()).expect("record secret");
     }
 }
 

@@ -75,6 +75,7 @@ fn setup(name: &str) -> Setup {
         .expect("time")
         .subsec_nanos();
     let secret = format!("sk-test-{}-{nanos}", std::process::id());
+    tollgate_tests::register_secret(&secret);
     private_file(&env.dir.join("openai.key"), &secret);
     private_file(
         &env.dir.join("credentials.yaml"),
@@ -470,6 +471,8 @@ print('after:', repr(tail))";
         .filter(|e| e.file_name().to_string_lossy().starts_with("daemon-"))
         .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
         .collect();
+    // Kept for the scan that ends the test run, too.
+    std::fs::write(env.dir.join("client-output.txt"), &outputs).expect("client output");
     for (what, text) in [
         ("audit log", &audit_text),
         ("daemon log", &logs),
@@ -716,6 +719,7 @@ fn placeholders_redirects_query_keys_failures_monitor_and_reloads() {
     );
 
     let audit_text = std::fs::read_to_string(&env.audit).expect("audit");
+    std::fs::write(env.dir.join("client-output.txt"), &outputs).expect("client output");
     for (what, text) in [("audit log", &audit_text), ("client output", &outputs)] {
         assert!(
             !text.contains(&s.secret),

@@ -286,6 +286,13 @@ fn test(suite: Option<&str>, filter: Option<&str>) -> Result<()> {
         .get("tg-probe")
         .cloned()
         .context("the build made no tg-probe binary")?;
+    // Each test's directory (daemon logs, audit log, client output) is kept, and every test
+    // secret recorded, for the scan that ends the run.
+    let artifacts = std::env::temp_dir().join("tg-test-artifacts");
+    let secrets = std::env::temp_dir().join("tg-test-secrets");
+    let _ = std::fs::remove_dir_all(&artifacts);
+    let _ = std::fs::remove_file(&secrets);
+    std::fs::create_dir_all(&artifacts)?;
     // The privileged suite runs in its own mount namespace: its bpffs mounts (and with them
     // every pin and attachment) die with it, even if a test process is killed.
     let mut suite = Command::new("unshare");
@@ -309,7 +316,9 @@ fn test(suite: Option<&str>, filter: Option<&str>) -> Result<()> {
         .args(["--", "--test-threads=1"])
         .current_dir(root())
         .env("TOLLGATE_BIN", &bin)
-        .env("TG_PROBE_BIN", &probe);
+        .env("TG_PROBE_BIN", &probe)
+        .env("TG_ARTIFACTS", &artifacts)
+        .env("TG_SECRETS_FILE", &secrets);
     if let Some(f) = filter {
         suite.arg(f);
     }
@@ -318,6 +327,56 @@ fn test(suite: Option<&str>, filter: Option<&str>) -> Result<()> {
         run(Command::new(&bin).arg("demo"))?;
         fuzz(15)?;
     }
+    // Last: no test secret in anything the suite wrote.
+    secret_scan(&artifacts, &secrets)
+}
+
+/// Fails if any file the privileged suite wrote (logs, audit records, client output) holds
+/// the bytes of a test secret. The secrets' own source files (`*.key`) are the exception.
+/// Passing removes the artifacts.
+fn secret_scan(artifacts: &Path, secrets: &Path) -> Result<()> {
+    let secrets: Vec<Vec<u8>> = std::fs::read_to_string(secrets)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| l.as_bytes().to_vec())
+        .collect();
+    let mut files = 0;
+    let mut found = Vec::new();
+    let mut stack = vec![artifacts.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir)?.flatten() {
+            let path = entry.path();
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            if !kind.is_file() || path.extension().is_some_and(|e| e == "key") {
+                continue;
+            }
+            let bytes = std::fs::read(&path)?;
+            files += 1;
+            if secrets
+                .iter()
+                .any(|s| bytes.windows(s.len()).any(|w| w == s.as_slice()))
+            {
+                found.push(path.display().to_string());
+            }
+        }
+    }
+    if !found.is_empty() {
+        bail!(
+            "a test secret appears in {} file(s) the suite wrote: {}",
+            found.len(),
+            found.join(", ")
+        );
+    }
+    println!(
+        "secret scan: {} secret(s), {files} file(s) the suite wrote, none contains one",
+        secrets.len()
+    );
+    let _ = std::fs::remove_dir_all(artifacts);
     Ok(())
 }
 
@@ -454,5 +513,46 @@ fn main() -> Result<()> {
         Task::Bench { only } => bench(only.as_deref()),
         Task::Fuzz { seconds } => fuzz(seconds),
         Task::Demo => demo(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::secret_scan;
+
+    #[test]
+    fn the_secret_scan_finds_a_leak_and_spares_key_files() {
+        let base = std::env::temp_dir().join(format!("xtask-leakcheck-{}", std::process::id()));
+        let artifacts = base.join("artifacts");
+        let secrets = base.join("secrets");
+        std::fs::create_dir_all(artifacts.join("tg-test-1-x")).expect("dirs");
+        std::fs::write(&secrets, "sk-scan-0123456789\n").expect("secrets");
+        std::fs::write(
+            artifacts.join("tg-test-1-x/openai.key"),
+            "sk-scan-0123456789",
+        )
+        .expect("key");
+        std::fs::write(
+            artifacts.join("tg-test-1-x/audit.jsonl"),
+            "{\"credential\":\"x\"}\n",
+        )
+        .expect("audit");
+        assert!(
+            secret_scan(&artifacts, &secrets).is_ok(),
+            "clean files pass"
+        );
+        std::fs::create_dir_all(artifacts.join("tg-test-1-x")).expect("dirs");
+        std::fs::write(
+            artifacts.join("tg-test-1-x/daemon-1.log"),
+            "Authorization: Bearer sk-scan-0123456789",
+        )
+        .expect("log");
+        let err = secret_scan(&artifacts, &secrets).expect_err("a leak fails");
+        assert!(err.to_string().contains("daemon-1.log"), "{err}");
+        assert!(
+            !err.to_string().contains("sk-scan"),
+            "the error never shows the secret"
+        );
+        let _ = std::fs::remove_dir_all(&base);
     }
 }
