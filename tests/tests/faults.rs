@@ -1,6 +1,7 @@
 //! Faults: the audit sink fails → the gateway fails closed, and recovers when it can write; the
 //! daemon is killed and restarted under a prober connecting every millisecond → nothing gets
-//! through in the gap, and exactly one attachment of each program remains.
+//! through in the gap, and exactly one attachment of each program remains; a flood of the
+//! origin slots makes a paused gateway's lookup miss, and the miss is refused.
 use std::{
     io::Write,
     net::TcpListener,
@@ -13,6 +14,68 @@ use std::{
 };
 
 use tollgate_tests::{join_before_exec, probe_bin, Mock, TestEnv};
+
+/// Runs a `tcp` probe from `cgroup` to `target` while the daemon is stopped (SIGSTOP), doing
+/// `meanwhile` before the daemon continues; returns the probe's answer.
+fn probe_across_a_pause(
+    daemon: &tollgate_tests::Daemon,
+    cgroup: &std::path::Path,
+    target: std::net::SocketAddr,
+    meanwhile: impl FnOnce(),
+) -> serde_json::Value {
+    let pid = nix::unistd::Pid::from_raw(daemon.pid());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    let mut cmd = Command::new(probe_bin());
+    cmd.args(["tcp", &target.to_string()])
+        .stdout(Stdio::piped());
+    join_before_exec(&mut cmd, cgroup);
+    let victim = cmd.spawn().expect("victim");
+    // The victim's connect completes in the kernel (the listener's backlog) and its origin is
+    // recorded; the gateway cannot read it yet.
+    std::thread::sleep(Duration::from_millis(300));
+    meanwhile();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
+    let out = victim.wait_with_output().expect("victim output");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"))
+}
+
+#[test]
+fn an_origin_flood_makes_lookups_miss_and_misses_deny() {
+    let mut env = TestEnv::new("flood");
+    let mock = Mock::start("127.0.0.1:0");
+    let app = env.workload("app.service");
+    let attacker = env.workload("attacker.service");
+    env.allow("app", "app.service", &[mock.addr]);
+    let d = env.start();
+    // Control: paused and resumed without a flood, the victim is served.
+    let control = probe_across_a_pause(&d, &app, mock.addr, || {});
+    assert_eq!(control["ok"], true, "served after the pause: {control}");
+    let served = mock.peers().len();
+    assert_eq!(served, 1, "the control reached the mock");
+    // With the gateway paused, another workload floods the origin slots (every one of the
+    // 65,536 is rewritten at least once) before the victim's origin is read.
+    let victim = probe_across_a_pause(&d, &app, mock.addr, || {
+        let flood = env.probe(Some(&attacker), &["flood", "127.0.0.1:9", "140000"]);
+        assert!(
+            flood["started"].as_u64().unwrap_or(0) >= 140_000,
+            "flood: {flood}"
+        );
+    });
+    assert_eq!(victim["ok"], false, "a missed origin is refused: {victim}");
+    assert_eq!(
+        mock.peers().len(),
+        served,
+        "nothing was forwarded for the victim"
+    );
+    let app_cgroup = format!("{}/app.service", env.root_rel());
+    let rec = env.wait_record("the victim's refusal", |r| {
+        r["reason"] == "no_origin_recorded" && r["workload"]["cgroup"] == app_cgroup
+    });
+    assert_eq!(rec["decision"], "deny");
+    // Afterwards the workload is served again.
+    let ok = env.probe(Some(&app), &["tcp", &mock.addr.to_string()]);
+    assert_eq!(ok["ok"], true, "{ok}");
+}
 
 #[test]
 fn a_kill_and_restart_under_a_1ms_prober_lets_nothing_through() {

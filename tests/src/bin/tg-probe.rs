@@ -392,6 +392,25 @@ fn exec_without_bpf(argv: &[String]) -> Value {
     errno_json(&std::process::Command::new(program).args(rest).exec())
 }
 
+/// `flood ADDR N`: N non-blocking connects, each closed at once; every connect records an
+/// origin (a flood of the origin slots).
+fn flood(addr: SocketAddr, n: u64) -> Value {
+    let (ss, len) = sockaddr(addr);
+    let mut started = 0u64;
+    for _ in 0..n {
+        let fd = match socket(domain_of(addr), libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0) {
+            Ok(fd) => fd,
+            Err(e) => return errno_json(&e),
+        };
+        // SAFETY: valid sockaddr.
+        let r = unsafe { libc::connect(fd.as_raw_fd(), std::ptr::from_ref(&ss).cast(), len) };
+        if r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EINPROGRESS) {
+            started += 1;
+        }
+    }
+    json!({ "ok": true, "started": started })
+}
+
 /// `probe-loop ADDR MILLIS`: a connect every millisecond for MILLIS ms; counts what happened.
 fn probe_loop(addr: SocketAddr, millis: u64) -> Value {
     let start = std::time::Instant::now();
@@ -440,6 +459,10 @@ fn main() {
         Some("override-connect4") => override_connect4(args.get(1).map_or("", String::as_str)),
         Some("no-bpf") => exec_without_bpf(&args[1..]),
         Some("hold") => hold(addr(1), args.get(2).map_or("/nonexistent", String::as_str)),
+        Some("flood") => flood(
+            addr(1),
+            args.get(2).and_then(|n| n.parse().ok()).unwrap_or(1000),
+        ),
         Some("probe-loop") => probe_loop(
             addr(1),
             args.get(2).and_then(|n| n.parse().ok()).unwrap_or(1000),
