@@ -387,6 +387,37 @@ pub fn settle_existing(
     Ok(())
 }
 
+/// Every proxied connection holds two descriptors (client and upstream): the soft limit goes
+/// up to the hard one, so the gateway is not the first to run out.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+    }
+    tracing::info!(limit = lim.rlim_cur, "open file limit");
+    if lim.rlim_cur < 65_536 {
+        tracing::warn!(
+            limit = lim.rlim_cur,
+            "the open file limit is low for a gateway (each connection holds two): raise LimitNOFILE"
+        );
+    }
+}
+
 /// Runs the daemon until SIGTERM/SIGINT. Pins stay: enforcement outlives the process.
 pub fn run(config: &Config, ready_file: Option<&Path>) -> Result<(), RunError> {
     let pre = preflight(config)?;
@@ -394,6 +425,7 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> Result<(), RunError> {
     let _lock = lock(config)?;
     let gateway_cgroup_id = enter_gateway_cgroup(config, &pre.cgroup_mount)?;
     let audit = AuditLog::open(&config.audit_log)?;
+    raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

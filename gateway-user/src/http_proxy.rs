@@ -188,6 +188,9 @@ pub async fn serve(conn: Conn, client: TcpStream) {
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(100));
     };
+    // Only peeked: the head is still in the socket for hyper. Free the copy, or every idle
+    // kept-alive connection would hold it.
+    drop(head);
     if let Some(reason) = problem {
         early_record(&conn, reason, 400);
         if reason == "closed_before_request" || reason == "no_request_in_time" {

@@ -332,6 +332,8 @@ impl Gateway {
                 other => break other,
             }
         };
+        // The bytes stay in the socket for the splice; the copy is not needed any more.
+        drop(buf);
         let sni = match &hello {
             Hello::Sni(name) => crate::normalize::host(name).ok().map(|(h, _)| h),
             _ => None,

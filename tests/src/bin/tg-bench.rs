@@ -97,6 +97,42 @@ fn run_loop(cgroup: Option<&Path>, addr: SocketAddr, n: usize, reset: bool) -> V
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)))
 }
 
+/// Child mode: `idle-conns ADDR N` — opens N connections, sends one request on each (a cheap
+/// 403 that keeps the connection alive), prints `ready` and holds them until stdin closes.
+fn idle_conns(target: SocketAddr, n: usize) {
+    use std::io::{Read, Write};
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+    let mut held = Vec::with_capacity(n);
+    let mut buf = [0u8; 4096];
+    for _ in 0..n {
+        let Ok(mut s) = std::net::TcpStream::connect(target) else {
+            break;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        if s.write_all(b"GET /idle HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            .is_err()
+            || !matches!(s.read(&mut buf), Ok(k) if k > 0)
+        {
+            break;
+        }
+        held.push(s);
+    }
+    println!("ready {}", held.len());
+    let _ = std::io::stdout().flush();
+    let mut rest = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut rest);
+}
+
 /// A plain listener that accepts and closes.
 fn sink() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -172,6 +208,12 @@ fn main() {
             "{}",
             json!({ "n": lat.len(), "errors": errors, "p50": pct(&lat, 0.5), "p99": pct(&lat, 0.99), "p999": pct(&lat, 0.999) })
         );
+        return;
+    }
+    if args.first().map(String::as_str) == Some("idle-conns") {
+        let target: SocketAddr = args[1].parse().expect("target");
+        let n: usize = args[2].parse().expect("n");
+        idle_conns(target, n);
         return;
     }
     if args.first().map(String::as_str) == Some("connect-loop") {
@@ -492,7 +534,7 @@ fn http_section(
     for (keepalive, rates, what) in [
         (
             true,
-            [1000, 2000, 4000],
+            [1000, 2000, 5000],
             "kept-alive client connections (a new one opens only when all are busy)",
         ),
         (
@@ -533,6 +575,28 @@ fn http_section(
         }
     }
     let peak = rss_kib(daemon.pid(), "VmHWM:");
+    // 10,000 idle kept-alive client connections.
+    let idle = {
+        use std::io::BufRead;
+        let mut cmd = Command::new(std::env::current_exe().expect("exe"));
+        cmd.args(["idle-conns", &gateway_target.to_string(), "10000"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped());
+        join_before_exec(&mut cmd, app);
+        let mut child = cmd.spawn().expect("idle-conns");
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line);
+        let held: u64 = line
+            .trim()
+            .strip_prefix("ready ")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        std::thread::sleep(Duration::from_millis(500));
+        let rss = rss_kib(daemon.pid(), "VmRSS:");
+        drop(child.stdin.take());
+        let _ = child.wait();
+        (held, rss)
+    };
     let nginx_rss: u64 = nginx.as_ref().map_or(0, |n| {
         let master = i32::try_from(n.id()).unwrap_or(0);
         let children = std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
@@ -553,9 +617,11 @@ fn http_section(
         let _ = n.wait();
     }
     md.push_str(&format!(
-        "\nGateway RSS: {:.1} MiB idle, {:.1} MiB peak under load. nginx (master + workers) after the runs: {}.\n",
+        "\nGateway RSS: {:.1} MiB idle, {:.1} MiB peak under load (up to 5,000 requests/s), {:.1} MiB holding {} idle kept-alive client connections. nginx (master + workers) after the runs: {}.\n",
         idle_rss as f64 / 1024.0,
         peak as f64 / 1024.0,
+        idle.1 as f64 / 1024.0,
+        idle.0,
         if nginx_rss == 0 { "not measured".into() } else { format!("{:.1} MiB", nginx_rss as f64 / 1024.0) }
     ));
     md
