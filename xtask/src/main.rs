@@ -333,9 +333,9 @@ fn test(suite: Option<&str>, filter: Option<&str>) -> Result<()> {
 
 /// Fails if any file the privileged suite wrote (logs, audit records, client output) holds
 /// the bytes of a test secret. The secrets' own source files (`*.key`) are the exception.
-/// Passing removes the artifacts.
-fn secret_scan(artifacts: &Path, secrets: &Path) -> Result<()> {
-    let secrets: Vec<Vec<u8>> = std::fs::read_to_string(secrets)
+/// Passing removes the artifacts and the list of secrets.
+fn secret_scan(artifacts: &Path, secrets_file: &Path) -> Result<()> {
+    let secrets: Vec<Vec<u8>> = std::fs::read_to_string(secrets_file)
         .unwrap_or_default()
         .lines()
         .filter(|l| !l.is_empty())
@@ -377,6 +377,7 @@ fn secret_scan(artifacts: &Path, secrets: &Path) -> Result<()> {
         secrets.len()
     );
     let _ = std::fs::remove_dir_all(artifacts);
+    let _ = std::fs::remove_file(secrets_file);
     Ok(())
 }
 
