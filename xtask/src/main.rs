@@ -542,7 +542,12 @@ mod tests {
             secret_scan(&artifacts, &secrets).is_ok(),
             "clean files pass"
         );
+        assert!(
+            !secrets.exists() && !artifacts.exists(),
+            "a pass removes what it scanned"
+        );
         std::fs::create_dir_all(artifacts.join("tg-test-1-x")).expect("dirs");
+        std::fs::write(&secrets, "sk-scan-0123456789\n").expect("secrets");
         std::fs::write(
             artifacts.join("tg-test-1-x/daemon-1.log"),
             "Authorization: Bearer sk-scan-0123456789",
