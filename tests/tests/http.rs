@@ -566,14 +566,22 @@ print('good',good,'bad',bad)";
 
 /// Waits until the daemon has reloaded policies `n` times.
 fn wait_reloads(env: &TestEnv, reason: &str, n: usize) {
-    tollgate_tests::wait_for(10, reason, || {
-        (env.records()
-            .iter()
-            .filter(|r| r["reason"].as_str().is_some_and(|x| x.starts_with(reason)))
-            .count()
-            >= n)
-            .then_some(())
-    });
+    tollgate_tests::wait_for(10, reason, || (reloads(env, reason) >= n).then_some(()));
+}
+
+/// How many reload records with `reason` the audit log holds.
+fn reloads(env: &TestEnv, reason: &str) -> usize {
+    env.records()
+        .iter()
+        .filter(|r| r["reason"].as_str().is_some_and(|x| x.starts_with(reason)))
+        .count()
+}
+
+/// Replaces a policy file the way an operator's tooling should: write aside, then rename.
+fn replace_file(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
 }
 
 #[test]
@@ -680,8 +688,9 @@ fn placeholders_redirects_query_keys_failures_monitor_and_reloads() {
         .expect("policy")
         .replace("  egress:", "  mode: monitor\n  egress:")
         .replace("paths: [/v1/models/*, /v1/events]", "paths: [/v1/models/*]");
-    std::fs::write(&policy_path, &monitor).expect("rewrite");
-    wait_reloads(env, "policies_reloaded", 1);
+    let before = reloads(env, "policies_reloaded");
+    replace_file(&policy_path, &monitor);
+    wait_reloads(env, "policies_reloaded", before + 1);
     std::fs::write(&s.go, "").expect("go");
     let mut rest = String::new();
     reader.read_to_string(&mut rest).expect("rest");
@@ -703,12 +712,12 @@ fn placeholders_redirects_query_keys_failures_monitor_and_reloads() {
     assert_eq!(rec["reason"], "monitor:method_or_path_not_allowed");
 
     // A broken edit keeps the running policy (still monitor), and is audited.
-    std::fs::write(
+    let before = reloads(env, "policy_reload_failed");
+    replace_file(
         &policy_path,
         "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: [broken\n",
-    )
-    .expect("break");
-    wait_reloads(env, "policy_reload_failed", 1);
+    );
+    wait_reloads(env, "policy_reload_failed", before + 1);
     let (out, _) = curl(
         &s.agent,
         &["-w", "\n%{http_code}", &url("api.openai.com", "/v1/files")],
