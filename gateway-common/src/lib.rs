@@ -42,20 +42,14 @@ pub const MAX_RESOLVERS: usize = 4;
 pub mod map_flags {
     /// `BPF_F_NO_PREALLOC`.
     pub const NO_PREALLOC: u32 = 1;
-    /// `BPF_F_NO_COMMON_LRU`: one LRU list per CPU, no shared lock.
-    pub const NO_COMMON_LRU: u32 = 2;
     /// `BPF_F_CLONE`: socket storage is copied to the sockets a listener accepts.
     pub const CLONE: u32 = 1 << 9;
     /// `TG_SOCKETS`.
     pub const SOCKETS: u32 = NO_PREALLOC | CLONE;
-    /// `TG_ORIGINS`.
-    pub const ORIGINS: u32 = 0;
 }
 
 /// `SockState::flags` bits.
 pub mod sock_flags {
-    /// connect4/6 redirected this socket to the listener and recorded its origin.
-    pub const REDIRECTED: u32 = 1;
     /// A listener under an enforced root, or a connection it accepted (the storage is cloned
     /// to accepted sockets): the passive side, whose replies the egress backstop lets out.
     pub const ACCEPTED: u32 = 2;

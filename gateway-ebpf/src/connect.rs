@@ -14,8 +14,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use gateway_common::{
-    hook, is_v4_mapped, reason, sock_flags, Config, SockState, AF_INET, AF_INET6, IPPROTO_TCP,
-    IPPROTO_UDP,
+    hook, is_v4_mapped, reason, Config, SockState, AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
@@ -166,7 +165,7 @@ fn origin(
         dst_addr: dest.addr,
         dst_port: dest.port,
         dst_family: dest.family,
-        flags: sock_flags::REDIRECTED,
+        flags: 0,
         pid: pid_tgid as u32,
         tgid: (pid_tgid >> 32) as u32,
         uid: uid_gid as u32,

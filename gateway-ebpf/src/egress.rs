@@ -118,10 +118,9 @@ fn is_accepted(sk: *mut bpf_sock, pkt: &Packet) -> bool {
         return true;
     }
     // SAFETY: `full` is a full socket; no creation.
-    let st = unsafe {
-        bpf_sk_storage_get(TG_SOCKETS.as_ptr(), full.cast(), core::ptr::null_mut(), 0)
-    }
-    .cast::<SockState>();
+    let st =
+        unsafe { bpf_sk_storage_get(TG_SOCKETS.as_ptr(), full.cast(), core::ptr::null_mut(), 0) }
+            .cast::<SockState>();
     // SAFETY: non-null storage returned by the kernel.
     if !st.is_null() && unsafe { (*st).flags } & sock_flags::ACCEPTED != 0 {
         return true;

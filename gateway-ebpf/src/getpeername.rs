@@ -1,8 +1,8 @@
 //! `cgroup/getpeername4|6`: a redirected socket reports its original destination, not the
 //! listener, so applications that log or check their peer keep working.
 use aya_ebpf::{
-    helpers::generated::bpf_get_socket_cookie, macros::cgroup_sock_addr,
-    programs::SockAddrContext, EbpfContext,
+    helpers::generated::bpf_get_socket_cookie, macros::cgroup_sock_addr, programs::SockAddrContext,
+    EbpfContext,
 };
 use gateway_common::AF_INET;
 

@@ -1,8 +1,8 @@
 //! The maps shared with the daemon. Layouts live in `gateway_common`.
 use aya_ebpf::{
     bindings::{bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, bpf_spin_lock},
-    helpers::generated::{bpf_spin_lock, bpf_spin_unlock},
     btf_maps::{Array, HashMap, LruPerCpuHashMap, RingBuf},
+    helpers::generated::{bpf_spin_lock, bpf_spin_unlock},
     macros::btf_map,
 };
 use gateway_common::{

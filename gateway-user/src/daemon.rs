@@ -389,7 +389,7 @@ pub fn settle_existing(
 
 /// Every proxied connection holds two descriptors (client and upstream): the soft limit goes
 /// up to the hard one, so the gateway is not the first to run out.
-fn raise_fd_limit() {
+pub fn raise_fd_limit() {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

@@ -4,8 +4,8 @@
 //! Content-Length next to Transfer-Encoding, bare LF line ends). The gateway refuses them
 //! instead, on every request head, not only the first: [`Guarded`] sits between the client
 //! socket and hyper and follows the message boundaries as the bytes go by (head, then a body of
-//! Content-Length bytes or chunks), checking each head with
-//! [`raw_head_error`](crate::http_proxy::raw_head_error). On a violation it stops the stream
+//! Content-Length bytes or chunks), checking each head with [`head_framing`], the same check
+//! the first head gets before hyper reads it. On a violation it stops the stream
 //! with an error, hyper drops the connection, and the reason is kept for the audit record.
 use std::{
     io,
@@ -15,8 +15,6 @@ use std::{
 };
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-
-use crate::http_proxy::raw_head_error;
 
 /// Longest request head accepted (request line and headers).
 pub const MAX_HEAD: usize = 16 * 1024;
@@ -31,32 +29,61 @@ pub enum Framing {
     Chunked,
 }
 
-/// The framing of a complete, already strictly checked head (`raw_head_error` is `None`).
+/// Checks a request head strictly and says how its body is delimited: no leading blank line,
+/// CRLF line ends only, no whitespace in or before a header name, one Content-Length (digits)
+/// or `Transfer-Encoding: chunked`, never both.
 pub fn head_framing(head: &[u8]) -> Result<Framing, &'static str> {
-    if let Some(problem) = raw_head_error(head) {
-        return Err(problem);
+    if head.first().is_some_and(|b| *b == b'\r' || *b == b'\n') {
+        return Err("leading_empty_line");
     }
-    let mut framing = Framing::None;
+    let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Err("incomplete_head");
+    };
+    let head = &head[..end + 2];
+    if head
+        .iter()
+        .enumerate()
+        .any(|(i, b)| *b == b'\n' && (i == 0 || head[i - 1] != b'\r'))
+    {
+        return Err("bare_lf_in_head");
+    }
+    let (mut length, mut lengths, mut codings) = (None, 0, Vec::new());
     for line in head.split(|b| *b == b'\n').skip(1) {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let Some(colon) = line.iter().position(|b| *b == b':') else {
+        if line.is_empty() {
             continue;
+        }
+        let Some(colon) = line.iter().position(|b| *b == b':') else {
+            return Err("malformed_header");
         };
         let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
+        if name.is_empty() || name.iter().any(u8::is_ascii_whitespace) {
+            return Err("whitespace_in_header_name");
+        }
         if name.eq_ignore_ascii_case(b"content-length") {
-            if value.is_empty() || !value.iter().all(u8::is_ascii_digit) || value.len() > 18 {
-                return Err("invalid_content_length");
-            }
-            let n = std::str::from_utf8(value)
+            lengths += 1;
+            length = std::str::from_utf8(value)
                 .ok()
-                .and_then(|v| v.parse().ok())
-                .ok_or("invalid_content_length")?;
-            framing = Framing::Length(n);
+                .filter(|v| !v.is_empty() && v.len() <= 18 && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<u64>().ok());
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            framing = Framing::Chunked;
+            codings.push(value);
         }
     }
-    Ok(framing)
+    if lengths > 1 {
+        return Err("duplicate_content_length");
+    }
+    if lengths == 1 && !codings.is_empty() {
+        return Err("content_length_with_transfer_encoding");
+    }
+    if codings.len() > 1 || codings.first().is_some_and(|v| *v != b"chunked") {
+        return Err("unsupported_transfer_encoding");
+    }
+    match (lengths, codings.is_empty()) {
+        (1, _) => length.map(Framing::Length).ok_or("invalid_content_length"),
+        (_, false) => Ok(Framing::Chunked),
+        _ => Ok(Framing::None),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -91,54 +91,9 @@ pub fn framing_error(headers: &HeaderMap) -> Option<&'static str> {
 
 /// The same strict check on the raw request head, before hyper parses it (hyper resolves a
 /// Content-Length/Transfer-Encoding conflict by itself; we refuse it). Also refuses bare-LF
-/// line endings and whitespace before a header's colon.
+/// line endings, whitespace before a header's colon and a Content-Length that is not a number.
 pub fn raw_head_error(head: &[u8]) -> Option<&'static str> {
-    if head.first().is_some_and(|b| *b == b'\r' || *b == b'\n') {
-        return Some("leading_empty_line");
-    }
-    let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return Some("incomplete_head");
-    };
-    let head = &head[..end + 2];
-    if head
-        .iter()
-        .enumerate()
-        .any(|(i, b)| *b == b'\n' && (i == 0 || head[i - 1] != b'\r'))
-    {
-        return Some("bare_lf_in_head");
-    }
-    let (mut cl, mut te) = (0, Vec::new());
-    for line in head.split(|b| *b == b'\n').skip(1) {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.is_empty() {
-            continue;
-        }
-        let Some(colon) = line.iter().position(|b| *b == b':') else {
-            return Some("malformed_header");
-        };
-        let name = &line[..colon];
-        if name.is_empty() || name.iter().any(u8::is_ascii_whitespace) {
-            return Some("whitespace_in_header_name");
-        }
-        let value = String::from_utf8_lossy(&line[colon + 1..])
-            .trim()
-            .to_owned();
-        if name.eq_ignore_ascii_case(b"content-length") {
-            cl += 1;
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            te.push(value);
-        }
-    }
-    if cl > 1 {
-        return Some("duplicate_content_length");
-    }
-    if cl == 1 && !te.is_empty() {
-        return Some("content_length_with_transfer_encoding");
-    }
-    if te.len() > 1 || te.first().is_some_and(|v| v != "chunked") {
-        return Some("unsupported_transfer_encoding");
-    }
-    None
+    crate::framing::head_framing(head).err()
 }
 
 /// Removes hop-by-hop headers and every header the Connection header names.
@@ -203,14 +158,7 @@ pub async fn serve(conn: Conn, client: TcpStream) {
         return;
     }
     let conn = Arc::new(conn);
-    let for_audit = Arc::clone(&conn);
-    let handled = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let seen = Arc::clone(&handled);
-    let service = hyper::service::service_fn(move |req| {
-        let conn = Arc::clone(&conn);
-        seen.store(true, std::sync::atomic::Ordering::Relaxed);
-        async move { Ok::<_, Infallible>(handle(&conn, req).await) }
-    });
+    let (service, handled) = request_service(Arc::clone(&conn));
     let refused = Arc::new(std::sync::OnceLock::new());
     let guarded = Guarded::new(client, Arc::clone(&refused));
     let result = hyper::server::conn::http1::Builder::new()
@@ -221,12 +169,9 @@ pub async fn serve(conn: Conn, client: TcpStream) {
         .await;
     if let Some(reason) = refused.get() {
         tracing::info!(reason, "request framing refused; connection closed");
-        early_record(&for_audit, reason, 400);
-    } else if let Err(e) = result {
-        tracing::debug!(error = %e, "client connection ended with an error");
-        if !handled.load(std::sync::atomic::Ordering::Relaxed) {
-            early_record(&for_audit, "request_unparsable", 400);
-        }
+        early_record(&conn, reason, 400);
+    } else {
+        connection_ended(&conn, result, &handled);
     }
 }
 
@@ -234,7 +179,28 @@ pub async fn serve(conn: Conn, client: TcpStream) {
 /// decided and audited on its own.
 pub async fn serve_h2(conn: Conn, client: TcpStream) {
     let conn = Arc::new(conn);
-    let for_audit = Arc::clone(&conn);
+    let (service, handled) = request_service(Arc::clone(&conn));
+    let result = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(64)
+        .serve_connection(TokioIo::new(client), service)
+        .await;
+    connection_ended(&conn, result, &handled);
+}
+
+/// Each request of a client connection, decided and audited on its own; the flag says whether
+/// any request got that far.
+fn request_service(
+    conn: Arc<Conn>,
+) -> (
+    impl hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<Body>,
+            Error = Infallible,
+            Future = impl std::future::Future<Output = Result<Response<Body>, Infallible>> + Send,
+        > + Clone,
+    Arc<std::sync::atomic::AtomicBool>,
+) {
     let handled = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let seen = Arc::clone(&handled);
     let service = hyper::service::service_fn(move |req| {
@@ -242,15 +208,19 @@ pub async fn serve_h2(conn: Conn, client: TcpStream) {
         seen.store(true, std::sync::atomic::Ordering::Relaxed);
         async move { Ok::<_, Infallible>(handle(&conn, req).await) }
     });
-    let result = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(64)
-        .serve_connection(TokioIo::new(client), service)
-        .await;
+    (service, handled)
+}
+
+/// A connection hyper gave up on before any request was decided gets its audit record.
+fn connection_ended(
+    conn: &Conn,
+    result: Result<(), hyper::Error>,
+    handled: &std::sync::atomic::AtomicBool,
+) {
     if let Err(e) = result {
-        tracing::debug!(error = %e, "HTTP/2 client connection ended with an error");
+        tracing::debug!(error = %e, "client connection ended with an error");
         if !handled.load(std::sync::atomic::Ordering::Relaxed) {
-            early_record(&for_audit, "request_unparsable", 400);
+            early_record(conn, "request_unparsable", 400);
         }
     }
 }

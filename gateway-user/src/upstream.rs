@@ -316,7 +316,8 @@ impl Upstreams {
     }
 
     /// The number of namespaces with a pool.
-    pub fn pooled_namespaces(&self) -> usize {
+    #[cfg(test)]
+    fn pooled_namespaces(&self) -> usize {
         let clients = self
             .clients
             .lock()

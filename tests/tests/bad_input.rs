@@ -220,3 +220,74 @@ fn unreadable_policies_and_impossible_selectors_are_named() {
     );
     assert_nothing_attached(&env);
 }
+
+/// Creates an array map with the given shape and pins it at `path` (raw bpf(2): the test makes
+/// what an older or foreign build could have left behind).
+fn pin_array(path: &std::path::Path, value_size: u32, max_entries: u32, flags: u32) {
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    let mut attr = [0u32; 32];
+    attr[..5].copy_from_slice(&[BPF_MAP_TYPE_ARRAY, 4, value_size, max_entries, flags]);
+    // SAFETY: bpf(2) with a zeroed, large enough attribute block.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    assert!(fd >= 0, "map create: {}", std::io::Error::last_os_error());
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("maps dir");
+    let name = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+    let mut pin = [0u64; 4];
+    pin[0] = name.as_ptr() as u64;
+    pin[1] = u64::try_from(fd).expect("fd");
+    // SAFETY: bpf(2) with a pathname that outlives the call and the map's fd.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            pin.as_ptr(),
+            std::mem::size_of_val(&pin),
+        )
+    };
+    assert_eq!(r, 0, "pin: {}", std::io::Error::last_os_error());
+    // SAFETY: our own fd; the pin keeps the map.
+    unsafe { libc::close(i32::try_from(fd).expect("fd")) };
+}
+
+#[test]
+fn a_pinned_map_of_another_layout_is_refused_not_adopted() {
+    let env = TestEnv::new("maplayout");
+    let origins = env.dir.join("bpffs/tollgate/maps/TG_ORIGINS");
+    // Type, key, value size and capacity all as this build expects; only the flags differ
+    // (BPF_F_MMAPABLE), so every part of the check must hold for the refusal.
+    pin_array(&origins, 104, 65_536, 1 << 10);
+    let (ok, stderr) = run_once(&env);
+    assert!(!ok, "started on a foreign map: {stderr}");
+    let line = error_line(&stderr);
+    assert!(
+        line.contains("TG_ORIGINS") && line.contains("different layout"),
+        "{line}"
+    );
+    assert!(origins.exists(), "someone else's pin is left alone");
+    let counts = env.attachments();
+    assert!(
+        counts.as_object().expect("counts").values().all(|n| n == 0),
+        "nothing attached: {counts}"
+    );
+    assert!(
+        !env.dir.join("bpffs/tollgate/links").exists(),
+        "no links pinned"
+    );
+    // Control: without the foreign map the same environment starts and enforces.
+    std::fs::remove_file(&origins).expect("unpin");
+    let _d = env.start();
+    let counts = env.attachments();
+    assert!(
+        counts.as_object().expect("counts").values().all(|n| n == 1),
+        "attached once each: {counts}"
+    );
+}

@@ -81,14 +81,10 @@ fn connect_loop(addr: SocketAddr, n: usize, reset: bool) -> Value {
     json!({ "n": ns.len(), "failures": failures, "p50": percentile(&ns, 0.5), "p90": percentile(&ns, 0.9), "p99": percentile(&ns, 0.99) })
 }
 
-fn run_loop(cgroup: Option<&Path>, addr: SocketAddr, n: usize, reset: bool) -> Value {
+/// Runs this binary again in child mode `args`, in `cgroup` if given; its JSON answer.
+fn child(cgroup: Option<&Path>, args: &[&str]) -> Value {
     let mut cmd = Command::new(std::env::current_exe().expect("exe"));
-    cmd.args([
-        "connect-loop",
-        &addr.to_string(),
-        &n.to_string(),
-        if reset { "reset" } else { "fin" },
-    ]);
+    cmd.args(args);
     if let Some(cg) = cgroup {
         join_before_exec(&mut cmd, cg);
     }
@@ -97,21 +93,17 @@ fn run_loop(cgroup: Option<&Path>, addr: SocketAddr, n: usize, reset: bool) -> V
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)))
 }
 
+fn run_loop(cgroup: Option<&Path>, addr: SocketAddr, n: usize, reset: bool) -> Value {
+    let (addr, n) = (addr.to_string(), n.to_string());
+    let close = if reset { "reset" } else { "fin" };
+    child(cgroup, &["connect-loop", &addr, &n, close])
+}
+
 /// Child mode: `idle-conns ADDR N` — opens N connections, sends one request on each (a cheap
 /// 403 that keeps the connection alive), prints `ready` and holds them until stdin closes.
 fn idle_conns(target: SocketAddr, n: usize) {
     use std::io::{Read, Write};
-    // SAFETY: getrlimit/setrlimit with a valid struct.
-    unsafe {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
+    gateway_user::daemon::raise_fd_limit();
     let mut held = Vec::with_capacity(n);
     let mut buf = [0u8; 4096];
     for _ in 0..n {
@@ -459,21 +451,12 @@ fn http_load(
     secs: u64,
     keepalive: bool,
 ) -> Value {
-    let mut cmd = Command::new(std::env::current_exe().expect("exe"));
-    cmd.args([
-        "http-load",
-        &target.to_string(),
-        "127.0.0.1",
-        &rate.to_string(),
-        &secs.to_string(),
-        if keepalive { "keepalive" } else { "close" },
-    ]);
-    if let Some(cg) = cgroup {
-        join_before_exec(&mut cmd, cg);
-    }
-    let out = cmd.output().expect("load child");
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)))
+    let (target, rate, secs) = (target.to_string(), rate.to_string(), secs.to_string());
+    let mode = if keepalive { "keepalive" } else { "close" };
+    child(
+        cgroup,
+        &["http-load", &target, "127.0.0.1", &rate, &secs, mode],
+    )
 }
 
 fn rss_kib(pid: i32, field: &str) -> u64 {
