@@ -3,7 +3,11 @@ use std::{
     fs::{File, OpenOptions},
     io::Write,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc::{Receiver, SyncSender, TrySendError},
+        Arc,
+    },
 };
 
 use serde::Serialize;
@@ -162,16 +166,32 @@ pub enum AuditError {
     },
     #[error("cannot write audit log: {0}")]
     Write(#[source] std::io::Error),
+    #[error("audit log writer is {QUEUE} records behind")]
+    Backlog,
 }
 
-/// The audit sink. Writes are line-atomic (one `write` per record) and flushed at once.
+/// The audit sink. Records are serialized by the caller and written by one writer thread, in
+/// order, each line whole: a record costs the request path a serialization and a channel send,
+/// not a file write. The writer takes every line queued at the time in one `write`.
+///
+/// Whether the last write succeeded is kept: while it did not (or the queue is full), allowing
+/// is refused (fail closed) unless the operator chose `audit_failure: allow`. [`AuditLog::flush`]
+/// waits until everything queued before it is written; the daemon calls it before it exits.
 #[derive(Clone, Debug)]
 pub struct AuditLog {
-    file: Arc<Mutex<File>>,
-    /// Whether the last write succeeded. While it did not, allowing is refused (fail closed)
-    /// unless the operator chose `audit_failure: allow`.
-    healthy: Arc<std::sync::atomic::AtomicBool>,
+    queue: SyncSender<Message>,
+    healthy: Arc<AtomicBool>,
 }
+
+enum Message {
+    Line(Vec<u8>),
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
+/// Records waiting for the writer; beyond this the sink counts as failing.
+const QUEUE: usize = 65_536;
+/// At most this much is gathered into one write.
+const BATCH: usize = 256 * 1024;
 
 impl AuditLog {
     pub fn open(path: &Path) -> Result<Self, AuditError> {
@@ -186,34 +206,100 @@ impl AuditLog {
                 path: path.to_owned(),
                 source,
             })?;
-        Ok(Self {
-            file: Arc::new(Mutex::new(file)),
-            healthy: Arc::new(std::sync::atomic::AtomicBool::new(true)),
-        })
+        let (queue, lines) = std::sync::mpsc::sync_channel(QUEUE);
+        let healthy = Arc::new(AtomicBool::new(true));
+        let writer_health = Arc::clone(&healthy);
+        std::thread::Builder::new()
+            .name("tollgate-audit".into())
+            .spawn(move || write_lines(file, &lines, &writer_health))
+            .map_err(|source| AuditError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        Ok(Self { queue, healthy })
     }
 
     /// Whether the audit sink took the last record.
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(std::sync::atomic::Ordering::Relaxed)
+        self.healthy.load(Ordering::Relaxed)
     }
 
+    /// Queues one record for the writer.
     pub fn write(&self, record: &AuditRecord) -> Result<(), AuditError> {
         let mut line = serde_json::to_vec(record).map_err(|e| AuditError::Write(e.into()))?;
         line.push(b'\n');
-        let mut file = self
-            .file
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let result = file.write_all(&line).map_err(AuditError::Write);
-        self.healthy
-            .store(result.is_ok(), std::sync::atomic::Ordering::Relaxed);
-        result
+        match self.queue.try_send(Message::Line(line)) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => {
+                self.healthy.store(false, Ordering::Relaxed);
+                Err(AuditError::Backlog)
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                self.healthy.store(false, Ordering::Relaxed);
+                Err(AuditError::Write(std::io::Error::other(
+                    "the audit writer stopped",
+                )))
+            }
+        }
     }
 
     /// Writes, logging (never panicking) if the sink fails.
     pub fn emit(&self, record: &AuditRecord) {
         if let Err(e) = self.write(record) {
             tracing::error!(error = %e, "audit record lost");
+        }
+    }
+
+    /// Waits (up to `timeout`) until every record queued before this call is written.
+    pub fn flush(&self, timeout: std::time::Duration) -> bool {
+        let (done, written) = std::sync::mpsc::channel();
+        self.queue.send(Message::Flush(done)).is_ok() && written.recv_timeout(timeout).is_ok()
+    }
+}
+
+/// Flushes the log when dropped, so records queued before a return or an error are written
+/// before the process exits.
+pub struct FlushOnDrop(pub AuditLog);
+
+impl Drop for FlushOnDrop {
+    fn drop(&mut self) {
+        if !self.0.flush(std::time::Duration::from_secs(5)) {
+            tracing::error!("audit records may be lost: the writer did not finish in time");
+        }
+    }
+}
+
+/// The writer thread: blocks for a line, takes whatever else is queued, writes it in one go.
+fn write_lines(mut file: File, queue: &Receiver<Message>, healthy: &AtomicBool) {
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut waiting = Vec::new();
+    while let Ok(first) = queue.recv() {
+        let mut next = Some(first);
+        let mut lines = 0usize;
+        while let Some(message) = next.take() {
+            match message {
+                Message::Line(line) => {
+                    batch.extend_from_slice(&line);
+                    lines += 1;
+                }
+                Message::Flush(done) => waiting.push(done),
+            }
+            if batch.len() < BATCH {
+                next = queue.try_recv().ok();
+            }
+        }
+        if !batch.is_empty() {
+            match file.write_all(&batch) {
+                Ok(()) => healthy.store(true, Ordering::Relaxed),
+                Err(e) => {
+                    healthy.store(false, Ordering::Relaxed);
+                    tracing::error!(error = %e, lines, "audit records lost: cannot write audit log");
+                }
+            }
+            batch.clear();
+        }
+        for done in waiting.drain(..) {
+            let _ = done.send(());
         }
     }
 }
@@ -267,6 +353,7 @@ mod tests {
         let mut r = AuditRecord::new(Verdict::Deny, Layer::Connect, "no_rule_matched");
         r.policy = Some("p".into());
         log.write(&r).expect("write");
+        assert!(log.flush(std::time::Duration::from_secs(5)), "flushed");
         let text = std::fs::read_to_string(&path).expect("read");
         let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(text.lines().count(), 1);

@@ -425,9 +425,10 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> Result<(), RunError> {
     let _lock = lock(config)?;
     let gateway_cgroup_id = enter_gateway_cgroup(config, &pre.cgroup_mount)?;
     let audit = AuditLog::open(&config.audit_log)?;
+    let _written_before_exit = crate::audit::FlushOnDrop(audit.clone());
     raise_fd_limit();
+    // One worker thread per CPU the daemon may run on (TOKIO_WORKER_THREADS overrides).
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
         .enable_all()
         .build()?;
     let _enter = runtime.enter();

@@ -4,7 +4,7 @@
 use std::{
     convert::Infallible,
     net::SocketAddr,
-    sync::Arc,
+    sync::{atomic::AtomicU64, Arc},
     time::{Duration, Instant},
 };
 
@@ -16,7 +16,9 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use crate::{
-    audit::{AuditRecord, HttpRecord, Layer, Verdict},
+    audit::{AuditRecord, HttpRecord, Layer, Verdict, WorkloadRecord},
+    audited::{Audited, Counted},
+    container::Placement,
     credentials::Inject,
     framing::Guarded,
     identity::WorkloadId,
@@ -56,6 +58,40 @@ pub struct Conn {
     pub netns_cookie: u64,
     pub workload: WorkloadId,
     pub orig: SocketAddr,
+    /// What every record of this connection says of the workload, and where its cgroup path
+    /// places it: derived once, not per request.
+    record: WorkloadRecord,
+    placement: Placement,
+}
+
+impl Conn {
+    pub fn new(
+        gateway: Arc<Gateway>,
+        ns: Arc<Netns>,
+        netns_cookie: u64,
+        workload: WorkloadId,
+        orig: SocketAddr,
+    ) -> Self {
+        Self {
+            record: workload.record(),
+            placement: workload.placement(),
+            gateway,
+            ns,
+            netns_cookie,
+            workload,
+            orig,
+        }
+    }
+
+    /// A request record of this connection, before anything is decided.
+    fn request_record(&self, reason: &str) -> AuditRecord {
+        let mut record = AuditRecord::new(Verdict::Deny, Layer::Request, reason);
+        record.workload = self.record.clone();
+        record.dst.orig_ip = Some(self.orig.ip().to_string());
+        record.dst.orig_port = Some(self.orig.port());
+        record.dst.protocol = Some("http");
+        record
+    }
 }
 
 fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
@@ -227,11 +263,7 @@ fn connection_ended(
 
 /// The audit record of a connection that ended before a request could be decided.
 fn early_record(conn: &Conn, reason: &str, status: u16) {
-    let mut record = AuditRecord::new(Verdict::Deny, Layer::Request, reason);
-    record.workload = conn.workload.record();
-    record.dst.orig_ip = Some(conn.orig.ip().to_string());
-    record.dst.orig_port = Some(conn.orig.port());
-    record.dst.protocol = Some("http");
+    let mut record = conn.request_record(reason);
     record.http = Some(HttpRecord {
         method: String::new(),
         path: None,
@@ -242,20 +274,23 @@ fn early_record(conn: &Conn, reason: &str, status: u16) {
 
 async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
-    let mut record = AuditRecord::new(Verdict::Deny, Layer::Request, "");
-    record.workload = conn.workload.record();
-    record.dst.orig_ip = Some(conn.orig.ip().to_string());
-    record.dst.orig_port = Some(conn.orig.port());
-    record.dst.protocol = Some("http");
+    let mut record = conn.request_record("");
     let mut http = HttpRecord {
         method: req.method().to_string(),
         path: None,
         status: 0,
     };
-    let (response, credential) = decide_and_forward(conn, req, &mut record, &mut http).await;
+    let sent = Arc::new(AtomicU64::new(0));
+    let (response, credential) = decide_and_forward(conn, req, &mut record, &mut http, &sent).await;
     http.status = response.status().as_u16();
     record.http = Some(http);
     record.credential = credential;
+    if matches!(record.decision, Verdict::Allow | Verdict::WouldDeny) {
+        // Forwarded: the record is written when the response ends.
+        let (parts, body) = response.into_parts();
+        let body = Audited::new(body, record, conn.gateway.audit.clone(), sent, started);
+        return Response::from_parts(parts, body.boxed());
+    }
     record.duration_ms = Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
     conn.gateway.audit.emit(&record);
     response
@@ -281,6 +316,7 @@ async fn decide_and_forward(
     req: Request<Incoming>,
     record: &mut AuditRecord,
     http: &mut HttpRecord,
+    sent: &Arc<AtomicU64>,
 ) -> (Response<Body>, Option<String>) {
     if let Some(reason) = framing_error(req.headers()) {
         return (refuse(record, StatusCode::BAD_REQUEST, reason, None), None);
@@ -336,8 +372,7 @@ async fn decide_and_forward(
     };
     http.path = Some(path.clone());
 
-    let placement = conn.workload.placement();
-    let Some(view) = conn.workload.view(&placement) else {
+    let Some(view) = conn.workload.view(&conn.placement) else {
         return (
             refuse(
                 record,
@@ -562,6 +597,7 @@ async fn decide_and_forward(
         .gateway
         .upstreams
         .client(&conn.ns, conn.netns_cookie, route.allow_private);
+    let body = Counted::new(body, Arc::clone(sent)).boxed();
     match client.request(Request::from_parts(parts, body)).await {
         Ok(resp) => {
             record.decision = verdict;

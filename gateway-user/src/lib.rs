@@ -1,6 +1,7 @@
 //! Tollgate's daemon and CLI: the listener that redirected connections reach, identity,
 //! policy, audit, and the kernel side's lifecycle.
 pub mod audit;
+pub mod audited;
 pub mod bpf_sys;
 pub mod btf;
 pub mod cgroup;

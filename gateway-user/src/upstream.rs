@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use hyper::{body::Incoming, Uri};
+use hyper::Uri;
 use hyper_util::{
     client::legacy::{
         connect::{Connected, Connection},
@@ -234,7 +234,7 @@ impl Connector {
     }
 }
 
-pub type HttpClient = Client<Connector, Incoming>;
+pub type HttpClient = Client<Connector, crate::http_proxy::Body>;
 
 /// One pooled client per network namespace.
 pub struct Upstreams {

@@ -1,0 +1,259 @@
+//! The bodies of a forwarded request: the request body counts what goes upstream, and the
+//! response body writes the request's audit record when the exchange ends (the last byte
+//! passed, the stream failed, or the client went away), with the bytes both ways and the
+//! whole duration. The file write is not on the path of the response.
+use std::{
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use bytes::{Buf, Bytes};
+use hyper::body::{Body, Frame, SizeHint};
+
+use crate::audit::{AuditLog, AuditRecord, Verdict};
+
+/// Counts the data bytes of `inner` into a shared counter.
+pub struct Counted<B> {
+    inner: B,
+    count: Arc<AtomicU64>,
+}
+
+impl<B> Counted<B> {
+    pub fn new(inner: B, count: Arc<AtomicU64>) -> Self {
+        Self { inner, count }
+    }
+}
+
+impl<B> Body for Counted<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.count
+                    .fetch_add(data.remaining() as u64, Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body that writes its request's record once, when the exchange ends.
+pub struct Audited<B> {
+    inner: B,
+    received: u64,
+    pending: Option<Pending>,
+}
+
+struct Pending {
+    record: AuditRecord,
+    audit: AuditLog,
+    sent: Arc<AtomicU64>,
+    started: Instant,
+}
+
+impl<B> Audited<B> {
+    /// `sent`: the request body's counter; `started`: when the request arrived.
+    pub fn new(
+        inner: B,
+        record: AuditRecord,
+        audit: AuditLog,
+        sent: Arc<AtomicU64>,
+        started: Instant,
+    ) -> Self {
+        Self {
+            inner,
+            received: 0,
+            pending: Some(Pending {
+                record,
+                audit,
+                sent,
+                started,
+            }),
+        }
+    }
+
+    fn finish(&mut self, failed: bool) {
+        let Some(Pending {
+            mut record,
+            audit,
+            sent,
+            started,
+        }) = self.pending.take()
+        else {
+            return;
+        };
+        if failed {
+            record.decision = Verdict::Error;
+            record.reason = "upstream_stream_failed".into();
+        }
+        record.bytes_up = Some(sent.load(Ordering::Relaxed));
+        record.bytes_down = Some(self.received);
+        record.duration_ms = Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
+        audit.emit(&record);
+    }
+}
+
+impl<B> Drop for Audited<B> {
+    fn drop(&mut self) {
+        self.finish(false);
+    }
+}
+
+impl<B> Body for Audited<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.received += data.remaining() as u64;
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.finish(true),
+            Poll::Ready(None) => this.finish(false),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::{BodyExt, Full, StreamBody};
+
+    use super::*;
+    use crate::audit::Layer;
+
+    fn log() -> (AuditLog, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "tg-audited-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let path = dir.join("a.jsonl");
+        (AuditLog::open(&path).expect("open"), dir)
+    }
+
+    fn records(audit: &AuditLog, dir: &std::path::Path) -> Vec<serde_json::Value> {
+        assert!(audit.flush(std::time::Duration::from_secs(5)), "flushed");
+        let text = std::fs::read_to_string(dir.join("a.jsonl")).unwrap_or_default();
+        let _ = std::fs::remove_dir_all(dir);
+        text.lines()
+            .map(|l| serde_json::from_str(l).expect("json"))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn one_record_with_both_byte_counts_when_the_body_ends() {
+        let (audit, dir) = log();
+        let sent = Arc::new(AtomicU64::new(0));
+        let up = Counted::new(Full::new(Bytes::from_static(b"hello")), Arc::clone(&sent));
+        assert_eq!(up.size_hint().exact(), Some(5), "framing is kept");
+        let _ = up.collect().await;
+        let record = AuditRecord::new(Verdict::Allow, Layer::Request, "rule_matched");
+        let body = Audited::new(
+            Full::new(Bytes::from_static(b"0123456789")),
+            record,
+            audit.clone(),
+            sent,
+            Instant::now(),
+        );
+        let got = body.collect().await.expect("body").to_bytes();
+        assert_eq!(&got[..], b"0123456789");
+        let recs = records(&audit, &dir);
+        assert_eq!(recs.len(), 1, "{recs:?}");
+        assert_eq!(recs[0]["bytes_up"], 5);
+        assert_eq!(recs[0]["bytes_down"], 10);
+        assert_eq!(recs[0]["decision"], "allow");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_or_failed_stream_still_writes_one_record() {
+        let (audit, dir) = log();
+        let record = AuditRecord::new(Verdict::Allow, Layer::Request, "rule_matched");
+        // The client goes away after the first chunk of a stream.
+        let chunks: Vec<Result<Frame<Bytes>, std::io::Error>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"data: 1\n\n"))),
+            Err(std::io::Error::other("reset")),
+        ];
+        let mut body = Audited::new(
+            StreamBody::new(futures_stream(chunks.into_iter().take(1).collect())),
+            record.clone(),
+            audit.clone(),
+            Arc::default(),
+            Instant::now(),
+        );
+        let first = body.frame().await.expect("a frame").expect("ok");
+        assert!(first.is_data());
+        drop(body);
+        let failing = Audited::new(
+            StreamBody::new(futures_stream(vec![
+                Ok(Frame::data(Bytes::from_static(b"ab"))),
+                Err(std::io::Error::other("reset")),
+            ])),
+            record,
+            audit.clone(),
+            Arc::default(),
+            Instant::now(),
+        );
+        assert!(failing.collect().await.is_err());
+        let recs = records(&audit, &dir);
+        assert_eq!(recs.len(), 2, "{recs:?}");
+        assert_eq!(recs[0]["bytes_down"], 9);
+        assert_eq!(recs[0]["decision"], "allow");
+        assert_eq!(recs[1]["bytes_down"], 2);
+        assert_eq!(recs[1]["decision"], "error");
+        assert_eq!(recs[1]["reason"], "upstream_stream_failed");
+    }
+
+    /// A stream of ready items, without a dependency on a streams crate.
+    fn futures_stream<T: Unpin>(items: Vec<T>) -> impl futures_core::Stream<Item = T> + Unpin {
+        struct Ready<T>(std::collections::VecDeque<T>);
+        impl<T: Unpin> futures_core::Stream for Ready<T> {
+            type Item = T;
+            fn poll_next(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<T>> {
+                Poll::Ready(self.0.pop_front())
+            }
+        }
+        Ready(items.into())
+    }
+}
