@@ -483,7 +483,7 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> Result<(), RunError> {
         credentials: RwLock::new(Arc::new(pre.credentials)),
         upstreams,
         audit: audit.clone(),
-        exe_cache: crate::identity::ExeHashCache::default(),
+        identities: crate::identity::IdentityCache::default(),
     });
     let namespaces = Arc::new(Namespaces::new(Arc::clone(&gateway), accepted)?);
     runtime.block_on(async {

@@ -6,6 +6,7 @@ use std::{
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::Mutex,
+    time::{Duration, Instant},
 };
 
 use gateway_common::SockState;
@@ -138,8 +139,83 @@ impl ExeHashCache {
     }
 }
 
+/// What a connection's identity needs from outside the kernel's record, kept for a short
+/// while so that a process opening many connections does not pay /proc and cgroup lookups for
+/// each: the executable of a task (keyed by tgid, tid and the kernel-recorded start time, so a
+/// reused pid never hits) and the path of a cgroup id (ids are never reused). Only what was
+/// verified is kept. An exec within the time to live is attributed to the previous executable;
+/// `exe` is a narrowing selector, and exec cannot widen what the cgroup's policy allows (see
+/// ARCHITECTURE.md).
+pub struct IdentityCache {
+    ttl: Duration,
+    pub exe_hashes: ExeHashCache,
+    tasks: Mutex<HashMap<(u32, u32, u64), (Instant, Executable)>>,
+    cgroups: Mutex<HashMap<u64, (Instant, CgroupPath)>>,
+}
+
+#[derive(Clone)]
+struct Executable {
+    path: Option<PathBuf>,
+    sha256: Option<String>,
+}
+
+/// Entries beyond this are dropped, expired ones first.
+const CACHE_ENTRIES: usize = 4096;
+
+impl Default for IdentityCache {
+    fn default() -> Self {
+        Self::with_ttl(Duration::from_secs(1))
+    }
+}
+
+impl IdentityCache {
+    pub fn with_ttl(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            exe_hashes: ExeHashCache::default(),
+            tasks: Mutex::default(),
+            cgroups: Mutex::default(),
+        }
+    }
+
+    fn get<K: Eq + std::hash::Hash, V: Clone>(
+        &self,
+        map: &Mutex<HashMap<K, (Instant, V)>>,
+        key: &K,
+    ) -> Option<V> {
+        let map = map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.get(key)
+            .filter(|(at, _)| at.elapsed() < self.ttl)
+            .map(|(_, v)| v.clone())
+    }
+
+    fn put<K: Eq + std::hash::Hash, V>(&self, map: &Mutex<HashMap<K, (Instant, V)>>, key: K, v: V) {
+        let mut map = map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if map.len() >= CACHE_ENTRIES {
+            map.retain(|_, (at, _)| at.elapsed() < self.ttl);
+            if map.len() >= CACHE_ENTRIES {
+                map.clear();
+            }
+        }
+        map.insert(key, (Instant::now(), v));
+    }
+
+    fn cgroup_path(&self, mount: &Path, id: u64) -> Option<CgroupPath> {
+        if let Some(path) = self.get(&self.cgroups, &id) {
+            return Some(path);
+        }
+        let path = crate::cgroup::path_of_id(mount, id)?;
+        self.put(&self.cgroups, id, path.clone());
+        Some(path)
+    }
+}
+
 /// Builds the identity of a redirected connection from its kernel-recorded origin.
-pub fn resolve(origin: &SockState, cgroup_mount: &Path, cache: &ExeHashCache) -> WorkloadId {
+pub fn resolve(origin: &SockState, cgroup_mount: &Path, cache: &IdentityCache) -> WorkloadId {
     let mut id = WorkloadId {
         pid: origin.pid,
         tgid: origin.tgid,
@@ -148,11 +224,18 @@ pub fn resolve(origin: &SockState, cgroup_mount: &Path, cache: &ExeHashCache) ->
         gid: origin.gid,
         comm: comm_str(&origin.comm),
         cgroup_id: origin.cgroup_id,
-        cgroup: crate::cgroup::path_of_id(cgroup_mount, origin.cgroup_id),
+        cgroup: cache.cgroup_path(cgroup_mount, origin.cgroup_id),
         exe: None,
         exe_sha256: None,
         verified: false,
     };
+    let task = (origin.tgid, origin.pid, origin.start_boottime_ns);
+    if let Some(exe) = cache.get(&cache.tasks, &task) {
+        id.exe = exe.path;
+        id.exe_sha256 = exe.sha256;
+        id.verified = true;
+        return id;
+    }
     let stat = std::fs::read_to_string(format!("/proc/{}/task/{}/stat", origin.tgid, origin.pid));
     let verified = stat
         .ok()
@@ -163,7 +246,7 @@ pub fn resolve(origin: &SockState, cgroup_mount: &Path, cache: &ExeHashCache) ->
     }
     let proc_exe = PathBuf::from(format!("/proc/{}/exe", origin.tgid));
     id.exe = std::fs::read_link(&proc_exe).ok();
-    id.exe_sha256 = cache.hash(&proc_exe);
+    id.exe_sha256 = cache.exe_hashes.hash(&proc_exe);
     // Re-check after reading: if the task changed meanwhile, drop what /proc said.
     let still = std::fs::read_to_string(format!("/proc/{}/task/{}/stat", origin.tgid, origin.pid))
         .ok()
@@ -171,6 +254,11 @@ pub fn resolve(origin: &SockState, cgroup_mount: &Path, cache: &ExeHashCache) ->
         .is_some_and(|ticks| same_start(origin.start_boottime_ns, ticks, clock_ticks()));
     if still {
         id.verified = true;
+        let exe = Executable {
+            path: id.exe.clone(),
+            sha256: id.exe_sha256.clone(),
+        };
+        cache.put(&cache.tasks, task, exe);
     } else {
         id.exe = None;
         id.exe_sha256 = None;
@@ -212,5 +300,50 @@ mod tests {
         let b = cache.hash(Path::new("/proc/self/exe")).expect("hash");
         assert_eq!(a.len(), 64);
         assert_eq!(a, b);
+    }
+
+    /// This thread, as the kernel would record it at connect().
+    fn own_origin() -> SockState {
+        let me = std::process::id();
+        // SAFETY: gettid has no preconditions.
+        let tid = u32::try_from(unsafe { libc::gettid() }).expect("tid");
+        let stat = std::fs::read_to_string(format!("/proc/{me}/task/{tid}/stat")).expect("stat");
+        let ticks = stat_starttime(&stat).expect("starttime");
+        SockState {
+            pid: tid,
+            tgid: me,
+            start_boottime_ns: ticks * (1_000_000_000 / clock_ticks()),
+            ..SockState::default()
+        }
+    }
+
+    #[test]
+    fn a_task_is_looked_up_once_per_time_to_live_and_a_reused_pid_never_hits() {
+        let origin = own_origin();
+        let mount = Path::new("/nonexistent");
+        let cache = IdentityCache::with_ttl(Duration::from_secs(60));
+        let first = resolve(&origin, mount, &cache);
+        assert!(first.verified && first.exe.is_some(), "own task resolves");
+        assert_eq!(cache.tasks.lock().expect("lock").len(), 1);
+        let again = resolve(&origin, mount, &cache);
+        assert_eq!((again.exe, again.exe_sha256), (first.exe, first.exe_sha256));
+        // Another start time under the same ids (a reused pid) misses, and /proc does not
+        // show that task: nothing is verified, nothing is cached.
+        let reused = SockState {
+            start_boottime_ns: origin.start_boottime_ns + 1_000_000_000,
+            ..origin
+        };
+        let other = resolve(&reused, mount, &cache);
+        assert!(!other.verified && other.exe.is_none());
+        assert_eq!(cache.tasks.lock().expect("lock").len(), 1);
+        // Expired entries are not used: with no time to live every lookup asks /proc.
+        let fresh = IdentityCache::with_ttl(Duration::ZERO);
+        resolve(&origin, mount, &fresh);
+        assert!(fresh
+            .get(
+                &fresh.tasks,
+                &(origin.tgid, origin.pid, origin.start_boottime_ns)
+            )
+            .is_none());
     }
 }

@@ -16,7 +16,7 @@ use crate::{
     audit::{AuditLog, AuditRecord, DstRecord, Layer, Verdict, WorkloadRecord},
     config::Config,
     credentials::Credentials,
-    identity::{self, ExeHashCache},
+    identity::{self, IdentityCache},
     netns::Netns,
     policy::{Decision, PolicySet},
     sockdiag,
@@ -33,7 +33,7 @@ pub struct Gateway {
     pub credentials: RwLock<Arc<Credentials>>,
     pub upstreams: Upstreams,
     pub audit: AuditLog,
-    pub exe_cache: ExeHashCache,
+    pub identities: IdentityCache,
 }
 
 /// Why a connection to the listener was refused before policy.
@@ -154,7 +154,7 @@ impl Gateway {
                 return;
             }
         };
-        let id = identity::resolve(&origin, &self.cgroup_mount, &self.exe_cache);
+        let id = identity::resolve(&origin, &self.cgroup_mount, &self.identities);
         let dst = orig_dst(&origin);
         let mut record = AuditRecord::new(Verdict::Deny, Layer::Connect, "");
         record.workload = id.record();
