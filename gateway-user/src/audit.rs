@@ -5,7 +5,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
-        mpsc::{Receiver, SyncSender, TrySendError},
+        mpsc::{Receiver, SyncSender, TryRecvError, TrySendError},
         Arc,
     },
 };
@@ -190,6 +190,8 @@ enum Message {
 
 /// Records waiting for the writer; beyond this the sink counts as failing.
 const QUEUE: usize = 65_536;
+/// How long the writer waits for more records after a write before it blocks again.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(1);
 /// At most this much is gathered into one write.
 const BATCH: usize = 256 * 1024;
 
@@ -273,8 +275,9 @@ impl Drop for FlushOnDrop {
 fn write_lines(mut file: File, queue: &Receiver<Message>, healthy: &AtomicBool) {
     let mut batch = Vec::with_capacity(BATCH);
     let mut waiting = Vec::new();
-    while let Ok(first) = queue.recv() {
-        let mut next = Some(first);
+    let mut first = queue.recv().ok();
+    while let Some(message) = first {
+        let mut next = Some(message);
         let mut lines = 0usize;
         while let Some(message) = next.take() {
             match message {
@@ -301,6 +304,14 @@ fn write_lines(mut file: File, queue: &Receiver<Message>, healthy: &AtomicBool) 
         for done in waiting.drain(..) {
             let _ = done.send(());
         }
+        // While records keep coming, gather them for a moment rather than be woken for each
+        // (a wake is a syscall on the request path); block again once the queue stays empty.
+        std::thread::sleep(LINGER);
+        first = match queue.try_recv() {
+            Ok(message) => Some(message),
+            Err(TryRecvError::Empty) => queue.recv().ok(),
+            Err(TryRecvError::Disconnected) => None,
+        };
     }
 }
 
