@@ -432,6 +432,8 @@ print('after:', repr(tail))";
         !s.go.exists(),
         "the upstream is still holding the stream open"
     );
+    // The stream stays open a while: its audit record must cover all of it.
+    std::thread::sleep(Duration::from_millis(300));
     std::fs::write(&s.go, "").expect("go");
     let mut rest = String::new();
     reader.read_to_string(&mut rest).expect("rest");
@@ -464,6 +466,20 @@ print('after:', repr(tail))";
     assert!(requests
         .iter()
         .any(|r| r["reason"] == "method_or_path_not_allowed" && r["http"]["status"] == 403));
+    // Forwarded requests are recorded when their response ends: body bytes both ways and the
+    // whole duration (the event stream was held open for 300 ms).
+    for r in requests.iter().filter(|r| r["decision"] == "allow") {
+        assert!(r["bytes_up"].is_u64() && r["bytes_down"].is_u64(), "{r}");
+    }
+    let stream = requests
+        .iter()
+        .find(|r| r["http"]["path"] == "/v1/events" && r["decision"] == "allow")
+        .expect("the event stream's record");
+    assert!(stream["duration_ms"].as_u64().unwrap_or(0) >= 300, "{stream}");
+    assert!(
+        stream["bytes_down"].as_u64().unwrap_or(0) >= "data: first\n\ndata: second\n\n".len() as u64,
+        "{stream}"
+    );
     let audit_text = std::fs::read_to_string(&env.audit).expect("audit");
     let logs: String = std::fs::read_dir(&env.dir)
         .expect("dir")
