@@ -92,7 +92,20 @@ impl CgroupPath {
 
     /// Whether `self` is `other` or a descendant of it.
     pub fn is_within(&self, other: &CgroupPath) -> bool {
-        other.0 == "/" || self.0 == other.0 || self.0.starts_with(&format!("{}/", other.0))
+        other.0 == "/"
+            || self.0 == other.0
+            || (self.0.starts_with(&other.0) && self.0.as_bytes().get(other.0.len()) == Some(&b'/'))
+    }
+
+    /// This path and every cgroup above it, the root (`/`) first.
+    pub fn ancestors(&self) -> impl Iterator<Item = &str> {
+        std::iter::once("/").chain(
+            self.0
+                .match_indices('/')
+                .skip(1)
+                .map(|(i, _)| &self.0[..i])
+                .chain((self.0 != "/").then_some(self.0.as_str())),
+        )
     }
 
     /// Number of components (the root has none).
@@ -207,6 +220,29 @@ pub fn procs(dir: &Path) -> Vec<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ancestors_root_first_and_containment_by_whole_components() {
+        let p = CgroupPath::parse("/a.slice/b.service/c").expect("path");
+        assert_eq!(
+            p.ancestors().collect::<Vec<_>>(),
+            [
+                "/",
+                "/a.slice",
+                "/a.slice/b.service",
+                "/a.slice/b.service/c"
+            ]
+        );
+        let root = CgroupPath::parse("/").expect("root");
+        assert_eq!(root.ancestors().collect::<Vec<_>>(), ["/"]);
+        let a = CgroupPath::parse("/a.slice").expect("a");
+        let ab = CgroupPath::parse("/a.slicex").expect("ax");
+        assert!(p.is_within(&a) && p.is_within(&root) && p.is_within(&p));
+        assert!(
+            !ab.is_within(&a),
+            "a sibling sharing a prefix is not within"
+        );
+    }
 
     #[test]
     fn finds_cgroup2_on_hybrid_and_unified_hosts() {

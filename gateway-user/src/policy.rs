@@ -8,6 +8,7 @@
 //! rules are tried in file order and the first match decides. Nothing chosen, or no rule
 //! matched: deny.
 use std::{
+    collections::HashMap,
     net::IpAddr,
     path::{Path, PathBuf},
 };
@@ -434,6 +435,75 @@ impl DenyReason {
 #[derive(Debug, Clone, Default)]
 pub struct PolicySet {
     policies: Vec<Policy>,
+    index: SelectorIndex,
+}
+
+/// Which policies could select a workload, found without looking at every policy: each policy
+/// is filed under its most specific selector (container id, then pod, then cgroup, then
+/// unit); one with none of them is always a candidate.
+#[derive(Debug, Clone, Default)]
+struct SelectorIndex {
+    /// Keyed by the first [`ID_KEY`] characters of the container id selector (a prefix).
+    containers: HashMap<String, Vec<usize>>,
+    pods: HashMap<String, Vec<usize>>,
+    cgroups: HashMap<String, Vec<usize>>,
+    units: HashMap<String, Vec<usize>>,
+    always: Vec<usize>,
+}
+
+/// Container id selectors are prefixes: they are filed under at most this many characters.
+const ID_KEY: usize = 12;
+
+impl SelectorIndex {
+    fn new(policies: &[Policy]) -> Self {
+        let mut index = Self::default();
+        for (i, p) in policies.iter().enumerate() {
+            let (map, key) = if let Some(id) = &p.container_id {
+                (&mut index.containers, id.chars().take(ID_KEY).collect())
+            } else if let Some(uid) = &p.pod_uid {
+                (&mut index.pods, uid.clone())
+            } else if let Some(c) = &p.cgroup {
+                (&mut index.cgroups, c.as_str().to_owned())
+            } else if let Some(u) = &p.unit {
+                (&mut index.units, u.clone())
+            } else {
+                index.always.push(i);
+                continue;
+            };
+            map.entry(key).or_default().push(i);
+        }
+        index
+    }
+
+    /// Every policy that could apply to `w`, in file order (a superset: each still has to
+    /// match whole).
+    fn candidates(&self, w: &WorkloadView<'_>) -> Vec<usize> {
+        let mut found: Vec<usize> = self.always.clone();
+        let mut take = |map: &HashMap<String, Vec<usize>>, key: &str| {
+            if let Some(v) = map.get(key) {
+                found.extend_from_slice(v);
+            }
+        };
+        if let Some(id) = w.container_id {
+            // A selector that is a prefix of the id is filed under one of its first prefixes.
+            let ends = id.char_indices().map(|(i, _)| i).chain([id.len()]);
+            for end in ends.take(ID_KEY + 1) {
+                take(&self.containers, &id[..end]);
+            }
+        }
+        if let Some(uid) = w.pod_uid {
+            take(&self.pods, uid);
+        }
+        for ancestor in w.cgroup.ancestors() {
+            take(&self.cgroups, ancestor);
+        }
+        if let Some(unit) = w.cgroup.systemd_unit() {
+            take(&self.units, unit);
+        }
+        found.sort_unstable();
+        found.dedup();
+        found
+    }
 }
 
 impl PolicySet {
@@ -503,13 +573,18 @@ impl PolicySet {
                 }
             }
         }
-        Ok(Self { policies })
+        let index = SelectorIndex::new(&policies);
+        Ok(Self { policies, index })
     }
 
     /// The policy that governs `w`, if any.
     pub fn select(&self, w: &WorkloadView<'_>) -> Option<&Policy> {
-        self.policies
-            .iter()
+        // In file order, so that among equally specific matches the last one wins, as it
+        // would in a scan of every policy.
+        self.index
+            .candidates(w)
+            .into_iter()
+            .map(|i| &self.policies[i])
             .filter(|p| p.applies_to(w))
             .max_by_key(|p| p.rank())
     }
@@ -924,6 +999,114 @@ mod tests {
 
     fn policy(text: &str) -> Policy {
         parse_policy(text, Path::new("t.yaml")).expect("policy")
+    }
+
+    /// Selection through the index picks what a scan of every policy would pick.
+    #[test]
+    fn indexed_selection_equals_a_full_scan() {
+        let cg = |p: &str| CgroupPath::parse(p).expect("path");
+        let mut policies = Vec::new();
+        let cgroups = [
+            "/",
+            "/a.slice",
+            "/a.slice/x.service",
+            "/a.slice/x.service/sub",
+            "/b.slice",
+        ];
+        let ids = [
+            None,
+            Some("abc"),
+            Some("abcdef012345"),
+            Some("abcdef0123456789"),
+        ];
+        let pods = [None, Some("pod-1")];
+        let units = [None, Some("x.service")];
+        for (n, ((c, id), (pod, (unit, uid)))) in cgroups
+            .iter()
+            .flat_map(|c| ids.iter().map(move |i| (c, i)))
+            .flat_map(|ci| {
+                pods.iter()
+                    .flat_map(|p| {
+                        units
+                            .iter()
+                            .flat_map(move |u| [(u, None), (u, Some(7))])
+                            .map(move |uu| (p, uu))
+                    })
+                    .map(move |x| (ci, x))
+            })
+            .enumerate()
+        {
+            policies.push(Policy {
+                name: format!("p{n}"),
+                file: PathBuf::from(format!("p{n}.yaml")),
+                cgroup: (*c != "/" || n % 2 == 0).then(|| cg(c)),
+                container_id: id.map(str::to_owned),
+                pod_uid: pod.map(str::to_owned),
+                unit: unit.map(str::to_owned),
+                exe: None,
+                uid,
+                mode: Mode::Enforce,
+                rules: Vec::new(),
+            });
+        }
+        // Selectors that end up identical are a compile error; keep the first of each.
+        let mut seen = std::collections::HashSet::new();
+        policies.retain(|p| {
+            seen.insert(format!(
+                "{:?}{:?}{:?}{:?}{:?}",
+                p.cgroup, p.container_id, p.pod_uid, p.unit, p.uid
+            ))
+        });
+        let set = PolicySet::from_policies(policies).expect("set");
+        let (mut checked, mut picked) = (0, std::collections::HashSet::new());
+        for c in [
+            "/",
+            "/a.slice",
+            "/a.slice/x.service",
+            "/a.slice/x.service/sub/deeper",
+            "/b.slice/y.scope",
+            "/c",
+        ] {
+            let path = cg(c);
+            for id in [
+                None,
+                Some("abc"),
+                Some("ab"),
+                Some("abcdef0123456789ff"),
+                Some("abcdef012345"),
+                Some("zzz"),
+            ] {
+                for pod in [None, Some("pod-1"), Some("pod-2")] {
+                    for uid in [0, 7] {
+                        let w = WorkloadView {
+                            cgroup: &path,
+                            container_id: id,
+                            pod_uid: pod,
+                            exe: None,
+                            uid,
+                        };
+                        let scan = set
+                            .policies
+                            .iter()
+                            .filter(|p| p.applies_to(&w))
+                            .max_by_key(|p| p.rank());
+                        assert_eq!(
+                            set.select(&w).map(|p| &p.name),
+                            scan.map(|p| &p.name),
+                            "{c} {id:?} {pod:?} {uid}"
+                        );
+                        checked += 1;
+                        picked.extend(scan.map(|p| p.name.clone()));
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, 6 * 6 * 3 * 2);
+        assert!(
+            picked.len() > 20,
+            "many different policies were picked: {}",
+            picked.len()
+        );
     }
 
     fn set(texts: &[&str]) -> PolicySet {
