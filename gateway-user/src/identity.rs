@@ -149,9 +149,12 @@ impl ExeHashCache {
 pub struct IdentityCache {
     ttl: Duration,
     pub exe_hashes: ExeHashCache,
-    tasks: Mutex<HashMap<(u32, u32, u64), (Instant, Executable)>>,
-    cgroups: Mutex<HashMap<u64, (Instant, CgroupPath)>>,
+    tasks: Timed<(u32, u32, u64), Executable>,
+    cgroups: Timed<u64, CgroupPath>,
 }
+
+/// Values with the time they were learned.
+type Timed<K, V> = Mutex<HashMap<K, (Instant, V)>>;
 
 #[derive(Clone)]
 struct Executable {
@@ -178,11 +181,7 @@ impl IdentityCache {
         }
     }
 
-    fn get<K: Eq + std::hash::Hash, V: Clone>(
-        &self,
-        map: &Mutex<HashMap<K, (Instant, V)>>,
-        key: &K,
-    ) -> Option<V> {
+    fn get<K: Eq + std::hash::Hash, V: Clone>(&self, map: &Timed<K, V>, key: &K) -> Option<V> {
         let map = map
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -191,7 +190,7 @@ impl IdentityCache {
             .map(|(_, v)| v.clone())
     }
 
-    fn put<K: Eq + std::hash::Hash, V>(&self, map: &Mutex<HashMap<K, (Instant, V)>>, key: K, v: V) {
+    fn put<K: Eq + std::hash::Hash, V>(&self, map: &Timed<K, V>, key: K, v: V) {
         let mut map = map
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
