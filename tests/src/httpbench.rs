@@ -3,17 +3,54 @@
 //! sending fewer requests: no coordinated omission), and percentile math.
 use std::{
     net::SocketAddr,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Serves `POST` with a small JSON answer, on plain `plain` and TLS `tls` listeners, forever.
+/// The mock API's answer to every request: a complete OpenAI `chat.completion`.
+pub const COMPLETION: &str = r#"{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"bench","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":1,"total_tokens":13}}"#;
+
+/// The request body every benchmark request sends: an OpenAI chat request, 1 KiB in all.
+pub fn chat_request_body() -> String {
+    let (head, tail) = (
+        r#"{"model":"bench","messages":[{"role":"user","content":""#,
+        r#""}]}"#,
+    );
+    format!("{head}{}{tail}", "x".repeat(1024 - head.len() - tail.len()))
+}
+
+/// The running mock API: its plain and TLS addresses, the CA to trust for the TLS one, and
+/// how many requests it has answered.
+pub struct Upstream {
+    pub plain: SocketAddr,
+    pub tls: SocketAddr,
+    pub ca_pem: String,
+    requests: Arc<AtomicU64>,
+}
+
+impl Upstream {
+    /// Requests answered so far, on both ports.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+}
+
+/// Serves `POST` with [`COMPLETION`], on plain `plain` and TLS `tls` listeners, forever.
 pub fn start_upstream(
     rt: &tokio::runtime::Runtime,
     cert_names: &[&str],
 ) -> (SocketAddr, SocketAddr, String) {
+    let up = start_counted_upstream(rt, cert_names);
+    (up.plain, up.tls, up.ca_pem)
+}
+
+/// [`start_upstream`], keeping count of the requests answered.
+pub fn start_counted_upstream(rt: &tokio::runtime::Runtime, cert_names: &[&str]) -> Upstream {
     let (tls, ca_pem) = crate::tls_server(cert_names);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let plain = rt
@@ -26,21 +63,36 @@ pub fn start_upstream(
         plain.local_addr().expect("addr"),
         secure.local_addr().expect("addr"),
     );
-    let service = || {
-        hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-            use http_body_util::BodyExt;
-            let _ = req.into_body().collect().await;
-            Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(
-                br#"{"id":"chatcmpl-bench","choices":[{"message":{"role":"assistant","content":"ok"}}]}"#,
-            ))))
+    let requests = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&requests);
+    let service = move || {
+        let counter = Arc::clone(&counter);
+        hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let counter = Arc::clone(&counter);
+            async move {
+                use http_body_util::BodyExt;
+                let _ = req.into_body().collect().await;
+                counter.fetch_add(1, Ordering::Relaxed);
+                let mut resp = hyper::Response::new(http_body_util::Full::new(
+                    bytes::Bytes::from_static(COMPLETION.as_bytes()),
+                ));
+                resp.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("application/json"),
+                );
+                Ok::<_, std::convert::Infallible>(resp)
+            }
         })
     };
+    let plain_service = service.clone();
     rt.spawn(async move {
+        let service = plain_service;
         loop {
             let Ok((s, _)) = plain.accept().await else {
                 continue;
             };
             let _ = s.set_nodelay(true);
+            let service = service.clone();
             tokio::spawn(async move {
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(s), service())
@@ -55,6 +107,7 @@ pub fn start_upstream(
             };
             let _ = s.set_nodelay(true);
             let acceptor = acceptor.clone();
+            let service = service.clone();
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(s).await else {
                     return;
@@ -65,26 +118,53 @@ pub fn start_upstream(
             });
         }
     });
-    (plain_addr, tls_addr, ca_pem)
+    Upstream {
+        plain: plain_addr,
+        tls: tls_addr,
+        ca_pem,
+        requests,
+    }
+}
+
+/// The path each request goes to and the headers it carries besides `Host` and
+/// `Content-Type` (what a proxy wants: a key of its own, a provider name).
+#[derive(Clone, Debug)]
+pub struct Route {
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Default for Route {
+    /// `POST /v1/chat/completions`, no other header.
+    fn default() -> Self {
+        Self {
+            path: "/v1/chat/completions".to_owned(),
+            headers: Vec::new(),
+        }
+    }
 }
 
 /// One open-loop run: `rate` requests per second for `secs` to `target` with `Host: host`, a
-/// 1 KiB JSON body. `keepalive`: requests share a pool of kept-alive connections (a new one
-/// opens whenever all are busy, so the schedule never waits); otherwise each request opens
-/// its own. Latencies in µs, from the scheduled send.
+/// 1 KiB chat request ([`chat_request_body`]) to `route`. `keepalive`: requests share a pool
+/// of kept-alive connections (a new one opens whenever all are busy, so the schedule never
+/// waits); otherwise each request opens its own. Latencies in µs, from the scheduled send.
 pub async fn open_loop(
     target: SocketAddr,
     host: &str,
+    route: &Route,
     rate: u64,
     secs: u64,
     keepalive: bool,
 ) -> (Vec<u64>, u64) {
-    let body = format!(
-        "{{\"model\":\"bench\",\"input\":\"{}\"}}",
-        "x".repeat(1024 - 28)
-    );
+    let body = chat_request_body();
+    let extra: String = route
+        .headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     let request = Arc::new(format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "POST {} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        route.path,
         body.len()
     ));
     let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
@@ -93,9 +173,19 @@ pub async fn open_loop(
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .pool_max_idle_per_host(usize::MAX)
             .build(connector);
-    let uri: hyper::Uri = format!("http://{target}/v1/chat/completions")
+    let uri: hyper::Uri = format!("http://{target}{}", route.path)
         .parse()
         .expect("uri");
+    let headers: Vec<(hyper::header::HeaderName, hyper::header::HeaderValue)> = route
+        .headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                hyper::header::HeaderName::from_bytes(k.as_bytes()).expect("header name"),
+                hyper::header::HeaderValue::from_str(v).expect("header value"),
+            )
+        })
+        .collect();
     let body = bytes::Bytes::from(body);
     let host = host.to_owned();
     let start = Instant::now() + Duration::from_millis(50);
@@ -121,11 +211,14 @@ pub async fn open_loop(
     let mut tasks = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
     while let Some(scheduled) = rx.recv().await {
         let ok = if keepalive {
-            let req = hyper::Request::post(uri.clone())
+            let mut req = hyper::Request::post(uri.clone())
                 .header(hyper::header::HOST, host.as_str())
                 .header(hyper::header::CONTENT_TYPE, "application/json")
                 .body(http_body_util::Full::new(body.clone()))
                 .expect("request");
+            for (k, v) in &headers {
+                req.headers_mut().append(k.clone(), v.clone());
+            }
             let client = client.clone();
             tokio::spawn(async move {
                 use http_body_util::BodyExt;
@@ -165,6 +258,38 @@ pub async fn open_loop(
     }
     lat.sort_unstable();
     (lat, errors)
+}
+
+/// Sends one chat request to `target` on a connection of its own and returns the whole
+/// answer (head and body), or why there is none within `timeout`.
+pub fn exchange(
+    target: SocketAddr,
+    host: &str,
+    route: &Route,
+    timeout: Duration,
+) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let body = chat_request_body();
+    let mut request = format!(
+        "POST {} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
+        route.path,
+        body.len()
+    );
+    for (k, v) in &route.headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(&body);
+    let mut s = std::net::TcpStream::connect_timeout(&target, timeout)
+        .map_err(|e| format!("connect {target}: {e}"))?;
+    s.set_read_timeout(Some(timeout))
+        .and_then(|()| s.set_write_timeout(Some(timeout)))
+        .and_then(|()| s.write_all(request.as_bytes()))
+        .map_err(|e| format!("send to {target}: {e}"))?;
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer)
+        .map_err(|e| format!("no answer from {target} in {timeout:?}: {e}"))?;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
 }
 
 pub fn pct(sorted: &[u64], p: f64) -> u64 {

@@ -3,7 +3,10 @@
 //! every pin and attachment with them), daemons, temporary directories.
 //!
 //! The suite must run as root in a private mount namespace (`cargo xtask test` does both).
+pub mod chart;
 pub mod httpbench;
+pub mod peers;
+pub mod ssebench;
 
 use std::{
     io::{BufRead, BufReader, Read, Write},

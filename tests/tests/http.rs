@@ -475,9 +475,13 @@ print('after:', repr(tail))";
         .iter()
         .find(|r| r["http"]["path"] == "/v1/events" && r["decision"] == "allow")
         .expect("the event stream's record");
-    assert!(stream["duration_ms"].as_u64().unwrap_or(0) >= 300, "{stream}");
     assert!(
-        stream["bytes_down"].as_u64().unwrap_or(0) >= "data: first\n\ndata: second\n\n".len() as u64,
+        stream["duration_ms"].as_u64().unwrap_or(0) >= 300,
+        "{stream}"
+    );
+    assert!(
+        stream["bytes_down"].as_u64().unwrap_or(0)
+            >= "data: first\n\ndata: second\n\n".len() as u64,
         "{stream}"
     );
     let audit_text = std::fs::read_to_string(&env.audit).expect("audit");

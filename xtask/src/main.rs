@@ -37,7 +37,8 @@ enum Task {
     },
     /// Setup, build (release), then measure capture costs; writes target/bench/report.md.
     Bench {
-        /// Only this part of the report: `capture` (connect, programs, identity) or `http`.
+        /// Only this part of the report: `capture` (connect, programs, identity), `http`, or
+        /// `policy` (policy decision time, criterion; needs neither root nor the kernel side).
         #[arg(long)]
         only: Option<String>,
     },
@@ -45,12 +46,14 @@ enum Task {
     Demo,
 }
 
-const APT_PACKAGES: [&str; 5] = [
+const APT_PACKAGES: [&str; 6] = [
     "llvm-22-dev",
     "libclang-22-dev",
     "curl",
     "python3",
     "iproute2",
+    // The font the benchmark's latency chart is drawn with (tests/src/chart.rs, and its test).
+    "fonts-dejavu-core",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -447,7 +450,151 @@ fn fuzz(seconds: u64) -> Result<()> {
     Ok(())
 }
 
+/// The LLM proxies `bench` measures beside Tollgate and nginx, pinned.
+const LITELLM_VERSION: &str = "1.108.5";
+const PORTKEY_VERSION: &str = "1.15.2";
+
+fn bench_peers_dir() -> PathBuf {
+    root().join("target/bench-peers")
+}
+
+/// Installs the LLM proxies `bench` compares against, from PyPI and npm only, under
+/// target/bench-peers (idempotent: a peer already at its pinned version is left alone).
+/// A peer that cannot be installed is reported and its reason left in `<peer>.failed` for
+/// the report; the benchmark goes on without it.
+fn install_peers() {
+    let dir = bench_peers_dir();
+    for (name, installed) in [
+        ("litellm", install_litellm(&dir)),
+        ("portkey", install_portkey(&dir)),
+    ] {
+        let failed = dir.join(format!("{name}.failed"));
+        match installed {
+            Ok(()) => {
+                let _ = std::fs::remove_file(&failed);
+            }
+            Err(e) => {
+                eprintln!("xtask: {name} not installed, the benchmark goes on without it: {e:#}");
+                let _ = std::fs::create_dir_all(&dir);
+                let _ = std::fs::write(&failed, format!("{e:#}"));
+            }
+        }
+    }
+}
+
+/// Runs `cmd` with its output captured; a failure carries the last line it wrote to stderr.
+fn run_captured(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: {cmd:?}");
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        eprint!("{stderr}");
+        let last = stderr.lines().rev().find(|l| !l.trim().is_empty());
+        bail!(
+            "{} failed ({}): {}",
+            Path::new(cmd.get_program())
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy(),
+            out.status,
+            last.unwrap_or("no message").trim()
+        );
+    }
+    Ok(())
+}
+
+/// LiteLLM's proxy in a virtualenv: target/bench-peers/litellm.
+fn install_litellm(dir: &Path) -> Result<()> {
+    let venv = dir.join("litellm");
+    let python = venv.join("bin/python");
+    // Package metadata only: importing litellm would fetch its model cost map.
+    let have = output_ok(Command::new(&python).args([
+        "-c",
+        "import importlib.metadata as m; m.version('uvicorn'); m.version('fastapi'); print(m.version('litellm'))",
+    ]));
+    if have.as_deref().map(str::trim) == Some(LITELLM_VERSION) && venv.join("bin/litellm").exists()
+    {
+        return Ok(());
+    }
+    if !python.exists() {
+        std::fs::create_dir_all(dir)?;
+        if run_captured(Command::new("python3").arg("-m").arg("venv").arg(&venv)).is_err() {
+            // Debian keeps venv (ensurepip) in a package of its own.
+            let _ = std::fs::remove_dir_all(&venv);
+            run_captured(
+                Command::new("apt-get")
+                    .args([
+                        "install",
+                        "-y",
+                        "-q",
+                        "--no-install-recommends",
+                        "python3-venv",
+                    ])
+                    .env("DEBIAN_FRONTEND", "noninteractive"),
+            )?;
+            run_captured(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+        }
+    }
+    run_captured(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        &format!("litellm[proxy]=={LITELLM_VERSION}"),
+    ]))
+}
+
+/// The Portkey gateway from npm: target/bench-peers/portkey/node_modules.
+fn install_portkey(dir: &Path) -> Result<()> {
+    let prefix = dir.join("portkey");
+    let package = prefix.join("node_modules/@portkey-ai/gateway/package.json");
+    let have = std::fs::read_to_string(&package)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["version"].as_str().map(str::to_owned));
+    if have.as_deref() == Some(PORTKEY_VERSION) {
+        return Ok(());
+    }
+    if output_ok(Command::new("npm").arg("--version")).is_none() {
+        run_captured(
+            Command::new("apt-get")
+                .args([
+                    "install",
+                    "-y",
+                    "-q",
+                    "--no-install-recommends",
+                    "nodejs",
+                    "npm",
+                ])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+        .context("no npm")?;
+    }
+    std::fs::create_dir_all(&prefix)?;
+    // No install scripts: the package's own only applies patches it does not ship.
+    run_captured(
+        Command::new("npm")
+            .arg("install")
+            .arg("--prefix")
+            .arg(&prefix)
+            .args([
+                "--no-audit",
+                "--no-fund",
+                "--ignore-scripts",
+                "--save-exact",
+                "--loglevel=error",
+                &format!("@portkey-ai/gateway@{PORTKEY_VERSION}"),
+            ]),
+    )
+}
+
 fn bench(only: Option<&str>) -> Result<()> {
+    let report = root().join("target/bench/report.md");
+    if only == Some("policy") {
+        let section = policy_bench(&root().join("target/criterion"))?;
+        return append_section(&report, &section);
+    }
     setup()?;
     // The peer measured in the same run: Debian's nginx as a plain reverse proxy.
     // The package must not start a system nginx on port 80: policy-rc.d forbids service
@@ -473,13 +620,25 @@ fn bench(only: Option<&str>) -> Result<()> {
         }
         installed?;
     }
+    // The LLM proxies measured in the HTTP part; one that fails to install is reported.
+    if only.is_none_or(|o| o == "http") {
+        install_peers();
+    }
     build_ebpf()?;
+    // The gateway as it ships (release, LTO); the benchmark's own tools without LTO.
     run(cargo().args([
         "build",
         "--locked",
         "--release",
         "-p",
         "gateway-user",
+        "--bins",
+    ]))?;
+    run(cargo().args([
+        "build",
+        "--locked",
+        "--profile",
+        "bench-tools",
         "-p",
         "tollgate-tests",
         "--bins",
@@ -489,14 +648,133 @@ fn bench(only: Option<&str>) -> Result<()> {
     }
     sweep_test_cgroups()?;
     let release = root().join("target/release");
+    let tools = root().join("target/bench-tools");
     run(Command::new("unshare")
         .args(["--mount", "--propagation", "private", "--"])
-        .arg(release.join("tg-bench"))
+        .arg(tools.join("tg-bench"))
         .arg(root().join("target/bench"))
         .args(only)
         .current_dir(root())
         .env("TOLLGATE_BIN", release.join("tollgate"))
-        .env("TG_PROBE_BIN", release.join("tg-probe")))
+        .env("TG_PROBE_BIN", tools.join("tg-probe"))
+        .env("TG_BENCH_PEERS", bench_peers_dir()))?;
+    // tg-bench wrote report.md afresh; the policy section goes after its parts.
+    if only.is_none() {
+        let section = policy_bench(&root().join("target/criterion"))?;
+        append_section(&report, &section)?;
+    }
+    Ok(())
+}
+
+/// The criterion benchmarks of gateway-user/benches/policy_decision.rs, as `group/name` and
+/// what each one decides, in report order.
+const POLICY_BENCHES: [(&str, &str); 7] = [
+    (
+        "evaluate_request/allow_last_rule",
+        "HTTP request allowed by the last of 10 rules",
+    ),
+    (
+        "evaluate_request/deny_no_rule",
+        "HTTP request denied after all 10 rules",
+    ),
+    ("evaluate/ip_allow", "connection to an IP (L4 rule 9 of 10)"),
+    (
+        "evaluate_sni/passthrough_allow",
+        "TLS SNI (passthrough rule 8 of 10)",
+    ),
+    ("select/late_policy", "choosing the workload's policy alone"),
+    (
+        "evaluate_request/allow_last_rule_1_policy",
+        "the first row with only that policy loaded",
+    ),
+    ("compile/load_dir_1000", "load and compile all 1,000 files"),
+];
+
+/// Runs the policy decision benchmark (criterion, output under `criterion`) and returns its
+/// report section.
+fn policy_bench(criterion: &Path) -> Result<String> {
+    run(cargo()
+        .args([
+            "bench",
+            "--locked",
+            "-p",
+            "gateway-user",
+            "--bench",
+            "policy_decision",
+        ])
+        .env("CRITERION_HOME", criterion))?;
+    policy_section(criterion)
+}
+
+/// criterion's estimates for the policy benchmarks as a Markdown section.
+fn policy_section(criterion: &Path) -> Result<String> {
+    let mut md = String::from(
+        "## Policy decision (criterion)\n\n\
+         1,000 generated policy files (one workload each: container ids, systemd services, \
+         shared cgroups narrowed by uid, pod cgroups, services narrowed by exe) of 10 egress \
+         rules each (IPv4/IPv6 CIDRs, exact and `*.` hosts, exact, prefix and one-segment path \
+         patterns, header conditions), written to a scratch directory and loaded with \
+         `PolicySet::load_dir`. Decisions are for the workload of file 993. \
+         Reproduce: `cargo bench -p gateway-user --bench policy_decision`.\n\n\
+         | benchmark | what | median | 95% CI | mean |\n|---|---|---:|---:|---:|\n",
+    );
+    for (id, what) in POLICY_BENCHES {
+        let file = criterion.join(id).join("new/estimates.json");
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        let est: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", file.display()))?;
+        let ns = |stat: &str, field: &str| -> Result<f64> {
+            est[stat]
+                .pointer(field)
+                .and_then(serde_json::Value::as_f64)
+                .with_context(|| format!("{}: no {stat}{field}", file.display()))
+        };
+        md.push_str(&format!(
+            "| `{id}` | {what} | {} | {} – {} | {} |\n",
+            duration(ns("median", "/point_estimate")?),
+            duration(ns("median", "/confidence_interval/lower_bound")?),
+            duration(ns("median", "/confidence_interval/upper_bound")?),
+            duration(ns("mean", "/point_estimate")?),
+        ));
+    }
+    md.push('\n');
+    Ok(md)
+}
+
+/// Nanoseconds, in the unit that reads best.
+fn duration(ns: f64) -> String {
+    if ns >= 1e6 {
+        format!("{:.1} ms", ns / 1e6)
+    } else if ns >= 1e3 {
+        format!("{:.2} µs", ns / 1e3)
+    } else {
+        format!("{ns:.0} ns")
+    }
+}
+
+/// Adds `section` to the report, in place of a section with the same heading left by an
+/// earlier run.
+fn append_section(report: &Path, section: &str) -> Result<()> {
+    let heading = section.lines().next().unwrap_or_default();
+    let mut md = std::fs::read_to_string(report).unwrap_or_default();
+    if let Some(start) = md.find(&format!("{heading}\n")) {
+        let rest = &md[start + heading.len()..];
+        let end = rest
+            .find("\n## ")
+            .map_or(md.len(), |i| start + heading.len() + i + 1);
+        md.replace_range(start..end, "");
+    }
+    if !md.is_empty() && !md.ends_with("\n\n") {
+        md.push_str(if md.ends_with('\n') { "\n" } else { "\n\n" });
+    }
+    md.push_str(section);
+    if let Some(dir) = report.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(report, &md).with_context(|| format!("cannot write {}", report.display()))?;
+    print!("{section}");
+    Ok(())
 }
 
 fn demo() -> Result<()> {
@@ -559,6 +837,63 @@ mod tests {
             !err.to_string().contains("sk-scan"),
             "the error never shows the secret"
         );
+        let _ = std::fs::remove_dir_all(&base);
+    }
+}
+
+#[cfg(test)]
+mod policy_report_tests {
+    use super::{append_section, policy_section, POLICY_BENCHES};
+
+    /// An estimates.json as criterion 0.8 writes it (trimmed to the fields read).
+    fn estimates(median: f64) -> String {
+        format!(
+            r#"{{"mean":{{"confidence_interval":{{"confidence_level":0.95,"lower_bound":45277.8,"upper_bound":45344.9}},"point_estimate":45309.7,"standard_error":17.1}},"median":{{"confidence_interval":{{"confidence_level":0.95,"lower_bound":{},"upper_bound":{}}},"point_estimate":{median},"standard_error":24.1}},"median_abs_dev":{{"confidence_interval":{{"confidence_level":0.95,"lower_bound":70.5,"upper_bound":136.4}},"point_estimate":106.9,"standard_error":17.0}},"slope":null,"std_dev":{{"confidence_interval":{{"confidence_level":0.95,"lower_bound":84.3,"upper_bound":162.0}},"point_estimate":123.0,"standard_error":20.7}}}}"#,
+            median - 26.0,
+            median + 64.0
+        )
+    }
+
+    #[test]
+    fn the_policy_section_reads_criterion_estimates() {
+        let base = std::env::temp_dir().join(format!("xtask-criterion-{}", std::process::id()));
+        for (id, _) in POLICY_BENCHES {
+            let dir = base.join(id).join("new");
+            std::fs::create_dir_all(&dir).expect("dirs");
+            let median = if id.starts_with("compile/") {
+                96_557_000.0
+            } else {
+                45_286.0
+            };
+            std::fs::write(dir.join("estimates.json"), estimates(median)).expect("estimates");
+        }
+        let md = policy_section(&base).expect("section");
+        assert!(md.starts_with("## Policy decision (criterion)\n"), "{md}");
+        assert!(
+            md.contains("| `evaluate_request/allow_last_rule` | HTTP request allowed by the last of 10 rules | 45.29 µs | 45.26 µs – 45.35 µs | 45.31 µs |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| `compile/load_dir_1000` | load and compile all 1,000 files | 96.6 ms |"),
+            "{md}"
+        );
+        assert!(md.contains("cargo bench -p gateway-user --bench policy_decision"));
+
+        // Appended after what tg-bench wrote; a second run replaces its own section only.
+        let report = base.join("report.md");
+        std::fs::write(&report, "## Capture\n\nrows\n").expect("report");
+        append_section(&report, &md).expect("append");
+        append_section(&report, &md).expect("append again");
+        let text = std::fs::read_to_string(&report).expect("report");
+        assert_eq!(text, format!("## Capture\n\nrows\n\n{md}"));
+        std::fs::write(&report, format!("## Capture\n\n{md}## HTTP\n\nrows\n")).expect("report");
+        append_section(&report, &md).expect("append in the middle");
+        let text = std::fs::read_to_string(&report).expect("report");
+        assert_eq!(text, format!("## Capture\n\n## HTTP\n\nrows\n\n{md}"));
+
+        std::fs::remove_file(base.join("evaluate/ip_allow/new/estimates.json")).expect("rm");
+        let err = policy_section(&base).expect_err("a missing benchmark fails");
+        assert!(err.to_string().contains("evaluate/ip_allow"), "{err}");
         let _ = std::fs::remove_dir_all(&base);
     }
 }

@@ -140,6 +140,17 @@ fn sink() -> SocketAddr {
 
 /// The connect() measurement puts the client on one CPU and every listener (the plain one and
 /// all the gateway's threads) on the other, so each connect wakes its listener the same way.
+/// The event-stream mock: each stream has this many events, this far apart.
+const SSE_EVENTS: usize = 20;
+const SSE_GAP: Duration = Duration::from_millis(10);
+
+/// Where the event-stream mock listens, and the port the workload asks for to reach it.
+struct Sse {
+    plain: SocketAddr,
+    tls: SocketAddr,
+    port: u16,
+}
+
 const CLIENT_CPU: usize = 0;
 const SERVER_CPU: usize = 1;
 
@@ -192,13 +203,39 @@ fn main() {
             .build()
             .expect("rt");
         let keepalive = args.get(5).map(String::as_str) == Some("keepalive");
+        let route = route_flags(&args[6..]);
+        // A peer that falls behind holds many connections open at once.
+        gateway_user::daemon::raise_fd_limit();
         let (lat, errors) = rt.block_on(tollgate_tests::httpbench::open_loop(
-            target, &args[2], rate, secs, keepalive,
+            target, &args[2], &route, rate, secs, keepalive,
         ));
         use tollgate_tests::httpbench::pct;
         println!(
             "{}",
             json!({ "n": lat.len(), "errors": errors, "p50": pct(&lat, 0.5), "p99": pct(&lat, 0.99), "p999": pct(&lat, 0.999) })
+        );
+        return;
+    }
+    if args.first().map(String::as_str) == Some("sse-client") {
+        let target: SocketAddr = args[1].parse().expect("target");
+        let streams: usize = args[2].parse().expect("streams");
+        let route = route_flags(&args[3..]);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("rt");
+        let seen = rt.block_on(tollgate_tests::ssebench::sse_client(
+            target,
+            "127.0.0.1",
+            streams,
+            &route,
+        ));
+        use tollgate_tests::httpbench::pct;
+        let (f, d) = (&seen.first_event, &seen.delay);
+        println!(
+            "{}",
+            json!({ "first_event": [pct(f, 0.5), pct(f, 0.99)], "delay": [pct(d, 0.5), pct(d, 0.99), pct(d, 0.999)], "events": d.len(), "failed": seen.failed })
         );
         return;
     }
@@ -236,9 +273,19 @@ fn main() {
         .enable_all()
         .build()
         .expect("rt");
-    let (plain, tls, ca) = tollgate_tests::httpbench::start_upstream(&rt, &["127.0.0.1"]);
+    let upstream = tollgate_tests::httpbench::start_counted_upstream(&rt, &["127.0.0.1"]);
+    let (tls, ca) = (upstream.tls, upstream.ca_pem.clone());
     let api_port = tollgate_tests::free_port();
-    std::fs::write(env.dir.join("ca.pem"), ca).expect("ca");
+    // A second mock answering with event streams, behind its own port and rule.
+    let (sse_tls_config, sse_ca) = tollgate_tests::tls_server(&["127.0.0.1"]);
+    let (sse_plain, sse_tls) =
+        tollgate_tests::ssebench::start_sse_upstream(&rt, sse_tls_config, SSE_EVENTS, SSE_GAP);
+    let sse = Sse {
+        plain: sse_plain,
+        tls: sse_tls,
+        port: tollgate_tests::free_port(),
+    };
+    std::fs::write(env.dir.join("ca.pem"), format!("{ca}{sse_ca}")).expect("ca");
     for (name, text) in [
         ("bench.key", "sk-bench-0123456789abcdef".to_owned()),
         (
@@ -257,10 +304,12 @@ fn main() {
     std::fs::write(
         env.policies.join("bench.yaml"),
         format!(
-            "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: {{ name: bench }}\nspec:\n  workload: {{ cgroup: {}/bench.service }}\n  egress:\n    - name: sink\n      match: {{ cidr: 127.0.0.1/32, port: {} }}\n    - name: api\n      match: {{ host: 127.0.0.1, port: {api_port} }}\n      upstream: {{ port: {} }}\n      tls: originate\n      allow_private: true\n      http:\n        - methods: [POST]\n          paths: [/v1/chat/completions]\n      credential: bench-key\n",
+            "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: {{ name: bench }}\nspec:\n  workload: {{ cgroup: {}/bench.service }}\n  egress:\n    - name: sink\n      match: {{ cidr: 127.0.0.1/32, port: {} }}\n    - name: api\n      match: {{ host: 127.0.0.1, port: {api_port} }}\n      upstream: {{ port: {} }}\n      tls: originate\n      allow_private: true\n      http:\n        - methods: [POST]\n          paths: [/v1/chat/completions]\n      credential: bench-key\n    - name: sse\n      match: {{ host: 127.0.0.1, port: {} }}\n      upstream: {{ port: {} }}\n      tls: originate\n      allow_private: true\n      http:\n        - methods: [POST]\n          paths: [/v1/chat/completions]\n      credential: bench-key\n",
             env.root_rel(),
             target.port(),
-            tls.port()
+            tls.port(),
+            sse.port,
+            sse.tls.port()
         ),
     )
     .expect("policy");
@@ -270,7 +319,10 @@ fn main() {
         md.push_str(&capture_section(&env, &app, &daemon, target));
     }
     if only != Some("capture") {
-        md.push_str(&http_section(&env, &app, &daemon, plain, tls, api_port));
+        md.push_str(&http_section(&env, &app, &daemon, &upstream, api_port));
+        md.push_str(&streams_and_sweep(
+            &out_dir, &env, &app, &upstream, api_port, &sse,
+        ));
     }
     let path = out_dir.join("report.md");
     std::fs::File::create(&path)
@@ -451,12 +503,35 @@ fn http_load(
     secs: u64,
     keepalive: bool,
 ) -> Value {
+    http_load_route(
+        cgroup,
+        target,
+        &tollgate_tests::httpbench::Route::default(),
+        rate,
+        secs,
+        keepalive,
+    )
+}
+
+/// [`http_load`] with the path and extra headers of `route` (what a peer proxy wants).
+fn http_load_route(
+    cgroup: Option<&Path>,
+    target: SocketAddr,
+    route: &tollgate_tests::httpbench::Route,
+    rate: u64,
+    secs: u64,
+    keepalive: bool,
+) -> Value {
     let (target, rate, secs) = (target.to_string(), rate.to_string(), secs.to_string());
     let mode = if keepalive { "keepalive" } else { "close" };
-    child(
-        cgroup,
-        &["http-load", &target, "127.0.0.1", &rate, &secs, mode],
-    )
+    let mut args: Vec<String> = ["http-load", &target, "127.0.0.1", &rate, &secs, mode]
+        .map(str::to_owned)
+        .to_vec();
+    args.extend(["--path".to_owned(), route.path.clone()]);
+    for (k, v) in &route.headers {
+        args.extend(["--header".to_owned(), format!("{k}: {v}")]);
+    }
+    child(cgroup, &args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 fn rss_kib(pid: i32, field: &str) -> u64 {
@@ -475,12 +550,43 @@ fn rss_kib(pid: i32, field: &str) -> u64 {
 }
 
 /// nginx (Debian's) as a plain reverse proxy to the same TLS upstream, if installed.
-fn start_nginx(dir: &Path, port: u16, tls: SocketAddr) -> Option<std::process::Child> {
-    let conf = dir.join("nginx.conf");
+/// Child-mode flags after the fixed arguments: `--path P` and `--header 'Name: value'`
+/// (repeated), for proxies that want them.
+fn route_flags(flags: &[String]) -> tollgate_tests::httpbench::Route {
+    let mut route = tollgate_tests::httpbench::Route::default();
+    let mut rest = flags.iter();
+    while let Some(flag) = rest.next() {
+        let value = rest.next().expect("a value after the flag");
+        match flag.as_str() {
+            "--path" => route.path.clone_from(value),
+            "--header" => {
+                let (k, v) = value.split_once(':').expect("header `Name: value`");
+                route
+                    .headers
+                    .push((k.trim().to_owned(), v.trim().to_owned()));
+            }
+            other => panic!("unknown flag {other}"),
+        }
+    }
+    route
+}
+
+/// nginx (Debian's) as a plain reverse proxy to the TLS upstream `tls`, if installed; `name`
+/// names its files. Streaming (`buffering: false`) passes each event on as it arrives, the
+/// setting any deployment in front of an event stream uses.
+fn start_nginx(
+    dir: &Path,
+    name: &str,
+    port: u16,
+    tls: SocketAddr,
+    buffering: bool,
+) -> Option<std::process::Child> {
+    let conf = dir.join(format!("{name}.conf"));
+    let buffering = if buffering { "on" } else { "off" };
     std::fs::write(
         &conf,
         format!(
-            "worker_processes 2;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx-error.log;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {dir};\n  upstream api {{ server {tls}; keepalive 64; }}\n  server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass https://api;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_ssl_session_reuse on;\n    }}\n  }}\n}}\n",
+            "worker_processes 2;\npid {dir}/{name}.pid;\nerror_log {dir}/{name}-error.log;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {dir};\n  upstream api {{ server {tls}; keepalive 64; }}\n  server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass https://api;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_ssl_session_reuse on;\n      proxy_buffering {buffering};\n    }}\n  }}\n}}\n",
             dir = dir.display()
         ),
     )
@@ -501,19 +607,41 @@ fn http_section(
     env: &TestEnv,
     app: &Path,
     daemon: &tollgate_tests::Daemon,
-    plain: SocketAddr,
-    tls: SocketAddr,
+    upstream: &tollgate_tests::httpbench::Upstream,
     api_port: u16,
 ) -> String {
+    use tollgate_tests::peers::{Peer, PeerKind, Unavailable, SETTLE};
     const SECS: u64 = 5;
+    let (plain, tls) = (upstream.plain, upstream.tls);
     let gateway_target: SocketAddr = format!("127.0.0.1:{api_port}").parse().expect("addr");
     let nginx_port = tollgate_tests::free_port();
     let nginx_target: SocketAddr = format!("127.0.0.1:{nginx_port}").parse().expect("addr");
-    let mut nginx = start_nginx(&env.dir, nginx_port, tls);
+    let mut nginx = start_nginx(&env.dir, "nginx", nginx_port, tls, true);
+    // The LLM proxies, each in front of the same TLS port; one that is missing or does not
+    // come up gets its reason in the report instead of numbers.
+    let mut peers: Vec<(PeerKind, Result<Peer, Unavailable>)> = PeerKind::ALL
+        .into_iter()
+        .map(|kind| {
+            eprintln!("tg-bench: starting {}", kind.name());
+            let peer = Peer::start(kind, &env.dir, upstream, &env.dir.join("ca.pem"));
+            if let Err(why) = &peer {
+                eprintln!("tg-bench: {}: {why}", kind.name());
+            }
+            (kind, peer)
+        })
+        .collect();
+    let peers_idle_rss: Vec<u64> = peers
+        .iter()
+        .map(|(_, p)| p.as_ref().map_or(0, Peer::rss_kib))
+        .collect();
+    let mut peers_peak_rss = vec![0; peers.len()];
     let idle_rss = rss_kib(daemon.pid(), "VmRSS:");
+    let mut rss_at_5k = None;
     let mut md = format!(
-        "## HTTP: added latency per request\n\nOpen-loop load at fixed rates ({SECS} s each), latency measured from each request's scheduled send (no coordinated omission), `POST /v1/chat/completions` with a 1 KiB JSON body. Direct: to the mock API's plain port. Tollgate: redirected from the workload's cgroup; policy, credential injection, TLS to the mock (pooled) and the audit record on. nginx (Debian): plain reverse proxy to the same TLS port, upstream keep-alive. Added = the proxy's percentile minus direct's, from runs back to back.\n"
+        "## HTTP: added latency per request\n\nOpen-loop load at fixed rates ({SECS} s each), latency measured from each request's scheduled send (no coordinated omission), `POST /v1/chat/completions` with a 1 KiB OpenAI chat request; the mock API answers each with a complete `chat.completion`. Direct: to the mock API's plain port. Tollgate: redirected from the workload's cgroup; policy, credential injection, TLS to the mock (pooled) and the audit record on. nginx (Debian): plain reverse proxy to the same TLS port, upstream keep-alive. LiteLLM and Portkey: the LLM proxies, configured as below, in front of the same TLS port. Added = the proxy's percentile minus direct's, from runs back to back; errors = requests without a 200 within 10 s, out of rate × {SECS}.\n"
     );
+    let names: Vec<&str> = PeerKind::ALL.iter().map(|k| k.name()).collect();
+    let mut notes = Vec::new();
     for (keepalive, rates, what) in [
         (
             true,
@@ -526,13 +654,66 @@ fn http_section(
             "a new client connection per request",
         ),
     ] {
-        md.push_str(&format!("\n### {what}\n\n| rate/s | direct p50/p99/p99.9 µs | Tollgate added p50/p99/p99.9 µs | nginx added p50/p99/p99.9 µs | errors (direct/tollgate/nginx) |\n|---:|---|---|---|---|\n"));
+        md.push_str(&format!(
+            "\n### {what}\n\n| rate/s | direct p50/p99/p99.9 µs | Tollgate added p50/p99/p99.9 µs | nginx added p50/p99/p99.9 µs | {} | errors (direct/tollgate/nginx/{}) |\n|---:|---|---|---|{}---|\n",
+            names
+                .iter()
+                .map(|n| format!("{n} added p50/p99/p99.9 µs"))
+                .collect::<Vec<_>>()
+                .join(" | "),
+            names.join("/").to_lowercase(),
+            "---|".repeat(names.len())
+        ));
         for rate in rates {
             let direct = http_load(None, plain, rate, SECS, keepalive);
-            let through = http_load(Some(app), gateway_target, rate, SECS, keepalive);
+            // The gateway's memory while it serves 5,000 kept-alive requests/s.
+            let sample = (keepalive && rate == 5000).then_some(daemon.pid());
+            let (through, rss) = with_peak_rss(sample, || {
+                http_load(Some(app), gateway_target, rate, SECS, keepalive)
+            });
+            if sample.is_some() {
+                rss_at_5k = Some(rss);
+            }
             let via_nginx = nginx
                 .as_ref()
                 .map(|_| http_load(None, nginx_target, rate, SECS, keepalive));
+            let mut via_peers = Vec::new();
+            for (i, (kind, peer)) in peers.iter_mut().enumerate() {
+                if let Ok(p) = peer {
+                    if let Some(exit) = p.exited() {
+                        *peer = Err(Unavailable::Exited(format!(
+                            "exited ({exit}) before the {rate}/s run; log {}",
+                            p.log.display()
+                        )));
+                    }
+                }
+                let p = match peer {
+                    Ok(p) => p,
+                    Err(why) => {
+                        via_peers.push(Err(why.short()));
+                        continue;
+                    }
+                };
+                let r = http_load_route(None, p.addr, &p.route, rate, SECS, keepalive);
+                peers_peak_rss[i] = peers_peak_rss[i].max(p.rss_kib());
+                via_peers.push(Ok(r));
+                // A peer still working off a backlog would slow the next run: it starts
+                // afresh instead.
+                if !p.settle(SETTLE) {
+                    notes.push(format!(
+                        "{} was still busy {} s after its {rate}/s run ({what}) and was restarted.",
+                        kind.name(),
+                        SETTLE.as_secs()
+                    ));
+                    *peer = Err(Unavailable::Exited(String::new()));
+                    *peer = Peer::start(*kind, &env.dir, upstream, &env.dir.join("ca.pem"))
+                        .map_err(|why| {
+                            Unavailable::Exited(format!(
+                                "did not start again after its {rate}/s run: {why}"
+                            ))
+                        });
+                }
+            }
             let v = |r: &Value, k: &str| r[k].as_u64().unwrap_or(0);
             let added = |r: &Value| {
                 format!(
@@ -542,21 +723,68 @@ fn http_section(
                     v(r, "p999") as i64 - v(&direct, "p999") as i64
                 )
             };
+            let peer_cells: Vec<String> = via_peers
+                .iter()
+                .map(|r| r.as_ref().map_or_else(|why| (*why).to_owned(), added))
+                .collect();
+            let peer_errors: Vec<String> = via_peers
+                .iter()
+                .map(|r| {
+                    r.as_ref()
+                        .map_or("-".into(), |r| v(r, "errors").to_string())
+                })
+                .collect();
             md.push_str(&format!(
-                "| {rate} | {} / {} / {} | {} | {} | {} / {} / {} |\n",
+                "| {rate} | {} / {} / {} | {} | {} | {} | {} / {} / {} / {} |\n",
                 v(&direct, "p50"),
                 v(&direct, "p99"),
                 v(&direct, "p999"),
                 added(&through),
                 via_nginx.as_ref().map_or("not installed".into(), added),
+                peer_cells.join(" | "),
                 v(&direct, "errors"),
                 v(&through, "errors"),
                 via_nginx
                     .as_ref()
                     .map_or("-".into(), |r| v(r, "errors").to_string()),
+                peer_errors.join(" / "),
             ));
         }
     }
+    // The peers' memory after the runs (every process of each), then they stop.
+    let peers_rss: Vec<(u64, usize)> = peers
+        .iter()
+        .map(|(_, p)| p.as_ref().map_or((0, 0), |p| (p.rss_kib(), p.processes())))
+        .collect();
+    let mut peer_text = format!(
+        "\nThe LLM proxies, each started on a loopback port before the runs, with no access beyond loopback (remote lookups served from the copies they ship, telemetry off). Before measuring, one request through each had to come back 200 with the mock's completion and be counted by the mock, then 20 more warmed it up. After each of its runs the bench waited up to {} s for it to go idle (a proxy that fell behind goes on working off the requests the client gave up on), else restarted it, so no backlog lands in the next run.\n\n",
+        SETTLE.as_secs()
+    );
+    for (i, (kind, peer)) in peers.iter().enumerate() {
+        let (after, procs) = peers_rss[i];
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        match peer {
+            Ok(p) => peer_text.push_str(&format!(
+                "- {} {} ({}): {}. RSS (all {procs} processes): {:.1} MiB after start, {:.1} MiB at most right after a run, {:.1} MiB after the runs.\n",
+                kind.name(),
+                p.version,
+                kind.package(),
+                p.setup,
+                mib(peers_idle_rss[i]),
+                mib(peers_peak_rss[i]),
+                mib(after)
+            )),
+            Err(why) => peer_text.push_str(&format!(
+                "- {} ({}): {why}.\n",
+                kind.name(),
+                kind.package()
+            )),
+        }
+    }
+    for note in &notes {
+        peer_text.push_str(&format!("- {note}\n"));
+    }
+    drop(peers);
     let peak = rss_kib(daemon.pid(), "VmHWM:");
     // 10,000 idle kept-alive client connections.
     let idle = {
@@ -591,21 +819,263 @@ fn http_section(
                 .map(|p| rss_kib(p, "VmRSS:"))
                 .sum::<u64>()
     });
-    if let Some(n) = nginx.as_mut() {
-        // SIGQUIT: the master stops its workers too (SIGKILL would orphan them).
+    stop_nginx(nginx.as_mut());
+    md.push_str(&peer_text);
+    md.push_str(&format!(
+        "\nGateway RSS: {:.1} MiB idle, {} while serving 5,000 kept-alive requests/s (highest sample, every 100 ms), {:.1} MiB peak under load (up to 5,000 requests/s), {:.1} MiB holding {} idle kept-alive client connections. nginx (master + workers) after the runs: {}.\n",
+        idle_rss as f64 / 1024.0,
+        rss_at_5k.map_or("not measured".to_owned(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
+        peak as f64 / 1024.0,
+        idle.1 as f64 / 1024.0,
+        idle.0,
+        if nginx_rss == 0 { "not measured".into() } else { format!("{:.1} MiB", nginx_rss as f64 / 1024.0) }
+    ));
+    md
+}
+
+/// The event-stream runs and the rate sweep, over direct, Tollgate, nginx and the LLM proxies
+/// that start.
+fn streams_and_sweep(
+    out_dir: &Path,
+    env: &TestEnv,
+    app: &Path,
+    upstream: &tollgate_tests::httpbench::Upstream,
+    api_port: u16,
+    sse: &Sse,
+) -> String {
+    use tollgate_tests::{
+        httpbench::Route,
+        peers::{Peer, PeerKind},
+    };
+    let local = |port: u16| -> SocketAddr { format!("127.0.0.1:{port}").parse().expect("addr") };
+    let target = |name: &str, addr, cgroup| Target {
+        name: name.to_owned(),
+        addr,
+        cgroup,
+        route: Route::default(),
+    };
+    let mut md = String::new();
+    // Streams: nginx with buffering off in front of the event-stream mock.
+    let sse_nginx_port = tollgate_tests::free_port();
+    let mut sse_nginx = start_nginx(&env.dir, "nginx-sse", sse_nginx_port, sse.tls, false);
+    let mut streams = vec![
+        target("direct", sse.plain, None),
+        target("Tollgate", local(sse.port), Some(app)),
+    ];
+    if sse_nginx.is_some() {
+        streams.push(target("nginx", local(sse_nginx_port), None));
+    }
+    md.push_str(&sse_section(&streams));
+    stop_nginx(sse_nginx.as_mut());
+
+    // The sweep: the same targets as the fixed-rate runs, LLM proxies started afresh.
+    let nginx_port = tollgate_tests::free_port();
+    let mut nginx = start_nginx(&env.dir, "nginx-sweep", nginx_port, upstream.tls, true);
+    let mut peers = Vec::new();
+    let mut missing = Vec::new();
+    for kind in PeerKind::ALL {
+        match Peer::start(kind, &env.dir, upstream, &env.dir.join("ca.pem")) {
+            Ok(p) => peers.push((kind, p)),
+            Err(why) => missing.push(format!("{}: {}", kind.name(), why.short())),
+        }
+    }
+    let mut targets = vec![
+        target("direct", upstream.plain, None),
+        target("Tollgate", local(api_port), Some(app)),
+    ];
+    if nginx.is_some() {
+        targets.push(target("nginx", local(nginx_port), None));
+    }
+    for (kind, p) in &peers {
+        targets.push(Target {
+            name: kind.name().to_owned(),
+            addr: p.addr,
+            cgroup: None,
+            route: p.route.clone(),
+        });
+    }
+    md.push_str(&sweep_section(out_dir, &targets));
+    if !missing.is_empty() {
+        md.push_str(&format!(
+            "
+Not in the sweep: {}.\n",
+            missing.join("; ")
+        ));
+    }
+    stop_nginx(nginx.as_mut());
+    md
+}
+
+/// Stops an nginx started by [`start_nginx`]: SIGQUIT, so the master stops its workers too.
+fn stop_nginx(nginx: Option<&mut std::process::Child>) {
+    if let Some(n) = nginx {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(i32::try_from(n.id()).unwrap_or(0)),
             nix::sys::signal::Signal::SIGQUIT,
         );
         let _ = n.wait();
     }
-    md.push_str(&format!(
-        "\nGateway RSS: {:.1} MiB idle, {:.1} MiB peak under load (up to 5,000 requests/s), {:.1} MiB holding {} idle kept-alive client connections. nginx (master + workers) after the runs: {}.\n",
-        idle_rss as f64 / 1024.0,
-        peak as f64 / 1024.0,
-        idle.1 as f64 / 1024.0,
-        idle.0,
-        if nginx_rss == 0 { "not measured".into() } else { format!("{:.1} MiB", nginx_rss as f64 / 1024.0) }
-    ));
+}
+
+/// One thing the sweep and the streaming runs measure: a name, where to send, from which
+/// cgroup (the workload's, for Tollgate), and the path and headers it wants.
+struct Target<'a> {
+    name: String,
+    addr: SocketAddr,
+    cgroup: Option<&'a Path>,
+    route: tollgate_tests::httpbench::Route,
+}
+
+/// The rates the sweep offers, in order; it stops for a target after the first rate it does
+/// not sustain.
+const SWEEP_RATES: [u64; 11] = [50, 100, 250, 500, 1000, 2000, 3000, 4000, 5000, 6000, 8000];
+const SWEEP_SECS: u64 = 3;
+/// Sustained: p99 under 10 ms and no request without a 200 within 10 s.
+const SUSTAINED_P99_US: u64 = 10_000;
+
+/// Latency percentiles against offered rate for every target, kept-alive and with a new
+/// connection per request; the highest rate each sustains; and the chart of it all.
+fn sweep_section(out_dir: &Path, targets: &[Target<'_>]) -> String {
+    use tollgate_tests::chart::{latency_png, Point, Series};
+    let mut md = format!(
+        "\n## HTTP: latency against offered rate, and the highest rate sustained\n\nThe same open-loop load, {SWEEP_SECS} s per step, at {} requests/s in turn; a target's ladder stops after the first rate it does not sustain (p99 of 10 ms or more, or any request without a 200 within 10 s). \"Sustains\" is the highest rate of the ladder it met, so the true limit lies between that and the next step.\n",
+        SWEEP_RATES.map(|r| r.to_string()).join(", ")
+    );
+    let mut panels: Vec<(&str, Vec<Series>)> = Vec::new();
+    for (keepalive, mode) in [
+        (true, "kept-alive connections"),
+        (false, "a new connection per request"),
+    ] {
+        md.push_str(&format!(
+            "\n### {mode}\n\n| target | sustains (requests/s) | p50 / p99 / p99.9 µs at each rate (errors) |\n|---|---:|---|\n"
+        ));
+        let mut series = Vec::new();
+        for t in targets {
+            let mut points = Vec::new();
+            let mut cells = Vec::new();
+            let mut sustained = None;
+            for rate in SWEEP_RATES {
+                let r = http_load_route(t.cgroup, t.addr, &t.route, rate, SWEEP_SECS, keepalive);
+                let v = |k: &str| r[k].as_u64().unwrap_or(0);
+                let ok = v("errors") == 0 && v("n") > 0 && v("p99") < SUSTAINED_P99_US;
+                points.push(Point {
+                    rate,
+                    p50_us: v("p50"),
+                    p99_us: v("p99"),
+                    p999_us: v("p999"),
+                });
+                cells.push(format!(
+                    "{rate}/s: {} / {} / {}{}",
+                    v("p50"),
+                    v("p99"),
+                    v("p999"),
+                    if v("errors") > 0 {
+                        format!(" ({} errors)", v("errors"))
+                    } else {
+                        String::new()
+                    }
+                ));
+                if !ok {
+                    break;
+                }
+                sustained = Some(rate);
+            }
+            md.push_str(&format!(
+                "| {} | {} | {} |\n",
+                t.name,
+                sustained.map_or(format!("below {}", SWEEP_RATES[0]), |r| r.to_string()),
+                cells.join("; ")
+            ));
+            series.push(Series {
+                name: t.name.clone(),
+                points,
+            });
+        }
+        panels.push((mode, series));
+    }
+    let chart = out_dir.join("http-latency.png");
+    let panels: Vec<(&str, &[Series])> = panels.iter().map(|(m, s)| (*m, s.as_slice())).collect();
+    match latency_png(
+        &chart,
+        "HTTP latency against offered rate (one run, one machine)",
+        &panels,
+    ) {
+        Ok(()) => md.push_str("\n![HTTP latency against offered rate](http-latency.png)\n"),
+        Err(e) => md.push_str(&format!("\nNo chart: {e}\n")),
+    }
+    md
+}
+
+/// Runs `f`; with a pid, samples that process's RSS every 100 ms meanwhile and returns the
+/// highest sample (KiB) too.
+fn with_peak_rss<T>(pid: Option<i32>, f: impl FnOnce() -> T) -> (T, u64) {
+    let Some(pid) = pid else {
+        return (f(), 0);
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = std::sync::Arc::clone(&stop);
+    let sampler = std::thread::spawn(move || {
+        let mut peak = 0;
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            peak = peak.max(rss_kib(pid, "VmRSS:"));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        peak
+    });
+    let out = f();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    (out, sampler.join().unwrap_or(0))
+}
+
+/// Streams of server-sent events through every target: time to the first event and each
+/// event's delay from when the upstream wrote it, against direct.
+fn sse_section(targets: &[Target<'_>]) -> String {
+    const STREAMS: usize = 30;
+    let mut md = format!(
+        "\n## HTTP: server-sent events\n\n{STREAMS} streams one after another on a kept-alive connection, each of {SSE_EVENTS} OpenAI `chat.completion.chunk` events {} ms apart (the first at once). Each event carries the CLOCK_MONOTONIC time the mock wrote it; the client notes its arrival. Time to first event is from the request's send. Added = the target's percentile minus direct's.\n\n| target | first event p50 / p99 µs | added | per-event delay p50 / p99 / p99.9 µs | added | events (failed streams) |\n|---|---|---|---|---|---|\n",
+        SSE_GAP.as_millis()
+    );
+    let mut direct: Option<Value> = None;
+    for t in targets {
+        let mut args = vec![
+            "sse-client".to_owned(),
+            t.addr.to_string(),
+            STREAMS.to_string(),
+            "--path".to_owned(),
+            t.route.path.clone(),
+        ];
+        for (k, v) in &t.route.headers {
+            args.extend(["--header".to_owned(), format!("{k}: {v}")]);
+        }
+        let r = child(
+            t.cgroup,
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        let v = |r: &Value, k: &str, i: usize| r[k][i].as_u64().unwrap_or(0);
+        let added = |k: &str, n: usize| {
+            direct.as_ref().map_or("".to_owned(), |d| {
+                (0..n)
+                    .map(|i| format!("{:+}", v(&r, k, i) as i64 - v(d, k, i) as i64))
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+            })
+        };
+        md.push_str(&format!(
+            "| {} | {} / {} | {} | {} / {} / {} | {} | {} ({}) |\n",
+            t.name,
+            v(&r, "first_event", 0),
+            v(&r, "first_event", 1),
+            added("first_event", 2),
+            v(&r, "delay", 0),
+            v(&r, "delay", 1),
+            v(&r, "delay", 2),
+            added("delay", 3),
+            r["events"],
+            r["failed"],
+        ));
+        if direct.is_none() {
+            direct = Some(r);
+        }
+    }
     md
 }
