@@ -701,9 +701,14 @@ fn http_section(
                 // afresh instead.
                 if !p.settle(SETTLE) {
                     notes.push(format!(
-                        "{} was still busy {} s after its {rate}/s run ({what}) and was restarted.",
+                        "{} was still busy {} s after its {rate}/s {} run and was restarted.",
                         kind.name(),
-                        SETTLE.as_secs()
+                        SETTLE.as_secs(),
+                        if keepalive {
+                            "kept-alive"
+                        } else {
+                            "new-connection"
+                        }
                     ));
                     *peer = Err(Unavailable::Exited(String::new()));
                     *peer = Peer::start(*kind, &env.dir, upstream, &env.dir.join("ca.pem"))
@@ -765,11 +770,12 @@ fn http_section(
         let mib = |kib: u64| kib as f64 / 1024.0;
         match peer {
             Ok(p) => peer_text.push_str(&format!(
-                "- {} {} ({}): {}. RSS (all {procs} processes): {:.1} MiB after start, {:.1} MiB at most right after a run, {:.1} MiB after the runs.\n",
+                "- {} {} ({}): {}. RSS ({procs} process{}): {:.1} MiB after start, {:.1} MiB at most right after a run, {:.1} MiB after the runs.\n",
                 kind.name(),
                 p.version,
                 kind.package(),
                 p.setup,
+                if procs == 1 { "" } else { "es, together" },
                 mib(peers_idle_rss[i]),
                 mib(peers_peak_rss[i]),
                 mib(after)
