@@ -40,16 +40,8 @@ impl Upstream {
     }
 }
 
-/// Serves `POST` with [`COMPLETION`], on plain `plain` and TLS `tls` listeners, forever.
-pub fn start_upstream(
-    rt: &tokio::runtime::Runtime,
-    cert_names: &[&str],
-) -> (SocketAddr, SocketAddr, String) {
-    let up = start_counted_upstream(rt, cert_names);
-    (up.plain, up.tls, up.ca_pem)
-}
-
-/// [`start_upstream`], keeping count of the requests answered.
+/// Serves `POST` with [`COMPLETION`] on a plain and a TLS listener, forever, counting the
+/// requests answered.
 pub fn start_counted_upstream(rt: &tokio::runtime::Runtime, cert_names: &[&str]) -> Upstream {
     let (tls, ca_pem) = crate::tls_server(cert_names);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
