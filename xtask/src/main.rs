@@ -236,13 +236,14 @@ fn is_root() -> bool {
 }
 
 /// The privileged test files that attack the enforcement, item by item of THREATS.md.
-const ADVERSARIAL: [&str; 6] = [
+const ADVERSARIAL: [&str; 7] = [
     "adversarial",
     "capture",
     "kernel_refusals",
     "lifecycle",
     "faults",
     "http",
+    "pods",
 ];
 
 fn test(suite: Option<&str>, filter: Option<&str>) -> Result<()> {
