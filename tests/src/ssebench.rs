@@ -5,18 +5,8 @@
 use std::{net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
+use gateway_user::proxy::monotonic_ns;
 use http_body_util::BodyExt;
-
-/// Now on CLOCK_MONOTONIC, in ns: comparable between processes on one machine.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
-}
 
 /// One event: a chunk whose content is `t=<ns>`, the time it was written.
 fn chunk(t: u64) -> Bytes {

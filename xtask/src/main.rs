@@ -102,6 +102,15 @@ fn clean(program: &str) -> Command {
     cmd
 }
 
+/// `apt-get install` of `packages`, non-interactive, without recommends.
+fn apt_install(packages: &[&str]) -> Command {
+    let mut cmd = Command::new("apt-get");
+    cmd.args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(packages)
+        .env("DEBIAN_FRONTEND", "noninteractive");
+    cmd
+}
+
 fn setup() -> Result<()> {
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
@@ -113,10 +122,7 @@ fn setup() -> Result<()> {
         .collect();
     if !missing.is_empty() {
         run(Command::new("apt-get").arg("update").arg("-q"))?;
-        run(Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        run(&mut apt_install(&missing))?;
     }
     let nightly = output_ok(clean("rustup").args(["toolchain", "list"])).unwrap_or_default();
     if !nightly.lines().any(|l| l.starts_with("nightly")) {
@@ -524,17 +530,7 @@ fn install_litellm(dir: &Path) -> Result<()> {
         if run_captured(Command::new("python3").arg("-m").arg("venv").arg(&venv)).is_err() {
             // Debian keeps venv (ensurepip) in a package of its own.
             let _ = std::fs::remove_dir_all(&venv);
-            run_captured(
-                Command::new("apt-get")
-                    .args([
-                        "install",
-                        "-y",
-                        "-q",
-                        "--no-install-recommends",
-                        "python3-venv",
-                    ])
-                    .env("DEBIAN_FRONTEND", "noninteractive"),
-            )?;
+            run_captured(&mut apt_install(&["python3-venv"]))?;
             run_captured(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
         }
     }
@@ -558,19 +554,7 @@ fn install_portkey(dir: &Path) -> Result<()> {
         return Ok(());
     }
     if output_ok(Command::new("npm").arg("--version")).is_none() {
-        run_captured(
-            Command::new("apt-get")
-                .args([
-                    "install",
-                    "-y",
-                    "-q",
-                    "--no-install-recommends",
-                    "nodejs",
-                    "npm",
-                ])
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )
-        .context("no npm")?;
+        run_captured(&mut apt_install(&["nodejs", "npm"])).context("no npm")?;
     }
     std::fs::create_dir_all(&prefix)?;
     // No install scripts: the package's own only applies patches it does not ship.
@@ -607,15 +591,7 @@ fn bench(only: Option<&str>) -> Result<()> {
             std::fs::write(policy, "#!/bin/sh\nexit 101\n")?;
             std::fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
         }
-        let installed = run(Command::new("apt-get")
-            .args([
-                "install",
-                "-y",
-                "-q",
-                "--no-install-recommends",
-                "nginx-light",
-            ])
-            .env("DEBIAN_FRONTEND", "noninteractive"));
+        let installed = run(&mut apt_install(&["nginx-light"]));
         if !existed {
             let _ = std::fs::remove_file(policy);
         }

@@ -191,6 +191,8 @@ fn us(ns: u64) -> String {
     format!("{:.1}", ns as f64 / 1000.0)
 }
 
+use tollgate_tests::peers::status_kib;
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("http-load") {
@@ -534,21 +536,6 @@ fn http_load_route(
     child(cgroup, &args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
-fn rss_kib(pid: i32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(field)?
-                .trim()
-                .strip_suffix("kB")?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
-}
-
 /// nginx (Debian's) as a plain reverse proxy to the same TLS upstream, if installed.
 /// Child-mode flags after the fixed arguments: `--path P` and `--header 'Name: value'`
 /// (repeated), for proxies that want them.
@@ -635,7 +622,7 @@ fn http_section(
         .map(|(_, p)| p.as_ref().map_or(0, Peer::rss_kib))
         .collect();
     let mut peers_peak_rss = vec![0; peers.len()];
-    let idle_rss = rss_kib(daemon.pid(), "VmRSS:");
+    let idle_rss = status_kib(daemon.pid(), "VmRSS:");
     let mut rss_at_5k = None;
     let mut md = format!(
         "## HTTP: added latency per request\n\nOpen-loop load at fixed rates ({SECS} s each), latency measured from each request's scheduled send (no coordinated omission), `POST /v1/chat/completions` with a 1 KiB OpenAI chat request; the mock API answers each with a complete `chat.completion`. Direct: to the mock API's plain port. Tollgate: redirected from the workload's cgroup; policy, credential injection, TLS to the mock (pooled) and the audit record on. nginx (Debian): plain reverse proxy to the same TLS port, upstream keep-alive. LiteLLM and Portkey: the LLM proxies, configured as below, in front of the same TLS port. Added = the proxy's percentile minus direct's, from runs back to back; errors = requests without a 200 within 10 s, out of rate × {SECS}.\n"
@@ -791,7 +778,7 @@ fn http_section(
         peer_text.push_str(&format!("- {note}\n"));
     }
     drop(peers);
-    let peak = rss_kib(daemon.pid(), "VmHWM:");
+    let peak = status_kib(daemon.pid(), "VmHWM:");
     // 10,000 idle kept-alive client connections.
     let idle = {
         use std::io::BufRead;
@@ -809,7 +796,7 @@ fn http_section(
             .and_then(|n| n.parse().ok())
             .unwrap_or(0);
         std::thread::sleep(Duration::from_millis(500));
-        let rss = rss_kib(daemon.pid(), "VmRSS:");
+        let rss = status_kib(daemon.pid(), "VmRSS:");
         drop(child.stdin.take());
         let _ = child.wait();
         (held, rss)
@@ -818,11 +805,11 @@ fn http_section(
         let master = i32::try_from(n.id()).unwrap_or(0);
         let children = std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
             .unwrap_or_default();
-        rss_kib(master, "VmRSS:")
+        status_kib(master, "VmRSS:")
             + children
                 .split_whitespace()
                 .filter_map(|p| p.parse().ok())
-                .map(|p| rss_kib(p, "VmRSS:"))
+                .map(|p| status_kib(p, "VmRSS:"))
                 .sum::<u64>()
     });
     stop_nginx(nginx.as_mut());
@@ -1023,7 +1010,7 @@ fn with_peak_rss<T>(pid: Option<i32>, f: impl FnOnce() -> T) -> (T, u64) {
     let sampler = std::thread::spawn(move || {
         let mut peak = 0;
         while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-            peak = peak.max(rss_kib(pid, "VmRSS:"));
+            peak = peak.max(status_kib(pid, "VmRSS:"));
             std::thread::sleep(Duration::from_millis(100));
         }
         peak
