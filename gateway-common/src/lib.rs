@@ -26,7 +26,11 @@ pub mod map_names {
     pub const EVENTS: &str = "TG_EVENTS";
     pub const COUNTERS: &str = "TG_COUNTERS";
     pub const ACCEPTED: &str = "TG_ACCEPTED";
-    pub const ALL: [&str; 6] = [CONFIG, SOCKETS, ORIGINS, EVENTS, COUNTERS, ACCEPTED];
+    pub const ROOTS: &str = "TG_ROOTS";
+    pub const REFUSED: &str = "TG_REFUSED";
+    pub const ALL: [&str; 8] = [
+        CONFIG, SOCKETS, ORIGINS, EVENTS, COUNTERS, ACCEPTED, ROOTS, REFUSED,
+    ];
 }
 
 /// Capacities of the bounded maps.
@@ -37,6 +41,10 @@ pub const COUNTERS_MAX_ENTRIES: u32 = 16_384;
 pub const ACCEPTED_MAX_ENTRIES: u32 = 16_384;
 pub const EVENTS_BYTES: u32 = 256 * 1024;
 pub const MAX_RESOLVERS: usize = 4;
+/// Enforced roots one daemon may have (`TG_ROOTS`).
+pub const ROOTS_MAX_ENTRIES: u32 = 64;
+/// How deep the socket guard looks for an enforced root above a cgroup.
+pub const MAX_CGROUP_DEPTH: u32 = 32;
 
 /// Map flags the kernel programs declare, checked when pinned maps are adopted.
 pub mod map_flags {
@@ -62,6 +70,10 @@ pub mod hook {
     pub const CONNECT: u32 = 3;
     pub const SENDMSG: u32 = 4;
     pub const EGRESS: u32 = 5;
+    /// The socket guard at the cgroup2 root (`connect4|6`).
+    pub const GUARD_CONNECT: u32 = 6;
+    /// The socket guard at the cgroup2 root (`sendmsg4|6`).
+    pub const GUARD_SENDMSG: u32 = 7;
 }
 
 /// Why, in [`RefusalEvent::reason`].
@@ -81,6 +93,9 @@ pub mod reason {
     pub const NO_CONFIG: u32 = 6;
     /// Socket-local storage could not be allocated, so the origin could not be recorded.
     pub const NO_STORAGE: u32 = 7;
+    /// A task under an enforced root used a socket created outside every enforced root (made
+    /// before the task joined, or handed over by another process).
+    pub const FOREIGN_SOCKET: u32 = 8;
 }
 
 /// One allowed DNS resolver.

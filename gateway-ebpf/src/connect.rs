@@ -93,13 +93,23 @@ impl Dest {
 #[cgroup_sock_addr(connect4)]
 pub fn tg_connect4(ctx: SockAddrContext) -> i32 {
     let dest = Dest::v4(&ctx);
-    on_connect(&ctx, &dest, false)
+    noted(&ctx, on_connect(&ctx, &dest, false))
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn tg_connect6(ctx: SockAddrContext) -> i32 {
     let dest = Dest::v6(&ctx);
-    on_connect(&ctx, &dest, true)
+    noted(&ctx, on_connect(&ctx, &dest, true))
+}
+
+/// Passes `verdict` through, noting a refusal for the socket guard (see `guard.rs`).
+#[inline(always)]
+pub(crate) fn noted(ctx: &SockAddrContext, verdict: i32) -> i32 {
+    if verdict == DENY {
+        // SAFETY: the helper takes this program's context.
+        maps::note_refused(unsafe { bpf_get_socket_cookie(ctx.as_ptr()) });
+    }
+    verdict
 }
 
 /// The decision for UDP (connect or send with an address): DNS to a resolver, or nothing.

@@ -1,5 +1,6 @@
-//! Tollgate's kernel programs. Every program runs for sockets of cgroups under an enforced root
-//! and must be idempotent: nested roots run the same program twice (the child's first).
+//! Tollgate's kernel programs. Every cgroup program runs for sockets of cgroups under an
+//! enforced root and must be idempotent: nested roots run the same program twice (the child's
+//! first). The socket guard (BPF LSM) runs for every task and acts only on tasks under a root.
 #![no_std]
 #![no_main]
 
@@ -7,6 +8,7 @@ mod bind;
 mod connect;
 mod egress;
 mod getpeername;
+mod guard;
 mod maps;
 mod refuse;
 mod sendmsg;

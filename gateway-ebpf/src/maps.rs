@@ -1,13 +1,13 @@
 //! The maps shared with the daemon. Layouts live in `gateway_common`.
 use aya_ebpf::{
     bindings::{bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, bpf_spin_lock},
-    btf_maps::{Array, HashMap, LruPerCpuHashMap, RingBuf},
+    btf_maps::{Array, HashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
     helpers::generated::{bpf_spin_lock, bpf_spin_unlock},
     macros::btf_map,
 };
 use gateway_common::{
     map_flags, origin_slot, AcceptedKey, Config, Counters, OriginSlot, RefusalEvent, SockState,
-    ACCEPTED_MAX_ENTRIES, COUNTERS_MAX_ENTRIES, EVENTS_BYTES, ORIGIN_SLOTS,
+    ACCEPTED_MAX_ENTRIES, COUNTERS_MAX_ENTRIES, EVENTS_BYTES, ORIGIN_SLOTS, ROOTS_MAX_ENTRIES,
 };
 
 /// Listener address, gateway cgroup, resolvers. Written by the daemon before attaching.
@@ -39,6 +39,16 @@ pub(crate) static TG_COUNTERS: LruPerCpuHashMap<u64, Counters, { COUNTERS_MAX_EN
 #[btf_map]
 pub(crate) static TG_ACCEPTED: HashMap<AcceptedKey, u8, { ACCEPTED_MAX_ENTRIES as usize }> =
     HashMap::new();
+
+/// The enforced roots' cgroup ids (value unused): the socket guard judges the calling task
+/// by them, since it runs for every task on the host.
+#[btf_map]
+pub(crate) static TG_ROOTS: HashMap<u64, u8, { ROOTS_MAX_ENTRIES as usize }> = HashMap::new();
+
+/// The cookie of the last socket a root's address program refused on this CPU. The guard at
+/// the cgroup2 root runs after it in the same call and so does not report it twice.
+#[btf_map]
+pub(crate) static TG_REFUSED: PerCpuArray<u64, 1> = PerCpuArray::new();
 
 /// A socket-storage map definition with `BPF_F_CLONE` (aya-ebpf's `SkStorage` fixes its flags
 /// to `BPF_F_NO_PREALLOC`). Same BTF shape as every map definition: the loader reads the type,
@@ -103,6 +113,23 @@ pub(crate) fn origin_of(cookie: u64) -> Option<SockState> {
         origin
     };
     (cookie != 0 && origin.socket_cookie == cookie).then_some(origin)
+}
+
+/// Notes that a root's program refused the call on the socket with `cookie`.
+#[inline(always)]
+pub(crate) fn note_refused(cookie: u64) {
+    if let Some(slot) = TG_REFUSED.get_ptr_mut(0) {
+        // SAFETY: this CPU's copy of a live map value.
+        unsafe { *slot = cookie };
+    }
+}
+
+/// Whether the last refusal on this CPU was for the socket with `cookie`.
+#[inline(always)]
+pub(crate) fn refused_here(cookie: u64) -> bool {
+    TG_REFUSED
+        .get(0)
+        .is_some_and(|c| *c == cookie && cookie != 0)
 }
 
 /// The configuration, or `None` when the daemon has not written it (callers fail closed).

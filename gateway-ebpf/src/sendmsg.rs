@@ -5,7 +5,7 @@ use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use gateway_common::{hook, reason};
 
 use crate::{
-    connect::{udp_verdict, Dest},
+    connect::{noted, udp_verdict, Dest},
     maps,
     refuse::report,
     ALLOW, DENY,
@@ -13,12 +13,12 @@ use crate::{
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn tg_sendmsg4(ctx: SockAddrContext) -> i32 {
-    on_send(&Dest::v4(&ctx))
+    noted(&ctx, on_send(&Dest::v4(&ctx)))
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn tg_sendmsg6(ctx: SockAddrContext) -> i32 {
-    on_send(&Dest::v6(&ctx))
+    noted(&ctx, on_send(&Dest::v6(&ctx)))
 }
 
 #[inline(always)]

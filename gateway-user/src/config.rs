@@ -79,6 +79,8 @@ struct RawConfig {
     upstream_ca: Option<PathBuf>,
     #[serde(default)]
     audit_failure: AuditFailure,
+    #[serde(default)]
+    socket_guard: SocketGuard,
 }
 
 /// What happens to decisions that would allow while the audit sink cannot be written.
@@ -90,6 +92,20 @@ pub enum AuditFailure {
     Deny,
     /// Keep allowing; the failure is logged.
     Allow,
+}
+
+/// Whether the socket guard (address programs at the cgroup2 root, judging the calling task)
+/// runs. Without it, a socket created outside every root and then used inside one (made before
+/// its task joined, or passed over SCM_RIGHTS) meets none of the roots' programs.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SocketGuard {
+    /// Attach it; refuse to start when that fails.
+    #[default]
+    Required,
+    /// Run without it (for a daemon that cannot attach at the host's cgroup2 root); the gap
+    /// above stays.
+    Off,
 }
 
 #[derive(Debug, Deserialize)]
@@ -153,6 +169,7 @@ pub struct Config {
     /// Extra CA certificates (PEM) trusted for upstream TLS, besides the public roots.
     pub upstream_ca: Option<PathBuf>,
     pub audit_failure: AuditFailure,
+    pub socket_guard: SocketGuard,
 }
 
 impl Config {
@@ -229,6 +246,7 @@ impl Config {
             credentials: raw.credentials.map(&anchor),
             upstream_ca: raw.upstream_ca.map(&anchor),
             audit_failure: raw.audit_failure,
+            socket_guard: raw.socket_guard,
         })
     }
 

@@ -18,7 +18,7 @@ use gateway_common::{
 use crate::{
     audit::{AuditLog, AuditRecord, Layer, Verdict, WorkloadRecord},
     cgroup,
-    config::Config,
+    config::{Config, SocketGuard},
     credentials::Credentials,
     ebpf::{self, Kernel},
     events,
@@ -41,6 +41,8 @@ pub enum RunError {
     NoBtf,
     #[error("bpffs: {0}")]
     Bpffs(String),
+    #[error("socket guard: {0}")]
+    SocketGuard(String),
     #[error("another tollgate is running with pin dir {pin_dir} (lock {lock}): stop it first")]
     AlreadyRunning { pin_dir: PathBuf, lock: PathBuf },
     #[error("gateway cgroup {path}: {message}")]
@@ -529,6 +531,27 @@ fn attach_all(
 ) -> Result<Attached, RunError> {
     let mut kernel = Kernel::load(&config.pin_dir)?;
     kernel.write_config(&kernel_config(config, gateway_cgroup_id))?;
+    kernel.set_roots(mount, &config.roots)?;
+    // The guard goes on before the roots, so no task under a root is ever without it.
+    match config.socket_guard {
+        SocketGuard::Required => {
+            let outcomes = kernel.guard(mount).map_err(|e| {
+                RunError::SocketGuard(format!(
+                    "cannot attach at the cgroup2 root {}: {e}: run tollgate in the host's \
+                     cgroup namespace, or set `socket_guard: off` (a socket created outside \
+                     every root and used inside one then goes around enforcement)",
+                    mount.display()
+                ))
+            })?;
+            let mut r = AuditRecord::new(Verdict::Allow, Layer::Lifecycle, "socket_guard_started");
+            r.rule = Some(format!("{outcomes:?}"));
+            audit.emit(&r);
+            tracing::info!(?outcomes, "socket guard attached at the cgroup2 root");
+        }
+        SocketGuard::Off => tracing::warn!(
+            "socket guard off: a socket created outside every root and used inside one is not enforced"
+        ),
+    }
     for root in &config.roots {
         let outcomes = kernel.enforce(mount, root)?;
         let mut r = AuditRecord::new(Verdict::Allow, Layer::Lifecycle, "enforcement_started");
@@ -640,7 +663,8 @@ pub fn status(config: &Config) -> Result<serde_json::Value, RunError> {
             serde_json::to_value(counts).unwrap_or_default(),
         );
     }
-    Ok(serde_json::json!({ "pin_dir": config.pin_dir, "roots": roots }))
+    let guard = ebpf::guard_attachments(&config.pin_dir, &mount)?;
+    Ok(serde_json::json!({ "pin_dir": config.pin_dir, "roots": roots, "guard": guard }))
 }
 
 /// Removes every pin (and so every attachment) this config's pin directory holds.

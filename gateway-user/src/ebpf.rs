@@ -3,7 +3,8 @@
 //!
 //! Pin layout under the pin directory:
 //! `maps/<MAP>` for every map, `links/<root>/<program>` for every attachment, where `<root>`
-//! is the root's cgroup path escaped for bpffs (see [`links_dir`]).
+//! is the root's cgroup path escaped for bpffs (see [`links_dir`]), and `links/guard/<program>`
+//! for the socket guard's programs, which attach once, at the cgroup2 root.
 use std::{
     collections::BTreeMap,
     fs::File,
@@ -71,6 +72,14 @@ pub enum EbpfError {
     Query(#[source] std::io::Error),
 }
 
+/// The socket guard's programs (attached at the cgroup2 root), with their attach types.
+pub const GUARD_PROGRAMS: [(&str, u32); 4] = [
+    ("tg_guard_connect4", 10),
+    ("tg_guard_connect6", 11),
+    ("tg_guard_sendmsg4", 14),
+    ("tg_guard_sendmsg6", 15),
+];
+
 /// How a program attaches.
 #[derive(Clone, Copy, Debug)]
 enum Hook {
@@ -137,6 +146,8 @@ fn expected_layout(name: &str) -> Option<(MapType, u32, u32, u32, u32)> {
             gateway_common::ACCEPTED_MAX_ENTRIES,
             0,
         ),
+        map_names::ROOTS => (MapType::Hash, 8, 1, gateway_common::ROOTS_MAX_ENTRIES, 0),
+        map_names::REFUSED => (MapType::PerCpuArray, 4, 8, 1, 0),
         _ => return None,
     })
 }
@@ -204,7 +215,8 @@ impl Kernel {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(OBJECT).map_err(EbpfError::Load)?;
-        for (name, _) in PROGRAMS {
+        for (name, _) in PROGRAMS.iter().chain(&GUARD_PROGRAMS) {
+            let name = *name;
             let program = ebpf.program_mut(name).ok_or(EbpfError::Program {
                 name,
                 source: aya::programs::ProgramError::UnexpectedProgramType,
@@ -243,6 +255,49 @@ impl Kernel {
         })
     }
 
+    /// Replaces the enforced roots the socket guard knows with the cgroups of `roots`.
+    pub fn set_roots(
+        &mut self,
+        cgroup_mount: &Path,
+        roots: &[CgroupPath],
+    ) -> Result<(), EbpfError> {
+        let mut ids = Vec::new();
+        for root in roots {
+            let dir = root.dir(cgroup_mount);
+            let id = crate::cgroup::cgroup_id(&dir).map_err(|e| EbpfError::Cgroup {
+                path: dir.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            ids.push(id);
+        }
+        let name = map_names::ROOTS;
+        let m = move |source| EbpfError::Map { name, source };
+        let map = self.ebpf.map_mut(name).ok_or(EbpfError::Map {
+            name,
+            source: aya::maps::MapError::InvalidName { name: name.into() },
+        })?;
+        let mut map: HashMap<&mut MapData, u64, u8> = HashMap::try_from(map).map_err(m)?;
+        for id in &ids {
+            map.insert(id, 1, 0).map_err(m)?;
+        }
+        // A pinned map may still hold the roots of an earlier configuration.
+        let stale: Vec<u64> = map.keys().flatten().filter(|k| !ids.contains(k)).collect();
+        for id in stale {
+            map.remove(&id).map_err(m)?;
+        }
+        Ok(())
+    }
+
+    /// Makes sure the socket guard is attached exactly once at the cgroup2 root (adopting or
+    /// replacing what an earlier run pinned, as [`Kernel::enforce`] does at a root).
+    pub fn guard(
+        &mut self,
+        cgroup_mount: &Path,
+    ) -> Result<BTreeMap<&'static str, AttachOutcome>, EbpfError> {
+        let links = self.pin_dir.join("links").join("guard");
+        self.attach_set(cgroup_mount, &links, &GUARD_PROGRAMS)
+    }
+
     /// Makes sure each program is attached exactly once at `root`: a pinned link of the same
     /// program (same tag) on the same cgroup is adopted; anything else is replaced, attaching
     /// the new link before the old pin goes (idempotent programs make the overlap safe).
@@ -251,7 +306,18 @@ impl Kernel {
         cgroup_mount: &Path,
         root: &CgroupPath,
     ) -> Result<BTreeMap<&'static str, AttachOutcome>, EbpfError> {
-        let dir = root.dir(cgroup_mount);
+        let links = links_dir(&self.pin_dir, root);
+        self.attach_set(&root.dir(cgroup_mount), &links, &PROGRAMS)
+    }
+
+    /// Attaches each of `programs` once at the cgroup `dir`, pinning the links under `links`.
+    fn attach_set(
+        &mut self,
+        dir: &Path,
+        links: &Path,
+        programs: &[(&'static str, u32)],
+    ) -> Result<BTreeMap<&'static str, AttachOutcome>, EbpfError> {
+        let dir = dir.to_owned();
         let cgroup = File::open(&dir).map_err(|source| EbpfError::Cgroup {
             path: dir.clone(),
             source,
@@ -260,13 +326,12 @@ impl Kernel {
             path: dir.clone(),
             source: std::io::Error::other(e.to_string()),
         })?;
-        let links = links_dir(&self.pin_dir, root);
-        std::fs::create_dir_all(&links).map_err(|source| EbpfError::Pin {
-            path: links.clone(),
+        std::fs::create_dir_all(links).map_err(|source| EbpfError::Pin {
+            path: links.to_owned(),
             source,
         })?;
         let mut outcomes = BTreeMap::new();
-        for (name, _) in PROGRAMS {
+        for &(name, _) in programs {
             let pin = links.join(name);
             let program = self.ebpf.program(name).ok_or(EbpfError::Program {
                 name,
@@ -458,6 +523,33 @@ pub fn attachments(dir: &Path) -> Result<BTreeMap<&'static str, usize>, EbpfErro
             .filter(|id| ours.get(id).is_some_and(|n| n == short))
             .count();
         out.insert(name, n);
+    }
+    Ok(out)
+}
+
+/// For each guard program: whether this pin directory's link of it is live at the cgroup2
+/// root (the root holds other daemons' guards too, so they are not counted by name).
+pub fn guard_attachments(
+    pin_dir: &Path,
+    cgroup_mount: &Path,
+) -> Result<BTreeMap<&'static str, usize>, EbpfError> {
+    let root = File::open(cgroup_mount).map_err(|source| EbpfError::Cgroup {
+        path: cgroup_mount.to_owned(),
+        source,
+    })?;
+    let root_id = crate::cgroup::cgroup_id(cgroup_mount).map_err(|e| EbpfError::Cgroup {
+        path: cgroup_mount.to_owned(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let mut out = BTreeMap::new();
+    for (name, attach_type) in GUARD_PROGRAMS {
+        let attached =
+            bpf_sys::query_cgroup(root.as_fd(), attach_type).map_err(EbpfError::Query)?;
+        let live = bpf_sys::obj_get(&pin_dir.join("links").join("guard").join(name))
+            .ok()
+            .and_then(|link| bpf_sys::cgroup_link_info(link.as_fd()).ok())
+            .is_some_and(|info| info.cgroup_id == root_id && attached.contains(&info.prog_id));
+        out.insert(name, usize::from(live));
     }
     Ok(out)
 }

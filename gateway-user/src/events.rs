@@ -23,6 +23,7 @@ pub fn reason_str(hook_id: u32, reason_id: u32) -> &'static str {
         (_, reason::EGRESS_BACKSTOP) => "kernel_egress_backstop",
         (_, reason::NO_CONFIG) => "kernel_no_config",
         (_, reason::NO_STORAGE) => "kernel_no_socket_storage",
+        (_, reason::FOREIGN_SOCKET) => "kernel_socket_from_outside_root",
         _ => "kernel_refused",
     }
 }

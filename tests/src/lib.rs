@@ -323,14 +323,22 @@ impl TestEnv {
 
     /// Attachment counts per program at the root, from `tollgate status`.
     pub fn attachments(&self) -> Value {
+        self.status()["roots"][self.root_rel()].clone()
+    }
+
+    /// Per guard program, 1 when this daemon's socket guard is live at the cgroup2 root.
+    pub fn guard(&self) -> Value {
+        self.status()["guard"].clone()
+    }
+
+    fn status(&self) -> Value {
         let out = self.tollgate(&["status"]);
         assert!(
             out.status.success(),
             "status failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let v: Value = serde_json::from_slice(&out.stdout).expect("status json");
-        v["roots"][self.root_rel()].clone()
+        serde_json::from_slice(&out.stdout).expect("status json")
     }
 }
 

@@ -4,6 +4,9 @@
 //! attempt: the same attempt from outside the root reaches the canary (so the canary would see a
 //! bypass), the attempt from inside does not, and it leaves an audit record naming the workload.
 //!
+//! Item 12's carried sockets (made before the process joined, or passed over SCM_RIGHTS) are
+//! here too: the socket guard at the cgroup2 root refuses them.
+//!
 //! The rest of THREATS.md is covered where its machinery lives: ping sockets (they need a
 //! private ping_group_range, kernel_refusals.rs), listener impostors, child
 //! cgroups, sockets older than enforcement, recreated cgroups, stale origins (lifecycle.rs),
@@ -20,7 +23,7 @@ use std::{
 };
 
 use serde_json::Value;
-use tollgate_tests::{Mock, TestEnv};
+use tollgate_tests::{Cgroup, Mock, TestEnv};
 
 /// Loopback listeners the workload must never reach: TCP on 127.0.0.1 and ::1 (each accepted
 /// connection is counted and closed at once), UDP on 127.0.0.1 (each datagram counted).
@@ -214,6 +217,57 @@ fn every_way_around_the_capture_is_closed_and_audited() {
                 || rec["workload"]["cgroup_id"].as_u64().unwrap_or(0) > 0,
             "{item}: the record identifies the workload: {rec}"
         );
+    }
+
+    // 12: a socket made outside every root and used by a task inside one: made before the
+    // process joined, or handed over SCM_RIGHTS by a process outside. The socket guard (BPF
+    // LSM) refuses the connect or addressed send with EPERM. The control joins a cgroup
+    // outside the root, where the same steps reach the canary.
+    let outside = Cgroup::create(env.mount.join(format!("{}-outside.scope", env.name)));
+    let (outside_dir, app_dir) = (
+        outside.path.display().to_string(),
+        app.display().to_string(),
+    );
+    let carried: [(&str, &str, SocketAddr); 4] = [
+        ("12: TCP socket made before joining", "join-tcp", t4),
+        ("12: UDP socket made before joining, sendto", "join-udp", u),
+        (
+            "12: UDP socket made before joining, connect",
+            "join-udp-connect",
+            u,
+        ),
+        ("12: TCP socket passed over SCM_RIGHTS", "passed-fd", t4),
+    ];
+    for (item, mode, target) in carried {
+        let target = target.to_string();
+        let control = env.probe(None, &[mode, &outside_dir, &target]);
+        assert_eq!(control["ok"], true, "{item}: control {control}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut seen = canary.take();
+        while seen == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            seen = canary.take();
+        }
+        assert!(seen > 0, "{item}: the canary sees the control");
+        let port = target.rsplit(':').next().and_then(|p| p.parse().ok());
+        let pred = |r: &Value| {
+            names(r, &workload, port) && r["reason"] == "kernel_socket_from_outside_root"
+        };
+        let before = count(&env, &pred);
+        let attempt = env.probe(None, &[mode, &app_dir, &target]);
+        assert_eq!(attempt["ok"], false, "{item}: refused ({attempt})");
+        assert_eq!(
+            attempt["errno"],
+            libc::EPERM,
+            "{item}: refused with EPERM ({attempt})"
+        );
+        let rec = new_record(&env, before, item, &pred);
+        assert!(
+            rec["workload"]["pid"].as_u64().unwrap_or(0) > 0,
+            "{item}: {rec}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(canary.take(), 0, "{item}: nothing reached the canary");
     }
 
     // 6: straight to the gateway's listener, with no redirect behind it: refused at connect.

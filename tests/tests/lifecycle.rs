@@ -63,6 +63,29 @@ fn restart_adopts_pins_and_leaves_one_attachment_each() {
             "{program} attached exactly once after restart: {after}"
         );
     }
+    // The socket guard at the cgroup2 root: adopted too, exactly one live link per program.
+    let guard = env.guard();
+    let guard = guard.as_object().expect("guard");
+    assert_eq!(
+        guard.len(),
+        gateway_user::ebpf::GUARD_PROGRAMS.len(),
+        "{guard:?}"
+    );
+    assert!(
+        guard.values().all(|n| n == 1),
+        "the guard is live: {guard:?}"
+    );
+    let guard_started = env.wait_record("the guard's second start", |r| {
+        r["reason"] == "socket_guard_started"
+            && r["rule"].as_str().is_some_and(|s| s.contains("Adopted"))
+    });
+    assert!(
+        !guard_started["rule"]
+            .as_str()
+            .unwrap_or("")
+            .contains("Replaced"),
+        "the guard was adopted, not attached twice: {guard_started}"
+    );
     let adopted = env.wait_record("the second start's record", |r| {
         r["reason"] == "enforcement_started"
             && r["rule"].as_str().is_some_and(|s| s.contains("Adopted"))
@@ -85,6 +108,15 @@ fn restart_adopts_pins_and_leaves_one_attachment_each() {
     assert!(
         gone.as_object().expect("counts").values().all(|n| n == 0),
         "{gone}"
+    );
+    let guard_gone = env.guard();
+    assert!(
+        guard_gone
+            .as_object()
+            .expect("guard")
+            .values()
+            .all(|n| n == 0),
+        "the guard went with the pins: {guard_gone}"
     );
     let free = env.probe(Some(&app), &["tcp", &mock.addr.to_string()]);
     assert_eq!(

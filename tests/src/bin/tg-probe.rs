@@ -86,11 +86,31 @@ fn exchange(stream: &mut TcpStream) -> Value {
     }
 }
 
-fn tcp(addr: SocketAddr, bind_to: Option<SocketAddr>, mark: Option<u32>) -> Value {
+/// Moves this process into the cgroup at `dir`.
+fn join_cgroup(dir: &str) -> std::io::Result<()> {
+    std::fs::write(
+        std::path::Path::new(dir).join("cgroup.procs"),
+        std::process::id().to_string(),
+    )
+}
+
+/// A TCP connect (and one exchange). With `join`, the socket is made first and the process
+/// then moves into that cgroup before connecting.
+fn tcp(
+    addr: SocketAddr,
+    bind_to: Option<SocketAddr>,
+    mark: Option<u32>,
+    join: Option<&str>,
+) -> Value {
     let fd = match socket(domain_of(addr), libc::SOCK_STREAM, 0) {
         Ok(fd) => fd,
         Err(e) => return errno_json(&e),
     };
+    if let Some(dir) = join {
+        if let Err(e) = join_cgroup(dir) {
+            return json!({ "ok": false, "error": format!("join {dir}: {e}") });
+        }
+    }
     if let Some(m) = mark {
         // SAFETY: valid option buffer.
         let r = unsafe {
@@ -187,7 +207,8 @@ fn uring(addr: SocketAddr) -> Value {
     v
 }
 
-fn udp(addr: SocketAddr, v6_socket: bool, connect: bool) -> Value {
+/// One datagram, by sendto or by connect and send. With `join`, as in [`tcp`].
+fn udp(addr: SocketAddr, v6_socket: bool, connect: bool, join: Option<&str>) -> Value {
     let domain = if v6_socket {
         libc::AF_INET6
     } else {
@@ -197,6 +218,11 @@ fn udp(addr: SocketAddr, v6_socket: bool, connect: bool) -> Value {
         Ok(fd) => fd,
         Err(e) => return errno_json(&e),
     };
+    if let Some(dir) = join {
+        if let Err(e) = join_cgroup(dir) {
+            return json!({ "ok": false, "error": format!("join {dir}: {e}") });
+        }
+    }
     let (ss, len) = sockaddr(addr);
     let msg = b"datagram";
     let r = if connect {
@@ -392,6 +418,98 @@ fn exec_without_bpf(argv: &[String]) -> Value {
     errno_json(&std::process::Command::new(program).args(rest).exec())
 }
 
+/// `passed-fd DIR ADDR`: a child process joins DIR; this process, outside it, makes a TCP
+/// socket and hands it over SCM_RIGHTS; the child connects with it and reports the result.
+fn passed_fd(dir: &str, addr: SocketAddr) -> Value {
+    use nix::sys::socket::{
+        recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
+        SockFlag, SockType,
+    };
+    let (ours, theirs) = match socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    ) {
+        Ok(p) => p,
+        Err(e) => return errno_json(&e.into()),
+    };
+    // SAFETY: this process has one thread; the child only makes syscalls and exits.
+    match unsafe { nix::unistd::fork() } {
+        Err(e) => errno_json(&e.into()),
+        Ok(nix::unistd::ForkResult::Child) => {
+            drop(ours);
+            let result = (|| -> Value {
+                if let Err(e) = join_cgroup(dir) {
+                    return json!({ "ok": false, "error": format!("join {dir}: {e}") });
+                }
+                let mut byte = [0u8; 1];
+                let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+                let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+                let msg = match recvmsg::<()>(
+                    theirs.as_raw_fd(),
+                    &mut iov,
+                    Some(&mut space),
+                    MsgFlags::empty(),
+                ) {
+                    Ok(m) => m,
+                    Err(e) => return errno_json(&e.into()),
+                };
+                let Some(raw) = msg
+                    .cmsgs()
+                    .ok()
+                    .into_iter()
+                    .flatten()
+                    .find_map(|c| match c {
+                        ControlMessageOwned::ScmRights(fds) => fds.first().copied(),
+                        _ => None,
+                    })
+                else {
+                    return json!({ "ok": false, "error": "no descriptor received" });
+                };
+                // SAFETY: the descriptor just arrived and is ours alone.
+                let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+                let (ss, len) = sockaddr(addr);
+                // SAFETY: valid sockaddr.
+                if let Err(e) = check(unsafe {
+                    libc::connect(fd.as_raw_fd(), std::ptr::from_ref(&ss).cast(), len)
+                }) {
+                    return errno_json(&e);
+                }
+                exchange(&mut TcpStream::from(fd))
+            })();
+            let text = result.to_string();
+            let _ = nix::unistd::write(&theirs, text.as_bytes());
+            // SAFETY: leave the child without running the parent's exit handlers.
+            unsafe { libc::_exit(0) }
+        }
+        Ok(nix::unistd::ForkResult::Parent { child }) => {
+            drop(theirs);
+            let fd = match socket(domain_of(addr), libc::SOCK_STREAM, 0) {
+                Ok(fd) => fd,
+                Err(e) => return errno_json(&e),
+            };
+            let fds = [fd.as_raw_fd()];
+            let iov = [std::io::IoSlice::new(b"s")];
+            if let Err(e) = sendmsg::<()>(
+                ours.as_raw_fd(),
+                &iov,
+                &[ControlMessage::ScmRights(&fds)],
+                MsgFlags::empty(),
+                None,
+            ) {
+                return errno_json(&e.into());
+            }
+            drop(fd);
+            let mut text = String::new();
+            let _ = std::fs::File::from(ours).read_to_string(&mut text);
+            let _ = nix::sys::wait::waitpid(child, None);
+            serde_json::from_str(&text)
+                .unwrap_or_else(|_| json!({ "ok": false, "error": format!("child said {text:?}") }))
+        }
+    }
+}
+
 /// `flood ADDR N`: N non-blocking connects, each closed at once; every connect records an
 /// origin (a flood of the origin slots).
 fn flood(addr: SocketAddr, n: u64) -> Value {
@@ -439,18 +557,27 @@ fn main() {
             .unwrap_or_else(|| panic!("argument {i} must be ip:port"))
     };
     let result = match args.first().map(String::as_str) {
-        Some("tcp") => tcp(addr(1), args.get(2).and_then(|a| a.parse().ok()), None),
-        Some("tcp-mark") => tcp(addr(1), None, Some(0x7011)),
+        Some("tcp") => tcp(
+            addr(1),
+            args.get(2).and_then(|a| a.parse().ok()),
+            None,
+            None,
+        ),
+        Some("tcp-mark") => tcp(addr(1), None, Some(0x7011), None),
+        Some("join-tcp") => tcp(addr(2), None, None, Some(&args[1])),
+        Some("join-udp") => udp(addr(2), false, false, Some(&args[1])),
+        Some("join-udp-connect") => udp(addr(2), false, true, Some(&args[1])),
+        Some("passed-fd") => passed_fd(&args[1], addr(2)),
         Some("udp-flood") => udp_flood(
             addr(1),
             args.get(2).and_then(|n| n.parse().ok()).unwrap_or(1000),
         ),
         Some("tfo") => tfo(addr(1)),
         Some("uring") => uring(addr(1)),
-        Some("udp") => udp(addr(1), false, false),
-        Some("udp6") => udp(addr(1), true, false),
-        Some("udp-connect") => udp(addr(1), false, true),
-        Some("udp6-connect") => udp(addr(1), true, true),
+        Some("udp") => udp(addr(1), false, false, None),
+        Some("udp6") => udp(addr(1), true, false, None),
+        Some("udp-connect") => udp(addr(1), false, true, None),
+        Some("udp6-connect") => udp(addr(1), true, true, None),
         Some("ping") => make_socket(libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_ICMP),
         Some("raw") => make_socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW),
         Some("sctp") => make_socket(libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_SCTP),
