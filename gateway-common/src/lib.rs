@@ -74,6 +74,9 @@ pub mod hook {
     pub const GUARD_CONNECT: u32 = 6;
     /// The socket guard at the cgroup2 root (`sendmsg4|6`).
     pub const GUARD_SENDMSG: u32 = 7;
+    /// Not a refusal: a task joined a cgroup under an enforced root (raw tracepoint
+    /// `cgroup_attach_task`); the daemon then destroys the outbound connections it carried in.
+    pub const JOIN: u32 = 8;
 }
 
 /// Why, in [`RefusalEvent::reason`].
@@ -126,8 +129,29 @@ pub struct Config {
     pub task_start_offset: u32,
     pub resolver_count: u32,
     pub resolvers: [Resolver; MAX_RESOLVERS],
+    /// Where the join watcher finds a cgroup's id, its parent and a task's tgid; all zero
+    /// when the kernel's BTF did not give them (then no join is reported).
+    pub offsets: KernelOffsets,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 40 + 24 * MAX_RESOLVERS);
+const _: () = assert!(core::mem::size_of::<Config>() == 40 + 24 * MAX_RESOLVERS + 16);
+
+/// Byte offsets of kernel struct members, read from the running kernel's BTF by the daemon.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// `struct cgroup.kn`.
+    pub cgroup_kn: u16,
+    /// `struct kernfs_node.id`.
+    pub kn_id: u16,
+    /// `struct cgroup.self.parent` (`self` opens `struct cgroup`, so the parent's `self` is
+    /// the parent cgroup).
+    pub cgroup_parent: u16,
+    pub _pad: u16,
+    /// `struct task_struct.tgid`.
+    pub task_tgid: u32,
+    pub _pad2: u32,
+}
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 16);
 
 /// The origin of a redirected socket (`TG_ORIGINS`, in the slot of its cookie): the
 /// original destination and who made the connect, as the kernel saw it in the caller's
@@ -210,7 +234,7 @@ pub struct Counters {
 }
 const _: () = assert!(core::mem::size_of::<Counters>() == 24);
 
-/// One kernel refusal, sent through the `TG_EVENTS` ring buffer.
+/// One kernel refusal (or, with `hook::JOIN`, a join), sent through the `TG_EVENTS` ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RefusalEvent {

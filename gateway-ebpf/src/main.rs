@@ -9,6 +9,7 @@ mod connect;
 mod egress;
 mod getpeername;
 mod guard;
+mod join;
 mod maps;
 mod refuse;
 mod sendmsg;

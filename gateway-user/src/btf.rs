@@ -1,6 +1,7 @@
-//! Reads one fact from the kernel's BTF: where `start_boottime` sits in `task_struct`. The
-//! kernel programs use it to record the connecting thread's start time (pid-reuse check), so
-//! the offset comes from the running kernel, not from the build machine.
+//! Reads member offsets from the kernel's BTF, so the kernel programs follow the running
+//! kernel's layout, not the build machine's: where `start_boottime` sits in `task_struct` (the
+//! pid-reuse check), and the members the join watcher follows (a cgroup's id and parent, a
+//! task's tgid).
 
 const BTF_MAGIC: u16 = 0xeb9f;
 const KIND_STRUCT: u32 = 4;
@@ -11,7 +12,7 @@ pub enum BtfError {
     #[error("kernel BTF is malformed at byte {0}")]
     Malformed(usize),
     #[error("kernel BTF has no {0}")]
-    Missing(&'static str),
+    Missing(String),
 }
 
 struct Type {
@@ -23,17 +24,28 @@ struct Type {
 }
 
 /// The byte offset of `member` in `struct name`, looking through anonymous struct members.
-pub fn member_offset(btf: &[u8], strukt: &str, member: &'static str) -> Result<u32, BtfError> {
+pub fn member_offset(btf: &[u8], strukt: &str, member: &str) -> Result<u32, BtfError> {
+    Ok(member_offsets(btf, &[(strukt, member)])?[0])
+}
+
+/// The byte offset of each `(struct, member)` in `wanted`, parsing the blob once.
+pub fn member_offsets(btf: &[u8], wanted: &[(&str, &str)]) -> Result<Vec<u32>, BtfError> {
     let (types, strings) = parse(btf)?;
     let name_of = |off: u32| -> &[u8] {
         let s = strings.get(off as usize..).unwrap_or_default();
         &s[..s.iter().position(|b| *b == 0).unwrap_or(s.len())]
     };
-    let root = types
+    wanted
         .iter()
-        .position(|t| t.kind == KIND_STRUCT && name_of(t.name_off) == strukt.as_bytes())
-        .ok_or(BtfError::Missing("task_struct"))?;
-    find(&types, root, member.as_bytes(), &name_of, 0).ok_or(BtfError::Missing(member))
+        .map(|(strukt, member)| {
+            let missing = || BtfError::Missing(format!("struct {strukt} member {member}"));
+            let root = types
+                .iter()
+                .position(|t| t.kind == KIND_STRUCT && name_of(t.name_off) == strukt.as_bytes())
+                .ok_or_else(missing)?;
+            find(&types, root, member.as_bytes(), &name_of, 0).ok_or_else(missing)
+        })
+        .collect()
 }
 
 fn find<'s>(
@@ -122,9 +134,42 @@ fn parse(b: &[u8]) -> Result<(Vec<Type>, &[u8]), BtfError> {
 
 /// The offset of `task_struct.start_boottime` in the running kernel.
 pub fn task_start_boottime_offset() -> Result<u32, BtfError> {
-    let data = std::fs::read("/sys/kernel/btf/vmlinux")
-        .map_err(|_| BtfError::Missing("/sys/kernel/btf/vmlinux"))?;
-    member_offset(&data, "task_struct", "start_boottime")
+    member_offset(&kernel_btf()?, "task_struct", "start_boottime")
+}
+
+fn kernel_btf() -> Result<Vec<u8>, BtfError> {
+    std::fs::read("/sys/kernel/btf/vmlinux")
+        .map_err(|_| BtfError::Missing("/sys/kernel/btf/vmlinux".into()))
+}
+
+/// The offsets the join watcher follows, from the running kernel.
+pub fn join_offsets() -> Result<gateway_common::KernelOffsets, BtfError> {
+    let o = member_offsets(
+        &kernel_btf()?,
+        &[
+            ("cgroup", "kn"),
+            ("kernfs_node", "id"),
+            ("cgroup", "self"),
+            ("cgroup_subsys_state", "parent"),
+            ("task_struct", "tgid"),
+        ],
+    )?;
+    if o[2] != 0 {
+        // The parent link points at the parent's `self`: the parent cgroup only if `self`
+        // opens `struct cgroup`.
+        return Err(BtfError::Missing(
+            "struct cgroup opening with `self`".into(),
+        ));
+    }
+    let narrow = |v: u32| u16::try_from(v).map_err(|_| BtfError::Malformed(v as usize));
+    Ok(gateway_common::KernelOffsets {
+        cgroup_kn: narrow(o[0])?,
+        kn_id: narrow(o[1])?,
+        cgroup_parent: narrow(o[3])?,
+        _pad: 0,
+        task_tgid: o[4],
+        _pad2: 0,
+    })
 }
 
 #[cfg(test)]

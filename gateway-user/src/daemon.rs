@@ -275,6 +275,10 @@ fn kernel_config(config: &Config, gateway_cgroup_id: u64) -> KernelConfig {
         task_start_offset,
         resolver_count: u32::try_from(config.dns_resolvers.len()).unwrap_or(0),
         resolvers,
+        offsets: crate::btf::join_offsets().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "no cgroup offsets from BTF: connections a process holds when it joins a root are not destroyed");
+            gateway_common::KernelOffsets::default()
+        }),
     }
 }
 
@@ -303,22 +307,37 @@ fn socket_inodes(dirs: &[PathBuf]) -> HashSet<u32> {
     let mut out = HashSet::new();
     for dir in dirs {
         for pid in cgroup::procs(dir) {
-            let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
-                continue;
-            };
-            for fd in fds.flatten() {
-                if let Ok(target) = fs::read_link(fd.path()) {
-                    let t = target.to_string_lossy();
-                    if let Some(n) = t.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')) {
-                        if let Ok(n) = n.parse() {
-                            out.insert(n);
-                        }
-                    }
-                }
-            }
+            out.extend(sockets_of(pid.unsigned_abs()));
         }
     }
     out
+}
+
+/// The socket inodes among the descriptors of process `pid`.
+pub fn sockets_of(pid: u32) -> HashSet<u32> {
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return HashSet::new();
+    };
+    fds.flatten()
+        .filter_map(|fd| {
+            let target = fs::read_link(fd.path()).ok()?;
+            let t = target.to_string_lossy();
+            t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+        })
+        .collect()
+}
+
+/// Which connections a settling looks at.
+pub enum Settle<'a> {
+    /// Everything under the roots, when enforcement starts (or a namespace is first served).
+    Roots,
+    /// The sockets (by inode) a process held when it joined the cgroup `cgroup_id` under a
+    /// root: they were made where no program of the root saw them.
+    Joined {
+        tgid: u32,
+        cgroup_id: u64,
+        inodes: &'a HashSet<u32>,
+    },
 }
 
 /// When enforcement starts: destroys outbound TCP connections that already existed under the
@@ -329,17 +348,23 @@ pub fn settle_existing(
     ns: &Netns,
     accepted: &Mutex<AcceptedMap>,
     audit: &AuditLog,
+    scope: &Settle<'_>,
 ) -> Result<(), RunError> {
-    let dirs: Vec<PathBuf> = config
-        .roots
-        .iter()
-        .flat_map(|r| cgroup::walk(&r.dir(mount)))
-        .collect();
-    let ids: HashSet<u64> = dirs
-        .iter()
-        .filter_map(|d| cgroup::cgroup_id(d).ok())
-        .collect();
-    let inodes = socket_inodes(&dirs);
+    let (ids, inodes, prefix) = match scope {
+        Settle::Roots => {
+            let dirs: Vec<PathBuf> = config
+                .roots
+                .iter()
+                .flat_map(|r| cgroup::walk(&r.dir(mount)))
+                .collect();
+            let ids: HashSet<u64> = dirs
+                .iter()
+                .filter_map(|d| cgroup::cgroup_id(d).ok())
+                .collect();
+            (ids, socket_inodes(&dirs), "preexisting")
+        }
+        Settle::Joined { inodes, .. } => (HashSet::new(), (*inodes).clone(), "carried"),
+    };
     let socks = sockdiag::dump_tcp(ns)?;
     let listening: Vec<SocketAddr> = socks
         .iter()
@@ -362,8 +387,16 @@ pub fn settle_existing(
             continue;
         }
         let mut r = AuditRecord::new(Verdict::Deny, Layer::Lifecycle, "");
-        let cg = s.cgroup_id.and_then(|id| cgroup::path_of_id(mount, id));
-        r.workload = WorkloadRecord::of_cgroup(s.cgroup_id.unwrap_or(0), cg.as_ref());
+        let owner = match scope {
+            Settle::Joined { cgroup_id, .. } => Some(*cgroup_id),
+            Settle::Roots => s.cgroup_id,
+        };
+        let cg = owner.and_then(|id| cgroup::path_of_id(mount, id));
+        r.workload = WorkloadRecord::of_cgroup(owner.unwrap_or(0), cg.as_ref());
+        if let Settle::Joined { tgid, .. } = scope {
+            r.workload.pid = *tgid;
+            r.workload.tgid = *tgid;
+        }
         r.dst.orig_ip = Some(s.remote.ip().to_string());
         r.dst.orig_port = Some(s.remote.port());
         r.dst.protocol = Some("tcp");
@@ -374,13 +407,13 @@ pub fn settle_existing(
                 .insert(accepted_key(s.local, s.remote), 1, 0)
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
             r.decision = Verdict::Allow;
-            r.reason = "preexisting_accepted_connection_kept".into();
+            r.reason = format!("{prefix}_accepted_connection_kept");
         } else {
             match sockdiag::destroy(ns, s) {
-                Ok(()) => r.reason = "preexisting_outbound_connection_destroyed".into(),
+                Ok(()) => r.reason = format!("{prefix}_outbound_connection_destroyed"),
                 Err(e) => {
                     r.decision = Verdict::Error;
-                    r.reason = format!("preexisting_outbound_connection_not_destroyed: {e}");
+                    r.reason = format!("{prefix}_outbound_connection_not_destroyed: {e}");
                 }
             }
         }
@@ -474,7 +507,14 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> Result<(), RunError> {
         }
     };
     let accepted = Arc::new(Mutex::new(maps.accepted));
-    if let Err(e) = settle_existing(config, &pre.cgroup_mount, &Netns::Host, &accepted, &audit) {
+    if let Err(e) = settle_existing(
+        config,
+        &pre.cgroup_mount,
+        &Netns::Host,
+        &accepted,
+        &audit,
+        &Settle::Roots,
+    ) {
         tracing::error!(error = %e, "could not settle connections that predate enforcement");
     }
     let gateway = Arc::new(Gateway {
@@ -498,7 +538,9 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> Result<(), RunError> {
         let _ = tokio::task::spawn_blocking(move || initial.sweep()).await;
         tokio::spawn(Arc::clone(&namespaces).sweep_forever());
         tokio::spawn(Arc::clone(&namespaces).serve_admin(admin));
-        tokio::spawn(events::drain_events(maps.events, audit.clone(), pre.cgroup_mount.clone()));
+        let (joins, joined) = tokio::sync::mpsc::channel(4096);
+        tokio::spawn(Arc::clone(&namespaces).settle_joins(joined));
+        tokio::spawn(events::drain_events(maps.events, audit.clone(), pre.cgroup_mount.clone(), joins));
         tokio::spawn(events::watch_counters(Arc::new(maps.counters), audit.clone(), pre.cgroup_mount.clone()));
         tokio::spawn(watch_policies(Arc::clone(&gateway)));
         tracing::info!(roots = ?config.roots.iter().map(ToString::to_string).collect::<Vec<_>>(), port = config.listener_port, "enforcing");

@@ -15,7 +15,8 @@ use std::{
 use aya::{
     maps::{Array, HashMap, MapData, MapInfo, MapType, PerCpuHashMap, RingBuf},
     programs::{
-        links::FdLink, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
+        links::FdLink, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock,
+        CgroupSockAddr, RawTracePoint,
     },
     Ebpf, EbpfLoader,
 };
@@ -79,6 +80,10 @@ pub const GUARD_PROGRAMS: [(&str, u32); 4] = [
     ("tg_guard_sendmsg4", 14),
     ("tg_guard_sendmsg6", 15),
 ];
+
+/// The join watcher (see `join.rs` in gateway-ebpf), attached with the guard.
+pub const JOIN_PROGRAM: &str = "tg_join";
+const JOIN_TRACEPOINT: &str = "cgroup_attach_task";
 
 /// How a program attaches.
 #[derive(Clone, Copy, Debug)]
@@ -230,6 +235,15 @@ impl Kernel {
             };
             result.map_err(|source| EbpfError::Program { name, source })?;
         }
+        let name = JOIN_PROGRAM;
+        let err = |source| EbpfError::Program { name, source };
+        let program = ebpf.program_mut(name).ok_or(EbpfError::Program {
+            name,
+            source: aya::programs::ProgramError::UnexpectedProgramType,
+        })?;
+        <&mut RawTracePoint>::try_from(program)
+            .and_then(RawTracePoint::load)
+            .map_err(err)?;
         Ok(Self {
             ebpf,
             pin_dir: pin_dir.to_owned(),
@@ -295,7 +309,20 @@ impl Kernel {
         cgroup_mount: &Path,
     ) -> Result<BTreeMap<&'static str, AttachOutcome>, EbpfError> {
         let links = self.pin_dir.join("links").join("guard");
-        self.attach_set(cgroup_mount, &links, &GUARD_PROGRAMS)
+        let outcomes = self.attach_set(cgroup_mount, &links, &GUARD_PROGRAMS)?;
+        // The join watcher has no cgroup to compare a pin against: always a fresh link, pinned
+        // over the old one (two watchers for a moment only report a join twice).
+        let name = JOIN_PROGRAM;
+        let err = |source| EbpfError::Program { name, source };
+        let program = self.ebpf.program_mut(name).ok_or(EbpfError::Program {
+            name,
+            source: aya::programs::ProgramError::UnexpectedProgramType,
+        })?;
+        let tp: &mut RawTracePoint = program.try_into().map_err(err)?;
+        let id = tp.attach(JOIN_TRACEPOINT).map_err(err)?;
+        let link = FdLink::from(tp.take_link(id).map_err(err)?);
+        pin_replacing(link, &links.join(name))?;
+        Ok(outcomes)
     }
 
     /// Makes sure each program is attached exactly once at `root`: a pinned link of the same
@@ -349,16 +376,7 @@ impl Kernel {
                 }
             }
             let link = self.attach(name, &cgroup)?;
-            let fresh = links.join(format!("{name}_new"));
-            let _ = std::fs::remove_file(&fresh);
-            link.pin(&fresh).map_err(|e| EbpfError::Pin {
-                path: fresh.clone(),
-                source: std::io::Error::other(e.to_string()),
-            })?;
-            std::fs::rename(&fresh, &pin).map_err(|source| EbpfError::Pin {
-                path: pin.clone(),
-                source,
-            })?;
+            pin_replacing(link, &pin)?;
             // The rename replaced the old pin; its fd, dropped at the end of this iteration,
             // was the last reference, so the old program detaches.
             let outcome = if existing.is_some() {
@@ -417,6 +435,24 @@ impl Kernel {
             accepted: HashMap::try_from(accepted).map_err(m(map_names::ACCEPTED))?,
         })
     }
+}
+
+/// Pins `link` at `pin`, replacing what was pinned there: the new pin is made beside it and
+/// renamed over it, so one of the two is always pinned.
+fn pin_replacing(link: FdLink, pin: &Path) -> Result<(), EbpfError> {
+    // bpffs refuses dots in names.
+    let mut name = pin.file_name().unwrap_or_default().to_owned();
+    name.push("_new");
+    let fresh = pin.with_file_name(name);
+    let _ = std::fs::remove_file(&fresh);
+    link.pin(&fresh).map_err(|e| EbpfError::Pin {
+        path: fresh.clone(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    std::fs::rename(&fresh, pin).map_err(|source| EbpfError::Pin {
+        path: pin.to_owned(),
+        source,
+    })
 }
 
 /// Whether a pinned link runs the program with `tag` on the cgroup `cgroup_id`.
@@ -551,6 +587,8 @@ pub fn guard_attachments(
             .is_some_and(|info| info.cgroup_id == root_id && attached.contains(&info.prog_id));
         out.insert(name, usize::from(live));
     }
+    let join = pin_dir.join("links").join("guard").join(JOIN_PROGRAM);
+    out.insert(JOIN_PROGRAM, usize::from(bpf_sys::obj_get(&join).is_ok()));
     Ok(out)
 }
 

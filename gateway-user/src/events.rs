@@ -72,7 +72,13 @@ pub fn record_of(ev: &RefusalEvent, cgroup_mount: &std::path::Path) -> AuditReco
 }
 
 /// Reads the ring buffer forever.
-pub async fn drain_events(ring: RingBuf<MapData>, audit: AuditLog, cgroup_mount: PathBuf) {
+/// Drains the kernel's event ring: refusals become audit records; joins go to `joins`.
+pub async fn drain_events(
+    ring: RingBuf<MapData>,
+    audit: AuditLog,
+    cgroup_mount: PathBuf,
+    joins: tokio::sync::mpsc::Sender<(u32, u64)>,
+) {
     // SAFETY: the ring buffer's fd stays open for as long as the AsyncFd owns the map.
     let mut fd = match unsafe { AsyncFd::register(ring) }.map_err(|e| e.to_string()) {
         Ok(fd) => fd,
@@ -90,6 +96,12 @@ pub async fn drain_events(ring: RingBuf<MapData>, audit: AuditLog, cgroup_mount:
             if item.len() >= std::mem::size_of::<RefusalEvent>() {
                 // SAFETY: the kernel wrote a `RefusalEvent` (checked length; read unaligned).
                 let ev: RefusalEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                if ev.hook == hook::JOIN {
+                    if joins.try_send((ev.tgid, ev.cgroup_id)).is_err() {
+                        tracing::warn!(tgid = ev.tgid, "join queue full: the connections this joining process holds are not settled");
+                    }
+                    continue;
+                }
                 let record = record_of(&ev, &cgroup_mount);
                 tracing::info!(reason = %record.reason, cgroup = ?record.workload.cgroup, "kernel refusal");
                 audit.emit(&record);

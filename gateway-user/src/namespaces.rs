@@ -23,7 +23,7 @@ use tokio::{
 use crate::{
     audit::{AuditRecord, Layer, Verdict},
     cgroup,
-    daemon::{settle_existing, AcceptedMap},
+    daemon::{settle_existing, sockets_of, AcceptedMap, Settle},
     netns::{Netns, Workload},
     proxy::{self, Gateway},
 };
@@ -107,6 +107,7 @@ impl Namespaces {
             &ns,
             &self.accepted,
             &self.gateway.audit,
+            &Settle::Roots,
         ) {
             tracing::warn!(error = %e, "could not settle connections that predate the namespace's enforcement");
         }
@@ -219,6 +220,63 @@ impl Namespaces {
                 };
                 let _ = write.write_all(reply.as_bytes()).await;
             });
+        }
+    }
+
+    /// Destroys the outbound connections process `tgid` held when it joined `cgroup_id` under
+    /// a root (the join watcher reported it). Blocking.
+    pub fn settle_joined(&self, tgid: u32, cgroup_id: u64) {
+        let inodes = sockets_of(tgid);
+        if inodes.is_empty() {
+            return;
+        }
+        let Some(ino) = inode_of(std::path::Path::new(&format!("/proc/{tgid}/ns/net"))) else {
+            return;
+        };
+        let ns = if ino == self.host_inode {
+            Arc::new(Netns::Host)
+        } else {
+            let known = self
+                .entries
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(&ino)
+                .map(|e| Arc::clone(&e.ns));
+            match known {
+                Some(ns) => ns,
+                None => {
+                    // A namespace not served yet: serving it settles everything in it.
+                    if let Ok(f) = File::open(format!("/proc/{tgid}/ns/net")) {
+                        if let Err(e) = self.add(f, None, "joined") {
+                            tracing::warn!(tgid, error = %e, "cannot serve a joining process's network namespace");
+                        }
+                    }
+                    return;
+                }
+            }
+        };
+        let scope = Settle::Joined {
+            tgid,
+            cgroup_id,
+            inodes: &inodes,
+        };
+        if let Err(e) = settle_existing(
+            &self.gateway.config,
+            &self.gateway.cgroup_mount,
+            &ns,
+            &self.accepted,
+            &self.gateway.audit,
+            &scope,
+        ) {
+            tracing::warn!(tgid, error = %e, "could not settle the connections of a joining process");
+        }
+    }
+
+    /// Settles each process the join watcher reports.
+    pub async fn settle_joins(self: Arc<Self>, mut joins: tokio::sync::mpsc::Receiver<(u32, u64)>) {
+        while let Some((tgid, cgroup_id)) = joins.recv().await {
+            let me = Arc::clone(&self);
+            let _ = tokio::task::spawn_blocking(move || me.settle_joined(tgid, cgroup_id)).await;
         }
     }
 

@@ -510,6 +510,45 @@ fn passed_fd(dir: &str, addr: SocketAddr) -> Value {
     }
 }
 
+/// `carry-tcp DIR ADDR MILLIS`: connects to ADDR from here, joins DIR, then sends a byte every
+/// millisecond until a send fails or MILLIS pass. Reports how long sends kept working after
+/// the join (the connection was made where no program of DIR's root saw it).
+fn carry_tcp(dir: &str, addr: SocketAddr, millis: u64) -> Value {
+    let stream = match TcpStream::connect(addr) {
+        Ok(s) => s,
+        Err(e) => return errno_json(&e),
+    };
+    if let Err(e) = join_cgroup(dir) {
+        return json!({ "ok": false, "error": format!("join {dir}: {e}") });
+    }
+    let joined = std::time::Instant::now();
+    let mut sent = 0u64;
+    while joined.elapsed() < Duration::from_millis(millis) {
+        // SAFETY: a one-byte buffer; MSG_NOSIGNAL turns a broken pipe into an error.
+        let r = unsafe {
+            libc::send(
+                stream.as_raw_fd(),
+                b"x".as_ptr().cast(),
+                1,
+                libc::MSG_NOSIGNAL,
+            )
+        };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            return json!({
+                "ok": false,
+                "errno": e.raw_os_error().unwrap_or(0),
+                "error": e.to_string(),
+                "sent_after_join": sent,
+                "open_ms": joined.elapsed().as_secs_f64() * 1000.0,
+            });
+        }
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    json!({ "ok": true, "sent_after_join": sent, "open_ms": millis })
+}
+
 /// `flood ADDR N`: N non-blocking connects, each closed at once; every connect records an
 /// origin (a flood of the origin slots).
 fn flood(addr: SocketAddr, n: u64) -> Value {
@@ -568,6 +607,11 @@ fn main() {
         Some("join-udp") => udp(addr(2), false, false, Some(&args[1])),
         Some("join-udp-connect") => udp(addr(2), false, true, Some(&args[1])),
         Some("passed-fd") => passed_fd(&args[1], addr(2)),
+        Some("carry-tcp") => carry_tcp(
+            &args[1],
+            addr(2),
+            args.get(3).and_then(|n| n.parse().ok()).unwrap_or(2000),
+        ),
         Some("udp-flood") => udp_flood(
             addr(1),
             args.get(2).and_then(|n| n.parse().ok()).unwrap_or(1000),
