@@ -293,6 +293,19 @@ mod tests {
     }
 
     #[test]
+    fn socket_guard_is_on_unless_turned_off() {
+        let on = Config::parse(GOOD, "c.yaml", Path::new("/")).expect("config");
+        assert_eq!(on.socket_guard, SocketGuard::Required);
+        let text = format!("{GOOD}socket_guard: off\n");
+        let off = Config::parse(&text, "c.yaml", Path::new("/")).expect("off");
+        assert_eq!(off.socket_guard, SocketGuard::Off);
+        let text = format!("{GOOD}socket_guard: maybe\n");
+        let err = Config::parse(&text, "c.yaml", Path::new("/")).expect_err("bad value");
+        assert!(err.to_string().contains("c.yaml:"), "{err}");
+        assert!(err.to_string().contains("socket_guard"), "{err}");
+    }
+
+    #[test]
     fn unknown_field_names_file_and_line() {
         let text = format!("{GOOD}listner: {{}}\n");
         let err = Config::parse(&text, "c.yaml", Path::new("/")).expect_err("unknown field");

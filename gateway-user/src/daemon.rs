@@ -365,7 +365,16 @@ pub fn settle_existing(
         }
         Settle::Joined { inodes, .. } => (HashSet::new(), (*inodes).clone(), "carried"),
     };
-    let socks = sockdiag::dump_tcp(ns)?;
+    let mut socks = sockdiag::dump_tcp(ns)?;
+    if let Settle::Joined { .. } = scope {
+        // A connected UDP socket sends without naming an address, so no address program sees
+        // its datagrams; one carried in is cut like a TCP connection.
+        socks.extend(
+            sockdiag::dump_udp(ns)?
+                .into_iter()
+                .filter(|s| s.state == sockdiag::TCP_ESTABLISHED && inodes.contains(&s.inode)),
+        );
+    }
     let listening: Vec<SocketAddr> = socks
         .iter()
         .filter(|s| s.state == sockdiag::TCP_LISTEN)
@@ -383,7 +392,12 @@ pub fn settle_existing(
     };
     for s in &socks {
         let enforced = s.cgroup_id.is_some_and(|id| ids.contains(&id)) || inodes.contains(&s.inode);
-        if !enforced || matches!(s.state, sockdiag::TCP_LISTEN | 6 | 7) || listener(s.remote) {
+        let udp = s.protocol == sockdiag::UDP;
+        if !enforced
+            || matches!(s.state, sockdiag::TCP_LISTEN | 6 | 7)
+            || listener(s.remote)
+            || (udp && config.dns_resolvers.contains(&s.remote))
+        {
             continue;
         }
         let mut r = AuditRecord::new(Verdict::Deny, Layer::Lifecycle, "");
@@ -399,8 +413,8 @@ pub fn settle_existing(
         }
         r.dst.orig_ip = Some(s.remote.ip().to_string());
         r.dst.orig_port = Some(s.remote.port());
-        r.dst.protocol = Some("tcp");
-        if is_served(s.local) {
+        r.dst.protocol = Some(if udp { "udp" } else { "tcp" });
+        if !udp && is_served(s.local) {
             accepted
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)

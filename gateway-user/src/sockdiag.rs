@@ -1,5 +1,5 @@
-//! TCP sockets through NETLINK_SOCK_DIAG (inet_diag): listing them with their cgroup, looking
-//! one up by its exact 4-tuple (for its cookie), and destroying one (SOCK_DESTROY).
+//! TCP (and UDP) sockets through NETLINK_SOCK_DIAG (inet_diag): listing them with their cgroup,
+//! looking one up by its exact 4-tuple (for its cookie), and destroying one (SOCK_DESTROY).
 use crate::netns::Netns;
 use std::{
     io,
@@ -24,10 +24,13 @@ pub const TCP_ESTABLISHED: u8 = 1;
 pub const TCP_SYN_SENT: u8 = 2;
 pub const TCP_LISTEN: u8 = 10;
 
-/// One TCP socket as inet_diag reports it.
+/// One socket as inet_diag reports it (UDP sockets use the TCP state numbers: a connected one
+/// is `TCP_ESTABLISHED`).
 #[derive(Debug, Clone)]
 pub struct TcpSock {
     pub state: u8,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub protocol: u8,
     pub local: SocketAddr,
     pub remote: SocketAddr,
     pub cookie: u64,
@@ -108,7 +111,7 @@ fn addr_from(family: u8, words: &[u8]) -> IpAddr {
     }
 }
 
-fn parse_msg(body: &[u8]) -> Option<TcpSock> {
+fn parse_msg(body: &[u8], protocol: u8) -> Option<TcpSock> {
     if body.len() < MSG {
         return None;
     }
@@ -139,6 +142,7 @@ fn parse_msg(body: &[u8]) -> Option<TcpSock> {
     raw_id.copy_from_slice(id);
     Some(TcpSock {
         state,
+        protocol,
         local,
         remote,
         cookie,
@@ -149,10 +153,13 @@ fn parse_msg(body: &[u8]) -> Option<TcpSock> {
     })
 }
 
-fn request(family: u8, states: u32, id: [u8; 48]) -> [u8; REQ] {
+const TCP: u8 = 6;
+pub const UDP: u8 = 17;
+
+fn request(family: u8, protocol: u8, states: u32, id: [u8; 48]) -> [u8; REQ] {
     let mut req = [0u8; REQ];
     req[0] = family;
-    req[1] = u8::try_from(libc::IPPROTO_TCP).unwrap_or(6);
+    req[1] = protocol;
     req[4..8].copy_from_slice(&states.to_ne_bytes());
     req[8..56].copy_from_slice(&id);
     req
@@ -160,6 +167,15 @@ fn request(family: u8, states: u32, id: [u8; 48]) -> [u8; REQ] {
 
 /// Every TCP socket of the network namespace `ns`.
 pub fn dump_tcp(ns: &Netns) -> io::Result<Vec<TcpSock>> {
+    dump(ns, TCP)
+}
+
+/// Every UDP socket of the network namespace `ns`.
+pub fn dump_udp(ns: &Netns) -> io::Result<Vec<TcpSock>> {
+    dump(ns, UDP)
+}
+
+fn dump(ns: &Netns, protocol: u8) -> io::Result<Vec<TcpSock>> {
     let mut out = Vec::new();
     for family in [libc::AF_INET, libc::AF_INET6] {
         let fd = socket(ns)?;
@@ -168,9 +184,9 @@ pub fn dump_tcp(ns: &Netns) -> io::Result<Vec<TcpSock>> {
             &fd,
             SOCK_DIAG_BY_FAMILY,
             NLM_F_REQUEST | NLM_F_DUMP,
-            &request(family, u32::MAX, [0; 48]),
+            &request(family, protocol, u32::MAX, [0; 48]),
         )?;
-        recv_all(&fd, true, |body| out.extend(parse_msg(body)))?;
+        recv_all(&fd, true, |body| out.extend(parse_msg(body, protocol)))?;
     }
     Ok(out)
 }
@@ -182,7 +198,7 @@ pub fn destroy(ns: &Netns, sock: &TcpSock) -> io::Result<()> {
         &fd,
         SOCK_DESTROY,
         NLM_F_REQUEST | NLM_F_ACK,
-        &request(sock.family, u32::MAX, sock.raw_id),
+        &request(sock.family, sock.protocol, u32::MAX, sock.raw_id),
     )?;
     match recv_all(&fd, false, |_| {})? {
         0 => Ok(()),
@@ -222,10 +238,10 @@ pub fn lookup(ns: &Netns, local: SocketAddr, remote: SocketAddr) -> io::Result<O
         &fd,
         SOCK_DIAG_BY_FAMILY,
         NLM_F_REQUEST,
-        &request(family, u32::MAX, id),
+        &request(family, TCP, u32::MAX, id),
     )?;
     let mut found = None;
-    let errno = recv_all(&fd, false, |body| found = parse_msg(body))?;
+    let errno = recv_all(&fd, false, |body| found = parse_msg(body, TCP))?;
     match errno {
         0 => Ok(found),
         e if e == libc::ENOENT => Ok(None),

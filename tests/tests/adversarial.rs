@@ -270,29 +270,32 @@ fn every_way_around_the_capture_is_closed_and_audited() {
         assert_eq!(canary.take(), 0, "{item}: nothing reached the canary");
     }
 
-    // 12: a connection made before the process joined. The join watcher reports the join and
-    // the daemon destroys the connection (a server's accepted ones would stay); until then it
-    // stays open, so the test bounds that window and reports it.
-    let pred = |r: &Value| {
-        r["workload"]["cgroup"] == workload.as_str()
-            && r["reason"] == "carried_outbound_connection_destroyed"
-    };
-    let before = count(&env, &pred);
-    let carried = env.probe(None, &["carry-tcp", &app_dir, &t4.to_string(), "3000"]);
-    assert_eq!(
-        carried["ok"], false,
-        "the carried connection was cut: {carried}"
-    );
-    let open_ms = carried["open_ms"].as_f64().unwrap_or(f64::MAX);
-    println!("12: a connection carried into the root stayed open {open_ms:.1} ms after the join");
-    assert!(
-        open_ms < 1000.0,
-        "cut within a second of the join: {carried}"
-    );
-    let rec = new_record(&env, before, "a carried connection destroyed", &pred);
-    assert!(rec["workload"]["pid"].as_u64().unwrap_or(0) > 0, "{rec}");
-    assert_eq!(rec["dst"]["orig_port"], t4.port(), "{rec}");
-    canary.take();
+    // 12: a connection made before the process joined (TCP, and connected UDP, whose sends
+    // name no address). The join watcher reports the join and the daemon destroys the
+    // connection (a server's accepted ones would stay); until then it stays open, so the test
+    // bounds that window and reports it.
+    for (mode, target) in [("carry-tcp", t4), ("carry-udp", u)] {
+        let pred = |r: &Value| {
+            r["workload"]["cgroup"] == workload.as_str()
+                && r["reason"] == "carried_outbound_connection_destroyed"
+                && r["dst"]["orig_port"] == target.port()
+        };
+        let before = count(&env, &pred);
+        let carried = env.probe(None, &[mode, &app_dir, &target.to_string(), "3000"]);
+        assert_eq!(
+            carried["ok"], false,
+            "{mode}: the carried connection was cut: {carried}"
+        );
+        let open_ms = carried["open_ms"].as_f64().unwrap_or(f64::MAX);
+        println!("12: {mode}: open {open_ms:.1} ms after the join");
+        assert!(
+            open_ms < 1000.0,
+            "{mode}: cut within a second of the join: {carried}"
+        );
+        let rec = new_record(&env, before, mode, &pred);
+        assert!(rec["workload"]["pid"].as_u64().unwrap_or(0) > 0, "{rec}");
+        canary.take();
+    }
 
     // 6: straight to the gateway's listener, with no redirect behind it: refused at connect.
     let listener = env.listener().to_string();

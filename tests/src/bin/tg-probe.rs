@@ -510,14 +510,26 @@ fn passed_fd(dir: &str, addr: SocketAddr) -> Value {
     }
 }
 
-/// `carry-tcp DIR ADDR MILLIS`: connects to ADDR from here, joins DIR, then sends a byte every
-/// millisecond until a send fails or MILLIS pass. Reports how long sends kept working after
-/// the join (the connection was made where no program of DIR's root saw it).
-fn carry_tcp(dir: &str, addr: SocketAddr, millis: u64) -> Value {
-    let stream = match TcpStream::connect(addr) {
-        Ok(s) => s,
+/// `carry-tcp|carry-udp DIR ADDR MILLIS`: connects to ADDR from here, joins DIR, then sends a
+/// byte every millisecond until a send fails or MILLIS pass. Reports how long sends kept
+/// working after the join (the connection was made where no program of DIR's root saw it).
+fn carry(dir: &str, addr: SocketAddr, millis: u64, udp: bool) -> Value {
+    let ty = if udp {
+        libc::SOCK_DGRAM
+    } else {
+        libc::SOCK_STREAM
+    };
+    let fd = match socket(domain_of(addr), ty, 0) {
+        Ok(fd) => fd,
         Err(e) => return errno_json(&e),
     };
+    let (ss, len) = sockaddr(addr);
+    // SAFETY: valid sockaddr.
+    if let Err(e) =
+        check(unsafe { libc::connect(fd.as_raw_fd(), std::ptr::from_ref(&ss).cast(), len) })
+    {
+        return errno_json(&e);
+    }
     if let Err(e) = join_cgroup(dir) {
         return json!({ "ok": false, "error": format!("join {dir}: {e}") });
     }
@@ -525,14 +537,7 @@ fn carry_tcp(dir: &str, addr: SocketAddr, millis: u64) -> Value {
     let mut sent = 0u64;
     while joined.elapsed() < Duration::from_millis(millis) {
         // SAFETY: a one-byte buffer; MSG_NOSIGNAL turns a broken pipe into an error.
-        let r = unsafe {
-            libc::send(
-                stream.as_raw_fd(),
-                b"x".as_ptr().cast(),
-                1,
-                libc::MSG_NOSIGNAL,
-            )
-        };
+        let r = unsafe { libc::send(fd.as_raw_fd(), b"x".as_ptr().cast(), 1, libc::MSG_NOSIGNAL) };
         if r < 0 {
             let e = std::io::Error::last_os_error();
             return json!({
@@ -607,10 +612,11 @@ fn main() {
         Some("join-udp") => udp(addr(2), false, false, Some(&args[1])),
         Some("join-udp-connect") => udp(addr(2), false, true, Some(&args[1])),
         Some("passed-fd") => passed_fd(&args[1], addr(2)),
-        Some("carry-tcp") => carry_tcp(
+        Some(mode @ ("carry-tcp" | "carry-udp")) => carry(
             &args[1],
             addr(2),
             args.get(3).and_then(|n| n.parse().ok()).unwrap_or(2000),
+            mode == "carry-udp",
         ),
         Some("udp-flood") => udp_flood(
             addr(1),
