@@ -30,8 +30,9 @@ pub enum Framing {
 }
 
 /// Checks a request head strictly and says how its body is delimited: no leading blank line,
-/// CRLF line ends only, no whitespace in or before a header name, one Content-Length (digits)
-/// or `Transfer-Encoding: chunked`, never both.
+/// CRLF line ends only, no whitespace in or before a header name, at most one Host (two would
+/// leave which host the request is for to whoever reads it), one Content-Length (digits) or
+/// `Transfer-Encoding: chunked`, never both.
 pub fn head_framing(head: &[u8]) -> Result<Framing, &'static str> {
     if head.first().is_some_and(|b| *b == b'\r' || *b == b'\n') {
         return Err("leading_empty_line");
@@ -47,7 +48,7 @@ pub fn head_framing(head: &[u8]) -> Result<Framing, &'static str> {
     {
         return Err("bare_lf_in_head");
     }
-    let (mut length, mut lengths, mut codings) = (None, 0, Vec::new());
+    let (mut length, mut lengths, mut codings, mut hosts) = (None, 0, Vec::new(), 0);
     for line in head.split(|b| *b == b'\n').skip(1) {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.is_empty() {
@@ -68,7 +69,12 @@ pub fn head_framing(head: &[u8]) -> Result<Framing, &'static str> {
                 .and_then(|v| v.parse::<u64>().ok());
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             codings.push(value);
+        } else if name.eq_ignore_ascii_case(b"host") {
+            hosts += 1;
         }
+    }
+    if hosts > 1 {
+        return Err("duplicate_host");
     }
     if lengths > 1 {
         return Err("duplicate_content_length");
@@ -360,6 +366,10 @@ GET /d HTTP/1.1\r\nHost: x\r\n\r\n";
             (
                 "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n",
                 "duplicate_content_length",
+            ),
+            (
+                "GET / HTTP/1.1\r\nHost: x\r\nhost: y\r\n\r\n",
+                "duplicate_host",
             ),
             ("GET / HTTP/1.1\nHost: x\r\n\r\n", "bare_lf_in_head"),
             ("GET / HTTP/1.1\nHost: x\n\n", "bare_lf_in_head"),

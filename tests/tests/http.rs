@@ -842,3 +842,203 @@ fn tls_passthrough_decides_on_the_sni_and_dials_the_name() {
     env.wait_record("the refusal", |r| r["reason"] == "tls_on_an_originate_rule");
     assert!(canary.accept().is_err(), "nothing was sent to 127.0.0.9");
 }
+
+/// Sends each raw request (one per connection) to where the workload thinks the API is and
+/// prints, per request, a JSON line: the status line (empty if the gateway closed without
+/// one) and how many bytes came back.
+const RAW_CLIENT: &str = r#"
+import json, socket, sys
+for raw in json.load(sys.stdin):
+    s = socket.create_connection(('127.0.0.9', 80), timeout=5)
+    s.sendall(raw.encode('latin-1'))
+    got = b''
+    try:
+        while True:
+            b = s.recv(65536)
+            if not b:
+                break
+            got += b
+            if b'\r\n\r\n' in got and len(got) > 8192:
+                break
+    except socket.timeout:
+        pass
+    except ConnectionResetError:
+        got = got or b'reset'
+    s.close()
+    print(json.dumps({'status': got.split(b'\r\n')[0].decode('latin-1'), 'bytes': len(got)}))
+"#;
+
+/// THREATS 18 and 20–22, end to end: requests that try to confuse framing, path or host. Each
+/// fails closed (a refusal the gateway itself makes, nothing reaches the API), except the
+/// harmless spellings, which are forwarded normalized.
+#[test]
+fn smuggling_path_and_host_tricks_fail_closed() {
+    let s = setup("tricks");
+    let env = &s.env;
+    let _d = env.start();
+    let post = |target: &str, host: &str, extra: &str, body: &str| {
+        format!("POST {target} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n{body}")
+    };
+    let chat = "/v1/chat/completions";
+    let api = "api.openai.com";
+    // (case, raw request, expected status, audit reason; None = forwarded)
+    let cases: Vec<(&str, String, &str, Option<&str>)> = vec![
+        (
+            "20: two different Content-Length",
+            post(chat, api, "Content-Length: 2\r\nContent-Length: 3\r\n", "{}x"),
+            "400",
+            Some("duplicate_content_length"),
+        ),
+        (
+            "20: CL and TE",
+            post(chat, api, "Content-Length: 4\r\nTransfer-Encoding: chunked\r\n", "0\r\n\r\n"),
+            "400",
+            Some("content_length_with_transfer_encoding"),
+        ),
+        (
+            "20: obfuscated TE (xchunked)",
+            post(chat, api, "Transfer-Encoding: xchunked\r\n", "0\r\n\r\n"),
+            "400",
+            Some("unsupported_transfer_encoding"),
+        ),
+        (
+            "20: TE with a space before the colon",
+            post(chat, api, "Transfer-Encoding : chunked\r\n", "0\r\n\r\n"),
+            "400",
+            Some("whitespace_in_header_name"),
+        ),
+        (
+            "20: TE chunked, identity",
+            post(chat, api, "Transfer-Encoding: chunked, identity\r\n", "0\r\n\r\n"),
+            "400",
+            Some("unsupported_transfer_encoding"),
+        ),
+        (
+            "20: bare LF chunk lines",
+            // Found in the body as it streams past, after the head: the connection is closed
+            // without a response.
+            post(chat, api, "Transfer-Encoding: chunked\r\n", "2\n{}\n0\n\n"),
+            "",
+            Some("bare_lf_in_chunked_body"),
+        ),
+        (
+            "21: .. out of an allowed prefix",
+            "GET /v1/models/../files HTTP/1.1\r\nHost: api.openai.com\r\nConnection: close\r\n\r\n".into(),
+            "403",
+            Some("method_or_path_not_allowed"),
+        ),
+        (
+            "21: %2e%2e out of an allowed prefix",
+            "GET /v1/models/%2e%2e/files HTTP/1.1\r\nHost: api.openai.com\r\nConnection: close\r\n\r\n".into(),
+            "403",
+            Some("method_or_path_not_allowed"),
+        ),
+        (
+            "21: mixed case",
+            post("/V1/Chat/Completions", api, "Content-Length: 2\r\n", "{}"),
+            "403",
+            Some("method_or_path_not_allowed"),
+        ),
+        (
+            "21: ;params",
+            post("/v1/chat/completions;x=1", api, "Content-Length: 2\r\n", "{}"),
+            "400",
+            Some("bad_character_in_path"),
+        ),
+        (
+            "21: trailing slash (forwarded, normalized)",
+            post("/v1/chat/completions/", api, "Content-Length: 2\r\n", "{}"),
+            "200",
+            None,
+        ),
+        (
+            "22: userinfo in Host",
+            post(chat, "api.openai.com@evil.example", "Content-Length: 2\r\n", "{}"),
+            "400",
+            Some("userinfo_in_host"),
+        ),
+        (
+            "18/22: absolute-form target naming another host",
+            post("http://evil.example/v1/chat/completions", api, "Content-Length: 2\r\n", "{}"),
+            "400",
+            Some("absolute_target_host_mismatch"),
+        ),
+        (
+            "22: two Host headers",
+            post(chat, api, "Host: evil.example\r\nContent-Length: 2\r\n", "{}"),
+            "400",
+            Some("duplicate_host"),
+        ),
+        (
+            "22: upper case and a trailing dot (forwarded, normalized)",
+            post(chat, "API.OpenAI.com.", "Content-Length: 2\r\n", "{}"),
+            "200",
+            None,
+        ),
+        (
+            "22: host:port (forwarded, normalized)",
+            post(chat, "api.openai.com:80", "Content-Length: 2\r\n", "{}"),
+            "200",
+            None,
+        ),
+    ];
+    let input = serde_json::to_string(
+        &cases
+            .iter()
+            .map(|(_, raw, _, _)| raw.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .expect("json");
+    let before = s.api.requests().len();
+    let mut child = Command::new("python3");
+    child
+        .args(["-c", RAW_CLIENT])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    join_before_exec(&mut child, &s.agent);
+    let mut child = child.spawn().expect("python3");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), input.as_bytes())
+        .expect("send requests");
+    let out = child.wait_with_output().expect("python3");
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(
+        lines.len(),
+        cases.len(),
+        "one answer per case: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let forwarded = cases.iter().filter(|c| c.2 == "200").count();
+    for ((case, _, code, reason), got) in cases.iter().zip(&lines) {
+        let status = got["status"].as_str().unwrap_or("");
+        if code.is_empty() {
+            assert!(
+                status.is_empty() || status == "reset",
+                "{case}: closed, got {got}"
+            );
+        } else {
+            assert!(
+                status.starts_with(&format!("HTTP/1.1 {code}")),
+                "{case}: expected {code}, got {got}"
+            );
+        }
+        if let Some(reason) = reason {
+            env.wait_record(case, |r| r["reason"] == *reason && r["decision"] == "deny");
+        }
+    }
+    // Only the harmless spellings reached the API, normalized.
+    let heads = s.api.requests();
+    assert_eq!(heads.len() - before, forwarded, "{heads:#?}");
+    for head in &heads[before..] {
+        assert!(
+            head.starts_with("POST /v1/chat/completions HTTP/1.1\r\n"),
+            "{head}"
+        );
+        let lower = head.to_ascii_lowercase();
+        assert!(lower.contains("host: api.openai.com\r\n"), "{head}");
+        assert!(!lower.contains("evil.example"), "{head}");
+    }
+}
