@@ -71,6 +71,8 @@ struct RawConfig {
     allow_private_bpffs: bool,
     #[serde(default = "default_origin_max_age_ms")]
     origin_max_age_ms: u64,
+    #[serde(default = "default_client_header_timeout_ms")]
+    client_header_timeout_ms: u64,
     #[serde(default)]
     test_resolver: BTreeMap<String, SocketAddr>,
     #[serde(default)]
@@ -146,6 +148,9 @@ fn default_pin_dir() -> PathBuf {
 const fn default_origin_max_age_ms() -> u64 {
     5_000
 }
+const fn default_client_header_timeout_ms() -> u64 {
+    10_000
+}
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -162,6 +167,9 @@ pub struct Config {
     pub upstream_bind: Option<std::net::IpAddr>,
     pub allow_private_bpffs: bool,
     pub origin_max_age_ms: u64,
+    /// How long a workload has to send a request head (or a TLS ClientHello) on a connection,
+    /// each time one is due. Separate from the upstream's time to first byte.
+    pub client_header_timeout: std::time::Duration,
     /// Test-only: destinations mapped to local mocks. Always empty in release builds.
     pub test_resolver: BTreeMap<String, SocketAddr>,
     /// The credentials file (bindings of secrets to hosts), if any.
@@ -213,6 +221,12 @@ impl Config {
                  put the gateway in its own cgroup outside every root"
             )));
         }
+        if !(100..=600_000).contains(&raw.client_header_timeout_ms) {
+            return Err(invalid(format!(
+                "client_header_timeout_ms is {}: use 100 to 600000 (ms)",
+                raw.client_header_timeout_ms
+            )));
+        }
         if raw.listener.port == 0 {
             return Err(invalid("listener.port must not be 0".into()));
         }
@@ -242,6 +256,7 @@ impl Config {
             upstream_bind: raw.upstream_bind,
             allow_private_bpffs: raw.allow_private_bpffs,
             origin_max_age_ms: raw.origin_max_age_ms,
+            client_header_timeout: std::time::Duration::from_millis(raw.client_header_timeout_ms),
             test_resolver: raw.test_resolver,
             credentials: raw.credentials.map(&anchor),
             upstream_ca: raw.upstream_ca.map(&anchor),

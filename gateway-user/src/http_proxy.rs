@@ -33,7 +33,6 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// How long a client may take to send request headers (slowloris); separate from the upstream's
 /// time to first byte, which is not limited (LLM calls are slow).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Headers that describe one hop, never forwarded.
 const HOP_BY_HOP: [&str; 9] = [
@@ -155,7 +154,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// later request ends the connection. Each request is decided and audited on its own.
 pub async fn serve(conn: Conn, client: TcpStream) {
     let mut head = vec![0u8; 16 * 1024];
-    let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
+    let header_timeout = conn.gateway.config.client_header_timeout;
+    let deadline = tokio::time::Instant::now() + header_timeout;
     let mut pause = Duration::from_millis(1);
     let problem = loop {
         let n = match tokio::time::timeout_at(deadline, client.peek(&mut head)).await {
@@ -199,7 +199,7 @@ pub async fn serve(conn: Conn, client: TcpStream) {
     let guarded = Guarded::new(client, Arc::clone(&refused));
     let result = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(header_timeout)
         .keep_alive(true)
         .serve_connection(TokioIo::new(guarded), service)
         .await;

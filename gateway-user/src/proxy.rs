@@ -277,7 +277,7 @@ impl Gateway {
     ) {
         let mut first = [0u8; 24];
         let peeked =
-            tokio::time::timeout(std::time::Duration::from_secs(10), client.peek(&mut first)).await;
+            tokio::time::timeout(self.config.client_header_timeout, client.peek(&mut first)).await;
         let n = match peeked {
             Ok(Ok(n)) => n,
             _ => {
@@ -314,7 +314,7 @@ impl Gateway {
         let started = Instant::now();
         record.dst.protocol = Some("tls");
         let mut buf = vec![0u8; MAX_HELLO + 2048];
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let deadline = tokio::time::Instant::now() + self.config.client_header_timeout;
         let hello = loop {
             let Ok(Ok(n)) = tokio::time::timeout_at(deadline, client.peek(&mut buf)).await else {
                 break Hello::Incomplete;

@@ -62,6 +62,11 @@ struct Setup {
 }
 
 fn setup(name: &str) -> Setup {
+    setup_with(name, "")
+}
+
+/// As [`setup`], with `extra` lines in the daemon config.
+fn setup_with(name: &str, extra: &str) -> Setup {
     let mut env = TestEnv::new(name);
     let agent = env.workload("agent.service");
     let other = env.workload("other.service");
@@ -84,7 +89,7 @@ fn setup(name: &str) -> Setup {
     std::fs::write(env.dir.join("ca.pem"), &api.ca_pem).expect("ca");
     let closed = tollgate_tests::free_port();
     env.write_config(&format!(
-        "credentials: {}\nupstream_ca: {}\ntest_resolver: {{ \"api.openai.com:443\": \"{a}\", \"maps.example:443\": \"{a}\", \"down.example:443\": \"127.0.0.1:{closed}\" }}\n",
+        "credentials: {}\nupstream_ca: {}\ntest_resolver: {{ \"api.openai.com:443\": \"{a}\", \"maps.example:443\": \"{a}\", \"down.example:443\": \"127.0.0.1:{closed}\" }}\n{extra}",
         env.dir.join("credentials.yaml").display(),
         env.dir.join("ca.pem").display(),
         a = api.addr
@@ -1040,5 +1045,155 @@ fn smuggling_path_and_host_tricks_fail_closed() {
         let lower = head.to_ascii_lowercase();
         assert!(lower.contains("host: api.openai.com\r\n"), "{head}");
         assert!(!lower.contains("evil.example"), "{head}");
+    }
+}
+
+/// Holds N connections to where the workload thinks the API is, each sending a request head
+/// one byte every 200 ms (slowloris), plus one kept-alive connection idle after a complete
+/// request. Prints, per connection, when the gateway closed it (seconds since the start, or
+/// -1 if it was still open after `limit` seconds).
+const SLOWLORIS: &str = r#"
+import json, select, socket, sys, time
+n, limit = int(sys.argv[1]), float(sys.argv[2])
+head = b'POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\nContent-Length: 2\r\n\r\n{}'
+start = time.monotonic()
+conns = []
+for _ in range(n):
+    s = socket.create_connection(('127.0.0.9', 80))
+    s.setblocking(False)
+    conns.append(s)
+idle = socket.create_connection(('127.0.0.9', 80))
+idle.sendall(head)
+first = idle.recv(65536)
+idle.setblocking(False)
+closed = {}
+sent = 0
+while time.monotonic() - start < limit and len(closed) < n + 1:
+    if sent < len(head) - 1:
+        for i, s in enumerate(conns):
+            if i not in closed:
+                try:
+                    s.send(head[sent:sent + 1])
+                except OSError:
+                    closed[i] = time.monotonic() - start
+        sent += 1
+    live = [s for i, s in enumerate(conns) if i not in closed]
+    if n not in closed:
+        live.append(idle)
+    r, _, _ = select.select(live, [], [], 0.2)
+    for s in r:
+        i = n if s is idle else conns.index(s)
+        try:
+            data = s.recv(65536)
+        except OSError:
+            data = b''
+        if not data:
+            closed[i] = time.monotonic() - start
+print(json.dumps({
+    'first': first.split(b'\r\n')[0].decode(),
+    'slow': [closed.get(i, -1) for i in range(n)],
+    'idle': closed.get(n, -1),
+}))
+"#;
+
+/// THREATS 25: slow request heads are cut when the client header timeout fires, each audited;
+/// the gateway keeps serving meanwhile and its memory stays bounded.
+#[test]
+fn slowloris_connections_are_cut_and_memory_stays_bounded() {
+    let s = setup_with("slowloris", "client_header_timeout_ms: 1000\n");
+    let env = &s.env;
+    let d = env.start();
+    let rss = |pid: i32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let rss_before = rss(d.pid());
+    let n = 300;
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", SLOWLORIS, &n.to_string(), "8"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    join_before_exec(&mut cmd, &s.agent);
+    let child = cmd.spawn().expect("python3");
+    // While the slow heads trickle in, a normal request is served.
+    std::thread::sleep(Duration::from_millis(400));
+    let (out, err) = curl(
+        &s.agent,
+        &[
+            "-X",
+            "POST",
+            "-d",
+            "{}",
+            "-w",
+            "\n%{http_code}",
+            "http://api.openai.com/v1/chat/completions",
+        ],
+    );
+    assert!(
+        out.ends_with("200"),
+        "served during the attack: {out} {err}"
+    );
+    let rss_during = rss(d.pid());
+    let out = child.wait_with_output().expect("python3");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert!(
+        v["first"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("HTTP/1.1 200"),
+        "{v}"
+    );
+    let slow: Vec<f64> = v["slow"]
+        .as_array()
+        .expect("slow")
+        .iter()
+        .filter_map(serde_json::Value::as_f64)
+        .collect();
+    assert_eq!(slow.len(), n);
+    let latest = slow.iter().copied().fold(0.0, f64::max);
+    assert!(
+        slow.iter().all(|t| *t >= 0.9),
+        "none cut before the timeout: {slow:?}"
+    );
+    assert!(
+        slow.iter().all(|t| *t > 0.0 && *t < 3.0),
+        "every slow head cut within 3 s: {slow:?}"
+    );
+    println!(
+        "25: {n} slow heads cut after {:.2}-{latest:.2} s; idle kept-alive connection closed at {} s; RSS {rss_before} kB before, {rss_during} kB during",
+        slow.iter().copied().fold(f64::MAX, f64::min),
+        v["idle"]
+    );
+    // Each cut is audited, naming the workload.
+    let workload = format!("{}/agent.service", env.root_rel());
+    let cut = wait_count(env, n, |r| {
+        r["reason"] == "no_request_in_time" && r["workload"]["cgroup"] == workload.as_str()
+    });
+    assert!(cut >= n, "{cut} records");
+    assert!(
+        rss_during < rss_before + 64 * 1024,
+        "memory bounded: {rss_before} kB → {rss_during} kB with {n} slow connections"
+    );
+}
+
+/// Waits until at least `n` records match `pred`; returns how many do.
+fn wait_count(env: &TestEnv, n: usize, pred: impl Fn(&serde_json::Value) -> bool) -> usize {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let c = env.records().iter().filter(|r| pred(r)).count();
+        if c >= n || std::time::Instant::now() > deadline {
+            return c;
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
