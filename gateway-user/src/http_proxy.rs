@@ -632,8 +632,13 @@ async fn decide_and_forward(
         }
         Err(e) => {
             record.decision = Verdict::Error;
-            let timed_out = format!("{e:?}").contains("TimedOut");
-            let (status, reason) = if timed_out {
+            let detail = format!("{e:?}");
+            let (status, reason) = if detail.contains(crate::upstream::INTERNAL_ONLY) {
+                // The name resolved only to internal addresses and the rule does not allow
+                // them: a policy refusal, not an upstream failure.
+                record.decision = Verdict::Deny;
+                (StatusCode::FORBIDDEN, "upstream_internal_address")
+            } else if detail.contains("TimedOut") {
                 (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout")
             } else {
                 (StatusCode::BAD_GATEWAY, "upstream_unreachable")

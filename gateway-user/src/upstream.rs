@@ -28,6 +28,9 @@ use crate::{config::Config, netns::Netns, policy::PolicySet};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// In the dial error when a name resolves only to internal addresses the rule does not allow.
+pub const INTERNAL_ONLY: &str = "resolves only to internal addresses";
+
 /// Whether `ip` is loopback, private, link-local (cloud metadata included), shared, multicast or
 /// unspecified: never dialed for a name unless a rule says so.
 pub fn is_internal(ip: IpAddr) -> bool {
@@ -172,7 +175,7 @@ impl Connector {
         if usable.is_empty() {
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
-                format!("{host} resolves only to internal addresses; a rule must allow_private"),
+                format!("{host} {INTERNAL_ONLY}; a rule must allow_private"),
             ));
         }
         Ok(usable)

@@ -1197,3 +1197,73 @@ fn wait_count(env: &TestEnv, n: usize, pred: impl Fn(&serde_json::Value) -> bool
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// THREATS 19: a name that resolves to an internal address (here `localhost`, through the
+/// system resolver, not the test override) is refused at dial time unless the rule says
+/// `allow_private`; the refusal is a 403 with its own reason, and nothing reaches the address.
+#[test]
+fn internal_addresses_are_dialed_only_where_a_rule_allows_them() {
+    let mut s = setup("internal");
+    let internal = s.env.workload("internal.service");
+    let mock = tollgate_tests::Mock::start("127.0.0.1:0");
+    for (name, cgroup, allow) in [
+        ("internal", "internal.service", false),
+        ("other", "other.service", true),
+    ] {
+        std::fs::write(
+            s.env.policies.join(format!("{name}.yaml")),
+            format!(
+                "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: {{ name: {name} }}\nspec:\n  workload: {{ cgroup: {root}/{cgroup} }}\n  egress:\n    - name: local-service\n      match: {{ host: localhost, port: 80 }}\n      upstream: {{ port: {port} }}\n      tls: none\n      allow_private: {allow}\n",
+                root = s.env.root_rel(),
+                port = mock.addr.port(),
+            ),
+        )
+        .expect("policy");
+    }
+    let env = &s.env;
+    let _d = env.start();
+    let get = |cgroup: &std::path::Path| {
+        let out = run_in(
+            cgroup,
+            "curl",
+            &[
+                "-sS",
+                "--max-time",
+                "10",
+                "--resolve",
+                "localhost:80:127.0.0.9",
+                "-w",
+                "\n%{http_code}",
+                "http://localhost/status",
+            ],
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let refused = get(&internal);
+    assert!(
+        refused.ends_with("403") && refused.contains("upstream_internal_address"),
+        "{refused}"
+    );
+    assert!(
+        mock.peers().is_empty(),
+        "nothing reached the internal address"
+    );
+    env.wait_record("the internal dial refused", |r| {
+        r["reason"] == "upstream_internal_address"
+            && r["decision"] == "deny"
+            && r["workload"]["cgroup"]
+                .as_str()
+                .is_some_and(|c| c.ends_with("/internal.service"))
+    });
+    // Positive control: the same name, where the rule allows internal addresses.
+    let allowed = get(&s.other);
+    assert!(
+        allowed.ends_with("200") && allowed.contains("mock "),
+        "{allowed}"
+    );
+    assert_eq!(
+        mock.peers().len(),
+        1,
+        "the allowed dial reached the service"
+    );
+}
