@@ -290,3 +290,46 @@ fn a_stale_origin_reused_by_another_process_is_refused() {
     let ok = env.probe(Some(&app), &["tcp", &mock.addr.to_string()]);
     assert_eq!(ok["ok"], true, "{ok}");
 }
+
+/// THREATS 11 and 9: a raw socket made before enforcement started never met the socket
+/// programs; what it sends afterwards meets the egress backstop, which drops it and reports it.
+#[test]
+fn a_raw_socket_older_than_enforcement_meets_the_backstop() {
+    let mut env = TestEnv::new("rawbackstop");
+    let app = env.workload("app.service");
+    let go = env.dir.join("go");
+    let canary = std::net::UdpSocket::bind("127.0.0.1:0").expect("canary");
+    canary
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    let target = canary.local_addr().expect("addr").to_string();
+    let (mut holder, mut holder_out, line) = spawn_in(
+        &app,
+        &tollgate_tests::probe_bin(),
+        &["raw-hold", &target, go.to_str().expect("path")],
+    );
+    // Control: before enforcement the raw datagram reaches the canary.
+    assert!(line.contains("\"ok\":true"), "{line}");
+    let mut buf = [0u8; 64];
+    let (n, _) = canary
+        .recv_from(&mut buf)
+        .expect("the control datagram arrives");
+    assert_eq!(&buf[..n], b"raw datagram");
+
+    let _d = env.start();
+    std::fs::write(&go, "").expect("go");
+    let mut text = String::new();
+    holder_out.read_to_string(&mut text).expect("holder output");
+    let _ = holder.wait();
+    let last: serde_json::Value =
+        serde_json::from_str(text.lines().last().unwrap_or("")).expect("json");
+    assert_eq!(last["ok"], false, "the backstop refused the send: {last}");
+    assert!(
+        canary.recv_from(&mut buf).is_err(),
+        "nothing reached the canary after enforcement started"
+    );
+    let workload = format!("{}/app.service", env.root_rel());
+    env.wait_record("the backstop's record", |r| {
+        r["reason"] == "kernel_egress_backstop" && r["workload"]["cgroup"] == workload.as_str()
+    });
+}

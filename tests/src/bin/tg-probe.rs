@@ -317,6 +317,51 @@ fn hold(addr: SocketAddr, wait_file: &str) -> Value {
     exchange(&mut stream)
 }
 
+/// `raw-hold ADDR FILE`: a raw IPv4 socket (IPPROTO_UDP, the kernel adds the IP header)
+/// sends one UDP datagram to ADDR at once, prints the result, waits for FILE to exist, then
+/// sends another: a raw socket made before enforcement started.
+fn raw_hold(addr: SocketAddr, wait_file: &str) -> Value {
+    let SocketAddr::V4(v4) = addr else {
+        return json!({ "ok": false, "error": "raw-hold takes an IPv4 address" });
+    };
+    let fd = match socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_UDP) {
+        Ok(fd) => fd,
+        Err(e) => return errno_json(&e),
+    };
+    let payload = b"raw datagram";
+    let mut datagram = Vec::with_capacity(8 + payload.len());
+    datagram.extend_from_slice(&40_000u16.to_be_bytes());
+    datagram.extend_from_slice(&v4.port().to_be_bytes());
+    datagram.extend_from_slice(&u16::try_from(8 + payload.len()).unwrap_or(0).to_be_bytes());
+    datagram.extend_from_slice(&[0, 0]); // no checksum (allowed for UDP over IPv4)
+    datagram.extend_from_slice(payload);
+    let (ss, len) = sockaddr(SocketAddr::new(addr.ip(), 0));
+    let send = || {
+        // SAFETY: valid buffer and sockaddr.
+        let r = unsafe {
+            libc::sendto(
+                fd.as_raw_fd(),
+                datagram.as_ptr().cast(),
+                datagram.len(),
+                0,
+                std::ptr::from_ref(&ss).cast(),
+                len,
+            )
+        };
+        if r < 0 {
+            errno_json(&std::io::Error::last_os_error())
+        } else {
+            json!({ "ok": true, "sent": r })
+        }
+    };
+    println!("{}", send());
+    let _ = std::io::stdout().flush();
+    while !std::path::Path::new(wait_file).exists() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    send()
+}
+
 /// What a workload able to load BPF would try: attach its own allow-everything connect4
 /// program at `cgroup` with BPF_F_ALLOW_OVERRIDE (or, failing that, as one more program).
 fn override_connect4(cgroup: &str) -> Value {
@@ -636,6 +681,7 @@ fn main() {
         Some("override-connect4") => override_connect4(args.get(1).map_or("", String::as_str)),
         Some("no-bpf") => exec_without_bpf(&args[1..]),
         Some("hold") => hold(addr(1), args.get(2).map_or("/nonexistent", String::as_str)),
+        Some("raw-hold") => raw_hold(addr(1), args.get(2).map_or("/nonexistent", String::as_str)),
         Some("flood") => flood(
             addr(1),
             args.get(2).and_then(|n| n.parse().ok()).unwrap_or(1000),
