@@ -2,8 +2,10 @@
 //! process on the same machine, and writes a Markdown report.
 //!
 //! - connect(): the same client connecting to the same plain loopback listener, from outside
-//!   the enforced root (baseline: no programs) and from inside it (programs attached: the origin
-//!   is recorded and the connect redirected to the gateway's listener); interleaved rounds,
+//!   the enforced root (baseline: no root programs, only the socket guard at the cgroup2 root;
+//!   also measured before the daemon started, with no programs at all) and from inside it
+//!   (programs attached: the origin is recorded and the connect redirected to the gateway's
+//!   listener); interleaved rounds,
 //!   percentiles of the connect() call itself, with a pause between connects so the gateway's
 //!   work on the other CPU stays out of the timed calls.
 //! - the programs' own run time per invocation (BPF_ENABLE_STATS while the bench runs).
@@ -315,10 +317,14 @@ fn main() {
         ),
     )
     .expect("policy");
+    // The capture baseline's client runs in a sibling of the enforced root: same depth, no
+    // root programs. Measured once before the daemon starts (no programs at all, not even the
+    // socket guard at the cgroup2 root), then interleaved with the enforced rounds.
+    let baseline = (only != Some("http")).then(|| Baseline::measure(&env));
     let daemon = env.start();
     let mut md = String::new();
-    if only != Some("http") {
-        md.push_str(&capture_section(&env, &app, &daemon, target));
+    if let Some(baseline) = &baseline {
+        md.push_str(&capture_section(&env, &app, &daemon, target, baseline));
     }
     if only != Some("capture") {
         md.push_str(&http_section(&env, &app, &daemon, &upstream, api_port));
@@ -334,43 +340,90 @@ fn main() {
     eprintln!("report: {}", path.display());
 }
 
-/// connect() against the baseline, the programs' own run time, accept-to-decision, exe hash.
-fn capture_section(
-    env: &TestEnv,
-    app: &Path,
-    daemon: &tollgate_tests::Daemon,
-    target: SocketAddr,
-) -> String {
-    pin_process(daemon.pid(), Some(SERVER_CPU));
-    // Keep the listeners' CPU out of idle (a halted virtual CPU is slow to wake, and how often
-    // each listener finds its CPU halted would otherwise decide the comparison): a spinner
-    // that yields to anything else.
-    let spinning = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let spinner = {
-        let spinning = spinning.clone();
-        std::thread::spawn(move || {
+/// Keeps the listeners' CPU out of idle (a halted virtual CPU is slow to wake, and how often
+/// each listener finds its CPU halted would otherwise decide the comparison): a spinner that
+/// yields to anything else, until dropped.
+struct Spinner {
+    spinning: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Spinner {
+    fn start() -> Self {
+        let spinning = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let flag = spinning.clone();
+        let thread = std::thread::spawn(move || {
             pin(0, SERVER_CPU);
             // SAFETY: plain sched_setscheduler(2) on the calling thread.
             unsafe {
                 let param = libc::sched_param { sched_priority: 0 };
                 libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
             }
-            while spinning.load(std::sync::atomic::Ordering::Relaxed) {
+            while flag.load(std::sync::atomic::Ordering::Relaxed) {
                 std::hint::spin_loop();
             }
-        })
-    };
-    // The baseline client runs in a sibling of the enforced root: same depth, no programs.
-    let outside =
-        tollgate_tests::Cgroup::create(env.mount.join(format!("{}-baseline.scope", env.name)));
-    let outside = Some(outside.path.as_path());
+        });
+        Self {
+            spinning,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        self.spinning
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The connect() baseline: a cgroup outside the root, its own plain listener (the gateway's
+/// upstream connections, and their TIME_WAITs, go elsewhere), and rounds measured before the
+/// daemon started.
+struct Baseline {
+    cgroup: tollgate_tests::Cgroup,
+    sink: SocketAddr,
+    before: Vec<Value>,
+}
+
+impl Baseline {
+    fn measure(env: &TestEnv) -> Self {
+        let cgroup =
+            tollgate_tests::Cgroup::create(env.mount.join(format!("{}-baseline.scope", env.name)));
+        let sink = sink();
+        let spinner = Spinner::start();
+        let _ = run_loop(Some(&cgroup.path), sink, CONNECTS, true);
+        let before = (0..ROUNDS)
+            .map(|_| run_loop(Some(&cgroup.path), sink, CONNECTS, true))
+            .collect();
+        drop(spinner);
+        Self {
+            cgroup,
+            sink,
+            before,
+        }
+    }
+}
+
+/// connect() against the baseline, the programs' own run time, accept-to-decision, exe hash.
+fn capture_section(
+    env: &TestEnv,
+    app: &Path,
+    daemon: &tollgate_tests::Daemon,
+    target: SocketAddr,
+    baseline: &Baseline,
+) -> String {
+    pin_process(daemon.pid(), Some(SERVER_CPU));
+    let spinner = Spinner::start();
+    let outside = Some(baseline.cgroup.path.as_path());
+    let plain = baseline.sink;
     let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
 
     // Warm up both paths (the enforced one until the origin map has reused every slot at
     // least once: the steady state of a busy host), then interleave rounds.
-    // Its own plain listener: the gateway's upstream connections (and their TIME_WAITs) go to
-    // `target`, never to this one.
-    let plain = sink();
     let _ = run_loop(outside, plain, CONNECTS, true);
     let _ = run_loop(Some(app), target, ORIGIN_SLOTS as usize + CONNECTS, true);
     let (mut base, mut enforced) = (Vec::new(), Vec::new());
@@ -402,8 +455,7 @@ fn capture_section(
         .collect();
     programs.sort();
     drop(stats);
-    spinning.store(false, std::sync::atomic::Ordering::Relaxed);
-    let _ = spinner.join();
+    drop(spinner);
     pin_process(daemon.pid(), None);
 
     // Accept-to-decision in the gateway, on connections closed normally (a reset can reach the
@@ -447,7 +499,11 @@ fn capture_section(
     );
     for (label, v) in [
         (
-            "baseline: to a plain listener, outside the root (no programs)",
+            "before the daemon started: the same client outside the root (no programs at all; an earlier phase)",
+            &baseline.before,
+        ),
+        (
+            "baseline: to a plain listener, outside the root (no root programs; the socket guard at the cgroup2 root runs)",
             &base,
         ),
         (
@@ -468,10 +524,18 @@ fn capture_section(
         "\nAdded at p50: {} µs (×{ratio:.2} the baseline). Goal: at most 2 µs.\n\n",
         us(d50)
     ));
+    let guard_added = pick(&base, "p50") as i64 - pick(&baseline.before, "p50") as i64;
+    md.push_str(&format!(
+        "The socket guard on a connect outside every root (this phase's baseline against the phase before the daemon started): {guard_added:+} ns at p50; its own run time is in the table below.\n\n"
+    ));
     md.push_str("## The programs' own run time (BPF_ENABLE_STATS)\n\n| program | runs | ns per run |\n|---|---:|---:|\n");
     let mut total_ns = 0;
     for (name, runs, total) in &programs {
-        total_ns += total;
+        // The guard runs for every connect on the host (the baseline's too): not summed into
+        // the cost of an enforced connection.
+        if !name.starts_with("tg_guard") {
+            total_ns += total;
+        }
         md.push_str(&format!("| {name} | {runs} | {} |\n", total / runs.max(&1)));
     }
     let enforced_connects = programs
@@ -479,7 +543,7 @@ fn capture_section(
         .find(|(name, _, _)| name == "tg_connect4")
         .map_or(1, |(_, runs, _)| (*runs).max(1));
     md.push_str(&format!(
-        "\nAll programs together, per enforced connection (socket, connect, every egress packet until close): {} ns.\n\n",
+        "\nThe roots' programs together, per enforced connection (socket, connect, every egress packet until close; the guard's own run on it comes on top): {} ns.\n\n",
         total_ns / enforced_connects
     ));
     md.push_str(&format!(
