@@ -350,20 +350,19 @@ pub fn settle_existing(
     audit: &AuditLog,
     scope: &Settle<'_>,
 ) -> Result<(), RunError> {
-    let (ids, inodes, prefix) = match scope {
-        Settle::Roots => {
-            let dirs: Vec<PathBuf> = config
-                .roots
-                .iter()
-                .flat_map(|r| cgroup::walk(&r.dir(mount)))
-                .collect();
-            let ids: HashSet<u64> = dirs
-                .iter()
-                .filter_map(|d| cgroup::cgroup_id(d).ok())
-                .collect();
-            (ids, socket_inodes(&dirs), "preexisting")
-        }
-        Settle::Joined { inodes, .. } => (HashSet::new(), (*inodes).clone(), "carried"),
+    let dirs: Vec<PathBuf> = config
+        .roots
+        .iter()
+        .flat_map(|r| cgroup::walk(&r.dir(mount)))
+        .collect();
+    // The cgroups under the roots: their sockets meet the roots' programs.
+    let ids: HashSet<u64> = dirs
+        .iter()
+        .filter_map(|d| cgroup::cgroup_id(d).ok())
+        .collect();
+    let (inodes, prefix) = match scope {
+        Settle::Roots => (socket_inodes(&dirs), "preexisting"),
+        Settle::Joined { inodes, .. } => ((*inodes).clone(), "carried"),
     };
     let mut socks = sockdiag::dump_tcp(ns)?;
     if let Settle::Joined { .. } = scope {
@@ -386,12 +385,21 @@ pub fn settle_existing(
             .any(|l| l.port() == local.port() && (l.ip().is_unspecified() || l.ip() == local.ip()))
     };
     let listener = |a: SocketAddr| {
+        let ip = match a.ip() {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
         a.port() == config.listener_port
-            && (a.ip() == IpAddr::V4(config.listener_v4)
-                || a.ip() == IpAddr::V6(config.listener_v6))
+            && (ip == IpAddr::V4(config.listener_v4) || ip == IpAddr::V6(config.listener_v6))
     };
     for s in &socks {
-        let enforced = s.cgroup_id.is_some_and(|id| ids.contains(&id)) || inodes.contains(&s.inode);
+        let under_root = s.cgroup_id.is_some_and(|id| ids.contains(&id));
+        let enforced = match scope {
+            Settle::Roots => under_root || inodes.contains(&s.inode),
+            // Only what was made outside the roots: a socket the process made after joining
+            // met the roots' programs.
+            Settle::Joined { .. } => !under_root && inodes.contains(&s.inode),
+        };
         let udp = s.protocol == sockdiag::UDP;
         if !enforced
             || matches!(s.state, sockdiag::TCP_LISTEN | 6 | 7)
