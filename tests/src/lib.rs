@@ -648,6 +648,8 @@ pub struct TlsApi {
     pub addr: SocketAddr,
     pub ca_pem: String,
     requests: Arc<Mutex<Vec<String>>>,
+    /// Bytes written so far on `/endless` streams.
+    endless: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl TlsApi {
@@ -658,11 +660,14 @@ impl TlsApi {
         let addr = listener.local_addr().expect("addr");
         let requests = Arc::new(Mutex::new(Vec::new()));
         let seen = Arc::clone(&requests);
+        let endless = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let endless_written = Arc::clone(&endless);
         std::thread::spawn(move || {
             for tcp in listener.incoming().flatten() {
                 let config = Arc::clone(&config);
                 let seen = Arc::clone(&seen);
                 let go = go.clone();
+                let endless_written = Arc::clone(&endless_written);
                 std::thread::spawn(move || {
                     let Ok(conn) = rustls::ServerConnection::new(config) else {
                         return;
@@ -715,6 +720,20 @@ impl TlsApi {
                         let _ = tls.flush();
                         return;
                     }
+                    if path.ends_with("/endless") {
+                        // An event stream that never ends: events as fast as the reader
+                        // takes them, until a write fails.
+                        let _ = tls.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n");
+                        let event = format!("data: {}\n\n", "x".repeat(16 * 1024));
+                        let chunk = format!("{:x}\r\n{event}\r\n", event.len());
+                        while tls.write_all(chunk.as_bytes()).is_ok() && tls.flush().is_ok() {
+                            endless_written.fetch_add(
+                                chunk.len() as u64,
+                                std::sync::atomic::Ordering::Relaxed,
+                            );
+                        }
+                        return;
+                    }
                     if path.ends_with("/redirect") {
                         let _ = tls.write_all(b"HTTP/1.1 302 Found\r\nLocation: https://evil.example/steal\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
                         let _ = tls.flush();
@@ -742,7 +761,13 @@ impl TlsApi {
             addr,
             ca_pem,
             requests,
+            endless,
         }
+    }
+
+    /// Bytes written so far on `/endless` streams.
+    pub fn endless_bytes(&self) -> u64 {
+        self.endless.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The request heads the upstream received.

@@ -31,6 +31,8 @@ struct Canary {
     tcp4: SocketAddr,
     tcp6: SocketAddr,
     udp: SocketAddr,
+    /// UDP on 127.0.0.1:443, where QUIC would go.
+    quic: SocketAddr,
     seen: Arc<AtomicUsize>,
 }
 
@@ -55,19 +57,23 @@ impl Canary {
                 }
             });
         }
-        let udp = UdpSocket::bind("127.0.0.1:0").expect("canary udp");
-        let udp_addr = udp.local_addr().expect("addr");
-        let counter = Arc::clone(&seen);
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            while udp.recv_from(&mut buf).is_ok() {
-                counter.fetch_add(1, Ordering::SeqCst);
-            }
-        });
+        let mut udp = Vec::new();
+        for bind in ["127.0.0.1:0", "127.0.0.1:443"] {
+            let sock = UdpSocket::bind(bind).expect("canary udp");
+            udp.push(sock.local_addr().expect("addr"));
+            let counter = Arc::clone(&seen);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while sock.recv_from(&mut buf).is_ok() {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        }
         Self {
             tcp4: tcp[0],
             tcp6: tcp[1],
-            udp: udp_addr,
+            udp: udp[0],
+            quic: udp[1],
             seen,
         }
     }
@@ -146,6 +152,13 @@ fn every_way_around_the_capture_is_closed_and_audited() {
             u.to_string(),
             true,
             Some(u.port()),
+        ),
+        (
+            "3: QUIC (UDP to port 443)",
+            "udp",
+            canary.quic.to_string(),
+            true,
+            Some(443),
         ),
         (
             "3: connected UDP",

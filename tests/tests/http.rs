@@ -1267,3 +1267,78 @@ fn internal_addresses_are_dialed_only_where_a_rule_allows_them() {
         "the allowed dial reached the service"
     );
 }
+
+/// THREATS 25, the other half: an event stream that never ends, read slowly. The gateway
+/// forwards it with backpressure (its memory stays flat while the upstream is held back), and
+/// when the client goes away the upstream stream is dropped too.
+#[test]
+fn an_endless_stream_to_a_slow_reader_keeps_memory_bounded() {
+    let s = setup("endless");
+    let env = &s.env;
+    let d = env.start();
+    let rss = || -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", d.pid()))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let before = rss();
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-sS",
+        "--resolve",
+        "api.openai.com:80:127.0.0.9",
+        "--limit-rate",
+        "50k",
+        "--max-time",
+        "4",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{size_download}",
+        "http://api.openai.com/v1/models/endless",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
+    join_before_exec(&mut cmd, &s.agent);
+    let child = cmd.spawn().expect("curl");
+    let mut peak = before;
+    for _ in 0..30 {
+        std::thread::sleep(Duration::from_millis(100));
+        peak = peak.max(rss());
+    }
+    let written = s.api.endless_bytes();
+    let out = child.wait_with_output().expect("curl");
+    let read: u64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    println!(
+        "25: endless stream read at 50 KiB/s: {read} bytes read, {written} written upstream after 3 s; gateway RSS {before} kB → peak {peak} kB"
+    );
+    assert!(read > 0, "the stream flowed");
+    assert!(
+        peak < before + 16 * 1024,
+        "memory bounded: {before} kB → {peak} kB"
+    );
+    // Held back: the upstream wrote no more than the reader took plus what the socket
+    // buffers on both hops hold.
+    assert!(
+        written < read + 32 * 1024 * 1024,
+        "{written} written, {read} read"
+    );
+    // The client is gone: the upstream stream stops.
+    std::thread::sleep(Duration::from_millis(500));
+    let stopped = s.api.endless_bytes();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        s.api.endless_bytes(),
+        stopped,
+        "the upstream stream was dropped"
+    );
+    env.wait_record("the stream's record", |r| {
+        r["http"]["path"] == "/v1/models/endless"
+    });
+}
