@@ -1034,6 +1034,27 @@ fn smuggling_path_and_host_tricks_fail_closed() {
             env.wait_record(case, |r| r["reason"] == *reason && r["decision"] == "deny");
         }
     }
+    // 18 over HTTP/2: `:authority` and Host disagree, either way round (a Rust hyper client
+    // with prior knowledge).
+    let tg_http = tollgate_tests::probe_bin().with_file_name("tg-http");
+    for (url, host) in [
+        ("http://api.openai.com/v1/chat/completions", "evil.example"),
+        ("http://evil.example/v1/chat/completions", "api.openai.com"),
+    ] {
+        let mut cmd = Command::new(&tg_http);
+        cmd.args(["POST", url, "127.0.0.9:80", "{}"])
+            .env("TG_HTTP_H2", "1")
+            .env("TG_HTTP_HOST", host);
+        join_before_exec(&mut cmd, &s.agent);
+        let out = cmd.output().expect("tg-http");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.starts_with("400") && text.contains("absolute_target_host_mismatch"),
+            "h2 :authority {url} with Host {host}: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     // Only the harmless spellings reached the API, normalized.
     let heads = s.api.requests();
     assert_eq!(heads.len() - before, forwarded, "{heads:#?}");

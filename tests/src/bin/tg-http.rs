@@ -1,6 +1,8 @@
 //! A Rust HTTP client for the tests (hyper): `tg-http METHOD URL CONNECT_ADDR [BODY]` sends one
 //! request for URL over a connection to CONNECT_ADDR (as `curl --resolve` would) and prints
-//! the status line and body.
+//! the status line and body. With `TG_HTTP_H2=1` it speaks HTTP/2 with prior knowledge (the
+//! URL's authority becomes `:authority`); `TG_HTTP_HOST` sends that Host header instead of the
+//! URL's authority (for domain fronting: the two disagree).
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 
@@ -18,19 +20,29 @@ fn main() {
         .expect("rt");
     let result: Result<(u16, String), Box<dyn std::error::Error>> = rt.block_on(async {
         let tcp = tokio::net::TcpStream::connect(addr.as_str()).await?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
-        tokio::spawn(conn);
+        let io = hyper_util::rt::TokioIo::new(tcp);
+        let h2 = std::env::var("TG_HTTP_H2").is_ok_and(|v| v == "1");
+        let host = std::env::var("TG_HTTP_HOST")
+            .unwrap_or_else(|_| uri.authority().map_or("", |a| a.as_str()).to_owned());
         let req = hyper::Request::builder()
             .method(method.as_str())
-            .uri(uri.path_and_query().map_or("/", |p| p.as_str()))
-            .header(
-                hyper::header::HOST,
-                uri.authority().map_or("", |a| a.as_str()),
-            )
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))?;
-        let resp = sender.send_request(req).await?;
+            .header(hyper::header::HOST, host)
+            .header(hyper::header::CONTENT_TYPE, "application/json");
+        let resp = if h2 {
+            let (mut sender, conn) =
+                hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                    .await?;
+            tokio::spawn(conn);
+            let req = req.uri(uri.clone()).body(Full::new(Bytes::from(body)))?;
+            sender.send_request(req).await?
+        } else {
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+            tokio::spawn(conn);
+            let req = req
+                .uri(uri.path_and_query().map_or("/", |p| p.as_str()))
+                .body(Full::new(Bytes::from(body)))?;
+            sender.send_request(req).await?
+        };
         let status = resp.status().as_u16();
         let bytes = resp.into_body().collect().await?.to_bytes();
         Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
