@@ -5,14 +5,16 @@
 //! bypass), the attempt from inside does not, and it leaves an audit record naming the workload.
 //!
 //! Item 12's carried sockets (made before the process joined, or passed over SCM_RIGHTS) are
-//! here too: the socket guard at the cgroup2 root refuses them.
+//! here too: the socket guard at the cgroup2 root refuses new connects and addressed sends on
+//! them, and a connection carried in by joining is cut by the join watcher.
 //!
 //! The rest of THREATS.md is covered where its machinery lives: ping sockets (they need a
 //! private ping_group_range, kernel_refusals.rs), listener impostors, child
-//! cgroups, sockets older than enforcement, recreated cgroups, stale origins (lifecycle.rs),
-//! workload namespaces (pods.rs), the proxy abuses 17–25 (http.rs), the daemon's faults 26–29
-//! (faults.rs, lifecycle.rs) and secrets in output (every HTTP test). `cargo xtask test
-//! adversarial` runs all of those.
+//! cgroups, sockets and raw sockets older than enforcement, recreated cgroups, stale origins
+//! (lifecycle.rs), workload namespaces (pods.rs), the proxy abuses 17–25 (http.rs: the main
+//! flow, the raw smuggling/path/host table, internal addresses, slowloris, endless streams),
+//! the daemon's faults 26–29 (faults.rs, lifecycle.rs) and secrets in output (every HTTP
+//! test). `cargo xtask test adversarial` runs all of those.
 use std::{
     net::{SocketAddr, TcpListener, UdpSocket},
     sync::{
