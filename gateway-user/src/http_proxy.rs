@@ -350,9 +350,10 @@ async fn decide_and_forward(
             != Ok(host.as_str())
         {
             return (
+                // Domain fronting: the request names one host and is addressed to another.
                 refuse(
                     record,
-                    StatusCode::BAD_REQUEST,
+                    StatusCode::MISDIRECTED_REQUEST,
                     "absolute_target_host_mismatch",
                     None,
                 ),

@@ -220,6 +220,26 @@ fn every_way_around_the_capture_is_closed_and_audited() {
         let before = count(&env, &pred);
         let attempt = env.probe(Some(&app), &args);
         let rec = new_record(&env, before, item, &pred);
+        // The attempt itself failed the way its layer fails it: EPERM from the kernel, or a
+        // reset from the gateway after its decision; the record says which, about the
+        // destination as the kernel judged it (a v4-mapped address as IPv4).
+        let (errno, reason) = match *mode {
+            "udp" | "udp-connect" | "udp6" => (libc::EPERM, "kernel_udp_not_dns"),
+            "raw" => (libc::EPERM, "kernel_socket_type_refused"),
+            _ => (libc::ECONNRESET, "no_rule_matched"),
+        };
+        assert_eq!(attempt["ok"], false, "{item}: {attempt}");
+        assert_eq!(attempt["errno"], errno, "{item}: {attempt}");
+        assert_eq!(rec["reason"], reason, "{item}: {rec}");
+        if let Ok(addr) = target.parse::<SocketAddr>() {
+            let judged = match addr.ip() {
+                std::net::IpAddr::V6(v6) => v6
+                    .to_ipv4_mapped()
+                    .map_or(v6.to_string(), |v4| v4.to_string()),
+                v4 => v4.to_string(),
+            };
+            assert_eq!(rec["dst"]["orig_ip"], judged, "{item}: {rec}");
+        }
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(
             canary.take(),
@@ -302,10 +322,14 @@ fn every_way_around_the_capture_is_closed_and_audited() {
             "{mode}: the carried connection was cut: {carried}"
         );
         let open_ms = carried["open_ms"].as_f64().unwrap_or(f64::MAX);
-        println!("12: {mode}: open {open_ms:.1} ms after the join");
+        println!(
+            "12: {mode}: open {open_ms:.1} ms after the join, {} sends went through",
+            carried["sent_after_join"]
+        );
+        // Not zero: the cut is asynchronous (see ARCHITECTURE.md, known limits).
         assert!(
-            open_ms < 1000.0,
-            "{mode}: cut within a second of the join: {carried}"
+            open_ms < 250.0,
+            "{mode}: cut within 250 ms of the join: {carried}"
         );
         let rec = new_record(&env, before, mode, &pred);
         assert!(rec["workload"]["pid"].as_u64().unwrap_or(0) > 0, "{rec}");

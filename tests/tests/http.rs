@@ -154,6 +154,8 @@ fn the_workload_never_holds_the_key_and_every_request_is_decided() {
             "-H",
             "x-api-key: stolen",
             "-H",
+            "api-key: stolen-too",
+            "-H",
             "X-Tollgate-Identity: admin",
             "-H",
             "X-Forwarded-For: 127.0.0.66",
@@ -173,7 +175,9 @@ fn the_workload_never_holds_the_key_and_every_request_is_decided() {
     assert_eq!(v["path"], "/v1/chat/completions");
     let head = s.api.requests().last().cloned().expect("request");
     assert!(
-        !head.to_ascii_lowercase().contains("x-api-key"),
+        !head.to_ascii_lowercase().contains("x-api-key")
+            && !head.to_ascii_lowercase().contains("api-key:")
+            && !head.contains("stolen"),
         "caller credentials removed: {head}"
     );
     assert!(
@@ -187,6 +191,10 @@ fn the_workload_never_holds_the_key_and_every_request_is_decided() {
         rec["workload"]["cgroup"],
         format!("{}/agent.service", env.root_rel()),
         "identity is the kernel's, whatever the headers say"
+    );
+    assert!(
+        !rec.to_string().contains("127.0.0.66") && !rec.to_string().contains("admin"),
+        "X-Forwarded-For and X-Tollgate-* claim nothing in the record: {rec}"
     );
 
     // python3, no key at all: urllib and requests. They resolve the name themselves: give them
@@ -965,7 +973,7 @@ fn smuggling_path_and_host_tricks_fail_closed() {
         (
             "18/22: absolute-form target naming another host",
             post("http://evil.example/v1/chat/completions", api, "Content-Length: 2\r\n", "{}"),
-            "400",
+            "421",
             Some("absolute_target_host_mismatch"),
         ),
         (
@@ -1049,7 +1057,7 @@ fn smuggling_path_and_host_tricks_fail_closed() {
         let out = cmd.output().expect("tg-http");
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(
-            text.starts_with("400") && text.contains("absolute_target_host_mismatch"),
+            text.starts_with("421") && text.contains("absolute_target_host_mismatch"),
             "h2 :authority {url} with Host {host}: {text} {}",
             String::from_utf8_lossy(&out.stderr)
         );
