@@ -31,9 +31,6 @@ use crate::{
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
-/// How long a client may take to send request headers (slowloris); separate from the upstream's
-/// time to first byte, which is not limited (LLM calls are slow).
-
 /// Headers that describe one hop, never forwarded.
 const HOP_BY_HOP: [&str; 9] = [
     "connection",
