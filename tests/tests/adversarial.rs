@@ -348,4 +348,22 @@ fn every_way_around_the_capture_is_closed_and_audited() {
     let ok = env.probe(Some(&app), &["tcp", &allowed.addr.to_string()]);
     assert_eq!(ok["ok"], true, "the allowed destination is reachable: {ok}");
     assert_eq!(canary.take(), 0);
+
+    // 8: a child cgroup the workload makes while enforcement runs inherits it.
+    let child = env.workload("agent.service/late.scope");
+    let child_name = format!("{workload}/late.scope");
+    let pred = |r: &Value| names(r, &child_name, Some(t4.port()));
+    let before = count(&env, &pred);
+    let late = env.probe(Some(&child), &["tcp", &t4.to_string()]);
+    assert_eq!(late["ok"], false, "a new child cgroup is enforced: {late}");
+    new_record(&env, before, "a child cgroup made at run time", &pred);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        canary.take(),
+        0,
+        "nothing from the child reached the canary"
+    );
+    // Its policy is the parent's: the allowed destination works from the child too.
+    let ok = env.probe(Some(&child), &["tcp", &allowed.addr.to_string()]);
+    assert_eq!(ok["ok"], true, "the child inherits the policy: {ok}");
 }

@@ -878,7 +878,8 @@ for raw in json.load(sys.stdin):
     except ConnectionResetError:
         got = got or b'reset'
     s.close()
-    print(json.dumps({'status': got.split(b'\r\n')[0].decode('latin-1'), 'bytes': len(got)}))
+    print(json.dumps({'status': got.split(b'\r\n')[0].decode('latin-1'), 'bytes': len(got),
+                      'response': got.decode('latin-1')}))
 "#;
 
 /// THREATS 18 and 20–22, end to end: requests that try to confuse framing, path or host. Each
@@ -1014,6 +1015,8 @@ fn smuggling_path_and_host_tricks_fail_closed() {
     std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), input.as_bytes())
         .expect("send requests");
     let out = child.wait_with_output().expect("python3");
+    // Every response goes to the secret scan at the end of the run.
+    std::fs::write(env.dir.join("client-output.txt"), &out.stdout).expect("client output");
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
@@ -1269,6 +1272,7 @@ fn internal_addresses_are_dialed_only_where_a_rule_allows_them() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let refused = get(&internal);
+    std::fs::write(env.dir.join("client-output.txt"), &refused).expect("client output");
     assert!(
         refused.ends_with("403") && refused.contains("upstream_internal_address"),
         "{refused}"
