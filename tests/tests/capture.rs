@@ -173,8 +173,12 @@ fn nested_child_cgroup_inherits_and_gets_one_origin() {
 fn recreated_workload_cgroup_is_still_enforced() {
     let env = TestEnv::new("recreate");
     let mock = Mock::start("127.0.0.1:0");
+    // Not allowed: stands for "the outside".
+    let canary = Mock::start("127.0.0.1:0");
     env.allow("svc", "svc.service", &[mock.addr]);
     let _d = env.start();
+    let workload = format!("{}/svc.service", env.root_rel());
+    let mut ids = Vec::new();
     for round in 0..2 {
         let svc = env.enforced.join("svc.service");
         let cg = tollgate_tests::Cgroup::create(svc.clone());
@@ -187,9 +191,31 @@ fn recreated_workload_cgroup_is_still_enforced() {
             from_gateway(after.last().expect("peer")),
             "round {round}: captured after recreation"
         );
+        // And what its policy does not allow is refused and audited under the new cgroup.
+        let denied = |r: &serde_json::Value| {
+            r["decision"] == "deny"
+                && r["workload"]["cgroup"] == workload.as_str()
+                && r["dst"]["orig_port"] == canary.addr.port()
+        };
+        let seen = env.records().iter().filter(|r| denied(r)).count();
+        let p = env.probe(Some(&svc), &["tcp", &canary.addr.to_string()]);
+        assert_eq!(p["ok"], false, "round {round}: {p}");
+        let rec = tollgate_tests::wait_for(10, "the denial's record", || {
+            let matching: Vec<_> = env.records().into_iter().filter(|r| denied(r)).collect();
+            (matching.len() > seen).then(|| matching.last().cloned().expect("record"))
+        });
+        ids.push(rec["workload"]["cgroup_id"].as_u64().unwrap_or(0));
+        assert!(
+            canary.peers().is_empty(),
+            "round {round}: nothing reached the canary"
+        );
         drop(cg);
         assert!(!svc.exists());
     }
+    assert!(
+        ids[0] != 0 && ids[0] != ids[1],
+        "each round was a new cgroup, judged as itself: {ids:?}"
+    );
 }
 
 #[test]

@@ -53,7 +53,35 @@ fn restart_adopts_pins_and_leaves_one_attachment_each() {
         first, during,
         "the programs stay attached while the daemon is down"
     );
+    // A socket made while the daemon is down, connected once it is back: captured like any.
+    let go = env.dir.join("go-restart");
+    let (mut waiter, mut waiter_out, line) = tollgate_tests::spawn_in(
+        &app,
+        &tollgate_tests::probe_bin(),
+        &[
+            "wait-tcp",
+            &mock.addr.to_string(),
+            go.to_str().expect("path"),
+        ],
+    );
+    assert!(line.contains("made"), "{line}");
     let _d2 = env.start();
+    let peers_before = mock.peers().len();
+    std::fs::write(&go, "").expect("go");
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut waiter_out, &mut text).expect("waiter output");
+    let _ = waiter.wait();
+    let made_while_down: serde_json::Value =
+        serde_json::from_str(text.lines().last().unwrap_or("")).expect("json");
+    assert_eq!(made_while_down["ok"], true, "{made_while_down}");
+    let peers = mock.peers();
+    assert_eq!(peers.len(), peers_before + 1, "{peers:?}");
+    assert!(
+        peers
+            .last()
+            .is_some_and(|p| p.ip() == std::net::IpAddr::from([127, 0, 0, 2])),
+        "the socket made while the daemon was down went through the gateway: {peers:?}"
+    );
     let after = env.attachments();
     let counts = after.as_object().expect("counts");
     assert_eq!(counts.len(), gateway_user::ebpf::PROGRAMS.len(), "{after}");

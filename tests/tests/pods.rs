@@ -98,6 +98,44 @@ fn pod_clients_reach_an_allowed_mock_through_the_gateway() {
         rec["workload"]["cgroup"],
         format!("{}/{rel}", env.root_rel())
     );
+    // 10: the ways around the capture, tried from inside the pod's own namespace: each fails
+    // (the gateway's reset after its decision, or EPERM in the kernel), nothing reaches the
+    // pod's own listener, and each leaves a record naming the pod's cgroup.
+    let pod_cgroup = format!("{}/{rel}", env.root_rel());
+    let denials = || {
+        env.records()
+            .iter()
+            .filter(|r| r["decision"] == "deny" && r["workload"]["cgroup"] == pod_cgroup.as_str())
+            .count()
+    };
+    let before = denials();
+    let target = denied.addr.to_string();
+    let mapped = format!("[::ffff:127.0.0.1]:{}", denied.addr.port());
+    let attempts: [(&str, &str, i32); 7] = [
+        ("tcp", &mapped, libc::ECONNRESET),
+        ("tfo", &target, libc::ECONNRESET),
+        ("uring", &target, libc::ECONNRESET),
+        ("tcp-mark", &target, libc::ECONNRESET),
+        ("udp", &target, libc::EPERM),
+        ("udp-connect", &target, libc::EPERM),
+        ("raw", "", libc::EPERM),
+    ];
+    for (mode, target, errno) in attempts {
+        let args: Vec<&str> = [mode, target]
+            .into_iter()
+            .filter(|a| !a.is_empty())
+            .collect();
+        let p = pod.probe(&args);
+        assert_eq!(p["ok"], false, "{mode} in the pod: {p}");
+        assert_eq!(p["errno"], errno, "{mode} in the pod: {p}");
+    }
+    assert!(
+        denied.peers().is_empty(),
+        "nothing reached the pod's listener"
+    );
+    tollgate_tests::wait_for(10, "a record per attempt in the pod", || {
+        (denials() >= before + attempts.len()).then_some(())
+    });
     let allow = env.wait_record("the pod's allow", |r| {
         r["decision"] == "allow" && r["layer"] == "connect"
     });

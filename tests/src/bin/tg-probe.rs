@@ -317,6 +317,28 @@ fn hold(addr: SocketAddr, wait_file: &str) -> Value {
     exchange(&mut stream)
 }
 
+/// `wait-tcp ADDR FILE`: a TCP socket made now (printed), connected once FILE exists: a
+/// socket made while the daemon was down and used after it is back.
+fn wait_tcp(addr: SocketAddr, wait_file: &str) -> Value {
+    let fd = match socket(domain_of(addr), libc::SOCK_STREAM, 0) {
+        Ok(fd) => fd,
+        Err(e) => return errno_json(&e),
+    };
+    println!("{}", json!({ "made": true }));
+    let _ = std::io::stdout().flush();
+    while !std::path::Path::new(wait_file).exists() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (ss, len) = sockaddr(addr);
+    // SAFETY: valid sockaddr.
+    if let Err(e) =
+        check(unsafe { libc::connect(fd.as_raw_fd(), std::ptr::from_ref(&ss).cast(), len) })
+    {
+        return errno_json(&e);
+    }
+    exchange(&mut TcpStream::from(fd))
+}
+
 /// `raw-hold ADDR FILE`: a raw IPv4 socket (IPPROTO_UDP, the kernel adds the IP header)
 /// sends one UDP datagram to ADDR at once, prints the result, waits for FILE to exist, then
 /// sends another: a raw socket made before enforcement started.
@@ -681,6 +703,7 @@ fn main() {
         Some("override-connect4") => override_connect4(args.get(1).map_or("", String::as_str)),
         Some("no-bpf") => exec_without_bpf(&args[1..]),
         Some("hold") => hold(addr(1), args.get(2).map_or("/nonexistent", String::as_str)),
+        Some("wait-tcp") => wait_tcp(addr(1), args.get(2).map_or("/nonexistent", String::as_str)),
         Some("raw-hold") => raw_hold(addr(1), args.get(2).map_or("/nonexistent", String::as_str)),
         Some("flood") => flood(
             addr(1),
