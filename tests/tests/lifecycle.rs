@@ -37,6 +37,13 @@ fn sigkill_leaves_connects_refused_never_direct() {
     // Nobody in the root can take the listener's port while the daemon is down.
     let take = env.probe(Some(&app), &["bind", &env.listener().to_string()]);
     assert_eq!(take["errno"], 1, "{take}");
+    // What the kernel refused while the daemon was down waits in the pinned event ring and is
+    // audited, naming the workload, once it is back.
+    let _back = env.start();
+    let workload = format!("{}/app.service", env.root_rel());
+    env.wait_record("the bind refused while the daemon was down", |r| {
+        r["reason"] == "kernel_bind_listener_port" && r["workload"]["cgroup"] == workload.as_str()
+    });
 }
 
 #[test]
