@@ -520,6 +520,21 @@ pub fn spawn_in(
     (child, reader, line)
 }
 
+/// Lets a probe started with [`spawn_in`] go on (it waits for `go` to exist) and returns the
+/// JSON line it ends with.
+pub fn release(
+    mut child: Child,
+    mut out: BufReader<std::process::ChildStdout>,
+    go: &Path,
+) -> Value {
+    std::fs::write(go, "").expect("go");
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut out, &mut text).expect("probe output");
+    let _ = child.wait();
+    serde_json::from_str(text.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("probe output {text:?}: {e}"))
+}
+
 /// Runs `program args` in `cgroup`, returning its output.
 pub fn run_in(cgroup: &Path, program: &str, args: &[&str]) -> Output {
     let mut cmd = Command::new(program);

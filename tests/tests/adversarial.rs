@@ -84,6 +84,18 @@ impl Canary {
     fn take(&self) -> usize {
         self.seen.swap(0, Ordering::SeqCst)
     }
+
+    /// Whether something arrives (within 5 s) since the last look; resets the count.
+    fn saw_one(&self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if self.take() > 0 {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
 }
 
 /// Waits until more records than `before` satisfy `pred`; returns the newest.
@@ -208,13 +220,7 @@ fn every_way_around_the_capture_is_closed_and_audited() {
         let control = env.probe(None, &args);
         assert_eq!(control["ok"], true, "{item}: control {control}");
         if *reaches {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            let mut seen = canary.take();
-            while seen == 0 && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-                seen = canary.take();
-            }
-            assert!(seen > 0, "{item}: the canary sees a direct attempt");
+            assert!(canary.saw_one(), "{item}: the canary sees a direct attempt");
         }
         let pred = |r: &Value| names(r, &workload, *port);
         let before = count(&env, &pred);
@@ -277,13 +283,7 @@ fn every_way_around_the_capture_is_closed_and_audited() {
         let target = target.to_string();
         let control = env.probe(None, &[mode, &outside_dir, &target]);
         assert_eq!(control["ok"], true, "{item}: control {control}");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let mut seen = canary.take();
-        while seen == 0 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-            seen = canary.take();
-        }
-        assert!(seen > 0, "{item}: the canary sees the control");
+        assert!(canary.saw_one(), "{item}: the canary sees the control");
         let port = target.rsplit(':').next().and_then(|p| p.parse().ok());
         let pred = |r: &Value| {
             names(r, &workload, port) && r["reason"] == "kernel_socket_from_outside_root"

@@ -1135,14 +1135,7 @@ fn slowloris_connections_are_cut_and_memory_stays_bounded() {
     let s = setup_with("slowloris", "client_header_timeout_ms: 1000\n");
     let env = &s.env;
     let d = env.start();
-    let rss = |pid: i32| -> u64 {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    };
+    let rss = |pid: i32| tollgate_tests::peers::status_kib(pid, "VmRSS:");
     let rss_before = rss(d.pid());
     let n = 300;
     let mut cmd = Command::new("python3");
@@ -1309,14 +1302,7 @@ fn an_endless_stream_to_a_slow_reader_keeps_memory_bounded() {
     let s = setup("endless");
     let env = &s.env;
     let d = env.start();
-    let rss = || -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", d.pid()))
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    };
+    let rss = || tollgate_tests::peers::status_kib(d.pid(), "VmRSS:");
     let before = rss();
     let mut cmd = Command::new("curl");
     cmd.args([

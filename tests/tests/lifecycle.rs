@@ -62,7 +62,7 @@ fn restart_adopts_pins_and_leaves_one_attachment_each() {
     );
     // A socket made while the daemon is down, connected once it is back: captured like any.
     let go = env.dir.join("go-restart");
-    let (mut waiter, mut waiter_out, line) = tollgate_tests::spawn_in(
+    let (waiter, waiter_out, line) = tollgate_tests::spawn_in(
         &app,
         &tollgate_tests::probe_bin(),
         &[
@@ -74,12 +74,7 @@ fn restart_adopts_pins_and_leaves_one_attachment_each() {
     assert!(line.contains("made"), "{line}");
     let _d2 = env.start();
     let peers_before = mock.peers().len();
-    std::fs::write(&go, "").expect("go");
-    let mut text = String::new();
-    std::io::Read::read_to_string(&mut waiter_out, &mut text).expect("waiter output");
-    let _ = waiter.wait();
-    let made_while_down: serde_json::Value =
-        serde_json::from_str(text.lines().last().unwrap_or("")).expect("json");
+    let made_while_down = tollgate_tests::release(waiter, waiter_out, &go);
     assert_eq!(made_while_down["ok"], true, "{made_while_down}");
     let peers = mock.peers();
     assert_eq!(peers.len(), peers_before + 1, "{peers:?}");
@@ -168,7 +163,7 @@ fn connections_older_than_enforcement_are_destroyed_servers_survive() {
     let web = env.workload("web.service");
     let go = env.dir.join("go");
     // An outbound connection made before enforcement.
-    let (mut holder, mut holder_out, line) = spawn_in(
+    let (holder, holder_out, line) = spawn_in(
         &app,
         &tollgate_tests::probe_bin(),
         &["hold", &mock.addr.to_string(), go.to_str().expect("path")],
@@ -195,12 +190,7 @@ fn connections_older_than_enforcement_are_destroyed_servers_survive() {
     });
 
     let _d = env.start();
-    std::fs::write(&go, "").expect("go");
-    let mut text = String::new();
-    holder_out.read_to_string(&mut text).expect("holder output");
-    let _ = holder.wait();
-    let last: serde_json::Value =
-        serde_json::from_str(text.lines().last().unwrap_or("")).expect("json");
+    let last = tollgate_tests::release(holder, holder_out, &go);
     assert_eq!(
         last["ok"], false,
         "the pre-existing outbound connection is dead: {last}"
@@ -338,7 +328,7 @@ fn a_raw_socket_older_than_enforcement_meets_the_backstop() {
         .set_read_timeout(Some(Duration::from_millis(500)))
         .expect("timeout");
     let target = canary.local_addr().expect("addr").to_string();
-    let (mut holder, mut holder_out, line) = spawn_in(
+    let (holder, holder_out, line) = spawn_in(
         &app,
         &tollgate_tests::probe_bin(),
         &["raw-hold", &target, go.to_str().expect("path")],
@@ -352,12 +342,7 @@ fn a_raw_socket_older_than_enforcement_meets_the_backstop() {
     assert_eq!(&buf[..n], b"raw datagram");
 
     let _d = env.start();
-    std::fs::write(&go, "").expect("go");
-    let mut text = String::new();
-    holder_out.read_to_string(&mut text).expect("holder output");
-    let _ = holder.wait();
-    let last: serde_json::Value =
-        serde_json::from_str(text.lines().last().unwrap_or("")).expect("json");
+    let last = tollgate_tests::release(holder, holder_out, &go);
     assert_eq!(last["ok"], false, "the backstop refused the send: {last}");
     assert!(
         canary.recv_from(&mut buf).is_err(),

@@ -86,12 +86,20 @@ fn exchange(stream: &mut TcpStream) -> Value {
     }
 }
 
-/// Moves this process into the cgroup at `dir`.
-fn join_cgroup(dir: &str) -> std::io::Result<()> {
+/// Moves this process into the cgroup at `dir`; the error is the probe's answer.
+fn join_cgroup(dir: &str) -> Result<(), Value> {
     std::fs::write(
         std::path::Path::new(dir).join("cgroup.procs"),
         std::process::id().to_string(),
     )
+    .map_err(|e| json!({ "ok": false, "error": format!("join {dir}: {e}") }))
+}
+
+/// connect(2) on `fd`.
+fn connect(fd: &OwnedFd, addr: SocketAddr) -> std::io::Result<()> {
+    let (ss, len) = sockaddr(addr);
+    // SAFETY: valid sockaddr of `len` bytes.
+    check(unsafe { libc::connect(fd.as_raw_fd(), std::ptr::from_ref(&ss).cast(), len) }).map(|_| ())
 }
 
 /// A TCP connect (and one exchange). With `join`, the socket is made first and the process
@@ -107,8 +115,8 @@ fn tcp(
         Err(e) => return errno_json(&e),
     };
     if let Some(dir) = join {
-        if let Err(e) = join_cgroup(dir) {
-            return json!({ "ok": false, "error": format!("join {dir}: {e}") });
+        if let Err(answer) = join_cgroup(dir) {
+            return answer;
         }
     }
     if let Some(m) = mark {
@@ -131,11 +139,7 @@ fn tcp(
             return errno_json(&e);
         }
     }
-    let (ss, len) = sockaddr(addr);
-    // SAFETY: valid sockaddr.
-    if let Err(e) =
-        check(unsafe { libc::connect(fd.as_raw_fd(), std::ptr::from_ref(&ss).cast(), len) })
-    {
+    if let Err(e) = connect(&fd, addr) {
         return errno_json(&e);
     }
     exchange(&mut TcpStream::from(fd))
@@ -208,7 +212,7 @@ fn uring(addr: SocketAddr) -> Value {
 }
 
 /// One datagram, by sendto or by connect and send. With `join`, as in [`tcp`].
-fn udp(addr: SocketAddr, v6_socket: bool, connect: bool, join: Option<&str>) -> Value {
+fn udp(addr: SocketAddr, v6_socket: bool, connected: bool, join: Option<&str>) -> Value {
     let domain = if v6_socket {
         libc::AF_INET6
     } else {
@@ -219,32 +223,38 @@ fn udp(addr: SocketAddr, v6_socket: bool, connect: bool, join: Option<&str>) -> 
         Err(e) => return errno_json(&e),
     };
     if let Some(dir) = join {
-        if let Err(e) = join_cgroup(dir) {
-            return json!({ "ok": false, "error": format!("join {dir}: {e}") });
+        if let Err(answer) = join_cgroup(dir) {
+            return answer;
         }
     }
-    let (ss, len) = sockaddr(addr);
-    let msg = b"datagram";
-    let r = if connect {
-        // SAFETY: valid sockaddr.
-        let c = unsafe { libc::connect(fd.as_raw_fd(), std::ptr::from_ref(&ss).cast(), len) };
-        if c < 0 {
-            return errno_json(&std::io::Error::last_os_error());
+    if !connected {
+        return send_to(&fd, b"datagram", Some(addr));
+    }
+    if let Err(e) = connect(&fd, addr) {
+        return errno_json(&e);
+    }
+    send_to(&fd, b"datagram", None)
+}
+
+/// One send(2), or sendto(2) when `to` is given; the probe's answer.
+fn send_to(fd: &OwnedFd, buf: &[u8], to: Option<SocketAddr>) -> Value {
+    let r = match to {
+        Some(to) => {
+            let (ss, len) = sockaddr(to);
+            // SAFETY: valid buffer and sockaddr.
+            unsafe {
+                libc::sendto(
+                    fd.as_raw_fd(),
+                    buf.as_ptr().cast(),
+                    buf.len(),
+                    0,
+                    std::ptr::from_ref(&ss).cast(),
+                    len,
+                )
+            }
         }
         // SAFETY: valid buffer.
-        unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) }
-    } else {
-        // SAFETY: valid buffer and sockaddr.
-        unsafe {
-            libc::sendto(
-                fd.as_raw_fd(),
-                msg.as_ptr().cast(),
-                msg.len(),
-                0,
-                std::ptr::from_ref(&ss).cast(),
-                len,
-            )
-        }
+        None => unsafe { libc::send(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), 0) },
     };
     if r < 0 {
         errno_json(&std::io::Error::last_os_error())
@@ -329,11 +339,7 @@ fn wait_tcp(addr: SocketAddr, wait_file: &str) -> Value {
     while !std::path::Path::new(wait_file).exists() {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let (ss, len) = sockaddr(addr);
-    // SAFETY: valid sockaddr.
-    if let Err(e) =
-        check(unsafe { libc::connect(fd.as_raw_fd(), std::ptr::from_ref(&ss).cast(), len) })
-    {
+    if let Err(e) = connect(&fd, addr) {
         return errno_json(&e);
     }
     exchange(&mut TcpStream::from(fd))
@@ -357,25 +363,7 @@ fn raw_hold(addr: SocketAddr, wait_file: &str) -> Value {
     datagram.extend_from_slice(&u16::try_from(8 + payload.len()).unwrap_or(0).to_be_bytes());
     datagram.extend_from_slice(&[0, 0]); // no checksum (allowed for UDP over IPv4)
     datagram.extend_from_slice(payload);
-    let (ss, len) = sockaddr(SocketAddr::new(addr.ip(), 0));
-    let send = || {
-        // SAFETY: valid buffer and sockaddr.
-        let r = unsafe {
-            libc::sendto(
-                fd.as_raw_fd(),
-                datagram.as_ptr().cast(),
-                datagram.len(),
-                0,
-                std::ptr::from_ref(&ss).cast(),
-                len,
-            )
-        };
-        if r < 0 {
-            errno_json(&std::io::Error::last_os_error())
-        } else {
-            json!({ "ok": true, "sent": r })
-        }
-    };
+    let send = || send_to(&fd, &datagram, Some(SocketAddr::new(addr.ip(), 0)));
     println!("{}", send());
     let _ = std::io::stdout().flush();
     while !std::path::Path::new(wait_file).exists() {
@@ -507,8 +495,8 @@ fn passed_fd(dir: &str, addr: SocketAddr) -> Value {
         Ok(nix::unistd::ForkResult::Child) => {
             drop(ours);
             let result = (|| -> Value {
-                if let Err(e) = join_cgroup(dir) {
-                    return json!({ "ok": false, "error": format!("join {dir}: {e}") });
+                if let Err(answer) = join_cgroup(dir) {
+                    return answer;
                 }
                 let mut byte = [0u8; 1];
                 let mut iov = [std::io::IoSliceMut::new(&mut byte)];
@@ -536,11 +524,7 @@ fn passed_fd(dir: &str, addr: SocketAddr) -> Value {
                 };
                 // SAFETY: the descriptor just arrived and is ours alone.
                 let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-                let (ss, len) = sockaddr(addr);
-                // SAFETY: valid sockaddr.
-                if let Err(e) = check(unsafe {
-                    libc::connect(fd.as_raw_fd(), std::ptr::from_ref(&ss).cast(), len)
-                }) {
+                if let Err(e) = connect(&fd, addr) {
                     return errno_json(&e);
                 }
                 exchange(&mut TcpStream::from(fd))
@@ -590,15 +574,11 @@ fn carry(dir: &str, addr: SocketAddr, millis: u64, udp: bool) -> Value {
         Ok(fd) => fd,
         Err(e) => return errno_json(&e),
     };
-    let (ss, len) = sockaddr(addr);
-    // SAFETY: valid sockaddr.
-    if let Err(e) =
-        check(unsafe { libc::connect(fd.as_raw_fd(), std::ptr::from_ref(&ss).cast(), len) })
-    {
+    if let Err(e) = connect(&fd, addr) {
         return errno_json(&e);
     }
-    if let Err(e) = join_cgroup(dir) {
-        return json!({ "ok": false, "error": format!("join {dir}: {e}") });
+    if let Err(answer) = join_cgroup(dir) {
+        return answer;
     }
     let joined = std::time::Instant::now();
     let mut sent = 0u64;
