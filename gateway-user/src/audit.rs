@@ -190,8 +190,10 @@ enum Message {
 
 /// Records waiting for the writer; beyond this the sink counts as failing.
 const QUEUE: usize = 65_536;
-/// How long the writer waits for more records after a write before it blocks again.
-const LINGER: std::time::Duration = std::time::Duration::from_millis(1);
+/// How long the writer waits for more records after a write before it blocks again: under
+/// load it wakes at most this often (each wake is a context switch on a CPU the requests
+/// need), and a record reaches the file at most this late.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(10);
 /// At most this much is gathered into one write.
 const BATCH: usize = 256 * 1024;
 
