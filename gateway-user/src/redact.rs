@@ -39,30 +39,53 @@ impl<B> Drop for Redact<B> {
     }
 }
 
+/// The first occurrence of any of `secrets` in `data`, as (offset, length); at equal offsets
+/// the earlier secret in the list.
+fn first_hit(data: &[u8], secrets: &[Vec<u8>]) -> Option<(usize, usize)> {
+    secrets
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| memchr::memmem::find(data, s).map(|at| (at, s.len())))
+        .fold(None, |best, hit| match best {
+            Some((at, _)) if at <= hit.0 => best,
+            _ => Some(hit),
+        })
+}
+
+/// Where the tail of `data` that could be the start of one of `secrets` begins, if it has one.
+fn held_from(data: &[u8], secrets: &[Vec<u8>]) -> Option<usize> {
+    let longest = secrets.iter().map(Vec::len).max().unwrap_or(0);
+    (data.len().saturating_sub(longest.saturating_sub(1))..data.len()).find(|&at| {
+        secrets
+            .iter()
+            .any(|s| s.len() > data.len() - at && s.starts_with(&data[at..]))
+    })
+}
+
 /// Replaces every occurrence of any of `secrets` in `data`; returns the output and how many
-/// bytes at the end were held back because they could start one of them.
+/// bytes at the end were held back because they could start one of them (none if `last`).
 pub fn scrub(data: &[u8], secrets: &[Vec<u8>], last: bool) -> (Vec<u8>, usize) {
     let mut out = Vec::with_capacity(data.len());
-    let mut i = 0;
-    'outer: while i < data.len() {
-        for secret in secrets {
-            if !secret.is_empty() && data[i..].starts_with(secret) {
-                out.extend_from_slice(MASK);
-                i += secret.len();
-                continue 'outer;
-            }
+    let mut rest = data;
+    loop {
+        let hit = first_hit(rest, secrets);
+        let held = if last { None } else { held_from(rest, secrets) };
+        // A secret found before (or where) the held-back tail starts is replaced first.
+        if let Some((at, len)) = hit.filter(|&(at, _)| held.is_none_or(|h| at <= h)) {
+            out.extend_from_slice(&rest[..at]);
+            out.extend_from_slice(MASK);
+            rest = &rest[at + len..];
+            continue;
         }
-        if !last
-            && secrets
-                .iter()
-                .any(|s| !s.is_empty() && s.starts_with(&data[i..]))
-        {
-            return (out, data.len() - i);
-        }
-        out.push(data[i]);
-        i += 1;
+        let kept = held.unwrap_or(rest.len());
+        out.extend_from_slice(&rest[..kept]);
+        return (out, rest.len() - kept);
     }
-    (out, 0)
+}
+
+/// Whether [`scrub`] would change or hold back anything of `data`.
+fn is_clean(data: &[u8], secrets: &[Vec<u8>]) -> bool {
+    first_hit(data, secrets).is_none() && held_from(data, secrets).is_none()
 }
 
 impl<B> Body for Redact<B>
@@ -84,6 +107,10 @@ where
             Poll::Pending => Poll::Pending,
             Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                 Ok(data) => {
+                    if this.carry.is_empty() && is_clean(&data, &this.secrets) {
+                        // Nothing to replace or hold back: the frame goes on as it is.
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
                     this.carry.extend_from_slice(&data);
                     let (out, held) = scrub(&this.carry, &this.secrets, false);
                     let keep = this.carry.split_off(this.carry.len() - held);
@@ -114,6 +141,64 @@ where
 mod tests {
     use super::*;
 
+    /// The definition: at each offset, a secret that starts there is replaced; else, if the
+    /// rest could start one, it is held back.
+    fn reference(data: &[u8], secrets: &[Vec<u8>], last: bool) -> (Vec<u8>, usize) {
+        let mut out = Vec::new();
+        let mut i = 0;
+        'outer: while i < data.len() {
+            for secret in secrets.iter().filter(|s| !s.is_empty()) {
+                if data[i..].starts_with(secret) {
+                    out.extend_from_slice(MASK);
+                    i += secret.len();
+                    continue 'outer;
+                }
+            }
+            if !last
+                && secrets
+                    .iter()
+                    .any(|s| !s.is_empty() && s.starts_with(&data[i..]))
+            {
+                return (out, data.len() - i);
+            }
+            out.push(data[i]);
+            i += 1;
+        }
+        (out, 0)
+    }
+
+    #[test]
+    fn scrub_agrees_with_its_definition() {
+        // Small alphabet, overlapping secrets: every kind of partial and nested match.
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..20_000 {
+            let mut word = |max: u64| -> Vec<u8> {
+                (0..next(max)).map(|_| b"abc"[next(3) as usize]).collect()
+            };
+            let secrets = vec![word(5), word(5), word(3)];
+            let data = word(24);
+            for last in [false, true] {
+                assert_eq!(
+                    scrub(&data, &secrets, last),
+                    reference(&data, &secrets, last),
+                    "{:?} in {:?}",
+                    secrets,
+                    String::from_utf8_lossy(&data)
+                );
+            }
+            assert_eq!(
+                is_clean(&data, &secrets),
+                reference(&data, &secrets, false) == (data.clone(), 0)
+            );
+        }
+    }
+
     #[test]
     fn scrubs_whole_and_split_secrets() {
         let s = &[b"sk-live-XYZ".to_vec()];
@@ -128,6 +213,17 @@ mod tests {
         // An event ending in bytes that cannot start the secret is not held back.
         assert_eq!(scrub(b"data: {}\n\n", s, false).1, 0);
         assert_eq!(scrub(b"sk-li", s, true), (b"sk-li".to_vec(), 0));
+        // A secret held back across a shorter one it contains; both at the end of the stream.
+        let nested = &[b"abcdef".to_vec(), b"cd".to_vec()];
+        assert_eq!(scrub(b"xabcd", nested, false), (b"x".to_vec(), 4));
+        assert_eq!(
+            scrub(b"xabcd", nested, true),
+            (b"xab[REDACTED]".to_vec(), 0)
+        );
+        assert_eq!(
+            scrub(b"abcdef-cd-abcdef", nested, true).0,
+            b"[REDACTED]-[REDACTED]-[REDACTED]".to_vec()
+        );
         let both = &[b"k+y/=".to_vec(), b"k%2By%2F%3D".to_vec()];
         assert_eq!(
             scrub(b"a k%2By%2F%3D b k+y/= c", both, true).0,
