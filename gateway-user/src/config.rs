@@ -73,6 +73,8 @@ struct RawConfig {
     origin_max_age_ms: u64,
     #[serde(default = "default_client_header_timeout_ms")]
     client_header_timeout_ms: u64,
+    #[serde(default = "default_upstream_header_timeout_ms")]
+    upstream_header_timeout_ms: u64,
     #[serde(default)]
     test_resolver: BTreeMap<String, SocketAddr>,
     #[serde(default)]
@@ -151,6 +153,9 @@ const fn default_origin_max_age_ms() -> u64 {
 const fn default_client_header_timeout_ms() -> u64 {
     10_000
 }
+const fn default_upstream_header_timeout_ms() -> u64 {
+    300_000
+}
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -170,6 +175,9 @@ pub struct Config {
     /// How long a workload has to send a request head (or a TLS ClientHello) on a connection,
     /// each time one is due. Separate from the upstream's time to first byte.
     pub client_header_timeout: std::time::Duration,
+    /// How long the upstream has to answer a forwarded request with its response head (an
+    /// LLM's time to first byte: long).
+    pub upstream_header_timeout: std::time::Duration,
     /// Test-only: destinations mapped to local mocks. Always empty in release builds.
     pub test_resolver: BTreeMap<String, SocketAddr>,
     /// The credentials file (bindings of secrets to hosts), if any.
@@ -227,6 +235,12 @@ impl Config {
                 raw.client_header_timeout_ms
             )));
         }
+        if !(100..=3_600_000).contains(&raw.upstream_header_timeout_ms) {
+            return Err(invalid(format!(
+                "upstream_header_timeout_ms is {}: use 100 to 3600000 (ms)",
+                raw.upstream_header_timeout_ms
+            )));
+        }
         if raw.listener.port == 0 {
             return Err(invalid("listener.port must not be 0".into()));
         }
@@ -257,6 +271,9 @@ impl Config {
             allow_private_bpffs: raw.allow_private_bpffs,
             origin_max_age_ms: raw.origin_max_age_ms,
             client_header_timeout: std::time::Duration::from_millis(raw.client_header_timeout_ms),
+            upstream_header_timeout: std::time::Duration::from_millis(
+                raw.upstream_header_timeout_ms,
+            ),
             test_resolver: raw.test_resolver,
             credentials: raw.credentials.map(&anchor),
             upstream_ca: raw.upstream_ca.map(&anchor),

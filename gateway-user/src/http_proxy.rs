@@ -191,15 +191,17 @@ pub async fn serve(conn: Conn, client: TcpStream) {
         return;
     }
     let conn = Arc::new(conn);
-    let (service, handled) = request_service(Arc::clone(&conn));
+    let handled = Arc::default();
+    let service = request_service(Arc::clone(&conn), &handled);
     let refused = Arc::new(std::sync::OnceLock::new());
     let guarded = Guarded::new(client, Arc::clone(&refused));
-    let result = hyper::server::conn::http1::Builder::new()
+    let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
         .keep_alive(true)
-        .serve_connection(TokioIo::new(guarded), service)
-        .await;
+        .serve_connection(TokioIo::new(guarded), service);
+    // The client connection, the upstream one and the channels between them share this task.
+    let result = crate::relay::Relayed::new(connection).await;
     if let Some(reason) = refused.get() {
         tracing::info!(reason, "request framing refused; connection closed");
         early_record(&conn, reason, 400);
@@ -212,7 +214,8 @@ pub async fn serve(conn: Conn, client: TcpStream) {
 /// decided and audited on its own.
 pub async fn serve_h2(conn: Conn, client: TcpStream) {
     let conn = Arc::new(conn);
-    let (service, handled) = request_service(Arc::clone(&conn));
+    let handled = Arc::default();
+    let service = request_service(Arc::clone(&conn), &handled);
     let result = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
         .timer(TokioTimer::new())
         .max_concurrent_streams(64)
@@ -221,27 +224,23 @@ pub async fn serve_h2(conn: Conn, client: TcpStream) {
     connection_ended(&conn, result, &handled);
 }
 
-/// Each request of a client connection, decided and audited on its own; the flag says whether
+/// Each request of a client connection, decided and audited on its own; `handled` is set once
 /// any request got that far.
 fn request_service(
     conn: Arc<Conn>,
-) -> (
-    impl hyper::service::Service<
-            Request<Incoming>,
-            Response = Response<Body>,
-            Error = Infallible,
-            Future = impl std::future::Future<Output = Result<Response<Body>, Infallible>> + Send,
-        > + Clone,
-    Arc<std::sync::atomic::AtomicBool>,
-) {
-    let handled = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let seen = Arc::clone(&handled);
-    let service = hyper::service::service_fn(move |req| {
+    handled: &Arc<std::sync::atomic::AtomicBool>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<Body>,
+    Error = Infallible,
+    Future = impl std::future::Future<Output = Result<Response<Body>, Infallible>> + Send,
+> + Clone {
+    let seen = Arc::clone(handled);
+    hyper::service::service_fn(move |req| {
         let conn = Arc::clone(&conn);
         seen.store(true, std::sync::atomic::Ordering::Relaxed);
         async move { Ok::<_, Infallible>(handle(&conn, req).await) }
-    });
-    (service, handled)
+    })
 }
 
 /// A connection hyper gave up on before any request was decided gets its audit record.
@@ -560,20 +559,15 @@ async fn decide_and_forward(
             }
         }
     }
-    let scheme = if route.tls == TlsMode::Originate {
-        "https"
-    } else {
-        "http"
-    };
-    let default_port = if scheme == "https" { 443 } else { 80 };
-    let authority = if route.upstream_port == default_port {
+    let https = route.tls == TlsMode::Originate;
+    let authority = if route.upstream_port == if https { 443 } else { 80 } {
         host.clone()
     } else {
         format!("{host}:{}", route.upstream_port)
     };
     let target = match query {
-        Some(q) => format!("{scheme}://{authority}{path}?{q}"),
-        None => format!("{scheme}://{authority}{path}"),
+        Some(q) => format!("{path}?{q}"),
+        None => path.clone(),
     };
     let Ok(uri) = target.parse::<Uri>() else {
         return (
@@ -591,12 +585,20 @@ async fn decide_and_forward(
     if let Ok(v) = HeaderValue::from_str(&authority) {
         parts.headers.insert(header::HOST, v);
     }
-    let client = conn
-        .gateway
-        .upstreams
-        .client(&conn.ns, conn.netns_cookie, route.allow_private);
+    let target = crate::upstream::Target {
+        https,
+        host: host.clone(),
+        port: route.upstream_port,
+    };
     let body = Counted::new(body, Arc::clone(sent)).boxed();
-    match client.request(Request::from_parts(parts, body)).await {
+    let sent_request = conn.gateway.upstreams.request(
+        &conn.ns,
+        conn.netns_cookie,
+        route.allow_private,
+        target,
+        Request::from_parts(parts, body),
+    );
+    match sent_request.await {
         Ok(resp) => {
             record.decision = verdict;
             let (mut parts, body) = resp.into_parts();
@@ -630,13 +632,12 @@ async fn decide_and_forward(
         }
         Err(e) => {
             record.decision = Verdict::Error;
-            let detail = format!("{e:?}");
-            let (status, reason) = if detail.contains(crate::upstream::INTERNAL_ONLY) {
+            let (status, reason) = if matches!(e, crate::upstream::UpstreamError::InternalOnly(_)) {
                 // The name resolved only to internal addresses and the rule does not allow
                 // them: a policy refusal, not an upstream failure.
                 record.decision = Verdict::Deny;
                 (StatusCode::FORBIDDEN, "upstream_internal_address")
-            } else if detail.contains("TimedOut") {
+            } else if e.timed_out() {
                 (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout")
             } else {
                 (StatusCode::BAD_GATEWAY, "upstream_unreachable")

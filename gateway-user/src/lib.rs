@@ -23,6 +23,7 @@ pub mod normalize;
 pub mod policy;
 pub mod proxy;
 pub mod redact;
+pub mod relay;
 pub mod sockdiag;
 pub mod tls;
 pub mod upstream;

@@ -285,6 +285,7 @@ impl Namespaces {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
             tick.tick().await;
+            self.gateway.upstreams.prune();
             let me = Arc::clone(&self);
             let _ = tokio::task::spawn_blocking(move || me.sweep()).await;
         }

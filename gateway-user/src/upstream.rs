@@ -10,21 +10,16 @@ use std::{
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use hyper::Uri;
-use hyper_util::{
-    client::legacy::{
-        connect::{Connected, Connection},
-        Client,
-    },
-    rt::{TokioExecutor, TokioIo},
-};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::{client::TlsStream, TlsConnector};
 
-use crate::{config::Config, netns::Netns, policy::PolicySet};
+use crate::{config::Config, http_proxy::Body, netns::Netns, policy::PolicySet, relay::Relay};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -77,16 +72,10 @@ pub fn is_internal(ip: IpAddr) -> bool {
     }
 }
 
-/// A pooled upstream connection: plain or TLS.
+/// An upstream connection's transport: plain or TLS.
 pub enum Stream {
     Plain(TokioIo<TcpStream>),
     Tls(Box<TokioIo<TlsStream<TcpStream>>>),
-}
-
-impl Connection for Stream {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
 }
 
 impl hyper::rt::Read for Stream {
@@ -136,28 +125,12 @@ pub struct DialPolicy {
 }
 
 /// Makes upstream connections in one network namespace.
-#[derive(Clone)]
 pub struct Connector {
     ns: Arc<Netns>,
     /// The matched rule says the name may resolve to internal addresses.
     allow_private: bool,
     tls: Arc<rustls::ClientConfig>,
     dial: Arc<DialPolicy>,
-}
-
-impl tower_service::Service<Uri> for Connector {
-    type Response = Stream;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<Stream>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let me = self.clone();
-        Box::pin(async move { me.connect(uri).await })
-    }
 }
 
 impl Connector {
@@ -217,34 +190,242 @@ impl Connector {
         Err(last)
     }
 
-    async fn connect(self, uri: Uri) -> io::Result<Stream> {
-        let host = uri
-            .host()
-            .ok_or_else(|| io::Error::other("no host"))?
-            .to_owned();
-        let https = uri.scheme_str() == Some("https");
-        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let tcp = self.tcp(&host, port).await?;
-        if !https {
+    async fn connect(&self, target: &Target) -> io::Result<Stream> {
+        let tcp = self.tcp(&target.host, target.port).await?;
+        if !target.https {
             return Ok(Stream::Plain(TokioIo::new(tcp)));
         }
-        let name = rustls::pki_types::ServerName::try_from(host.clone())
+        let name = rustls::pki_types::ServerName::try_from(target.host.clone())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let tls = TlsConnector::from(Arc::clone(&self.tls))
-            .connect(name, tcp)
-            .await?;
+        let handshake = TlsConnector::from(Arc::clone(&self.tls)).connect(name, tcp);
+        let tls = tokio::time::timeout(CONNECT_TIMEOUT, handshake)
+            .await
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("TLS handshake with {} timed out", target.host),
+                )
+            })??;
         Ok(Stream::Tls(Box::new(TokioIo::new(tls))))
     }
 }
 
-pub type HttpClient = Client<Connector, crate::http_proxy::Body>;
+type Sender = hyper::client::conn::http1::SendRequest<Body>;
+type Driver = Pin<Box<hyper::client::conn::http1::Connection<Stream, Body>>>;
 
-/// One pooled client per network namespace.
+/// How long an unused upstream connection stays pooled.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle connections kept per pool key; more are closed when they come back.
+const MAX_IDLE: usize = 128;
+
+/// Where a forwarded request goes: the policy's host, never the workload's address.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Target {
+    pub https: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+/// Connections are pooled per namespace, per whether internal addresses were allowed when
+/// dialing, and per target.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct PoolKey {
+    cookie: u64,
+    allow_private: bool,
+    target: Target,
+}
+
+/// An HTTP/1.1 upstream connection. It has no task of its own: whoever holds it drives it
+/// (the request's task while the response head is awaited, the response body while it
+/// streams), so a proxied exchange is served by one task with no hand-off between tasks.
+pub struct Lease {
+    sender: Sender,
+    /// `None` once the connection has ended.
+    driver: Option<Driver>,
+    key: PoolKey,
+    idle: Arc<Mutex<Idle>>,
+    /// The connection talks to the request and the response body through channels whose
+    /// wake-ups land in the task that polls them: relayed, not rescheduled.
+    relay: Arc<Relay>,
+}
+
+impl Lease {
+    /// Polls `f` (the connection and what waits on it) through the lease's relay.
+    fn poll_relayed<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut f: impl FnMut(&mut Self, &mut Context<'_>) -> Poll<T>,
+    ) -> Poll<T> {
+        let relay = Arc::clone(&self.relay);
+        relay.poll(cx, |cx| f(self, cx))
+    }
+
+    /// Runs the connection's I/O in the caller's task.
+    fn drive(&mut self, cx: &mut Context<'_>) {
+        if let Some(driver) = &mut self.driver {
+            if let Poll::Ready(result) = driver.as_mut().poll(cx) {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "upstream connection ended");
+                }
+                self.driver = None;
+            }
+        }
+    }
+
+    /// Whether the connection is open and waiting for a request; drives it once to find out.
+    fn usable(&mut self) -> bool {
+        self.drive(&mut Context::from_waker(std::task::Waker::noop()));
+        self.driver.is_some() && self.sender.is_ready()
+    }
+
+    /// Back to the pool if the exchange completed and the connection can take another.
+    fn release(mut self) {
+        if !self.usable() {
+            return;
+        }
+        let idle = Arc::clone(&self.idle);
+        idle.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .put(self);
+    }
+}
+
+/// The pooled connections nobody is using, most recently used last.
+#[derive(Default)]
+struct Idle(HashMap<PoolKey, Vec<(Lease, Instant)>>);
+
+impl Idle {
+    fn put(&mut self, lease: Lease) {
+        let list = self.0.entry(lease.key.clone()).or_default();
+        list.retain(|(_, since)| since.elapsed() < IDLE_TIMEOUT);
+        if list.len() < MAX_IDLE {
+            list.push((lease, Instant::now()));
+        }
+    }
+
+    fn take(&mut self, key: &PoolKey) -> Option<Lease> {
+        let list = self.0.get_mut(key)?;
+        let found = loop {
+            let Some((lease, since)) = list.pop() else {
+                break None;
+            };
+            if since.elapsed() < IDLE_TIMEOUT {
+                break Some(lease);
+            }
+        };
+        if list.is_empty() {
+            self.0.remove(key);
+        }
+        found
+    }
+
+    /// Closes what has been idle too long.
+    fn prune(&mut self) {
+        self.0.retain(|_, list| {
+            list.retain(|(_, since)| since.elapsed() < IDLE_TIMEOUT);
+            !list.is_empty()
+        });
+    }
+}
+
+/// A response whose body drives the upstream connection it arrives on, and gives the
+/// connection back to the pool once it has been read to the end.
+pub struct Driven {
+    body: Incoming,
+    lease: Option<Lease>,
+}
+
+impl std::fmt::Debug for Driven {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driven")
+            .field("pooled", &self.lease.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl hyper::body::Body for Driven {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let body = &mut this.body;
+        let frame = match &mut this.lease {
+            Some(lease) => lease.poll_relayed(cx, |lease, cx| {
+                lease.drive(cx);
+                Pin::new(&mut *body).poll_frame(cx)
+            }),
+            None => Pin::new(body).poll_frame(cx),
+        };
+        if let Poll::Ready(None) = frame {
+            if let Some(lease) = this.lease.take() {
+                lease.release();
+            }
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Driven {
+    fn drop(&mut self) {
+        // Read to the end but not polled past it (a sized body): still reusable. Dropped
+        // before its end (the client left): the connection closes with it.
+        if let Some(lease) = self.lease.take() {
+            if hyper::body::Body::is_end_stream(&self.body) {
+                lease.release();
+            }
+        }
+    }
+}
+
+/// Why a request got no response from upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The name resolved only to internal addresses and the rule does not allow them.
+    #[error("{0}")]
+    InternalOnly(String),
+    #[error("no response head within {0:?}")]
+    HeaderTimeout(Duration),
+    #[error("connect: {0}")]
+    Connect(io::Error),
+    #[error("{0}")]
+    Http(#[from] hyper::Error),
+}
+
+impl UpstreamError {
+    fn connect(e: io::Error) -> Self {
+        if e.kind() == io::ErrorKind::PermissionDenied && e.to_string().contains(INTERNAL_ONLY) {
+            Self::InternalOnly(e.to_string())
+        } else {
+            Self::Connect(e)
+        }
+    }
+
+    pub fn timed_out(&self) -> bool {
+        match self {
+            Self::HeaderTimeout(_) => true,
+            Self::Connect(e) => e.kind() == io::ErrorKind::TimedOut,
+            _ => false,
+        }
+    }
+}
+
+/// Upstream connections for every namespace.
 pub struct Upstreams {
     tls: Arc<rustls::ClientConfig>,
     dial: Arc<DialPolicy>,
-    /// Pools by (namespace cookie, whether internal addresses are allowed).
-    clients: Mutex<HashMap<(u64, bool), HttpClient>>,
+    idle: Arc<Mutex<Idle>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -288,7 +469,7 @@ impl Upstreams {
         Ok(Self {
             tls: Arc::new(tls),
             dial: Arc::new(dial),
-            clients: Mutex::new(HashMap::new()),
+            idle: Arc::default(),
         })
     }
 
@@ -309,49 +490,106 @@ impl Upstreams {
         connector.tcp(host, port).await
     }
 
-    /// Drops the pools of the namespace with `cookie` (its idle connections close; requests in
-    /// flight keep their own handle until they end).
+    /// Closes the idle connections of the namespace with `cookie` (requests in flight keep
+    /// theirs until they end).
     pub fn forget(&self, cookie: u64) {
-        self.clients
+        self.lock_idle().0.retain(|key, _| key.cookie != cookie);
+    }
+
+    /// Closes connections idle for longer than the idle timeout.
+    pub fn prune(&self) {
+        self.lock_idle().prune();
+    }
+
+    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Idle> {
+        self.idle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .retain(|(c, _), _| *c != cookie);
     }
 
-    /// The number of namespaces with a pool.
+    /// Idle connections by namespace cookie.
     #[cfg(test)]
-    fn pooled_namespaces(&self) -> usize {
-        let clients = self
-            .clients
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        clients
-            .keys()
-            .map(|(c, _)| *c)
-            .collect::<std::collections::HashSet<_>>()
-            .len()
+    fn idle_by_namespace(&self) -> std::collections::BTreeMap<u64, usize> {
+        let mut by = std::collections::BTreeMap::new();
+        for (key, list) in &self.lock_idle().0 {
+            *by.entry(key.cookie).or_default() += list.len();
+        }
+        by
     }
 
-    /// The pooled client dialing from `ns`.
-    pub fn client(&self, ns: &Arc<Netns>, cookie: u64, allow_private: bool) -> HttpClient {
-        let mut clients = self
-            .clients
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        clients
-            .entry((cookie, allow_private))
-            .or_insert_with(|| {
-                let connector = Connector {
-                    ns: Arc::clone(ns),
-                    allow_private,
-                    tls: Arc::clone(&self.tls),
-                    dial: Arc::clone(&self.dial),
-                };
-                Client::builder(TokioExecutor::new())
-                    .pool_idle_timeout(Duration::from_secs(90))
-                    .build(connector)
-            })
-            .clone()
+    /// A pooled connection that is still open and idle, or a new one dialed from `ns`.
+    async fn lease(&self, ns: &Arc<Netns>, key: PoolKey) -> Result<(Lease, bool), UpstreamError> {
+        while let Some(mut lease) = self.lock_idle().take(&key) {
+            if lease.usable() {
+                return Ok((lease, true));
+            }
+        }
+        let connector = Connector {
+            ns: Arc::clone(ns),
+            allow_private: key.allow_private,
+            tls: Arc::clone(&self.tls),
+            dial: Arc::clone(&self.dial),
+        };
+        let stream = connector
+            .connect(&key.target)
+            .await
+            .map_err(UpstreamError::connect)?;
+        let (sender, driver) = hyper::client::conn::http1::Builder::new()
+            .handshake(stream)
+            .await?;
+        Ok((
+            Lease {
+                sender,
+                driver: Some(Box::pin(driver)),
+                key,
+                idle: Arc::clone(&self.idle),
+                relay: Arc::default(),
+            },
+            false,
+        ))
+    }
+
+    /// Sends `req` (origin-form URI, Host set) to `target` from `ns` and waits for the
+    /// response head, at most the configured upstream header timeout. A pooled connection
+    /// found closed before the request went out is replaced by a new one, once.
+    pub async fn request(
+        &self,
+        ns: &Arc<Netns>,
+        cookie: u64,
+        allow_private: bool,
+        target: Target,
+        mut req: Request<Body>,
+    ) -> Result<Response<Driven>, UpstreamError> {
+        let key = PoolKey {
+            cookie,
+            allow_private,
+            target,
+        };
+        let limit = self.dial.config.upstream_header_timeout;
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let (mut lease, pooled) = self.lease(ns, key.clone()).await?;
+            let mut sent = std::pin::pin!(lease.sender.try_send_request(req));
+            let head = std::future::poll_fn(|cx| {
+                lease.poll_relayed(cx, |lease, cx| {
+                    lease.drive(cx);
+                    sent.as_mut().poll(cx)
+                })
+            });
+            match tokio::time::timeout_at(deadline, head).await {
+                Err(_) => return Err(UpstreamError::HeaderTimeout(limit)),
+                Ok(Ok(response)) => {
+                    return Ok(response.map(|body| Driven {
+                        body,
+                        lease: Some(lease),
+                    }))
+                }
+                Ok(Err(mut e)) => match e.take_message() {
+                    Some(unsent) if pooled => req = unsent,
+                    _ => return Err(e.into_error().into()),
+                },
+            }
+        }
     }
 }
 
@@ -359,8 +597,7 @@ impl Upstreams {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_released_namespace_takes_its_pools_along() {
+    fn upstreams(header_timeout: Duration) -> Upstreams {
         let mut config = crate::config::Config::parse(
             crate::config::DEMO_CONFIG,
             "demo",
@@ -368,20 +605,212 @@ mod tests {
         )
         .expect("config");
         config.upstream_ca = None;
-        let up = Upstreams::new(DialPolicy {
+        config.upstream_header_timeout = header_timeout;
+        Upstreams::new(DialPolicy {
             config,
             policies: Arc::default(),
         })
-        .expect("upstreams");
-        let ns = Arc::new(Netns::Host);
-        let _a = up.client(&ns, 7, false);
-        let _b = up.client(&ns, 7, true);
-        let _c = up.client(&ns, 9, false);
-        assert_eq!(up.pooled_namespaces(), 2);
-        up.forget(7);
-        assert_eq!(up.pooled_namespaces(), 1);
-        up.forget(9);
-        assert_eq!(up.pooled_namespaces(), 0);
+        .expect("upstreams")
+    }
+
+    /// A plain HTTP/1.1 mock on loopback: answers `/sized` with a Content-Length body,
+    /// `/chunked` with a chunked one, `/stall` never; closes each connection `linger` after
+    /// its last response. Returns its port and how many connections it accepted.
+    async fn mock(linger: Duration) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut sock, _)) = listener.accept().await else {
+                    return;
+                };
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    loop {
+                        let read = tokio::time::timeout(linger, sock.read(&mut buf)).await;
+                        let Ok(Ok(n @ 1..)) = read else { return };
+                        let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+                        let reply: &[u8] = if head.starts_with("GET /sized") {
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nsized"
+                        } else if head.starts_with("GET /chunked") {
+                            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n7\r\nchunked\r\n0\r\n\r\n"
+                        } else {
+                            std::future::pending::<()>().await;
+                            return;
+                        };
+                        if sock.write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (port, accepted)
+    }
+
+    fn get(path: &str) -> Request<Body> {
+        use http_body_util::BodyExt;
+        Request::get(path)
+            .header("host", "127.0.0.1")
+            .body(
+                http_body_util::Empty::new()
+                    .map_err(|never| match never {})
+                    .boxed(),
+            )
+            .expect("request")
+    }
+
+    fn target(port: u16) -> Target {
+        Target {
+            https: false,
+            host: "127.0.0.1".into(),
+            port,
+        }
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    }
+
+    #[test]
+    fn a_connection_read_to_the_end_is_pooled_and_reused() {
+        use http_body_util::BodyExt;
+        runtime().block_on(async {
+            let (port, accepted) = mock(Duration::from_secs(30)).await;
+            let up = upstreams(Duration::from_secs(5));
+            let ns = Arc::new(Netns::Host);
+            for path in ["/sized", "/chunked", "/sized", "/chunked"] {
+                let response = up
+                    .request(&ns, 7, true, target(port), get(path))
+                    .await
+                    .expect("response");
+                let body = response.into_body().collect().await.expect("body");
+                assert_eq!(body.to_bytes(), &path.as_bytes()[1..]);
+                assert_eq!(up.idle_by_namespace().get(&7), Some(&1), "{path}");
+            }
+            assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+        });
+    }
+
+    #[test]
+    fn a_response_dropped_before_its_end_closes_the_connection() {
+        use http_body_util::BodyExt;
+        runtime().block_on(async {
+            let (port, accepted) = mock(Duration::from_secs(30)).await;
+            let up = upstreams(Duration::from_secs(5));
+            let ns = Arc::new(Netns::Host);
+            let mut body = up
+                .request(&ns, 7, true, target(port), get("/chunked"))
+                .await
+                .expect("response")
+                .into_body();
+            let first = body.frame().await.expect("a frame").expect("data");
+            assert_eq!(first.into_data().expect("data"), "chunked");
+            drop(body);
+            assert!(up.idle_by_namespace().is_empty());
+            let response = up
+                .request(&ns, 7, true, target(port), get("/sized"))
+                .await
+                .expect("response");
+            assert_eq!(
+                response
+                    .into_body()
+                    .collect()
+                    .await
+                    .expect("body")
+                    .to_bytes(),
+                "sized"
+            );
+            assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+        });
+    }
+
+    #[test]
+    fn a_pooled_connection_the_upstream_closed_is_not_used() {
+        use http_body_util::BodyExt;
+        runtime().block_on(async {
+            let (port, accepted) = mock(Duration::from_millis(50)).await;
+            let up = upstreams(Duration::from_secs(5));
+            let ns = Arc::new(Netns::Host);
+            for _ in 0..3 {
+                let response = up
+                    .request(&ns, 7, true, target(port), get("/sized"))
+                    .await
+                    .expect("response");
+                response.into_body().collect().await.expect("body");
+                // The mock closes the idle connection meanwhile.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+        });
+    }
+
+    #[test]
+    fn no_response_head_in_time_is_a_timeout() {
+        runtime().block_on(async {
+            let (port, _) = mock(Duration::from_secs(30)).await;
+            let up = upstreams(Duration::from_millis(200));
+            let started = Instant::now();
+            let error = up
+                .request(&Arc::new(Netns::Host), 7, true, target(port), get("/stall"))
+                .await
+                .expect_err("no response");
+            assert!(error.timed_out(), "{error}");
+            assert!(started.elapsed() >= Duration::from_millis(200));
+            assert!(up.idle_by_namespace().is_empty());
+        });
+    }
+
+    #[test]
+    fn internal_only_names_are_refused_unless_allowed() {
+        runtime().block_on(async {
+            let up = upstreams(Duration::from_secs(5));
+            let error = up
+                .request(&Arc::new(Netns::Host), 7, false, target(1), get("/sized"))
+                .await
+                .expect_err("refused");
+            assert!(matches!(error, UpstreamError::InternalOnly(_)), "{error}");
+        });
+    }
+
+    #[test]
+    fn a_released_namespace_takes_its_idle_connections_along() {
+        use http_body_util::BodyExt;
+        runtime().block_on(async {
+            let (port, _) = mock(Duration::from_secs(30)).await;
+            let up = upstreams(Duration::from_secs(5));
+            let ns = Arc::new(Netns::Host);
+            for cookie in [7, 7, 9] {
+                // Two responses held at once: two connections for namespace 7.
+                let a = up
+                    .request(&ns, cookie, true, target(port), get("/sized"))
+                    .await;
+                let b = up
+                    .request(&ns, cookie, true, target(port), get("/sized"))
+                    .await;
+                for r in [a, b] {
+                    r.expect("response")
+                        .into_body()
+                        .collect()
+                        .await
+                        .expect("body");
+                }
+            }
+            assert_eq!(up.idle_by_namespace(), [(7, 2), (9, 2)].into());
+            up.forget(7);
+            assert_eq!(up.idle_by_namespace(), [(9, 2)].into());
+            up.forget(9);
+            assert!(up.idle_by_namespace().is_empty());
+        });
     }
 
     #[test]
