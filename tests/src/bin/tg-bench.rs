@@ -260,8 +260,8 @@ fn main() {
     }
     let out_dir = Path::new(args.first().map_or("target/bench", String::as_str)).to_owned();
     let only = args.get(1).map(String::as_str);
-    if only.is_some_and(|o| o != "capture" && o != "http") {
-        eprintln!("tg-bench: unknown part {only:?}: use `capture` or `http`");
+    if only.is_some_and(|o| !["capture", "http", "goal"].contains(&o)) {
+        eprintln!("tg-bench: unknown part {only:?}: use `capture`, `http` or `goal`");
         std::process::exit(2);
     }
     std::fs::create_dir_all(&out_dir).expect("report dir");
@@ -320,13 +320,17 @@ fn main() {
     // The capture baseline's client runs in a sibling of the enforced root: same depth, no
     // root programs. Measured once before the daemon starts (no programs at all, not even the
     // socket guard at the cgroup2 root), then interleaved with the enforced rounds.
-    let baseline = (only != Some("http")).then(|| Baseline::measure(&env));
+    let baseline = only
+        .is_none_or(|o| o == "capture")
+        .then(|| Baseline::measure(&env));
     let daemon = env.start();
     let mut md = String::new();
     if let Some(baseline) = &baseline {
         md.push_str(&capture_section(&env, &app, &daemon, target, baseline));
     }
-    if only != Some("capture") {
+    if only == Some("goal") {
+        md.push_str(&goal_section(&env, &app, &upstream, api_port));
+    } else if only != Some("capture") {
         md.push_str(&http_section(&env, &app, &daemon, &upstream, api_port));
         md.push_str(&streams_and_sweep(
             &out_dir, &env, &app, &upstream, api_port, &sse,
@@ -652,6 +656,75 @@ fn start_nginx(
         std::net::TcpStream::connect(("127.0.0.1", port)).ok()
     });
     Some(child)
+}
+
+/// The latency goal alone: kept-alive at 1,000 requests/s, direct, Tollgate and nginx in
+/// interleaved rounds, so drift on a noisy machine falls on all three alike; the median of
+/// the rounds' added percentiles.
+fn goal_section(
+    env: &TestEnv,
+    app: &Path,
+    upstream: &tollgate_tests::httpbench::Upstream,
+    api_port: u16,
+) -> String {
+    const ROUNDS: usize = 5;
+    const RATE: u64 = 1000;
+    const SECS: u64 = 5;
+    let gateway_target: SocketAddr = format!("127.0.0.1:{api_port}").parse().expect("addr");
+    let nginx_port = tollgate_tests::free_port();
+    let nginx_target: SocketAddr = format!("127.0.0.1:{nginx_port}").parse().expect("addr");
+    let mut nginx = start_nginx(&env.dir, "nginx", nginx_port, upstream.tls, true);
+    let mut added: [Vec<[i64; 3]>; 2] = [Vec::new(), Vec::new()];
+    let mut rows = String::new();
+    let v = |r: &Value, k: &str| r[k].as_u64().unwrap_or(0) as i64;
+    for round in 1..=ROUNDS {
+        let direct = http_load(None, upstream.plain, RATE, SECS, true);
+        let through = http_load(Some(app), gateway_target, RATE, SECS, true);
+        let via_nginx = nginx
+            .as_ref()
+            .map(|_| http_load(None, nginx_target, RATE, SECS, true));
+        let mut cells = vec![format!(
+            "{} / {} / {}",
+            v(&direct, "p50"),
+            v(&direct, "p99"),
+            v(&direct, "p999")
+        )];
+        for (i, r) in [Some(&through), via_nginx.as_ref()].into_iter().enumerate() {
+            let Some(r) = r else {
+                cells.push("not installed".into());
+                continue;
+            };
+            let a = ["p50", "p99", "p999"].map(|k| v(r, k) - v(&direct, k));
+            cells.push(format!(
+                "{:+} / {:+} / {:+} ({} errors)",
+                a[0],
+                a[1],
+                a[2],
+                v(r, "errors")
+            ));
+            added[i].push(a);
+        }
+        rows.push_str(&format!("| {round} | {} |\n", cells.join(" | ")));
+    }
+    stop_nginx(nginx.as_mut());
+    let median_of = |runs: &[[i64; 3]], k: usize| {
+        let mut v: Vec<i64> = runs.iter().map(|a| a[k]).collect();
+        v.sort_unstable();
+        v.get(v.len() / 2).copied()
+    };
+    let summary = |runs: &[[i64; 3]]| match median_of(runs, 0) {
+        Some(p50) => format!(
+            "{p50:+} / {:+} / {:+}",
+            median_of(runs, 1).unwrap_or(0),
+            median_of(runs, 2).unwrap_or(0)
+        ),
+        None => "not installed".into(),
+    };
+    format!(
+        "## HTTP latency goal: kept-alive, {RATE} requests/s\n\n{ROUNDS} interleaved rounds of {SECS} s each (direct, Tollgate, nginx), open loop, 1 KiB `POST /v1/chat/completions`, added µs against the same round's direct run. Goal: Tollgate's added p50 and p99 at or below nginx's, and p50 at most +100 µs.\n\n| round | direct p50 / p99 / p99.9 µs | Tollgate added | nginx added |\n|---:|---|---|---|\n{rows}| median | | {} | {} |\n\n",
+        summary(&added[0]),
+        summary(&added[1]),
+    )
 }
 
 fn http_section(
