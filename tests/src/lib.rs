@@ -656,7 +656,7 @@ pub fn tls_server(names: &[&str]) -> (Arc<rustls::ServerConfig>, String) {
 /// A TLS "API" upstream with a certificate for `name` from a throwaway CA. It answers:
 /// `/…/echo` with every request header in the body (an upstream that echoes credentials);
 /// `/…/events` with a server-sent event stream whose second event waits for `go` to exist;
-/// `/…/redirect` with a 302 to another host;
+/// `/…/redirect` with a 302 to another host; `/…/slow-MS` like anything else, MS ms late;
 /// anything else with JSON naming the path, host and the sha256 of the Authorization header
 /// (never the header itself).
 pub struct TlsApi {
@@ -748,6 +748,15 @@ impl TlsApi {
                             );
                         }
                         return;
+                    }
+                    // `/…/slow-MS`: the answer comes MS milliseconds late (a slow first byte).
+                    if let Some(ms) = path
+                        .rsplit('/')
+                        .next()
+                        .and_then(|last| last.strip_prefix("slow-"))
+                        .and_then(|ms| ms.parse().ok())
+                    {
+                        std::thread::sleep(Duration::from_millis(ms));
                     }
                     if path.ends_with("/redirect") {
                         let _ = tls.write_all(b"HTTP/1.1 302 Found\r\nLocation: https://evil.example/steal\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");

@@ -1223,6 +1223,53 @@ fn wait_count(env: &TestEnv, n: usize, pred: impl Fn(&serde_json::Value) -> bool
     }
 }
 
+/// The upstream's time to first byte has its own limit, separate from the client's header
+/// timeout: an answer slower than the client's limit still arrives; one slower than the
+/// upstream's gets a 504 at that limit, audited, and the client is answered.
+#[test]
+fn a_slow_upstream_is_waited_for_up_to_its_own_header_timeout() {
+    let s = setup_with(
+        "slow-upstream",
+        "client_header_timeout_ms: 300\nupstream_header_timeout_ms: 1500\n",
+    );
+    let env = &s.env;
+    let _d = env.start();
+    let get = |path: &str| {
+        let started = std::time::Instant::now();
+        let (out, _) = curl(
+            &s.agent,
+            &[
+                "-w",
+                "\n%{http_code}",
+                &format!("http://api.openai.com{path}"),
+            ],
+        );
+        (out, started.elapsed())
+    };
+    // Slower than the client's header timeout, within the upstream's: answered.
+    let (out, took) = get("/v1/models/slow-700");
+    assert!(out.ends_with("200") && out.contains("slow-700"), "{out}");
+    assert!(took >= Duration::from_millis(700), "{took:?}");
+    // Slower than the upstream's: 504 when that limit runs out, not when the upstream answers.
+    let (late, took) = get("/v1/models/slow-4000");
+    std::fs::write(env.dir.join("client-output.txt"), format!("{out}\n{late}"))
+        .expect("client output");
+    assert!(
+        late.ends_with("504") && late.contains("upstream_timeout"),
+        "{late}"
+    );
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_millis(3500),
+        "answered after {took:?}"
+    );
+    env.wait_record("the upstream timeout", |r| {
+        r["reason"] == "upstream_timeout"
+            && r["decision"] == "error"
+            && r["http"]["status"] == 504
+            && r["http"]["path"] == "/v1/models/slow-4000"
+    });
+}
+
 /// THREATS 19: a name that resolves to an internal address (here `localhost`, through the
 /// system resolver, not the test override) is refused at dial time unless the rule says
 /// `allow_private`; the refusal is a 403 with its own reason, and nothing reaches the address.
