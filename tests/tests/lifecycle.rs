@@ -316,6 +316,55 @@ fn a_stale_origin_reused_by_another_process_is_refused() {
     assert_eq!(ok["ok"], true, "{ok}");
 }
 
+/// THREATS 14, the other way an origin goes stale: the workload's connection is reset before
+/// the gateway accepts it (the gateway is paused, so the reset surely comes first). Another
+/// process then binds the same source port and connects to the listener directly: the origin
+/// belongs to the reset socket, and the newcomer is refused.
+#[test]
+fn an_origin_left_by_a_reset_before_accept_grants_nothing_to_the_next_socket() {
+    let mut env = TestEnv::new("resetorigin");
+    let mock = Mock::start("127.0.0.1:0");
+    let app = env.workload("app.service");
+    env.allow("app", "app.service", &[mock.addr]);
+    let d = env.start();
+    let pid = nix::unistd::Pid::from_raw(d.pid());
+    let src = format!("127.0.0.1:{}", free_port());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    let reset = env.probe(Some(&app), &["tcp-reset", &mock.addr.to_string(), &src]);
+    let reuse = std::thread::scope(|scope| {
+        // Outside the root, the same source port, straight to the listener: it waits in the
+        // backlog until the gateway runs again.
+        let reuse = scope.spawn(|| env.probe(None, &["tcp", &env.listener().to_string(), &src]));
+        std::thread::sleep(Duration::from_millis(300));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
+        reuse.join().expect("probe")
+    });
+    assert_eq!(
+        reset["ok"], true,
+        "the redirected connect completed: {reset}"
+    );
+    assert_eq!(
+        reset["peer"],
+        mock.addr.to_string(),
+        "it was redirected (the socket saw its original peer): {reset}"
+    );
+    assert_eq!(
+        reuse["ok"], false,
+        "the stale origin grants nothing: {reuse}"
+    );
+    env.wait_record("the newcomer's refusal", |r| {
+        r["reason"] == "no_origin_recorded" && r["decision"] == "deny"
+    });
+    assert!(
+        mock.peers().is_empty(),
+        "nothing was forwarded: {:?}",
+        mock.peers()
+    );
+    // Positive control: a real redirected connection is served.
+    let ok = env.probe(Some(&app), &["tcp", &mock.addr.to_string()]);
+    assert_eq!(ok["ok"], true, "{ok}");
+}
+
 /// THREATS 11 and 9: a raw socket made before enforcement started never met the socket
 /// programs; what it sends afterwards meets the egress backstop, which drops it and reports it.
 #[test]

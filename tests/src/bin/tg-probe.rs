@@ -145,6 +145,39 @@ fn tcp(
     exchange(&mut TcpStream::from(fd))
 }
 
+/// Connects from `from` and resets at once (SO_LINGER 0): the connection is gone before
+/// anyone could accept it, its source port free for the next socket.
+fn tcp_reset(addr: SocketAddr, from: SocketAddr) -> Value {
+    let fd = match socket(domain_of(addr), libc::SOCK_STREAM, 0) {
+        Ok(fd) => fd,
+        Err(e) => return errno_json(&e),
+    };
+    if let Err(e) = bind(&fd, from).and_then(|()| connect(&fd, addr)) {
+        return errno_json(&e);
+    }
+    let local = TcpStream::from(fd);
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid option buffer of its size.
+    let r = unsafe {
+        libc::setsockopt(
+            local.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            std::ptr::from_ref(&linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return errno_json(&std::io::Error::last_os_error());
+    }
+    let peer = local.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    drop(local);
+    json!({ "ok": true, "reset": true, "peer": peer })
+}
+
 fn tfo(addr: SocketAddr) -> Value {
     let fd = match socket(domain_of(addr), libc::SOCK_STREAM, 0) {
         Ok(fd) => fd,
@@ -654,6 +687,7 @@ fn main() {
             None,
             None,
         ),
+        Some("tcp-reset") => tcp_reset(addr(1), addr(2)),
         Some("tcp-mark") => tcp(addr(1), None, Some(0x7011), None),
         Some("join-tcp") => tcp(addr(2), None, None, Some(&args[1])),
         Some("join-udp") => udp(addr(2), false, false, Some(&args[1])),
