@@ -257,3 +257,141 @@ fn an_unregistered_pod_is_discovered_and_host_workloads_keep_working() {
     let _ = sleeper.kill();
     let _ = sleeper.wait();
 }
+
+/// `/etc/hosts` replaced for this test's mount namespace (the suite runs in a private one),
+/// put back when dropped.
+struct HostsFile(std::path::PathBuf);
+
+impl HostsFile {
+    fn bind(env: &TestEnv, entries: &str) -> Self {
+        let path = env.dir.join("hosts");
+        std::fs::write(&path, format!("127.0.0.1 localhost\n{entries}")).expect("hosts");
+        let ok = Command::new("mount")
+            .args(["--bind"])
+            .arg(&path)
+            .arg("/etc/hosts")
+            .status()
+            .expect("mount")
+            .success();
+        assert!(ok, "bind-mount a test /etc/hosts");
+        Self(path)
+    }
+}
+
+impl Drop for HostsFile {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("/etc/hosts").status();
+    }
+}
+
+/// THREATS 19 for private, link-local and metadata addresses: names that the system resolver
+/// (a test `/etc/hosts`, not the test override) maps to 169.254.169.254, 10.254.1.1 and
+/// 172.31.254.1 are refused at dial time (403 `upstream_internal_address`) unless the rule
+/// says `allow_private`. The addresses exist only inside a pod's own network namespace, on its
+/// loopback, each with a listener: were a dial made, it would stay inside the namespace the
+/// test made, and the listener would see it.
+#[test]
+fn private_link_local_and_metadata_addresses_are_dialed_only_where_a_rule_allows_them() {
+    let mut env = TestEnv::kube("podinternal");
+    let uid = "5d1e7c3a-2b4f-4e6a-8c9d-0a1b2c3d4e5f";
+    let rel = containerd_cgroup(uid, CONTAINER_A);
+    let cg = env.workload(&rel);
+    let pod = Pod::new(&env, "a", cg);
+    let port = tollgate_tests::free_port();
+    let names = [
+        ("metadata.example", "169.254.169.254", false),
+        ("private.example", "10.254.1.1", false),
+        ("vpc.example", "172.31.254.1", false),
+        ("allowed-private.example", "10.254.1.1", true),
+    ];
+    let mut mocks = std::collections::BTreeMap::new();
+    for (_, ip, _) in names {
+        if mocks.contains_key(ip) {
+            continue;
+        }
+        let ok = Command::new("ip")
+            .args([
+                "-n",
+                &pod.name,
+                "addr",
+                "add",
+                &format!("{ip}/32"),
+                "dev",
+                "lo",
+            ])
+            .status()
+            .expect("ip addr")
+            .success();
+        assert!(ok, "add {ip} to the pod's loopback");
+        mocks.insert(ip, Mock::start_in(&pod.netns, &format!("{ip}:{port}")));
+    }
+    let _hosts = HostsFile::bind(
+        &env,
+        &names
+            .iter()
+            .map(|(name, ip, _)| format!("{ip} {name}\n"))
+            .collect::<String>(),
+    );
+    let rules: String = names
+        .iter()
+        .map(|(name, _, allow)| {
+            format!(
+                "    - name: {}\n      match: {{ host: {name}, port: 80 }}\n      upstream: {{ port: {port} }}\n      tls: none\n      allow_private: {allow}\n",
+                name.split('.').next().expect("label")
+            )
+        })
+        .collect();
+    std::fs::write(
+        env.policies.join("pod.yaml"),
+        format!(
+            "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: {{ name: pod }}\nspec:\n  workload: {{ cgroup: {}/{rel} }}\n  egress:\n{rules}",
+            env.root_rel()
+        ),
+    )
+    .expect("policy");
+    let _d = env.start();
+    register(&env, &pod);
+    let pod_cgroup = format!("{}/{rel}", env.root_rel());
+    let get = |name: &str| {
+        let out = pod.run(
+            "curl",
+            &[
+                "-sS",
+                "--max-time",
+                "10",
+                "--resolve",
+                &format!("{name}:80:127.0.0.9"),
+                "-w",
+                "\n%{http_code}",
+                &format!("http://{name}/latest/meta-data/"),
+            ],
+        );
+        env.keep_client_output(&out.stdout);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for (name, ip, allow) in names.iter().filter(|(_, _, allow)| !allow) {
+        let out = get(name);
+        assert!(
+            out.ends_with("403") && out.contains("upstream_internal_address"),
+            "{name} ({ip}, allow_private {allow}): {out}"
+        );
+        env.wait_record(&format!("the refusal for {name}"), |r| {
+            r["reason"] == "upstream_internal_address"
+                && r["decision"] == "deny"
+                && r["dst"]["host"] == *name
+                && r["workload"]["cgroup"] == pod_cgroup.as_str()
+        });
+    }
+    for (ip, mock) in &mocks {
+        assert!(mock.peers().is_empty(), "nothing reached {ip}");
+    }
+    // Positive control: where the rule allows internal addresses, the same kind of name is
+    // dialed, from the pod's namespace, and reaches the listener there.
+    let out = get("allowed-private.example");
+    assert!(out.ends_with("200") && out.contains("mock "), "{out}");
+    assert_eq!(
+        mocks["10.254.1.1"].peers().len(),
+        1,
+        "the allowed dial arrived"
+    );
+}
