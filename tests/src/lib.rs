@@ -294,6 +294,18 @@ impl TestEnv {
             .expect("run tollgate")
     }
 
+    /// Keeps what a client received in the test directory (`client-output.txt`), for the
+    /// secret scan at the end of the suite.
+    pub fn keep_client_output(&self, bytes: &[u8]) {
+        use std::io::Write as _;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("client-output.txt"))
+            .and_then(|mut f| f.write_all(bytes).and_then(|()| f.write_all(b"\n")))
+            .expect("keep client output");
+    }
+
     /// All audit records so far.
     pub fn records(&self) -> Vec<Value> {
         std::fs::read_to_string(&self.audit)

@@ -546,25 +546,30 @@ fn policy_rewritten_every_100ms_under_load_never_flips_a_decision() {
             i
         })
     };
-    // Load for 3 s on one kept-alive connection: chat (both policies allow) and /v1/files
-    // (both deny), alternating.
+    // Load for 3 s on one kept-alive connection, in turn: chat (both policies allow),
+    // /v1/files (both deny) and a model (allowed by one, denied by the other: it must get
+    // one of the two answers, and both must be seen, or the swaps would not be live).
     let load = "import http.client, time
 c=http.client.HTTPConnection('127.0.0.9',80,timeout=10)
 good=bad=0
+models={200:0,403:0}
 end=time.time()+3
 i=0
 while time.time()<end:
-    p='/v1/chat/completions' if i%2==0 else '/v1/files'
-    m='POST' if i%2==0 else 'GET'
+    m,p,want=[('POST','/v1/chat/completions',(200,)),('GET','/v1/files',(403,)),('GET','/v1/models/gpt-4o',(200,403))][i%3]
     c.request(m,p,body='{}' if m=='POST' else None,headers={'Host':'api.openai.com'})
     r=c.getresponse(); r.read()
-    if r.status==(200 if i%2==0 else 403): good+=1
+    if r.status in want: good+=1
     else: bad+=1; print('unexpected',p,r.status)
+    if i%3==2 and r.status in models: models[r.status]+=1
     i+=1
+print('models',models[200],models[403])
 print('good',good,'bad',bad)";
     let out = run_in(&s.agent, "python3", &["-c", load]);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let writes = writer.join().expect("writer");
+    env.keep_client_output(&out.stdout);
+    env.keep_client_output(&out.stderr);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let last = text.lines().last().unwrap_or_default();
     let good: u64 = last
@@ -581,8 +586,35 @@ print('good',good,'bad',bad)";
         writes >= 10,
         "the policy was rewritten throughout ({writes} writes)"
     );
-    // Reloads happened, and the broken edit was refused each time it was seen.
+    let models: Vec<u64> = text
+        .lines()
+        .find_map(|l| l.strip_prefix("models "))
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        models.len() == 2 && models[0] > 0 && models[1] > 0,
+        "the path the policies disagree on was allowed and denied as they swapped: {text}"
+    );
+    // Each answer on that path was the decision of one policy or the other, audited so.
     let records = env.records();
+    let on_models: Vec<_> = records
+        .iter()
+        .filter(|r| r["http"]["path"] == "/v1/models/gpt-4o")
+        .collect();
+    assert!(
+        on_models
+            .iter()
+            .all(|r| (r["decision"] == "allow" && r["rule"] == "openai")
+                || (r["decision"] == "deny"
+                    && r["reason"] == "method_or_path_not_allowed"
+                    && r["http"]["status"] == 403)),
+        "{on_models:?}"
+    );
+    // Reloads happened, and the broken edit was refused each time it was seen.
     let reloads = records
         .iter()
         .filter(|r| r["layer"] == "lifecycle" && r["reason"] == "policies_reloaded")
@@ -803,6 +835,7 @@ fn tls_passthrough_decides_on_the_sni_and_dials_the_name() {
             "https://api.openai.com/v1/models/x",
         ],
     );
+    env.keep_client_output(&out.stdout);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("\"path\":\"/v1/models/x\"") && text.contains("\"auth_sha256\":null"),
@@ -823,6 +856,7 @@ fn tls_passthrough_decides_on_the_sni_and_dials_the_name() {
             "https://evil.example/",
         ],
     );
+    env.keep_client_output(&out.stdout);
     assert!(
         !out.status.success() && out.stdout.is_empty(),
         "evil.example must be refused"
@@ -851,6 +885,7 @@ fn tls_passthrough_decides_on_the_sni_and_dials_the_name() {
             "https://api.openai.com:80/",
         ],
     );
+    env.keep_client_output(&out.stdout);
     assert!(!out.status.success());
     env.wait_record("the refusal", |r| r["reason"] == "tls_on_an_originate_rule");
     assert!(canary.accept().is_err(), "nothing was sent to 127.0.0.9");
@@ -1158,12 +1193,14 @@ fn slowloris_connections_are_cut_and_memory_stays_bounded() {
             "http://api.openai.com/v1/chat/completions",
         ],
     );
+    env.keep_client_output(out.as_bytes());
     assert!(
         out.ends_with("200"),
         "served during the attack: {out} {err}"
     );
     let rss_during = rss(d.pid());
     let out = child.wait_with_output().expect("python3");
+    env.keep_client_output(&out.stdout);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "{e}: {} {}",
@@ -1270,6 +1307,39 @@ fn a_slow_upstream_is_waited_for_up_to_its_own_header_timeout() {
     });
 }
 
+/// A request body far larger than any buffer streams through to the upstream whole: the
+/// client connection and the upstream connection share one task, each feeding the other.
+#[test]
+fn a_large_upload_streams_through_whole() {
+    let s = setup("upload");
+    let env = &s.env;
+    let _d = env.start();
+    let body = env.dir.join("upload.json");
+    let size = 4 * 1024 * 1024 + 17;
+    std::fs::write(&body, vec![b'x'; size]).expect("body");
+    let (out, err) = curl(
+        &s.agent,
+        &[
+            "-X",
+            "POST",
+            "--data-binary",
+            &format!("@{}", body.display()),
+            "-w",
+            "\n%{http_code}",
+            "http://api.openai.com/v1/chat/completions",
+        ],
+    );
+    env.keep_client_output(out.as_bytes());
+    assert!(
+        out.ends_with("200") && out.contains(&format!("\"body_len\":{size}")),
+        "{out} {err}"
+    );
+    let rec = env.wait_record("the upload's record", |r| {
+        r["http"]["path"] == "/v1/chat/completions" && r["decision"] == "allow"
+    });
+    assert_eq!(rec["bytes_up"], size, "{rec}");
+}
+
 /// THREATS 19: a name that resolves to an internal address (here `localhost`, through the
 /// system resolver, not the test override) is refused at dial time unless the rule says
 /// `allow_private`; the refusal is a 403 with its own reason, and nothing reaches the address.
@@ -1361,7 +1431,11 @@ fn an_endless_stream_to_a_slow_reader_keeps_memory_bounded() {
         "--max-time",
         "4",
         "-o",
-        "/dev/null",
+        // Kept for the secret scan.
+        env.dir
+            .join("client-output-stream.txt")
+            .to_str()
+            .expect("path"),
         "-w",
         "%{size_download}",
         "http://api.openai.com/v1/models/endless",
