@@ -185,7 +185,8 @@ fn in_cgroup(cmd: &mut Command, cgroup: &Path) {
     }
 }
 
-fn client(label: &str, cgroup: &Path, program: &str, args: &[&str]) -> Result<()> {
+/// Runs a client in `cgroup`, prints what it got, and returns it (stdout, then stderr).
+fn client(label: &str, cgroup: &Path, program: &str, args: &[&str]) -> Result<Vec<u8>> {
     let mut cmd = Command::new(program);
     cmd.args(args);
     in_cgroup(&mut cmd, cgroup);
@@ -203,7 +204,7 @@ fn client(label: &str, cgroup: &Path, program: &str, args: &[&str]) -> Result<()
             format!(" [{}]", text(&out.stderr))
         }
     );
-    Ok(())
+    Ok([out.stdout, out.stderr].concat())
 }
 
 pub fn run() -> Result<()> {
@@ -214,6 +215,8 @@ pub fn run() -> Result<()> {
     let config = crate::config::Config::parse(DEMO_CONFIG, "embedded demo config", &dir)?;
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
     let unmount_bpffs = !cgroup::is_mounted_at(&mountinfo, "bpf", Path::new("/sys/fs/bpf"));
+    // Everything the clients received, checked for the key at the end.
+    let mut seen = Vec::new();
     let mut cleanup = Cleanup {
         dir: dir.clone(),
         config: config_path.clone(),
@@ -275,33 +278,33 @@ pub fn run() -> Result<()> {
     println!("== clients in {}:", app.display());
     let allowed = format!("http://127.0.0.1:{ALLOWED_PORT}/items");
     let denied = format!("http://127.0.0.1:{DENIED_PORT}/admin");
-    client(
+    seen.extend(client(
         "curl (allowed by policy)",
         &app,
         "curl",
         &["-sS", "--max-time", "5", &allowed],
-    )?;
+    )?);
     let py_get =
         format!("import urllib.request;print(urllib.request.urlopen('{allowed}').read().decode())");
-    client(
+    seen.extend(client(
         "python3 urllib (allowed by policy)",
         &app,
         "python3",
         &["-c", &py_get],
-    )?;
-    client(
+    )?);
+    seen.extend(client(
         "curl (denied by policy)",
         &app,
         "curl",
         &["-sS", "--max-time", "5", &denied],
-    )?;
+    )?);
     let py_udp = "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ntry:\n  s.sendto(b'leak',('127.0.0.1',9999)); print('sent')\nexcept OSError as e:\n  print('refused:', e)";
-    client(
+    seen.extend(client(
         "python3 UDP to 127.0.0.1:9999 (kernel)",
         &app,
         "python3",
         &["-c", py_udp],
-    )?;
+    )?);
 
     println!("== an LLM API through the gateway (the clients hold no key):");
     let chat = format!("http://127.0.0.1:{LLM_PORT}/v1/chat/completions");
@@ -316,29 +319,34 @@ pub fn run() -> Result<()> {
         body,
         chat.as_str(),
     ];
-    client("curl POST /v1/chat/completions", &app, "curl", &curl_chat)?;
+    seen.extend(client(
+        "curl POST /v1/chat/completions",
+        &app,
+        "curl",
+        &curl_chat,
+    )?);
     let py_chat = format!(
         "import urllib.request\nr=urllib.request.Request('{chat}', data=b'{body}', headers={{'content-type':'application/json'}})\nprint(urllib.request.urlopen(r).read().decode())"
     );
-    client(
+    seen.extend(client(
         "python3 urllib POST /v1/chat/completions",
         &app,
         "python3",
         &["-c", &py_chat],
-    )?;
+    )?);
     let files = format!("http://127.0.0.1:{LLM_PORT}/v1/files");
-    client(
+    seen.extend(client(
         "curl POST /v1/files (forbidden path)",
         &app,
         "curl",
         &["-sS", "--max-time", "10", "-d", "{}", &files],
-    )?;
-    client(
+    )?);
+    seen.extend(client(
         "curl from other.service (no policy)",
         &other,
         "curl",
         &curl_chat,
-    )?;
+    )?);
 
     let audit_path = config.audit_log.clone();
     let wanted = [
@@ -368,8 +376,15 @@ pub fn run() -> Result<()> {
     if !missing.is_empty() {
         bail!("expected audit records missing: {missing:?}");
     }
-    if text.contains(&key) {
-        bail!("the demo key appeared in the audit log");
+    let daemon_log = std::fs::read(dir.join("daemon.log")).unwrap_or_default();
+    for (what, bytes) in [
+        ("the audit log", text.as_bytes()),
+        ("the daemon's log", &daemon_log),
+        ("what the clients received", &seen),
+    ] {
+        if memchr::memmem::find(bytes, key.as_bytes()).is_some() {
+            bail!("the demo key appeared in {what}");
+        }
     }
     println!(
         "== demo complete: connections allowed and denied by policy, one refused in the kernel, LLM calls with an injected key the clients never held, a forbidden path and an unknown workload denied"
