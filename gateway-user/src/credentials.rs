@@ -149,9 +149,16 @@ impl Binding {
 #[derive(Debug, Default)]
 pub struct Credentials {
     bindings: BTreeMap<String, Binding>,
+    /// The secret files the bindings were read from.
+    sources: Vec<PathBuf>,
 }
 
 impl Credentials {
+    /// The secret files the bindings were read from (watched for changes).
+    pub fn sources(&self) -> &[PathBuf] {
+        &self.sources
+    }
+
     pub fn get(&self, name: &str) -> Option<&Binding> {
         self.bindings.get(name)
     }
@@ -186,6 +193,7 @@ impl Credentials {
             message,
         };
         let mut bindings = BTreeMap::new();
+        let mut sources = Vec::new();
         for b in raw.bindings {
             if b.hosts.is_empty() {
                 return Err(invalid(format!(
@@ -234,6 +242,7 @@ impl Credentials {
                             path: f.clone(),
                             source,
                         })?;
+                    sources.push(f);
                     SecretString::from(s.trim_end_matches(['\n', '\r']).to_owned())
                 }
                 (None, Some(var)) => SecretString::from(env(&var).ok_or_else(|| {
@@ -268,7 +277,7 @@ impl Credentials {
                 },
             );
         }
-        Ok(Self { bindings })
+        Ok(Self { bindings, sources })
     }
 }
 

@@ -629,6 +629,16 @@ fn attach_all(
 }
 
 /// The policy directory's fingerprint: names, sizes and mtimes.
+/// A file's size and modification time (following symlinks, as a secret mount's are).
+fn stat(path: &Path) -> (PathBuf, u64, Option<std::time::SystemTime>) {
+    let meta = fs::metadata(path).ok();
+    (
+        path.to_owned(),
+        meta.as_ref().map_or(0, fs::Metadata::len),
+        meta.and_then(|m| m.modified().ok()),
+    )
+}
+
 fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
     let mut v: Vec<_> = fs::read_dir(dir)
         .map(|rd| {
@@ -648,16 +658,19 @@ fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)>
 /// Reloads policies when their files change: compiled whole and swapped, or kept on error.
 async fn watch_policies(gateway: Arc<Gateway>) {
     let dir = gateway.config.policies.clone();
-    // Credentials: the file, and the files beside it (where secret files usually live).
-    let cred_dir = gateway
-        .config
-        .credentials
-        .as_ref()
-        .and_then(|c| c.parent().map(Path::to_path_buf));
+    // Credentials: the file, and the secret files the running bindings were read from (a
+    // binding added by an edit is watched once the edit is loaded). Not the whole directory:
+    // an audit log or anything else written beside them would reload them endlessly.
     let snapshot = || {
         let mut f = fingerprint(&dir);
-        if let Some(d) = &cred_dir {
-            f.extend(fingerprint(d));
+        if let Some(file) = &gateway.config.credentials {
+            f.push(stat(file));
+            let credentials = gateway
+                .credentials
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            f.extend(credentials.sources().iter().map(|s| stat(s)));
         }
         f
     };

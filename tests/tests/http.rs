@@ -731,6 +731,40 @@ fn placeholders_redirects_query_keys_failures_monitor_and_reloads() {
         "{out}"
     );
 
+    // The secret file is replaced, as a rotation does it: the daemon re-reads it, and the new
+    // key is what goes out from then on.
+    let rotated = format!("{}-rotated", s.secret);
+    tollgate_tests::register_secret(&rotated);
+    let before = reloads(env, "policies_reloaded");
+    let fresh = env.dir.join("openai-rotated.key");
+    private_file(&fresh, &rotated);
+    std::fs::rename(&fresh, env.dir.join("openai.key")).expect("rotate");
+    wait_reloads(env, "policies_reloaded", before + 1);
+    let (out, _) = curl(
+        &s.agent,
+        &[
+            "-X",
+            "POST",
+            "-d",
+            "{}",
+            &url("api.openai.com", "/v1/chat/completions"),
+        ],
+    );
+    outputs.push_str(&out);
+    let want_rotated = hex(&Sha256::digest(format!("Bearer {rotated}").as_bytes()));
+    assert!(
+        out.contains(&want_rotated),
+        "the rotated key went out: {out}"
+    );
+    // Nothing else written beside the credentials (the audit log is) reloads them.
+    let settled = reloads(env, "policies_reloaded");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        reloads(env, "policies_reloaded"),
+        settled,
+        "no reload without a change"
+    );
+
     // Reload while a stream is in flight: the stream finishes; new requests see the new policy.
     let mut cmd = Command::new("curl");
     cmd.args([
