@@ -37,10 +37,10 @@ enum Task {
     },
     /// Setup, build (release), then measure capture costs; writes target/bench/report.md.
     Bench {
-        /// Only this part of the report: `capture` (connect, programs, identity), `http`,
-        /// `goal` (the latency goal alone: direct, Tollgate and nginx at 1,000 kept-alive
-        /// requests/s in interleaved rounds), or `policy` (policy decision time, criterion;
-        /// needs neither root nor the kernel side).
+        /// Only this part of the report: `capture` (connect, programs, identity), `http`
+        /// (which ends with the goal part), `goal` (the latency goal alone: direct, Tollgate
+        /// and nginx at 1,000 kept-alive requests/s in interleaved rounds), or `policy`
+        /// (policy decision time, criterion; needs neither root nor the kernel side).
         #[arg(long)]
         only: Option<String>,
     },

@@ -335,6 +335,7 @@ fn main() {
         md.push_str(&streams_and_sweep(
             &out_dir, &env, &app, &upstream, api_port, &sse,
         ));
+        md.push_str(&goal_section(&env, &app, &upstream, api_port));
     }
     let path = out_dir.join("report.md");
     std::fs::File::create(&path)
