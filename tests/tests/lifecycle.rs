@@ -306,13 +306,18 @@ fn a_stale_origin_reused_by_another_process_is_refused() {
         r["reason"] == "no_origin_recorded" && r["workload"]["cgroup"].is_string()
     });
     assert_eq!(rec["decision"], "deny");
+    nothing_forwarded_yet_served(&env, &app, &mock);
+}
+
+/// Nothing reached `mock`, and (positive control) a real redirected connection from `app`
+/// is served.
+fn nothing_forwarded_yet_served(env: &TestEnv, app: &std::path::Path, mock: &Mock) {
     assert!(
         mock.peers().is_empty(),
         "nothing was forwarded: {:?}",
         mock.peers()
     );
-    // Positive control: a real redirected connection after the restart is allowed.
-    let ok = env.probe(Some(&app), &["tcp", &mock.addr.to_string()]);
+    let ok = env.probe(Some(app), &["tcp", &mock.addr.to_string()]);
     assert_eq!(ok["ok"], true, "{ok}");
 }
 
@@ -355,14 +360,7 @@ fn an_origin_left_by_a_reset_before_accept_grants_nothing_to_the_next_socket() {
     env.wait_record("the newcomer's refusal", |r| {
         r["reason"] == "no_origin_recorded" && r["decision"] == "deny"
     });
-    assert!(
-        mock.peers().is_empty(),
-        "nothing was forwarded: {:?}",
-        mock.peers()
-    );
-    // Positive control: a real redirected connection is served.
-    let ok = env.probe(Some(&app), &["tcp", &mock.addr.to_string()]);
-    assert_eq!(ok["ok"], true, "{ok}");
+    nothing_forwarded_yet_served(&env, &app, &mock);
 }
 
 /// THREATS 11 and 9: a raw socket made before enforcement started never met the socket
