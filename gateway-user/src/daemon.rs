@@ -628,7 +628,6 @@ fn attach_all(
     Ok((kernel, maps))
 }
 
-/// The policy directory's fingerprint: names, sizes and mtimes.
 /// A file's size and modification time (following symlinks, as a secret mount's are).
 fn stat(path: &Path) -> (PathBuf, u64, Option<std::time::SystemTime>) {
     let meta = fs::metadata(path).ok();
@@ -639,17 +638,10 @@ fn stat(path: &Path) -> (PathBuf, u64, Option<std::time::SystemTime>) {
     )
 }
 
+/// The policy directory's fingerprint: names, sizes and mtimes.
 fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
     let mut v: Vec<_> = fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .filter_map(|e| {
-                    e.metadata()
-                        .ok()
-                        .map(|m| (e.path(), m.len(), m.modified().ok()))
-                })
-                .collect()
-        })
+        .map(|rd| rd.flatten().map(|e| stat(&e.path())).collect())
         .unwrap_or_default();
     v.sort();
     v

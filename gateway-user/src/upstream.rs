@@ -23,8 +23,11 @@ use crate::{config::Config, http_proxy::Body, netns::Netns, policy::PolicySet, r
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// In the dial error when a name resolves only to internal addresses the rule does not allow.
-pub const INTERNAL_ONLY: &str = "resolves only to internal addresses";
+/// Inside the dial error when a name resolves only to internal addresses the rule does not
+/// allow.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} resolves only to internal addresses; a rule must allow_private")]
+pub struct InternalOnly(pub String);
 
 /// Whether `ip` is loopback, private, link-local (cloud metadata included), shared, multicast or
 /// unspecified: never dialed for a name unless a rule says so.
@@ -148,7 +151,7 @@ impl Connector {
         if usable.is_empty() {
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
-                format!("{host} {INTERNAL_ONLY}; a rule must allow_private"),
+                InternalOnly(host.to_owned()),
             ));
         }
         Ok(usable)
@@ -405,7 +408,7 @@ pub enum UpstreamError {
 
 impl UpstreamError {
     fn connect(e: io::Error) -> Self {
-        if e.kind() == io::ErrorKind::PermissionDenied && e.to_string().contains(INTERNAL_ONLY) {
+        if matches!(e.get_ref(), Some(inner) if inner.is::<InternalOnly>()) {
             Self::InternalOnly(e.to_string())
         } else {
             Self::Connect(e)
