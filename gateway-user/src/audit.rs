@@ -190,12 +190,11 @@ enum Message {
 
 /// Records waiting for the writer; beyond this the sink counts as failing.
 const QUEUE: usize = 65_536;
-/// How often a busy writer looks for records: it wakes at most this often (each wake is a
-/// context switch on a CPU the requests need), and a record reaches the file at most this
-/// late.
+/// How long the writer waits for more records after a write before it blocks again: under
+/// load it wakes at most this often (each wake is a context switch on a CPU the requests
+/// need), and a record reaches the file at most this late.
 const LINGER: std::time::Duration = std::time::Duration::from_millis(10);
-/// Without a record for this long, the writer blocks instead of polling.
-const IDLE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// At most this much is gathered into one write.
 const BATCH: usize = 256 * 1024;
 
@@ -275,26 +274,12 @@ impl Drop for FlushOnDrop {
     }
 }
 
-/// The writer thread. While records keep coming it polls the queue every [`LINGER`], so a
-/// request never pays for waking it (a futex wake, on the response's path); after [`IDLE`]
-/// without one it blocks until the next arrives. Whatever is queued is written in one go.
+/// The writer thread: blocks for a line, takes whatever else is queued, writes it in one go.
 fn write_lines(mut file: File, queue: &Receiver<Message>, healthy: &AtomicBool) {
     let mut batch = Vec::with_capacity(BATCH);
     let mut waiting = Vec::new();
-    let mut last_record = std::time::Instant::now();
-    loop {
-        let first = if last_record.elapsed() >= IDLE {
-            queue.recv().map_err(|_| TryRecvError::Disconnected)
-        } else {
-            std::thread::sleep(LINGER);
-            queue.try_recv()
-        };
-        let message = match first {
-            Ok(message) => message,
-            Err(TryRecvError::Empty) => continue,
-            Err(TryRecvError::Disconnected) => return,
-        };
-        last_record = std::time::Instant::now();
+    let mut first = queue.recv().ok();
+    while let Some(message) = first {
         let mut next = Some(message);
         let mut lines = 0usize;
         while let Some(message) = next.take() {
@@ -322,6 +307,18 @@ fn write_lines(mut file: File, queue: &Receiver<Message>, healthy: &AtomicBool) 
         for done in waiting.drain(..) {
             let _ = done.send(());
         }
+        // While records keep coming (more than one since the last write), gather them for a
+        // moment rather than be woken for each (a wake is a syscall on the request path). A
+        // lone record is not followed by a pause: the next is written, and a failing sink
+        // seen, as soon as it comes.
+        if lines > 1 {
+            std::thread::sleep(LINGER);
+        }
+        first = match queue.try_recv() {
+            Ok(message) => Some(message),
+            Err(TryRecvError::Empty) => queue.recv().ok(),
+            Err(TryRecvError::Disconnected) => None,
+        };
     }
 }
 
