@@ -105,14 +105,15 @@ pub struct HttpRecord {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct AuditRecord {
-    pub ts: String,
+    pub ts: Timestamp,
     pub schema: &'static str,
     pub decision: Verdict,
     pub layer: Layer,
     pub reason: String,
     pub policy: Option<String>,
     pub rule: Option<String>,
-    pub workload: WorkloadRecord,
+    /// Shared: every record of a connection names the same workload.
+    pub workload: Arc<WorkloadRecord>,
     pub dst: DstRecord,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpRecord>,
@@ -137,14 +138,14 @@ pub struct AuditRecord {
 impl AuditRecord {
     pub fn new(decision: Verdict, layer: Layer, reason: impl Into<String>) -> Self {
         Self {
-            ts: now_rfc3339(),
+            ts: Timestamp::now(),
             schema: SCHEMA,
             decision,
             layer,
             reason: reason.into(),
             policy: None,
             rule: None,
-            workload: WorkloadRecord::default(),
+            workload: Arc::default(),
             dst: DstRecord::default(),
             http: None,
             credential: None,
@@ -184,7 +185,8 @@ pub struct AuditLog {
 }
 
 enum Message {
-    Line(Vec<u8>),
+    /// Serialized by the writer, off the request path.
+    Record(Box<AuditRecord>),
     Flush(std::sync::mpsc::Sender<()>),
 }
 
@@ -230,10 +232,8 @@ impl AuditLog {
     }
 
     /// Queues one record for the writer.
-    pub fn write(&self, record: &AuditRecord) -> Result<(), AuditError> {
-        let mut line = serde_json::to_vec(record).map_err(|e| AuditError::Write(e.into()))?;
-        line.push(b'\n');
-        match self.queue.try_send(Message::Line(line)) {
+    pub fn write(&self, record: AuditRecord) -> Result<(), AuditError> {
+        match self.queue.try_send(Message::Record(Box::new(record))) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => {
                 self.healthy.store(false, Ordering::Relaxed);
@@ -249,7 +249,7 @@ impl AuditLog {
     }
 
     /// Writes, logging (never panicking) if the sink fails.
-    pub fn emit(&self, record: &AuditRecord) {
+    pub fn emit(&self, record: AuditRecord) {
         if let Err(e) = self.write(record) {
             tracing::error!(error = %e, "audit record lost");
         }
@@ -284,8 +284,13 @@ fn write_lines(mut file: File, queue: &Receiver<Message>, healthy: &AtomicBool) 
         let mut lines = 0usize;
         while let Some(message) = next.take() {
             match message {
-                Message::Line(line) => {
-                    batch.extend_from_slice(&line);
+                Message::Record(record) => {
+                    match serde_json::to_writer(&mut batch, &record) {
+                        Ok(()) => batch.push(b'\n'),
+                        Err(e) => {
+                            tracing::error!(error = %e, "audit record lost: not serializable");
+                        }
+                    }
                     lines += 1;
                 }
                 Message::Flush(done) => waiting.push(done),
@@ -322,11 +327,26 @@ fn write_lines(mut file: File, queue: &Receiver<Message>, healthy: &AtomicBool) 
     }
 }
 
-/// UTC time as RFC 3339 with microseconds, without a date-time dependency.
-pub fn now_rfc3339() -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
+/// When a record was made; written as UTC RFC 3339 with microseconds (formatted by the
+/// writer, not on the request path).
+#[derive(Debug, Clone, Copy)]
+pub struct Timestamp(std::time::SystemTime);
+
+impl Timestamp {
+    pub fn now() -> Self {
+        Self(std::time::SystemTime::now())
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&rfc3339(self.0))
+    }
+}
+
+/// `t` as UTC RFC 3339 with microseconds, without a date-time dependency.
+fn rfc3339(t: std::time::SystemTime) -> String {
+    let now = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let secs = now.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, d) = civil_from_days(i64::try_from(days).unwrap_or(0));
@@ -370,7 +390,7 @@ mod tests {
         let log = AuditLog::open(&path).expect("open");
         let mut r = AuditRecord::new(Verdict::Deny, Layer::Connect, "no_rule_matched");
         r.policy = Some("p".into());
-        log.write(&r).expect("write");
+        log.write(r).expect("write");
         assert!(log.flush(std::time::Duration::from_secs(5)), "flushed");
         let text = std::fs::read_to_string(&path).expect("read");
         let _ = std::fs::remove_dir_all(&dir);
@@ -379,5 +399,13 @@ mod tests {
         assert_eq!(v["schema"], SCHEMA);
         assert_eq!(v["decision"], "deny");
         assert_eq!(v["layer"], "connect");
+        let ts = v["ts"].as_str().expect("ts");
+        assert!(
+            ts.len() == 27
+                && ts.starts_with("20")
+                && ts.ends_with('Z')
+                && ts.as_bytes()[10] == b'T',
+            "{ts}"
+        );
     }
 }

@@ -111,7 +111,7 @@ impl<B> Audited<B> {
         record.bytes_up = Some(sent.load(Ordering::Relaxed));
         record.bytes_down = Some(self.received);
         record.duration_ms = Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
-        audit.emit(&record);
+        audit.emit(record);
     }
 }
 

@@ -8,7 +8,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::{zeroize::Zeroizing, ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use crate::config::parse_yaml;
@@ -82,6 +82,10 @@ pub struct Binding {
     pub hosts: Vec<String>,
     pub inject: Inject,
     secret: SecretString,
+    /// Derived once at load, not per request: the header to inject (zeroed when the last
+    /// request that carried it is gone) and the forms an echo of the secret can take.
+    header: Option<http::HeaderValue>,
+    echoes: std::sync::Arc<crate::redact::Secrets>,
 }
 
 impl std::fmt::Debug for Binding {
@@ -95,16 +99,47 @@ impl std::fmt::Debug for Binding {
 }
 
 impl Binding {
+    fn new(
+        name: String,
+        hosts: Vec<String>,
+        inject: Inject,
+        secret: SecretString,
+    ) -> Result<Self, String> {
+        let header = match &inject {
+            Inject::Header {
+                name: header,
+                format,
+            } => {
+                let value = Zeroizing::new(
+                    format
+                        .replace("{secret}", secret.expose_secret())
+                        .into_bytes(),
+                );
+                let mut v = http::HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(value))
+                    .map_err(|_| {
+                    format!("binding {name:?}: the secret has bytes a {header} header cannot carry")
+                })?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+            Inject::Query { .. } => None,
+        };
+        let echoes = std::sync::Arc::new(crate::redact::Secrets::new(secret_forms(
+            secret.expose_secret(),
+        )));
+        Ok(Self {
+            name,
+            hosts,
+            inject,
+            secret,
+            header,
+            echoes,
+        })
+    }
+
     /// The header value to inject, marked sensitive (never logged by hyper/http).
     pub fn header_value(&self) -> Option<http::HeaderValue> {
-        let Inject::Header { format, .. } = &self.inject else {
-            return None;
-        };
-        let mut v =
-            http::HeaderValue::from_str(&format.replace("{secret}", self.secret.expose_secret()))
-                .ok()?;
-        v.set_sensitive(true);
-        Some(v)
+        self.header.clone()
     }
 
     /// The query parameter value, for `Inject::Query`.
@@ -114,29 +149,8 @@ impl Binding {
 
     /// The forms an echo of the secret can take (raw, percent-encoded, JSON-escaped), only to
     /// redact them.
-    pub fn secret_forms(&self) -> Vec<Vec<u8>> {
-        let raw = self.secret.expose_secret();
-        let pct: String = raw
-            .bytes()
-            .map(|b| {
-                if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-                    char::from(b).to_string()
-                } else {
-                    format!("%{b:02X}")
-                }
-            })
-            .collect();
-        let json = serde_json::to_string(raw).unwrap_or_default();
-        let json = json.trim_matches('"').replace('/', "\\/");
-        let mut forms = vec![
-            raw.as_bytes().to_vec(),
-            pct.into_bytes(),
-            pct_lower(raw).into_bytes(),
-            json.into_bytes(),
-        ];
-        forms.sort();
-        forms.dedup();
-        forms
+    pub fn echoes(&self) -> std::sync::Arc<crate::redact::Secrets> {
+        std::sync::Arc::clone(&self.echoes)
     }
 
     /// Whether the secret may go to `host`.
@@ -269,28 +283,41 @@ impl Credentials {
             }
             bindings.insert(
                 b.name.clone(),
-                Binding {
-                    name: b.name,
-                    hosts,
-                    inject,
-                    secret,
-                },
+                Binding::new(b.name, hosts, inject, secret).map_err(invalid)?,
             );
         }
         Ok(Self { bindings, sources })
     }
 }
 
-fn pct_lower(raw: &str) -> String {
-    raw.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-                char::from(b).to_string()
-            } else {
-                format!("%{b:02x}")
-            }
-        })
-        .collect()
+/// The forms an echo of `raw` can take: raw, percent-encoded (either case), JSON-escaped.
+fn secret_forms(raw: &str) -> Vec<Vec<u8>> {
+    let quoted = Zeroizing::new(serde_json::to_string(raw).unwrap_or_default());
+    let json = quoted.trim_matches('"').replace('/', "\\/");
+    vec![
+        raw.as_bytes().to_vec(),
+        percent_encoded(raw, true),
+        percent_encoded(raw, false),
+        json.into_bytes(),
+    ]
+}
+
+/// `raw` percent-encoded, every byte but the unreserved ones, with upper- or lower-case hex.
+fn percent_encoded(raw: &str, upper: bool) -> Vec<u8> {
+    let hex: &[u8; 16] = if upper {
+        b"0123456789ABCDEF"
+    } else {
+        b"0123456789abcdef"
+    };
+    let mut out = Vec::with_capacity(raw.len() * 3);
+    for b in raw.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b);
+        } else {
+            out.extend_from_slice(&[b'%', hex[usize::from(b >> 4)], hex[usize::from(b & 15)]]);
+        }
+    }
+    out
 }
 
 fn check_private(path: &Path) -> Result<(), CredentialError> {

@@ -414,11 +414,12 @@ pub fn settle_existing(
             Settle::Roots => s.cgroup_id,
         };
         let cg = owner.and_then(|id| cgroup::path_of_id(mount, id));
-        r.workload = WorkloadRecord::of_cgroup(owner.unwrap_or(0), cg.as_ref());
+        let mut workload = WorkloadRecord::of_cgroup(owner.unwrap_or(0), cg.as_ref());
         if let Settle::Joined { tgid, .. } = scope {
-            r.workload.pid = *tgid;
-            r.workload.tgid = *tgid;
+            workload.pid = *tgid;
+            workload.tgid = *tgid;
         }
+        r.workload = workload.into();
         r.dst.orig_ip = Some(s.remote.ip().to_string());
         r.dst.orig_port = Some(s.remote.port());
         r.dst.protocol = Some(if udp { "udp" } else { "tcp" });
@@ -439,7 +440,7 @@ pub fn settle_existing(
                 }
             }
         }
-        audit.emit(&r);
+        audit.emit(r);
     }
     Ok(())
 }
@@ -609,7 +610,7 @@ fn attach_all(
             })?;
             let mut r = AuditRecord::new(Verdict::Allow, Layer::Lifecycle, "socket_guard_started");
             r.rule = Some(format!("{outcomes:?}"));
-            audit.emit(&r);
+            audit.emit(r);
             tracing::info!(?outcomes, "socket guard attached at the cgroup2 root");
         }
         SocketGuard::Off => tracing::warn!(
@@ -619,9 +620,13 @@ fn attach_all(
     for root in &config.roots {
         let outcomes = kernel.enforce(mount, root)?;
         let mut r = AuditRecord::new(Verdict::Allow, Layer::Lifecycle, "enforcement_started");
-        r.workload.cgroup = Some(root.to_string());
+        r.workload = WorkloadRecord {
+            cgroup: Some(root.to_string()),
+            ..WorkloadRecord::default()
+        }
+        .into();
         r.rule = Some(format!("{outcomes:?}"));
-        audit.emit(&r);
+        audit.emit(r);
         tracing::info!(root = %root, ?outcomes, "root enforced");
     }
     let maps = kernel.runtime_maps()?;
@@ -687,7 +692,7 @@ async fn watch_policies(gateway: Arc<Gateway>) {
                     .write()
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(set);
                 tracing::info!(policies = n, "policies and credentials reloaded");
-                gateway.audit.emit(&AuditRecord::new(
+                gateway.audit.emit(AuditRecord::new(
                     Verdict::Allow,
                     Layer::Lifecycle,
                     "policies_reloaded",
@@ -695,7 +700,7 @@ async fn watch_policies(gateway: Arc<Gateway>) {
             }
             Err(msg) => {
                 tracing::error!(error = %msg, "reload failed; keeping the running policies and credentials");
-                gateway.audit.emit(&AuditRecord::new(
+                gateway.audit.emit(AuditRecord::new(
                     Verdict::Error,
                     Layer::Lifecycle,
                     format!("policy_reload_failed: {msg}"),

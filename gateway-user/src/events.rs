@@ -50,7 +50,8 @@ pub fn record_of(ev: &RefusalEvent, cgroup_mount: &std::path::Path) -> AuditReco
         gid: ev.gid,
         comm: comm_str(&ev.comm),
         ..WorkloadRecord::of_cgroup(ev.cgroup_id, cgroup.as_ref())
-    };
+    }
+    .into();
     let ip: Option<std::net::IpAddr> = match ev.family {
         0 => None,
         AF_INET => Some(ev.addr[0].to_ne_bytes().into()),
@@ -104,7 +105,7 @@ pub async fn drain_events(
                 }
                 let record = record_of(&ev, &cgroup_mount);
                 tracing::info!(reason = %record.reason, cgroup = ?record.workload.cgroup, "kernel refusal");
-                audit.emit(&record);
+                audit.emit(record);
             }
         }
         guard.clear_ready();
@@ -130,15 +131,17 @@ pub async fn watch_counters(
                 sum.dns_allowed += c.dns_allowed;
             }
             let last = seen.insert(cgroup_id, sum).unwrap_or_default();
-            let workload =
-                WorkloadRecord::of_cgroup(cgroup_id, path_of_id(&cgroup_mount, cgroup_id).as_ref());
+            let workload = Arc::new(WorkloadRecord::of_cgroup(
+                cgroup_id,
+                path_of_id(&cgroup_mount, cgroup_id).as_ref(),
+            ));
             let lost = sum.events_lost.saturating_sub(last.events_lost);
             if lost > 0 {
                 let mut r =
                     AuditRecord::new(Verdict::Deny, Layer::Kernel, "kernel_refusals_suppressed");
-                r.workload = workload.clone();
+                r.workload = Arc::clone(&workload);
                 r.count = Some(lost);
-                audit.emit(&r);
+                audit.emit(r);
             }
             let dns = sum.dns_allowed.saturating_sub(last.dns_allowed);
             if dns > 0 {
@@ -147,7 +150,7 @@ pub async fn watch_counters(
                 r.workload = workload;
                 r.dst.protocol = Some("udp");
                 r.count = Some(dns);
-                audit.emit(&r);
+                audit.emit(r);
             }
         }
     }

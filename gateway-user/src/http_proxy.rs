@@ -32,20 +32,24 @@ use crate::{
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// Headers that describe one hop, never forwarded.
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authorization",
-    "proxy-authenticate",
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
 ];
 
 /// Caller-supplied credentials removed before a bound credential is injected.
-const CALLER_CREDENTIALS: [&str; 3] = ["authorization", "x-api-key", "api-key"];
+const CALLER_CREDENTIALS: [HeaderName; 3] = [
+    header::AUTHORIZATION,
+    HeaderName::from_static("x-api-key"),
+    HeaderName::from_static("api-key"),
+];
 
 /// The connection's context: who, in which namespace, to which port.
 pub struct Conn {
@@ -56,7 +60,7 @@ pub struct Conn {
     pub orig: SocketAddr,
     /// What every record of this connection says of the workload, and where its cgroup path
     /// places it: derived once, not per request.
-    record: WorkloadRecord,
+    record: Arc<WorkloadRecord>,
     placement: Placement,
 }
 
@@ -69,7 +73,7 @@ impl Conn {
         orig: SocketAddr,
     ) -> Self {
         Self {
-            record: workload.record(),
+            record: Arc::new(workload.record()),
             placement: workload.placement(),
             gateway,
             ns,
@@ -82,7 +86,7 @@ impl Conn {
     /// A request record of this connection, before anything is decided.
     fn request_record(&self, reason: &str) -> AuditRecord {
         let mut record = AuditRecord::new(Verdict::Deny, Layer::Request, reason);
-        record.workload = self.record.clone();
+        record.workload = Arc::clone(&self.record);
         record.dst.orig_ip = Some(self.orig.ip().to_string());
         record.dst.orig_port = Some(self.orig.port());
         record.dst.protocol = Some("http");
@@ -130,6 +134,10 @@ pub fn raw_head_error(head: &[u8]) -> Option<&'static str> {
 
 /// Removes hop-by-hop headers and every header the Connection header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of them: one pass over the names tells.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -140,7 +148,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for n in named {
         headers.remove(n);
     }
-    for h in HOP_BY_HOP {
+    for h in &HOP_BY_HOP {
         headers.remove(h);
     }
 }
@@ -265,7 +273,7 @@ fn early_record(conn: &Conn, reason: &str, status: u16) {
         path: None,
         status,
     });
-    conn.gateway.audit.emit(&record);
+    conn.gateway.audit.emit(record);
 }
 
 async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
@@ -288,7 +296,7 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
         return Response::from_parts(parts, body.boxed());
     }
     record.duration_ms = Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
-    conn.gateway.audit.emit(&record);
+    conn.gateway.audit.emit(record);
     response
 }
 
@@ -531,7 +539,7 @@ async fn decide_and_forward(
         );
     }
     if let Some(b) = binding {
-        for h in CALLER_CREDENTIALS {
+        for h in &CALLER_CREDENTIALS {
             parts.headers.remove(h);
         }
         match &b.inject {
@@ -620,8 +628,8 @@ async fn decide_and_forward(
                             credential_name,
                         );
                     }
-                    let forms = b.secret_forms();
-                    scrub_headers(&mut parts.headers, &forms);
+                    let forms = b.echoes();
+                    scrub_headers(&mut parts.headers, forms.forms());
                     // Redaction may change the length: let the body frame itself.
                     parts.headers.remove(header::CONTENT_LENGTH);
                     Redact::new(body, forms).boxed()
@@ -656,6 +664,9 @@ async fn decide_and_forward(
 /// carry a query parameter the gateway injected).
 pub fn scrub_headers(headers: &mut HeaderMap, forms: &[Vec<u8>]) {
     for value in headers.values_mut() {
+        if crate::redact::is_clean(value.as_bytes(), forms) {
+            continue;
+        }
         let (clean, _) = crate::redact::scrub(value.as_bytes(), forms, true);
         if clean != value.as_bytes() {
             if let Ok(v) = HeaderValue::from_bytes(&clean) {
@@ -667,12 +678,13 @@ pub fn scrub_headers(headers: &mut HeaderMap, forms: &[Vec<u8>]) {
 
 /// The binding a `tollgate:<name>` placeholder in a credential header names, if any.
 pub fn placeholder(headers: &HeaderMap) -> Option<String> {
-    headers.iter().find_map(|(_, v)| {
-        let v = v.to_str().ok()?;
-        let at = v.find("tollgate:")?;
-        let name: String = v[at + 9..]
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+    const MARK: &[u8] = b"tollgate:";
+    headers.values().find_map(|v| {
+        let at = memchr::memmem::find(v.as_bytes(), MARK)?;
+        let name: String = v.as_bytes()[at + MARK.len()..]
+            .iter()
+            .take_while(|c| c.is_ascii_alphanumeric() || **c == b'-' || **c == b'_')
+            .map(|&c| char::from(c))
             .collect();
         (!name.is_empty()).then_some(name)
     })

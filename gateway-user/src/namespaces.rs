@@ -119,7 +119,7 @@ impl Namespaces {
                 .map(|p| format!(", {}", p.display()))
                 .unwrap_or_default()
         ));
-        self.gateway.audit.emit(&r);
+        self.gateway.audit.emit(r);
         tracing::info!(inode, cookie, how, "serving a workload network namespace");
         entries.insert(inode, Entry { ns, tasks, path });
         Ok(cookie)

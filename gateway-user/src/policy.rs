@@ -11,6 +11,7 @@ use std::{
     collections::HashMap,
     net::IpAddr,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use serde::Deserialize;
@@ -330,8 +331,8 @@ pub struct Rule {
 pub enum RuleKind {
     /// Addresses and a port, decided per connection.
     L4 { cidr: Cidr, port: u16 },
-    /// A host name and a port, decided per HTTP request.
-    Host(HostRule),
+    /// A host name and a port, decided per HTTP request (shared: a decision hands it on).
+    Host(Arc<HostRule>),
 }
 
 #[derive(Debug, Clone)]
@@ -633,7 +634,7 @@ pub enum RequestDecision {
     Allow {
         policy: String,
         rule: String,
-        route: HostRule,
+        route: Arc<HostRule>,
     },
     Deny {
         policy: Option<String>,
@@ -645,7 +646,7 @@ pub enum RequestDecision {
         policy: String,
         rule: Option<String>,
         reason: &'static str,
-        route: Option<HostRule>,
+        route: Option<Arc<HostRule>>,
     },
 }
 
@@ -671,7 +672,8 @@ impl PolicySet {
             };
         };
         let deny =
-            |rule: Option<&Rule>, reason: &'static str, route: Option<&HostRule>| match policy.mode
+            |rule: Option<&Rule>, reason: &'static str, route: Option<&Arc<HostRule>>| match policy
+                .mode
             {
                 Mode::Enforce => RequestDecision::Deny {
                     policy: Some(policy.name.clone()),
@@ -692,19 +694,21 @@ impl PolicySet {
             if h.port != port || !h.host.matches(host) {
                 continue;
             }
-            let lines: Vec<&HttpMatch> = h
-                .http
-                .iter()
-                .filter(|m| m.allows_line(method, path))
-                .collect();
-            if h.http.is_empty() || lines.iter().any(|m| m.allows_headers(headers)) {
+            let mut lines = h.http.iter().filter(|m| m.allows_line(method, path));
+            let mut line_matched = false;
+            if h.http.is_empty()
+                || lines.any(|m| {
+                    line_matched = true;
+                    m.allows_headers(headers)
+                })
+            {
                 return RequestDecision::Allow {
                     policy: policy.name.clone(),
                     rule: rule.name.clone(),
                     route: h.clone(),
                 };
             }
-            let reason = if lines.is_empty() {
+            let reason = if !line_matched {
                 "method_or_path_not_allowed"
             } else {
                 "headers_not_allowed"
@@ -959,7 +963,7 @@ pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
                 if upstream_port == 0 {
                     return Err(rule_err("upstream port 0".into()));
                 }
-                RuleKind::Host(HostRule {
+                RuleKind::Host(Arc::new(HostRule {
                     host: HostPattern::parse(host).map_err(&rule_err)?,
                     port: r.matches.port,
                     upstream_port,
@@ -967,7 +971,7 @@ pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
                     http,
                     credential: r.credential.clone(),
                     allow_private: r.allow_private,
-                })
+                }))
             }
             _ => {
                 return Err(rule_err(

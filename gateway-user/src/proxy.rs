@@ -147,8 +147,8 @@ impl Gateway {
             Ok(o) => o,
             Err(e) => {
                 let mut r = AuditRecord::new(Verdict::Deny, Layer::Connect, e.as_str());
-                r.workload = self.peer_workload(&ns, peer, local);
-                self.audit.emit(&r);
+                r.workload = self.peer_workload(&ns, peer, local).into();
+                self.audit.emit(r);
                 tracing::info!(%peer, reason = e.as_str(), "connection refused before policy");
                 reset(&client);
                 return;
@@ -157,7 +157,7 @@ impl Gateway {
         let id = identity::resolve(&origin, &self.cgroup_mount, &self.identities);
         let dst = orig_dst(&origin);
         let mut record = AuditRecord::new(Verdict::Deny, Layer::Connect, "");
-        record.workload = id.record();
+        record.workload = id.record().into();
         record.dst = DstRecord {
             host: None,
             orig_ip: Some(dst.ip().to_string()),
@@ -185,7 +185,7 @@ impl Gateway {
             {
                 record.reason = "audit_unavailable".into();
                 record.policy = Some(policy);
-                self.audit.emit(&record);
+                self.audit.emit(record);
                 tracing::error!(workload = ?id.cgroup, "audit log not writable: refusing what would be allowed");
                 reset(&client);
                 return;
@@ -201,7 +201,7 @@ impl Gateway {
             Decision::Deny { policy, reason } => {
                 record.policy = policy;
                 record.reason = reason.as_str().into();
-                self.audit.emit(&record);
+                self.audit.emit(record);
                 tracing::info!(workload = ?id.cgroup, %dst, reason = reason.as_str(), "connection denied");
                 reset(&client);
             }
@@ -262,7 +262,7 @@ impl Gateway {
             }
         }
         record.duration_ms = Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
-        self.audit.emit(&record);
+        self.audit.emit(record);
     }
 
     /// A host rule covers the port: detect the protocol, then decide request by request.
@@ -282,7 +282,7 @@ impl Gateway {
             Ok(Ok(n)) => n,
             _ => {
                 record.reason = "no_request_in_time".into();
-                self.audit.emit(&record);
+                self.audit.emit(record);
                 return;
             }
         };
@@ -340,7 +340,7 @@ impl Gateway {
                 _ => "not_a_tls_client_hello",
             }
             .into();
-            self.audit.emit(&record);
+            self.audit.emit(record);
             reset(&client);
             return;
         };
@@ -402,7 +402,7 @@ impl Gateway {
                 record.policy = policy;
                 record.rule = rule;
                 record.reason = reason.into();
-                self.audit.emit(&record);
+                self.audit.emit(record);
                 reset(&client);
                 return;
             }
@@ -410,7 +410,7 @@ impl Gateway {
         if self.audit_blocks() {
             record.decision = Verdict::Deny;
             record.reason = "audit_unavailable".into();
-            self.audit.emit(&record);
+            self.audit.emit(record);
             reset(&client);
             return;
         }

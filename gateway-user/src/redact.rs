@@ -3,39 +3,61 @@
 //! the secret is held back, so streamed events (SSE) are not delayed.
 use std::{
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
 };
 
 use bytes::{Bytes, BytesMut};
 use hyper::body::{Body, Frame, SizeHint};
+use secrecy::zeroize::Zeroize;
 
 const MASK: &[u8] = b"[REDACTED]";
 
+/// The forms one secret can be echoed in (raw and its encodings), each non-empty and once;
+/// zeroed when the last holder lets go.
+pub struct Secrets(Vec<Vec<u8>>);
+
+impl Secrets {
+    pub fn new(forms: Vec<Vec<u8>>) -> Self {
+        let mut forms: Vec<Vec<u8>> = forms.into_iter().filter(|s| !s.is_empty()).collect();
+        forms.sort();
+        forms.dedup_by(|later, earlier| {
+            let same = later == earlier;
+            if same {
+                later.zeroize();
+            }
+            same
+        });
+        Self(forms)
+    }
+
+    pub fn forms(&self) -> &[Vec<u8>] {
+        &self.0
+    }
+}
+
+impl Drop for Secrets {
+    fn drop(&mut self) {
+        self.0.iter_mut().for_each(Zeroize::zeroize);
+    }
+}
+
 pub struct Redact<B> {
     inner: B,
-    secrets: Vec<Vec<u8>>,
+    secrets: Arc<Secrets>,
     carry: BytesMut,
     done: bool,
 }
 
 impl<B> Redact<B> {
     /// Redacts every form in `secrets` (the raw secret and its encodings).
-    pub fn new(inner: B, secrets: Vec<Vec<u8>>) -> Self {
+    pub fn new(inner: B, secrets: Arc<Secrets>) -> Self {
         Self {
             inner,
-            secrets: secrets.into_iter().filter(|s| !s.is_empty()).collect(),
+            secrets,
             carry: BytesMut::new(),
             done: false,
         }
-    }
-}
-
-impl<B> Drop for Redact<B> {
-    fn drop(&mut self) {
-        // Best effort: do not leave the secret in freed memory.
-        self.secrets
-            .iter_mut()
-            .for_each(|s| s.iter_mut().for_each(|b| *b = 0));
     }
 }
 
@@ -84,7 +106,7 @@ pub fn scrub(data: &[u8], secrets: &[Vec<u8>], last: bool) -> (Vec<u8>, usize) {
 }
 
 /// Whether [`scrub`] would change or hold back anything of `data`.
-fn is_clean(data: &[u8], secrets: &[Vec<u8>]) -> bool {
+pub fn is_clean(data: &[u8], secrets: &[Vec<u8>]) -> bool {
     first_hit(data, secrets).is_none() && held_from(data, secrets).is_none()
 }
 
@@ -107,12 +129,13 @@ where
             Poll::Pending => Poll::Pending,
             Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                 Ok(data) => {
-                    if this.carry.is_empty() && is_clean(&data, &this.secrets) {
+                    let secrets = this.secrets.forms();
+                    if this.carry.is_empty() && is_clean(&data, secrets) {
                         // Nothing to replace or hold back: the frame goes on as it is.
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
                     this.carry.extend_from_slice(&data);
-                    let (out, held) = scrub(&this.carry, &this.secrets, false);
+                    let (out, held) = scrub(&this.carry, secrets, false);
                     let keep = this.carry.split_off(this.carry.len() - held);
                     this.carry = keep;
                     Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))))
@@ -125,7 +148,7 @@ where
                 if this.carry.is_empty() {
                     return Poll::Ready(None);
                 }
-                let (out, _) = scrub(&this.carry, &this.secrets, true);
+                let (out, _) = scrub(&this.carry, this.secrets.forms(), true);
                 this.carry.clear();
                 Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))))
             }

@@ -260,7 +260,7 @@ fn an_unregistered_pod_is_discovered_and_host_workloads_keep_working() {
 
 /// `/etc/hosts` replaced for this test's mount namespace (the suite runs in a private one),
 /// put back when dropped.
-struct HostsFile(std::path::PathBuf);
+struct HostsFile;
 
 impl HostsFile {
     fn bind(env: &TestEnv, entries: &str) -> Self {
@@ -274,7 +274,7 @@ impl HostsFile {
             .expect("mount")
             .success();
         assert!(ok, "bind-mount a test /etc/hosts");
-        Self(path)
+        Self
     }
 }
 
