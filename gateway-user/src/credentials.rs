@@ -388,6 +388,20 @@ mod tests {
             .starts_with("c.yaml:6:"));
         let no_placeholder = TEXT.replace("Bearer {secret}", "Bearer");
         assert!(Credentials::parse(&no_placeholder, "c.yaml", Path::new("/"), &env).is_err());
+        // A secret a header cannot carry is refused at load, not left out of requests.
+        let control = |var: &str| {
+            (var == "TG_TEST_KEY")
+                .then(|| "sk-\u{1}-1".to_owned())
+                .or_else(|| env(var))
+        };
+        let err = Credentials::parse(TEXT, "c.yaml", Path::new("/"), &control)
+            .expect_err("control byte")
+            .to_string();
+        assert!(
+            err.contains("openai-prod") && err.contains("authorization header"),
+            "{err}"
+        );
+        assert!(!err.contains("sk-"), "{err}");
     }
 
     #[test]
