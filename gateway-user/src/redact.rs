@@ -1,5 +1,6 @@
 //! A response body that never carries a secret: any occurrence of the secret's bytes is
-//! replaced, also when it spans frames. Only the longest suffix of a frame that could begin
+//! masked in place, also when it spans frames. The mask has the length of what it covers, so
+//! a response keeps its Content-Length. Only the longest suffix of a frame that could begin
 //! the secret is held back, so streamed events (SSE) are not delayed.
 use std::{
     pin::Pin,
@@ -12,6 +13,14 @@ use hyper::body::{Body, Frame, SizeHint};
 use secrecy::zeroize::Zeroize;
 
 const MASK: &[u8] = b"[REDACTED]";
+
+/// What replaces `len` bytes of a secret: `[REDACTED]` padded with `*` to that length, or
+/// only `*` where the secret is shorter than the word.
+fn push_mask(out: &mut Vec<u8>, len: usize) {
+    let word = if len >= MASK.len() { MASK } else { &[] };
+    out.extend_from_slice(word);
+    out.resize(out.len() + len - word.len(), b'*');
+}
 
 /// The forms one secret can be echoed in (raw and its encodings), each non-empty and once;
 /// zeroed when the last holder lets go.
@@ -95,7 +104,7 @@ pub fn scrub(data: &[u8], secrets: &[Vec<u8>], last: bool) -> (Vec<u8>, usize) {
         // A secret found before (or where) the held-back tail starts is replaced first.
         if let Some((at, len)) = hit.filter(|&(at, _)| held.is_none_or(|h| at <= h)) {
             out.extend_from_slice(&rest[..at]);
-            out.extend_from_slice(MASK);
+            push_mask(&mut out, len);
             rest = &rest[at + len..];
             continue;
         }
@@ -155,8 +164,9 @@ where
         }
     }
 
+    /// The inner body's: masking keeps the length.
     fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
+        self.inner.size_hint()
     }
 }
 
@@ -172,7 +182,7 @@ mod tests {
         'outer: while i < data.len() {
             for secret in secrets.iter().filter(|s| !s.is_empty()) {
                 if data[i..].starts_with(secret) {
-                    out.extend_from_slice(MASK);
+                    push_mask(&mut out, secret.len());
                     i += secret.len();
                     continue 'outer;
                 }
@@ -207,13 +217,16 @@ mod tests {
             let secrets = vec![word(5), word(5), word(3)];
             let data = word(24);
             for last in [false, true] {
+                let (out, held) = scrub(&data, &secrets, last);
                 assert_eq!(
-                    scrub(&data, &secrets, last),
+                    (out.clone(), held),
                     reference(&data, &secrets, last),
                     "{:?} in {:?}",
                     secrets,
                     String::from_utf8_lossy(&data)
                 );
+                // What is passed on and what is held back add up to what came in.
+                assert_eq!(out.len() + held, data.len());
             }
             assert_eq!(
                 is_clean(&data, &secrets),
@@ -227,30 +240,27 @@ mod tests {
         let s = &[b"sk-live-XYZ".to_vec()];
         assert_eq!(
             scrub(b"key=sk-live-XYZ;", s, false),
-            (b"key=[REDACTED];".to_vec(), 0)
+            (b"key=[REDACTED]*;".to_vec(), 0)
         );
         let (out, held) = scrub(b"data: sk-li", s, false);
         assert_eq!((out.as_slice(), held), (&b"data: "[..], 5));
         let (out, held) = scrub(b"sk-live-XYZ\n\n", s, false);
-        assert_eq!((out.as_slice(), held), (&b"[REDACTED]\n\n"[..], 0));
+        assert_eq!((out.as_slice(), held), (&b"[REDACTED]*\n\n"[..], 0));
         // An event ending in bytes that cannot start the secret is not held back.
         assert_eq!(scrub(b"data: {}\n\n", s, false).1, 0);
         assert_eq!(scrub(b"sk-li", s, true), (b"sk-li".to_vec(), 0));
         // A secret held back across a shorter one it contains; both at the end of the stream.
         let nested = &[b"abcdef".to_vec(), b"cd".to_vec()];
         assert_eq!(scrub(b"xabcd", nested, false), (b"x".to_vec(), 4));
-        assert_eq!(
-            scrub(b"xabcd", nested, true),
-            (b"xab[REDACTED]".to_vec(), 0)
-        );
+        assert_eq!(scrub(b"xabcd", nested, true), (b"xab**".to_vec(), 0));
         assert_eq!(
             scrub(b"abcdef-cd-abcdef", nested, true).0,
-            b"[REDACTED]-[REDACTED]-[REDACTED]".to_vec()
+            b"******-**-******".to_vec()
         );
         let both = &[b"k+y/=".to_vec(), b"k%2By%2F%3D".to_vec()];
         assert_eq!(
             scrub(b"a k%2By%2F%3D b k+y/= c", both, true).0,
-            b"a [REDACTED] b [REDACTED] c".to_vec()
+            b"a [REDACTED]* b ***** c".to_vec()
         );
     }
 }

@@ -419,10 +419,26 @@ print('after:', repr(tail))";
         "other.service: {out} {err}"
     );
 
-    // An upstream that echoes the request: the key is redacted from the response.
-    let (out, _) = curl(&s.agent, &[&url("/v1/models/echo")]);
+    // An upstream that echoes the request: the key is masked in the response, in place, so
+    // the response keeps the Content-Length the upstream gave it.
+    let (out, _) = curl(&s.agent, &["-i", &url("/v1/models/echo")]);
     outputs.push_str(&out);
     assert!(out.contains("[REDACTED]"), "{out}");
+    let (head, body) = out.split_once("\r\n\r\n").expect("head and body");
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(str::to_owned)
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no content-length in {head}"));
+    assert_eq!(body.len(), length, "{out}");
+    assert!(
+        !head.to_ascii_lowercase().contains("transfer-encoding"),
+        "{head}"
+    );
 
     // Server-sent events: the first event arrives before the upstream finishes.
     let mut cmd = Command::new("curl");
