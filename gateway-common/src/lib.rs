@@ -77,6 +77,9 @@ pub mod hook {
     /// Not a refusal: a task joined a cgroup under an enforced root (raw tracepoint
     /// `cgroup_attach_task`); the daemon then destroys the outbound connections it carried in.
     pub const JOIN: u32 = 8;
+    /// Not a refusal: a task under an enforced root was handed a descriptor (SCM_RIGHTS,
+    /// `pidfd_getfd`; raw tracepoint `sys_exit`); the daemon settles it as after a join.
+    pub const RECEIVED: u32 = 9;
 }
 
 /// Why, in [`RefusalEvent::reason`].

@@ -74,7 +74,7 @@ fn guard(ctx: &SockAddrContext, dest: &Dest, hook_id: u32) -> i32 {
 
 /// Whether the current task sits under an enforced root (its own cgroup or an ancestor).
 #[inline(always)]
-fn task_enforced() -> bool {
+pub(crate) fn task_enforced() -> bool {
     let mut level = 0;
     while level < MAX_CGROUP_DEPTH {
         // SAFETY: the helper takes any level and returns 0 past the task's own.

@@ -1,6 +1,8 @@
 //! Tollgate's kernel programs. Every cgroup program runs for sockets of cgroups under an
 //! enforced root and must be idempotent: nested roots run the same program twice (the child's
-//! first). The socket guard (BPF LSM) runs for every task and acts only on tasks under a root.
+//! first). The socket guard (address hooks at the cgroup2 root) runs for every task and acts
+//! only on tasks under a root; the join and descriptor watchers (raw tracepoints) report a
+//! task that came to hold a connection made outside every root.
 #![no_std]
 #![no_main]
 
@@ -10,6 +12,7 @@ mod egress;
 mod getpeername;
 mod guard;
 mod join;
+mod received;
 mod maps;
 mod refuse;
 mod sendmsg;

@@ -81,9 +81,12 @@ pub const GUARD_PROGRAMS: [(&str, u32); 4] = [
     ("tg_guard_sendmsg6", 15),
 ];
 
-/// The join watcher (see `join.rs` in gateway-ebpf), attached with the guard.
-pub const JOIN_PROGRAM: &str = "tg_join";
-const JOIN_TRACEPOINT: &str = "cgroup_attach_task";
+/// The watchers, raw tracepoints attached with the guard (program, tracepoint): the join
+/// watcher (`join.rs` in gateway-ebpf) and the descriptor watcher (`received.rs`).
+pub const WATCHERS: [(&str, &str); 2] = [
+    ("tg_join", "cgroup_attach_task"),
+    ("tg_received", "sys_exit"),
+];
 
 /// How a program attaches.
 #[derive(Clone, Copy, Debug)]
@@ -235,15 +238,16 @@ impl Kernel {
             };
             result.map_err(|source| EbpfError::Program { name, source })?;
         }
-        let name = JOIN_PROGRAM;
-        let err = |source| EbpfError::Program { name, source };
-        let program = ebpf.program_mut(name).ok_or(EbpfError::Program {
-            name,
-            source: aya::programs::ProgramError::UnexpectedProgramType,
-        })?;
-        <&mut RawTracePoint>::try_from(program)
-            .and_then(RawTracePoint::load)
-            .map_err(err)?;
+        for (name, _) in WATCHERS {
+            let err = |source| EbpfError::Program { name, source };
+            let program = ebpf.program_mut(name).ok_or(EbpfError::Program {
+                name,
+                source: aya::programs::ProgramError::UnexpectedProgramType,
+            })?;
+            <&mut RawTracePoint>::try_from(program)
+                .and_then(RawTracePoint::load)
+                .map_err(err)?;
+        }
         Ok(Self {
             ebpf,
             pin_dir: pin_dir.to_owned(),
@@ -310,18 +314,19 @@ impl Kernel {
     ) -> Result<BTreeMap<&'static str, AttachOutcome>, EbpfError> {
         let links = self.pin_dir.join("links").join("guard");
         let outcomes = self.attach_set(cgroup_mount, &links, &GUARD_PROGRAMS)?;
-        // The join watcher has no cgroup to compare a pin against: always a fresh link, pinned
-        // over the old one (two watchers for a moment only report a join twice).
-        let name = JOIN_PROGRAM;
-        let err = |source| EbpfError::Program { name, source };
-        let program = self.ebpf.program_mut(name).ok_or(EbpfError::Program {
-            name,
-            source: aya::programs::ProgramError::UnexpectedProgramType,
-        })?;
-        let tp: &mut RawTracePoint = program.try_into().map_err(err)?;
-        let id = tp.attach(JOIN_TRACEPOINT).map_err(err)?;
-        let link = FdLink::from(tp.take_link(id).map_err(err)?);
-        pin_replacing(link, &links.join(name))?;
+        // A watcher has no cgroup to compare a pin against: always a fresh link, pinned over
+        // the old one (two watchers for a moment only report an event twice).
+        for (name, tracepoint) in WATCHERS {
+            let err = |source| EbpfError::Program { name, source };
+            let program = self.ebpf.program_mut(name).ok_or(EbpfError::Program {
+                name,
+                source: aya::programs::ProgramError::UnexpectedProgramType,
+            })?;
+            let tp: &mut RawTracePoint = program.try_into().map_err(err)?;
+            let id = tp.attach(tracepoint).map_err(err)?;
+            let link = FdLink::from(tp.take_link(id).map_err(err)?);
+            pin_replacing(link, &links.join(name))?;
+        }
         Ok(outcomes)
     }
 
@@ -587,8 +592,10 @@ pub fn guard_attachments(
             .is_some_and(|info| info.cgroup_id == root_id && attached.contains(&info.prog_id));
         out.insert(name, usize::from(live));
     }
-    let join = pin_dir.join("links").join("guard").join(JOIN_PROGRAM);
-    out.insert(JOIN_PROGRAM, usize::from(bpf_sys::obj_get(&join).is_ok()));
+    for (name, _) in WATCHERS {
+        let pin = pin_dir.join("links").join("guard").join(name);
+        out.insert(name, usize::from(bpf_sys::obj_get(&pin).is_ok()));
+    }
     Ok(out)
 }
 

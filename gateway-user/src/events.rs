@@ -97,7 +97,7 @@ pub async fn drain_events(
             if item.len() >= std::mem::size_of::<RefusalEvent>() {
                 // SAFETY: the kernel wrote a `RefusalEvent` (checked length; read unaligned).
                 let ev: RefusalEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-                if ev.hook == hook::JOIN {
+                if ev.hook == hook::JOIN || ev.hook == hook::RECEIVED {
                     if joins.try_send((ev.tgid, ev.cgroup_id)).is_err() {
                         tracing::warn!(tgid = ev.tgid, "join queue full: the connections this joining process holds are not settled");
                     }

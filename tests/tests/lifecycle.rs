@@ -98,7 +98,7 @@ fn restart_adopts_pins_and_leaves_one_attachment_each() {
     let guard = guard.as_object().expect("guard");
     assert_eq!(
         guard.len(),
-        gateway_user::ebpf::GUARD_PROGRAMS.len() + 1, // and the join watcher
+        gateway_user::ebpf::GUARD_PROGRAMS.len() + gateway_user::ebpf::WATCHERS.len(),
         "{guard:?}"
     );
     assert!(

@@ -509,6 +509,53 @@ fn exec_without_bpf(argv: &[String]) -> Value {
 /// `passed-fd DIR ADDR`: a child process joins DIR; this process, outside it, makes a TCP
 /// socket and hands it over SCM_RIGHTS; the child connects with it and reports the result.
 fn passed_fd(dir: &str, addr: SocketAddr) -> Value {
+    hand_over(dir, addr, false, |fd| {
+        if let Err(e) = connect(&fd, addr) {
+            return errno_json(&e);
+        }
+        exchange(&mut TcpStream::from(fd))
+    })
+}
+
+/// `passed-connected DIR ADDR MILLIS`: a child process joins DIR (and is settled there); this
+/// process, outside it, connects to ADDR and then hands the connection over SCM_RIGHTS; the
+/// child sends a byte every millisecond on it until a send fails or MILLIS pass. Reports how
+/// long the connection kept working in the child's hands.
+fn passed_connected(dir: &str, addr: SocketAddr, millis: u64) -> Value {
+    hand_over(dir, addr, true, |fd| {
+        let received = std::time::Instant::now();
+        let mut sent = 0u64;
+        while received.elapsed() < Duration::from_millis(millis) {
+            // SAFETY: a one-byte buffer; MSG_NOSIGNAL turns a broken pipe into an error.
+            let r =
+                unsafe { libc::send(fd.as_raw_fd(), b"x".as_ptr().cast(), 1, libc::MSG_NOSIGNAL) };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                return json!({
+                    "ok": false,
+                    "errno": e.raw_os_error().unwrap_or(0),
+                    "error": e.to_string(),
+                    "sent_after_receipt": sent,
+                    "open_ms": received.elapsed().as_secs_f64() * 1000.0,
+                });
+            }
+            sent += 1;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        json!({ "ok": true, "sent_after_receipt": sent, "open_ms": millis })
+    })
+}
+
+/// Forks a child that joins `dir`, says so, and receives one descriptor over SCM_RIGHTS;
+/// `use_it` runs in the child on it and its answer comes back. This process waits 100 ms after
+/// the join (so the join is settled before anything is handed over), then makes a TCP socket
+/// for `addr`, connects it first if `connected`, and sends it.
+fn hand_over(
+    dir: &str,
+    addr: SocketAddr,
+    connected: bool,
+    use_it: impl FnOnce(OwnedFd) -> Value,
+) -> Value {
     use nix::sys::socket::{
         recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
         SockFlag, SockType,
@@ -530,6 +577,9 @@ fn passed_fd(dir: &str, addr: SocketAddr) -> Value {
             let result = (|| -> Value {
                 if let Err(answer) = join_cgroup(dir) {
                     return answer;
+                }
+                if let Err(e) = nix::unistd::write(&theirs, b"j") {
+                    return errno_json(&e.into());
                 }
                 let mut byte = [0u8; 1];
                 let mut iov = [std::io::IoSliceMut::new(&mut byte)];
@@ -556,11 +606,7 @@ fn passed_fd(dir: &str, addr: SocketAddr) -> Value {
                     return json!({ "ok": false, "error": "no descriptor received" });
                 };
                 // SAFETY: the descriptor just arrived and is ours alone.
-                let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-                if let Err(e) = connect(&fd, addr) {
-                    return errno_json(&e);
-                }
-                exchange(&mut TcpStream::from(fd))
+                use_it(unsafe { OwnedFd::from_raw_fd(raw) })
             })();
             let text = result.to_string();
             let _ = nix::unistd::write(&theirs, text.as_bytes());
@@ -569,10 +615,25 @@ fn passed_fd(dir: &str, addr: SocketAddr) -> Value {
         }
         Ok(nix::unistd::ForkResult::Parent { child }) => {
             drop(theirs);
+            let mut ours = std::fs::File::from(ours);
+            let mut joined = [0u8; 1];
+            if ours.read_exact(&mut joined).is_err() || joined != *b"j" {
+                let mut text = String::new();
+                let _ = ours.read_to_string(&mut text);
+                let _ = nix::sys::wait::waitpid(child, None);
+                return serde_json::from_str(&format!("{}{text}", char::from(joined[0])))
+                    .unwrap_or_else(|_| json!({ "ok": false, "error": "the child did not join" }));
+            }
+            std::thread::sleep(Duration::from_millis(100));
             let fd = match socket(domain_of(addr), libc::SOCK_STREAM, 0) {
                 Ok(fd) => fd,
                 Err(e) => return errno_json(&e),
             };
+            if connected {
+                if let Err(e) = connect(&fd, addr) {
+                    return errno_json(&e);
+                }
+            }
             let fds = [fd.as_raw_fd()];
             let iov = [std::io::IoSlice::new(b"s")];
             if let Err(e) = sendmsg::<()>(
@@ -586,7 +647,7 @@ fn passed_fd(dir: &str, addr: SocketAddr) -> Value {
             }
             drop(fd);
             let mut text = String::new();
-            let _ = std::fs::File::from(ours).read_to_string(&mut text);
+            let _ = ours.read_to_string(&mut text);
             let _ = nix::sys::wait::waitpid(child, None);
             serde_json::from_str(&text)
                 .unwrap_or_else(|_| json!({ "ok": false, "error": format!("child said {text:?}") }))
@@ -693,6 +754,11 @@ fn main() {
         Some("join-udp") => udp(addr(2), false, false, Some(&args[1])),
         Some("join-udp-connect") => udp(addr(2), false, true, Some(&args[1])),
         Some("passed-fd") => passed_fd(&args[1], addr(2)),
+        Some("passed-connected") => passed_connected(
+            &args[1],
+            addr(2),
+            args.get(3).and_then(|m| m.parse().ok()).unwrap_or(3000),
+        ),
         Some(mode @ ("carry-tcp" | "carry-udp")) => carry(
             &args[1],
             addr(2),
