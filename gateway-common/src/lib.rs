@@ -28,8 +28,9 @@ pub mod map_names {
     pub const ACCEPTED: &str = "TG_ACCEPTED";
     pub const ROOTS: &str = "TG_ROOTS";
     pub const REFUSED: &str = "TG_REFUSED";
-    pub const ALL: [&str; 8] = [
-        CONFIG, SOCKETS, ORIGINS, EVENTS, COUNTERS, ACCEPTED, ROOTS, REFUSED,
+    pub const RECVMSG: &str = "TG_RECVMSG";
+    pub const ALL: [&str; 9] = [
+        CONFIG, SOCKETS, ORIGINS, EVENTS, COUNTERS, ACCEPTED, ROOTS, REFUSED, RECVMSG,
     ];
 }
 
@@ -39,6 +40,8 @@ pub mod map_names {
 pub const ORIGIN_SLOTS: u32 = 65_536;
 pub const COUNTERS_MAX_ENTRIES: u32 = 16_384;
 pub const ACCEPTED_MAX_ENTRIES: u32 = 16_384;
+/// Threads under a root inside `recvmsg` at once.
+pub const RECVMSG_MAX_ENTRIES: u32 = 16_384;
 pub const EVENTS_BYTES: u32 = 256 * 1024;
 pub const MAX_RESOLVERS: usize = 4;
 /// Enforced roots one daemon may have (`TG_ROOTS`).
@@ -78,7 +81,7 @@ pub mod hook {
     /// `cgroup_attach_task`); the daemon then destroys the outbound connections it carried in.
     pub const JOIN: u32 = 8;
     /// Not a refusal: a task under an enforced root was handed a descriptor (SCM_RIGHTS,
-    /// `pidfd_getfd`; raw tracepoint `sys_exit`); the daemon settles it as after a join.
+    /// `pidfd_getfd`; the syscalls' tracepoints); the daemon settles it as after a join.
     pub const RECEIVED: u32 = 9;
 }
 

@@ -1,8 +1,9 @@
 //! Tollgate's kernel programs. Every cgroup program runs for sockets of cgroups under an
 //! enforced root and must be idempotent: nested roots run the same program twice (the child's
 //! first). The socket guard (address hooks at the cgroup2 root) runs for every task and acts
-//! only on tasks under a root; the join and descriptor watchers (raw tracepoints) report a
-//! task that came to hold a connection made outside every root.
+//! only on tasks under a root; the join watcher (raw tracepoint) and the descriptor watcher
+//! (system call tracepoints) report a task that came to hold a connection made outside every
+//! root.
 #![no_std]
 #![no_main]
 

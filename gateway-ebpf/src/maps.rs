@@ -1,13 +1,14 @@
 //! The maps shared with the daemon. Layouts live in `gateway_common`.
 use aya_ebpf::{
     bindings::{bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, bpf_spin_lock},
-    btf_maps::{Array, HashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
+    btf_maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
     helpers::generated::{bpf_spin_lock, bpf_spin_unlock},
     macros::btf_map,
 };
 use gateway_common::{
     map_flags, origin_slot, AcceptedKey, Config, Counters, OriginSlot, RefusalEvent, SockState,
-    ACCEPTED_MAX_ENTRIES, COUNTERS_MAX_ENTRIES, EVENTS_BYTES, ORIGIN_SLOTS, ROOTS_MAX_ENTRIES,
+    ACCEPTED_MAX_ENTRIES, COUNTERS_MAX_ENTRIES, EVENTS_BYTES, ORIGIN_SLOTS, RECVMSG_MAX_ENTRIES,
+    ROOTS_MAX_ENTRIES,
 };
 
 /// Listener address, gateway cgroup, resolvers. Written by the daemon before attaching.
@@ -44,6 +45,13 @@ pub(crate) static TG_ACCEPTED: HashMap<AcceptedKey, u8, { ACCEPTED_MAX_ENTRIES a
 /// by them, since it runs for every task on the host.
 #[btf_map]
 pub(crate) static TG_ROOTS: HashMap<u64, u8, { ROOTS_MAX_ENTRIES as usize }> = HashMap::new();
+
+/// Where a `recvmsg` in progress by a thread under a root puts its message (its `msghdr`), by
+/// thread: the descriptor watcher reads the control data at the call's exit. LRU: a thread
+/// that dies inside the call leaves an entry that ages out.
+#[btf_map]
+pub(crate) static TG_RECVMSG: LruHashMap<u64, u64, { RECVMSG_MAX_ENTRIES as usize }> =
+    LruHashMap::new();
 
 /// The cookie of the last socket a root's address program refused on this CPU. The guard at
 /// the cgroup2 root runs after it in the same call and so does not report it twice.

@@ -1,29 +1,26 @@
-//! The descriptor watcher: raw tracepoint `sys_exit`. A task already under an enforced root
-//! can be handed a connection made outside every root: over SCM_RIGHTS (`recvmsg`,
-//! `recvmmsg`) or taken from another process (`pidfd_getfd`). No join happens, so the join
-//! watcher says nothing, and a connected socket's plain sends meet no address hook. When such
-//! a call returns a descriptor to a task under a root, this watcher tells the daemon (a
+//! The descriptor watcher: tracepoints at the exit of `recvmsg`, `recvmmsg` and
+//! `pidfd_getfd`. A task already under an enforced root can be handed a connection made
+//! outside every root: over SCM_RIGHTS, or taken from another process. No join happens, so the
+//! join watcher says nothing, and a connected socket's plain sends meet no address hook. When
+//! such a call returns a descriptor to a task under a root, this watcher tells the daemon (a
 //! `hook::RECEIVED` event), which settles that process's connections as it does after a join.
 //!
-//! It runs at the exit of every system call on the host: the syscall number is compared
-//! first, and everything else only for the three calls above.
+//! These are the syscalls' own tracepoints, so the programs run for those three calls only;
+//! `recvmsg`'s entry notes where the message goes (for tasks under a root) so that its exit
+//! can read whether the kernel wrote SCM_RIGHTS into it.
 use aya_ebpf::{
-    helpers::{bpf_probe_read_kernel, bpf_probe_read_user},
-    macros::raw_tracepoint,
-    programs::RawTracePointContext,
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
+    macros::tracepoint,
+    programs::TracePointContext,
 };
 use gateway_common::{hook, RefusalEvent};
 
 use crate::{guard::task_enforced, maps};
 
-/// x86_64 system call numbers.
-const SYS_RECVMSG: u64 = 47;
-const SYS_RECVMMSG: u64 = 299;
-const SYS_PIDFD_GETFD: u64 = 438;
-
-/// Offsets in x86_64 `struct pt_regs`: the syscall number and the second argument.
-const REGS_ORIG_AX: u64 = 120;
-const REGS_SI: u64 = 104;
+/// Offsets in the syscall tracepoints' records: the second argument at entry, the result at
+/// exit.
+const ENTER_ARG1: usize = 24;
+const EXIT_RET: usize = 16;
 
 /// Offsets in the user's `struct msghdr` (64-bit) and `struct cmsghdr`.
 const MSG_CONTROL: u64 = 32;
@@ -34,30 +31,59 @@ const SCM_RIGHTS: i32 = 1;
 /// Control messages looked at before SCM_RIGHTS (credentials may come first).
 const MAX_CMSGS: u64 = 4;
 
-#[raw_tracepoint(tracepoint = "sys_exit")]
-pub fn tg_received(ctx: RawTracePointContext) -> i32 {
-    // TP_PROTO(struct pt_regs *regs, long ret)
-    let regs: u64 = ctx.arg(0);
-    let ret: i64 = ctx.arg(1);
-    if ret < 0 || regs == 0 {
+#[tracepoint(category = "syscalls", name = "sys_enter_recvmsg")]
+pub fn tg_recvmsg_enter(ctx: TracePointContext) -> u32 {
+    if maps::config().is_none() || !task_enforced() {
         return 0;
     }
-    let Some(nr) = kernel::<u64>(regs + REGS_ORIG_AX) else {
+    // SAFETY: the record has the syscall's arguments at fixed offsets (tracefs format).
+    let Ok(msg) = (unsafe { ctx.read_at::<u64>(ENTER_ARG1) }) else {
         return 0;
     };
-    let handed_over = match nr {
-        SYS_RECVMSG => {
-            let msg = kernel::<u64>(regs + REGS_SI).unwrap_or(0);
-            msg != 0 && carries_rights(msg)
-        }
-        SYS_RECVMMSG => ret > 0,
-        SYS_PIDFD_GETFD => true,
-        _ => return 0,
-    };
-    if !handed_over || maps::config().is_none() || !task_enforced() {
+    let _ = maps::TG_RECVMSG.insert(&bpf_get_current_pid_tgid(), &msg, 0);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_recvmsg")]
+pub fn tg_recvmsg_exit(ctx: TracePointContext) -> u32 {
+    let thread = bpf_get_current_pid_tgid();
+    let Some(msg) = maps::TG_RECVMSG.get_ptr(&thread) else {
         return 0;
+    };
+    // SAFETY: a value of this map, read before it is removed.
+    let msg = unsafe { *msg };
+    let _ = maps::TG_RECVMSG.remove(&thread);
+    if returned(&ctx) >= 0 && msg != 0 && carries_rights(msg) {
+        report(thread);
     }
-    let tgid = (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32;
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_recvmmsg")]
+pub fn tg_recvmmsg_exit(ctx: TracePointContext) -> u32 {
+    if returned(&ctx) > 0 && maps::config().is_some() && task_enforced() {
+        report(bpf_get_current_pid_tgid());
+    }
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_pidfd_getfd")]
+pub fn tg_pidfd_getfd_exit(ctx: TracePointContext) -> u32 {
+    if returned(&ctx) >= 0 && maps::config().is_some() && task_enforced() {
+        report(bpf_get_current_pid_tgid());
+    }
+    0
+}
+
+#[inline(always)]
+fn returned(ctx: &TracePointContext) -> i64 {
+    // SAFETY: the exit record has the result at a fixed offset (tracefs format).
+    unsafe { ctx.read_at::<i64>(EXIT_RET) }.unwrap_or(-1)
+}
+
+#[inline(always)]
+fn report(pid_tgid: u64) {
+    let tgid = (pid_tgid >> 32) as u32;
     if let Some(mut entry) = maps::TG_EVENTS.reserve(0) {
         entry.write(RefusalEvent {
             hook: hook::RECEIVED,
@@ -68,7 +94,6 @@ pub fn tg_received(ctx: RawTracePointContext) -> i32 {
         });
         entry.submit(0);
     }
-    0
 }
 
 /// Whether the control data a `recvmsg` returned (the kernel wrote back its length) holds
@@ -102,12 +127,6 @@ fn carries_rights(msg: u64) -> bool {
         i += 1;
     }
     false
-}
-
-#[inline(always)]
-fn kernel<T>(at: u64) -> Option<T> {
-    // SAFETY: bpf_probe_read_kernel validates the address.
-    unsafe { bpf_probe_read_kernel(at as *const T).ok() }
 }
 
 #[inline(always)]

@@ -16,7 +16,7 @@ use aya::{
     maps::{Array, HashMap, MapData, MapInfo, MapType, PerCpuHashMap, RingBuf},
     programs::{
         links::FdLink, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock,
-        CgroupSockAddr, RawTracePoint,
+        CgroupSockAddr, RawTracePoint, TracePoint,
     },
     Ebpf, EbpfLoader,
 };
@@ -81,11 +81,26 @@ pub const GUARD_PROGRAMS: [(&str, u32); 4] = [
     ("tg_guard_sendmsg6", 15),
 ];
 
-/// The watchers, raw tracepoints attached with the guard (program, tracepoint): the join
-/// watcher (`join.rs` in gateway-ebpf) and the descriptor watcher (`received.rs`).
-pub const WATCHERS: [(&str, &str); 2] = [
-    ("tg_join", "cgroup_attach_task"),
-    ("tg_received", "sys_exit"),
+/// Where a watcher attaches.
+#[derive(Clone, Copy, Debug)]
+pub enum Watch {
+    /// A raw tracepoint.
+    Raw(&'static str),
+    /// A system call's tracepoint (category `syscalls`).
+    Syscall(&'static str),
+}
+
+/// The watchers, attached with the guard: the join watcher (`join.rs` in gateway-ebpf) and the
+/// descriptor watcher (`received.rs`).
+pub const WATCHERS: [(&str, Watch); 5] = [
+    ("tg_join", Watch::Raw("cgroup_attach_task")),
+    ("tg_recvmsg_enter", Watch::Syscall("sys_enter_recvmsg")),
+    ("tg_recvmsg_exit", Watch::Syscall("sys_exit_recvmsg")),
+    ("tg_recvmmsg_exit", Watch::Syscall("sys_exit_recvmmsg")),
+    (
+        "tg_pidfd_getfd_exit",
+        Watch::Syscall("sys_exit_pidfd_getfd"),
+    ),
 ];
 
 /// How a program attaches.
@@ -156,6 +171,13 @@ fn expected_layout(name: &str) -> Option<(MapType, u32, u32, u32, u32)> {
         ),
         map_names::ROOTS => (MapType::Hash, 8, 1, gateway_common::ROOTS_MAX_ENTRIES, 0),
         map_names::REFUSED => (MapType::PerCpuArray, 4, 8, 1, 0),
+        map_names::RECVMSG => (
+            MapType::LruHash,
+            8,
+            8,
+            gateway_common::RECVMSG_MAX_ENTRIES,
+            0,
+        ),
         _ => return None,
     })
 }
@@ -238,15 +260,21 @@ impl Kernel {
             };
             result.map_err(|source| EbpfError::Program { name, source })?;
         }
-        for (name, _) in WATCHERS {
+        for (name, watch) in WATCHERS {
             let err = |source| EbpfError::Program { name, source };
             let program = ebpf.program_mut(name).ok_or(EbpfError::Program {
                 name,
                 source: aya::programs::ProgramError::UnexpectedProgramType,
             })?;
-            <&mut RawTracePoint>::try_from(program)
-                .and_then(RawTracePoint::load)
-                .map_err(err)?;
+            match watch {
+                Watch::Raw(_) => {
+                    <&mut RawTracePoint>::try_from(program).and_then(RawTracePoint::load)
+                }
+                Watch::Syscall(_) => {
+                    <&mut TracePoint>::try_from(program).and_then(TracePoint::load)
+                }
+            }
+            .map_err(err)?;
         }
         Ok(Self {
             ebpf,
@@ -316,15 +344,25 @@ impl Kernel {
         let outcomes = self.attach_set(cgroup_mount, &links, &GUARD_PROGRAMS)?;
         // A watcher has no cgroup to compare a pin against: always a fresh link, pinned over
         // the old one (two watchers for a moment only report an event twice).
-        for (name, tracepoint) in WATCHERS {
+        for (name, watch) in WATCHERS {
             let err = |source| EbpfError::Program { name, source };
             let program = self.ebpf.program_mut(name).ok_or(EbpfError::Program {
                 name,
                 source: aya::programs::ProgramError::UnexpectedProgramType,
             })?;
-            let tp: &mut RawTracePoint = program.try_into().map_err(err)?;
-            let id = tp.attach(tracepoint).map_err(err)?;
-            let link = FdLink::from(tp.take_link(id).map_err(err)?);
+            let link = match watch {
+                Watch::Raw(tracepoint) => {
+                    let tp: &mut RawTracePoint = program.try_into().map_err(err)?;
+                    let id = tp.attach(tracepoint).map_err(err)?;
+                    FdLink::from(tp.take_link(id).map_err(err)?)
+                }
+                Watch::Syscall(tracepoint) => {
+                    let tp: &mut TracePoint = program.try_into().map_err(err)?;
+                    let id = tp.attach("syscalls", tracepoint).map_err(err)?;
+                    FdLink::try_from(tp.take_link(id).map_err(err)?)
+                        .map_err(|source| EbpfError::Link { name, source })?
+                }
+            };
             pin_replacing(link, &links.join(name))?;
         }
         Ok(outcomes)
