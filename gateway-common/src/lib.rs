@@ -152,10 +152,14 @@ pub struct KernelOffsets {
     /// `struct cgroup.self.parent` (`self` opens `struct cgroup`, so the parent's `self` is
     /// the parent cgroup).
     pub cgroup_parent: u16,
-    pub _pad: u16,
+    /// `struct css_set.dfl_cgrp` (a task's cgroup on the unified hierarchy).
+    pub css_set_dfl_cgrp: u16,
     /// `struct task_struct.tgid`.
     pub task_tgid: u32,
-    pub _pad2: u32,
+    /// `struct task_struct.real_parent`.
+    pub task_real_parent: u16,
+    /// `struct task_struct.cgroups` (its `css_set`).
+    pub task_cgroups: u16,
 }
 const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 16);
 

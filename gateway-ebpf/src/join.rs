@@ -45,7 +45,7 @@ pub fn tg_join(ctx: RawTracePointContext) -> i32 {
 
 /// Whether the cgroup at `cgroup` (a kernel `struct cgroup *`) or one above it is a root.
 #[inline(always)]
-fn enforced(cfg: &Config, mut cgroup: u64) -> bool {
+pub(crate) fn enforced(cfg: &Config, mut cgroup: u64) -> bool {
     let mut depth = 0;
     while depth < MAX_CGROUP_DEPTH && cgroup != 0 {
         let id = cgroup_id(cfg, cgroup);
@@ -70,7 +70,7 @@ fn cgroup_id(cfg: &Config, cgroup: u64) -> u64 {
 
 /// Reads a `T` from kernel memory through the probe helper, which fails safely.
 #[inline(always)]
-fn read<T>(at: u64) -> Option<T> {
+pub(crate) fn read<T>(at: u64) -> Option<T> {
     // SAFETY: bpf_probe_read_kernel validates the address.
     unsafe { bpf_probe_read_kernel(at as *const T).ok() }
 }

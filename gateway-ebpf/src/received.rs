@@ -4,6 +4,9 @@
 //! join watcher says nothing, and a connected socket's plain sends meet no address hook. When
 //! such a call returns a descriptor to a task under a root, this watcher tells the daemon (a
 //! `hook::RECEIVED` event), which settles that process's connections as it does after a join.
+//! The same goes for a process that a parent outside every root created directly in a cgroup
+//! under one (`clone3` with `CLONE_INTO_CGROUP`): it inherits the parent's descriptors without
+//! joining; the child's own return from `clone3` reports it.
 //!
 //! These are the syscalls' own tracepoints, so the programs run for those three calls only;
 //! `recvmsg`'s entry notes where the message goes (for tasks under a root) so that its exit
@@ -15,7 +18,11 @@ use aya_ebpf::{
 };
 use gateway_common::{hook, RefusalEvent};
 
-use crate::{guard::task_enforced, maps};
+use crate::{
+    guard::task_enforced,
+    join::{enforced, read},
+    maps,
+};
 
 /// Offsets in the syscall tracepoints' records: the second argument at entry, the result at
 /// exit.
@@ -72,6 +79,35 @@ pub fn tg_pidfd_getfd_exit(ctx: TracePointContext) -> u32 {
     if returned(&ctx) >= 0 && maps::config().is_some() && task_enforced() {
         report(bpf_get_current_pid_tgid());
     }
+    0
+}
+
+/// In the new process, on its return from `clone3` (0): reported when it is under a root and
+/// its parent is not, which only `CLONE_INTO_CGROUP` (or a parent moving at that moment) makes.
+/// New threads are not processes and are skipped.
+#[tracepoint(category = "syscalls", name = "sys_exit_clone3")]
+pub fn tg_clone3_exit(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if returned(&ctx) != 0 || (pid_tgid as u32) != (pid_tgid >> 32) as u32 {
+        return 0;
+    }
+    let Some(cfg) = maps::config() else {
+        return 0;
+    };
+    let o = cfg.offsets;
+    if o.task_real_parent == 0 || o.task_cgroups == 0 || !task_enforced() {
+        return 0;
+    }
+    // SAFETY: the helper has no preconditions; the pointer is only read through the probe
+    // helper.
+    let task = unsafe { aya_ebpf::helpers::bpf_get_current_task() };
+    let parent = read::<u64>(task + u64::from(o.task_real_parent)).unwrap_or(0);
+    let css_set = read::<u64>(parent + u64::from(o.task_cgroups)).unwrap_or(0);
+    let cgroup = read::<u64>(css_set + u64::from(o.css_set_dfl_cgrp)).unwrap_or(0);
+    if parent == 0 || css_set == 0 || cgroup == 0 || enforced(cfg, cgroup) {
+        return 0;
+    }
+    report(pid_tgid);
     0
 }
 

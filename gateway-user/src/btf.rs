@@ -142,7 +142,7 @@ fn kernel_btf() -> Result<Vec<u8>, BtfError> {
         .map_err(|_| BtfError::Missing("/sys/kernel/btf/vmlinux".into()))
 }
 
-/// The offsets the join watcher follows, from the running kernel.
+/// The offsets the join and descriptor watchers follow, from the running kernel.
 pub fn join_offsets() -> Result<gateway_common::KernelOffsets, BtfError> {
     let o = member_offsets(
         &kernel_btf()?,
@@ -152,6 +152,9 @@ pub fn join_offsets() -> Result<gateway_common::KernelOffsets, BtfError> {
             ("cgroup", "self"),
             ("cgroup_subsys_state", "parent"),
             ("task_struct", "tgid"),
+            ("css_set", "dfl_cgrp"),
+            ("task_struct", "real_parent"),
+            ("task_struct", "cgroups"),
         ],
     )?;
     if o[2] != 0 {
@@ -166,9 +169,10 @@ pub fn join_offsets() -> Result<gateway_common::KernelOffsets, BtfError> {
         cgroup_kn: narrow(o[0])?,
         kn_id: narrow(o[1])?,
         cgroup_parent: narrow(o[3])?,
-        _pad: 0,
+        css_set_dfl_cgrp: narrow(o[5])?,
         task_tgid: o[4],
-        _pad2: 0,
+        task_real_parent: narrow(o[6])?,
+        task_cgroups: narrow(o[7])?,
     })
 }
 

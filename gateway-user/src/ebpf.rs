@@ -92,7 +92,7 @@ pub enum Watch {
 
 /// The watchers, attached with the guard: the join watcher (`join.rs` in gateway-ebpf) and the
 /// descriptor watcher (`received.rs`).
-pub const WATCHERS: [(&str, Watch); 5] = [
+pub const WATCHERS: [(&str, Watch); 6] = [
     ("tg_join", Watch::Raw("cgroup_attach_task")),
     ("tg_recvmsg_enter", Watch::Syscall("sys_enter_recvmsg")),
     ("tg_recvmsg_exit", Watch::Syscall("sys_exit_recvmsg")),
@@ -101,6 +101,7 @@ pub const WATCHERS: [(&str, Watch); 5] = [
         "tg_pidfd_getfd_exit",
         Watch::Syscall("sys_exit_pidfd_getfd"),
     ),
+    ("tg_clone3_exit", Watch::Syscall("sys_exit_clone3")),
 ];
 
 /// How a program attaches.

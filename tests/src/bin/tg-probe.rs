@@ -522,28 +522,7 @@ fn passed_fd(dir: &str, addr: SocketAddr) -> Value {
 /// child sends a byte every millisecond on it until a send fails or MILLIS pass. Reports how
 /// long the connection kept working in the child's hands.
 fn passed_connected(dir: &str, addr: SocketAddr, millis: u64) -> Value {
-    hand_over(dir, addr, true, |fd| {
-        let received = std::time::Instant::now();
-        let mut sent = 0u64;
-        while received.elapsed() < Duration::from_millis(millis) {
-            // SAFETY: a one-byte buffer; MSG_NOSIGNAL turns a broken pipe into an error.
-            let r =
-                unsafe { libc::send(fd.as_raw_fd(), b"x".as_ptr().cast(), 1, libc::MSG_NOSIGNAL) };
-            if r < 0 {
-                let e = std::io::Error::last_os_error();
-                return json!({
-                    "ok": false,
-                    "errno": e.raw_os_error().unwrap_or(0),
-                    "error": e.to_string(),
-                    "sent_after_receipt": sent,
-                    "open_ms": received.elapsed().as_secs_f64() * 1000.0,
-                });
-            }
-            sent += 1;
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        json!({ "ok": true, "sent_after_receipt": sent, "open_ms": millis })
-    })
+    hand_over(dir, addr, true, |fd| keep_sending(&fd, millis))
 }
 
 /// Forks a child that joins `dir`, says so, and receives one descriptor over SCM_RIGHTS;
@@ -674,9 +653,15 @@ fn carry(dir: &str, addr: SocketAddr, millis: u64, udp: bool) -> Value {
     if let Err(answer) = join_cgroup(dir) {
         return answer;
     }
-    let joined = std::time::Instant::now();
+    keep_sending(&fd, millis)
+}
+
+/// Sends a byte every millisecond on `fd` until a send fails or `millis` pass: how long the
+/// connection kept working (`open_ms`) and how many sends went through (`sent`).
+fn keep_sending(fd: &OwnedFd, millis: u64) -> Value {
+    let start = std::time::Instant::now();
     let mut sent = 0u64;
-    while joined.elapsed() < Duration::from_millis(millis) {
+    while start.elapsed() < Duration::from_millis(millis) {
         // SAFETY: a one-byte buffer; MSG_NOSIGNAL turns a broken pipe into an error.
         let r = unsafe { libc::send(fd.as_raw_fd(), b"x".as_ptr().cast(), 1, libc::MSG_NOSIGNAL) };
         if r < 0 {
@@ -685,14 +670,84 @@ fn carry(dir: &str, addr: SocketAddr, millis: u64, udp: bool) -> Value {
                 "ok": false,
                 "errno": e.raw_os_error().unwrap_or(0),
                 "error": e.to_string(),
-                "sent_after_join": sent,
-                "open_ms": joined.elapsed().as_secs_f64() * 1000.0,
+                "sent": sent,
+                "open_ms": start.elapsed().as_secs_f64() * 1000.0,
             });
         }
         sent += 1;
         std::thread::sleep(Duration::from_millis(1));
     }
-    json!({ "ok": true, "sent_after_join": sent, "open_ms": millis })
+    json!({ "ok": true, "sent": sent, "open_ms": millis })
+}
+
+/// `clone-into DIR ADDR MILLIS`: connects to ADDR from here, outside, then makes a child
+/// directly in DIR (`clone3` with `CLONE_INTO_CGROUP`: no join), which inherits the connection
+/// and sends a byte every millisecond on it until a send fails or MILLIS pass.
+fn clone_into(dir: &str, addr: SocketAddr, millis: u64) -> Value {
+    /// `struct clone_args` up to `cgroup` (CLONE_ARGS_SIZE_VER2).
+    #[repr(C)]
+    #[derive(Default)]
+    struct CloneArgs {
+        flags: u64,
+        pidfd: u64,
+        child_tid: u64,
+        parent_tid: u64,
+        exit_signal: u64,
+        stack: u64,
+        stack_size: u64,
+        tls: u64,
+        set_tid: u64,
+        set_tid_size: u64,
+        cgroup: u64,
+    }
+    const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+    let fd = match socket(domain_of(addr), libc::SOCK_STREAM, 0) {
+        Ok(fd) => fd,
+        Err(e) => return errno_json(&e),
+    };
+    if let Err(e) = connect(&fd, addr) {
+        return errno_json(&e);
+    }
+    let cgroup = match std::fs::File::open(dir) {
+        Ok(f) => f,
+        Err(e) => return json!({ "ok": false, "error": format!("open {dir}: {e}") }),
+    };
+    let (read_end, write_end) = match nix::unistd::pipe() {
+        Ok(p) => p,
+        Err(e) => return errno_json(&e.into()),
+    };
+    let args = CloneArgs {
+        flags: CLONE_INTO_CGROUP,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup: cgroup.as_raw_fd() as u64,
+        ..CloneArgs::default()
+    };
+    // SAFETY: clone3 without a new stack forks this single-threaded process; the child only
+    // makes syscalls, writes its answer and exits.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            std::ptr::from_ref(&args),
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if pid < 0 {
+        return errno_json(&std::io::Error::last_os_error());
+    }
+    if pid == 0 {
+        drop(read_end);
+        let text = keep_sending(&fd, millis).to_string();
+        let _ = nix::unistd::write(&write_end, text.as_bytes());
+        // SAFETY: leave the child without running the parent's exit handlers.
+        unsafe { libc::_exit(0) }
+    }
+    drop(write_end);
+    drop(fd);
+    let mut text = String::new();
+    let _ = std::fs::File::from(read_end).read_to_string(&mut text);
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None);
+    serde_json::from_str(&text)
+        .unwrap_or_else(|_| json!({ "ok": false, "error": format!("child said {text:?}") }))
 }
 
 /// `flood ADDR N`: N non-blocking connects, each closed at once; every connect records an
@@ -754,6 +809,11 @@ fn main() {
         Some("join-udp") => udp(addr(2), false, false, Some(&args[1])),
         Some("join-udp-connect") => udp(addr(2), false, true, Some(&args[1])),
         Some("passed-fd") => passed_fd(&args[1], addr(2)),
+        Some("clone-into") => clone_into(
+            &args[1],
+            addr(2),
+            args.get(3).and_then(|m| m.parse().ok()).unwrap_or(3000),
+        ),
         Some("passed-connected") => passed_connected(
             &args[1],
             addr(2),
