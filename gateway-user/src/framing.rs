@@ -37,7 +37,7 @@ pub fn head_framing(head: &[u8]) -> Result<Framing, &'static str> {
     if head.first().is_some_and(|b| *b == b'\r' || *b == b'\n') {
         return Err("leading_empty_line");
     }
-    let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
+    let Some(end) = memchr::memmem::find(head, b"\r\n\r\n") else {
         return Err("incomplete_head");
     };
     let head = &head[..end + 2];
@@ -233,19 +233,24 @@ impl RequestFraming {
 /// How many bytes of `data` to take so that `line + taken` ends with `end` at the first place it
 /// can, and whether it does.
 fn take_until(line: &[u8], data: &[u8], end: &[u8]) -> (usize, bool) {
-    // The terminator may straddle what was collected and what just arrived.
+    // A terminator straddling what was collected and what just arrived starts in the kept
+    // tail of `line` (which holds no whole terminator): look in that seam first, then in
+    // `data` alone.
+    debug_assert!((1..=8).contains(&end.len()), "terminators are short");
     let keep = line.len().min(end.len() - 1);
-    let mut window = line[line.len() - keep..].to_vec();
-    for (i, b) in data.iter().enumerate() {
-        window.push(*b);
-        if window.ends_with(end) {
-            return (i + 1, true);
-        }
-        if window.len() > end.len() {
-            window.remove(0);
+    let mut seam = [0u8; 16];
+    let head = data.len().min(end.len() - 1);
+    if keep > 0 {
+        seam[..keep].copy_from_slice(&line[line.len() - keep..]);
+        seam[keep..keep + head].copy_from_slice(&data[..head]);
+        if let Some(at) = memchr::memmem::find(&seam[..keep + head], end) {
+            return (at + end.len() - keep, true);
         }
     }
-    (data.len(), false)
+    match memchr::memmem::find(data, end) {
+        Some(at) => (at + end.len(), true),
+        None => (data.len(), false),
+    }
 }
 
 /// A chunk-size line: hex digits, optionally `;` and extensions, nothing else.
@@ -334,6 +339,46 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `take_until` against its definition (byte by byte), on random pieces of a small
+    /// alphabet where terminators straddle pieces often.
+    #[test]
+    fn take_until_agrees_with_its_definition() {
+        fn reference(line: &[u8], data: &[u8], end: &[u8]) -> (usize, bool) {
+            let mut all = line.to_vec();
+            for (i, b) in data.iter().enumerate() {
+                all.push(*b);
+                if all.ends_with(end) {
+                    return (i + 1, true);
+                }
+            }
+            (data.len(), false)
+        }
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..20_000 {
+            let end: &[u8] = if next(2) == 0 { b"\r\n\r\n" } else { b"\n" };
+            let mut word = |max: u64| -> Vec<u8> {
+                (0..next(max)).map(|_| b"\r\nx"[next(3) as usize]).collect()
+            };
+            let mut line = word(6);
+            // What was collected never holds a whole terminator.
+            while let Some(at) = memchr::memmem::find(&line, end) {
+                line.truncate(at);
+            }
+            let data = word(12);
+            assert_eq!(
+                take_until(&line, &data, end),
+                reference(&line, &data, end),
+                "{line:?} + {data:?} until {end:?}"
+            );
+        }
+    }
 
     /// Feeds `stream` whole and one byte at a time; both must agree.
     fn check(stream: &[u8]) -> Result<(), &'static str> {
