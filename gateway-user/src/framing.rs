@@ -354,13 +354,7 @@ mod tests {
             }
             (data.len(), false)
         }
-        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut next = crate::test_rng(0x9e37_79b9_7f4a_7c15_u64);
         for _ in 0..20_000 {
             let end: &[u8] = if next(2) == 0 { b"\r\n\r\n" } else { b"\n" };
             let mut word = |max: u64| -> Vec<u8> {

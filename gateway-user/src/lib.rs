@@ -27,3 +27,15 @@ pub mod relay;
 pub mod sockdiag;
 pub mod tls;
 pub mod upstream;
+
+/// Deterministic pseudo-random numbers for the randomized unit tests (xorshift64): `next(n)`
+/// is in `0..n`.
+#[cfg(test)]
+pub(crate) fn test_rng(mut seed: u64) -> impl FnMut(u64) -> u64 {
+    move |n| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    }
+}
