@@ -46,11 +46,11 @@ pub(crate) static TG_ACCEPTED: HashMap<AcceptedKey, u8, { ACCEPTED_MAX_ENTRIES a
 #[btf_map]
 pub(crate) static TG_ROOTS: HashMap<u64, u8, { ROOTS_MAX_ENTRIES as usize }> = HashMap::new();
 
-/// Where a `recvmsg` in progress by a thread under a root puts its message (its `msghdr`), by
-/// thread: the descriptor watcher reads the control data at the call's exit. LRU: a thread
-/// that dies inside the call leaves an entry that ages out.
+/// The control buffer (address, length) of a `recvmsg` in progress by a thread under a root,
+/// by thread: the descriptor watcher reads it at the call's exit. LRU: a thread that dies
+/// inside the call leaves an entry that ages out.
 #[btf_map]
-pub(crate) static TG_RECVMSG: LruHashMap<u64, u64, { RECVMSG_MAX_ENTRIES as usize }> =
+pub(crate) static TG_RECVMSG: LruHashMap<u64, [u64; 2], { RECVMSG_MAX_ENTRIES as usize }> =
     LruHashMap::new();
 
 /// The cookie of the last socket a root's address program refused on this CPU. The guard at

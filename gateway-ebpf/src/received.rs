@@ -38,6 +38,10 @@ const SCM_RIGHTS: i32 = 1;
 /// Control messages looked at before SCM_RIGHTS (credentials may come first).
 const MAX_CMSGS: u64 = 4;
 
+/// `-EFAULT`: the kernel may have installed the descriptors and then failed to write the
+/// message header back.
+const EFAULT: i64 = 14;
+
 #[tracepoint(category = "syscalls", name = "sys_enter_recvmsg")]
 pub fn tg_recvmsg_enter(ctx: TracePointContext) -> u32 {
     if maps::config().is_none() || !task_enforced() {
@@ -47,20 +51,29 @@ pub fn tg_recvmsg_enter(ctx: TracePointContext) -> u32 {
     let Ok(msg) = (unsafe { ctx.read_at::<u64>(ENTER_ARG1) }) else {
         return 0;
     };
-    let _ = maps::TG_RECVMSG.insert(&bpf_get_current_pid_tgid(), &msg, 0);
+    // The control buffer as the kernel takes it now: another thread may repoint the user's
+    // `msghdr` while the call blocks, so the exit does not read it from there.
+    let control = user::<u64>(msg + MSG_CONTROL).unwrap_or(0);
+    let len = user::<u64>(msg + MSG_CONTROLLEN).unwrap_or(0);
+    if control == 0 || len < CMSG_HEADER {
+        // No room for control data: descriptors sent are discarded by the kernel.
+        return 0;
+    }
+    let _ = maps::TG_RECVMSG.insert(&bpf_get_current_pid_tgid(), &[control, len], 0);
     0
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_recvmsg")]
 pub fn tg_recvmsg_exit(ctx: TracePointContext) -> u32 {
     let thread = bpf_get_current_pid_tgid();
-    let Some(msg) = maps::TG_RECVMSG.get_ptr(&thread) else {
+    let Some(entry) = maps::TG_RECVMSG.get_ptr(&thread) else {
         return 0;
     };
     // SAFETY: a value of this map, read before it is removed.
-    let msg = unsafe { *msg };
+    let [control, len] = unsafe { *entry };
     let _ = maps::TG_RECVMSG.remove(&thread);
-    if returned(&ctx) >= 0 && msg != 0 && carries_rights(msg) {
+    let ret = returned(&ctx);
+    if ret == -EFAULT || (ret >= 0 && carries_rights(control, len)) {
         report(thread);
     }
     0
@@ -68,7 +81,8 @@ pub fn tg_recvmsg_exit(ctx: TracePointContext) -> u32 {
 
 #[tracepoint(category = "syscalls", name = "sys_exit_recvmmsg")]
 pub fn tg_recvmmsg_exit(ctx: TracePointContext) -> u32 {
-    if returned(&ctx) > 0 && maps::config().is_some() && task_enforced() {
+    let ret = returned(&ctx);
+    if (ret > 0 || ret == -EFAULT) && maps::config().is_some() && task_enforced() {
         report(bpf_get_current_pid_tgid());
     }
     0
@@ -132,12 +146,10 @@ fn report(pid_tgid: u64) {
     }
 }
 
-/// Whether the control data a `recvmsg` returned (the kernel wrote back its length) holds
-/// SCM_RIGHTS among its first control messages.
+/// Whether the control buffer a `recvmsg` was given (at entry: `control`, `len` bytes) holds
+/// SCM_RIGHTS among its first control messages (the kernel writes them from its start).
 #[inline(always)]
-fn carries_rights(msg: u64) -> bool {
-    let control = user::<u64>(msg + MSG_CONTROL).unwrap_or(0);
-    let len = user::<u64>(msg + MSG_CONTROLLEN).unwrap_or(0);
+fn carries_rights(control: u64, len: u64) -> bool {
     if control == 0 {
         return false;
     }

@@ -175,7 +175,7 @@ fn expected_layout(name: &str) -> Option<(MapType, u32, u32, u32, u32)> {
         map_names::RECVMSG => (
             MapType::LruHash,
             8,
-            8,
+            16,
             gateway_common::RECVMSG_MAX_ENTRIES,
             0,
         ),

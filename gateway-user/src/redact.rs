@@ -168,6 +168,12 @@ where
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+
+    /// Ended when the inner body has and nothing is held back (a body-less answer such as a
+    /// 304 with a Content-Length header is known to be empty, as without redaction).
+    fn is_end_stream(&self) -> bool {
+        self.done || (self.carry.is_empty() && self.inner.is_end_stream())
+    }
 }
 
 #[cfg(test)]
