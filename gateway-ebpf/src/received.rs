@@ -9,8 +9,8 @@
 //! joining; the child's own return from `clone3` reports it.
 //!
 //! These are the syscalls' own tracepoints, so the programs run for those three calls only;
-//! `recvmsg`'s entry notes where the message goes (for tasks under a root) so that its exit
-//! can read whether the kernel wrote SCM_RIGHTS into it.
+//! `recvmsg`'s entry notes the control buffer it was given (for tasks under a root) so that
+//! its exit can read whether the kernel wrote SCM_RIGHTS into it.
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
     macros::tracepoint,
