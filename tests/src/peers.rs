@@ -509,6 +509,38 @@ fn cpu_ticks(pgid: i32) -> u64 {
         .sum()
 }
 
+/// CPU time (user and system) of processes `pids` and their direct children, every thread,
+/// in ns (`/proc/<pid>/task/<tid>/schedstat`): a daemon with its worker processes.
+pub fn tree_cpu_ns(pids: &[i32]) -> u64 {
+    let children: Vec<i32> = std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|p| {
+                    stat_fields(*p).is_some_and(|f| {
+                        f.get(1)
+                            .and_then(|v| v.parse::<i32>().ok())
+                            .is_some_and(|ppid| pids.contains(&ppid))
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    pids.iter()
+        .chain(&children)
+        .flat_map(|pid| {
+            std::fs::read_dir(format!("/proc/{pid}/task"))
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .filter_map(|task| {
+            let text = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+            text.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
 /// A `kB` field of `/proc/<pid>/status` (`VmRSS:`, `VmHWM:`), in KiB.
 pub fn status_kib(pid: i32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -329,13 +329,13 @@ fn main() {
         md.push_str(&capture_section(&env, &app, &daemon, target, baseline));
     }
     if only == Some("goal") {
-        md.push_str(&goal_section(&env, &app, &upstream, api_port));
+        md.push_str(&goal_section(&env, &app, &daemon, &upstream, api_port));
     } else if only != Some("capture") {
         md.push_str(&http_section(&env, &app, &daemon, &upstream, api_port));
         md.push_str(&streams_and_sweep(
             &out_dir, &env, &app, &upstream, api_port, &sse,
         ));
-        md.push_str(&goal_section(&env, &app, &upstream, api_port));
+        md.push_str(&goal_section(&env, &app, &daemon, &upstream, api_port));
     }
     let path = out_dir.join("report.md");
     std::fs::File::create(&path)
@@ -697,6 +697,7 @@ fn start_nginx(
 fn goal_section(
     env: &TestEnv,
     app: &Path,
+    daemon: &tollgate_tests::Daemon,
     upstream: &tollgate_tests::httpbench::Upstream,
     api_port: u16,
 ) -> String {
@@ -707,15 +708,31 @@ fn goal_section(
     let nginx_port = tollgate_tests::free_port();
     let nginx_target: SocketAddr = format!("127.0.0.1:{nginx_port}").parse().expect("addr");
     let mut nginx = start_nginx(&env.dir, "nginx", nginx_port, upstream.tls, true);
+    let nginx_pid = nginx.as_ref().map(|n| n.id() as i32);
     let mut added: [Vec<[i64; 3]>; 2] = [Vec::new(), Vec::new()];
+    // CPU per request (ns) of the daemon (every thread) and of nginx (master and workers),
+    // over each of their rounds.
+    let mut cpu: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
     let mut rows = String::new();
     let v = |r: &Value, k: &str| r[k].as_u64().unwrap_or(0) as i64;
+    let measured = |cgroup: Option<&Path>, target: SocketAddr, pid: i32, cpu: &mut Vec<u64>| {
+        let before = tollgate_tests::peers::tree_cpu_ns(&[pid]);
+        let r = http_load(cgroup, target, RATE, SECS, true);
+        let spent = tollgate_tests::peers::tree_cpu_ns(&[pid]) - before;
+        cpu.push(spent / r["n"].as_u64().unwrap_or(1).max(1));
+        r
+    };
+    // One second each, unmeasured: pooled upstream connections, the proxies' first
+    // allocations and the client's own start-up are not in round 1.
+    http_load(None, upstream.plain, RATE, 1, true);
+    http_load(Some(app), gateway_target, RATE, 1, true);
+    if nginx.is_some() {
+        http_load(None, nginx_target, RATE, 1, true);
+    }
     for round in 1..=ROUNDS {
         let direct = http_load(None, upstream.plain, RATE, SECS, true);
-        let through = http_load(Some(app), gateway_target, RATE, SECS, true);
-        let via_nginx = nginx
-            .as_ref()
-            .map(|_| http_load(None, nginx_target, RATE, SECS, true));
+        let through = measured(Some(app), gateway_target, daemon.pid(), &mut cpu[0]);
+        let via_nginx = nginx_pid.map(|pid| measured(None, nginx_target, pid, &mut cpu[1]));
         let mut cells = vec![format!(
             "{} / {} / {}",
             v(&direct, "p50"),
@@ -753,10 +770,19 @@ fn goal_section(
         ),
         None => "not installed".into(),
     };
+    let cpu_median = |runs: &mut Vec<u64>| {
+        runs.sort_unstable();
+        runs.get(runs.len() / 2)
+            .map_or("not installed".into(), |ns| {
+                format!("{:.1}", *ns as f64 / 1000.0)
+            })
+    };
     format!(
-        "## HTTP latency goal: kept-alive, {RATE} requests/s\n\n{ROUNDS} interleaved rounds of {SECS} s each (direct, Tollgate, nginx), open loop, 1 KiB `POST /v1/chat/completions`, added µs against the same round's direct run. Goal: Tollgate's added p50 and p99 at or below nginx's, and p50 at most +100 µs.\n\n| round | direct p50 / p99 / p99.9 µs | Tollgate added | nginx added |\n|---:|---|---|---|\n{rows}| median | | {} | {} |\n\n",
+        "## HTTP latency goal: kept-alive, {RATE} requests/s\n\n{ROUNDS} interleaved rounds of {SECS} s each (direct, Tollgate, nginx) after a 1 s unmeasured warm-up of each, open loop, 1 KiB `POST /v1/chat/completions`, added µs against the same round's direct run. Goal: Tollgate's added p50 and p99 at or below nginx's, and p50 at most +100 µs.\n\n| round | direct p50 / p99 / p99.9 µs | Tollgate added | nginx added |\n|---:|---|---|---|\n{rows}| median | | {} | {} |\n\nCPU per request (user and system time of every thread of the daemon, and of nginx's master and workers, over their rounds; median of the rounds): Tollgate {} µs, nginx {} µs.\n\n",
         summary(&added[0]),
         summary(&added[1]),
+        cpu_median(&mut cpu[0]),
+        cpu_median(&mut cpu[1]),
     )
 }
 
