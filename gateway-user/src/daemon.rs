@@ -601,12 +601,16 @@ fn attach_all(
     match config.socket_guard {
         SocketGuard::Required => {
             let outcomes = kernel.guard(mount).map_err(|e| {
-                RunError::SocketGuard(format!(
-                    "cannot attach at the cgroup2 root {}: {e}: run tollgate in the host's \
-                     cgroup namespace, or set `socket_guard: off` (a socket created outside \
-                     every root and used inside one then goes around enforcement)",
-                    mount.display()
-                ))
+                let off = "or set `socket_guard: off` (a socket created outside every root and \
+                           used inside one then goes around enforcement)";
+                RunError::SocketGuard(match e {
+                    ebpf::EbpfError::Watcher { .. } => format!("{e}, {off}"),
+                    e => format!(
+                        "cannot attach at the cgroup2 root {}: {e}: run tollgate in the \
+                         host's cgroup namespace, {off}",
+                        mount.display()
+                    ),
+                })
             })?;
             let mut r = AuditRecord::new(Verdict::Allow, Layer::Lifecycle, "socket_guard_started");
             r.rule = Some(format!("{outcomes:?}"));

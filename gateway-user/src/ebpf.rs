@@ -40,6 +40,16 @@ pub enum EbpfError {
         name: &'static str,
         source: aya::programs::ProgramError,
     },
+    #[error(
+        "cannot attach {name} to the tracepoint {tracepoint}: {source}: the descriptor and join \
+         watchers need syscall tracepoints (CONFIG_FTRACE_SYSCALLS) and tracefs (mounted at \
+         /sys/kernel/tracing or /sys/kernel/debug/tracing)"
+    )]
+    Watcher {
+        name: &'static str,
+        tracepoint: String,
+        source: aya::programs::ProgramError,
+    },
     #[error("link of {name}: {source}")]
     Link {
         name: &'static str,
@@ -354,12 +364,22 @@ impl Kernel {
             let link = match watch {
                 Watch::Raw(tracepoint) => {
                     let tp: &mut RawTracePoint = program.try_into().map_err(err)?;
-                    let id = tp.attach(tracepoint).map_err(err)?;
+                    let id = tp.attach(tracepoint).map_err(|source| EbpfError::Watcher {
+                        name,
+                        tracepoint: format!("raw {tracepoint}"),
+                        source,
+                    })?;
                     FdLink::from(tp.take_link(id).map_err(err)?)
                 }
                 Watch::Syscall(tracepoint) => {
                     let tp: &mut TracePoint = program.try_into().map_err(err)?;
-                    let id = tp.attach("syscalls", tracepoint).map_err(err)?;
+                    let id = tp.attach("syscalls", tracepoint).map_err(|source| {
+                        EbpfError::Watcher {
+                            name,
+                            tracepoint: format!("syscalls/{tracepoint}"),
+                            source,
+                        }
+                    })?;
                     FdLink::try_from(tp.take_link(id).map_err(err)?)
                         .map_err(|source| EbpfError::Link { name, source })?
                 }

@@ -188,6 +188,37 @@ fn a_kernel_without_bpf_or_cgroup2_is_named() {
         "{stderr}"
     );
     assert_nothing_attached(&env);
+
+    // No tracefs (a kernel without syscall tracepoints looks the same to the daemon): the
+    // daemon runs in a mount namespace where an empty tmpfs covers both places it can be.
+    let script = format!(
+        "mount -t tmpfs none /sys/kernel/tracing && mount -t tmpfs none /sys/kernel/debug && \
+         exec {} run --config {}",
+        tollgate_bin().display(),
+        env.config.display()
+    );
+    let out = Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .output()
+        .expect("unshare");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = error_line(&stderr);
+    assert!(
+        line.contains("to the tracepoint syscalls/sys_enter_recvmsg")
+            && line.contains("tracefs")
+            && line.contains("socket_guard: off"),
+        "{stderr}"
+    );
+    assert_nothing_attached(&env);
 }
 
 #[test]
