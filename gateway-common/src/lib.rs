@@ -241,8 +241,11 @@ pub struct Counters {
     pub events_lost: u64,
     /// UDP datagrams or connects allowed to a DNS resolver (a known exfiltration channel).
     pub dns_allowed: u64,
+    /// Joins and receipts of descriptors (`hook::JOIN`, `hook::RECEIVED`) by processes of
+    /// this cgroup whose report could not be put on the ring buffer (full).
+    pub reports_lost: u64,
 }
-const _: () = assert!(core::mem::size_of::<Counters>() == 24);
+const _: () = assert!(core::mem::size_of::<Counters>() == 32);
 
 /// One kernel refusal (or, with `hook::JOIN`, a join), sent through the `TG_EVENTS` ring buffer.
 #[repr(C)]

@@ -30,17 +30,27 @@ pub fn tg_join(ctx: RawTracePointContext) -> i32 {
     if tgid == 0 {
         return 0;
     }
-    if let Some(mut entry) = TG_EVENTS.reserve(0) {
-        entry.write(RefusalEvent {
-            hook: hook::JOIN,
-            tgid,
-            pid: tgid,
-            cgroup_id,
-            ..RefusalEvent::default()
-        });
-        entry.submit(0);
-    }
+    ask_settle(hook::JOIN, tgid, cgroup_id);
     0
+}
+
+/// Asks the daemon to settle process `tgid`, now in cgroup `cgroup_id` (an event of kind
+/// `hook` on the refusal ring). A report the ring cannot take is counted as lost for the
+/// cgroup, and the daemon then settles every process in it.
+#[inline(always)]
+pub(crate) fn ask_settle(hook: u32, tgid: u32, cgroup_id: u64) {
+    let Some(mut entry) = TG_EVENTS.reserve(0) else {
+        crate::refuse::bump(cgroup_id, |c| &mut c.reports_lost);
+        return;
+    };
+    entry.write(RefusalEvent {
+        hook,
+        tgid,
+        pid: tgid,
+        cgroup_id,
+        ..RefusalEvent::default()
+    });
+    entry.submit(0);
 }
 
 /// Whether the cgroup at `cgroup` (a kernel `struct cgroup *`) or one above it is a root.

@@ -16,11 +16,11 @@ use aya_ebpf::{
     macros::tracepoint,
     programs::TracePointContext,
 };
-use gateway_common::{hook, RefusalEvent};
+use gateway_common::hook;
 
 use crate::{
     guard::task_enforced,
-    join::{enforced, read},
+    join::{ask_settle, enforced, read},
     maps,
 };
 
@@ -133,17 +133,11 @@ fn returned(ctx: &TracePointContext) -> i64 {
 
 #[inline(always)]
 fn report(pid_tgid: u64) {
-    let tgid = (pid_tgid >> 32) as u32;
-    if let Some(mut entry) = maps::TG_EVENTS.reserve(0) {
-        entry.write(RefusalEvent {
-            hook: hook::RECEIVED,
-            tgid,
-            pid: tgid,
-            cgroup_id: maps::current_cgroup(),
-            ..RefusalEvent::default()
-        });
-        entry.submit(0);
-    }
+    ask_settle(
+        hook::RECEIVED,
+        (pid_tgid >> 32) as u32,
+        maps::current_cgroup(),
+    );
 }
 
 /// Whether the control buffer a `recvmsg` was given (at entry: `control`, `len` bytes) holds

@@ -22,7 +22,7 @@ use crate::{
     credentials::Credentials,
     ebpf::{self, Kernel},
     events,
-    namespaces::Namespaces,
+    namespaces::{Namespaces, SettleQueue},
     netns::Netns,
     policy::PolicySet,
     proxy::{self, Gateway},
@@ -561,10 +561,10 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> Result<(), RunError> {
         let _ = tokio::task::spawn_blocking(move || initial.sweep()).await;
         tokio::spawn(Arc::clone(&namespaces).sweep_forever());
         tokio::spawn(Arc::clone(&namespaces).serve_admin(admin));
-        let (joins, joined) = tokio::sync::mpsc::channel(4096);
+        let (joins, joined) = SettleQueue::new(4096);
         tokio::spawn(Arc::clone(&namespaces).settle_joins(joined));
-        tokio::spawn(events::drain_events(maps.events, audit.clone(), pre.cgroup_mount.clone(), joins));
-        tokio::spawn(events::watch_counters(Arc::new(maps.counters), audit.clone(), pre.cgroup_mount.clone()));
+        tokio::spawn(events::drain_events(maps.events, audit.clone(), pre.cgroup_mount.clone(), joins.clone()));
+        tokio::spawn(events::watch_counters(Arc::new(maps.counters), audit.clone(), pre.cgroup_mount.clone(), joins));
         tokio::spawn(watch_policies(Arc::clone(&gateway)));
         tracing::info!(roots = ?config.roots.iter().map(ToString::to_string).collect::<Vec<_>>(), port = config.listener_port, "enforcing");
         if let Some(path) = ready_file {

@@ -373,13 +373,13 @@ impl Kernel {
                 }
                 Watch::Syscall(tracepoint) => {
                     let tp: &mut TracePoint = program.try_into().map_err(err)?;
-                    let id = tp.attach("syscalls", tracepoint).map_err(|source| {
-                        EbpfError::Watcher {
-                            name,
-                            tracepoint: format!("syscalls/{tracepoint}"),
-                            source,
-                        }
-                    })?;
+                    let id =
+                        tp.attach("syscalls", tracepoint)
+                            .map_err(|source| EbpfError::Watcher {
+                                name,
+                                tracepoint: format!("syscalls/{tracepoint}"),
+                                source,
+                            })?;
                     FdLink::try_from(tp.take_link(id).map_err(err)?)
                         .map_err(|source| EbpfError::Link { name, source })?
                 }

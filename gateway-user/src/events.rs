@@ -10,6 +10,7 @@ use crate::{
     audit::{AuditLog, AuditRecord, DstRecord, Layer, Verdict, WorkloadRecord},
     cgroup::path_of_id,
     identity::comm_str,
+    namespaces::SettleQueue,
 };
 
 /// The audit reason for a kernel refusal.
@@ -78,7 +79,7 @@ pub async fn drain_events(
     ring: RingBuf<MapData>,
     audit: AuditLog,
     cgroup_mount: PathBuf,
-    joins: tokio::sync::mpsc::Sender<(u32, u64)>,
+    joins: SettleQueue,
 ) {
     // SAFETY: the ring buffer's fd stays open for as long as the AsyncFd owns the map.
     let mut fd = match unsafe { AsyncFd::register(ring) }.map_err(|e| e.to_string()) {
@@ -98,8 +99,8 @@ pub async fn drain_events(
                 // SAFETY: the kernel wrote a `RefusalEvent` (checked length; read unaligned).
                 let ev: RefusalEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
                 if ev.hook == hook::JOIN || ev.hook == hook::RECEIVED {
-                    if joins.try_send((ev.tgid, ev.cgroup_id)).is_err() {
-                        tracing::warn!(tgid = ev.tgid, "join queue full: the connections this joining process holds are not settled");
+                    if !joins.push(ev.tgid, ev.cgroup_id) {
+                        tracing::warn!(tgid = ev.tgid, "settle queue full: the connections this joining process holds are not settled");
                     }
                     continue;
                 }
@@ -117,6 +118,7 @@ pub async fn watch_counters(
     counters: Arc<PerCpuHashMap<MapData, u64, Counters>>,
     audit: AuditLog,
     cgroup_mount: PathBuf,
+    joins: SettleQueue,
 ) {
     let mut seen: StdHashMap<u64, Counters> = StdHashMap::new();
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
@@ -129,6 +131,7 @@ pub async fn watch_counters(
                 sum.refused += c.refused;
                 sum.events_lost += c.events_lost;
                 sum.dns_allowed += c.dns_allowed;
+                sum.reports_lost += c.reports_lost;
             }
             let last = seen.insert(cgroup_id, sum).unwrap_or_default();
             let workload = Arc::new(WorkloadRecord::of_cgroup(
@@ -143,6 +146,29 @@ pub async fn watch_counters(
                 r.count = Some(lost);
                 audit.emit(r);
             }
+            let reports_lost = sum.reports_lost.saturating_sub(last.reports_lost);
+            if reports_lost > 0 {
+                // Which process joined, or received descriptors, is not known: every process
+                // of the cgroup is settled as if it had reported.
+                let mut settled = 0u64;
+                if let Some(path) = workload_path(&cgroup_mount, cgroup_id) {
+                    for pid in crate::cgroup::procs(&path) {
+                        if joins.push(pid as u32, cgroup_id) {
+                            settled += 1;
+                        } else {
+                            tracing::warn!(
+                                pid,
+                                "settle queue full: a process whose report was lost is not settled"
+                            );
+                        }
+                    }
+                }
+                tracing::warn!(cgroup_id, reports_lost, settled, "kernel reports of joins or received descriptors lost: settling every process of the cgroup");
+                let mut r = AuditRecord::new(Verdict::Error, Layer::Kernel, "kernel_reports_lost");
+                r.workload = Arc::clone(&workload);
+                r.count = Some(reports_lost);
+                audit.emit(r);
+            }
             let dns = sum.dns_allowed.saturating_sub(last.dns_allowed);
             if dns > 0 {
                 let mut r =
@@ -154,4 +180,10 @@ pub async fn watch_counters(
             }
         }
     }
+}
+
+/// The directory of cgroup `cgroup_id` under the cgroup2 mount.
+fn workload_path(cgroup_mount: &std::path::Path, cgroup_id: u64) -> Option<PathBuf> {
+    let path = path_of_id(cgroup_mount, cgroup_id)?;
+    Some(cgroup_mount.join(path.as_str().trim_start_matches('/')))
 }

@@ -272,9 +272,9 @@ impl Namespaces {
         }
     }
 
-    /// Settles each process the join watcher reports.
-    pub async fn settle_joins(self: Arc<Self>, mut joins: tokio::sync::mpsc::Receiver<(u32, u64)>) {
-        while let Some((tgid, cgroup_id)) = joins.recv().await {
+    /// Settles each process the join and descriptor watchers report.
+    pub async fn settle_joins(self: Arc<Self>, mut joins: Reported) {
+        while let Some((tgid, cgroup_id)) = joins.next().await {
             let me = Arc::clone(&self);
             let _ = tokio::task::spawn_blocking(move || me.settle_joined(tgid, cgroup_id)).await;
         }
@@ -289,5 +289,87 @@ impl Namespaces {
             let me = Arc::clone(&self);
             let _ = tokio::task::spawn_blocking(move || me.sweep()).await;
         }
+    }
+}
+
+/// The processes to settle: each joined a root, or received descriptors in one. A process is
+/// waiting at most once: a report that comes while it waits is covered by the settle to come
+/// (that settle starts after the report), so a process that reports in a loop (recvmmsg on a
+/// busy socket) holds one place, and the queue fills only with that many distinct processes.
+#[derive(Clone, Debug)]
+pub struct SettleQueue {
+    queue: tokio::sync::mpsc::Sender<(u32, u64)>,
+    waiting: Arc<Mutex<HashSet<u32>>>,
+}
+
+/// The settling end of a [`SettleQueue`].
+pub struct Reported {
+    queue: tokio::sync::mpsc::Receiver<(u32, u64)>,
+    waiting: Arc<Mutex<HashSet<u32>>>,
+}
+
+impl SettleQueue {
+    /// A queue with room for `capacity` distinct processes.
+    pub fn new(capacity: usize) -> (Self, Reported) {
+        let (queue, rx) = tokio::sync::mpsc::channel(capacity);
+        let waiting = Arc::new(Mutex::new(HashSet::new()));
+        let reported = Reported {
+            queue: rx,
+            waiting: Arc::clone(&waiting),
+        };
+        (Self { queue, waiting }, reported)
+    }
+
+    /// Queues process `tgid` (reported from cgroup `cgroup_id`) unless it is waiting already.
+    /// False if it could not be queued (the queue is full or closed).
+    pub fn push(&self, tgid: u32, cgroup_id: u64) -> bool {
+        let mut waiting = self
+            .waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !waiting.insert(tgid) {
+            return true;
+        }
+        if self.queue.try_send((tgid, cgroup_id)).is_err() {
+            waiting.remove(&tgid);
+            return false;
+        }
+        true
+    }
+}
+
+impl Reported {
+    /// The next process to settle. It stops waiting before its settle begins, so a report
+    /// made from now on queues it again.
+    pub async fn next(&mut self) -> Option<(u32, u64)> {
+        let (tgid, cgroup_id) = self.queue.recv().await?;
+        self.waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&tgid);
+        Some((tgid, cgroup_id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_process_waits_once_however_often_it_is_reported() {
+        let (queue, mut reported) = SettleQueue::new(2);
+        for _ in 0..10_000 {
+            assert!(queue.push(7, 70), "a repeat report is covered, not refused");
+        }
+        assert!(queue.push(8, 80));
+        assert!(!queue.push(9, 90), "a third distinct process does not fit");
+        assert_eq!(reported.next().await, Some((7, 70)));
+        // Its settle has begun: a new report must queue it again.
+        assert!(queue.push(7, 71));
+        assert_eq!(reported.next().await, Some((8, 80)));
+        // 9 was refused, not left marked as waiting: it can be queued now.
+        assert!(queue.push(9, 90));
+        assert_eq!(reported.next().await, Some((7, 71)));
+        assert_eq!(reported.next().await, Some((9, 90)));
     }
 }

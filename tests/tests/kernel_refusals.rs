@@ -227,3 +227,87 @@ fn a_refusal_flood_is_audited_as_events_plus_counts() {
         total.0, total.1
     );
 }
+
+/// Sends `signal` to `pid` now, and SIGCONT when dropped: a stopped daemon is never left
+/// behind by a failing test.
+struct Stopped(i32);
+
+impl Stopped {
+    fn new(pid: i32) -> Self {
+        // SAFETY: plain kill(2) on the test's own daemon.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "SIGSTOP");
+        Self(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+#[test]
+fn a_join_the_ring_could_not_report_settles_the_whole_cgroup() {
+    let mut env = TestEnv::new("lostjoin");
+    let app = env.workload("lost.service");
+    let daemon = env.start();
+    let cgroup = format!("{}/lost.service", env.root_rel());
+    let outside = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+    let target = outside.local_addr().expect("addr").to_string();
+    std::thread::spawn(move || {
+        for mut c in outside.incoming().flatten() {
+            std::thread::spawn(move || std::io::copy(&mut c, &mut std::io::sink()));
+        }
+    });
+    // With the daemon stopped nothing drains the ring: a flood of refusals fills it, and the
+    // join that follows cannot be reported.
+    let stopped = Stopped::new(daemon.pid());
+    let flood = env.probe(Some(&app), &["udp-flood", "127.0.0.1:9", "10000"]);
+    assert_eq!(flood["refused"], 10000, "{flood}");
+    let app_dir = app.display().to_string();
+    let carry = std::thread::spawn(move || {
+        let out = Command::new(probe_bin())
+            .args(["carry-tcp", &app_dir, &target, "4000"])
+            .output()
+            .expect("probe");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("probe output")
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    drop(stopped);
+    let carried = carry.join().expect("carry");
+    // The join was reported only as a count: the daemon settled every process of the cgroup.
+    assert_eq!(
+        carried["ok"], false,
+        "the carried connection is cut: {carried}"
+    );
+    eprintln!(
+        "lost join report: connection open {} ms after the join (300 of them with the daemon stopped)",
+        carried["open_ms"]
+    );
+    let (lost, destroyed) = wait_for(10, "the lost report's records", || {
+        let recs = env.records();
+        let of = |reason: &str| {
+            recs.iter()
+                .filter(|r| r["reason"] == reason && r["workload"]["cgroup"] == cgroup.as_str())
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        let lost = of("kernel_reports_lost");
+        let destroyed = of("carried_outbound_connection_destroyed");
+        (!lost.is_empty() && !destroyed.is_empty()).then_some((lost, destroyed))
+    });
+    assert_eq!(lost[0]["decision"], "error", "{}", lost[0]);
+    assert!(lost[0]["count"].as_u64().unwrap_or(0) >= 1, "{}", lost[0]);
+    assert!(
+        destroyed[0]["workload"]["pid"].as_u64().unwrap_or(0) > 0,
+        "{}",
+        destroyed[0]
+    );
+    // The flood itself filled the ring: its refusals are counted, not lost.
+    assert!(env
+        .records()
+        .iter()
+        .any(|r| r["reason"] == "kernel_refusals_suppressed"
+            && r["workload"]["cgroup"] == cgroup.as_str()));
+}
