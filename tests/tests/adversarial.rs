@@ -291,6 +291,11 @@ fn every_way_around_the_capture_is_closed_and_audited() {
         let before = count(&env, &pred);
         let attempt = env.probe(None, &[mode, &app_dir, &target]);
         assert_eq!(attempt["ok"], false, "{item}: refused ({attempt})");
+        if mode == "passed-fd" {
+            // The join was settled before the hand-over: the refusal is the guard's doing.
+            assert_eq!(attempt["join_settled"], true, "{item}: {attempt}");
+            assert_eq!(control["join_settled"], false, "{item}: {control}");
+        }
         assert_eq!(
             attempt["errno"],
             libc::EPERM,
@@ -364,6 +369,11 @@ fn every_way_around_the_capture_is_closed_and_audited() {
             attempt["ok"], false,
             "12: a connection {what} is cut: {attempt}"
         );
+        if mode == "passed-connected" {
+            // The child's join was settled before the hand-over, so the cut is the receipt's.
+            assert_eq!(attempt["join_settled"], true, "12: {mode}: {attempt}");
+            assert_eq!(control["join_settled"], false, "12: {mode}: {control}");
+        }
         let open_ms = attempt["open_ms"].as_f64().unwrap_or(f64::MAX);
         println!(
             "12: {mode}: open {open_ms:.1} ms in the root, {} sends went through",

@@ -506,6 +506,9 @@ fn exec_without_bpf(argv: &[String]) -> Value {
     errno_json(&std::process::Command::new(program).args(rest).exec())
 }
 
+/// How long a child that joined waits for the daemon to cut its sentinel connection.
+const JOIN_SETTLE_MS: u64 = 300;
+
 /// `passed-fd DIR ADDR`: a child process joins DIR; this process, outside it, makes a TCP
 /// socket and hands it over SCM_RIGHTS; the child connects with it and reports the result.
 fn passed_fd(dir: &str, addr: SocketAddr) -> Value {
@@ -526,9 +529,11 @@ fn passed_connected(dir: &str, addr: SocketAddr, millis: u64) -> Value {
 }
 
 /// Forks a child that joins `dir`, says so, and receives one descriptor over SCM_RIGHTS;
-/// `use_it` runs in the child on it and its answer comes back. This process waits 100 ms after
-/// the join (so the join is settled before anything is handed over), then makes a TCP socket
-/// for `addr`, connects it first if `connected`, and sends it.
+/// `use_it` runs in the child on it and its answer comes back, with `join_settled`. Before it
+/// joins, the child connects to a sentinel listener of this process; after, it waits until
+/// that connection is cut (the daemon has settled the join, so what follows is the receipt's
+/// doing alone) or [`JOIN_SETTLE_MS`] pass (outside every root nothing cuts it). Then this
+/// process makes a TCP socket for `addr`, connects it first if `connected`, and sends it.
 fn hand_over(
     dir: &str,
     addr: SocketAddr,
@@ -548,15 +553,28 @@ fn hand_over(
         Ok(p) => p,
         Err(e) => return errno_json(&e.into()),
     };
+    let sentinel = match std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| {
+        let at = l.local_addr()?;
+        Ok((l, at))
+    }) {
+        Ok(s) => s,
+        Err(e) => return errno_json(&e),
+    };
     // SAFETY: this process has one thread; the child only makes syscalls and exits.
     match unsafe { nix::unistd::fork() } {
         Err(e) => errno_json(&e.into()),
         Ok(nix::unistd::ForkResult::Child) => {
             drop(ours);
-            let result = (|| -> Value {
+            let mut join_settled = false;
+            let mut result = (|| -> Value {
+                let carried = match TcpStream::connect(sentinel.1) {
+                    Ok(c) => OwnedFd::from(c),
+                    Err(e) => return errno_json(&e),
+                };
                 if let Err(answer) = join_cgroup(dir) {
                     return answer;
                 }
+                join_settled = keep_sending(&carried, JOIN_SETTLE_MS)["ok"] == false;
                 if let Err(e) = nix::unistd::write(&theirs, b"j") {
                     return errno_json(&e.into());
                 }
@@ -587,6 +605,7 @@ fn hand_over(
                 // SAFETY: the descriptor just arrived and is ours alone.
                 use_it(unsafe { OwnedFd::from_raw_fd(raw) })
             })();
+            result["join_settled"] = join_settled.into();
             let text = result.to_string();
             let _ = nix::unistd::write(&theirs, text.as_bytes());
             // SAFETY: leave the child without running the parent's exit handlers.
@@ -594,6 +613,7 @@ fn hand_over(
         }
         Ok(nix::unistd::ForkResult::Parent { child }) => {
             drop(theirs);
+            let _sentinel = sentinel;
             let mut ours = std::fs::File::from(ours);
             let mut joined = [0u8; 1];
             if ours.read_exact(&mut joined).is_err() || joined != *b"j" {
@@ -603,7 +623,6 @@ fn hand_over(
                 return serde_json::from_str(&format!("{}{text}", char::from(joined[0])))
                     .unwrap_or_else(|_| json!({ "ok": false, "error": "the child did not join" }));
             }
-            std::thread::sleep(Duration::from_millis(100));
             let fd = match socket(domain_of(addr), libc::SOCK_STREAM, 0) {
                 Ok(fd) => fd,
                 Err(e) => return errno_json(&e),
