@@ -23,6 +23,8 @@ pub enum Netns {
 /// A workload namespace, served by its own thread.
 pub struct Workload {
     requests: Mutex<mpsc::Sender<Request>>,
+    /// sock_diag sockets kept for reuse (they keep the namespace alive while held).
+    diag: Mutex<Vec<OwnedFd>>,
     /// `SO_NETNS_COOKIE` of the namespace.
     pub cookie: u64,
     /// The namespace file's inode (as in `/proc/<pid>/ns/net`).
@@ -100,6 +102,15 @@ impl Netns {
                 rx.recv()
                     .map_err(|_| io::Error::other("the namespace's thread is gone"))?
             }
+        }
+    }
+
+    /// Where this namespace keeps sock_diag sockets between uses.
+    pub fn diag_pool(&self) -> &Mutex<Vec<OwnedFd>> {
+        static HOST: Mutex<Vec<OwnedFd>> = Mutex::new(Vec::new());
+        match self {
+            Self::Host => &HOST,
+            Self::Workload(w) => &w.diag,
         }
     }
 
@@ -211,6 +222,7 @@ impl Workload {
             .map_err(|_| io::Error::other("the namespace thread died"))??;
         Ok(Self {
             requests: Mutex::new(req_tx),
+            diag: Mutex::new(Vec::new()),
             cookie,
             inode,
         })

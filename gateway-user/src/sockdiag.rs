@@ -63,8 +63,21 @@ fn send(fd: &OwnedFd, msg_type: u16, flags: u16, req: &[u8; REQ]) -> io::Result<
 
 /// Receives messages until DONE/ERROR (or one reply for non-dump requests), calling `each`
 /// with every inet_diag message body. Returns the errno of an NLMSG_ERROR (0 for an ack).
-fn recv_all(fd: &OwnedFd, dump: bool, mut each: impl FnMut(&[u8])) -> io::Result<i32> {
-    let mut buf = vec![0u8; 64 * 1024];
+fn recv_all(fd: &OwnedFd, dump: bool, each: impl FnMut(&[u8])) -> io::Result<i32> {
+    if dump {
+        recv_into(fd, true, &mut vec![0u8; 64 * 1024], each)
+    } else {
+        // One reply: an inet_diag message with a few attributes, or an error.
+        recv_into(fd, false, &mut [0u8; 4096], each)
+    }
+}
+
+fn recv_into(
+    fd: &OwnedFd,
+    dump: bool,
+    buf: &mut [u8],
+    mut each: impl FnMut(&[u8]),
+) -> io::Result<i32> {
     loop {
         // SAFETY: `buf` is a valid writable buffer.
         let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
@@ -228,12 +241,31 @@ fn id_for(local: SocketAddr, remote: SocketAddr) -> Option<(u8, [u8; 48])> {
     Some((u8::try_from(family).ok()?, id))
 }
 
-/// The socket whose local end is `local` and remote end `remote`, if one exists.
+/// The same address and port (scope and flow label aside).
+fn same(a: SocketAddr, b: SocketAddr) -> bool {
+    a.ip() == b.ip() && a.port() == b.port()
+}
+
+/// Sockets a namespace keeps for lookups; more in use at once are made and closed.
+const POOLED: usize = 8;
+
+/// The socket whose local end is `local` and remote end `remote`, if one exists. Runs once per
+/// accepted connection, so its netlink socket comes from the namespace's pool and goes back
+/// after a clean exchange (an answer about exactly this tuple, or "none"); after anything
+/// else it is closed, so no late reply can answer a later lookup.
 pub fn lookup(ns: &Netns, local: SocketAddr, remote: SocketAddr) -> io::Result<Option<TcpSock>> {
     let Some((family, id)) = id_for(local, remote) else {
         return Ok(None);
     };
-    let fd = socket(ns)?;
+    let pool = ns.diag_pool();
+    let pooled = pool
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .pop();
+    let fd = match pooled {
+        Some(fd) => fd,
+        None => socket(ns)?,
+    };
     send(
         &fd,
         SOCK_DIAG_BY_FAMILY,
@@ -242,11 +274,26 @@ pub fn lookup(ns: &Netns, local: SocketAddr, remote: SocketAddr) -> io::Result<O
     )?;
     let mut found = None;
     let errno = recv_all(&fd, false, |body| found = parse_msg(body, TCP))?;
-    match errno {
-        0 => Ok(found),
+    let answer = match errno {
+        0 => match found {
+            Some(sock) if same(sock.local, local) && same(sock.remote, remote) => Ok(Some(sock)),
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "unexpected sock_diag reply",
+                ))
+            }
+        },
         e if e == libc::ENOENT => Ok(None),
-        e => Err(io::Error::from_raw_os_error(e)),
+        e => return Err(io::Error::from_raw_os_error(e)),
+    };
+    let mut kept = pool
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if kept.len() < POOLED {
+        kept.push(fd);
     }
+    answer
 }
 
 #[cfg(test)]
@@ -266,6 +313,18 @@ mod tests {
             .expect("found")
             .cookie;
         assert_ne!(cookie, 0);
+        // Later lookups reuse the pooled netlink socket: the same answer, and a tuple with no
+        // socket is "none", not an error, nor a stale reply.
+        let again = lookup(&Netns::Host, local, remote)
+            .expect("diag")
+            .expect("found");
+        assert_eq!(again.cookie, cookie);
+        let gone = SocketAddr::new(local.ip(), 1);
+        assert!(lookup(&Netns::Host, gone, remote).expect("diag").is_none());
+        let third = lookup(&Netns::Host, local, remote)
+            .expect("diag")
+            .expect("found");
+        assert_eq!(third.cookie, cookie);
         let all = dump_tcp(&Netns::Host).expect("dump");
         let me = all
             .iter()
