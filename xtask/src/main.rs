@@ -39,7 +39,8 @@ enum Task {
     Bench {
         /// Only this part of the report: `capture` (connect, programs, identity), `http`
         /// (which ends with the goal part), `goal` (the latency goal alone: direct, Tollgate
-        /// and nginx at 1,000 kept-alive requests/s in interleaved rounds), or `policy`
+        /// and nginx at 1,000 kept-alive requests/s in interleaved rounds), `goal-new` (the
+        /// same rounds with a new connection per request), or `policy`
         /// (policy decision time, criterion; needs neither root nor the kernel side).
         #[arg(long)]
         only: Option<String>,

@@ -260,8 +260,8 @@ fn main() {
     }
     let out_dir = Path::new(args.first().map_or("target/bench", String::as_str)).to_owned();
     let only = args.get(1).map(String::as_str);
-    if only.is_some_and(|o| !["capture", "http", "goal"].contains(&o)) {
-        eprintln!("tg-bench: unknown part {only:?}: use `capture`, `http` or `goal`");
+    if only.is_some_and(|o| !["capture", "http", "goal", "goal-new"].contains(&o)) {
+        eprintln!("tg-bench: unknown part {only:?}: use `capture`, `http`, `goal` or `goal-new`");
         std::process::exit(2);
     }
     std::fs::create_dir_all(&out_dir).expect("report dir");
@@ -329,13 +329,21 @@ fn main() {
         md.push_str(&capture_section(&env, &app, &daemon, target, baseline));
     }
     if only == Some("goal") {
-        md.push_str(&goal_section(&env, &app, &daemon, &upstream, api_port));
+        md.push_str(&goal_section(
+            &env, &app, &daemon, &upstream, api_port, true,
+        ));
+    } else if only == Some("goal-new") {
+        md.push_str(&goal_section(
+            &env, &app, &daemon, &upstream, api_port, false,
+        ));
     } else if only != Some("capture") {
         md.push_str(&http_section(&env, &app, &daemon, &upstream, api_port));
         md.push_str(&streams_and_sweep(
             &out_dir, &env, &app, &upstream, api_port, &sse,
         ));
-        md.push_str(&goal_section(&env, &app, &daemon, &upstream, api_port));
+        md.push_str(&goal_section(
+            &env, &app, &daemon, &upstream, api_port, true,
+        ));
     }
     let path = out_dir.join("report.md");
     std::fs::File::create(&path)
@@ -691,15 +699,16 @@ fn start_nginx(
     Some(child)
 }
 
-/// The latency goal alone: kept-alive at 1,000 requests/s, direct, Tollgate and nginx in
-/// interleaved rounds, so drift on a noisy machine falls on all three alike; the median of
-/// the rounds' added percentiles.
+/// The latency goal alone: kept-alive (or, with `keepalive` false, a new connection per
+/// request) at 1,000 requests/s, direct, Tollgate and nginx in interleaved rounds, so drift
+/// on a noisy machine falls on all three alike; the median of the rounds' added percentiles.
 fn goal_section(
     env: &TestEnv,
     app: &Path,
     daemon: &tollgate_tests::Daemon,
     upstream: &tollgate_tests::httpbench::Upstream,
     api_port: u16,
+    keepalive: bool,
 ) -> String {
     const ROUNDS: usize = 5;
     const RATE: u64 = 1000;
@@ -717,20 +726,20 @@ fn goal_section(
     let v = |r: &Value, k: &str| r[k].as_u64().unwrap_or(0) as i64;
     let measured = |cgroup: Option<&Path>, target: SocketAddr, pid: i32, cpu: &mut Vec<u64>| {
         let before = tollgate_tests::peers::tree_cpu_ns(&[pid]);
-        let r = http_load(cgroup, target, RATE, SECS, true);
+        let r = http_load(cgroup, target, RATE, SECS, keepalive);
         let spent = tollgate_tests::peers::tree_cpu_ns(&[pid]) - before;
         cpu.push(spent / r["n"].as_u64().unwrap_or(1).max(1));
         r
     };
     // One second each, unmeasured: pooled upstream connections, the proxies' first
     // allocations and the client's own start-up are not in round 1.
-    http_load(None, upstream.plain, RATE, 1, true);
-    http_load(Some(app), gateway_target, RATE, 1, true);
+    http_load(None, upstream.plain, RATE, 1, keepalive);
+    http_load(Some(app), gateway_target, RATE, 1, keepalive);
     if nginx.is_some() {
-        http_load(None, nginx_target, RATE, 1, true);
+        http_load(None, nginx_target, RATE, 1, keepalive);
     }
     for round in 1..=ROUNDS {
-        let direct = http_load(None, upstream.plain, RATE, SECS, true);
+        let direct = http_load(None, upstream.plain, RATE, SECS, keepalive);
         let through = measured(Some(app), gateway_target, daemon.pid(), &mut cpu[0]);
         let via_nginx = nginx_pid.map(|pid| measured(None, nginx_target, pid, &mut cpu[1]));
         let mut cells = vec![format!(
@@ -777,8 +786,16 @@ fn goal_section(
                 format!("{:.1}", *ns as f64 / 1000.0)
             })
     };
+    let (title, goal) = if keepalive {
+        (
+            "HTTP latency goal: kept-alive",
+            " Goal: Tollgate's added p50 and p99 at or below nginx's, and p50 at most +100 µs.",
+        )
+    } else {
+        ("HTTP latency: a new connection per request", "")
+    };
     format!(
-        "## HTTP latency goal: kept-alive, {RATE} requests/s\n\n{ROUNDS} interleaved rounds of {SECS} s each (direct, Tollgate, nginx) after a 1 s unmeasured warm-up of each, open loop, 1 KiB `POST /v1/chat/completions`, added µs against the same round's direct run. Goal: Tollgate's added p50 and p99 at or below nginx's, and p50 at most +100 µs.\n\n| round | direct p50 / p99 / p99.9 µs | Tollgate added | nginx added |\n|---:|---|---|---|\n{rows}| median | | {} | {} |\n\nCPU per request (user and system time of every thread of the daemon, and of nginx's master and workers, over their rounds; median of the rounds): Tollgate {} µs, nginx {} µs.\n\n",
+        "## {title}, {RATE} requests/s\n\n{ROUNDS} interleaved rounds of {SECS} s each (direct, Tollgate, nginx) after a 1 s unmeasured warm-up of each, open loop, 1 KiB `POST /v1/chat/completions`, added µs against the same round's direct run.{goal}\n\n| round | direct p50 / p99 / p99.9 µs | Tollgate added | nginx added |\n|---:|---|---|---|\n{rows}| median | | {} | {} |\n\nCPU per request (user and system time of every thread of the daemon, and of nginx's master and workers, over their rounds; median of the rounds): Tollgate {} µs, nginx {} µs.\n\n",
         summary(&added[0]),
         summary(&added[1]),
         cpu_median(&mut cpu[0]),
