@@ -136,12 +136,16 @@ impl Gateway {
         Ok(origin)
     }
 
-    /// Handles one accepted connection to its end.
-    pub async fn handle(self: Arc<Self>, client: TcpStream, ns: Arc<Netns>, netns: u64) {
+    /// Handles one accepted connection (from `peer`, to `local`) to its end.
+    pub async fn handle(
+        self: Arc<Self>,
+        client: TcpStream,
+        peer: SocketAddr,
+        local: SocketAddr,
+        ns: Arc<Netns>,
+        netns: u64,
+    ) {
         let started = Instant::now();
-        let (Ok(peer), Ok(local)) = (client.peer_addr(), client.local_addr()) else {
-            return;
-        };
         let peer = canonical(peer);
         let origin = match self.take_origin(&ns, netns, peer, local) {
             Ok(o) => o,
@@ -485,11 +489,26 @@ pub async fn serve(gateway: Arc<Gateway>, listener: TcpListener, ns: Arc<Netns>)
             0
         }
     };
+    // Listeners are bound to one address, which is then every accepted socket's local end:
+    // known here, not asked for each connection.
+    let bound = listener
+        .local_addr()
+        .ok()
+        .filter(|a| !a.ip().is_unspecified());
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
+            Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(Arc::clone(&gateway).handle(stream, Arc::clone(&ns), netns));
+                let Some(local) = bound.or_else(|| stream.local_addr().ok()) else {
+                    continue;
+                };
+                tokio::spawn(Arc::clone(&gateway).handle(
+                    stream,
+                    peer,
+                    local,
+                    Arc::clone(&ns),
+                    netns,
+                ));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");

@@ -241,9 +241,14 @@ fn id_for(local: SocketAddr, remote: SocketAddr) -> Option<(u8, [u8; 48])> {
     Some((u8::try_from(family).ok()?, id))
 }
 
-/// The same address and port (scope and flow label aside).
+/// The same address and port (scope and flow label aside, and an IPv4-mapped IPv6 address as
+/// the IPv4 one: a dual-stack socket's tuple is reported in its own family).
 fn same(a: SocketAddr, b: SocketAddr) -> bool {
-    a.ip() == b.ip() && a.port() == b.port()
+    let plain = |ip: IpAddr| match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    plain(a.ip()) == plain(b.ip()) && a.port() == b.port()
 }
 
 /// Sockets a namespace keeps for lookups; more in use at once are made and closed.
@@ -299,6 +304,23 @@ pub fn lookup(ns: &Netns, local: SocketAddr, remote: SocketAddr) -> io::Result<O
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_a_dual_stack_connection_by_its_ipv4_tuple() {
+        // An AF_INET6 client reaching an IPv4 listener through ::ffff:127.0.0.1: the gateway
+        // knows its tuple as IPv4, the kernel reports it as IPv6.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let client = std::net::TcpStream::connect(("::ffff:127.0.0.1", port)).expect("connect");
+        let (server, peer) = listener.accept().expect("accept");
+        let local = server.local_addr().expect("local");
+        assert!(peer.is_ipv4() && client.local_addr().expect("client").is_ipv6());
+        let found = lookup(&Netns::Host, peer, local)
+            .expect("diag")
+            .expect("found");
+        assert_eq!(i32::from(found.family), libc::AF_INET6);
+        assert_eq!(found.local.port(), peer.port());
+    }
 
     #[test]
     fn finds_own_connection_by_tuple() {
