@@ -15,6 +15,25 @@ fn run_once(env: &TestEnv) -> (bool, String) {
     )
 }
 
+/// Runs the shell `script` in a private mount namespace, expects it to fail, and returns its
+/// stderr.
+fn fails_in_own_mounts(script: &str) -> String {
+    let out = Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .output()
+        .expect("unshare");
+    assert!(!out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// The one error line (log lines, if any, come before it).
 fn error_line(stderr: &str) -> &str {
     stderr
@@ -169,20 +188,7 @@ fn a_kernel_without_bpf_or_cgroup2_is_named() {
         tollgate_bin().display(),
         env.config.display()
     );
-    let out = Command::new("unshare")
-        .args([
-            "--mount",
-            "--propagation",
-            "private",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ])
-        .output()
-        .expect("unshare");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = fails_in_own_mounts(&script);
     assert!(
         error_line(&stderr).contains("no cgroup2 filesystem is mounted"),
         "{stderr}"
@@ -197,20 +203,7 @@ fn a_kernel_without_bpf_or_cgroup2_is_named() {
         tollgate_bin().display(),
         env.config.display()
     );
-    let out = Command::new("unshare")
-        .args([
-            "--mount",
-            "--propagation",
-            "private",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ])
-        .output()
-        .expect("unshare");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = fails_in_own_mounts(&script);
     let line = error_line(&stderr);
     assert!(
         line.contains("to the tracepoint syscalls/sys_enter_recvmsg")
