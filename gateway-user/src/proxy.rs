@@ -146,6 +146,11 @@ impl Gateway {
         netns: u64,
     ) {
         let started = Instant::now();
+        // A client that reset its socket while it waited in the accept queue has no peer any
+        // more (ENOTCONN): nothing to decide, and its tuple may already name a newer socket.
+        if client.peer_addr().is_err() {
+            return;
+        }
         let peer = canonical(peer);
         let origin = match self.take_origin(&ns, netns, peer, local) {
             Ok(o) => o,

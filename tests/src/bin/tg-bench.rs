@@ -727,7 +727,7 @@ fn goal_section(
     let measured = |cgroup: Option<&Path>, target: SocketAddr, pid: i32, cpu: &mut Vec<u64>| {
         let before = tollgate_tests::peers::tree_cpu_ns(&[pid]);
         let r = http_load(cgroup, target, RATE, SECS, keepalive);
-        let spent = tollgate_tests::peers::tree_cpu_ns(&[pid]) - before;
+        let spent = tollgate_tests::peers::tree_cpu_ns(&[pid]).saturating_sub(before);
         cpu.push(spent / r["n"].as_u64().unwrap_or(1).max(1));
         r
     };

@@ -507,7 +507,7 @@ fn exec_without_bpf(argv: &[String]) -> Value {
 }
 
 /// How long a child that joined waits for the daemon to cut its sentinel connection.
-const JOIN_SETTLE_MS: u64 = 300;
+const JOIN_SETTLE_MS: u64 = 1500;
 
 /// `passed-fd DIR ADDR`: a child process joins DIR; this process, outside it, makes a TCP
 /// socket and hands it over SCM_RIGHTS; the child connects with it and reports the result.
