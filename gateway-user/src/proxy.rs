@@ -136,11 +136,10 @@ impl Gateway {
         Ok(origin)
     }
 
-    /// Handles one accepted connection (from `peer`, to `local`) to its end.
+    /// Handles one accepted connection (to `local`) to its end.
     pub async fn handle(
         self: Arc<Self>,
         client: TcpStream,
-        peer: SocketAddr,
         local: SocketAddr,
         ns: Arc<Netns>,
         netns: u64,
@@ -148,9 +147,9 @@ impl Gateway {
         let started = Instant::now();
         // A client that reset its socket while it waited in the accept queue has no peer any
         // more (ENOTCONN): nothing to decide, and its tuple may already name a newer socket.
-        if client.peer_addr().is_err() {
+        let Ok(peer) = client.peer_addr() else {
             return;
-        }
+        };
         let peer = canonical(peer);
         let origin = match self.take_origin(&ns, netns, peer, local) {
             Ok(o) => o,
@@ -502,18 +501,12 @@ pub async fn serve(gateway: Arc<Gateway>, listener: TcpListener, ns: Arc<Netns>)
         .filter(|a| !a.ip().is_unspecified());
     loop {
         match listener.accept().await {
-            Ok((stream, peer)) => {
+            Ok((stream, _)) => {
                 let _ = stream.set_nodelay(true);
                 let Some(local) = bound.or_else(|| stream.local_addr().ok()) else {
                     continue;
                 };
-                tokio::spawn(Arc::clone(&gateway).handle(
-                    stream,
-                    peer,
-                    local,
-                    Arc::clone(&ns),
-                    netns,
-                ));
+                tokio::spawn(Arc::clone(&gateway).handle(stream, local, Arc::clone(&ns), netns));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
