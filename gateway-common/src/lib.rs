@@ -29,8 +29,9 @@ pub mod map_names {
     pub const ROOTS: &str = "TG_ROOTS";
     pub const REFUSED: &str = "TG_REFUSED";
     pub const RECVMSG: &str = "TG_RECVMSG";
-    pub const ALL: [&str; 9] = [
-        CONFIG, SOCKETS, ORIGINS, EVENTS, COUNTERS, ACCEPTED, ROOTS, REFUSED, RECVMSG,
+    pub const CARRIED: &str = "TG_CARRIED";
+    pub const ALL: [&str; 10] = [
+        CONFIG, SOCKETS, ORIGINS, EVENTS, COUNTERS, ACCEPTED, ROOTS, REFUSED, RECVMSG, CARRIED,
     ];
 }
 
@@ -42,6 +43,10 @@ pub const COUNTERS_MAX_ENTRIES: u32 = 16_384;
 pub const ACCEPTED_MAX_ENTRIES: u32 = 16_384;
 /// Threads under a root inside `recvmsg` at once.
 pub const RECVMSG_MAX_ENTRIES: u32 = 16_384;
+/// Connections carried into a root and not settled yet (`TG_CARRIED`).
+pub const CARRIED_MAX_ENTRIES: u32 = 4_096;
+/// Descriptors of one SCM_RIGHTS message the descriptor watcher looks at.
+pub const MAX_RIGHTS: u32 = 8;
 pub const EVENTS_BYTES: u32 = 256 * 1024;
 pub const MAX_RESOLVERS: usize = 4;
 /// Enforced roots one daemon may have (`TG_ROOTS`).
@@ -139,7 +144,7 @@ pub struct Config {
     /// when the kernel's BTF did not give them (then no join is reported).
     pub offsets: KernelOffsets,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 40 + 24 * MAX_RESOLVERS + 16);
+const _: () = assert!(core::mem::size_of::<Config>() == 40 + 24 * MAX_RESOLVERS + 56);
 
 /// Byte offsets of kernel struct members, read from the running kernel's BTF by the daemon.
 #[repr(C)]
@@ -160,8 +165,81 @@ pub struct KernelOffsets {
     pub task_real_parent: u16,
     /// `struct task_struct.cgroups` (its `css_set`).
     pub task_cgroups: u16,
+    /// Where the descriptor watcher finds a received descriptor's socket; all zero when the
+    /// kernel's BTF did not give them (then receipts are reported, not marked).
+    pub fds: FdOffsets,
 }
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 16);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 56);
+
+/// From a task to the socket behind one of its descriptors, and that socket's ends.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FdOffsets {
+    /// `struct task_struct.files`.
+    pub task_files: u16,
+    /// `struct files_struct.fdt`.
+    pub files_fdt: u16,
+    /// `struct fdtable.max_fds`.
+    pub fdt_max_fds: u16,
+    /// `struct fdtable.fd`.
+    pub fdt_fd: u16,
+    /// `struct file.f_inode`.
+    pub file_inode: u16,
+    /// `struct inode.i_mode`.
+    pub inode_mode: u16,
+    /// `struct file.private_data` (a socket file's `struct socket`).
+    pub file_private_data: u16,
+    /// `struct socket.sk`.
+    pub socket_sk: u16,
+    /// `struct sock.sk_cgrp_data` plus `struct sock_cgroup_data.cgroup`: the cgroup the
+    /// socket was created in.
+    pub sk_cgroup: u16,
+    /// `struct sock_common` members (`struct sock` opens with one).
+    pub skc_family: u16,
+    pub skc_daddr: u16,
+    pub skc_rcv_saddr: u16,
+    pub skc_dport: u16,
+    pub skc_num: u16,
+    pub skc_v6_daddr: u16,
+    pub skc_v6_rcv_saddr: u16,
+    /// `struct sock_common.skc_net` (a `struct net *`).
+    pub skc_net: u16,
+    /// `struct net.ns` plus `struct ns_common.inum`: the namespace's inode number.
+    pub net_inum: u16,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<FdOffsets>() == 40);
+
+/// A connection made outside every root and handed to a task under one (`TG_CARRIED`), as its
+/// socket holds it: the cgroup the socket was created in, and its ends (addresses as the
+/// kernel stores them, ports in host order). The root's egress program drops its packets
+/// until the daemon has settled it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CarriedKey {
+    pub cgroup_id: u64,
+    pub local_addr: [u32; 4],
+    pub remote_addr: [u32; 4],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub family: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<CarriedKey>() == 48);
+
+/// Who received a carried connection, and where its socket lives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CarriedMark {
+    pub tgid: u32,
+    /// Inode number of the socket's network namespace.
+    pub netns_inum: u32,
+    /// The receiver's cgroup.
+    pub cgroup_id: u64,
+    /// `bpf_ktime_get_ns()` at the receipt.
+    pub marked_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<CarriedMark>() == 24);
 
 /// The origin of a redirected socket (`TG_ORIGINS`, in the slot of its cookie): the
 /// original destination and who made the connect, as the kernel saw it in the caller's
@@ -294,7 +372,9 @@ pub const fn is_v4_mapped(addr: [u32; 4]) -> bool {
 
 #[cfg(feature = "user")]
 mod user {
-    use super::{AcceptedKey, Config, Counters, OriginSlot, RefusalEvent, SockState};
+    use super::{
+        AcceptedKey, CarriedKey, CarriedMark, Config, Counters, OriginSlot, RefusalEvent, SockState,
+    };
 
     // SAFETY: each type is `#[repr(C)]`, made only of integers and arrays of integers, with
     // every padding byte an explicit field, so any bit pattern is valid.
@@ -309,6 +389,10 @@ mod user {
     unsafe impl aya::Pod for Counters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for RefusalEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CarriedKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CarriedMark {}
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! The join watcher: raw tracepoint `cgroup_attach_task`. When a task moves into a cgroup
 //! under an enforced root, the connections it already holds were made where no program of the
-//! root saw them. The watcher tells the daemon (an event on the refusal ring), which destroys
-//! the outbound ones, as it does for connections older than enforcement. New connects on
+//! root saw them. The watcher marks them (`carried.rs`: their packets are dropped from then
+//! on) and tells the daemon (an event on the refusal ring), which destroys the outbound ones,
+//! as it does for connections older than enforcement. New connects on
 //! carried sockets meet the socket guard instead (`guard.rs`).
 use aya_ebpf::{
     helpers::bpf_probe_read_kernel, macros::raw_tracepoint, programs::RawTracePointContext,
@@ -30,6 +31,9 @@ pub fn tg_join(ctx: RawTracePointContext) -> i32 {
     if tgid == 0 {
         return 0;
     }
+    // Its connections made outside are dropped from here on, before it runs again under
+    // the root; the daemon's settle then cuts or keeps each.
+    crate::carried::mark_all(cfg, task, tgid, cgroup_id);
     ask_settle(hook::JOIN, tgid, cgroup_id);
     0
 }
@@ -70,7 +74,7 @@ pub(crate) fn enforced(cfg: &Config, mut cgroup: u64) -> bool {
 
 /// The id of the cgroup at `cgroup` (its kernfs node's id), 0 if unreadable.
 #[inline(always)]
-fn cgroup_id(cfg: &Config, cgroup: u64) -> u64 {
+pub(crate) fn cgroup_id(cfg: &Config, cgroup: u64) -> u64 {
     let kn = read::<u64>(cgroup + u64::from(cfg.offsets.cgroup_kn)).unwrap_or(0);
     if kn == 0 {
         return 0;

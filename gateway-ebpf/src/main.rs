@@ -2,12 +2,13 @@
 //! enforced root and must be idempotent: nested roots run the same program twice (the child's
 //! first). The socket guard (address hooks at the cgroup2 root) runs for every task and acts
 //! only on tasks under a root; the join watcher (raw tracepoint) and the descriptor watcher
-//! (system call tracepoints) report a task that came to hold a connection made outside every
-//! root.
+//! (system call tracepoints) mark and report a task's connections made outside every root
+//! when it comes to hold them, and the guard's egress program drops the marked ones' packets.
 #![no_std]
 #![no_main]
 
 mod bind;
+mod carried;
 mod connect;
 mod egress;
 mod getpeername;

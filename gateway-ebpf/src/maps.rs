@@ -6,9 +6,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use gateway_common::{
-    map_flags, origin_slot, AcceptedKey, Config, Counters, OriginSlot, RefusalEvent, SockState,
-    ACCEPTED_MAX_ENTRIES, COUNTERS_MAX_ENTRIES, EVENTS_BYTES, ORIGIN_SLOTS, RECVMSG_MAX_ENTRIES,
-    ROOTS_MAX_ENTRIES,
+    map_flags, origin_slot, AcceptedKey, CarriedKey, CarriedMark, Config, Counters, OriginSlot,
+    RefusalEvent, SockState, ACCEPTED_MAX_ENTRIES, CARRIED_MAX_ENTRIES, COUNTERS_MAX_ENTRIES,
+    EVENTS_BYTES, ORIGIN_SLOTS, RECVMSG_MAX_ENTRIES, ROOTS_MAX_ENTRIES,
 };
 
 /// Listener address, gateway cgroup, resolvers. Written by the daemon before attaching.
@@ -52,6 +52,14 @@ pub(crate) static TG_ROOTS: HashMap<u64, u8, { ROOTS_MAX_ENTRIES as usize }> = H
 #[btf_map]
 pub(crate) static TG_RECVMSG: LruHashMap<u64, [u64; 2], { RECVMSG_MAX_ENTRIES as usize }> =
     LruHashMap::new();
+
+/// Connections made outside every root and handed to a task under one, marked by the
+/// descriptor watcher at the receipt; the guard's egress program drops their packets until the
+/// daemon has settled them and removed the mark. Not LRU: a mark is never evicted; when the
+/// map is full the receipt is only reported.
+#[btf_map]
+pub(crate) static TG_CARRIED: HashMap<CarriedKey, CarriedMark, { CARRIED_MAX_ENTRIES as usize }> =
+    HashMap::new();
 
 /// The cookie of the last socket a root's address program refused on this CPU. The guard at
 /// the cgroup2 root runs after it in the same call and so does not report it twice.

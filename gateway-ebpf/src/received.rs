@@ -2,11 +2,13 @@
 //! `pidfd_getfd`. A task already under an enforced root can be handed a connection made
 //! outside every root: over SCM_RIGHTS, or taken from another process. No join happens, so the
 //! join watcher says nothing, and a connected socket's plain sends meet no address hook. When
-//! such a call returns a descriptor to a task under a root, this watcher tells the daemon (a
-//! `hook::RECEIVED` event), which settles that process's connections as it does after a join.
+//! such a call returns a descriptor to a task under a root, this watcher marks the
+//! connections among the descriptors received (`carried.rs`: their packets are dropped from
+//! then on) and tells the daemon (a `hook::RECEIVED` event), which settles that process's
+//! connections as it does after a join. `recvmmsg` is only reported.
 //! The same goes for a process that a parent outside every root created directly in a cgroup
 //! under one (`clone3` with `CLONE_INTO_CGROUP`): it inherits the parent's descriptors without
-//! joining; the child's own return from `clone3` reports it.
+//! joining; the child's own return from `clone3` marks its connections and reports it.
 //!
 //! These are the syscalls' own tracepoints, so the programs run for those three calls only;
 //! `recvmsg`'s entry notes the control buffer it was given (for tasks under a root) so that
@@ -16,9 +18,10 @@ use aya_ebpf::{
     macros::tracepoint,
     programs::TracePointContext,
 };
-use gateway_common::hook;
+use gateway_common::{hook, MAX_RIGHTS};
 
 use crate::{
+    carried,
     guard::task_enforced,
     join::{ask_settle, enforced, read},
     maps,
@@ -73,8 +76,13 @@ pub fn tg_recvmsg_exit(ctx: TracePointContext) -> u32 {
     let [control, len] = unsafe { *entry };
     let _ = maps::TG_RECVMSG.remove(&thread);
     let ret = returned(&ctx);
-    if ret == -EFAULT || (ret >= 0 && carries_rights(control, len)) {
+    if ret == -EFAULT {
         report(thread);
+    } else if ret >= 0 {
+        if let Some((fds, count)) = rights(control, len) {
+            mark_rights(thread, fds, count);
+            report(thread);
+        }
     }
     0
 }
@@ -90,8 +98,14 @@ pub fn tg_recvmmsg_exit(ctx: TracePointContext) -> u32 {
 
 #[tracepoint(category = "syscalls", name = "sys_exit_pidfd_getfd")]
 pub fn tg_pidfd_getfd_exit(ctx: TracePointContext) -> u32 {
-    if returned(&ctx) >= 0 && maps::config().is_some() && task_enforced() {
-        report(bpf_get_current_pid_tgid());
+    let fd = returned(&ctx);
+    let Some(cfg) = maps::config() else {
+        return 0;
+    };
+    if fd >= 0 && task_enforced() {
+        let thread = bpf_get_current_pid_tgid();
+        carried::mark(cfg, fd, (thread >> 32) as u32, maps::current_cgroup());
+        report(thread);
     }
     0
 }
@@ -121,6 +135,7 @@ pub fn tg_clone3_exit(ctx: TracePointContext) -> u32 {
     if parent == 0 || css_set == 0 || cgroup == 0 || enforced(cfg, cgroup) {
         return 0;
     }
+    carried::mark_all(cfg, task, (pid_tgid >> 32) as u32, maps::current_cgroup());
     report(pid_tgid);
     0
 }
@@ -140,35 +155,51 @@ fn report(pid_tgid: u64) {
     );
 }
 
-/// Whether the control buffer a `recvmsg` was given (at entry: `control`, `len` bytes) holds
-/// SCM_RIGHTS among its first control messages (the kernel writes them from its start).
+/// Marks the connections among the `count` descriptors (a user array of `int` at `fds`) a
+/// `recvmsg` just installed, so that their packets are dropped before the call returns.
 #[inline(always)]
-fn carries_rights(control: u64, len: u64) -> bool {
+fn mark_rights(thread: u64, fds: u64, count: u64) {
+    let Some(cfg) = maps::config() else {
+        return;
+    };
+    let cgroup = maps::current_cgroup();
+    let mut i = 0u64;
+    while i < count && i < u64::from(MAX_RIGHTS) {
+        if let Some(fd) = user::<i32>(fds + i * 4) {
+            carried::mark(cfg, i64::from(fd), (thread >> 32) as u32, cgroup);
+        }
+        i += 1;
+    }
+}
+
+/// Where the control buffer a `recvmsg` was given (at entry: `control`, `len` bytes) holds
+/// SCM_RIGHTS among its first control messages (the kernel writes them from its start): the
+/// address of its descriptors and how many there are.
+#[inline(always)]
+fn rights(control: u64, len: u64) -> Option<(u64, u64)> {
     if control == 0 {
-        return false;
+        return None;
     }
     let mut at = 0u64;
     let mut i = 0;
     while i < MAX_CMSGS {
         if at + CMSG_HEADER > len {
-            return false;
+            return None;
         }
-        let Some(cmsg_len) = user::<u64>(control + at) else {
-            return false;
-        };
+        let cmsg_len = user::<u64>(control + at)?;
         let level = user::<i32>(control + at + 8).unwrap_or(0);
         let kind = user::<i32>(control + at + 12).unwrap_or(0);
         if level == SOL_SOCKET && kind == SCM_RIGHTS {
-            return true;
+            return Some((control + at + CMSG_HEADER, cmsg_len.saturating_sub(CMSG_HEADER) / 4));
         }
         if cmsg_len < CMSG_HEADER {
-            return false;
+            return None;
         }
         // The next header starts at the length rounded up to 8 bytes.
         at += (cmsg_len + 7) & !7;
         i += 1;
     }
-    false
+    None
 }
 
 #[inline(always)]

@@ -142,10 +142,12 @@ fn kernel_btf() -> Result<Vec<u8>, BtfError> {
         .map_err(|_| BtfError::Missing("/sys/kernel/btf/vmlinux".into()))
 }
 
-/// The offsets the join and descriptor watchers follow, from the running kernel.
+/// The offsets the join and descriptor watchers follow, from the running kernel. Without
+/// the descriptor walk's (`fds` all zero, logged) receipts are still reported.
 pub fn join_offsets() -> Result<gateway_common::KernelOffsets, BtfError> {
+    let btf = kernel_btf()?;
     let o = member_offsets(
-        &kernel_btf()?,
+        &btf,
         &[
             ("cgroup", "kn"),
             ("kernfs_node", "id"),
@@ -173,12 +175,83 @@ pub fn join_offsets() -> Result<gateway_common::KernelOffsets, BtfError> {
         task_tgid: o[4],
         task_real_parent: narrow(o[6])?,
         task_cgroups: narrow(o[7])?,
+        fds: fd_offsets(&btf).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "no socket offsets from BTF: a connection handed to a process under a root works until the daemon destroys it");
+            gateway_common::FdOffsets::default()
+        }),
+    })
+}
+
+/// From a task's descriptor table to a socket's ends and namespace.
+fn fd_offsets(btf: &[u8]) -> Result<gateway_common::FdOffsets, BtfError> {
+    let o = member_offsets(
+        btf,
+        &[
+            ("task_struct", "files"),
+            ("files_struct", "fdt"),
+            ("fdtable", "max_fds"),
+            ("fdtable", "fd"),
+            ("file", "f_inode"),
+            ("inode", "i_mode"),
+            ("file", "private_data"),
+            ("socket", "sk"),
+            ("sock", "sk_cgrp_data"),
+            ("sock_cgroup_data", "cgroup"),
+            ("sock", "__sk_common"),
+            ("sock_common", "skc_family"),
+            ("sock_common", "skc_daddr"),
+            ("sock_common", "skc_rcv_saddr"),
+            ("sock_common", "skc_dport"),
+            ("sock_common", "skc_num"),
+            ("sock_common", "skc_v6_daddr"),
+            ("sock_common", "skc_v6_rcv_saddr"),
+            ("sock_common", "skc_net"),
+            ("net", "ns"),
+            ("ns_common", "inum"),
+        ],
+    )?;
+    if o[10] != 0 {
+        return Err(BtfError::Missing(
+            "struct sock opening with `__sk_common`".into(),
+        ));
+    }
+    let narrow = |v: u32| u16::try_from(v).map_err(|_| BtfError::Malformed(v as usize));
+    Ok(gateway_common::FdOffsets {
+        task_files: narrow(o[0])?,
+        files_fdt: narrow(o[1])?,
+        fdt_max_fds: narrow(o[2])?,
+        fdt_fd: narrow(o[3])?,
+        file_inode: narrow(o[4])?,
+        inode_mode: narrow(o[5])?,
+        file_private_data: narrow(o[6])?,
+        socket_sk: narrow(o[7])?,
+        sk_cgroup: narrow(o[8] + o[9])?,
+        skc_family: narrow(o[11])?,
+        skc_daddr: narrow(o[12])?,
+        skc_rcv_saddr: narrow(o[13])?,
+        skc_dport: narrow(o[14])?,
+        skc_num: narrow(o[15])?,
+        skc_v6_daddr: narrow(o[16])?,
+        skc_v6_rcv_saddr: narrow(o[17])?,
+        skc_net: narrow(o[18])?,
+        net_inum: narrow(o[19] + o[20])?,
+        _pad: 0,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn running_kernel_gives_the_socket_offsets() {
+        let btf = kernel_btf().expect("the kernel's BTF (/sys/kernel/btf/vmlinux)");
+        let o = fd_offsets(&btf).expect("socket offsets");
+        println!("{o:?}");
+        assert!(o.task_files > 0 && o.fdt_fd > 0 && o.socket_sk > 0, "{o:?}");
+        assert_ne!(o.skc_daddr, o.skc_rcv_saddr, "{o:?}");
+        assert_ne!(o.skc_dport, o.skc_num, "{o:?}");
+    }
 
     /// A hand-built BTF blob: `struct task_struct { int a; struct { long start_boottime; }; }`.
     fn blob() -> Vec<u8> {

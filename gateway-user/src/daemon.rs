@@ -12,7 +12,8 @@ use std::{
 };
 
 use gateway_common::{
-    ip4_word, ip6_words, AcceptedKey, Config as KernelConfig, Resolver, AF_INET, AF_INET6,
+    ip4_word, ip6_words, AcceptedKey, CarriedKey, CarriedMark, Config as KernelConfig, Resolver,
+    AF_INET, AF_INET6,
 };
 
 use crate::{
@@ -338,6 +339,30 @@ pub enum Settle<'a> {
         cgroup_id: u64,
         inodes: &'a HashSet<u32>,
     },
+    /// Connections the descriptor watcher marked when a process under a root received them
+    /// (by their ends), with who received each.
+    Carried {
+        marks: &'a std::collections::HashMap<(SocketAddr, SocketAddr), CarriedMark>,
+    },
+}
+
+/// The ends of a marked connection, as sock_diag reports them.
+pub fn carried_ends(key: &CarriedKey) -> (SocketAddr, SocketAddr) {
+    let addr = |words: &[u32; 4]| -> IpAddr {
+        if key.family == AF_INET {
+            IpAddr::from(words[0].to_ne_bytes())
+        } else {
+            let mut b = [0u8; 16];
+            for (i, w) in words.iter().enumerate() {
+                b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+            }
+            IpAddr::from(b)
+        }
+    };
+    (
+        SocketAddr::new(addr(&key.local_addr), key.local_port),
+        SocketAddr::new(addr(&key.remote_addr), key.remote_port),
+    )
 }
 
 /// When enforcement starts: destroys outbound TCP connections that already existed under the
@@ -349,7 +374,8 @@ pub fn settle_existing(
     accepted: &Mutex<AcceptedMap>,
     audit: &AuditLog,
     scope: &Settle<'_>,
-) -> Result<(), RunError> {
+) -> Result<Settled, RunError> {
+    let mut settled = Settled::default();
     let dirs: Vec<PathBuf> = config
         .roots
         .iter()
@@ -363,16 +389,26 @@ pub fn settle_existing(
     let (inodes, prefix) = match scope {
         Settle::Roots => (socket_inodes(&dirs), "preexisting"),
         Settle::Joined { inodes, .. } => ((*inodes).clone(), "carried"),
+        // Only what a process under a root still holds: a child that inherited its parent's
+        // connections and closed them at once (as runtimes do) takes nothing from the parent.
+        Settle::Carried { .. } => (socket_inodes(&dirs), "carried"),
     };
+    let is_mark = |s: &sockdiag::TcpSock| match scope {
+        Settle::Carried { marks } => marks.contains_key(&(s.local, s.remote)),
+        _ => false,
+    };
+    let marked = |s: &sockdiag::TcpSock| is_mark(s) && inodes.contains(&s.inode);
     let mut socks = sockdiag::dump_tcp(ns)?;
-    if let Settle::Joined { .. } = scope {
+    if !matches!(scope, Settle::Roots) {
         // A connected UDP socket sends without naming an address, so no address program sees
         // its datagrams; one carried in is cut like a TCP connection.
-        socks.extend(
-            sockdiag::dump_udp(ns)?
-                .into_iter()
-                .filter(|s| s.state == sockdiag::TCP_ESTABLISHED && inodes.contains(&s.inode)),
-        );
+        socks.extend(sockdiag::dump_udp(ns)?.into_iter().filter(|s| {
+            s.state == sockdiag::TCP_ESTABLISHED
+                && match scope {
+                    Settle::Carried { .. } => is_mark(s),
+                    _ => inodes.contains(&s.inode),
+                }
+        }));
     }
     let listening: Vec<SocketAddr> = socks
         .iter()
@@ -393,12 +429,16 @@ pub fn settle_existing(
             && (ip == IpAddr::V4(config.listener_v4) || ip == IpAddr::V6(config.listener_v6))
     };
     for s in &socks {
+        if is_mark(s) {
+            settled.present.insert((s.local, s.remote));
+        }
         let under_root = s.cgroup_id.is_some_and(|id| ids.contains(&id));
         let enforced = match scope {
             Settle::Roots => under_root || inodes.contains(&s.inode),
             // Only what was made outside the roots: a socket the process made after joining
             // met the roots' programs.
             Settle::Joined { .. } => !under_root && inodes.contains(&s.inode),
+            Settle::Carried { .. } => !under_root && marked(s),
         };
         let udp = s.protocol == sockdiag::UDP;
         if !enforced
@@ -409,15 +449,21 @@ pub fn settle_existing(
             continue;
         }
         let mut r = AuditRecord::new(Verdict::Deny, Layer::Lifecycle, "");
-        let owner = match scope {
-            Settle::Joined { cgroup_id, .. } => Some(*cgroup_id),
-            Settle::Roots => s.cgroup_id,
+        let (owner, tgid) = match scope {
+            Settle::Joined {
+                cgroup_id, tgid, ..
+            } => (Some(*cgroup_id), Some(*tgid)),
+            Settle::Carried { marks } => {
+                let m = marks.get(&(s.local, s.remote));
+                (m.map(|m| m.cgroup_id), m.map(|m| m.tgid))
+            }
+            Settle::Roots => (s.cgroup_id, None),
         };
         let cg = owner.and_then(|id| cgroup::path_of_id(mount, id));
         let mut workload = WorkloadRecord::of_cgroup(owner.unwrap_or(0), cg.as_ref());
-        if let Settle::Joined { tgid, .. } = scope {
-            workload.pid = *tgid;
-            workload.tgid = *tgid;
+        if let Some(tgid) = tgid {
+            workload.pid = tgid;
+            workload.tgid = tgid;
         }
         r.workload = workload.into();
         r.dst.orig_ip = Some(s.remote.ip().to_string());
@@ -441,8 +487,18 @@ pub fn settle_existing(
             }
         }
         audit.emit(r);
+        settled.acted.insert((s.local, s.remote));
     }
-    Ok(())
+    Ok(settled)
+}
+
+/// What a settle found, by the connections' ends.
+#[derive(Debug, Default)]
+pub struct Settled {
+    /// Destroyed or kept, each with its audit record.
+    pub acted: HashSet<(SocketAddr, SocketAddr)>,
+    /// Marked connections that still exist (acted on or not).
+    pub present: HashSet<(SocketAddr, SocketAddr)>,
 }
 
 /// Every proxied connection holds two descriptors (client and upstream): the soft limit goes
@@ -550,7 +606,11 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> Result<(), RunError> {
         audit: audit.clone(),
         identities: crate::identity::IdentityCache::default(),
     });
-    let namespaces = Arc::new(Namespaces::new(Arc::clone(&gateway), accepted)?);
+    let namespaces = Arc::new(Namespaces::new(
+        Arc::clone(&gateway),
+        accepted,
+        maps.carried,
+    )?);
     runtime.block_on(async {
         let host = Arc::new(Netns::Host);
         for l in listeners {
@@ -587,6 +647,9 @@ type Attached = (Kernel, ebpf::RuntimeMaps);
 
 /// The map of connections accepted before enforcement started.
 pub type AcceptedMap = aya::maps::HashMap<aya::maps::MapData, AcceptedKey, u8>;
+
+/// The marks of connections carried into a root (`TG_CARRIED`).
+pub type CarriedMap = aya::maps::HashMap<aya::maps::MapData, CarriedKey, CarriedMark>;
 
 fn attach_all(
     config: &Config,

@@ -21,7 +21,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use gateway_common::{
-    map_names, AcceptedKey, Config as KernelConfig, Counters, OriginSlot, SockState,
+    map_names, AcceptedKey, CarriedKey, CarriedMark, Config as KernelConfig, Counters, OriginSlot,
+    SockState,
 };
 
 use crate::{bpf_sys, cgroup::CgroupPath};
@@ -41,9 +42,8 @@ pub enum EbpfError {
         source: aya::programs::ProgramError,
     },
     #[error(
-        "cannot attach {name} to the tracepoint {tracepoint}: {source}: the descriptor and join \
-         watchers need syscall tracepoints (CONFIG_FTRACE_SYSCALLS) and tracefs (mounted at \
-         /sys/kernel/tracing or /sys/kernel/debug/tracing)"
+        "cannot attach {name} to the tracepoint {tracepoint}: {source}: {}",
+        watcher_hint(.tracepoint)
     )]
     Watcher {
         name: &'static str,
@@ -83,12 +83,24 @@ pub enum EbpfError {
     Query(#[source] std::io::Error),
 }
 
+/// What a watcher that cannot attach at `tracepoint` needs from the kernel.
+fn watcher_hint(tracepoint: &str) -> &'static str {
+    if tracepoint.starts_with("raw ") {
+        "the join watcher needs raw tracepoint programs (kernel 4.17 or later) and the \
+         cgroup_attach_task tracepoint"
+    } else {
+        "the descriptor watcher needs syscall tracepoints (CONFIG_FTRACE_SYSCALLS) and tracefs \
+         (mounted at /sys/kernel/tracing or /sys/kernel/debug/tracing)"
+    }
+}
+
 /// The socket guard's programs (attached at the cgroup2 root), with their attach types.
-pub const GUARD_PROGRAMS: [(&str, u32); 4] = [
+pub const GUARD_PROGRAMS: [(&str, u32); 5] = [
     ("tg_guard_connect4", 10),
     ("tg_guard_connect6", 11),
     ("tg_guard_sendmsg4", 14),
     ("tg_guard_sendmsg6", 15),
+    ("tg_guard_egress", 1),
 ];
 
 /// Where a watcher attaches.
@@ -139,7 +151,7 @@ pub const PROGRAMS: [(&str, u32); 10] = [
 fn hook_of(name: &str) -> Hook {
     match name {
         "tg_sock_create" => Hook::SockCreate,
-        "tg_egress" => Hook::Egress,
+        "tg_egress" | "tg_guard_egress" => Hook::Egress,
         _ => Hook::Addr,
     }
 }
@@ -189,6 +201,13 @@ fn expected_layout(name: &str) -> Option<(MapType, u32, u32, u32, u32)> {
             gateway_common::RECVMSG_MAX_ENTRIES,
             0,
         ),
+        map_names::CARRIED => (
+            MapType::Hash,
+            s(size_of::<CarriedKey>()),
+            s(size_of::<CarriedMark>()),
+            gateway_common::CARRIED_MAX_ENTRIES,
+            0,
+        ),
         _ => return None,
     })
 }
@@ -213,6 +232,7 @@ pub struct RuntimeMaps {
     pub events: RingBuf<MapData>,
     pub counters: PerCpuHashMap<MapData, u64, Counters>,
     pub accepted: HashMap<MapData, AcceptedKey, u8>,
+    pub carried: HashMap<MapData, CarriedKey, CarriedMark>,
 }
 
 pub fn maps_dir(pin_dir: &Path) -> PathBuf {
@@ -491,12 +511,14 @@ impl Kernel {
         let events = take(map_names::EVENTS)?;
         let counters = take(map_names::COUNTERS)?;
         let accepted = take(map_names::ACCEPTED)?;
+        let carried = take(map_names::CARRIED)?;
         let m = |name: &'static str| move |source| EbpfError::Map { name, source };
         Ok(RuntimeMaps {
             origins: Array::try_from(origins).map_err(m(map_names::ORIGINS))?,
             events: RingBuf::try_from(events).map_err(m(map_names::EVENTS))?,
             counters: PerCpuHashMap::try_from(counters).map_err(m(map_names::COUNTERS))?,
             accepted: HashMap::try_from(accepted).map_err(m(map_names::ACCEPTED))?,
+            carried: HashMap::try_from(carried).map_err(m(map_names::CARRIED))?,
         })
     }
 }

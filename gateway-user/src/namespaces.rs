@@ -14,6 +14,7 @@ use std::{
     time::Duration,
 };
 
+use gateway_common::CarriedMark;
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::UnixListener,
@@ -23,7 +24,7 @@ use tokio::{
 use crate::{
     audit::{AuditRecord, Layer, Verdict},
     cgroup,
-    daemon::{settle_existing, sockets_of, AcceptedMap, Settle},
+    daemon::{carried_ends, settle_existing, sockets_of, AcceptedMap, CarriedMap, Settle},
     netns::{Netns, Workload},
     proxy::{self, Gateway},
 };
@@ -39,6 +40,7 @@ struct Entry {
 pub struct Namespaces {
     gateway: Arc<Gateway>,
     accepted: Arc<Mutex<AcceptedMap>>,
+    carried: Mutex<CarriedMap>,
     host_inode: u64,
     entries: Mutex<HashMap<u64, Entry>>,
 }
@@ -48,12 +50,17 @@ fn inode_of(path: &std::path::Path) -> Option<u64> {
 }
 
 impl Namespaces {
-    pub fn new(gateway: Arc<Gateway>, accepted: Arc<Mutex<AcceptedMap>>) -> io::Result<Self> {
+    pub fn new(
+        gateway: Arc<Gateway>,
+        accepted: Arc<Mutex<AcceptedMap>>,
+        carried: CarriedMap,
+    ) -> io::Result<Self> {
         let host_inode = inode_of(std::path::Path::new("/proc/self/ns/net"))
             .ok_or_else(|| io::Error::other("cannot read /proc/self/ns/net"))?;
         Ok(Self {
             gateway,
             accepted,
+            carried: Mutex::new(carried),
             host_inode,
             entries: Mutex::new(HashMap::new()),
         })
@@ -146,6 +153,8 @@ impl Namespaces {
     /// Adopts namespaces of processes under the roots that no runtime registered, and stops
     /// serving namespaces nobody uses any more.
     pub fn sweep(&self) {
+        // Marks left by a settle that failed, a lost report, or a daemon that stopped.
+        self.settle_carried();
         let used = self.in_use();
         let known: HashSet<u64> = self
             .entries
@@ -272,11 +281,107 @@ impl Namespaces {
         }
     }
 
-    /// Settles each process the join and descriptor watchers report.
+    /// Settles the connections the descriptor watcher marked (their packets are dropped
+    /// meanwhile): an outbound one is destroyed, one a server accepted is kept, and the mark
+    /// goes once its socket has been looked at. A mark whose socket lives in a namespace not
+    /// served stays (its packets stay dropped) and is logged. Blocking.
+    pub fn settle_carried(&self) {
+        let marks: Vec<_> = {
+            let map = self
+                .carried
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            map.iter().flatten().collect()
+        };
+        if marks.is_empty() {
+            return;
+        }
+        let mut by_ns: HashMap<u32, Vec<_>> = HashMap::new();
+        for (key, mark) in marks {
+            by_ns.entry(mark.netns_inum).or_default().push((key, mark));
+        }
+        for (inum, marks) in by_ns {
+            let ns = if u64::from(inum) == self.host_inode {
+                Some(Arc::new(Netns::Host))
+            } else {
+                self.entries
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get(&u64::from(inum))
+                    .map(|e| Arc::clone(&e.ns))
+            };
+            let Some(ns) = ns else {
+                tracing::warn!(
+                    netns_inode = inum,
+                    count = marks.len(),
+                    "connections carried into a root from a namespace that is not served stay cut"
+                );
+                continue;
+            };
+            let ends: HashMap<_, _> = marks
+                .iter()
+                .map(|(key, mark)| (carried_ends(key), *mark))
+                .collect();
+            let scope = Settle::Carried { marks: &ends };
+            let settled = match settle_existing(
+                &self.gateway.config,
+                &self.gateway.cgroup_mount,
+                &ns,
+                &self.accepted,
+                &self.gateway.audit,
+                &scope,
+            ) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not settle carried connections; their packets stay dropped");
+                    continue;
+                }
+            };
+            for (ends, mark) in &ends {
+                if !settled.acted.contains(ends) {
+                    self.audit_unheld(*ends, mark, settled.present.contains(ends));
+                }
+            }
+            let mut map = self
+                .carried
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (key, _) in &marks {
+                let _ = map.remove(key);
+            }
+        }
+    }
+
+    /// The record of a marked connection the settle found no process under a root holding:
+    /// closed before the settle (its packets were dropped until then), or still open outside
+    /// only (released: a child that inherited it and closed its copy).
+    fn audit_unheld(&self, (_, remote): (SocketAddr, SocketAddr), mark: &CarriedMark, open: bool) {
+        let (decision, reason) = if open {
+            (Verdict::Allow, "carried_connection_released")
+        } else {
+            (Verdict::Deny, "carried_connection_dropped_until_closed")
+        };
+        let mut r = AuditRecord::new(decision, Layer::Lifecycle, reason);
+        let cg = cgroup::path_of_id(&self.gateway.cgroup_mount, mark.cgroup_id);
+        let mut workload = crate::audit::WorkloadRecord::of_cgroup(mark.cgroup_id, cg.as_ref());
+        workload.pid = mark.tgid;
+        workload.tgid = mark.tgid;
+        r.workload = workload.into();
+        r.dst.orig_ip = Some(remote.ip().to_string());
+        r.dst.orig_port = Some(remote.port());
+        self.gateway.audit.emit(r);
+    }
+
+    /// Settles each process the join and descriptor watchers report: first the connections
+    /// marked at a receipt, then whatever else the process holds that was made outside.
     pub async fn settle_joins(self: Arc<Self>, mut joins: Reported) {
         while let Some((tgid, cgroup_id)) = joins.next().await {
             let me = Arc::clone(&self);
-            let _ = tokio::task::spawn_blocking(move || me.settle_joined(tgid, cgroup_id)).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                me.settle_carried();
+                me.settle_joined(tgid, cgroup_id);
+            })
+            .await;
         }
     }
 
@@ -298,21 +403,22 @@ impl Namespaces {
 /// busy socket) holds one place, and the queue fills only with that many distinct processes.
 #[derive(Clone, Debug)]
 pub struct SettleQueue {
-    queue: tokio::sync::mpsc::Sender<(u32, u64)>,
-    waiting: Arc<Mutex<HashSet<u32>>>,
+    queue: tokio::sync::mpsc::Sender<u32>,
+    /// Each waiting process, with the cgroup of its latest report.
+    waiting: Arc<Mutex<HashMap<u32, u64>>>,
 }
 
 /// The settling end of a [`SettleQueue`].
 pub struct Reported {
-    queue: tokio::sync::mpsc::Receiver<(u32, u64)>,
-    waiting: Arc<Mutex<HashSet<u32>>>,
+    queue: tokio::sync::mpsc::Receiver<u32>,
+    waiting: Arc<Mutex<HashMap<u32, u64>>>,
 }
 
 impl SettleQueue {
     /// A queue with room for `capacity` distinct processes.
     pub fn new(capacity: usize) -> (Self, Reported) {
         let (queue, rx) = tokio::sync::mpsc::channel(capacity);
-        let waiting = Arc::new(Mutex::new(HashSet::new()));
+        let waiting = Arc::new(Mutex::new(HashMap::new()));
         let reported = Reported {
             queue: rx,
             waiting: Arc::clone(&waiting),
@@ -320,17 +426,20 @@ impl SettleQueue {
         (Self { queue, waiting }, reported)
     }
 
-    /// Queues process `tgid` (reported from cgroup `cgroup_id`) unless it is waiting already.
-    /// False if it could not be queued (the queue is full or closed).
+    /// Queues process `tgid` (reported from cgroup `cgroup_id`) unless it is waiting already;
+    /// then its settle is for the latest cgroup reported (it may have moved on). False if it
+    /// could not be queued (the queue is full or closed).
     pub fn push(&self, tgid: u32, cgroup_id: u64) -> bool {
         let mut waiting = self
             .waiting
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !waiting.insert(tgid) {
+        if let Some(latest) = waiting.get_mut(&tgid) {
+            *latest = cgroup_id;
             return true;
         }
-        if self.queue.try_send((tgid, cgroup_id)).is_err() {
+        waiting.insert(tgid, cgroup_id);
+        if self.queue.try_send(tgid).is_err() {
             waiting.remove(&tgid);
             return false;
         }
@@ -342,12 +451,18 @@ impl Reported {
     /// The next process to settle. It stops waiting before its settle begins, so a report
     /// made from now on queues it again.
     pub async fn next(&mut self) -> Option<(u32, u64)> {
-        let (tgid, cgroup_id) = self.queue.recv().await?;
-        self.waiting
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&tgid);
-        Some((tgid, cgroup_id))
+        loop {
+            let tgid = self.queue.recv().await?;
+            // Always there: a process is queued once, and stops waiting only here.
+            if let Some(cgroup_id) = self
+                .waiting
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&tgid)
+            {
+                return Some((tgid, cgroup_id));
+            }
+        }
     }
 }
 
@@ -364,9 +479,11 @@ mod tests {
         assert!(queue.push(8, 80));
         assert!(!queue.push(9, 90), "a third distinct process does not fit");
         assert_eq!(reported.next().await, Some((7, 70)));
+        // A process reported again from another cgroup while waiting is settled for that one.
+        assert!(queue.push(8, 81));
         // Its settle has begun: a new report must queue it again.
         assert!(queue.push(7, 71));
-        assert_eq!(reported.next().await, Some((8, 80)));
+        assert_eq!(reported.next().await, Some((8, 81)));
         // 9 was refused, not left marked as waiting: it can be queued now.
         assert!(queue.push(9, 90));
         assert_eq!(reported.next().await, Some((7, 71)));

@@ -512,7 +512,7 @@ const JOIN_SETTLE_MS: u64 = 1500;
 /// `passed-fd DIR ADDR`: a child process joins DIR; this process, outside it, makes a TCP
 /// socket and hands it over SCM_RIGHTS; the child connects with it and reports the result.
 fn passed_fd(dir: &str, addr: SocketAddr) -> Value {
-    hand_over(dir, addr, false, |fd| {
+    hand_over(dir, addr, false, Handover::Rights, |fd| {
         if let Err(e) = connect(&fd, addr) {
             return errno_json(&e);
         }
@@ -525,7 +525,46 @@ fn passed_fd(dir: &str, addr: SocketAddr) -> Value {
 /// child sends a byte every millisecond on it until a send fails or MILLIS pass. Reports how
 /// long the connection kept working in the child's hands.
 fn passed_connected(dir: &str, addr: SocketAddr, millis: u64) -> Value {
-    hand_over(dir, addr, true, |fd| keep_sending(&fd, millis))
+    hand_over(dir, addr, true, Handover::Rights, |fd| {
+        keep_sending(&fd, millis)
+    })
+}
+
+/// `taken-connected DIR ADDR MILLIS`: as `passed-connected`, but the child takes the
+/// connection from this process with `pidfd_getfd` instead of receiving it.
+fn taken_connected(dir: &str, addr: SocketAddr, millis: u64) -> Value {
+    hand_over(dir, addr, true, Handover::Take, |fd| {
+        keep_sending(&fd, millis)
+    })
+}
+
+/// How the connection reaches the child.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Handover {
+    /// Sent over SCM_RIGHTS.
+    Rights,
+    /// Its descriptor number is sent; the child takes it with `pidfd_getfd`.
+    Take,
+}
+
+/// In the child: the parent's descriptor `fd`, taken with `pidfd_open` and `pidfd_getfd`.
+fn take_from_parent(fd: i32) -> Result<OwnedFd, Value> {
+    let parent = nix::unistd::getppid().as_raw();
+    // SAFETY: plain system calls with integer arguments; each result is checked.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, parent, 0) };
+    if pidfd < 0 {
+        return Err(errno_json(&std::io::Error::last_os_error()));
+    }
+    // SAFETY: as above; the pidfd is closed right after.
+    let taken = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd as i32, fd, 0) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: the pidfd is ours and not used again.
+    unsafe { libc::close(pidfd as i32) };
+    if taken < 0 {
+        return Err(errno_json(&err));
+    }
+    // SAFETY: a new descriptor that is ours alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(taken as i32) })
 }
 
 /// Forks a child that joins `dir`, says so, and receives one descriptor over SCM_RIGHTS;
@@ -538,6 +577,7 @@ fn hand_over(
     dir: &str,
     addr: SocketAddr,
     connected: bool,
+    how: Handover,
     use_it: impl FnOnce(OwnedFd) -> Value,
 ) -> Value {
     use nix::sys::socket::{
@@ -577,6 +617,23 @@ fn hand_over(
                 join_settled = keep_sending(&carried, JOIN_SETTLE_MS)["ok"] == false;
                 if let Err(e) = nix::unistd::write(&theirs, b"j") {
                     return errno_json(&e.into());
+                }
+                if how == Handover::Take {
+                    let mut number = [0u8; 16];
+                    let n = match nix::unistd::read(theirs.as_raw_fd(), &mut number) {
+                        Ok(n) => n,
+                        Err(e) => return errno_json(&e.into()),
+                    };
+                    let Some(fd) = std::str::from_utf8(&number[..n])
+                        .ok()
+                        .and_then(|t| t.trim().parse::<i32>().ok())
+                    else {
+                        return json!({ "ok": false, "error": "no descriptor number" });
+                    };
+                    return match take_from_parent(fd) {
+                        Ok(fd) => use_it(fd),
+                        Err(answer) => answer,
+                    };
                 }
                 let mut byte = [0u8; 1];
                 let mut iov = [std::io::IoSliceMut::new(&mut byte)];
@@ -633,19 +690,26 @@ fn hand_over(
                 }
             }
             let fds = [fd.as_raw_fd()];
-            let iov = [std::io::IoSlice::new(b"s")];
-            if let Err(e) = sendmsg::<()>(
-                ours.as_raw_fd(),
-                &iov,
-                &[ControlMessage::ScmRights(&fds)],
-                MsgFlags::empty(),
-                None,
-            ) {
-                return errno_json(&e.into());
+            if how == Handover::Take {
+                if let Err(e) = ours.write_all(fd.as_raw_fd().to_string().as_bytes()) {
+                    return errno_json(&e);
+                }
+            } else {
+                let iov = [std::io::IoSlice::new(b"s")];
+                if let Err(e) = sendmsg::<()>(
+                    ours.as_raw_fd(),
+                    &iov,
+                    &[ControlMessage::ScmRights(&fds)],
+                    MsgFlags::empty(),
+                    None,
+                ) {
+                    return errno_json(&e.into());
+                }
             }
-            drop(fd);
             let mut text = String::new();
             let _ = ours.read_to_string(&mut text);
+            // Held until the child is done: it may take it from here.
+            drop(fd);
             let _ = nix::sys::wait::waitpid(child, None);
             serde_json::from_str(&text)
                 .unwrap_or_else(|_| json!({ "ok": false, "error": format!("child said {text:?}") }))
@@ -702,7 +766,10 @@ fn keep_sending(fd: &OwnedFd, millis: u64) -> Value {
 /// `clone-into DIR ADDR MILLIS`: connects to ADDR from here, outside, then makes a child
 /// directly in DIR (`clone3` with `CLONE_INTO_CGROUP`: no join), which inherits the connection
 /// and sends a byte every millisecond on it until a send fails or MILLIS pass.
-fn clone_into(dir: &str, addr: SocketAddr, millis: u64) -> Value {
+///
+/// With `child_closes` (`clone-into-closes`), the child closes the inherited connection at
+/// once and exits, as a runtime's child does; then this process, outside, sends on it.
+fn clone_into(dir: &str, addr: SocketAddr, millis: u64, child_closes: bool) -> Value {
     /// `struct clone_args` up to `cgroup` (CLONE_ARGS_SIZE_VER2).
     #[repr(C)]
     #[derive(Default)]
@@ -755,18 +822,28 @@ fn clone_into(dir: &str, addr: SocketAddr, millis: u64) -> Value {
     }
     if pid == 0 {
         drop(read_end);
-        let text = keep_sending(&fd, millis).to_string();
+        let text = if child_closes {
+            drop(fd);
+            json!({ "ok": true }).to_string()
+        } else {
+            keep_sending(&fd, millis).to_string()
+        };
         let _ = nix::unistd::write(&write_end, text.as_bytes());
         // SAFETY: leave the child without running the parent's exit handlers.
         unsafe { libc::_exit(0) }
     }
     drop(write_end);
-    drop(fd);
     let mut text = String::new();
     let _ = std::fs::File::from(read_end).read_to_string(&mut text);
     let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None);
-    serde_json::from_str(&text)
-        .unwrap_or_else(|_| json!({ "ok": false, "error": format!("child said {text:?}") }))
+    let child: Value = serde_json::from_str(&text)
+        .unwrap_or_else(|_| json!({ "ok": false, "error": format!("child said {text:?}") }));
+    if !child_closes || child["ok"] != true {
+        return child;
+    }
+    // The child is gone and held the connection for an instant only: it is still ours.
+    std::thread::sleep(Duration::from_millis(100));
+    keep_sending(&fd, millis)
 }
 
 /// `flood ADDR N`: N non-blocking connects, each closed at once; every connect records an
@@ -828,7 +905,13 @@ fn main() {
         Some("join-udp") => udp(addr(2), false, false, Some(&args[1])),
         Some("join-udp-connect") => udp(addr(2), false, true, Some(&args[1])),
         Some("passed-fd") => passed_fd(&args[1], addr(2)),
-        Some("clone-into") => clone_into(
+        Some(mode @ ("clone-into" | "clone-into-closes")) => clone_into(
+            &args[1],
+            addr(2),
+            args.get(3).and_then(|m| m.parse().ok()).unwrap_or(3000),
+            mode == "clone-into-closes",
+        ),
+        Some("taken-connected") => taken_connected(
             &args[1],
             addr(2),
             args.get(3).and_then(|m| m.parse().ok()).unwrap_or(3000),
