@@ -138,7 +138,7 @@ pub async fn watch_counters(
                 cgroup_id,
                 path_of_id(&cgroup_mount, cgroup_id).as_ref(),
             ));
-            let lost = sum.events_lost.saturating_sub(last.events_lost);
+            let lost = grown(sum.events_lost, last.events_lost);
             if lost > 0 {
                 let mut r =
                     AuditRecord::new(Verdict::Deny, Layer::Kernel, "kernel_refusals_suppressed");
@@ -146,7 +146,7 @@ pub async fn watch_counters(
                 r.count = Some(lost);
                 audit.emit(r);
             }
-            let reports_lost = sum.reports_lost.saturating_sub(last.reports_lost);
+            let reports_lost = grown(sum.reports_lost, last.reports_lost);
             if reports_lost > 0 {
                 // Which process joined, or received descriptors, is not known: every process
                 // of the cgroup is settled as if it had reported.
@@ -169,7 +169,7 @@ pub async fn watch_counters(
                 r.count = Some(reports_lost);
                 audit.emit(r);
             }
-            let dns = sum.dns_allowed.saturating_sub(last.dns_allowed);
+            let dns = grown(sum.dns_allowed, last.dns_allowed);
             if dns > 0 {
                 let mut r =
                     AuditRecord::new(Verdict::Allow, Layer::Kernel, "dns_to_allowed_resolver");
@@ -182,8 +182,31 @@ pub async fn watch_counters(
     }
 }
 
+/// How much a counter grew since it read `last`. The counters live in an LRU map: an entry
+/// evicted and made again starts from zero, so a value below the last one is all new.
+fn grown(now: u64, last: u64) -> u64 {
+    if now < last {
+        now
+    } else {
+        now - last
+    }
+}
+
 /// The directory of cgroup `cgroup_id` under the cgroup2 mount.
 fn workload_path(cgroup_mount: &std::path::Path, cgroup_id: u64) -> Option<PathBuf> {
     let path = path_of_id(cgroup_mount, cgroup_id)?;
     Some(cgroup_mount.join(path.as_str().trim_start_matches('/')))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::grown;
+
+    #[test]
+    fn a_counter_made_again_counts_from_zero() {
+        assert_eq!(grown(10, 7), 3);
+        assert_eq!(grown(7, 7), 0);
+        // Evicted at 7 and made again: the 2 counted since are new, not lost.
+        assert_eq!(grown(2, 7), 2);
+    }
 }
