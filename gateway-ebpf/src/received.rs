@@ -14,7 +14,8 @@
 //! `recvmsg`'s entry notes the control buffer it was given (for tasks under a root) so that
 //! its exit can read whether the kernel wrote SCM_RIGHTS into it.
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
+    cty::c_void,
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated::bpf_loop},
     macros::tracepoint,
     programs::TracePointContext,
 };
@@ -44,6 +45,13 @@ const MAX_CMSGS: u64 = 4;
 /// `-EFAULT`: the kernel may have installed the descriptors and then failed to write the
 /// message header back.
 const EFAULT: i64 = 14;
+
+/// `struct mmsghdr` (64-bit): a `msghdr` and the length received, padded.
+const MMSG_SIZE: u64 = 64;
+/// Messages of one `recvmmsg` looked at.
+const MAX_MMSGS: u64 = 64;
+/// Marks a `TG_RECVMSG` note as a `recvmmsg` vector (user addresses never have the top bit).
+const MMSG_TAG: u64 = 1 << 63;
 
 #[tracepoint(category = "syscalls", name = "sys_enter_recvmsg")]
 pub fn tg_recvmsg_enter(ctx: TracePointContext) -> u32 {
@@ -76,7 +84,7 @@ pub fn tg_recvmsg_exit(ctx: TracePointContext) -> u32 {
     let [control, len] = unsafe { *entry };
     let _ = maps::TG_RECVMSG.remove(&thread);
     let ret = returned(&ctx);
-    if ret == -EFAULT {
+    if ret == -EFAULT || control & MMSG_TAG != 0 {
         report(thread);
     } else if ret >= 0 {
         if let Some((fds, count)) = rights(control, len) {
@@ -87,11 +95,104 @@ pub fn tg_recvmsg_exit(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// Notes the message vector of a `recvmmsg` by a thread under a root (tagged apart from a
+/// `recvmsg`'s control buffer in the same map).
+#[tracepoint(category = "syscalls", name = "sys_enter_recvmmsg")]
+pub fn tg_recvmmsg_enter(ctx: TracePointContext) -> u32 {
+    if maps::config().is_none() || !task_enforced() {
+        return 0;
+    }
+    // SAFETY: the record has the syscall's arguments at fixed offsets (tracefs format).
+    let Ok(vector) = (unsafe { ctx.read_at::<u64>(ENTER_ARG1) }) else {
+        return 0;
+    };
+    let _ = maps::TG_RECVMSG.insert(&bpf_get_current_pid_tgid(), &[vector | MMSG_TAG, 0], 0);
+    0
+}
+
+/// Looks at the first [`MAX_MMSGS`] messages received: each one's control data (the kernel
+/// wrote back how much it used) is read for SCM_RIGHTS, and those descriptors are marked. The
+/// process is reported when one carried descriptors, when more messages came than were
+/// looked at, or when the call failed after receiving (EFAULT); a UDP server's plain batches
+/// are not reported.
 #[tracepoint(category = "syscalls", name = "sys_exit_recvmmsg")]
 pub fn tg_recvmmsg_exit(ctx: TracePointContext) -> u32 {
+    let thread = bpf_get_current_pid_tgid();
+    let Some(entry) = maps::TG_RECVMSG.get_ptr(&thread) else {
+        return 0;
+    };
+    // SAFETY: a value of this map, read before it is removed.
+    let [tagged, _] = unsafe { *entry };
+    let _ = maps::TG_RECVMSG.remove(&thread);
     let ret = returned(&ctx);
-    if (ret > 0 || ret == -EFAULT) && maps::config().is_some() && task_enforced() {
-        report(bpf_get_current_pid_tgid());
+    if ret == -EFAULT || tagged & MMSG_TAG == 0 {
+        // Failed after receiving, or the note is not this call's: report without looking.
+        report(thread);
+        return 0;
+    }
+    if ret <= 0 {
+        return 0;
+    }
+    let messages = (ret as u64).min(MAX_MMSGS);
+    let mut walk = MmsgWalk {
+        vector: tagged & !MMSG_TAG,
+        tgid: (thread >> 32) as u32,
+        carried: 0,
+        cgroup: maps::current_cgroup(),
+    };
+    // One (message, descriptor) pair per callback, flat: a loop nested in a callback is more
+    // paths than the verifier takes.
+    // SAFETY: the callback is a static function of this program with the helper's signature,
+    // and its context is this stack value, alive for the call.
+    unsafe {
+        bpf_loop(
+            (messages * u64::from(MAX_RIGHTS)) as u32,
+            mmsg_one as *mut c_void,
+            core::ptr::from_mut(&mut walk).cast(),
+            0,
+        );
+    }
+    if walk.carried > 0 || ret as u64 > MAX_MMSGS {
+        report(thread);
+    }
+    0
+}
+
+/// The state of one `recvmmsg` exit's walk.
+#[repr(C)]
+struct MmsgWalk {
+    vector: u64,
+    tgid: u32,
+    /// Messages that carried SCM_RIGHTS.
+    carried: u32,
+    cgroup: u64,
+}
+
+/// Looks at descriptor `i % MAX_RIGHTS` of message `i / MAX_RIGHTS` of an [`MmsgWalk`]
+/// (the message's control data is read again for each: a few user reads, no nesting).
+/// Returns 0 to go on.
+#[inline(never)]
+extern "C" fn mmsg_one(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `MmsgWalk` that the exit handed to bpf_loop.
+    let walk = unsafe { &mut *ctx.cast::<MmsgWalk>() };
+    let Some(cfg) = maps::config() else {
+        return 1;
+    };
+    let (message, slot) = (i / u64::from(MAX_RIGHTS), i % u64::from(MAX_RIGHTS));
+    let header = walk.vector + message * MMSG_SIZE;
+    // The kernel wrote back how much control data it used.
+    let control = user::<u64>(header + MSG_CONTROL).unwrap_or(0);
+    let len = user::<u64>(header + MSG_CONTROLLEN).unwrap_or(0);
+    let Some((fds, count)) = rights(control, len) else {
+        return 0;
+    };
+    if slot == 0 {
+        walk.carried += 1;
+    }
+    if slot < count {
+        if let Some(fd) = user::<i32>(fds + slot * 4) {
+            carried::mark(cfg, i64::from(fd), walk.tgid, walk.cgroup);
+        }
     }
     0
 }
@@ -159,17 +260,44 @@ fn report(pid_tgid: u64) {
 /// `recvmsg` just installed, so that their packets are dropped before the call returns.
 #[inline(always)]
 fn mark_rights(thread: u64, fds: u64, count: u64) {
-    let Some(cfg) = maps::config() else {
-        return;
+    let mut walk = RightsWalk {
+        fds,
+        tgid: (thread >> 32) as u32,
+        cgroup: maps::current_cgroup(),
     };
-    let cgroup = maps::current_cgroup();
-    let mut i = 0u64;
-    while i < count && i < u64::from(MAX_RIGHTS) {
-        if let Some(fd) = user::<i32>(fds + i * 4) {
-            carried::mark(cfg, i64::from(fd), (thread >> 32) as u32, cgroup);
-        }
-        i += 1;
+    // One descriptor per callback: the verifier checks the cgroup walk once.
+    // SAFETY: the callback is a static function of this program with the helper's signature,
+    // and its context is this stack value, alive for the call.
+    unsafe {
+        bpf_loop(
+            count.min(u64::from(MAX_RIGHTS)) as u32,
+            right_one as *mut c_void,
+            core::ptr::from_mut(&mut walk).cast(),
+            0,
+        );
     }
+}
+
+/// The state of one [`mark_rights`].
+#[repr(C)]
+struct RightsWalk {
+    fds: u64,
+    tgid: u32,
+    cgroup: u64,
+}
+
+/// Marks descriptor `i` of a [`RightsWalk`]. Returns 0 to go on.
+#[inline(never)]
+extern "C" fn right_one(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `RightsWalk` that `mark_rights` handed to bpf_loop.
+    let walk = unsafe { &*ctx.cast::<RightsWalk>() };
+    let Some(cfg) = maps::config() else {
+        return 1;
+    };
+    if let Some(fd) = user::<i32>(walk.fds + i * 4) {
+        carried::mark(cfg, i64::from(fd), walk.tgid, walk.cgroup);
+    }
+    0
 }
 
 /// Where the control buffer a `recvmsg` was given (at entry: `control`, `len` bytes) holds

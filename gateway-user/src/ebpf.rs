@@ -114,10 +114,11 @@ pub enum Watch {
 
 /// The watchers, attached with the guard: the join watcher (`join.rs` in gateway-ebpf) and the
 /// descriptor watcher (`received.rs`).
-pub const WATCHERS: [(&str, Watch); 6] = [
+pub const WATCHERS: [(&str, Watch); 7] = [
     ("tg_join", Watch::Raw("cgroup_attach_task")),
     ("tg_recvmsg_enter", Watch::Syscall("sys_enter_recvmsg")),
     ("tg_recvmsg_exit", Watch::Syscall("sys_exit_recvmsg")),
+    ("tg_recvmmsg_enter", Watch::Syscall("sys_enter_recvmmsg")),
     ("tg_recvmmsg_exit", Watch::Syscall("sys_exit_recvmmsg")),
     (
         "tg_pidfd_getfd_exit",

@@ -377,7 +377,8 @@ fn every_way_around_the_capture_is_closed_and_audited() {
     }
 
     // 12: a connection made outside every root that reaches a process inside one without a
-    // join: handed over SCM_RIGHTS to a process already inside, taken with pidfd_getfd, or
+    // join: handed over SCM_RIGHTS to a process already inside (received with recvmsg or
+    // recvmmsg), taken with pidfd_getfd, or
     // inherited by a child made directly in the root (clone3 with CLONE_INTO_CGROUP). The
     // descriptor watcher reports the receipt, or the child's return from clone3, and the
     // daemon destroys the connection as after a join. A connection received or taken is also
@@ -392,6 +393,10 @@ fn every_way_around_the_capture_is_closed_and_audited() {
     };
     for (mode, what) in [
         ("passed-connected", "handed over SCM_RIGHTS"),
+        (
+            "passed-mmsg",
+            "handed over SCM_RIGHTS and received with recvmmsg",
+        ),
         ("taken-connected", "taken with pidfd_getfd"),
         ("clone-into", "inherited by a child made in the root"),
     ] {

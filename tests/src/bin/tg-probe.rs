@@ -538,11 +538,55 @@ fn taken_connected(dir: &str, addr: SocketAddr, millis: u64) -> Value {
     })
 }
 
+/// `passed-mmsg DIR ADDR MILLIS`: as `passed-connected`, but the child receives it with
+/// `recvmmsg`.
+fn passed_mmsg(dir: &str, addr: SocketAddr, millis: u64) -> Value {
+    hand_over(dir, addr, true, Handover::Mmsg, |fd| {
+        keep_sending(&fd, millis)
+    })
+}
+
+/// In the child: one message received with `recvmmsg`, and the descriptor it carried.
+fn receive_with_recvmmsg(from: &OwnedFd) -> Result<OwnedFd, Value> {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // Room for one SCM_RIGHTS header and descriptor, 8-byte aligned.
+    let mut control = [0u64; 8];
+    // SAFETY: an all-zero mmsghdr is valid; its pointers are set just below.
+    let mut header: libc::mmsghdr = unsafe { std::mem::zeroed() };
+    header.msg_hdr.msg_iov = &mut iov;
+    header.msg_hdr.msg_iovlen = 1;
+    header.msg_hdr.msg_control = control.as_mut_ptr().cast();
+    header.msg_hdr.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: one valid header whose buffers outlive the call.
+    let n = unsafe { libc::recvmmsg(from.as_raw_fd(), &mut header, 1, 0, std::ptr::null_mut()) };
+    if n < 1 {
+        return Err(errno_json(&std::io::Error::last_os_error()));
+    }
+    // SAFETY: the kernel filled the control buffer and its length; the macros stay in it.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&header.msg_hdr);
+        if cmsg.is_null()
+            || (*cmsg).cmsg_level != libc::SOL_SOCKET
+            || (*cmsg).cmsg_type != libc::SCM_RIGHTS
+        {
+            return Err(json!({ "ok": false, "error": "no descriptor received" }));
+        }
+        let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>());
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
 /// How the connection reaches the child.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Handover {
     /// Sent over SCM_RIGHTS.
     Rights,
+    /// Sent over SCM_RIGHTS, received with `recvmmsg`.
+    Mmsg,
     /// Its descriptor number is sent; the child takes it with `pidfd_getfd`.
     Take,
 }
@@ -631,6 +675,12 @@ fn hand_over(
                         return json!({ "ok": false, "error": "no descriptor number" });
                     };
                     return match take_from_parent(fd) {
+                        Ok(fd) => use_it(fd),
+                        Err(answer) => answer,
+                    };
+                }
+                if how == Handover::Mmsg {
+                    return match receive_with_recvmmsg(&theirs) {
                         Ok(fd) => use_it(fd),
                         Err(answer) => answer,
                     };
@@ -910,6 +960,11 @@ fn main() {
             addr(2),
             args.get(3).and_then(|m| m.parse().ok()).unwrap_or(3000),
             mode == "clone-into-closes",
+        ),
+        Some("passed-mmsg") => passed_mmsg(
+            &args[1],
+            addr(2),
+            args.get(3).and_then(|m| m.parse().ok()).unwrap_or(3000),
         ),
         Some("taken-connected") => taken_connected(
             &args[1],
