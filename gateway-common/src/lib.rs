@@ -30,8 +30,19 @@ pub mod map_names {
     pub const REFUSED: &str = "TG_REFUSED";
     pub const RECVMSG: &str = "TG_RECVMSG";
     pub const CARRIED: &str = "TG_CARRIED";
-    pub const ALL: [&str; 10] = [
-        CONFIG, SOCKETS, ORIGINS, EVENTS, COUNTERS, ACCEPTED, ROOTS, REFUSED, RECVMSG, CARRIED,
+    pub const CARRIED_LIVE: &str = "TG_CARRIED_LIVE";
+    pub const ALL: [&str; 11] = [
+        CONFIG,
+        SOCKETS,
+        ORIGINS,
+        EVENTS,
+        COUNTERS,
+        ACCEPTED,
+        ROOTS,
+        REFUSED,
+        RECVMSG,
+        CARRIED,
+        CARRIED_LIVE,
     ];
 }
 
@@ -62,6 +73,8 @@ pub mod map_flags {
     pub const CLONE: u32 = 1 << 9;
     /// `TG_SOCKETS`.
     pub const SOCKETS: u32 = NO_PREALLOC | CLONE;
+    /// `BPF_F_MMAPABLE`: the daemon maps `TG_CARRIED_LIVE` into its memory.
+    pub const MMAPABLE: u32 = 1 << 10;
 }
 
 /// `SockState::flags` bits.

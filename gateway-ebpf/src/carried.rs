@@ -18,7 +18,7 @@ use gateway_common::{CarriedKey, CarriedMark, Config, AF_INET, AF_INET6};
 
 use crate::{
     join::{enforced, read},
-    maps::{self, TG_CARRIED},
+    maps::{self, TG_CARRIED, TG_CARRIED_LIVE},
     ALLOW, DENY,
 };
 
@@ -171,7 +171,16 @@ fn mark_file(cfg: &Config, file: u64, tgid: u32, receiver_cgroup: u64) -> bool {
         // SAFETY: the helper has no preconditions.
         marked_ns: unsafe { bpf_ktime_get_ns() },
     };
-    TG_CARRIED.insert(&key, &value, 0).is_ok()
+    if TG_CARRIED.insert(&key, &value, 0).is_err() {
+        return false;
+    }
+    // After the insert: the daemon stores 0 before it looks at the map, so either it sees
+    // this mark or this store comes after its own.
+    if let Some(live) = TG_CARRIED_LIVE.get_ptr_mut(0) {
+        // SAFETY: the map's one value, written with a single aligned store.
+        unsafe { core::ptr::write_volatile(live, 1) };
+    }
+    true
 }
 
 /// The `struct sock` behind `file`, if it is a socket.
@@ -196,6 +205,12 @@ fn socket_of(cfg: &Config, file: u64) -> Option<u64> {
 /// sockets).
 #[cgroup_skb(egress)]
 pub fn tg_guard_egress(ctx: SkBuffContext) -> i32 {
+    // Nothing marked: the usual case, one array read per packet.
+    match TG_CARRIED_LIVE.get_ptr(0) {
+        // SAFETY: the map's one value; the daemon writes it from another CPU.
+        Some(live) if unsafe { core::ptr::read_volatile(live) } != 0 => {}
+        _ => return ALLOW,
+    }
     // SAFETY: the kernel hands a valid `__sk_buff`.
     let sk: *mut bpf_sock = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
     if sk.is_null() {

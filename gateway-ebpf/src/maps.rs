@@ -61,6 +61,13 @@ pub(crate) static TG_RECVMSG: LruHashMap<u64, [u64; 2], { RECVMSG_MAX_ENTRIES as
 pub(crate) static TG_CARRIED: HashMap<CarriedKey, CarriedMark, { CARRIED_MAX_ENTRIES as usize }> =
     HashMap::new();
 
+/// Nonzero while `TG_CARRIED` may hold a mark: set by the watchers after each mark, cleared by
+/// the daemon only when it finds the map empty after clearing (it stores 0, then looks at the
+/// map, and stores 1 again if a mark is there). Lets the guard's egress program skip the
+/// lookup on the host's every packet while nothing is marked.
+#[btf_map]
+pub(crate) static TG_CARRIED_LIVE: Array<u64, 1, { map_flags::MMAPABLE as usize }> = Array::new();
+
 /// The cookie of the last socket a root's address program refused on this CPU. The guard at
 /// the cgroup2 root runs after it in the same call and so does not report it twice.
 #[btf_map]

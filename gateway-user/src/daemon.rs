@@ -610,6 +610,7 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> Result<(), RunError> {
         Arc::clone(&gateway),
         accepted,
         maps.carried,
+        maps.carried_live,
     )?);
     runtime.block_on(async {
         let host = Arc::new(Netns::Host);

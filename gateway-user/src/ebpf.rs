@@ -209,6 +209,7 @@ fn expected_layout(name: &str) -> Option<(MapType, u32, u32, u32, u32)> {
             gateway_common::CARRIED_MAX_ENTRIES,
             0,
         ),
+        map_names::CARRIED_LIVE => (MapType::Array, 4, 8, 1, map_flags::MMAPABLE),
         _ => return None,
     })
 }
@@ -234,6 +235,66 @@ pub struct RuntimeMaps {
     pub counters: PerCpuHashMap<MapData, u64, Counters>,
     pub accepted: HashMap<MapData, AcceptedKey, u8>,
     pub carried: HashMap<MapData, CarriedKey, CarriedMark>,
+    pub carried_live: LiveFlag,
+}
+
+/// `TG_CARRIED_LIVE`'s one value, mapped into this process: the guard's egress program reads
+/// it on every packet, the watchers set it after each mark.
+pub struct LiveFlag {
+    value: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
+    _map: MapData,
+}
+
+// SAFETY: the mapping is shared memory made for atomic access and lives as long as the map.
+unsafe impl Send for LiveFlag {}
+// SAFETY: as above; every access is atomic.
+unsafe impl Sync for LiveFlag {}
+
+impl LiveFlag {
+    fn map(map: MapData) -> std::io::Result<Self> {
+        use std::os::fd::{AsFd, AsRawFd};
+        // SAFETY: maps the first page of an mmapable array map (its one 8-byte value) shared;
+        // the result is checked.
+        let at = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if at == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let value = std::ptr::NonNull::new(at.cast()).ok_or_else(std::io::Error::last_os_error)?;
+        Ok(Self { value, _map: map })
+    }
+
+    fn value(&self) -> &std::sync::atomic::AtomicU64 {
+        // SAFETY: a live, aligned mapping of the value for as long as `self`.
+        unsafe { self.value.as_ref() }
+    }
+
+    /// Clears the flag unless a mark is there: stores 0, then (after a full fence) asks
+    /// `any_mark`, and stores 1 again if it says so. A watcher stores 1 after inserting its
+    /// mark, so either `any_mark` sees the mark or the watcher's store lands after ours.
+    pub fn clear_unless(&self, any_mark: impl FnOnce() -> bool) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.value().store(0, SeqCst);
+        std::sync::atomic::fence(SeqCst);
+        if any_mark() {
+            self.value().store(1, SeqCst);
+        }
+    }
+}
+
+impl Drop for LiveFlag {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, not used after this.
+        unsafe { libc::munmap(self.value.as_ptr().cast(), 4096) };
+    }
 }
 
 pub fn maps_dir(pin_dir: &Path) -> PathBuf {
@@ -513,6 +574,7 @@ impl Kernel {
         let counters = take(map_names::COUNTERS)?;
         let accepted = take(map_names::ACCEPTED)?;
         let carried = take(map_names::CARRIED)?;
+        let carried_live = take(map_names::CARRIED_LIVE)?;
         let m = |name: &'static str| move |source| EbpfError::Map { name, source };
         Ok(RuntimeMaps {
             origins: Array::try_from(origins).map_err(m(map_names::ORIGINS))?,
@@ -520,6 +582,24 @@ impl Kernel {
             counters: PerCpuHashMap::try_from(counters).map_err(m(map_names::COUNTERS))?,
             accepted: HashMap::try_from(accepted).map_err(m(map_names::ACCEPTED))?,
             carried: HashMap::try_from(carried).map_err(m(map_names::CARRIED))?,
+            carried_live: LiveFlag::map(match carried_live {
+                aya::maps::Map::Array(data) => data,
+                _ => {
+                    return Err(EbpfError::Map {
+                        name: map_names::CARRIED_LIVE,
+                        source: aya::maps::MapError::InvalidName {
+                            name: map_names::CARRIED_LIVE.into(),
+                        },
+                    })
+                }
+            })
+            .map_err(|source| EbpfError::Map {
+                name: map_names::CARRIED_LIVE,
+                source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                    call: "mmap",
+                    io_error: source,
+                }),
+            })?,
         })
     }
 }

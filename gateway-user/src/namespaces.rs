@@ -41,6 +41,7 @@ pub struct Namespaces {
     gateway: Arc<Gateway>,
     accepted: Arc<Mutex<AcceptedMap>>,
     carried: Mutex<CarriedMap>,
+    carried_live: crate::ebpf::LiveFlag,
     host_inode: u64,
     entries: Mutex<HashMap<u64, Entry>>,
 }
@@ -54,6 +55,7 @@ impl Namespaces {
         gateway: Arc<Gateway>,
         accepted: Arc<Mutex<AcceptedMap>>,
         carried: CarriedMap,
+        carried_live: crate::ebpf::LiveFlag,
     ) -> io::Result<Self> {
         let host_inode = inode_of(std::path::Path::new("/proc/self/ns/net"))
             .ok_or_else(|| io::Error::other("cannot read /proc/self/ns/net"))?;
@@ -61,6 +63,7 @@ impl Namespaces {
             gateway,
             accepted,
             carried: Mutex::new(carried),
+            carried_live,
             host_inode,
             entries: Mutex::new(HashMap::new()),
         })
@@ -294,6 +297,7 @@ impl Namespaces {
             map.iter().flatten().collect()
         };
         if marks.is_empty() {
+            self.clear_live();
             return;
         }
         let mut by_ns: HashMap<u32, Vec<_>> = HashMap::new();
@@ -350,6 +354,19 @@ impl Namespaces {
                 let _ = map.remove(key);
             }
         }
+        self.clear_live();
+    }
+
+    /// Lets the guard's egress program skip its lookup again once no mark is left.
+    fn clear_live(&self) {
+        self.carried_live.clear_unless(|| {
+            self.carried
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .keys()
+                .next()
+                .is_some()
+        });
     }
 
     /// The record of a marked connection the settle found no process under a root holding:
