@@ -100,7 +100,7 @@ pub async fn drain_events(
                 let ev: RefusalEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
                 if ev.hook == hook::JOIN || ev.hook == hook::RECEIVED {
                     if !joins.push(ev.tgid, ev.cgroup_id) {
-                        tracing::warn!(tgid = ev.tgid, "settle queue full: the connections this joining process holds are not settled");
+                        tracing::warn!(tgid = ev.tgid, "settle queue and its overflow full: the connections this process holds are not settled (its marked ones still are)");
                     }
                     continue;
                 }
@@ -124,6 +124,22 @@ pub async fn watch_counters(
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
     loop {
         tick.tick().await;
+        let (overflowed, dropped) = joins.take_overflowed();
+        for (count, reason) in [
+            (overflowed, "settle_queue_overflow"),
+            (dropped, "settle_reports_dropped"),
+        ] {
+            if count > 0 {
+                tracing::warn!(
+                    count,
+                    reason,
+                    "more processes to settle than the queue holds"
+                );
+                let mut r = AuditRecord::new(Verdict::Error, Layer::Lifecycle, reason);
+                r.count = Some(count);
+                audit.emit(r);
+            }
+        }
         for entry in counters.iter().flatten() {
             let (cgroup_id, per_cpu) = entry;
             let mut sum = Counters::default();
@@ -158,7 +174,7 @@ pub async fn watch_counters(
                         } else {
                             tracing::warn!(
                                 pid,
-                                "settle queue full: a process whose report was lost is not settled"
+                                "settle queue and its overflow full: a process whose report was lost is not settled"
                             );
                         }
                     }

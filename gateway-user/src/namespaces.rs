@@ -416,71 +416,113 @@ impl Namespaces {
 
 /// The processes to settle: each joined a root, or received descriptors in one. A process is
 /// waiting at most once: a report that comes while it waits is covered by the settle to come
-/// (that settle starts after the report), so a process that reports in a loop (recvmmsg on a
-/// busy socket) holds one place, and the queue fills only with that many distinct processes.
+/// (that settle starts after the report), so a process that reports in a loop holds one
+/// place. When the queue is full, a process waits in an overflow set instead, settled once
+/// the queue has drained, and counted ([`SettleQueue::take_overflowed`]); only past
+/// [`OVERFLOW_MAX`] of those is a report dropped (and counted too).
 #[derive(Clone, Debug)]
 pub struct SettleQueue {
     queue: tokio::sync::mpsc::Sender<u32>,
-    /// Each waiting process, with the cgroup of its latest report.
-    waiting: Arc<Mutex<HashMap<u32, u64>>>,
+    shared: Arc<Waiting>,
 }
 
 /// The settling end of a [`SettleQueue`].
 pub struct Reported {
     queue: tokio::sync::mpsc::Receiver<u32>,
-    waiting: Arc<Mutex<HashMap<u32, u64>>>,
+    shared: Arc<Waiting>,
+}
+
+/// Processes waiting beyond the queue's room, at most.
+pub const OVERFLOW_MAX: usize = 65_536;
+
+#[derive(Debug, Default)]
+struct Waiting {
+    /// Each waiting process, with the cgroup of its latest report.
+    latest: Mutex<HashMap<u32, u64>>,
+    /// Waiting processes the queue had no room for, in no order.
+    overflow: Mutex<Vec<u32>>,
+    /// Processes put in the overflow set, and reports dropped past it, since the last look.
+    overflowed: std::sync::atomic::AtomicU64,
+    dropped: std::sync::atomic::AtomicU64,
 }
 
 impl SettleQueue {
-    /// A queue with room for `capacity` distinct processes.
+    /// A queue with room for `capacity` distinct processes (and [`OVERFLOW_MAX`] beyond).
     pub fn new(capacity: usize) -> (Self, Reported) {
         let (queue, rx) = tokio::sync::mpsc::channel(capacity);
-        let waiting = Arc::new(Mutex::new(HashMap::new()));
+        let shared = Arc::new(Waiting::default());
         let reported = Reported {
             queue: rx,
-            waiting: Arc::clone(&waiting),
+            shared: Arc::clone(&shared),
         };
-        (Self { queue, waiting }, reported)
+        (Self { queue, shared }, reported)
     }
 
     /// Queues process `tgid` (reported from cgroup `cgroup_id`) unless it is waiting already;
-    /// then its settle is for the latest cgroup reported (it may have moved on). False if it
-    /// could not be queued (the queue is full or closed).
+    /// then its settle is for the latest cgroup reported (it may have moved on). False if the
+    /// report was dropped (the queue and its overflow are full, or the settling end is gone).
     pub fn push(&self, tgid: u32, cgroup_id: u64) -> bool {
-        let mut waiting = self
-            .waiting
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(latest) = waiting.get_mut(&tgid) {
-            *latest = cgroup_id;
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut latest = lock(&self.shared.latest);
+        if let Some(cgroup) = latest.get_mut(&tgid) {
+            *cgroup = cgroup_id;
             return true;
         }
-        waiting.insert(tgid, cgroup_id);
-        if self.queue.try_send(tgid).is_err() {
-            waiting.remove(&tgid);
-            return false;
+        match self.queue.try_send(tgid) {
+            Ok(()) => {}
+            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                let mut overflow = lock(&self.shared.overflow);
+                if overflow.len() >= OVERFLOW_MAX {
+                    self.shared.dropped.fetch_add(1, Relaxed);
+                    return false;
+                }
+                overflow.push(tgid);
+                self.shared.overflowed.fetch_add(1, Relaxed);
+            }
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => return false,
         }
+        latest.insert(tgid, cgroup_id);
         true
+    }
+
+    /// Processes that waited in the overflow set, and reports dropped, since the last call.
+    pub fn take_overflowed(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.shared.overflowed.swap(0, Relaxed),
+            self.shared.dropped.swap(0, Relaxed),
+        )
     }
 }
 
 impl Reported {
-    /// The next process to settle. It stops waiting before its settle begins, so a report
-    /// made from now on queues it again.
+    /// The next process to settle: from the queue, or once it is empty from the overflow set.
+    /// It stops waiting before its settle begins, so a report made from now on queues it
+    /// again.
     pub async fn next(&mut self) -> Option<(u32, u64)> {
         loop {
-            let tgid = self.queue.recv().await?;
+            let tgid = match self.queue.try_recv() {
+                Ok(tgid) => tgid,
+                Err(_) => {
+                    let spilled = lock(&self.shared.overflow).pop();
+                    match spilled {
+                        Some(tgid) => tgid,
+                        // Nothing spills while the queue is empty: a push only overflows a
+                        // full queue.
+                        None => self.queue.recv().await?,
+                    }
+                }
+            };
             // Always there: a process is queued once, and stops waiting only here.
-            if let Some(cgroup_id) = self
-                .waiting
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .remove(&tgid)
-            {
+            if let Some(cgroup_id) = lock(&self.shared.latest).remove(&tgid) {
                 return Some((tgid, cgroup_id));
             }
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]
@@ -494,16 +536,24 @@ mod tests {
             assert!(queue.push(7, 70), "a repeat report is covered, not refused");
         }
         assert!(queue.push(8, 80));
-        assert!(!queue.push(9, 90), "a third distinct process does not fit");
+        assert_eq!(queue.take_overflowed(), (0, 0));
+        // A third distinct process does not fit the queue: it waits in the overflow set.
+        assert!(queue.push(9, 90));
+        assert!(
+            queue.push(9, 91),
+            "a repeat report of an overflowed process is covered"
+        );
+        assert_eq!(queue.take_overflowed(), (1, 0));
         assert_eq!(reported.next().await, Some((7, 70)));
         // A process reported again from another cgroup while waiting is settled for that one.
         assert!(queue.push(8, 81));
         // Its settle has begun: a new report must queue it again.
         assert!(queue.push(7, 71));
         assert_eq!(reported.next().await, Some((8, 81)));
-        // 9 was refused, not left marked as waiting: it can be queued now.
-        assert!(queue.push(9, 90));
         assert_eq!(reported.next().await, Some((7, 71)));
-        assert_eq!(reported.next().await, Some((9, 90)));
+        // The queue has drained: the overflowed process comes next, for its latest cgroup.
+        assert_eq!(reported.next().await, Some((9, 91)));
+        assert!(queue.push(9, 92), "settled, so it queues again");
+        assert_eq!(reported.next().await, Some((9, 92)));
     }
 }
