@@ -56,8 +56,9 @@ pub const ACCEPTED_MAX_ENTRIES: u32 = 16_384;
 pub const RECVMSG_MAX_ENTRIES: u32 = 16_384;
 /// Connections carried into a root and not settled yet (`TG_CARRIED`).
 pub const CARRIED_MAX_ENTRIES: u32 = 4_096;
-/// Descriptors of one SCM_RIGHTS message the descriptor watcher looks at.
-pub const MAX_RIGHTS: u32 = 8;
+/// Descriptors of one SCM_RIGHTS message the descriptor watcher looks at: all the kernel
+/// passes in one (`SCM_MAX_FD`).
+pub const MAX_RIGHTS: u32 = 253;
 pub const EVENTS_BYTES: u32 = 256 * 1024;
 pub const MAX_RESOLVERS: usize = 4;
 /// Enforced roots one daemon may have (`TG_ROOTS`).

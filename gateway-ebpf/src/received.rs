@@ -50,6 +50,8 @@ const EFAULT: i64 = 14;
 const MMSG_SIZE: u64 = 64;
 /// Messages of one `recvmmsg` looked at.
 const MAX_MMSGS: u64 = 64;
+/// Messages of one `recvmmsg` whose descriptors are marked (the first that carry some).
+const MAX_MMSG_RIGHTS: usize = 8;
 /// Marks a `TG_RECVMSG` note as a `recvmmsg` vector (user addresses never have the top bit).
 const MMSG_TAG: u64 = 1 << 63;
 
@@ -136,25 +138,34 @@ pub fn tg_recvmmsg_exit(ctx: TracePointContext) -> u32 {
     let messages = (ret as u64).min(MAX_MMSGS);
     let mut walk = MmsgWalk {
         vector: tagged & !MMSG_TAG,
-        tgid: (thread >> 32) as u32,
+        rights: [[0; 2]; MAX_MMSG_RIGHTS],
+        found: 0,
         carried: 0,
-        cgroup: maps::current_cgroup(),
     };
-    // One (message, descriptor) pair per callback, flat: a loop nested in a callback is more
-    // paths than the verifier takes.
+    // First which messages carried descriptors (a UDP server's batch carries none and costs a
+    // read per message), then their descriptors, each in its own callback.
     // SAFETY: the callback is a static function of this program with the helper's signature,
     // and its context is this stack value, alive for the call.
     unsafe {
         bpf_loop(
-            (messages * u64::from(MAX_RIGHTS)) as u32,
-            mmsg_one as *mut c_void,
+            messages as u32,
+            mmsg_scan as *mut c_void,
             core::ptr::from_mut(&mut walk).cast(),
             0,
         );
     }
-    if walk.carried > 0 || ret as u64 > MAX_MMSGS {
-        report(thread);
+    if walk.carried == 0 && ret as u64 <= MAX_MMSGS {
+        return 0;
     }
+    let mut i = 0;
+    while i < MAX_MMSG_RIGHTS {
+        if i < walk.found as usize {
+            let [fds, count] = walk.rights[i];
+            mark_rights(thread, fds, count);
+        }
+        i += 1;
+    }
+    report(thread);
     0
 }
 
@@ -162,36 +173,31 @@ pub fn tg_recvmmsg_exit(ctx: TracePointContext) -> u32 {
 #[repr(C)]
 struct MmsgWalk {
     vector: u64,
-    tgid: u32,
+    /// (address, count) of the descriptors of the first messages that carried some.
+    rights: [[u64; 2]; MAX_MMSG_RIGHTS],
+    found: u32,
     /// Messages that carried SCM_RIGHTS.
     carried: u32,
-    cgroup: u64,
 }
 
-/// Looks at descriptor `i % MAX_RIGHTS` of message `i / MAX_RIGHTS` of an [`MmsgWalk`]
-/// (the message's control data is read again for each: a few user reads, no nesting).
-/// Returns 0 to go on.
+/// Looks at message `i` of an [`MmsgWalk`] for SCM_RIGHTS (the kernel wrote back how much
+/// control data it used). Returns 0 to go on.
 #[inline(never)]
-extern "C" fn mmsg_one(i: u64, ctx: *mut c_void) -> i64 {
+extern "C" fn mmsg_scan(i: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: `ctx` is the `MmsgWalk` that the exit handed to bpf_loop.
     let walk = unsafe { &mut *ctx.cast::<MmsgWalk>() };
-    let Some(cfg) = maps::config() else {
-        return 1;
-    };
-    let (message, slot) = (i / u64::from(MAX_RIGHTS), i % u64::from(MAX_RIGHTS));
-    let header = walk.vector + message * MMSG_SIZE;
-    // The kernel wrote back how much control data it used.
+    let header = walk.vector + i * MMSG_SIZE;
     let control = user::<u64>(header + MSG_CONTROL).unwrap_or(0);
-    let len = user::<u64>(header + MSG_CONTROLLEN).unwrap_or(0);
-    let Some((fds, count)) = rights(control, len) else {
+    if control == 0 {
         return 0;
-    };
-    if slot == 0 {
-        walk.carried += 1;
     }
-    if slot < count {
-        if let Some(fd) = user::<i32>(fds + slot * 4) {
-            carried::mark(cfg, i64::from(fd), walk.tgid, walk.cgroup);
+    let len = user::<u64>(header + MSG_CONTROLLEN).unwrap_or(0);
+    if let Some((fds, count)) = rights(control, len) {
+        walk.carried += 1;
+        let at = walk.found as usize;
+        if at < MAX_MMSG_RIGHTS {
+            walk.rights[at] = [fds, count];
+            walk.found += 1;
         }
     }
     0

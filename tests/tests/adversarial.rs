@@ -394,6 +394,10 @@ fn every_way_around_the_capture_is_closed_and_audited() {
     for (mode, what) in [
         ("passed-connected", "handed over SCM_RIGHTS"),
         (
+            "passed-many",
+            "handed over SCM_RIGHTS last of 40 descriptors",
+        ),
+        (
             "passed-mmsg",
             "handed over SCM_RIGHTS and received with recvmmsg",
         ),

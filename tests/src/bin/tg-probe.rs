@@ -580,11 +580,24 @@ fn receive_with_recvmmsg(from: &OwnedFd) -> Result<OwnedFd, Value> {
     }
 }
 
+/// `passed-many DIR ADDR MILLIS`: as `passed-connected`, but the connection is the last of
+/// [`MANY_FDS`] descriptors in one SCM_RIGHTS message (the others are /dev/null).
+fn passed_many(dir: &str, addr: SocketAddr, millis: u64) -> Value {
+    hand_over(dir, addr, true, Handover::RightsMany, |fd| {
+        keep_sending(&fd, millis)
+    })
+}
+
+/// Descriptors in the message of `passed-many`.
+const MANY_FDS: usize = 40;
+
 /// How the connection reaches the child.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Handover {
     /// Sent over SCM_RIGHTS.
     Rights,
+    /// Sent over SCM_RIGHTS after [`MANY_FDS`] - 1 others in the same message.
+    RightsMany,
     /// Sent over SCM_RIGHTS, received with `recvmmsg`.
     Mmsg,
     /// Its descriptor number is sent; the child takes it with `pidfd_getfd`.
@@ -687,7 +700,7 @@ fn hand_over(
                 }
                 let mut byte = [0u8; 1];
                 let mut iov = [std::io::IoSliceMut::new(&mut byte)];
-                let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+                let mut space = nix::cmsg_space!([std::os::fd::RawFd; MANY_FDS]);
                 let msg = match recvmsg::<()>(
                     theirs.as_raw_fd(),
                     &mut iov,
@@ -703,7 +716,8 @@ fn hand_over(
                     .into_iter()
                     .flatten()
                     .find_map(|c| match c {
-                        ControlMessageOwned::ScmRights(fds) => fds.first().copied(),
+                        // The connection comes last; the rest are closed with the child.
+                        ControlMessageOwned::ScmRights(fds) => fds.last().copied(),
                         _ => None,
                     })
                 else {
@@ -739,7 +753,22 @@ fn hand_over(
                     return errno_json(&e);
                 }
             }
-            let fds = [fd.as_raw_fd()];
+            let fillers: Vec<std::fs::File> = if how == Handover::RightsMany {
+                match (1..MANY_FDS)
+                    .map(|_| std::fs::File::open("/dev/null"))
+                    .collect::<Result<_, _>>()
+                {
+                    Ok(f) => f,
+                    Err(e) => return errno_json(&e),
+                }
+            } else {
+                Vec::new()
+            };
+            let fds: Vec<i32> = fillers
+                .iter()
+                .map(|f| f.as_raw_fd())
+                .chain([fd.as_raw_fd()])
+                .collect();
             if how == Handover::Take {
                 if let Err(e) = ours.write_all(fd.as_raw_fd().to_string().as_bytes()) {
                     return errno_json(&e);
@@ -960,6 +989,11 @@ fn main() {
             addr(2),
             args.get(3).and_then(|m| m.parse().ok()).unwrap_or(3000),
             mode == "clone-into-closes",
+        ),
+        Some("passed-many") => passed_many(
+            &args[1],
+            addr(2),
+            args.get(3).and_then(|m| m.parse().ok()).unwrap_or(3000),
         ),
         Some("passed-mmsg") => passed_mmsg(
             &args[1],
