@@ -177,7 +177,9 @@ fn mark_file(cfg: &Config, file: u64, tgid: u32, receiver_cgroup: u64) -> bool {
     // After the insert: the daemon stores 0 before it looks at the map, so either it sees
     // this mark or this store comes after its own.
     if let Some(live) = TG_CARRIED_LIVE.get_ptr_mut(0) {
-        // SAFETY: the map's one value, written with a single aligned store.
+        // SAFETY: the map's one value, written with a single aligned store. It lands after
+        // the insert on x86 (stores are not reordered with stores); a weakly ordered
+        // architecture needs an atomic exchange here, which this target's `core` lacks.
         unsafe { core::ptr::write_volatile(live, 1) };
     }
     true

@@ -314,18 +314,44 @@ fn socket_inodes(dirs: &[PathBuf]) -> HashSet<u32> {
     out
 }
 
-/// The socket inodes among the descriptors of process `pid`.
+/// The socket inodes among the descriptors of process `pid`, in every thread's table: a
+/// thread may hold its own (`unshare(CLONE_FILES)`), and a leader that exited while its
+/// threads run lists none.
 pub fn sockets_of(pid: u32) -> HashSet<u32> {
-    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
         return HashSet::new();
     };
-    fds.flatten()
-        .filter_map(|fd| {
+    let mut out = HashSet::new();
+    // Threads that share a table (the usual case) are read once.
+    let mut read: Vec<libc::pid_t> = Vec::new();
+    for task in tasks.flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        if read.iter().any(|&other| same_files(other, tid)) {
+            continue;
+        }
+        let Ok(fds) = fs::read_dir(task.path().join("fd")) else {
+            continue;
+        };
+        read.push(tid);
+        out.extend(fds.flatten().filter_map(|fd| {
             let target = fs::read_link(fd.path()).ok()?;
             let t = target.to_string_lossy();
-            t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
-        })
-        .collect()
+            t.strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse::<u32>()
+                .ok()
+        }));
+    }
+    out
+}
+
+/// Whether threads `a` and `b` share one descriptor table (`kcmp`, `KCMP_FILES`).
+fn same_files(a: libc::pid_t, b: libc::pid_t) -> bool {
+    const KCMP_FILES: libc::c_long = 2;
+    // SAFETY: kcmp takes plain integers and reads nothing of ours.
+    unsafe { libc::syscall(libc::SYS_kcmp, a, b, KCMP_FILES, 0, 0) == 0 }
 }
 
 /// Which connections a settling looks at.

@@ -277,11 +277,16 @@ impl LiveFlag {
         unsafe { self.value.as_ref() }
     }
 
-    /// Clears the flag unless a mark is there: stores 0, then (after a full fence) asks
-    /// `any_mark`, and stores 1 again if it says so. A watcher stores 1 after inserting its
-    /// mark, so either `any_mark` sees the mark or the watcher's store lands after ours.
-    pub fn clear_unless(&self, any_mark: impl FnOnce() -> bool) {
+    /// Clears the flag when no mark is there: while `any_mark` says one is, the flag is left
+    /// set; otherwise it stores 0, then (after a full fence) asks again and stores 1 if a mark
+    /// came meanwhile. A watcher stores 1 after inserting its mark, so either the second
+    /// look sees the mark or the watcher's store lands after ours. The flag is 0 only while
+    /// the map is empty, but for that moment.
+    pub fn clear_unless(&self, any_mark: impl Fn() -> bool) {
         use std::sync::atomic::Ordering::SeqCst;
+        if any_mark() {
+            return;
+        }
         self.value().store(0, SeqCst);
         std::sync::atomic::fence(SeqCst);
         if any_mark() {

@@ -401,6 +401,10 @@ fn every_way_around_the_capture_is_closed_and_audited() {
             "passed-mmsg",
             "handed over SCM_RIGHTS and received with recvmmsg",
         ),
+        (
+            "passed-own-table",
+            "received by a thread with its own descriptor table",
+        ),
         ("taken-connected", "taken with pidfd_getfd"),
         ("clone-into", "inherited by a child made in the root"),
     ] {
@@ -450,7 +454,13 @@ fn every_way_around_the_capture_is_closed_and_audited() {
     // closes it at once (as a runtime's child does). The connection is marked at the child's
     // return from clone3, but no process inside holds it when the daemon settles, so the mark
     // goes and the parent, outside, keeps using it.
+    let released = |r: &Value| {
+        r["workload"]["cgroup"] == workload.as_str()
+            && r["reason"] == "carried_connection_released"
+            && r["dst"]["orig_port"] == t4.port()
+    };
     let before = count(&env, &pred);
+    let released_before = count(&env, &released);
     canary.take_bytes();
     let kept = env.probe(None, &["clone-into-closes", &app_dir, &target, "300"]);
     assert_eq!(
@@ -467,12 +477,12 @@ fn every_way_around_the_capture_is_closed_and_audited() {
         before,
         "12: nothing was destroyed for a child that closed its copy"
     );
-    let released = |r: &Value| {
-        r["workload"]["cgroup"] == workload.as_str()
-            && r["reason"] == "carried_connection_released"
-            && r["dst"]["orig_port"] == t4.port()
-    };
-    let rec = new_record(&env, 0, "a connection released by a child", &released);
+    let rec = new_record(
+        &env,
+        released_before,
+        "a connection released by a child",
+        &released,
+    );
     assert_eq!(rec["decision"], "allow", "{rec}");
 
     // 6: straight to the gateway's listener, with no redirect behind it: refused at connect.

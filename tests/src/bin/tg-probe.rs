@@ -546,8 +546,16 @@ fn passed_mmsg(dir: &str, addr: SocketAddr, millis: u64) -> Value {
     })
 }
 
+/// `passed-own-table DIR ADDR MILLIS`: as `passed-mmsg`, but a second thread of the child,
+/// with a descriptor table of its own, receives and uses the connection.
+fn passed_own_table(dir: &str, addr: SocketAddr, millis: u64) -> Value {
+    hand_over(dir, addr, true, Handover::OwnTable, |fd| {
+        keep_sending(&fd, millis)
+    })
+}
+
 /// In the child: one message received with `recvmmsg`, and the descriptor it carried.
-fn receive_with_recvmmsg(from: &OwnedFd) -> Result<OwnedFd, Value> {
+fn receive_with_recvmmsg(from: std::os::fd::RawFd) -> Result<OwnedFd, Value> {
     let mut byte = [0u8; 1];
     let mut iov = libc::iovec {
         iov_base: byte.as_mut_ptr().cast(),
@@ -562,7 +570,7 @@ fn receive_with_recvmmsg(from: &OwnedFd) -> Result<OwnedFd, Value> {
     header.msg_hdr.msg_control = control.as_mut_ptr().cast();
     header.msg_hdr.msg_controllen = std::mem::size_of_val(&control);
     // SAFETY: one valid header whose buffers outlive the call.
-    let n = unsafe { libc::recvmmsg(from.as_raw_fd(), &mut header, 1, 0, std::ptr::null_mut()) };
+    let n = unsafe { libc::recvmmsg(from, &mut header, 1, 0, std::ptr::null_mut()) };
     if n < 1 {
         return Err(errno_json(&std::io::Error::last_os_error()));
     }
@@ -600,6 +608,9 @@ enum Handover {
     RightsMany,
     /// Sent over SCM_RIGHTS, received with `recvmmsg`.
     Mmsg,
+    /// Received (`recvmmsg`) by a second thread with its own descriptor table
+    /// (`unshare(CLONE_FILES)`), so the process's leader never holds it.
+    OwnTable,
     /// Its descriptor number is sent; the child takes it with `pidfd_getfd`.
     Take,
 }
@@ -635,7 +646,7 @@ fn hand_over(
     addr: SocketAddr,
     connected: bool,
     how: Handover,
-    use_it: impl FnOnce(OwnedFd) -> Value,
+    use_it: impl FnOnce(OwnedFd) -> Value + Send,
 ) -> Value {
     use nix::sys::socket::{
         recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
@@ -692,8 +703,27 @@ fn hand_over(
                         Err(answer) => answer,
                     };
                 }
+                if how == Handover::OwnTable {
+                    let from = theirs.as_raw_fd();
+                    return std::thread::scope(|scope| {
+                        scope
+                            .spawn(move || {
+                                // SAFETY: gives this thread a copy of the descriptor table;
+                                // what it receives from now on is in its table only.
+                                if unsafe { libc::unshare(libc::CLONE_FILES) } != 0 {
+                                    return errno_json(&std::io::Error::last_os_error());
+                                }
+                                match receive_with_recvmmsg(from) {
+                                    Ok(fd) => use_it(fd),
+                                    Err(answer) => answer,
+                                }
+                            })
+                            .join()
+                            .unwrap_or_else(|_| json!({ "ok": false, "error": "thread died" }))
+                    });
+                }
                 if how == Handover::Mmsg {
-                    return match receive_with_recvmmsg(&theirs) {
+                    return match receive_with_recvmmsg(theirs.as_raw_fd()) {
                         Ok(fd) => use_it(fd),
                         Err(answer) => answer,
                     };
@@ -991,6 +1021,11 @@ fn main() {
             mode == "clone-into-closes",
         ),
         Some("passed-many") => passed_many(
+            &args[1],
+            addr(2),
+            args.get(3).and_then(|m| m.parse().ok()).unwrap_or(3000),
+        ),
+        Some("passed-own-table") => passed_own_table(
             &args[1],
             addr(2),
             args.get(3).and_then(|m| m.parse().ok()).unwrap_or(3000),
