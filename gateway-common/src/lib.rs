@@ -220,7 +220,9 @@ pub struct FdOffsets {
     pub skc_net: u16,
     /// `struct net.ns` plus `struct ns_common.inum`: the namespace's inode number.
     pub net_inum: u16,
-    pub _pad: u32,
+    /// `struct inode.i_ino` (a socket's inode number, as in `socket:[N]`).
+    pub inode_ino: u16,
+    pub _pad: u16,
 }
 const _: () = assert!(core::mem::size_of::<FdOffsets>() == 40);
 
@@ -252,8 +254,10 @@ pub struct CarriedMark {
     pub cgroup_id: u64,
     /// `bpf_ktime_get_ns()` at the receipt.
     pub marked_ns: u64,
+    /// The socket's inode number: who holds it is read from the descriptor tables.
+    pub inode: u64,
 }
-const _: () = assert!(core::mem::size_of::<CarriedMark>() == 24);
+const _: () = assert!(core::mem::size_of::<CarriedMark>() == 32);
 
 /// The origin of a redirected socket (`TG_ORIGINS`, in the slot of its cookie): the
 /// original destination and who made the connect, as the kernel saw it in the caller's

@@ -14,11 +14,13 @@ use aya_ebpf::{
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
-use gateway_common::{CarriedKey, CarriedMark, Config, AF_INET, AF_INET6};
+use gateway_common::{
+    is_v4_mapped, AcceptedKey, CarriedKey, CarriedMark, Config, AF_INET, AF_INET6,
+};
 
 use crate::{
     join::{enforced, read},
-    maps::{self, TG_CARRIED, TG_CARRIED_LIVE},
+    maps::{self, TG_ACCEPTED, TG_CARRIED, TG_CARRIED_LIVE},
     ALLOW, DENY,
 };
 
@@ -122,7 +124,7 @@ fn fd_table(cfg: &Config, task: u64) -> Option<(u64, u64)> {
 #[inline(always)]
 fn mark_file(cfg: &Config, file: u64, tgid: u32, receiver_cgroup: u64) -> bool {
     let o = &cfg.offsets.fds;
-    let Some(sk) = socket_of(cfg, file) else {
+    let Some((sk, inode)) = socket_of(cfg, file) else {
         return false;
     };
     let family = read::<u16>(sk + u64::from(o.skc_family)).unwrap_or(0);
@@ -154,9 +156,34 @@ fn mark_file(cfg: &Config, file: u64, tgid: u32, receiver_cgroup: u64) -> bool {
         key.local_addr = read::<[u32; 4]>(sk + u64::from(o.skc_v6_rcv_saddr)).unwrap_or([0; 4]);
         key.remote_addr = read::<[u32; 4]>(sk + u64::from(o.skc_v6_daddr)).unwrap_or([0; 4]);
     }
-    if maps::is_listener(cfg, family, &key.remote_addr, remote_port)
-        || maps::is_resolver(cfg, family, &key.remote_addr, remote_port)
+    // Judged as IPv4 when a dual-stack socket holds an IPv4-mapped address, as the daemon
+    // and the address programs do.
+    let (v4, local, remote) = if family == AF_INET6 && is_v4_mapped(key.remote_addr) {
+        (
+            true,
+            [key.local_addr[3], 0, 0, 0],
+            [key.remote_addr[3], 0, 0, 0],
+        )
+    } else {
+        (family == AF_INET, key.local_addr, key.remote_addr)
+    };
+    let plain = if v4 { AF_INET } else { AF_INET6 };
+    if maps::is_listener(cfg, plain, &remote, remote_port)
+        || maps::is_resolver(cfg, plain, &remote, remote_port)
     {
+        return false;
+    }
+    // A connection the daemon already settled as accepted by a server under a root (its
+    // replies pass the backstop): carrying it on is no escape.
+    let accepted = AcceptedKey {
+        local_addr: local,
+        remote_addr: remote,
+        local_port: key.local_port,
+        remote_port,
+        family: plain,
+        _pad: 0,
+    };
+    if TG_ACCEPTED.get_ptr(&accepted).is_some() {
         return false;
     }
     let net = read::<u64>(sk + u64::from(o.skc_net)).unwrap_or(0);
@@ -170,6 +197,7 @@ fn mark_file(cfg: &Config, file: u64, tgid: u32, receiver_cgroup: u64) -> bool {
         cgroup_id: receiver_cgroup,
         // SAFETY: the helper has no preconditions.
         marked_ns: unsafe { bpf_ktime_get_ns() },
+        inode: read::<u64>(inode + u64::from(o.inode_ino)).unwrap_or(0),
     };
     if TG_CARRIED.insert(&key, &value, 0).is_err() {
         return false;
@@ -185,9 +213,9 @@ fn mark_file(cfg: &Config, file: u64, tgid: u32, receiver_cgroup: u64) -> bool {
     true
 }
 
-/// The `struct sock` behind `file`, if it is a socket.
+/// The `struct sock` behind `file`, and its inode, if it is a socket.
 #[inline(always)]
-fn socket_of(cfg: &Config, file: u64) -> Option<u64> {
+fn socket_of(cfg: &Config, file: u64) -> Option<(u64, u64)> {
     let o = &cfg.offsets.fds;
     if file == 0 {
         return None;
@@ -199,7 +227,7 @@ fn socket_of(cfg: &Config, file: u64) -> Option<u64> {
     }
     let socket = read::<u64>(file + u64::from(o.file_private_data))?;
     let sk = read::<u64>(socket + u64::from(o.socket_sk))?;
-    (sk != 0).then_some(sk)
+    (sk != 0).then_some((sk, inode))
 }
 
 /// `cgroup_skb/egress` at the cgroup2 root, so it runs for every socket of the host: drops the

@@ -208,6 +208,7 @@ fn fd_offsets(btf: &[u8]) -> Result<gateway_common::FdOffsets, BtfError> {
             ("sock_common", "skc_net"),
             ("net", "ns"),
             ("ns_common", "inum"),
+            ("inode", "i_ino"),
         ],
     )?;
     if o[10] != 0 {
@@ -235,6 +236,7 @@ fn fd_offsets(btf: &[u8]) -> Result<gateway_common::FdOffsets, BtfError> {
         skc_v6_rcv_saddr: narrow(o[17])?,
         skc_net: narrow(o[18])?,
         net_inum: narrow(o[19] + o[20])?,
+        inode_ino: narrow(o[21])?,
         _pad: 0,
     })
 }

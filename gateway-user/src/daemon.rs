@@ -303,6 +303,16 @@ fn accepted_key(local: SocketAddr, remote: SocketAddr) -> AcceptedKey {
     }
 }
 
+/// The socket inodes any process under the roots holds.
+pub fn held_under_roots(config: &Config, mount: &Path) -> HashSet<u32> {
+    let dirs: Vec<PathBuf> = config
+        .roots
+        .iter()
+        .flat_map(|r| cgroup::walk(&r.dir(mount)))
+        .collect();
+    socket_inodes(&dirs)
+}
+
 /// Sockets of processes in `dirs` (by inode), for sockets created before they joined.
 fn socket_inodes(dirs: &[PathBuf]) -> HashSet<u32> {
     let mut out = HashSet::new();

@@ -42,6 +42,8 @@ pub struct Namespaces {
     accepted: Arc<Mutex<AcceptedMap>>,
     carried: Mutex<CarriedMap>,
     carried_live: crate::ebpf::LiveFlag,
+    /// Held for a whole `settle_carried`: the sweep and the reports run it, never at once.
+    settling: Mutex<()>,
     host_inode: u64,
     entries: Mutex<HashMap<u64, Entry>>,
 }
@@ -64,6 +66,7 @@ impl Namespaces {
             accepted,
             carried: Mutex::new(carried),
             carried_live,
+            settling: Mutex::new(()),
             host_inode,
             entries: Mutex::new(HashMap::new()),
         })
@@ -289,6 +292,10 @@ impl Namespaces {
     /// goes once its socket has been looked at. A mark whose socket lives in a namespace not
     /// served stays (its packets stay dropped) and is logged. Blocking.
     pub fn settle_carried(&self) {
+        let _one_at_a_time = self
+            .settling
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let marks: Vec<_> = {
             let map = self
                 .carried
@@ -315,11 +322,32 @@ impl Namespaces {
                     .map(|e| Arc::clone(&e.ns))
             };
             let Some(ns) = ns else {
-                tracing::warn!(
-                    netns_inode = inum,
-                    count = marks.len(),
-                    "connections carried into a root from a namespace that is not served stay cut"
+                // No sock_diag there: a mark goes once no process under a root holds its
+                // socket (its packets are dropped until then, never destroyed).
+                let held = crate::daemon::held_under_roots(
+                    &self.gateway.config,
+                    &self.gateway.cgroup_mount,
                 );
+                let mut map = self
+                    .carried
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut kept = 0;
+                for (key, mark) in &marks {
+                    let inode = u32::try_from(mark.inode).unwrap_or(0);
+                    if inode != 0 && held.contains(&inode) {
+                        kept += 1;
+                    } else if map
+                        .get(key, 0)
+                        .is_ok_and(|now| now.marked_ns == mark.marked_ns)
+                    {
+                        let _ = map.remove(key);
+                        self.audit_unheld(carried_ends(key), mark, true);
+                    }
+                }
+                if kept > 0 {
+                    tracing::warn!(netns_inode = inum, kept, "connections carried into a root from a namespace that is not served stay cut while held inside");
+                }
                 continue;
             };
             let ends: HashMap<_, _> = marks
@@ -350,8 +378,15 @@ impl Namespaces {
                 .carried
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            for (key, _) in &marks {
-                let _ = map.remove(key);
+            for (key, mark) in &marks {
+                // Only the mark looked at: the same connection carried in again since is
+                // marked anew (a later receipt) and waits for the next settle.
+                if map
+                    .get(key, 0)
+                    .is_ok_and(|now| now.marked_ns == mark.marked_ns)
+                {
+                    let _ = map.remove(key);
+                }
             }
         }
         self.clear_live();
