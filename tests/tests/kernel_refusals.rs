@@ -3,7 +3,7 @@
 //! works).
 use std::process::Command;
 
-use tollgate_tests::{join_before_exec, probe_bin, wait_for, TestEnv};
+use tollgate_tests::{join_before_exec, probe_bin, wait_for, Cgroup, Pod, TestEnv};
 
 const EPERM: i64 = 1;
 
@@ -319,4 +319,70 @@ fn a_join_the_ring_could_not_report_settles_the_whole_cgroup() {
         .iter()
         .any(|r| r["reason"] == "kernel_refusals_suppressed"
             && r["workload"]["cgroup"] == cgroup.as_str()));
+}
+
+/// A connection made in a network namespace the daemon does not serve (a helper's own, with no
+/// process under a root in it) and handed to a process in the root: there is no sock_diag
+/// there to destroy it, so its mark stays and its packets stay dropped while the process
+/// holds it; once nothing inside holds it, the mark goes and the record says so.
+#[test]
+fn a_connection_from_a_namespace_not_served_stays_cut_while_held_inside() {
+    use std::io::Read;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let mut env = TestEnv::new("foreignns");
+    let app = env.workload("app.service");
+    let _daemon = env.start();
+    let outside = Cgroup::create(env.mount.join(format!("{}-outside.scope", env.name)));
+    let pod = Pod::new(&env, "helper", outside.path.clone());
+    // A listener in the helper's namespace that counts the bytes it receives.
+    let bytes = std::sync::Arc::new(AtomicUsize::new(0));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (netns, counted) = (pod.netns.clone(), std::sync::Arc::clone(&bytes));
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&netns).expect("netns file");
+        // SAFETY: setns on this thread only.
+        let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("listener in the pod");
+        tx.send(l.local_addr().expect("addr")).expect("send addr");
+        for mut c in l.incoming().flatten() {
+            let counted = std::sync::Arc::clone(&counted);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = c.read(&mut buf) {
+                    counted.fetch_add(n, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    let target = rx.recv().expect("listener address").to_string();
+    let app_dir = app.display().to_string();
+    let outside_dir = outside.path.display().to_string();
+    // Control: the same hand-over to a child outside every root delivers its bytes.
+    let home = format!("/proc/{}/ns/net", std::process::id());
+    let control = pod.probe(&["passed-home", &outside_dir, &target, "300", &home]);
+    assert_eq!(control["ok"], true, "{control}");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        bytes.swap(0, Ordering::SeqCst) > 0,
+        "the control's bytes arrive"
+    );
+    let attempt = pod.probe(&["passed-home", &app_dir, &target, "1000", &home]);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    eprintln!("from a namespace not served: {attempt}");
+    assert_eq!(
+        bytes.load(Ordering::SeqCst),
+        0,
+        "nothing sent inside the root reaches the helper's namespace: {attempt}"
+    );
+    let cgroup = format!("{}/app.service", env.root_rel());
+    let released = wait_for(10, "the mark's record once nothing inside holds it", || {
+        env.records().into_iter().find(|r| {
+            r["reason"] == "carried_connection_released"
+                && r["workload"]["cgroup"] == cgroup.as_str()
+                && r["dst"]["orig_port"].as_u64()
+                    == target.rsplit(':').next().and_then(|p| p.parse().ok())
+        })
+    });
+    assert_eq!(released["decision"], "allow", "{released}");
 }

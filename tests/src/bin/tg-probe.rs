@@ -554,6 +554,15 @@ fn passed_own_table(dir: &str, addr: SocketAddr, millis: u64) -> Value {
     })
 }
 
+/// `passed-home DIR ADDR MILLIS NETNS`: run in a network namespace of its own; as
+/// `passed-connected`, but the child enters the namespace at path NETNS (the host's) before
+/// it joins DIR.
+fn passed_home(dir: &str, addr: SocketAddr, millis: u64, home: &'static str) -> Value {
+    hand_over(dir, addr, true, Handover::Home(home), |fd| {
+        keep_sending(&fd, millis)
+    })
+}
+
 /// In the child: one message received with `recvmmsg`, and the descriptor it carried.
 fn receive_with_recvmmsg(from: std::os::fd::RawFd) -> Result<OwnedFd, Value> {
     let mut byte = [0u8; 1];
@@ -608,6 +617,9 @@ enum Handover {
     RightsMany,
     /// Sent over SCM_RIGHTS, received with `recvmmsg`.
     Mmsg,
+    /// Received (`recvmsg`) by a child that went to another network namespace (the host's,
+    /// given by path) before joining: the connection lives in this process's namespace.
+    Home(&'static str),
     /// Received (`recvmmsg`) by a second thread with its own descriptor table
     /// (`unshare(CLONE_FILES)`), so the process's leader never holds it.
     OwnTable,
@@ -679,6 +691,16 @@ fn hand_over(
                     Ok(c) => OwnedFd::from(c),
                     Err(e) => return errno_json(&e),
                 };
+                if let Handover::Home(home) = how {
+                    let host = match std::fs::File::open(home) {
+                        Ok(f) => f,
+                        Err(e) => return errno_json(&e),
+                    };
+                    // SAFETY: setns on this single-threaded child, with a namespace fd.
+                    if unsafe { libc::setns(host.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return errno_json(&std::io::Error::last_os_error());
+                    }
+                }
                 if let Err(answer) = join_cgroup(dir) {
                     return answer;
                 }
@@ -757,6 +779,10 @@ fn hand_over(
                 use_it(unsafe { OwnedFd::from_raw_fd(raw) })
             })();
             result["join_settled"] = join_settled.into();
+            result["netns"] = std::fs::read_link("/proc/self/ns/net")
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+                .into();
             let text = result.to_string();
             let _ = nix::unistd::write(&theirs, text.as_bytes());
             // SAFETY: leave the child without running the parent's exit handlers.
@@ -1024,6 +1050,13 @@ fn main() {
             &args[1],
             addr(2),
             args.get(3).and_then(|m| m.parse().ok()).unwrap_or(3000),
+        ),
+        Some("passed-home") => passed_home(
+            &args[1],
+            addr(2),
+            args.get(3).and_then(|m| m.parse().ok()).unwrap_or(3000),
+            args.get(4)
+                .map_or("/proc/self/ns/net", |p| String::leak(p.clone())),
         ),
         Some("passed-own-table") => passed_own_table(
             &args[1],
