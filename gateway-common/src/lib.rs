@@ -222,7 +222,9 @@ pub struct FdOffsets {
     pub net_inum: u16,
     /// `struct inode.i_ino` (a socket's inode number, as in `socket:[N]`).
     pub inode_ino: u16,
-    pub _pad: u16,
+    /// `struct io_kiocb.opcode`, where `struct io_kiocb` opens with its file; 0 when the
+    /// kernel has no io_uring (then io_uring receipts are not seen).
+    pub kiocb_opcode: u16,
 }
 const _: () = assert!(core::mem::size_of::<FdOffsets>() == 40);
 

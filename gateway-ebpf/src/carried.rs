@@ -213,6 +213,19 @@ fn mark_file(cfg: &Config, file: u64, tgid: u32, receiver_cgroup: u64) -> bool {
     true
 }
 
+/// Whether `file` (a kernel `struct file *`) is a unix socket: the only kind that carries
+/// descriptors.
+#[inline(always)]
+pub(crate) fn is_unix(cfg: &Config, file: u64) -> bool {
+    const AF_UNIX: u16 = 1;
+    match socket_of(cfg, file) {
+        Some((sk, _)) => {
+            read::<u16>(sk + u64::from(cfg.offsets.fds.skc_family)).unwrap_or(0) == AF_UNIX
+        }
+        None => false,
+    }
+}
+
 /// The `struct sock` behind `file`, and its inode, if it is a socket.
 #[inline(always)]
 fn socket_of(cfg: &Config, file: u64) -> Option<(u64, u64)> {

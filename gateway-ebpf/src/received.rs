@@ -16,8 +16,8 @@
 use aya_ebpf::{
     cty::c_void,
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated::bpf_loop},
-    macros::tracepoint,
-    programs::TracePointContext,
+    macros::{raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, TracePointContext},
 };
 use gateway_common::{hook, MAX_RIGHTS};
 
@@ -200,6 +200,44 @@ extern "C" fn mmsg_scan(i: u64, ctx: *mut c_void) -> i64 {
             walk.found += 1;
         }
     }
+    0
+}
+
+/// `IORING_OP_RECVMSG`.
+const IORING_OP_RECVMSG: u8 = 10;
+
+/// Raw tracepoint `io_uring_complete`, before the completion is visible to the ring's user:
+/// a `recvmsg` through io_uring on a unix socket, completed for a task under a root, may have
+/// installed descriptors, so the task's table is walked and its connections made outside are
+/// marked, as after a join (the message's control data is not at hand here).
+#[raw_tracepoint(tracepoint = "io_uring_complete")]
+pub fn tg_uring_complete(ctx: RawTracePointContext) -> i32 {
+    // TP_PROTO(struct io_ring_ctx *ctx, void *req, struct io_uring_cqe *cqe)
+    let Some(cfg) = maps::config() else {
+        return 0;
+    };
+    let opcode_at = cfg.offsets.fds.kiocb_opcode;
+    if opcode_at == 0 {
+        return 0;
+    }
+    let req: u64 = ctx.arg(1);
+    let cqe: u64 = ctx.arg(2);
+    if read::<u8>(req + u64::from(opcode_at)).unwrap_or(0) != IORING_OP_RECVMSG
+        || read::<i32>(cqe + 8).unwrap_or(-1) < 0
+        || !task_enforced()
+    {
+        return 0;
+    }
+    // The request opens with its file: the socket it received on.
+    if !carried::is_unix(cfg, read::<u64>(req).unwrap_or(0)) {
+        return 0;
+    }
+    let thread = bpf_get_current_pid_tgid();
+    // SAFETY: the helper has no preconditions; the pointer is only read through the probe
+    // helper. An io_uring worker shares its task's descriptor table.
+    let task = unsafe { aya_ebpf::helpers::bpf_get_current_task() };
+    carried::mark_all(cfg, task, (thread >> 32) as u32, maps::current_cgroup());
+    report(thread);
     0
 }
 

@@ -182,6 +182,17 @@ pub fn join_offsets() -> Result<gateway_common::KernelOffsets, BtfError> {
     })
 }
 
+/// `struct io_kiocb.opcode`, if the kernel has io_uring and a request opens with its file.
+fn kiocb_opcode(btf: &[u8]) -> u16 {
+    match member_offsets(btf, &[("io_kiocb", "file"), ("io_kiocb", "opcode")]) {
+        Ok(o) if o[0] == 0 => u16::try_from(o[1]).unwrap_or(0),
+        _ => {
+            tracing::warn!("no io_uring request layout in BTF: a descriptor received through io_uring is not seen");
+            0
+        }
+    }
+}
+
 /// From a task's descriptor table to a socket's ends and namespace.
 fn fd_offsets(btf: &[u8]) -> Result<gateway_common::FdOffsets, BtfError> {
     let o = member_offsets(
@@ -237,7 +248,7 @@ fn fd_offsets(btf: &[u8]) -> Result<gateway_common::FdOffsets, BtfError> {
         skc_net: narrow(o[18])?,
         net_inum: narrow(o[19] + o[20])?,
         inode_ino: narrow(o[21])?,
-        _pad: 0,
+        kiocb_opcode: kiocb_opcode(btf),
     })
 }
 
@@ -253,6 +264,7 @@ mod tests {
         assert!(o.task_files > 0 && o.fdt_fd > 0 && o.socket_sk > 0, "{o:?}");
         assert_ne!(o.skc_daddr, o.skc_rcv_saddr, "{o:?}");
         assert_ne!(o.skc_dport, o.skc_num, "{o:?}");
+        assert!(o.kiocb_opcode > 0, "this kernel has io_uring: {o:?}");
     }
 
     /// A hand-built BTF blob: `struct task_struct { int a; struct { long start_boottime; }; }`.

@@ -108,14 +108,21 @@ pub const GUARD_PROGRAMS: [(&str, u32); 5] = [
 pub enum Watch {
     /// A raw tracepoint.
     Raw(&'static str),
+    /// A raw tracepoint of a subsystem the kernel may lack (io_uring): without it, nothing
+    /// there to watch.
+    RawIfPresent(&'static str),
     /// A system call's tracepoint (category `syscalls`).
     Syscall(&'static str),
 }
 
 /// The watchers, attached with the guard: the join watcher (`join.rs` in gateway-ebpf) and the
 /// descriptor watcher (`received.rs`).
-pub const WATCHERS: [(&str, Watch); 7] = [
+pub const WATCHERS: [(&str, Watch); 8] = [
     ("tg_join", Watch::Raw("cgroup_attach_task")),
+    (
+        "tg_uring_complete",
+        Watch::RawIfPresent("io_uring_complete"),
+    ),
     ("tg_recvmsg_enter", Watch::Syscall("sys_enter_recvmsg")),
     ("tg_recvmsg_exit", Watch::Syscall("sys_exit_recvmsg")),
     ("tg_recvmmsg_enter", Watch::Syscall("sys_enter_recvmmsg")),
@@ -365,7 +372,7 @@ impl Kernel {
                 source: aya::programs::ProgramError::UnexpectedProgramType,
             })?;
             match watch {
-                Watch::Raw(_) => {
+                Watch::Raw(_) | Watch::RawIfPresent(_) => {
                     <&mut RawTracePoint>::try_from(program).and_then(RawTracePoint::load)
                 }
                 Watch::Syscall(_) => {
@@ -449,6 +456,16 @@ impl Kernel {
                 source: aya::programs::ProgramError::UnexpectedProgramType,
             })?;
             let link = match watch {
+                Watch::RawIfPresent(tracepoint) => {
+                    let tp: &mut RawTracePoint = program.try_into().map_err(err)?;
+                    match tp.attach(tracepoint) {
+                        Ok(id) => FdLink::from(tp.take_link(id).map_err(err)?),
+                        Err(e) => {
+                            tracing::warn!(name, tracepoint, error = %e, "watcher not attached: the kernel lacks its tracepoint");
+                            continue;
+                        }
+                    }
+                }
                 Watch::Raw(tracepoint) => {
                     let tp: &mut RawTracePoint = program.try_into().map_err(err)?;
                     let id = tp.attach(tracepoint).map_err(|source| EbpfError::Watcher {

@@ -405,6 +405,7 @@ fn every_way_around_the_capture_is_closed_and_audited() {
             "passed-own-table",
             "received by a thread with its own descriptor table",
         ),
+        ("passed-uring", "received through io_uring"),
         ("taken-connected", "taken with pidfd_getfd"),
         ("clone-into", "inherited by a child made in the root"),
     ] {

@@ -563,6 +563,50 @@ fn passed_home(dir: &str, addr: SocketAddr, millis: u64, home: &'static str) -> 
     })
 }
 
+/// `passed-uring DIR ADDR MILLIS`: as `passed-connected`, but the child receives it through
+/// io_uring (`IORING_OP_RECVMSG`).
+fn passed_uring(dir: &str, addr: SocketAddr, millis: u64) -> Value {
+    hand_over(dir, addr, true, Handover::Uring, |fd| {
+        keep_sending(&fd, millis)
+    })
+}
+
+/// In the child: one message received through io_uring, and the descriptor it carried.
+fn receive_with_uring(from: std::os::fd::RawFd) -> Result<OwnedFd, Value> {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let mut control = [0u64; 8];
+    // SAFETY: an all-zero msghdr is valid; its pointers are set just below.
+    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+    header.msg_iov = &mut iov;
+    header.msg_iovlen = 1;
+    header.msg_control = control.as_mut_ptr().cast();
+    header.msg_controllen = std::mem::size_of_val(&control);
+    let mut ring = io_uring::IoUring::new(4).map_err(|e| errno_json(&e))?;
+    let op = io_uring::opcode::RecvMsg::new(io_uring::types::Fd(from), &mut header).build();
+    // SAFETY: the header and its buffers outlive the submission (we wait for it below).
+    if unsafe { ring.submission().push(&op) }.is_err() {
+        return Err(json!({ "ok": false, "error": "submission queue full" }));
+    }
+    ring.submit_and_wait(1).map_err(|e| errno_json(&e))?;
+    let res = ring.completion().next().map_or(-1, |c| c.result());
+    if res < 0 {
+        return Err(errno_json(&std::io::Error::from_raw_os_error(-res)));
+    }
+    // SAFETY: the kernel wrote the control data at the start of the buffer.
+    unsafe {
+        let cmsg = control.as_ptr().cast::<libc::cmsghdr>();
+        if (*cmsg).cmsg_level != libc::SOL_SOCKET || (*cmsg).cmsg_type != libc::SCM_RIGHTS {
+            return Err(json!({ "ok": false, "error": "no descriptor received" }));
+        }
+        let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>());
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
 /// In the child: one message received with `recvmmsg`, and the descriptor it carried.
 fn receive_with_recvmmsg(from: std::os::fd::RawFd) -> Result<OwnedFd, Value> {
     let mut byte = [0u8; 1];
@@ -620,6 +664,8 @@ enum Handover {
     /// Received (`recvmsg`) by a child that went to another network namespace (the host's,
     /// given by path) before joining: the connection lives in this process's namespace.
     Home(&'static str),
+    /// Received through io_uring (`IORING_OP_RECVMSG`).
+    Uring,
     /// Received (`recvmmsg`) by a second thread with its own descriptor table
     /// (`unshare(CLONE_FILES)`), so the process's leader never holds it.
     OwnTable,
@@ -743,6 +789,12 @@ fn hand_over(
                             .join()
                             .unwrap_or_else(|_| json!({ "ok": false, "error": "thread died" }))
                     });
+                }
+                if how == Handover::Uring {
+                    return match receive_with_uring(theirs.as_raw_fd()) {
+                        Ok(fd) => use_it(fd),
+                        Err(answer) => answer,
+                    };
                 }
                 if how == Handover::Mmsg {
                     return match receive_with_recvmmsg(theirs.as_raw_fd()) {
@@ -1057,6 +1109,11 @@ fn main() {
             args.get(3).and_then(|m| m.parse().ok()).unwrap_or(3000),
             args.get(4)
                 .map_or("/proc/self/ns/net", |p| String::leak(p.clone())),
+        ),
+        Some("passed-uring") => passed_uring(
+            &args[1],
+            addr(2),
+            args.get(3).and_then(|m| m.parse().ok()).unwrap_or(3000),
         ),
         Some("passed-own-table") => passed_own_table(
             &args[1],
