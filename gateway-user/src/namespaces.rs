@@ -24,7 +24,10 @@ use tokio::{
 use crate::{
     audit::{AuditRecord, Layer, Verdict},
     cgroup,
-    daemon::{carried_ends, settle_existing, sockets_of, AcceptedMap, CarriedMap, Settle},
+    daemon::{
+        carried_ends, settle_existing, sockets_of, AcceptedMap, CarriedMap, RunError, Settle,
+        Settled,
+    },
     netns::{Netns, Workload},
     proxy::{self, Gateway},
 };
@@ -114,14 +117,7 @@ impl Namespaces {
                 }
             }
         }
-        if let Err(e) = settle_existing(
-            config,
-            &self.gateway.cgroup_mount,
-            &ns,
-            &self.accepted,
-            &self.gateway.audit,
-            &Settle::Roots,
-        ) {
+        if let Err(e) = self.settle_in(&ns, &Settle::Roots) {
             tracing::warn!(error = %e, "could not settle connections that predate the namespace's enforcement");
         }
         let cookie = ns.cookie()?;
@@ -136,6 +132,18 @@ impl Namespaces {
         tracing::info!(inode, cookie, how, "serving a workload network namespace");
         entries.insert(inode, Entry { ns, tasks, path });
         Ok(cookie)
+    }
+
+    /// Settles `scope` in the namespace `ns`. Blocking.
+    fn settle_in(&self, ns: &Netns, scope: &Settle<'_>) -> Result<Settled, RunError> {
+        settle_existing(
+            &self.gateway.config,
+            &self.gateway.cgroup_mount,
+            ns,
+            &self.accepted,
+            &self.gateway.audit,
+            scope,
+        )
     }
 
     /// Namespace inodes of the processes under the enforced roots, with a pid in each.
@@ -275,14 +283,7 @@ impl Namespaces {
             cgroup_id,
             inodes: &inodes,
         };
-        if let Err(e) = settle_existing(
-            &self.gateway.config,
-            &self.gateway.cgroup_mount,
-            &ns,
-            &self.accepted,
-            &self.gateway.audit,
-            &scope,
-        ) {
+        if let Err(e) = self.settle_in(&ns, &scope) {
             tracing::warn!(tgid, error = %e, "could not settle the connections of a joining process");
         }
     }
@@ -355,14 +356,7 @@ impl Namespaces {
                 .map(|(key, mark)| (carried_ends(key), *mark))
                 .collect();
             let scope = Settle::Carried { marks: &ends };
-            let settled = match settle_existing(
-                &self.gateway.config,
-                &self.gateway.cgroup_mount,
-                &ns,
-                &self.accepted,
-                &self.gateway.audit,
-                &scope,
-            ) {
+            let settled = match self.settle_in(&ns, &scope) {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "could not settle carried connections; their packets stay dropped");

@@ -874,7 +874,7 @@ fn hand_over(
             };
             let fds: Vec<i32> = fillers
                 .iter()
-                .map(|f| f.as_raw_fd())
+                .map(AsRawFd::as_raw_fd)
                 .chain([fd.as_raw_fd()])
                 .collect();
             if how == Handover::Take {
