@@ -183,6 +183,8 @@ pub async fn watch_counters(
                 let mut r = AuditRecord::new(Verdict::Error, Layer::Kernel, "kernel_reports_lost");
                 r.workload = Arc::clone(&workload);
                 r.count = Some(reports_lost);
+                // What the fallback did: how many processes of the cgroup it queued.
+                r.rule = Some(format!("settling {settled} processes of the cgroup"));
                 audit.emit(r);
             }
             let dns = grown(sum.dns_allowed, last.dns_allowed);
