@@ -266,8 +266,10 @@ fn a_join_the_ring_could_not_report_settles_the_whole_cgroup() {
     let flood = env.probe(Some(&app), &["udp-flood", "127.0.0.1:9", "10000"]);
     assert_eq!(flood["refused"], 10000, "{flood}");
     let app_dir = app.display().to_string();
+    // The connection sits above the descriptors the join's kernel walk marks: only the
+    // fallback's settle of every process of the cgroup can find it.
     let probe = Command::new(probe_bin())
-        .args(["carry-tcp", &app_dir, &target, "4000"])
+        .args(["carry-tcp-high", &app_dir, &target, "4000"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("probe");
@@ -283,8 +285,8 @@ fn a_join_the_ring_could_not_report_settles_the_whole_cgroup() {
     drop(stopped);
     let out = probe.wait_with_output().expect("probe");
     let carried: serde_json::Value = serde_json::from_slice(&out.stdout).expect("probe output");
-    // The join was reported only as a count: the daemon settled every process of the cgroup
-    // (and the join's mark, settled every 500 ms, covers it too).
+    // The join was reported only as a count, and left no mark: the daemon settled every
+    // process of the cgroup.
     assert_eq!(
         carried["ok"], false,
         "the carried connection is cut: {carried}"
@@ -308,6 +310,19 @@ fn a_join_the_ring_could_not_report_settles_the_whole_cgroup() {
     });
     assert_eq!(lost[0]["decision"], "error", "{}", lost[0]);
     assert!(lost[0]["count"].as_u64().unwrap_or(0) >= 1, "{}", lost[0]);
+    let queued = lost
+        .iter()
+        .filter_map(|r| {
+            r["rule"]
+                .as_str()?
+                .strip_prefix("settling ")?
+                .split(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum::<u64>();
+    assert!(queued >= 1, "the fallback queued the probe: {lost:?}");
     assert!(
         destroyed[0]["workload"]["pid"].as_u64().unwrap_or(0) > 0,
         "{}",

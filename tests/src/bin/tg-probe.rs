@@ -907,7 +907,11 @@ fn hand_over(
 /// `carry-tcp|carry-udp DIR ADDR MILLIS`: connects to ADDR from here, joins DIR, then sends a
 /// byte every millisecond until a send fails or MILLIS pass. Reports how long sends kept
 /// working after the join (the connection was made where no program of DIR's root saw it).
-fn carry(dir: &str, addr: SocketAddr, millis: u64, udp: bool) -> Value {
+///
+/// With `high` (`carry-tcp-high`), the connection is moved to descriptor [`HIGH_FD`] before
+/// the join, past the descriptors the kernel's join walk looks at: only a settle of the
+/// process can find it.
+fn carry(dir: &str, addr: SocketAddr, millis: u64, udp: bool, high: bool) -> Value {
     let ty = if udp {
         libc::SOCK_DGRAM
     } else {
@@ -920,10 +924,41 @@ fn carry(dir: &str, addr: SocketAddr, millis: u64, udp: bool) -> Value {
     if let Err(e) = connect(&fd, addr) {
         return errno_json(&e);
     }
+    let fd = if high {
+        match move_high(fd) {
+            Ok(fd) => fd,
+            Err(e) => return errno_json(&e),
+        }
+    } else {
+        fd
+    };
     if let Err(answer) = join_cgroup(dir) {
         return answer;
     }
     keep_sending(&fd, millis)
+}
+
+/// Where `carry-tcp-high` puts its connection: above the first 4,096 descriptors.
+const HIGH_FD: i32 = 5000;
+
+/// Moves `fd` to [`HIGH_FD`], raising the soft descriptor limit to reach it.
+fn move_high(fd: OwnedFd) -> std::io::Result<OwnedFd> {
+    let want = HIGH_FD as libc::rlim_t + 1;
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid rlimit to fill and then to set.
+    check(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
+    if lim.rlim_cur < want {
+        lim.rlim_cur = want.min(lim.rlim_max);
+        // SAFETY: as above.
+        check(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) })?;
+    }
+    // SAFETY: dup2 onto a descriptor this process does not use; the new one is owned here.
+    let high = check(unsafe { libc::dup2(fd.as_raw_fd(), HIGH_FD) })?;
+    // SAFETY: `high` was just made by dup2 and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(high) })
 }
 
 /// Sends a byte every millisecond on `fd` until a send fails or `millis` pass: how long the
@@ -1135,11 +1170,12 @@ fn main() {
             addr(2),
             args.get(3).and_then(|m| m.parse().ok()).unwrap_or(3000),
         ),
-        Some(mode @ ("carry-tcp" | "carry-udp")) => carry(
+        Some(mode @ ("carry-tcp" | "carry-udp" | "carry-tcp-high")) => carry(
             &args[1],
             addr(2),
             args.get(3).and_then(|n| n.parse().ok()).unwrap_or(2000),
             mode == "carry-udp",
+            mode == "carry-tcp-high",
         ),
         Some("udp-flood") => udp_flood(
             addr(1),
