@@ -15,7 +15,7 @@ use std::{
 use criterion::{criterion_group, criterion_main, Criterion};
 use gateway_user::{
     cgroup::CgroupPath,
-    policy::{Decision, PolicySet, RequestDecision, WorkloadView},
+    policy::{Decision, Model, PolicySet, RequestDecision, WorkloadView},
 };
 
 const POLICIES: usize = 1_000;
@@ -243,7 +243,7 @@ fn decisions(c: &mut Criterion) {
 
     // Each case is checked once, so a change to the engine cannot make the benchmark measure
     // an early exit instead.
-    match set.evaluate_request(&w, 443, &partner, "POST", &path, &headers) {
+    match set.evaluate_request(&w, 443, &partner, "POST", &path, &headers, Model::Unread) {
         RequestDecision::Allow { rule, .. } => assert_eq!(rule, "partner"),
         other => panic!("the partner request is allowed by the last rule: {other:?}"),
     }
@@ -254,6 +254,7 @@ fn decisions(c: &mut Criterion) {
         "POST",
         "/upload",
         &headers,
+        Model::Unread,
     ) {
         RequestDecision::Deny {
             rule: None, reason, ..
@@ -292,6 +293,7 @@ fn decisions(c: &mut Criterion) {
                 "POST",
                 black_box(&path),
                 black_box(&headers),
+                Model::Unread,
             )
         });
     });
@@ -304,6 +306,7 @@ fn decisions(c: &mut Criterion) {
                 "POST",
                 black_box("/upload"),
                 black_box(&headers),
+                Model::Unread,
             )
         });
     });
@@ -316,6 +319,7 @@ fn decisions(c: &mut Criterion) {
                 "POST",
                 black_box(&path),
                 black_box(&headers),
+                Model::Unread,
             )
         });
     });

@@ -103,6 +103,13 @@ pub struct HttpRecord {
     pub status: u16,
 }
 
+/// What the request said about the model it calls, where a rule made the gateway read it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LlmRecord {
+    /// The JSON body's top-level `model` (cut at 200 bytes); `None`: the body named none.
+    pub model: Option<String>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct AuditRecord {
     pub ts: Timestamp,
@@ -117,6 +124,8 @@ pub struct AuditRecord {
     pub dst: DstRecord,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpRecord>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub llm: Option<LlmRecord>,
     /// The credential binding injected (its name, never its value).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub credential: Option<String>,
@@ -148,6 +157,7 @@ impl AuditRecord {
             workload: Arc::default(),
             dst: DstRecord::default(),
             http: None,
+            llm: None,
             credential: None,
             bytes_up: None,
             bytes_down: None,

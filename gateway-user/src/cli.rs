@@ -86,6 +86,10 @@ enum PolicyCommand {
         /// A request header, `Name: value` (repeat for more).
         #[arg(long = "header", short = 'H')]
         headers: Vec<String>,
+        /// The `model` the request's JSON body names (`''`: a body without one), for rules
+        /// that limit models.
+        #[arg(long)]
+        model: Option<String>,
     },
 }
 
@@ -191,6 +195,7 @@ pub fn main() -> ExitCode {
                     uid,
                     request,
                     headers,
+                    model,
                 },
         } => {
             let set = match PolicySet::load_dir(&policies) {
@@ -227,7 +232,7 @@ pub fn main() -> ExitCode {
                 };
                 header_map.append(name, value);
             }
-            match crate::policy::explain(&set, &view, &request, &header_map) {
+            match crate::policy::explain(&set, &view, &request, &header_map, model.as_deref()) {
                 Ok(line) => {
                     println!("{line}");
                     ExitCode::SUCCESS

@@ -16,7 +16,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use crate::{
-    audit::{AuditRecord, HttpRecord, Layer, Verdict, WorkloadRecord},
+    audit::{AuditRecord, HttpRecord, Layer, LlmRecord, Verdict, WorkloadRecord},
     audited::{Audited, Counted},
     container::Placement,
     credentials::Inject,
@@ -24,7 +24,7 @@ use crate::{
     identity::WorkloadId,
     netns::Netns,
     normalize,
-    policy::{RequestDecision, TlsMode},
+    policy::{Model, RequestDecision, TlsMode},
     proxy::Gateway,
     redact::Redact,
 };
@@ -377,6 +377,7 @@ async fn decide_and_forward(
     };
     http.path = Some(path.clone());
 
+    let (mut parts, body) = req.into_parts();
     let Some(view) = conn.workload.view(&conn.placement) else {
         return (
             refuse(
@@ -394,14 +395,33 @@ async fn decide_and_forward(
         .read()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .clone();
-    let decision = policies.evaluate_request(
-        &view,
-        conn.orig.port(),
-        &host,
-        req.method().as_str(),
-        &path,
-        req.headers(),
-    );
+    let decide = |model| {
+        policies.evaluate_request(
+            &view,
+            conn.orig.port(),
+            &host,
+            parts.method.as_str(),
+            &path,
+            &parts.headers,
+            model,
+        )
+    };
+    // The body is read only where a rule limits models and nothing else decided first.
+    let (decision, body) = match decide(Model::Unread) {
+        RequestDecision::NeedsModel => {
+            let timeout = conn.gateway.config.client_header_timeout;
+            let (bytes, model) = match read_model(body, &parts.headers, timeout).await {
+                Ok(read) => read,
+                Err((status, reason)) => return (refuse(record, status, reason, None), None),
+            };
+            record.llm = Some(LlmRecord {
+                model: model.as_deref().map(|m| cut(m, MODEL_AUDITED).to_owned()),
+            });
+            let decision = decide(Model::Read(model.as_deref()));
+            (decision, RequestBody::Read(bytes))
+        }
+        decision => (decision, RequestBody::Streaming(body)),
+    };
     let (route, verdict) = match decision {
         RequestDecision::Deny {
             policy,
@@ -441,6 +461,13 @@ async fn decide_and_forward(
             record.rule = Some(rule);
             record.reason = "rule_matched".into();
             (route, Verdict::Allow)
+        }
+        // Decided with the model read: never asks again.
+        RequestDecision::NeedsModel => {
+            return (
+                refuse(record, StatusCode::FORBIDDEN, "model_missing", None),
+                None,
+            )
         }
     };
 
@@ -505,7 +532,7 @@ async fn decide_and_forward(
     let credential_name = binding.map(|b| b.name.clone());
     // A placeholder (`tollgate:<binding>`) stands for a key the workload does not hold: it is
     // swapped only where this rule injects that very binding, and refused anywhere else.
-    if let Some(name) = placeholder(req.headers()) {
+    if let Some(name) = placeholder(&parts.headers) {
         if credential_name.as_deref() != Some(name.as_str()) {
             return (
                 refuse(
@@ -519,7 +546,6 @@ async fn decide_and_forward(
         }
     }
 
-    let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let prefix: Vec<HeaderName> = parts
         .headers
@@ -598,7 +624,14 @@ async fn decide_and_forward(
         host: host.clone(),
         port: route.upstream_port,
     };
-    let body = Counted::new(body, Arc::clone(sent)).boxed();
+    let body = match body {
+        RequestBody::Streaming(body) => Counted::new(body, Arc::clone(sent)).boxed(),
+        RequestBody::Read(bytes) => Counted::new(
+            Full::new(bytes).map_err(|never| match never {}).boxed(),
+            Arc::clone(sent),
+        )
+        .boxed(),
+    };
     let sent_request = conn.gateway.upstreams.request(
         &conn.ns,
         conn.netns_cookie,
@@ -657,6 +690,70 @@ async fn decide_and_forward(
             )
         }
     }
+}
+
+/// A request body as it goes on: still on the client connection, or read whole for its model.
+enum RequestBody {
+    Streaming(Incoming),
+    Read(Bytes),
+}
+
+/// The most of a body read to find its model: a larger one is refused (413) where a rule
+/// limits models.
+const MODEL_BODY_MAX: usize = 1 << 20;
+
+/// How much of a model name an audit record keeps.
+const MODEL_AUDITED: usize = 200;
+
+/// `s` cut to at most `max` bytes, on a character boundary.
+fn cut(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Reads the whole body (at most [`MODEL_BODY_MAX`], within `timeout`) and the top-level
+/// `"model"` string of its JSON. A body that is not one JSON object, is encoded, names the
+/// model twice or not as a string has none. Refusals: too large (413), not sent in time (408),
+/// broken off (400).
+async fn read_model(
+    body: Incoming,
+    headers: &HeaderMap,
+    timeout: Duration,
+) -> Result<(Bytes, Option<String>), (StatusCode, &'static str)> {
+    const TOO_LARGE: (StatusCode, &str) = (
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large_for_model_check",
+    );
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MODEL_BODY_MAX as u64) {
+        return Err(TOO_LARGE);
+    }
+    let limited = http_body_util::Limited::new(body, MODEL_BODY_MAX);
+    let bytes = match tokio::time::timeout(timeout, limited.collect()).await {
+        Err(_) => return Err((StatusCode::REQUEST_TIMEOUT, "body_not_sent_in_time")),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return Err(TOO_LARGE),
+        Ok(Err(_)) => return Err((StatusCode::BAD_REQUEST, "body_read_failed")),
+        Ok(Ok(collected)) => collected.to_bytes(),
+    };
+    let encoded = headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    let model = if encoded { None } else { model_of(&bytes) };
+    Ok((bytes, model))
+}
+
+/// The top-level `"model"` string of a JSON object body.
+pub fn model_of(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        model: Option<String>,
+    }
+    serde_json::from_slice::<Named>(body).ok()?.model
 }
 
 /// Replaces every form of the secret in response header values (a redirect's Location may
@@ -812,6 +909,31 @@ mod tests {
             Some("/api/items/?key=********")
         );
         assert_eq!(h.get("x-ok").and_then(|v| v.to_str().ok()), Some("fine"));
+    }
+
+    #[test]
+    fn the_model_is_the_top_level_string_or_none() {
+        for (body, want) in [
+            (
+                r#"{"model":"gpt-4o-mini","messages":[]}"#,
+                Some("gpt-4o-mini"),
+            ),
+            (r#" {"messages":[{"model":"x"}],"model":"o3"} "#, Some("o3")),
+            (r#"{"mod\u0065l":"escaped"}"#, Some("escaped")),
+            // Two models: the upstream might take either, so there is none.
+            (r#"{"model":"gpt-4o-mini","model":"gpt-4o"}"#, None),
+            (r#"{"model":7}"#, None),
+            (r#"{"model":null}"#, None),
+            (r#"{"input":{"model":"x"}}"#, None),
+            (r#"[{"model":"x"}]"#, None),
+            (r#"{"model":"x"} trailing"#, None),
+            ("model=x", None),
+            ("", None),
+        ] {
+            assert_eq!(model_of(body.as_bytes()).as_deref(), want, "{body}");
+        }
+        assert_eq!(cut("ab\u{e9}c", 3), "ab");
+        assert_eq!(cut("abc", 200), "abc");
     }
 
     #[test]

@@ -122,6 +122,9 @@ struct RawHttp {
     /// Headers that must be absent.
     #[serde(default)]
     forbid_headers: Vec<String>,
+    /// Models the JSON body's `model` may name (`*` matches any run of characters).
+    #[serde(default)]
+    models: Vec<String>,
 }
 
 /// How a host rule handles TLS.
@@ -206,6 +209,57 @@ impl PathPattern {
     }
 }
 
+/// A model name pattern: exact, with `*` standing for any run of characters (`o3-*`, `*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelPattern(String);
+
+impl ModelPattern {
+    /// The longest model name a pattern may spell out.
+    const MAX: usize = 200;
+
+    fn parse(s: &str) -> Result<Self, String> {
+        if s.is_empty() || s.len() > Self::MAX || !s.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(format!(
+                "model {s:?}: use 1 to {} printable characters without spaces",
+                Self::MAX
+            ));
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    pub fn matches(&self, model: &str) -> bool {
+        let mut parts = self.0.split('*');
+        let first = parts.next().unwrap_or("");
+        let Some(mut rest) = model.strip_prefix(first) else {
+            return false;
+        };
+        let mut parts = parts.peekable();
+        if parts.peek().is_none() {
+            return rest.is_empty();
+        }
+        while let Some(part) = parts.next() {
+            if parts.peek().is_none() {
+                return rest.len() >= part.len() && rest.ends_with(part);
+            }
+            match rest.find(part) {
+                Some(at) => rest = &rest[at + part.len()..],
+                None => return false,
+            }
+        }
+        true
+    }
+}
+
+/// What is known of the request body's model when a request is decided.
+#[derive(Debug, Clone, Copy)]
+pub enum Model<'a> {
+    /// The body has not been read: a rule that limits models answers
+    /// [`RequestDecision::NeedsModel`].
+    Unread,
+    /// The body was read: its top-level `"model"` string, if it had one.
+    Read(Option<&'a str>),
+}
+
 /// Which requests a host rule lets through.
 #[derive(Debug, Clone)]
 pub struct HttpMatch {
@@ -217,6 +271,8 @@ pub struct HttpMatch {
     require: Vec<(http::HeaderName, Option<String>)>,
     /// Headers that must be absent.
     forbid: Vec<http::HeaderName>,
+    /// Empty: any body. Else the JSON body's `model` must match one.
+    models: Vec<ModelPattern>,
 }
 
 impl HttpMatch {
@@ -235,6 +291,17 @@ impl HttpMatch {
                 Some(want) => values.any(|v| v.as_bytes().trim_ascii() == want.as_bytes()),
             }
         }) && self.forbid.iter().all(|name| !headers.contains_key(name))
+    }
+
+    /// Whether the model allows this entry; `None` while the body is unread and it matters.
+    fn allows_model(&self, model: Model<'_>) -> Option<bool> {
+        if self.models.is_empty() {
+            return Some(true);
+        }
+        match model {
+            Model::Unread => None,
+            Model::Read(m) => Some(m.is_some_and(|m| self.models.iter().any(|p| p.matches(m)))),
+        }
     }
 }
 
@@ -648,13 +715,19 @@ pub enum RequestDecision {
         reason: &'static str,
         route: Option<Arc<HostRule>>,
     },
+    /// Only entries that limit models could allow the request: decide again with the body's
+    /// model ([`Model::Read`]).
+    NeedsModel,
 }
 
 impl PolicySet {
     /// The decision for a request to `host` on the port the workload connected to. First host
     /// rule (in file order) whose host and port match decides; one of its `http` entries must
     /// allow the method and normalized path, then that entry's header conditions must hold
-    /// (on the headers as the workload sent them).
+    /// (on the headers as the workload sent them), then its models, if it lists any, must
+    /// allow the body's model. With the model unread, an entry that would allow but for its
+    /// models makes the answer [`RequestDecision::NeedsModel`] (unless another allows anyway).
+    #[allow(clippy::too_many_arguments)]
     pub fn evaluate_request(
         &self,
         w: &WorkloadView<'_>,
@@ -663,6 +736,7 @@ impl PolicySet {
         method: &str,
         path: &str,
         headers: &http::HeaderMap,
+        model: Model<'_>,
     ) -> RequestDecision {
         let Some(policy) = self.select(w) else {
             return RequestDecision::Deny {
@@ -694,24 +768,35 @@ impl PolicySet {
             if h.port != port || !h.host.matches(host) {
                 continue;
             }
-            let mut lines = h.http.iter().filter(|m| m.allows_line(method, path));
-            let mut line_matched = false;
-            if h.http.is_empty()
-                || lines.any(|m| {
-                    line_matched = true;
-                    m.allows_headers(headers)
-                })
-            {
-                return RequestDecision::Allow {
-                    policy: policy.name.clone(),
-                    rule: rule.name.clone(),
-                    route: h.clone(),
-                };
+            let allow = || RequestDecision::Allow {
+                policy: policy.name.clone(),
+                rule: rule.name.clone(),
+                route: h.clone(),
+            };
+            if h.http.is_empty() {
+                return allow();
             }
-            let reason = if !line_matched {
-                "method_or_path_not_allowed"
-            } else {
-                "headers_not_allowed"
+            // How far the best entry got: 0 nothing, 1 the line, 2 the headers too, 3 all
+            // but an unread model.
+            let mut reached = 0;
+            for m in h.http.iter().filter(|m| m.allows_line(method, path)) {
+                reached = reached.max(1);
+                if !m.allows_headers(headers) {
+                    continue;
+                }
+                reached = reached.max(2);
+                match m.allows_model(model) {
+                    Some(true) => return allow(),
+                    Some(false) => {}
+                    None => reached = 3,
+                }
+            }
+            let reason = match (reached, model) {
+                (3, _) => return RequestDecision::NeedsModel,
+                (0, _) => "method_or_path_not_allowed",
+                (1, _) => "headers_not_allowed",
+                (_, Model::Read(None)) => "model_missing",
+                _ => "model_not_allowed",
             };
             return deny(Some(rule), reason, Some(h));
         }
@@ -721,7 +806,7 @@ impl PolicySet {
     /// The decision for a TLS connection naming `sni` on `port`: the first host rule whose host
     /// and port match decides; it must be a passthrough rule.
     pub fn evaluate_sni(&self, w: &WorkloadView<'_>, port: u16, sni: &str) -> RequestDecision {
-        match self.evaluate_request(w, port, sni, "", "", &http::HeaderMap::new()) {
+        match self.evaluate_request(w, port, sni, "", "", &http::HeaderMap::new(), Model::Unread) {
             RequestDecision::Allow {
                 route,
                 policy,
@@ -738,6 +823,12 @@ impl PolicySet {
             } => RequestDecision::Deny {
                 policy,
                 rule,
+                reason: "tls_on_an_originate_rule",
+            },
+            // Only a rule with `http` entries reads models, and those are never passthrough.
+            RequestDecision::NeedsModel => RequestDecision::Deny {
+                policy: self.select(w).map(|p| p.name.clone()),
+                rule: None,
                 reason: "tls_on_an_originate_rule",
             },
             other => other,
@@ -762,6 +853,7 @@ pub fn explain(
     w: &WorkloadView<'_>,
     request: &str,
     headers: &http::HeaderMap,
+    model: Option<&str>,
 ) -> Result<String, String> {
     let (kind, target) = request
         .trim()
@@ -795,6 +887,9 @@ pub fn explain(
                 .map(|r| format!(" by rule {r:?}"))
                 .unwrap_or_default()
         ),
+        RequestDecision::NeedsModel => {
+            "depends on the body's model: give --model NAME (or --model '' for none)".into()
+        }
     };
     let line = match kind {
         "tcp" => {
@@ -828,6 +923,9 @@ pub fn explain(
                 &method.to_ascii_uppercase(),
                 &path,
                 headers,
+                model.map_or(Model::Unread, |m| {
+                    Model::Read(Some(m).filter(|m| !m.is_empty()))
+                }),
             ))
         }
     };
@@ -952,11 +1050,18 @@ pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
                     if let Some((name, _)) = require.iter().find(|(n, _)| forbid.contains(n)) {
                         return Err(rule_err(format!("{name} is both required and forbidden")));
                     }
+                    let models = m
+                        .models
+                        .iter()
+                        .map(|p| ModelPattern::parse(p))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(&rule_err)?;
                     http.push(HttpMatch {
                         methods,
                         paths,
                         require,
                         forbid,
+                        models,
                     });
                 }
                 let upstream_port = r.upstream.as_ref().map_or(r.matches.port, |u| u.port);
@@ -1371,11 +1476,13 @@ mod host_rules {
             method,
             path,
             h,
+            Model::Unread,
         ) {
             RequestDecision::Allow { .. } => Ok(()),
             RequestDecision::Deny { reason, .. } | RequestDecision::WouldDeny { reason, .. } => {
                 Err(reason)
             }
+            RequestDecision::NeedsModel => Err("needs_model"),
         };
         let good = [
             ("openai-beta", "assistants=v2"),
@@ -1427,6 +1534,137 @@ mod host_rules {
         );
         let err = parse_policy(&bad, Path::new("h.yaml")).expect_err("bad name");
         assert!(err.to_string().contains("is not a header name"), "{err}");
+    }
+
+    #[test]
+    fn models_decide_last_and_only_once_the_body_is_read() {
+        let text = "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: { name: agent }\nspec:\n  workload: { cgroup: /agents }\n  MODE\n  egress:\n    - name: openai\n      match: { host: api.openai.com, port: 80 }\n      upstream: { port: 443 }\n      tls: originate\n      http:\n        - methods: [POST]\n          paths: [/v1/chat/completions]\n          require_headers: { content-type: \"*\" }\n          models: [gpt-4o-mini, \"o3-*\", \"*-audit-*-v2\"]\n        - methods: [POST]\n          paths: [/v1/embeddings]\n        - methods: [POST]\n          paths: [/v1/embeddings, /v1/responses]\n          models: [\"text-*\"]\n";
+        let cg = CgroupPath::parse("/agents/a1").expect("cg");
+        let w = WorkloadView {
+            cgroup: &cg,
+            container_id: None,
+            pod_uid: None,
+            exe: None,
+            uid: 0,
+        };
+        let json = {
+            let mut h = http::HeaderMap::new();
+            h.insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            h
+        };
+        let none = http::HeaderMap::new();
+        for (mode, deny) in [("mode: enforce", "deny"), ("mode: monitor", "would_deny")] {
+            let set = PolicySet::from_policies(vec![parse_policy(
+                &text.replace("MODE", mode),
+                Path::new("m.yaml"),
+            )
+            .expect("policy")])
+            .expect("set");
+            let decide = |path: &str, h: &http::HeaderMap, model: Model<'_>| match set
+                .evaluate_request(&w, 80, "api.openai.com", "POST", path, h, model)
+            {
+                RequestDecision::Allow { .. } => "allow".to_owned(),
+                RequestDecision::Deny { reason, .. } => format!("deny {reason}"),
+                RequestDecision::WouldDeny { reason, .. } => format!("would_deny {reason}"),
+                RequestDecision::NeedsModel => "needs_model".to_owned(),
+            };
+            let chat = "/v1/chat/completions";
+            let table: &[(&str, &http::HeaderMap, Model<'_>, String)] = &[
+                // Unread: only an entry that limits models asks for the body.
+                (chat, &json, Model::Unread, "needs_model".into()),
+                // Method, path and headers come first: no body is read for them.
+                (
+                    chat,
+                    &none,
+                    Model::Unread,
+                    format!("{deny} headers_not_allowed"),
+                ),
+                (
+                    "/v1/files",
+                    &json,
+                    Model::Unread,
+                    format!("{deny} method_or_path_not_allowed"),
+                ),
+                // An entry without models allows before any body is read.
+                ("/v1/embeddings", &none, Model::Unread, "allow".into()),
+                ("/v1/responses", &none, Model::Unread, "needs_model".into()),
+                (
+                    chat,
+                    &json,
+                    Model::Read(Some("gpt-4o-mini")),
+                    "allow".into(),
+                ),
+                (chat, &json, Model::Read(Some("o3-pro")), "allow".into()),
+                (chat, &json, Model::Read(Some("o3-")), "allow".into()),
+                (
+                    chat,
+                    &json,
+                    Model::Read(Some("x-audit-y-v2")),
+                    "allow".into(),
+                ),
+                (
+                    chat,
+                    &json,
+                    Model::Read(Some("gpt-4o")),
+                    format!("{deny} model_not_allowed"),
+                ),
+                (
+                    chat,
+                    &json,
+                    Model::Read(Some("gpt-4o-mini-2")),
+                    format!("{deny} model_not_allowed"),
+                ),
+                (
+                    chat,
+                    &json,
+                    Model::Read(Some("GPT-4o-mini")),
+                    format!("{deny} model_not_allowed"),
+                ),
+                (
+                    chat,
+                    &json,
+                    Model::Read(Some("xo3-pro")),
+                    format!("{deny} model_not_allowed"),
+                ),
+                (
+                    chat,
+                    &json,
+                    Model::Read(Some("x-audit-v2")),
+                    format!("{deny} model_not_allowed"),
+                ),
+                (
+                    chat,
+                    &json,
+                    Model::Read(None),
+                    format!("{deny} model_missing"),
+                ),
+                (
+                    "/v1/responses",
+                    &none,
+                    Model::Read(Some("text-embedding-3")),
+                    "allow".into(),
+                ),
+                (
+                    "/v1/responses",
+                    &none,
+                    Model::Read(Some("gpt-4o-mini")),
+                    format!("{deny} model_not_allowed"),
+                ),
+            ];
+            for (path, h, model, want) in table {
+                assert_eq!(&decide(path, h, *model), want, "{mode} {path} {model:?}");
+            }
+        }
+        for bad in ["\"\"", "\"a b\"", "\"é\""] {
+            let t = text
+                .replace("MODE", "mode: enforce")
+                .replace("models: [\"text-*\"]", &format!("models: [{bad}]"));
+            let err = parse_policy(&t, Path::new("m.yaml")).expect_err(bad);
+            assert!(err.to_string().contains("printable characters"), "{err}");
+        }
     }
 
     #[test]
@@ -1497,12 +1735,20 @@ mod host_rules {
             ),
         ];
         for (host, method, path, want) in table {
-            let got =
-                match set.evaluate_request(&w, 80, host, method, path, &http::HeaderMap::new()) {
-                    RequestDecision::Allow { rule, .. } => Ok(rule),
-                    RequestDecision::Deny { reason, .. } => Err(reason),
-                    RequestDecision::WouldDeny { reason, .. } => Err(reason),
-                };
+            let got = match set.evaluate_request(
+                &w,
+                80,
+                host,
+                method,
+                path,
+                &http::HeaderMap::new(),
+                Model::Unread,
+            ) {
+                RequestDecision::Allow { rule, .. } => Ok(rule),
+                RequestDecision::Deny { reason, .. } => Err(reason),
+                RequestDecision::WouldDeny { reason, .. } => Err(reason),
+                RequestDecision::NeedsModel => Err("needs_model"),
+            };
             assert_eq!(
                 got.as_ref().map(String::as_str).map_err(|e| *e),
                 want,
@@ -1516,6 +1762,7 @@ mod host_rules {
             "POST",
             "/v1/chat/completions",
             &http::HeaderMap::new(),
+            Model::Unread,
         ) {
             RequestDecision::Deny { reason, .. } => assert_eq!(reason, "host_not_allowed"),
             other => panic!("another port is another rule: {other:?}"),
@@ -1609,9 +1856,9 @@ mod explain_and_units {
             ),
         ];
         for (who, request, want) in table {
-            let got = explain(&set, who, request, &http::HeaderMap::new()).expect("explain");
+            let got = explain(&set, who, request, &http::HeaderMap::new(), None).expect("explain");
             assert!(got.contains(want), "{request}: {got}");
         }
-        assert!(explain(&set, &w, "nonsense", &http::HeaderMap::new()).is_err());
+        assert!(explain(&set, &w, "nonsense", &http::HeaderMap::new(), None).is_err());
     }
 }

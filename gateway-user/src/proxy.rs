@@ -403,6 +403,8 @@ impl Gateway {
                 reason,
                 ..
             } => Err((Some(policy), rule, reason)),
+            // `evaluate_sni` answers this itself; a TLS connection has no body to read.
+            RequestDecision::NeedsModel => Err((None, None, "tls_on_an_originate_rule")),
         };
         let route = match denied {
             Ok(route) => route,
