@@ -28,6 +28,9 @@ spec:
         - methods: [GET]
           paths: [/v1/models/*, /v1/events]
           forbid_headers: [x-debug-bypass]
+        - methods: [POST]
+          paths: [/v1/responses]
+          models: [gpt-4o-mini, o3-*]
       credential: openai-prod
     - name: maps
       match: { host: maps.example, port: 80 }
@@ -1212,6 +1215,131 @@ print(json.dumps({
     'idle': closed.get(n, -1),
 }))
 "#;
+
+/// A rule that limits models: the gateway reads the JSON body's `model` (HTTP/1.1 and HTTP/2),
+/// forwards the body whole and as sent when the model is allowed, refuses any other model, a
+/// body without one and one too large to read, and audits the model it read.
+#[test]
+fn models_are_read_from_the_body_where_a_rule_limits_them() {
+    let s = setup("models");
+    let env = &s.env;
+    let _d = env.start();
+    let url = "http://api.openai.com/v1/responses";
+    let post = |body: &str, extra: &[&str]| {
+        let mut args = vec![
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "-w",
+            "\n%{http_code}",
+        ];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--data-binary", body, url]);
+        let (out, err) = curl(&s.agent, &args);
+        env.keep_client_output(out.as_bytes());
+        let (body, code) = out
+            .rsplit_once('\n')
+            .unwrap_or_else(|| panic!("{out} {err}"));
+        (code.to_owned(), body.to_owned())
+    };
+    let model_records = |model: &str| {
+        env.records()
+            .into_iter()
+            .filter(|r| r["layer"] == "request" && r["llm"]["model"] == model)
+            .collect::<Vec<_>>()
+    };
+    let upstream_before = s.api.requests().len();
+
+    // Allowed, exact and by pattern, over HTTP/1.1 and HTTP/2: the body arrives whole.
+    let allowed = r#"{"model":"gpt-4o-mini","input":"hello"}"#;
+    for (body, extra) in [
+        (allowed, &[][..]),
+        (r#"{"input":"hi","model":"o3-pro"}"#, &[][..]),
+        (allowed, &["--http2-prior-knowledge"][..]),
+    ] {
+        let (code, out) = post(body, extra);
+        assert_eq!(code, "200", "{body} {extra:?}: {out}");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("mock json");
+        assert_eq!(v["body_len"], body.len(), "the body went on whole: {v}");
+        assert!(v["auth_sha256"].is_string(), "the key was injected: {v}");
+    }
+    assert_eq!(s.api.requests().len(), upstream_before + 3);
+    let rec = env.wait_record("the allowed model's record", |r| {
+        r["llm"]["model"] == "o3-pro" && r["decision"] == "allow"
+    });
+    assert_eq!(rec["http"]["status"], 200, "{rec}");
+    assert_eq!(rec["rule"], "openai", "{rec}");
+    tollgate_tests::wait_for(10, "both gpt-4o-mini records", || {
+        (model_records("gpt-4o-mini").len() == 2).then_some(())
+    });
+
+    // Refused before anything goes upstream: another model, none, two, one too large.
+    let big = format!(
+        r#"{{"model":"gpt-4o-mini","input":"{}"}}"#,
+        "x".repeat(1 << 20)
+    );
+    let big_file = env.dir.join("big.json");
+    std::fs::write(&big_file, &big).expect("big body");
+    let big_arg = format!("@{}", big_file.display());
+    for (body, want_code, reason) in [
+        (
+            r#"{"model":"gpt-4o","input":"hi"}"#,
+            "403",
+            "model_not_allowed",
+        ),
+        (r#"{"input":"hi"}"#, "403", "model_missing"),
+        (
+            r#"{"model":"gpt-4o-mini","model":"gpt-4o"}"#,
+            "403",
+            "model_missing",
+        ),
+        ("not json", "403", "model_missing"),
+        (big_arg.as_str(), "413", "body_too_large_for_model_check"),
+    ] {
+        let (code, out) = post(body, &[]);
+        assert_eq!(code, want_code, "{}: {out}", &body[..body.len().min(60)]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("denial json");
+        assert_eq!(v["reason"], reason, "{v}");
+        env.wait_record(reason, |r| r["layer"] == "request" && r["reason"] == reason);
+    }
+    assert_eq!(
+        s.api.requests().len(),
+        upstream_before + 3,
+        "nothing refused reached the upstream"
+    );
+    let denied = model_records("gpt-4o");
+    assert_eq!(denied.len(), 1, "{denied:?}");
+    assert_eq!(denied[0]["decision"], "deny");
+    assert_eq!(
+        denied[0]["workload"]["cgroup"],
+        format!("{}/agent.service", env.root_rel())
+    );
+    // Method and path decide first: a request the rule's other entries allow reads no body.
+    let rec_count = env.records().len();
+    let (out, err) = curl(
+        &s.agent,
+        &[
+            "-X",
+            "POST",
+            "-d",
+            "{}",
+            "http://api.openai.com/v1/chat/completions",
+        ],
+    );
+    env.keep_client_output(out.as_bytes());
+    assert!(out.contains("auth_sha256"), "{out} {err}");
+    let rec = tollgate_tests::wait_for(10, "the chat record", || {
+        env.records()
+            .into_iter()
+            .skip(rec_count)
+            .find(|r| r["http"]["path"] == "/v1/chat/completions")
+    });
+    assert!(
+        rec.get("llm").is_none(),
+        "no model read where no rule asks: {rec}"
+    );
+}
 
 /// THREATS 25: slow request heads are cut when the client header timeout fires, each audited;
 /// the gateway keeps serving meanwhile and its memory stays bounded.
