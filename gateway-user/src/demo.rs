@@ -334,6 +334,22 @@ pub fn run() -> Result<()> {
         "python3",
         &["-c", &py_chat],
     )?);
+    let other_model = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+    seen.extend(client(
+        "curl POST, a model not allowed",
+        &app,
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "10",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            other_model,
+            chat.as_str(),
+        ],
+    )?);
     let files = format!("http://127.0.0.1:{LLM_PORT}/v1/files");
     seen.extend(client(
         "curl POST /v1/files (forbidden path)",
@@ -355,6 +371,7 @@ pub fn run() -> Result<()> {
         "\"kernel_udp_not_dns\"",
         "\"credential\":\"demo-llm\"",
         "\"method_or_path_not_allowed\"",
+        "\"model_not_allowed\"",
         "\"no_policy_for_workload\"",
     ];
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -387,7 +404,7 @@ pub fn run() -> Result<()> {
         }
     }
     println!(
-        "== demo complete: connections allowed and denied by policy, one refused in the kernel, LLM calls with an injected key the clients never held, a forbidden path and an unknown workload denied"
+        "== demo complete: connections allowed and denied by policy, one refused in the kernel, LLM calls with an injected key the clients never held, a model not allowed, a forbidden path and an unknown workload denied"
     );
     drop(cleanup);
     Ok(())
