@@ -641,6 +641,7 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> Result<(), RunError> {
         upstreams,
         audit: audit.clone(),
         identities: crate::identity::IdentityCache::default(),
+        budgets: crate::budget::Budgets::default(),
     });
     let namespaces = Arc::new(Namespaces::new(
         Arc::clone(&gateway),

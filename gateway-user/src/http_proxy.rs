@@ -422,7 +422,7 @@ async fn decide_and_forward(
         }
         decision => (decision, RequestBody::Streaming(body)),
     };
-    let (route, verdict) = match decision {
+    let (route, mut verdict) = match decision {
         RequestDecision::Deny {
             policy,
             rule,
@@ -546,6 +546,16 @@ async fn decide_and_forward(
         }
     }
 
+    // Counted last, so a request refused for another reason spends nothing.
+    if let (Some(budget), Verdict::Allow) = (&route.budget, verdict) {
+        if let Err(wait) = conn.gateway.budgets.take(budget, Instant::now()) {
+            if !budget.monitor {
+                return (budget_exhausted(record, wait), None);
+            }
+            record.reason = "monitor:budget_exhausted".into();
+            verdict = Verdict::WouldDeny;
+        }
+    }
     strip_hop_by_hop(&mut parts.headers);
     let prefix: Vec<HeaderName> = parts
         .headers
@@ -690,6 +700,22 @@ async fn decide_and_forward(
             )
         }
     }
+}
+
+/// 429 for a rule whose budget is spent, saying when the next request will be allowed.
+fn budget_exhausted(record: &mut AuditRecord, wait: Duration) -> Response<Body> {
+    let rule = record.rule.clone();
+    let retry_after = wait.as_secs() + 1;
+    let mut response = refuse(
+        record,
+        StatusCode::TOO_MANY_REQUESTS,
+        "budget_exhausted",
+        rule.as_deref(),
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+    response
 }
 
 /// A request body as it goes on: still on the client connection, or read whole for its model.

@@ -4,6 +4,7 @@ pub mod audit;
 pub mod audited;
 pub mod bpf_sys;
 pub mod btf;
+pub mod budget;
 pub mod cgroup;
 pub mod cli;
 pub mod config;

@@ -91,6 +91,16 @@ struct RawRule {
     /// Lets the policy host resolve to loopback, private, link-local or metadata addresses.
     #[serde(default)]
     allow_private: bool,
+    /// At most this many requests through the rule per period.
+    #[serde(default)]
+    budget: Option<RawBudget>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBudget {
+    requests: u32,
+    per: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -315,6 +325,7 @@ pub struct HostRule {
     http: Vec<HttpMatch>,
     pub credential: Option<String>,
     pub allow_private: bool,
+    pub budget: Option<crate::budget::Budget>,
 }
 
 /// `enforce` denies; `monitor` decides and audits "would deny" but lets the connection through.
@@ -864,17 +875,29 @@ pub fn explain(
         |p| format!("policy {:?} ({})", p.name, p.file.display()),
     );
     let show = |d: &RequestDecision| match d {
-        RequestDecision::Allow { rule, route, .. } => format!(
-            "allow by rule {rule:?}: upstream {}:{} tls {:?}{}",
-            route.host.as_str(),
-            route.upstream_port,
-            route.tls,
-            route
-                .credential
+        RequestDecision::Allow { rule, route, .. } => {
+            format!(
+                "allow by rule {rule:?}: upstream {}:{} tls {:?}{}",
+                route.host.as_str(),
+                route.upstream_port,
+                route.tls,
+                route
+                    .credential
+                    .as_ref()
+                    .map(|c| format!(", credential {c}"))
+                    .unwrap_or_default()
+            ) + &route
+                .budget
                 .as_ref()
-                .map(|c| format!(", credential {c}"))
+                .map(|b| {
+                    format!(
+                        ", budget {} requests per {} s (not spent here)",
+                        b.requests,
+                        b.per.as_secs()
+                    )
+                })
                 .unwrap_or_default()
-        ),
+        }
         RequestDecision::Deny { rule, reason, .. } => format!(
             "deny ({reason}){}",
             rule.as_ref()
@@ -984,7 +1007,7 @@ pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
         }
     }
     let mut rules = Vec::new();
-    for r in raw.spec.egress {
+    for (index, r) in raw.spec.egress.into_iter().enumerate() {
         let rule_err = |m: String| invalid(format!("rule {:?}: {m}", r.name));
         if r.matches.port == 0 {
             return Err(rule_err("port 0 matches nothing".into()));
@@ -996,8 +1019,9 @@ pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
                     || !r.http.is_empty()
                     || r.credential.is_some()
                     || r.allow_private
+                    || r.budget.is_some()
                 {
-                    return Err(rule_err("a `cidr` rule is L4: upstream, tls, http, credential and allow_private need a `host` rule".into()));
+                    return Err(rule_err("a `cidr` rule is L4: upstream, tls, http, credential, allow_private and budget need a `host` rule".into()));
                 }
                 RuleKind::L4 {
                     cidr: cidr.parse::<Cidr>().map_err(&rule_err)?,
@@ -1008,11 +1032,27 @@ pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
                 let tls = r.tls.ok_or_else(|| {
                     rule_err("a `host` rule needs `tls: originate | none`".into())
                 })?;
-                if tls == TlsMode::Passthrough && (!r.http.is_empty() || r.credential.is_some()) {
+                if tls == TlsMode::Passthrough
+                    && (!r.http.is_empty() || r.credential.is_some() || r.budget.is_some())
+                {
                     return Err(rule_err(
-                        "`tls: passthrough` splices bytes it cannot read: no `http` rules and no credential".into(),
+                        "`tls: passthrough` splices bytes it cannot read: no `http` rules, credential or budget".into(),
                     ));
                 }
+                let budget = match &r.budget {
+                    None => None,
+                    Some(b) if b.requests == 0 => {
+                        return Err(rule_err(
+                            "budget of 0 requests: remove the rule to allow none".into(),
+                        ))
+                    }
+                    Some(b) => Some(crate::budget::Budget {
+                        requests: b.requests,
+                        per: crate::budget::Budget::parse_per(&b.per).map_err(&rule_err)?,
+                        key: format!("{file_s}#{index}"),
+                        monitor: raw.spec.mode == Mode::Monitor,
+                    }),
+                };
                 if tls == TlsMode::None && r.credential.is_some() {
                     return Err(rule_err(
                         "a credential is only ever sent over verified TLS: use `tls: originate`"
@@ -1076,6 +1116,7 @@ pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
                     http,
                     credential: r.credential.clone(),
                     allow_private: r.allow_private,
+                    budget,
                 }))
             }
             _ => {
@@ -1537,6 +1578,54 @@ mod host_rules {
     }
 
     #[test]
+    fn budgets_compile_per_rule_and_mistakes_are_errors() {
+        let text = "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: { name: agent }\nspec:\n  workload: { cgroup: /agents }\n  egress:\n    - name: db\n      match: { cidr: 10.0.0.0/8, port: 5432 }\n    - name: openai\n      match: { host: api.openai.com, port: 80 }\n      upstream: { port: 443 }\n      tls: originate\n      BUDGET\n";
+        let p = parse_policy(
+            &text.replace("BUDGET", "budget: { requests: 100, per: 1h }"),
+            Path::new("/p/b.yaml"),
+        )
+        .expect("policy");
+        let RuleKind::Host(h) = &p.rules[1].kind else {
+            panic!("host rule")
+        };
+        let b = h.budget.as_ref().expect("budget");
+        assert_eq!((b.requests, b.per.as_secs(), b.monitor), (100, 3600, false));
+        assert_eq!(b.key, "/p/b.yaml#1", "the file and the rule's place in it");
+        for (budget, want) in [
+            ("budget: { requests: 0, per: 1h }", "budget of 0 requests"),
+            (
+                "budget: { requests: 5, per: 1w }",
+                "give a number and a unit",
+            ),
+            ("budget: { requests: 5, per: 0s }", "use 1s to 31d"),
+            ("budget: { requests: 5 }", "missing field `per`"),
+            (
+                "budget: { requests: 5, per: 1h, burst: 2 }",
+                "unknown field `burst`",
+            ),
+            (
+                "tls: passthrough\n      budget: { requests: 5, per: 1h }",
+                "no `http` rules, credential or budget",
+            ),
+        ] {
+            let t = if budget.starts_with("tls") {
+                text.replace("      tls: originate\n", "")
+                    .replace("BUDGET", budget)
+            } else {
+                text.replace("BUDGET", budget)
+            };
+            let err = parse_policy(&t, Path::new("b.yaml")).expect_err(budget);
+            assert!(err.to_string().contains(want), "{budget}: {err}");
+        }
+        let l4 = text.replace("BUDGET", "").replace(
+            "port: 5432 }",
+            "port: 5432 }\n      budget: { requests: 5, per: 1h }",
+        );
+        let err = parse_policy(&l4, Path::new("b.yaml")).expect_err("L4 budget");
+        assert!(err.to_string().contains("need a `host` rule"), "{err}");
+    }
+
+    #[test]
     fn models_decide_last_and_only_once_the_body_is_read() {
         let text = "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: { name: agent }\nspec:\n  workload: { cgroup: /agents }\n  MODE\n  egress:\n    - name: openai\n      match: { host: api.openai.com, port: 80 }\n      upstream: { port: 443 }\n      tls: originate\n      http:\n        - methods: [POST]\n          paths: [/v1/chat/completions]\n          require_headers: { content-type: \"*\" }\n          models: [gpt-4o-mini, \"o3-*\", \"*-audit-*-v2\"]\n        - methods: [POST]\n          paths: [/v1/embeddings]\n        - methods: [POST]\n          paths: [/v1/embeddings, /v1/responses]\n          models: [\"text-*\"]\n";
         let cg = CgroupPath::parse("/agents/a1").expect("cg");
@@ -1790,7 +1879,7 @@ mod host_rules {
             ),
             (
                 OPENAI.replace("tls: originate", "tls: passthrough"),
-                "no `http` rules and no credential",
+                "no `http` rules, credential or budget",
             ),
         ];
         for (text, want) in bad {

@@ -34,6 +34,8 @@ pub struct Gateway {
     pub upstreams: Upstreams,
     pub audit: AuditLog,
     pub identities: IdentityCache,
+    /// What is left of each host rule's request budget, kept across policy reloads.
+    pub budgets: crate::budget::Budgets,
 }
 
 /// Why a connection to the listener was refused before policy.

@@ -32,6 +32,12 @@ spec:
           paths: [/v1/responses]
           models: [gpt-4o-mini, o3-*]
       credential: openai-prod
+    - name: budgeted
+      match: { host: api.openai.com, port: 8080 }
+      upstream: { port: 443 }
+      tls: originate
+      credential: openai-prod
+      budget: { requests: 3, per: 1h }
     - name: maps
       match: { host: maps.example, port: 80 }
       upstream: { port: 443 }
@@ -1339,6 +1345,77 @@ fn models_are_read_from_the_body_where_a_rule_limits_them() {
         rec.get("llm").is_none(),
         "no model read where no rule asks: {rec}"
     );
+}
+
+/// A rule with a budget of 3 requests an hour: three go through, the next are refused with 429
+/// and `Retry-After` before anything reaches the upstream, each audited; another rule's
+/// requests are not counted against it.
+#[test]
+fn a_spent_budget_refuses_until_it_refills() {
+    let s = setup("budget");
+    let env = &s.env;
+    let _d = env.start();
+    let call = |port: u16| {
+        let resolve = format!("api.openai.com:{port}:127.0.0.9");
+        let url = format!("http://api.openai.com:{port}/v1/chat/completions");
+        let (out, err) = curl(
+            &s.agent,
+            &["-i", "--resolve", &resolve, "-X", "POST", "-d", "{}", &url],
+        );
+        env.keep_client_output(out.as_bytes());
+        let status = out
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_else(|| panic!("{out} {err}"))
+            .to_owned();
+        (status, out)
+    };
+    let before = s.api.requests().len();
+    for i in 0..3 {
+        let (status, out) = call(8080);
+        assert_eq!(status, "200", "request {i} is within the budget: {out}");
+    }
+    for i in 0..2 {
+        let (status, out) = call(8080);
+        assert_eq!(status, "429", "request {} is over the budget: {out}", i + 3);
+        let lower = out.to_ascii_lowercase();
+        let retry: u64 = lower
+            .lines()
+            .find_map(|l| l.strip_prefix("retry-after:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("a Retry-After: {out}"));
+        assert!(
+            (1..=1201).contains(&retry),
+            "one request comes back every 20 min: {retry}"
+        );
+        assert!(out.contains("\"reason\":\"budget_exhausted\""), "{out}");
+        assert!(out.contains("\"rule\":\"budgeted\""), "{out}");
+    }
+    assert_eq!(
+        s.api.requests().len(),
+        before + 3,
+        "refused requests never reached the upstream"
+    );
+    // The rule on port 80 has no budget and is not counted against this one.
+    let (status, out) = call(80);
+    assert_eq!(status, "200", "{out}");
+    let refusals = tollgate_tests::wait_for(10, "both budget refusals", || {
+        let r: Vec<_> = env
+            .records()
+            .into_iter()
+            .filter(|r| r["reason"] == "budget_exhausted")
+            .collect();
+        (r.len() == 2).then_some(r)
+    });
+    for r in &refusals {
+        assert_eq!(r["decision"], "deny", "{r}");
+        assert_eq!(r["rule"], "budgeted", "{r}");
+        assert_eq!(r["http"]["status"], 429, "{r}");
+        assert_eq!(
+            r["workload"]["cgroup"],
+            format!("{}/agent.service", env.root_rel())
+        );
+    }
 }
 
 /// THREATS 25: slow request heads are cut when the client header timeout fires, each audited;
