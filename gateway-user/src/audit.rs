@@ -108,6 +108,11 @@ pub struct HttpRecord {
 pub struct LlmRecord {
     /// The JSON body's top-level `model` (cut at 200 bytes); `None`: the body named none.
     pub model: Option<String>,
+    /// Tokens the response's `usage` counted, where it gave them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_in: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_out: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]

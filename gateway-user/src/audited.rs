@@ -15,7 +15,10 @@ use std::{
 use bytes::{Buf, Bytes};
 use hyper::body::{Body, Frame, SizeHint};
 
-use crate::audit::{AuditLog, AuditRecord, Verdict};
+use crate::{
+    audit::{AuditLog, AuditRecord, Verdict},
+    usage::UsageReader,
+};
 
 /// Counts the data bytes of `inner` into a shared counter.
 pub struct Counted<B> {
@@ -64,6 +67,8 @@ pub struct Audited<B> {
     inner: B,
     received: u64,
     pending: Option<Pending>,
+    /// Reads the token counts for the record's `llm`, where it has one.
+    usage: Option<UsageReader>,
 }
 
 struct Pending {
@@ -91,7 +96,16 @@ impl<B> Audited<B> {
                 sent,
                 started,
             }),
+            usage: None,
         }
+    }
+
+    /// Also reads the response's token counts into the record's `llm` (JSON or an event
+    /// stream, as `reader` was made for).
+    #[must_use]
+    pub fn with_usage(mut self, reader: Option<UsageReader>) -> Self {
+        self.usage = reader;
+        self
     }
 
     fn finish(&mut self, failed: bool) {
@@ -107,6 +121,11 @@ impl<B> Audited<B> {
         if failed {
             record.decision = Verdict::Error;
             record.reason = "upstream_stream_failed".into();
+        }
+        if let (Some(usage), Some(llm)) = (self.usage.take(), record.llm.as_mut()) {
+            let tokens = usage.finish();
+            llm.tokens_in = tokens.input;
+            llm.tokens_out = tokens.output;
         }
         record.bytes_up = Some(sent.load(Ordering::Relaxed));
         record.bytes_down = Some(self.received);
@@ -138,6 +157,9 @@ where
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.received += data.remaining() as u64;
+                    if let Some(usage) = &mut this.usage {
+                        usage.feed(data);
+                    }
                 }
             }
             Poll::Ready(Some(Err(_))) => this.finish(true),

@@ -138,7 +138,7 @@ fn mock_llm(key: String) -> Result<String> {
             let key_ok =
                 header("authorization").as_deref() == Some(format!("Bearer {key}").as_str());
             let reply = format!(
-                "{{\"id\":\"chatcmpl-demo\",\"choices\":[{{\"message\":{{\"role\":\"assistant\",\"content\":\"Hello from the mock LLM\"}}}}],\"mock_received_the_demo_key\":{key_ok}}}"
+                "{{\"id\":\"chatcmpl-demo\",\"choices\":[{{\"message\":{{\"role\":\"assistant\",\"content\":\"Hello from the mock LLM\"}}}}],\"mock_received_the_demo_key\":{key_ok},\"usage\":{{\"prompt_tokens\":{len},\"completion_tokens\":6}}}}"
             );
             let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}", reply.len());
             s.conn.send_close_notify();
@@ -372,6 +372,7 @@ pub fn run() -> Result<()> {
         "\"credential\":\"demo-llm\"",
         "\"method_or_path_not_allowed\"",
         "\"model_not_allowed\"",
+        "\"tokens_out\":6",
         "\"no_policy_for_workload\"",
     ];
     let deadline = Instant::now() + Duration::from_secs(10);

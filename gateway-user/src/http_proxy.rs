@@ -292,7 +292,14 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
     if matches!(record.decision, Verdict::Allow | Verdict::WouldDeny) {
         // Forwarded: the record is written when the response ends.
         let (parts, body) = response.into_parts();
-        let body = Audited::new(body, record, conn.gateway.audit.clone(), sent, started);
+        // Token counts are read where the model was: a rule that limits models asked for them.
+        let usage = record
+            .llm
+            .is_some()
+            .then(|| crate::usage::UsageReader::for_response(&parts.headers))
+            .flatten();
+        let body =
+            Audited::new(body, record, conn.gateway.audit.clone(), sent, started).with_usage(usage);
         return Response::from_parts(parts, body.boxed());
     }
     record.duration_ms = Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
@@ -416,6 +423,7 @@ async fn decide_and_forward(
             };
             record.llm = Some(LlmRecord {
                 model: model.as_deref().map(|m| cut(m, MODEL_AUDITED).to_owned()),
+                ..LlmRecord::default()
             });
             let decision = decide(Model::Read(model.as_deref()));
             (decision, RequestBody::Read(bytes))

@@ -28,6 +28,7 @@ pub mod relay;
 pub mod sockdiag;
 pub mod tls;
 pub mod upstream;
+pub mod usage;
 
 /// Deterministic pseudo-random numbers for the randomized unit tests (xorshift64): `next(n)`
 /// is in `0..n`.

@@ -784,7 +784,13 @@ impl TlsApi {
                                 .map(|b| format!("{b:02x}"))
                                 .collect::<String>()
                         });
-                        serde_json::json!({ "path": path, "host": header("host"), "auth_sha256": auth, "body_len": len }).to_string()
+                        let mut answer = serde_json::json!({ "path": path, "host": header("host"), "auth_sha256": auth, "body_len": len });
+                        // As an LLM API counts tokens: here, the request's bytes in and 7 out.
+                        if path.ends_with("/responses") {
+                            answer["usage"] =
+                                serde_json::json!({ "input_tokens": len, "output_tokens": 7 });
+                        }
+                        answer.to_string()
                     };
                     let _ = write!(tls, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}", reply.len());
                     let _ = tls.flush();

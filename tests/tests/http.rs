@@ -1276,6 +1276,10 @@ fn models_are_read_from_the_body_where_a_rule_limits_them() {
     });
     assert_eq!(rec["http"]["status"], 200, "{rec}");
     assert_eq!(rec["rule"], "openai", "{rec}");
+    // The response's usage, read as it passed: the mock counts the request's bytes in, 7 out.
+    let o3_body = r#"{"input":"hi","model":"o3-pro"}"#;
+    assert_eq!(rec["llm"]["tokens_in"], o3_body.len(), "{rec}");
+    assert_eq!(rec["llm"]["tokens_out"], 7, "{rec}");
     tollgate_tests::wait_for(10, "both gpt-4o-mini records", || {
         (model_records("gpt-4o-mini").len() == 2).then_some(())
     });

@@ -1,0 +1,258 @@
+//! Token counts from an LLM API's response, read as the body streams past: the `usage` object
+//! of a JSON answer, or of the server-sent events of a streamed one (OpenAI's chat completions
+//! and Responses API, Anthropic's Messages API spell it in their own places and words).
+use http::{header, HeaderMap};
+use serde::Deserialize;
+
+/// The most of a JSON answer, or of one event line, kept to be read.
+const MAX: usize = 1 << 20;
+
+/// Input and output tokens, as far as the response said.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tokens {
+    pub input: Option<u64>,
+    pub output: Option<u64>,
+}
+
+impl Tokens {
+    /// Takes what `usage` says; counts that grow as a stream goes keep the largest seen.
+    fn merge(&mut self, usage: &Usage) {
+        let input = usage.prompt_tokens.or(usage.input_tokens);
+        let output = usage.completion_tokens.or(usage.output_tokens);
+        self.input = self.input.max(input);
+        self.output = self.output.max(output);
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Usage {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+}
+
+/// An answer or an event: `usage` at the top (chat completions, Anthropic's `message_delta`),
+/// or inside `response` (Responses API) or `message` (Anthropic's `message_start`).
+#[derive(Debug, Default, Deserialize)]
+struct Carrier {
+    usage: Option<Usage>,
+    response: Option<Inner>,
+    message: Option<Inner>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Inner {
+    usage: Option<Usage>,
+}
+
+impl Carrier {
+    fn read(json: &[u8], tokens: &mut Tokens) {
+        let Ok(c) = serde_json::from_slice::<Self>(json) else {
+            return;
+        };
+        for usage in [
+            c.usage.as_ref(),
+            c.response.as_ref().and_then(|r| r.usage.as_ref()),
+            c.message.as_ref().and_then(|m| m.usage.as_ref()),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            tokens.merge(usage);
+        }
+    }
+}
+
+/// Reads a response body's token counts as its bytes pass.
+#[derive(Debug)]
+pub struct UsageReader {
+    events: bool,
+    /// The JSON answer so far, or the event line not yet ended.
+    buf: Vec<u8>,
+    /// The answer, or the current line, went past [`MAX`]: not read.
+    skipping: bool,
+    tokens: Tokens,
+}
+
+impl UsageReader {
+    /// A reader for a response with these headers: JSON or an event stream, not encoded.
+    pub fn for_response(headers: &HeaderMap) -> Option<Self> {
+        if headers
+            .get(header::CONTENT_ENCODING)
+            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+        {
+            return None;
+        }
+        let kind = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+        let essence = kind.split(';').next()?.trim().to_ascii_lowercase();
+        let events = match essence.as_str() {
+            "text/event-stream" => true,
+            "application/json" => false,
+            _ => return None,
+        };
+        Some(Self {
+            events,
+            buf: Vec::new(),
+            skipping: false,
+            tokens: Tokens::default(),
+        })
+    }
+
+    pub fn feed(&mut self, mut data: &[u8]) {
+        if !self.events {
+            if !self.skipping && self.buf.len() + data.len() <= MAX {
+                self.buf.extend_from_slice(data);
+            } else {
+                self.skipping = true;
+                self.buf = Vec::new();
+            }
+            return;
+        }
+        while let Some(end) = data.iter().position(|&b| b == b'\n') {
+            let (line, rest) = data.split_at(end);
+            data = &rest[1..];
+            if self.skipping {
+                self.skipping = false;
+            } else if self.buf.is_empty() {
+                self.event_line(line);
+            } else if self.buf.len() + line.len() <= MAX {
+                let mut whole = std::mem::take(&mut self.buf);
+                whole.extend_from_slice(line);
+                self.event_line(&whole);
+            } else {
+                self.buf.clear();
+            }
+        }
+        if self.skipping {
+            return;
+        }
+        if self.buf.len() + data.len() <= MAX {
+            self.buf.extend_from_slice(data);
+        } else {
+            self.buf.clear();
+            self.skipping = true;
+        }
+    }
+
+    fn event_line(&mut self, line: &[u8]) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if let Some(data) = line.strip_prefix(b"data:") {
+            let data = data.trim_ascii();
+            if data.first() == Some(&b'{') {
+                Carrier::read(data, &mut self.tokens);
+            }
+        }
+    }
+
+    /// The counts, once the body has ended.
+    pub fn finish(mut self) -> Tokens {
+        if !self.events && !self.skipping {
+            Carrier::read(&self.buf, &mut self.tokens);
+        } else if self.events && !self.skipping && !self.buf.is_empty() {
+            let last = std::mem::take(&mut self.buf);
+            self.event_line(&last);
+        }
+        self.tokens
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reader(content_type: &str) -> Option<UsageReader> {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONTENT_TYPE,
+            http::HeaderValue::from_str(content_type).expect("value"),
+        );
+        UsageReader::for_response(&h)
+    }
+
+    /// Feeds `body` cut every `step` bytes.
+    fn read(content_type: &str, body: &str, step: usize) -> Tokens {
+        let mut r = reader(content_type).expect("a reader");
+        for chunk in body.as_bytes().chunks(step) {
+            r.feed(chunk);
+        }
+        r.finish()
+    }
+
+    fn tokens(input: u64, output: u64) -> Tokens {
+        Tokens {
+            input: Some(input),
+            output: Some(output),
+        }
+    }
+
+    #[test]
+    fn json_answers_of_each_api() {
+        let chat = r#"{"id":"c","choices":[{"message":{"content":"say \"usage\":{\"prompt_tokens\":1}"}}],"usage":{"prompt_tokens":12,"completion_tokens":30,"total_tokens":42}}"#;
+        let responses = r#"{"id":"r","output":[],"usage":{"input_tokens":7,"output_tokens":9}}"#;
+        let anthropic =
+            r#"{"type":"message","content":[],"usage":{"input_tokens":3,"output_tokens":4}}"#;
+        for step in [1, 5, 4096] {
+            assert_eq!(
+                read("application/json", chat, step),
+                tokens(12, 30),
+                "{step}"
+            );
+            assert_eq!(
+                read("application/json; charset=utf-8", responses, step),
+                tokens(7, 9)
+            );
+            assert_eq!(read("Application/JSON", anthropic, step), tokens(3, 4));
+        }
+        assert_eq!(
+            read("application/json", r#"{"error":"x"}"#, 3),
+            Tokens::default()
+        );
+        assert_eq!(read("application/json", "not json", 3), Tokens::default());
+    }
+
+    #[test]
+    fn event_streams_of_each_api() {
+        let chat = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2}}\n\ndata: [DONE]\n\n";
+        let responses = "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"usage\":null}}\n\nevent: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":11,\"output_tokens\":13}}}\n\n";
+        let anthropic = "event: message_start\r\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\r\n\r\nevent: message_delta\r\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":15}}\r\n\r\n";
+        for step in [1, 7, 4096] {
+            assert_eq!(
+                read("text/event-stream", chat, step),
+                tokens(5, 2),
+                "{step}"
+            );
+            assert_eq!(read("text/event-stream", responses, step), tokens(11, 13));
+            assert_eq!(read("text/event-stream", anthropic, step), tokens(25, 15));
+        }
+        // The last line without its newline is still read.
+        let unended = "data: {\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}";
+        assert_eq!(read("text/event-stream", unended, 4), tokens(1, 2));
+    }
+
+    #[test]
+    fn too_large_is_unread_and_other_types_are_not_read() {
+        let big = format!(
+            r#"{{"pad":"{}","usage":{{"prompt_tokens":1,"completion_tokens":1}}}}"#,
+            "x".repeat(MAX)
+        );
+        assert_eq!(read("application/json", &big, 65536), Tokens::default());
+        // One huge event line is skipped; the next one is read.
+        let events = format!(
+            "data: {{\"pad\":\"{}\"}}\n\ndata: {{\"usage\":{{\"prompt_tokens\":3,\"completion_tokens\":4}}}}\n\n",
+            "x".repeat(MAX)
+        );
+        assert_eq!(read("text/event-stream", &events, 65536), tokens(3, 4));
+        assert!(reader("text/plain").is_none());
+        let mut gz = HeaderMap::new();
+        gz.insert(
+            header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        gz.insert(
+            header::CONTENT_ENCODING,
+            http::HeaderValue::from_static("gzip"),
+        );
+        assert!(UsageReader::for_response(&gz).is_none());
+    }
+}
