@@ -69,7 +69,12 @@ pub struct Audited<B> {
     pending: Option<Pending>,
     /// Reads the token counts for the record's `llm`, where it has one.
     usage: Option<UsageReader>,
+    /// Told the tokens the answer used (input and output), once it has ended.
+    charge: Option<Charge>,
 }
+
+/// What an ended answer's token count is charged to.
+pub type Charge = Box<dyn FnOnce(u64) + Send + Sync>;
 
 struct Pending {
     record: AuditRecord,
@@ -97,14 +102,16 @@ impl<B> Audited<B> {
                 started,
             }),
             usage: None,
+            charge: None,
         }
     }
 
     /// Also reads the response's token counts into the record's `llm` (JSON or an event
-    /// stream, as `reader` was made for).
+    /// stream, as `reader` was made for), and tells `charge` their sum.
     #[must_use]
-    pub fn with_usage(mut self, reader: Option<UsageReader>) -> Self {
+    pub fn with_usage(mut self, reader: Option<UsageReader>, charge: Option<Charge>) -> Self {
         self.usage = reader;
+        self.charge = charge;
         self
     }
 
@@ -126,6 +133,9 @@ impl<B> Audited<B> {
             let tokens = usage.finish();
             llm.tokens_in = tokens.input;
             llm.tokens_out = tokens.output;
+            if let Some(charge) = self.charge.take() {
+                charge(tokens.input.unwrap_or(0) + tokens.output.unwrap_or(0));
+            }
         }
         record.bytes_up = Some(sent.load(Ordering::Relaxed));
         record.bytes_down = Some(self.received);

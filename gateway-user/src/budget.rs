@@ -1,6 +1,7 @@
-//! Request budgets: a host rule may allow at most `requests` per `per`, counted together for
-//! every workload its policy selects, as a token bucket (a burst of `requests`, refilled at
-//! `requests / per`). Only requests the policy allows are counted.
+//! Budgets: a host rule may allow at most `requests` requests, and at most `tokens` tokens,
+//! per `per`, counted together for every workload its policy selects, each as a token bucket
+//! (a burst of the whole budget, refilled evenly over the period). Only requests the policy
+//! allows are counted; tokens are charged when the answer has said how many it used.
 use std::{
     collections::HashMap,
     sync::Mutex,
@@ -10,9 +11,10 @@ use std::{
 /// A rule's budget, as compiled from its policy.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Budget {
-    pub requests: u32,
+    pub requests: Option<u32>,
+    pub tokens: Option<u64>,
     pub per: Duration,
-    /// Which bucket: the policy file and the rule's place in it, so a reload that keeps the
+    /// Which buckets: the policy file and the rule's place in it, so a reload that keeps the
     /// rule keeps what it has spent.
     pub key: String,
     /// The policy is in monitor mode: an exhausted budget is audited, not enforced.
@@ -48,40 +50,86 @@ impl Budget {
 /// What is left of each rule's budget.
 #[derive(Debug, Default)]
 pub struct Budgets {
-    buckets: Mutex<HashMap<String, Bucket>>,
+    /// By the budget's key, and whether the bucket counts tokens (else requests).
+    buckets: Mutex<HashMap<(String, bool), Bucket>>,
 }
 
 #[derive(Debug)]
 struct Bucket {
-    /// Requests that may still be made; at most the budget's `requests`.
+    /// What may still be spent; at most the budget, below zero after an answer that used more
+    /// tokens than were left.
     level: f64,
     at: Instant,
 }
 
+impl Bucket {
+    /// Refills for the time since the last look, up to `capacity` (a reload that lowers the
+    /// budget caps what is left at the new size).
+    fn refill(&mut self, capacity: f64, per: Duration, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.level = (self.level + elapsed * capacity / per.as_secs_f64()).min(capacity);
+        self.at = now;
+    }
+
+    /// How long until one unit is left.
+    fn wait(&self, capacity: f64, per: Duration) -> Duration {
+        Duration::from_secs_f64((1.0 - self.level) * per.as_secs_f64() / capacity)
+    }
+}
+
 impl Budgets {
-    /// Spends one request of `budget` at `now`, or says how long until one is left.
-    pub fn take(&self, budget: &Budget, now: Instant) -> Result<(), Duration> {
-        let capacity = f64::from(budget.requests);
-        let rate = capacity / budget.per.as_secs_f64();
-        let mut buckets = self
-            .buckets
+    /// Lets a request through `budget` at `now` (spending one request, if requests are
+    /// counted), or says how long until one would be: while no token is left, none is.
+    pub fn admit(&self, budget: &Budget, now: Instant) -> Result<(), Duration> {
+        let mut buckets = self.lock();
+        if let Some(tokens) = budget.tokens {
+            let capacity = tokens as f64;
+            let b = bucket(&mut buckets, budget, true, capacity, now);
+            if b.level < 1.0 {
+                return Err(b.wait(capacity, budget.per));
+            }
+        }
+        if let Some(requests) = budget.requests {
+            let capacity = f64::from(requests);
+            let b = bucket(&mut buckets, budget, false, capacity, now);
+            if b.level < 1.0 {
+                return Err(b.wait(capacity, budget.per));
+            }
+            b.level -= 1.0;
+        }
+        Ok(())
+    }
+
+    /// Charges the tokens an answer through `budget` used.
+    pub fn charge(&self, budget: &Budget, used: u64, now: Instant) {
+        if let Some(tokens) = budget.tokens {
+            bucket(&mut self.lock(), budget, true, tokens as f64, now).level -= used as f64;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, bool), Bucket>> {
+        self.buckets
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let bucket = buckets.entry(budget.key.clone()).or_insert(Bucket {
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// `budget`'s bucket of tokens (else of requests), refilled up to `now`.
+fn bucket<'a>(
+    buckets: &'a mut HashMap<(String, bool), Bucket>,
+    budget: &Budget,
+    tokens: bool,
+    capacity: f64,
+    now: Instant,
+) -> &'a mut Bucket {
+    let b = buckets
+        .entry((budget.key.clone(), tokens))
+        .or_insert(Bucket {
             level: capacity,
             at: now,
         });
-        let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
-        // A reload that lowers the budget caps what is left at the new size.
-        bucket.level = (bucket.level + elapsed * rate).min(capacity);
-        bucket.at = now;
-        if bucket.level >= 1.0 {
-            bucket.level -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64((1.0 - bucket.level) / rate))
-        }
-    }
+    b.refill(capacity, budget.per, now);
+    b
 }
 
 #[cfg(test)]
@@ -90,7 +138,8 @@ mod tests {
 
     fn budget(requests: u32, per: &str) -> Budget {
         Budget {
-            requests,
+            requests: Some(requests),
+            tokens: None,
             per: Budget::parse_per(per).expect("per"),
             key: format!("p.yaml#{requests}{per}"),
             monitor: false,
@@ -103,19 +152,19 @@ mod tests {
         let budgets = Budgets::default();
         let t0 = Instant::now();
         for _ in 0..3 {
-            assert_eq!(budgets.take(&b, t0), Ok(()));
+            assert_eq!(budgets.admit(&b, t0), Ok(()));
         }
-        let wait = budgets.take(&b, t0).expect_err("exhausted");
+        let wait = budgets.admit(&b, t0).expect_err("exhausted");
         assert_eq!(wait.as_secs(), 20, "one request comes back every 20 s");
-        assert!(budgets.take(&b, t0 + Duration::from_secs(19)).is_err());
-        assert_eq!(budgets.take(&b, t0 + Duration::from_secs(21)), Ok(()));
-        assert!(budgets.take(&b, t0 + Duration::from_secs(21)).is_err());
+        assert!(budgets.admit(&b, t0 + Duration::from_secs(19)).is_err());
+        assert_eq!(budgets.admit(&b, t0 + Duration::from_secs(21)), Ok(()));
+        assert!(budgets.admit(&b, t0 + Duration::from_secs(21)).is_err());
         // A long pause refills to the burst, never beyond.
         let later = t0 + Duration::from_secs(3600);
         for _ in 0..3 {
-            assert_eq!(budgets.take(&b, later), Ok(()));
+            assert_eq!(budgets.admit(&b, later), Ok(()));
         }
-        assert!(budgets.take(&b, later).is_err());
+        assert!(budgets.admit(&b, later).is_err());
     }
 
     #[test]
@@ -124,15 +173,50 @@ mod tests {
         let t0 = Instant::now();
         let a = budget(1, "1h");
         let b = budget(2, "1h");
-        assert_eq!(budgets.take(&a, t0), Ok(()));
-        assert!(budgets.take(&a, t0).is_err());
-        assert_eq!(budgets.take(&b, t0), Ok(()));
+        assert_eq!(budgets.admit(&a, t0), Ok(()));
+        assert!(budgets.admit(&a, t0).is_err());
+        assert_eq!(budgets.admit(&b, t0), Ok(()));
         // The same rule reloaded with a budget of 1: what it had left (one) is still there,
         // and it refills to one at most.
         let mut lowered = b.clone();
-        lowered.requests = 1;
-        assert!(budgets.take(&lowered, t0).is_ok());
-        assert!(budgets.take(&lowered, t0).is_err());
+        lowered.requests = Some(1);
+        assert!(budgets.admit(&lowered, t0).is_ok());
+        assert!(budgets.admit(&lowered, t0).is_err());
+    }
+
+    #[test]
+    fn tokens_are_charged_after_and_admit_while_any_is_left() {
+        let budgets = Budgets::default();
+        let t0 = Instant::now();
+        let b = Budget {
+            requests: Some(10),
+            tokens: Some(1000),
+            per: Duration::from_secs(100),
+            key: "p.yaml#0".into(),
+            monitor: false,
+        };
+        assert_eq!(budgets.admit(&b, t0), Ok(()));
+        // One answer used more than was left: in debt, nothing is admitted until it refills.
+        budgets.charge(&b, 1500, t0);
+        let wait = budgets.admit(&b, t0).expect_err("no token left");
+        assert_eq!(wait.as_secs(), 50, "501 tokens at 10 a second");
+        assert!(budgets.admit(&b, t0 + Duration::from_secs(49)).is_err());
+        assert_eq!(budgets.admit(&b, t0 + Duration::from_secs(51)), Ok(()));
+        // In debt again: refused, however many requests are left.
+        let later = t0 + Duration::from_secs(51);
+        budgets.charge(&b, 1000, later);
+        for _ in 0..3 {
+            assert!(budgets.admit(&b, later).is_err());
+        }
+        let full = later + Duration::from_secs(1000);
+        budgets.charge(&b, 0, full);
+        for _ in 0..10 {
+            assert_eq!(budgets.admit(&b, full), Ok(()));
+        }
+        assert!(
+            budgets.admit(&b, full).is_err(),
+            "then the requests run out"
+        );
     }
 
     #[test]

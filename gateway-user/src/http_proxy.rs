@@ -285,7 +285,9 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
         status: 0,
     };
     let sent = Arc::new(AtomicU64::new(0));
-    let (response, credential) = decide_and_forward(conn, req, &mut record, &mut http, &sent).await;
+    let mut charge = None;
+    let (response, credential) =
+        decide_and_forward(conn, req, &mut record, &mut http, &sent, &mut charge).await;
     http.status = response.status().as_u16();
     record.http = Some(http);
     record.credential = credential;
@@ -298,8 +300,14 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
             .is_some()
             .then(|| crate::usage::UsageReader::for_response(&parts.headers))
             .flatten();
-        let body =
-            Audited::new(body, record, conn.gateway.audit.clone(), sent, started).with_usage(usage);
+        // A tokens budget is charged what the answer says it used, once it has ended.
+        let charge = charge.map(|budget| {
+            let gateway = Arc::clone(&conn.gateway);
+            Box::new(move |used| gateway.budgets.charge(&budget, used, Instant::now()))
+                as crate::audited::Charge
+        });
+        let body = Audited::new(body, record, conn.gateway.audit.clone(), sent, started)
+            .with_usage(usage, charge);
         return Response::from_parts(parts, body.boxed());
     }
     record.duration_ms = Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
@@ -328,6 +336,7 @@ async fn decide_and_forward(
     record: &mut AuditRecord,
     http: &mut HttpRecord,
     sent: &Arc<AtomicU64>,
+    charge: &mut Option<crate::budget::Budget>,
 ) -> (Response<Body>, Option<String>) {
     if let Some(reason) = framing_error(req.headers()) {
         return (refuse(record, StatusCode::BAD_REQUEST, reason, None), None);
@@ -556,7 +565,7 @@ async fn decide_and_forward(
 
     // Counted last, so a request refused for another reason spends nothing.
     if let (Some(budget), Verdict::Allow) = (&route.budget, verdict) {
-        if let Err(wait) = conn.gateway.budgets.take(budget, Instant::now()) {
+        if let Err(wait) = conn.gateway.budgets.admit(budget, Instant::now()) {
             if !budget.monitor {
                 return (budget_exhausted(record, wait), None);
             }
@@ -642,6 +651,7 @@ async fn decide_and_forward(
         host: host.clone(),
         port: route.upstream_port,
     };
+    *charge = route.budget.clone().filter(|b| b.tokens.is_some());
     let body = match body {
         RequestBody::Streaming(body) => Counted::new(body, Arc::clone(sent)).boxed(),
         RequestBody::Read(bytes) => Counted::new(

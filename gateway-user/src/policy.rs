@@ -99,7 +99,11 @@ struct RawRule {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawBudget {
-    requests: u32,
+    #[serde(default)]
+    requests: Option<u32>,
+    /// Input and output tokens, as the answers' `usage` counts them.
+    #[serde(default)]
+    tokens: Option<u64>,
     per: String,
 }
 
@@ -890,9 +894,16 @@ pub fn explain(
                 .budget
                 .as_ref()
                 .map(|b| {
+                    let what: Vec<String> = [
+                        b.requests.map(|n| format!("{n} requests")),
+                        b.tokens.map(|n| format!("{n} tokens")),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .collect();
                     format!(
-                        ", budget {} requests per {} s (not spent here)",
-                        b.requests,
+                        ", budget {} per {} s (not spent here)",
+                        what.join(" and "),
                         b.per.as_secs()
                     )
                 })
@@ -1041,13 +1052,25 @@ pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
                 }
                 let budget = match &r.budget {
                     None => None,
-                    Some(b) if b.requests == 0 => {
+                    Some(b) if b.requests.is_none() && b.tokens.is_none() => {
+                        return Err(rule_err("a budget needs `requests`, `tokens` or both".into()))
+                    }
+                    Some(b) if b.requests == Some(0) || b.tokens == Some(0) => {
                         return Err(rule_err(
-                            "budget of 0 requests: remove the rule to allow none".into(),
+                            "a budget of 0: remove the rule to allow none".into(),
+                        ))
+                    }
+                    Some(b)
+                        if b.tokens.is_some()
+                            && (r.http.is_empty() || r.http.iter().any(|m| m.models.is_empty())) =>
+                    {
+                        return Err(rule_err(
+                            "a `tokens` budget counts what answers report, read where the model is: give every `http` entry of the rule `models` (`[\"*\"]` for any)".into(),
                         ))
                     }
                     Some(b) => Some(crate::budget::Budget {
                         requests: b.requests,
+                        tokens: b.tokens,
                         per: crate::budget::Budget::parse_per(&b.per).map_err(&rule_err)?,
                         key: format!("{file_s}#{index}"),
                         monitor: raw.spec.mode == Mode::Monitor,
@@ -1589,10 +1612,16 @@ mod host_rules {
             panic!("host rule")
         };
         let b = h.budget.as_ref().expect("budget");
-        assert_eq!((b.requests, b.per.as_secs(), b.monitor), (100, 3600, false));
+        assert_eq!(
+            (b.requests, b.tokens, b.per.as_secs(), b.monitor),
+            (Some(100), None, 3600, false)
+        );
         assert_eq!(b.key, "/p/b.yaml#1", "the file and the rule's place in it");
         for (budget, want) in [
-            ("budget: { requests: 0, per: 1h }", "budget of 0 requests"),
+            ("budget: { requests: 0, per: 1h }", "a budget of 0"),
+            ("budget: { per: 1h }", "needs `requests`, `tokens` or both"),
+            ("budget: { tokens: 100, per: 1h }", "give every `http` entry of the rule `models`"),
+            ("budget: { tokens: 100, per: 1h }\n      http:\n        - paths: [/a]\n          models: [\"*\"]\n        - paths: [/b]", "give every `http` entry of the rule `models`"),
             (
                 "budget: { requests: 5, per: 1w }",
                 "give a number and a unit",

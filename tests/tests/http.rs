@@ -38,6 +38,16 @@ spec:
       tls: originate
       credential: openai-prod
       budget: { requests: 3, per: 1h }
+    - name: tokens
+      match: { host: api.openai.com, port: 8081 }
+      upstream: { port: 443 }
+      tls: originate
+      http:
+        - methods: [POST]
+          paths: [/v1/responses]
+          models: [\"*\"]
+      credential: openai-prod
+      budget: { tokens: 100, per: 1h }
     - name: maps
       match: { host: maps.example, port: 80 }
       upstream: { port: 443 }
@@ -1353,7 +1363,8 @@ fn models_are_read_from_the_body_where_a_rule_limits_them() {
 
 /// A rule with a budget of 3 requests an hour: three go through, the next are refused with 429
 /// and `Retry-After` before anything reaches the upstream, each audited; another rule's
-/// requests are not counted against it.
+/// requests are not counted against it. A rule with a budget of 100 tokens an hour is charged
+/// what each answer's usage says, and refuses once it is spent.
 #[test]
 fn a_spent_budget_refuses_until_it_refills() {
     let s = setup("budget");
@@ -1420,6 +1431,63 @@ fn a_spent_budget_refuses_until_it_refills() {
             format!("{}/agent.service", env.root_rel())
         );
     }
+
+    // Tokens: 100 an hour. Each answer counts the request's bytes in and 7 out (67 here),
+    // charged when it ends: the second request is let in with 33 left and puts the rule in
+    // debt, so the third waits until 1 token is back (35 at 100 an hour: 1,260 s).
+    let body = r#"{"model":"gpt-4o-mini","input":"count my tokens, please!!!"}"#;
+    assert_eq!(body.len() + 7, 67);
+    let ask = || {
+        let (out, err) = curl(
+            &s.agent,
+            &[
+                "-i",
+                "--resolve",
+                "api.openai.com:8081:127.0.0.9",
+                "-X",
+                "POST",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                body,
+                "http://api.openai.com:8081/v1/responses",
+            ],
+        );
+        env.keep_client_output(out.as_bytes());
+        let status = out
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_else(|| panic!("{out} {err}"));
+        (status.to_owned(), out)
+    };
+    for n in 1..=2 {
+        let (status, out) = ask();
+        assert_eq!(status, "200", "answer {n}: {out}");
+        // Its record is written after the charge: the next request sees it.
+        tollgate_tests::wait_for(10, "the answer's record", || {
+            (env.records()
+                .iter()
+                .filter(|r| r["rule"] == "tokens" && r["llm"]["tokens_out"] == 7)
+                .count()
+                == n)
+                .then_some(())
+        });
+    }
+    let (status, out) = ask();
+    assert_eq!(status, "429", "{out}");
+    assert!(out.contains("\"reason\":\"budget_exhausted\""), "{out}");
+    let retry: u64 = out
+        .to_ascii_lowercase()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("retry-after:")
+                .map(|v| v.trim().parse().unwrap_or(0))
+        })
+        .unwrap_or(0);
+    assert!(
+        (1250..=1262).contains(&retry),
+        "35 tokens at 100 an hour: {retry}"
+    );
 }
 
 /// THREATS 25: slow request heads are cut when the client header timeout fires, each audited;
