@@ -113,6 +113,10 @@ pub struct LlmRecord {
     pub tokens_in: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens_out: Option<u64>,
+    /// What a tokens budget was charged where the answer gave no counts: a token per 4 bytes
+    /// sent and received.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_estimated: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]

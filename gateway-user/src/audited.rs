@@ -129,15 +129,30 @@ impl<B> Audited<B> {
             record.decision = Verdict::Error;
             record.reason = "upstream_stream_failed".into();
         }
-        if let (Some(usage), Some(llm)) = (self.usage.take(), record.llm.as_mut()) {
-            let tokens = usage.finish();
+        let sent = sent.load(Ordering::Relaxed);
+        let tokens = self
+            .usage
+            .take()
+            .map(UsageReader::finish)
+            .unwrap_or_default();
+        if let Some(llm) = record.llm.as_mut() {
             llm.tokens_in = tokens.input;
             llm.tokens_out = tokens.output;
             if let Some(charge) = self.charge.take() {
-                charge(tokens.input.unwrap_or(0) + tokens.output.unwrap_or(0));
+                let used = match (tokens.input, tokens.output) {
+                    // The answer did not say (no usage, too large to read, cut short): a
+                    // token for every 4 bytes each way, as a budget's estimate.
+                    (None, None) => {
+                        let estimate = (sent + self.received).div_ceil(4);
+                        llm.tokens_estimated = Some(estimate);
+                        estimate
+                    }
+                    (input, output) => input.unwrap_or(0) + output.unwrap_or(0),
+                };
+                charge(used);
             }
         }
-        record.bytes_up = Some(sent.load(Ordering::Relaxed));
+        record.bytes_up = Some(sent);
         record.bytes_down = Some(self.received);
         record.duration_ms = Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
         audit.emit(record);

@@ -66,7 +66,10 @@ impl Bucket {
     /// Refills for the time since the last look, up to `capacity` (a reload that lowers the
     /// budget caps what is left at the new size).
     fn refill(&mut self, capacity: f64, per: Duration, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        // A caller that read the clock before another took the lock must not move time back
+        // (and be credited the same interval twice).
+        let now = now.max(self.at);
+        let elapsed = now.duration_since(self.at).as_secs_f64();
         self.level = (self.level + elapsed * capacity / per.as_secs_f64()).min(capacity);
         self.at = now;
     }
@@ -98,6 +101,16 @@ impl Budgets {
             b.level -= 1.0;
         }
         Ok(())
+    }
+
+    /// Gives back the request [`Budgets::admit`] spent, for one that never went out.
+    pub fn refund(&self, budget: &Budget, now: Instant) {
+        if let Some(requests) = budget.requests {
+            let capacity = f64::from(requests);
+            let mut buckets = self.lock();
+            let b = bucket(&mut buckets, budget, false, capacity, now);
+            b.level = (b.level + 1.0).min(capacity);
+        }
     }
 
     /// Charges the tokens an answer through `budget` used.
@@ -175,6 +188,18 @@ mod tests {
         let b = budget(2, "1h");
         assert_eq!(budgets.admit(&a, t0), Ok(()));
         assert!(budgets.admit(&a, t0).is_err());
+        budgets.refund(&a, t0);
+        assert_eq!(
+            budgets.admit(&a, t0),
+            Ok(()),
+            "a refund gives the request back"
+        );
+        budgets.refund(&a, t0);
+        budgets.refund(&a, t0);
+        assert_eq!(budgets.admit(&a, t0), Ok(()));
+        assert!(budgets.admit(&a, t0).is_err(), "never beyond the budget");
+        // A clock read before another caller's is not credited twice.
+        assert!(budgets.admit(&a, t0 - Duration::from_millis(1)).is_err());
         assert_eq!(budgets.admit(&b, t0), Ok(()));
         // The same rule reloaded with a budget of 1: what it had left (one) is still there,
         // and it refills to one at most.

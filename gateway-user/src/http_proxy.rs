@@ -298,7 +298,9 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
         let usage = record
             .llm
             .is_some()
-            .then(|| crate::usage::UsageReader::for_response(&parts.headers))
+            .then(|| {
+                crate::usage::UsageReader::for_response(&parts.headers, &conn.gateway.model_reads)
+            })
             .flatten();
         // A tokens budget is charged what the answer says it used, once it has ended.
         let charge = charge.map(|budget| {
@@ -424,18 +426,24 @@ async fn decide_and_forward(
     };
     // The body is read only where a rule limits models and nothing else decided first.
     let (decision, body) = match decide(Model::Unread) {
-        RequestDecision::NeedsModel => {
+        RequestDecision::NeedsModel { policy, rule } => {
             let timeout = conn.gateway.config.client_header_timeout;
-            let (bytes, model) = match read_model(body, &parts.headers, timeout).await {
-                Ok(read) => read,
-                Err((status, reason)) => return (refuse(record, status, reason, None), None),
+            let room = &conn.gateway.model_reads;
+            let (body, model) = match read_model(body, &parts.headers, timeout, room).await {
+                Ok(ModelRead::Read(bytes, model, permit)) => {
+                    (RequestBody::Read(bytes, permit), model)
+                }
+                Ok(ModelRead::Unreadable(body)) => (RequestBody::Streaming(body), None),
+                Err((status, reason)) => {
+                    record.policy = Some(policy);
+                    return (refuse(record, status, reason, Some(&rule)), None);
+                }
             };
             record.llm = Some(LlmRecord {
                 model: model.as_deref().map(|m| cut(m, MODEL_AUDITED).to_owned()),
                 ..LlmRecord::default()
             });
-            let decision = decide(Model::Read(model.as_deref()));
-            (decision, RequestBody::Read(bytes))
+            (decide(Model::Read(model.as_deref())), body)
         }
         decision => (decision, RequestBody::Streaming(body)),
     };
@@ -480,11 +488,12 @@ async fn decide_and_forward(
             (route, Verdict::Allow)
         }
         // Decided with the model read: never asks again.
-        RequestDecision::NeedsModel => {
+        RequestDecision::NeedsModel { policy, rule } => {
+            record.policy = Some(policy);
             return (
-                refuse(record, StatusCode::FORBIDDEN, "model_missing", None),
+                refuse(record, StatusCode::FORBIDDEN, "model_missing", Some(&rule)),
                 None,
-            )
+            );
         }
     };
 
@@ -563,16 +572,6 @@ async fn decide_and_forward(
         }
     }
 
-    // Counted last, so a request refused for another reason spends nothing.
-    if let (Some(budget), Verdict::Allow) = (&route.budget, verdict) {
-        if let Err(wait) = conn.gateway.budgets.admit(budget, Instant::now()) {
-            if !budget.monitor {
-                return (budget_exhausted(record, wait), None);
-            }
-            record.reason = "monitor:budget_exhausted".into();
-            verdict = Verdict::WouldDeny;
-        }
-    }
     strip_hop_by_hop(&mut parts.headers);
     let prefix: Vec<HeaderName> = parts
         .headers
@@ -584,8 +583,9 @@ async fn decide_and_forward(
         parts.headers.remove(k);
     }
     let mut query = parts.uri.query().map(str::to_owned);
-    if binding.is_some() {
-        // Redaction reads the response bytes: no compressed encodings where a secret went out.
+    if binding.is_some() || record.llm.is_some() {
+        // Redaction reads the response bytes: no compressed encodings where a secret went out;
+        // nor where the answer's token counts are read.
         parts.headers.insert(
             header::ACCEPT_ENCODING,
             HeaderValue::from_static("identity"),
@@ -651,11 +651,29 @@ async fn decide_and_forward(
         host: host.clone(),
         port: route.upstream_port,
     };
+    // Counted last, so a request refused for another reason spends nothing (one refused at
+    // dial time gets its request back below).
+    let mut admitted = None;
+    if let (Some(budget), Verdict::Allow) = (&route.budget, verdict) {
+        match conn.gateway.budgets.admit(budget, Instant::now()) {
+            Ok(()) => admitted = Some(budget),
+            Err(_) if budget.monitor => {
+                record.reason = "monitor:budget_exhausted".into();
+                verdict = Verdict::WouldDeny;
+            }
+            Err(wait) => return (budget_exhausted(record, wait), credential_name),
+        }
+    }
     *charge = route.budget.clone().filter(|b| b.tokens.is_some());
     let body = match body {
         RequestBody::Streaming(body) => Counted::new(body, Arc::clone(sent)).boxed(),
-        RequestBody::Read(bytes) => Counted::new(
-            Full::new(bytes).map_err(|never| match never {}).boxed(),
+        RequestBody::Read(bytes, permit) => Counted::new(
+            Held {
+                body: Full::new(bytes),
+                _room: permit,
+            }
+            .map_err(|never| match never {})
+            .boxed(),
             Arc::clone(sent),
         )
         .boxed(),
@@ -674,11 +692,7 @@ async fn decide_and_forward(
             strip_hop_by_hop(&mut parts.headers);
             let body = match binding {
                 Some(b) => {
-                    let encoded = parts
-                        .headers
-                        .get(header::CONTENT_ENCODING)
-                        .is_some_and(|v| v.as_bytes() != b"identity");
-                    if encoded {
+                    if encoded(&parts.headers) {
                         record.decision = Verdict::Error;
                         record.reason = "upstream_compressed_response".into();
                         return (
@@ -701,6 +715,9 @@ async fn decide_and_forward(
         Err(e) => {
             record.decision = Verdict::Error;
             let (status, reason) = if matches!(e, crate::upstream::UpstreamError::InternalOnly(_)) {
+                if let Some(budget) = admitted {
+                    conn.gateway.budgets.refund(budget, Instant::now());
+                }
                 // The name resolved only to internal addresses and the rule does not allow
                 // them: a policy refusal, not an upstream failure.
                 record.decision = Verdict::Deny;
@@ -723,7 +740,7 @@ async fn decide_and_forward(
 /// 429 for a rule whose budget is spent, saying when the next request will be allowed.
 fn budget_exhausted(record: &mut AuditRecord, wait: Duration) -> Response<Body> {
     let rule = record.rule.clone();
-    let retry_after = wait.as_secs() + 1;
+    let retry_after = (wait.as_secs_f64().ceil() as u64).max(1);
     let mut response = refuse(
         record,
         StatusCode::TOO_MANY_REQUESTS,
@@ -736,10 +753,37 @@ fn budget_exhausted(record: &mut AuditRecord, wait: Duration) -> Response<Body> 
     response
 }
 
-/// A request body as it goes on: still on the client connection, or read whole for its model.
+/// A request body as it goes on: still on the client connection, or read whole for its model
+/// (holding its room in the gateway's memory for such reads until it has gone).
 enum RequestBody {
     Streaming(Incoming),
-    Read(Bytes),
+    Read(Bytes, tokio::sync::OwnedSemaphorePermit),
+}
+
+/// A body that keeps something (the room its bytes took) until it is dropped.
+struct Held<B, T> {
+    body: B,
+    _room: T,
+}
+
+impl<B: hyper::body::Body + Unpin, T: Unpin> hyper::body::Body for Held<B, T> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// The most of a body read to find its model: a larger one is refused (413) where a rule
@@ -758,46 +802,127 @@ fn cut(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-/// Reads the whole body (at most [`MODEL_BODY_MAX`], within `timeout`) and the top-level
-/// `"model"` string of its JSON. A body that is not one JSON object, is encoded, names the
-/// model twice or not as a string has none. Refusals: too large (413), not sent in time (408),
-/// broken off (400).
+/// Whether `headers` say the body is encoded (any `Content-Encoding` but `identity`).
+pub fn encoded(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .any(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"identity"))
+}
+
+/// Whether `headers` say the body is JSON (`application/json` or `…+json`).
+pub fn is_json(headers: &HeaderMap) -> bool {
+    let Some(kind) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = kind.split(';').next().unwrap_or("").trim();
+    essence.eq_ignore_ascii_case("application/json")
+        || essence.rsplit_once('+').is_some_and(|(ty, suffix)| {
+            ty.starts_with("application/") && suffix.eq_ignore_ascii_case("json")
+        })
+}
+
+/// What reading a body for its model found.
+enum ModelRead {
+    /// Not JSON, or encoded: no model, and the body left unread.
+    Unreadable(Incoming),
+    /// The body, read whole, and its model if it named one.
+    Read(Bytes, Option<String>, tokio::sync::OwnedSemaphorePermit),
+}
+
+/// Reads the whole body (at most [`MODEL_BODY_MAX`], within `timeout`, its bytes counted
+/// against `room`, the gateway's memory for such reads) and the top-level `"model"` string of
+/// its JSON (see [`model_of`]). A body that is not declared JSON or is encoded is not read.
+/// Refusals: no room (503), too large (413), not sent in time (408), broken off (400).
 async fn read_model(
-    body: Incoming,
+    mut body: Incoming,
     headers: &HeaderMap,
     timeout: Duration,
-) -> Result<(Bytes, Option<String>), (StatusCode, &'static str)> {
+    room: &Arc<tokio::sync::Semaphore>,
+) -> Result<ModelRead, (StatusCode, &'static str)> {
     const TOO_LARGE: (StatusCode, &str) = (
         StatusCode::PAYLOAD_TOO_LARGE,
         "body_too_large_for_model_check",
     );
+    if !is_json(headers) || encoded(headers) {
+        return Ok(ModelRead::Unreadable(body));
+    }
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > MODEL_BODY_MAX as u64) {
         return Err(TOO_LARGE);
     }
-    let limited = http_body_util::Limited::new(body, MODEL_BODY_MAX);
-    let bytes = match tokio::time::timeout(timeout, limited.collect()).await {
-        Err(_) => return Err((StatusCode::REQUEST_TIMEOUT, "body_not_sent_in_time")),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return Err(TOO_LARGE),
-        Ok(Err(_)) => return Err((StatusCode::BAD_REQUEST, "body_read_failed")),
-        Ok(Ok(collected)) => collected.to_bytes(),
+    // Room for what the body may be: what it declares, else the most that is read.
+    let most = declared.map_or(MODEL_BODY_MAX, |n| n as usize);
+    let permits = u32::try_from(most.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+    let Ok(permit) = Arc::clone(room).try_acquire_many_owned(permits) else {
+        return Err((StatusCode::SERVICE_UNAVAILABLE, "model_check_busy"));
     };
-    let encoded = headers
-        .get(header::CONTENT_ENCODING)
-        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
-    let model = if encoded { None } else { model_of(&bytes) };
-    Ok((bytes, model))
+    // Copied as it comes, so many small frames cost their bytes, not a buffer each.
+    let mut buf = bytes::BytesMut::with_capacity(most.min(64 * 1024));
+    let read = async {
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else {
+                return Err((StatusCode::BAD_REQUEST, "body_read_failed"));
+            };
+            if let Ok(data) = frame.into_data() {
+                if buf.len() + data.len() > most {
+                    return Err(TOO_LARGE);
+                }
+                buf.extend_from_slice(&data);
+            }
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Err(_) => return Err((StatusCode::REQUEST_TIMEOUT, "body_not_sent_in_time")),
+        Ok(Err(refusal)) => return Err(refusal),
+        Ok(Ok(())) => {}
+    }
+    let bytes = buf.freeze();
+    let model = model_of(&bytes);
+    Ok(ModelRead::Read(bytes, model, permit))
 }
 
-/// The top-level `"model"` string of a JSON object body.
+/// The top-level `"model"` string of a JSON object body. There is none where readers could
+/// disagree on it: a body that is not one JSON object (trailing bytes included), names
+/// `model` twice or not as a string, or has another key that equals `model` but for case
+/// (Go's and .NET's decoders match keys regardless of case, the last one winning).
 pub fn model_of(body: &[u8]) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Named {
-        model: Option<String>,
+    struct Model;
+    impl<'de> serde::de::Visitor<'de> for Model {
+        type Value = Option<String>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Option<String>, A::Error> {
+            let mut model = None;
+            let mut ambiguous = false;
+            while let Some(key) = map.next_key::<String>()? {
+                if key == "model" {
+                    ambiguous |= model.is_some();
+                    model = Some(map.next_value::<String>()?);
+                } else {
+                    ambiguous |= key.eq_ignore_ascii_case("model");
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+            Ok(model.filter(|_| !ambiguous))
+        }
     }
-    serde_json::from_slice::<Named>(body).ok()?.model
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let model = serde::Deserializer::deserialize_map(&mut de, Model).ok()?;
+    de.end().ok()?;
+    model
 }
 
 /// Replaces every form of the secret in response header values (a redirect's Location may
@@ -971,12 +1096,40 @@ mod tests {
             (r#"{"input":{"model":"x"}}"#, None),
             (r#"[{"model":"x"}]"#, None),
             (r#"{"model":"x"} trailing"#, None),
+            // Readers that match keys regardless of case would take the other.
+            (r#"{"model":"gpt-4o-mini","MODEL":"gpt-4o"}"#, None),
+            (r#"{"Model":"gpt-4o","model":"gpt-4o-mini"}"#, None),
+            (r#"{"modelx":"a","model":"b"}"#, Some("b")),
+            // Not an object: an array is a sequence, whatever serde could map it to.
+            (r#"["gpt-4o-mini"]"#, None),
+            (r#""gpt-4o-mini""#, None),
             ("model=x", None),
             ("", None),
         ] {
             assert_eq!(model_of(body.as_bytes()).as_deref(), want, "{body}");
         }
         assert_eq!(cut("ab\u{e9}c", 3), "ab");
+        let with = |pairs: &[(&str, &str)]| headers(pairs);
+        assert!(is_json(&with(&[(
+            "content-type",
+            "application/json; charset=utf-8"
+        )])));
+        assert!(is_json(&with(&[(
+            "content-type",
+            "application/vnd.api+JSON"
+        )])));
+        assert!(!is_json(&with(&[(
+            "content-type",
+            "application/x-www-form-urlencoded"
+        )])));
+        assert!(!is_json(&with(&[("content-type", "text/plain+json")])));
+        assert!(!is_json(&with(&[])));
+        assert!(!encoded(&with(&[("content-encoding", "identity")])));
+        assert!(encoded(&with(&[
+            ("content-encoding", "identity"),
+            ("content-encoding", "gzip")
+        ])));
+        assert!(encoded(&with(&[("content-encoding", "br")])));
         assert_eq!(cut("abc", 200), "abc");
     }
 

@@ -730,9 +730,9 @@ pub enum RequestDecision {
         reason: &'static str,
         route: Option<Arc<HostRule>>,
     },
-    /// Only entries that limit models could allow the request: decide again with the body's
-    /// model ([`Model::Read`]).
-    NeedsModel,
+    /// Only entries of this rule that limit models could allow the request: decide again with
+    /// the body's model ([`Model::Read`]).
+    NeedsModel { policy: String, rule: String },
 }
 
 impl PolicySet {
@@ -807,7 +807,12 @@ impl PolicySet {
                 }
             }
             let reason = match (reached, model) {
-                (3, _) => return RequestDecision::NeedsModel,
+                (3, _) => {
+                    return RequestDecision::NeedsModel {
+                        policy: policy.name.clone(),
+                        rule: rule.name.clone(),
+                    }
+                }
                 (0, _) => "method_or_path_not_allowed",
                 (1, _) => "headers_not_allowed",
                 (_, Model::Read(None)) => "model_missing",
@@ -841,9 +846,9 @@ impl PolicySet {
                 reason: "tls_on_an_originate_rule",
             },
             // Only a rule with `http` entries reads models, and those are never passthrough.
-            RequestDecision::NeedsModel => RequestDecision::Deny {
-                policy: self.select(w).map(|p| p.name.clone()),
-                rule: None,
+            RequestDecision::NeedsModel { policy, rule } => RequestDecision::Deny {
+                policy: Some(policy),
+                rule: Some(rule),
                 reason: "tls_on_an_originate_rule",
             },
             other => other,
@@ -921,7 +926,7 @@ pub fn explain(
                 .map(|r| format!(" by rule {r:?}"))
                 .unwrap_or_default()
         ),
-        RequestDecision::NeedsModel => {
+        RequestDecision::NeedsModel { .. } => {
             "depends on the body's model: give --model NAME (or --model '' for none)".into()
         }
     };
@@ -1018,8 +1023,15 @@ pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
         }
     }
     let mut rules = Vec::new();
-    for (index, r) in raw.spec.egress.into_iter().enumerate() {
+    let mut names = std::collections::HashSet::new();
+    for r in raw.spec.egress {
         let rule_err = |m: String| invalid(format!("rule {:?}: {m}", r.name));
+        if !names.insert(r.name.clone()) {
+            return Err(rule_err(
+                "a second rule of that name: names tell rules apart in audit records and budgets"
+                    .into(),
+            ));
+        }
         if r.matches.port == 0 {
             return Err(rule_err("port 0 matches nothing".into()));
         }
@@ -1072,7 +1084,9 @@ pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
                         requests: b.requests,
                         tokens: b.tokens,
                         per: crate::budget::Budget::parse_per(&b.per).map_err(&rule_err)?,
-                        key: format!("{file_s}#{index}"),
+                        // A reload keeps what was spent while the rule is the same rule: same
+                        // file, name, host and port.
+                        key: format!("{file_s}#{}#{host}:{}", r.name, r.matches.port),
                         monitor: raw.spec.mode == Mode::Monitor,
                     }),
                 };
@@ -1546,7 +1560,7 @@ mod host_rules {
             RequestDecision::Deny { reason, .. } | RequestDecision::WouldDeny { reason, .. } => {
                 Err(reason)
             }
-            RequestDecision::NeedsModel => Err("needs_model"),
+            RequestDecision::NeedsModel { .. } => Err("needs_model"),
         };
         let good = [
             ("openai-beta", "assistants=v2"),
@@ -1616,7 +1630,18 @@ mod host_rules {
             (b.requests, b.tokens, b.per.as_secs(), b.monitor),
             (Some(100), None, 3600, false)
         );
-        assert_eq!(b.key, "/p/b.yaml#1", "the file and the rule's place in it");
+        assert_eq!(
+            b.key, "/p/b.yaml#openai#api.openai.com:80",
+            "file, name, host and port"
+        );
+        let twice = text
+            .replace("BUDGET", "")
+            .replace("name: db", "name: openai");
+        let err = parse_policy(&twice, Path::new("b.yaml")).expect_err("two names");
+        assert!(
+            err.to_string().contains("a second rule of that name"),
+            "{err}"
+        );
         for (budget, want) in [
             ("budget: { requests: 0, per: 1h }", "a budget of 0"),
             ("budget: { per: 1h }", "needs `requests`, `tokens` or both"),
@@ -1687,7 +1712,7 @@ mod host_rules {
                 RequestDecision::Allow { .. } => "allow".to_owned(),
                 RequestDecision::Deny { reason, .. } => format!("deny {reason}"),
                 RequestDecision::WouldDeny { reason, .. } => format!("would_deny {reason}"),
-                RequestDecision::NeedsModel => "needs_model".to_owned(),
+                RequestDecision::NeedsModel { .. } => "needs_model".to_owned(),
             };
             let chat = "/v1/chat/completions";
             let table: &[(&str, &http::HeaderMap, Model<'_>, String)] = &[
@@ -1865,7 +1890,7 @@ mod host_rules {
                 RequestDecision::Allow { rule, .. } => Ok(rule),
                 RequestDecision::Deny { reason, .. } => Err(reason),
                 RequestDecision::WouldDeny { reason, .. } => Err(reason),
-                RequestDecision::NeedsModel => Err("needs_model"),
+                RequestDecision::NeedsModel { .. } => Err("needs_model"),
             };
             assert_eq!(
                 got.as_ref().map(String::as_str).map_err(|e| *e),

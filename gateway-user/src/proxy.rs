@@ -36,7 +36,13 @@ pub struct Gateway {
     pub identities: IdentityCache,
     /// What is left of each host rule's request budget, kept across policy reloads.
     pub budgets: crate::budget::Budgets,
+    /// Memory for request bodies read for their model and answers read for their token
+    /// counts, in KiB: a read that finds none left is refused (or, for an answer, not read).
+    pub model_reads: Arc<tokio::sync::Semaphore>,
 }
+
+/// How much memory, in KiB, bodies held for their model or their token counts may take.
+pub const MODEL_READS_KIB: usize = 64 * 1024;
 
 /// Why a connection to the listener was refused before policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -406,7 +412,9 @@ impl Gateway {
                 ..
             } => Err((Some(policy), rule, reason)),
             // `evaluate_sni` answers this itself; a TLS connection has no body to read.
-            RequestDecision::NeedsModel => Err((None, None, "tls_on_an_originate_rule")),
+            RequestDecision::NeedsModel { policy, rule } => {
+                Err((Some(policy), Some(rule), "tls_on_an_originate_rule"))
+            }
         };
         let route = match denied {
             Ok(route) => route,

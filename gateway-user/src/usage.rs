@@ -1,8 +1,11 @@
 //! Token counts from an LLM API's response, read as the body streams past: the `usage` object
 //! of a JSON answer, or of the server-sent events of a streamed one (OpenAI's chat completions
 //! and Responses API, Anthropic's Messages API spell it in their own places and words).
+use std::sync::Arc;
+
 use http::{header, HeaderMap};
 use serde::Deserialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// The most of a JSON answer, or of one event line, kept to be read.
 const MAX: usize = 1 << 20;
@@ -70,25 +73,27 @@ pub struct UsageReader {
     events: bool,
     /// The JSON answer so far, or the event line not yet ended.
     buf: Vec<u8>,
-    /// The answer, or the current line, went past [`MAX`]: not read.
+    /// The answer, or the current line, went past [`MAX`] or past the room there was: not
+    /// read.
     skipping: bool,
     tokens: Tokens,
+    /// The gateway's memory for such reads, in KiB, and what `buf`'s capacity holds of it.
+    room: Arc<Semaphore>,
+    held: Option<OwnedSemaphorePermit>,
 }
 
 impl UsageReader {
-    /// A reader for a response with these headers: JSON or an event stream, not encoded.
-    pub fn for_response(headers: &HeaderMap) -> Option<Self> {
-        if headers
-            .get(header::CONTENT_ENCODING)
-            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
-        {
+    /// A reader for a response with these headers (JSON or an event stream, not encoded),
+    /// whose buffer takes its memory from `room` (KiB).
+    pub fn for_response(headers: &HeaderMap, room: &Arc<Semaphore>) -> Option<Self> {
+        if crate::http_proxy::encoded(headers) {
             return None;
         }
         let kind = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
         let essence = kind.split(';').next()?.trim().to_ascii_lowercase();
         let events = match essence.as_str() {
             "text/event-stream" => true,
-            "application/json" => false,
+            _ if crate::http_proxy::is_json(headers) => false,
             _ => return None,
         };
         Some(Self {
@@ -96,16 +101,51 @@ impl UsageReader {
             buf: Vec::new(),
             skipping: false,
             tokens: Tokens::default(),
+            room: Arc::clone(room),
+            held: None,
         })
+    }
+
+    /// Appends `data` to the buffer if it stays within [`MAX`] and the room allows.
+    fn keep(&mut self, data: &[u8]) -> bool {
+        let need = self.buf.len() + data.len();
+        if need > MAX {
+            return false;
+        }
+        if need > self.buf.capacity() {
+            let capacity = need.max(self.buf.capacity() * 2).max(4096).min(MAX);
+            let kib = capacity.div_ceil(1024);
+            let have = self
+                .held
+                .as_ref()
+                .map_or(0, OwnedSemaphorePermit::num_permits);
+            if kib > have {
+                let more = u32::try_from(kib - have).unwrap_or(u32::MAX);
+                let Ok(permit) = Arc::clone(&self.room).try_acquire_many_owned(more) else {
+                    return false;
+                };
+                match &mut self.held {
+                    Some(held) => held.merge(permit),
+                    None => self.held = Some(permit),
+                }
+            }
+            self.buf.reserve_exact(capacity - self.buf.len());
+        }
+        self.buf.extend_from_slice(data);
+        true
+    }
+
+    /// Gives the buffer and its room back.
+    fn release(&mut self) {
+        self.buf = Vec::new();
+        self.held = None;
     }
 
     pub fn feed(&mut self, mut data: &[u8]) {
         if !self.events {
-            if !self.skipping && self.buf.len() + data.len() <= MAX {
-                self.buf.extend_from_slice(data);
-            } else {
+            if !self.skipping && !self.keep(data) {
                 self.skipping = true;
-                self.buf = Vec::new();
+                self.release();
             }
             return;
         }
@@ -116,21 +156,20 @@ impl UsageReader {
                 self.skipping = false;
             } else if self.buf.is_empty() {
                 self.event_line(line);
-            } else if self.buf.len() + line.len() <= MAX {
-                let mut whole = std::mem::take(&mut self.buf);
-                whole.extend_from_slice(line);
+            } else if self.keep(line) {
+                let whole = std::mem::take(&mut self.buf);
                 self.event_line(&whole);
-            } else {
+                self.buf = whole;
                 self.buf.clear();
+                if self.buf.capacity() > 64 * 1024 {
+                    self.release();
+                }
+            } else {
+                self.release();
             }
         }
-        if self.skipping {
-            return;
-        }
-        if self.buf.len() + data.len() <= MAX {
-            self.buf.extend_from_slice(data);
-        } else {
-            self.buf.clear();
+        if !self.skipping && !data.is_empty() && !self.keep(data) {
+            self.release();
             self.skipping = true;
         }
     }
@@ -161,13 +200,17 @@ impl UsageReader {
 mod tests {
     use super::*;
 
+    fn room() -> Arc<Semaphore> {
+        Arc::new(Semaphore::new(4 * 1024))
+    }
+
     fn reader(content_type: &str) -> Option<UsageReader> {
         let mut h = HeaderMap::new();
         h.insert(
             header::CONTENT_TYPE,
             http::HeaderValue::from_str(content_type).expect("value"),
         );
-        UsageReader::for_response(&h)
+        UsageReader::for_response(&h, &room())
     }
 
     /// Feeds `body` cut every `step` bytes.
@@ -253,6 +296,45 @@ mod tests {
             header::CONTENT_ENCODING,
             http::HeaderValue::from_static("gzip"),
         );
-        assert!(UsageReader::for_response(&gz).is_none());
+        assert!(UsageReader::for_response(&gz, &room()).is_none());
+    }
+
+    #[test]
+    fn the_buffer_takes_its_memory_from_the_room_and_gives_it_back() {
+        let room = Arc::new(Semaphore::new(64));
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        let mut r = UsageReader::for_response(&h, &room).expect("reader");
+        r.feed(&[b' '; 10_000]);
+        let held = 64 - room.available_permits();
+        assert!(
+            (10..=16).contains(&held),
+            "about the buffer's size in KiB: {held}"
+        );
+        // Past the room: the answer is not read, and the room is back.
+        r.feed(&[b' '; 100_000]);
+        assert_eq!(room.available_permits(), 64);
+        r.feed(b"{\"usage\":{\"prompt_tokens\":1}}");
+        assert_eq!(r.finish(), Tokens::default());
+        // An event stream keeps a line only while it is being read.
+        h.insert(
+            header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/event-stream"),
+        );
+        let mut r = UsageReader::for_response(&h, &room).expect("reader");
+        r.feed(b"data: {\"usage\":{\"prompt_tokens\":2,");
+        assert!(room.available_permits() < 64);
+        r.feed(b"\"completion_tokens\":3}}\n\n");
+        assert_eq!(
+            r.finish(),
+            Tokens {
+                input: Some(2),
+                output: Some(3)
+            }
+        );
+        assert_eq!(room.available_permits(), 64);
     }
 }

@@ -1239,26 +1239,29 @@ print(json.dumps({
 fn models_are_read_from_the_body_where_a_rule_limits_them() {
     let s = setup("models");
     let env = &s.env;
+    // Another workload's policy, in monitor mode: the same kind of rule, with a budget of 1.
+    std::fs::write(
+        env.policies.join("other.yaml"),
+        MONITORED.replace("ROOT", &env.root_rel()),
+    )
+    .expect("policy");
     let _d = env.start();
     let url = "http://api.openai.com/v1/responses";
-    let post = |body: &str, extra: &[&str]| {
-        let mut args = vec![
-            "-X",
-            "POST",
-            "-H",
-            "Content-Type: application/json",
-            "-w",
-            "\n%{http_code}",
-        ];
+    let post_as = |who: &std::path::Path, body: &str, extra: &[&str]| {
+        let mut args = vec!["-X", "POST", "-w", "\n%{http_code}"];
+        if !extra.iter().any(|a| a.starts_with("Content-Type")) {
+            args.extend_from_slice(&["-H", "Content-Type: application/json"]);
+        }
         args.extend_from_slice(extra);
         args.extend_from_slice(&["--data-binary", body, url]);
-        let (out, err) = curl(&s.agent, &args);
+        let (out, err) = curl(who, &args);
         env.keep_client_output(out.as_bytes());
         let (body, code) = out
             .rsplit_once('\n')
             .unwrap_or_else(|| panic!("{out} {err}"));
         (code.to_owned(), body.to_owned())
     };
+    let post = |body: &str, extra: &[&str]| post_as(&s.agent, body, extra);
     let model_records = |model: &str| {
         env.records()
             .into_iter()
@@ -1267,12 +1270,14 @@ fn models_are_read_from_the_body_where_a_rule_limits_them() {
     };
     let upstream_before = s.api.requests().len();
 
-    // Allowed, exact and by pattern, over HTTP/1.1 and HTTP/2: the body arrives whole.
+    // Allowed, exact and by pattern, over HTTP/1.1 (with a length or chunked) and HTTP/2:
+    // the body arrives whole.
     let allowed = r#"{"model":"gpt-4o-mini","input":"hello"}"#;
     for (body, extra) in [
         (allowed, &[][..]),
         (r#"{"input":"hi","model":"o3-pro"}"#, &[][..]),
         (allowed, &["--http2-prior-knowledge"][..]),
+        (allowed, &["-H", "Transfer-Encoding: chunked"][..]),
     ] {
         let (code, out) = post(body, extra);
         assert_eq!(code, "200", "{body} {extra:?}: {out}");
@@ -1280,7 +1285,7 @@ fn models_are_read_from_the_body_where_a_rule_limits_them() {
         assert_eq!(v["body_len"], body.len(), "the body went on whole: {v}");
         assert!(v["auth_sha256"].is_string(), "the key was injected: {v}");
     }
-    assert_eq!(s.api.requests().len(), upstream_before + 3);
+    assert_eq!(s.api.requests().len(), upstream_before + 4);
     let rec = env.wait_record("the allowed model's record", |r| {
         r["llm"]["model"] == "o3-pro" && r["decision"] == "allow"
     });
@@ -1290,8 +1295,8 @@ fn models_are_read_from_the_body_where_a_rule_limits_them() {
     let o3_body = r#"{"input":"hi","model":"o3-pro"}"#;
     assert_eq!(rec["llm"]["tokens_in"], o3_body.len(), "{rec}");
     assert_eq!(rec["llm"]["tokens_out"], 7, "{rec}");
-    tollgate_tests::wait_for(10, "both gpt-4o-mini records", || {
-        (model_records("gpt-4o-mini").len() == 2).then_some(())
+    tollgate_tests::wait_for(10, "the three gpt-4o-mini records", || {
+        (model_records("gpt-4o-mini").len() == 3).then_some(())
     });
 
     // Refused before anything goes upstream: another model, none, two, one too large.
@@ -1302,22 +1307,44 @@ fn models_are_read_from_the_body_where_a_rule_limits_them() {
     let big_file = env.dir.join("big.json");
     std::fs::write(&big_file, &big).expect("big body");
     let big_arg = format!("@{}", big_file.display());
-    for (body, want_code, reason) in [
+    let form = ["-H", "Content-Type: application/x-www-form-urlencoded"];
+    for (body, extra, want_code, reason) in [
         (
             r#"{"model":"gpt-4o","input":"hi"}"#,
+            &[][..],
             "403",
             "model_not_allowed",
         ),
-        (r#"{"input":"hi"}"#, "403", "model_missing"),
+        // A reader that ignores case would take the second: there is no model.
         (
-            r#"{"model":"gpt-4o-mini","model":"gpt-4o"}"#,
+            r#"{"model":"gpt-4o-mini","MODEL":"gpt-4o"}"#,
+            &[][..],
             "403",
             "model_missing",
         ),
-        ("not json", "403", "model_missing"),
-        (big_arg.as_str(), "413", "body_too_large_for_model_check"),
+        // Not declared JSON: a form reader would see `model=gpt-4o`. Not read at all.
+        (
+            r#"{"model":"gpt-4o-mini","x":"&model=gpt-4o&"}"#,
+            &form[..],
+            "403",
+            "model_missing",
+        ),
+        (r#"{"input":"hi"}"#, &[][..], "403", "model_missing"),
+        (
+            r#"{"model":"gpt-4o-mini","model":"gpt-4o"}"#,
+            &[][..],
+            "403",
+            "model_missing",
+        ),
+        ("not json", &[][..], "403", "model_missing"),
+        (
+            big_arg.as_str(),
+            &[][..],
+            "413",
+            "body_too_large_for_model_check",
+        ),
     ] {
-        let (code, out) = post(body, &[]);
+        let (code, out) = post(body, extra);
         assert_eq!(code, want_code, "{}: {out}", &body[..body.len().min(60)]);
         let v: serde_json::Value = serde_json::from_str(&out).expect("denial json");
         assert_eq!(v["reason"], reason, "{v}");
@@ -1325,7 +1352,7 @@ fn models_are_read_from_the_body_where_a_rule_limits_them() {
     }
     assert_eq!(
         s.api.requests().len(),
-        upstream_before + 3,
+        upstream_before + 4,
         "nothing refused reached the upstream"
     );
     let denied = model_records("gpt-4o");
@@ -1359,7 +1386,50 @@ fn models_are_read_from_the_body_where_a_rule_limits_them() {
         rec.get("llm").is_none(),
         "no model read where no rule asks: {rec}"
     );
+
+    // Monitor mode: another model, then a spent budget, forwarded with the body whole and
+    // audited as what enforcement would have denied.
+    let other = r#"{"model":"gpt-4o","input":"watched"}"#;
+    for (body, reason) in [
+        (other, "monitor:model_not_allowed"),
+        (allowed, "rule_matched"),
+        (allowed, "monitor:budget_exhausted"),
+    ] {
+        let (code, out) = post_as(&s.other, body, &[]);
+        assert_eq!(code, "200", "{reason}: {out}");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("mock json");
+        assert_eq!(v["body_len"], body.len(), "{v}");
+        let rec = env.wait_record(reason, |r| {
+            r["policy"] == "other" && r["reason"] == reason && r["http"]["status"] == 200
+        });
+        let want = if reason == "rule_matched" {
+            "allow"
+        } else {
+            "would_deny"
+        };
+        assert_eq!(rec["decision"], want, "{rec}");
+    }
 }
+
+/// The policy of `other.service` in the models test: monitor mode, a model list and a budget.
+const MONITORED: &str = "apiVersion: tollgate/v1
+kind: EgressPolicy
+metadata: { name: other }
+spec:
+  workload: { cgroup: ROOT/other.service }
+  mode: monitor
+  egress:
+    - name: watched
+      match: { host: api.openai.com, port: 80 }
+      upstream: { port: 443 }
+      tls: originate
+      http:
+        - methods: [POST]
+          paths: [/v1/responses]
+          models: [gpt-4o-mini]
+      credential: openai-prod
+      budget: { requests: 1, per: 1h }
+";
 
 /// A rule with a budget of 3 requests an hour: three go through, the next are refused with 429
 /// and `Retry-After` before anything reaches the upstream, each audited; another rule's
