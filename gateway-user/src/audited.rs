@@ -292,6 +292,51 @@ mod tests {
         assert_eq!(recs[1]["reason"], "upstream_stream_failed");
     }
 
+    #[tokio::test]
+    async fn tokens_are_read_into_the_record_and_charged_or_estimated() {
+        let (audit, dir) = log();
+        let room = Arc::new(tokio::sync::Semaphore::new(1024));
+        let mut json = http::HeaderMap::new();
+        json.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        let charged = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut record = AuditRecord::new(Verdict::Allow, Layer::Request, "rule_matched");
+        record.llm = Some(crate::audit::LlmRecord::default());
+        for answer in [
+            &br#"{"usage":{"prompt_tokens":5,"completion_tokens":6}}"#[..],
+            // No usage: 100 bytes down and 20 up, a token per 4 bytes.
+            &[b' '; 100][..],
+        ] {
+            let got = Arc::clone(&charged);
+            let sent = Arc::new(AtomicU64::new(20));
+            let body = Audited::new(
+                Full::new(Bytes::copy_from_slice(answer)),
+                record.clone(),
+                audit.clone(),
+                sent,
+                Instant::now(),
+            )
+            .with_usage(
+                UsageReader::for_response(&json, &room),
+                Some(Box::new(move |used| got.lock().expect("lock").push(used))),
+            );
+            let _ = body.collect().await.expect("body");
+        }
+        assert_eq!(*charged.lock().expect("lock"), vec![11, 30]);
+        let recs = records(&audit, &dir);
+        assert_eq!(recs[0]["llm"]["tokens_in"], 5, "{}", recs[0]);
+        assert_eq!(recs[0]["llm"]["tokens_out"], 6);
+        assert!(recs[0]["llm"].get("tokens_estimated").is_none());
+        assert_eq!(recs[1]["llm"]["tokens_estimated"], 30, "{}", recs[1]);
+        assert_eq!(
+            room.available_permits(),
+            1024,
+            "the readers gave their room back"
+        );
+    }
+
     /// A stream of ready items, without a dependency on a streams crate.
     fn futures_stream<T: Unpin>(items: Vec<T>) -> impl futures_core::Stream<Item = T> + Unpin {
         struct Ready<T>(std::collections::VecDeque<T>);
