@@ -113,7 +113,7 @@ impl UsageReader {
             return false;
         }
         if need > self.buf.capacity() {
-            let capacity = need.max(self.buf.capacity() * 2).max(4096).min(MAX);
+            let capacity = need.max(self.buf.capacity() * 2).clamp(4096, MAX);
             let kib = capacity.div_ceil(1024);
             let have = self
                 .held
