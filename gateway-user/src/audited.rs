@@ -71,6 +71,8 @@ pub struct Audited<B> {
     usage: Option<UsageReader>,
     /// Told the tokens the answer used (input and output), once it has ended.
     charge: Option<Charge>,
+    /// The answer came to its end (not cut short, not failed).
+    ended: bool,
 }
 
 /// What an ended answer's token count is charged to.
@@ -103,6 +105,7 @@ impl<B> Audited<B> {
             }),
             usage: None,
             charge: None,
+            ended: false,
         }
     }
 
@@ -135,22 +138,24 @@ impl<B> Audited<B> {
             .take()
             .map(UsageReader::finish)
             .unwrap_or_default();
+        // A token for every 4 bytes each way: what is charged where the answer gave no count,
+        // or gave one and was cut short (Anthropic says its output tokens only at the end).
+        let estimate = sent.saturating_add(self.received).div_ceil(4);
+        let said = (tokens.input.is_some() || tokens.output.is_some()).then(|| tokens.total());
+        let used = match said {
+            Some(said) if self.ended => said,
+            Some(said) => said.max(estimate),
+            None => estimate,
+        };
         if let Some(llm) = record.llm.as_mut() {
             llm.tokens_in = tokens.input;
             llm.tokens_out = tokens.output;
-            if let Some(charge) = self.charge.take() {
-                let used = match (tokens.input, tokens.output) {
-                    // The answer did not say (no usage, too large to read, cut short): a
-                    // token for every 4 bytes each way, as a budget's estimate.
-                    (None, None) => {
-                        let estimate = (sent + self.received).div_ceil(4);
-                        llm.tokens_estimated = Some(estimate);
-                        estimate
-                    }
-                    (input, output) => input.unwrap_or(0) + output.unwrap_or(0),
-                };
-                charge(used);
+            if self.charge.is_some() && Some(used) != said {
+                llm.tokens_estimated = Some(used);
             }
+        }
+        if let Some(charge) = self.charge.take() {
+            charge(used);
         }
         record.bytes_up = Some(sent);
         record.bytes_down = Some(self.received);
@@ -186,9 +191,14 @@ where
                         usage.feed(data);
                     }
                 }
+                // A body of known length may not be polled once more for its end.
+                this.ended |= this.inner.is_end_stream();
             }
             Poll::Ready(Some(Err(_))) => this.finish(true),
-            Poll::Ready(None) => this.finish(false),
+            Poll::Ready(None) => {
+                this.ended = true;
+                this.finish(false);
+            }
             Poll::Pending => {}
         }
         polled
@@ -324,12 +334,44 @@ mod tests {
             );
             let _ = body.collect().await.expect("body");
         }
-        assert_eq!(*charged.lock().expect("lock"), vec![11, 30]);
+        // Cut short after an event that counted input only (as Anthropic's stream starts):
+        // charged its bytes' estimate where that is more.
+        let got = Arc::clone(&charged);
+        let mut events = http::HeaderMap::new();
+        events.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/event-stream"),
+        );
+        let first = Bytes::from(format!(
+            "data: {{\"message\":{{\"usage\":{{\"input_tokens\":2,\"output_tokens\":1}}}}}}\n\n{}",
+            " ".repeat(400)
+        ));
+        let mut cut = Audited::new(
+            StreamBody::new(futures_stream(vec![
+                Ok::<_, std::io::Error>(Frame::data(first.clone())),
+                Ok(Frame::data(first)),
+            ])),
+            record.clone(),
+            audit.clone(),
+            Arc::new(AtomicU64::new(0)),
+            Instant::now(),
+        )
+        .with_usage(
+            UsageReader::for_response(&events, &room),
+            Some(Box::new(move |used| got.lock().expect("lock").push(used))),
+        );
+        let _ = cut.frame().await.expect("a frame").expect("ok");
+        drop(cut);
+        let line = "data: {\"message\":{\"usage\":{\"input_tokens\":2,\"output_tokens\":1}}}\n\n";
+        let estimate = ((line.len() + 400) as u64).div_ceil(4);
+        assert_eq!(*charged.lock().expect("lock"), vec![11, 30, estimate]);
         let recs = records(&audit, &dir);
         assert_eq!(recs[0]["llm"]["tokens_in"], 5, "{}", recs[0]);
         assert_eq!(recs[0]["llm"]["tokens_out"], 6);
         assert!(recs[0]["llm"].get("tokens_estimated").is_none());
         assert_eq!(recs[1]["llm"]["tokens_estimated"], 30, "{}", recs[1]);
+        assert_eq!(recs[2]["llm"]["tokens_in"], 2, "{}", recs[2]);
+        assert_eq!(recs[2]["llm"]["tokens_estimated"], estimate, "{}", recs[2]);
         assert_eq!(
             room.available_permits(),
             1024,

@@ -4,7 +4,10 @@
 //! allows are counted; tokens are charged when the answer has said how many it used.
 use std::{
     collections::HashMap,
-    sync::Mutex,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -76,7 +79,8 @@ impl Bucket {
 
     /// How long until one unit is left.
     fn wait(&self, capacity: f64, per: Duration) -> Duration {
-        Duration::from_secs_f64((1.0 - self.level) * per.as_secs_f64() / capacity)
+        Duration::try_from_secs_f64((1.0 - self.level) * per.as_secs_f64() / capacity)
+            .unwrap_or(Duration::MAX)
     }
 }
 
@@ -113,10 +117,14 @@ impl Budgets {
         }
     }
 
-    /// Charges the tokens an answer through `budget` used.
+    /// Charges the tokens an answer through `budget` used. The debt stops at a thousand
+    /// budgets (a count no answer reaches, so that no arithmetic overflows on an absurd one).
     pub fn charge(&self, budget: &Budget, used: u64, now: Instant) {
         if let Some(tokens) = budget.tokens {
-            bucket(&mut self.lock(), budget, true, tokens as f64, now).level -= used as f64;
+            let capacity = tokens as f64;
+            let mut buckets = self.lock();
+            let b = bucket(&mut buckets, budget, true, capacity, now);
+            b.level = (b.level - used as f64).max(-1000.0 * capacity);
         }
     }
 
@@ -124,6 +132,42 @@ impl Budgets {
         self.buckets
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A request's tokens, owed to its rule's budget until its answer says how many: charged that
+/// count, or, if it never does (the request cancelled or failed before an answer), a token
+/// for every 4 bytes it sent.
+pub struct TokenCharge {
+    budgets: Arc<Budgets>,
+    budget: Budget,
+    sent: Arc<AtomicU64>,
+    owed: bool,
+}
+
+impl TokenCharge {
+    pub fn new(budgets: Arc<Budgets>, budget: Budget, sent: Arc<AtomicU64>) -> Self {
+        Self {
+            budgets,
+            budget,
+            sent,
+            owed: true,
+        }
+    }
+
+    /// Charges what the answer used.
+    pub fn settle(mut self, used: u64) {
+        self.owed = false;
+        self.budgets.charge(&self.budget, used, Instant::now());
+    }
+}
+
+impl Drop for TokenCharge {
+    fn drop(&mut self) {
+        if self.owed {
+            let estimate = self.sent.load(Ordering::Relaxed).div_ceil(4);
+            self.budgets.charge(&self.budget, estimate, Instant::now());
+        }
     }
 }
 
@@ -241,6 +285,47 @@ mod tests {
         assert!(
             budgets.admit(&b, full).is_err(),
             "then the requests run out"
+        );
+    }
+
+    #[test]
+    fn absurd_charges_neither_panic_nor_overflow_and_an_unsettled_request_pays_its_bytes() {
+        let budgets = Arc::new(Budgets::default());
+        let t0 = Instant::now();
+        let b = Budget {
+            requests: None,
+            tokens: Some(100),
+            per: Duration::from_secs(86_400),
+            key: "p.yaml#t".into(),
+            monitor: false,
+        };
+        budgets.charge(&b, u64::MAX, t0);
+        let wait = budgets.admit(&b, t0).expect_err("deep in debt");
+        assert!(wait > Duration::from_secs(86_400 * 999), "{wait:?}");
+        let fresh = Budget {
+            key: "p.yaml#u".into(),
+            ..b
+        };
+        let sent = Arc::new(AtomicU64::new(398));
+        drop(TokenCharge::new(
+            Arc::clone(&budgets),
+            fresh.clone(),
+            Arc::clone(&sent),
+        ));
+        // 100 - ceil(398 / 4) = 0.5 left: below one token.
+        assert!(
+            budgets.admit(&fresh, t0).is_err(),
+            "the cancelled request paid 100"
+        );
+        let settled = Budget {
+            key: "p.yaml#v".into(),
+            ..fresh
+        };
+        TokenCharge::new(Arc::clone(&budgets), settled.clone(), sent).settle(99);
+        assert_eq!(
+            budgets.admit(&settled, t0),
+            Ok(()),
+            "settled for 99: one left"
         );
     }
 

@@ -641,7 +641,7 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> Result<(), RunError> {
         upstreams,
         audit: audit.clone(),
         identities: crate::identity::IdentityCache::default(),
-        budgets: crate::budget::Budgets::default(),
+        budgets: Arc::default(),
         model_reads: Arc::new(tokio::sync::Semaphore::new(crate::proxy::MODEL_READS_KIB)),
     });
     let namespaces = Arc::new(Namespaces::new(

@@ -303,11 +303,9 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
             })
             .flatten();
         // A tokens budget is charged what the answer says it used, once it has ended.
-        let charge = charge.map(|budget| {
-            let gateway = Arc::clone(&conn.gateway);
-            Box::new(move |used| gateway.budgets.charge(&budget, used, Instant::now()))
-                as crate::audited::Charge
-        });
+        let charge = charge
+            .take()
+            .map(|owed| Box::new(move |used| owed.settle(used)) as crate::audited::Charge);
         let body = Audited::new(body, record, conn.gateway.audit.clone(), sent, started)
             .with_usage(usage, charge);
         return Response::from_parts(parts, body.boxed());
@@ -338,7 +336,7 @@ async fn decide_and_forward(
     record: &mut AuditRecord,
     http: &mut HttpRecord,
     sent: &Arc<AtomicU64>,
-    charge: &mut Option<crate::budget::Budget>,
+    charge: &mut Option<crate::budget::TokenCharge>,
 ) -> (Response<Body>, Option<String>) {
     if let Some(reason) = framing_error(req.headers()) {
         return (refuse(record, StatusCode::BAD_REQUEST, reason, None), None);
@@ -664,7 +662,19 @@ async fn decide_and_forward(
             Err(wait) => return (budget_exhausted(record, wait), credential_name),
         }
     }
-    *charge = route.budget.clone().filter(|b| b.tokens.is_some());
+    // From here the request's tokens are owed: settled by its answer, else (cancelled, failed)
+    // by what it sent.
+    *charge = route
+        .budget
+        .clone()
+        .filter(|b| b.tokens.is_some())
+        .map(|budget| {
+            crate::budget::TokenCharge::new(
+                Arc::clone(&conn.gateway.budgets),
+                budget,
+                Arc::clone(sent),
+            )
+        });
     let body = match body {
         RequestBody::Streaming(body) => Counted::new(body, Arc::clone(sent)).boxed(),
         RequestBody::Read(bytes, permit) => Counted::new(
@@ -757,7 +767,7 @@ fn budget_exhausted(record: &mut AuditRecord, wait: Duration) -> Response<Body> 
 /// (holding its room in the gateway's memory for such reads until it has gone).
 enum RequestBody {
     Streaming(Incoming),
-    Read(Bytes, tokio::sync::OwnedSemaphorePermit),
+    Read(Bytes, Option<tokio::sync::OwnedSemaphorePermit>),
 }
 
 /// A body that keeps something (the room its bytes took) until it is dropped.
@@ -829,8 +839,12 @@ pub fn is_json(headers: &HeaderMap) -> bool {
 enum ModelRead {
     /// Not JSON, or encoded: no model, and the body left unread.
     Unreadable(Incoming),
-    /// The body, read whole, and its model if it named one.
-    Read(Bytes, Option<String>, tokio::sync::OwnedSemaphorePermit),
+    /// The body, read whole, its model if it named one, and the room it holds.
+    Read(
+        Bytes,
+        Option<String>,
+        Option<tokio::sync::OwnedSemaphorePermit>,
+    ),
 }
 
 /// Reads the whole body (at most [`MODEL_BODY_MAX`], within `timeout`, its bytes counted
@@ -856,24 +870,22 @@ async fn read_model(
     if declared.is_some_and(|n| n > MODEL_BODY_MAX as u64) {
         return Err(TOO_LARGE);
     }
-    // Room for what the body may be: what it declares, else the most that is read.
+    // Copied as it comes into one buffer (so many small frames cost their bytes, not a buffer
+    // each), whose room is taken as it grows: a body not yet sent holds none.
     let most = declared.map_or(MODEL_BODY_MAX, |n| n as usize);
-    let permits = u32::try_from(most.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
-    let Ok(permit) = Arc::clone(room).try_acquire_many_owned(permits) else {
-        return Err((StatusCode::SERVICE_UNAVAILABLE, "model_check_busy"));
-    };
-    // Copied as it comes, so many small frames cost their bytes, not a buffer each.
-    let mut buf = bytes::BytesMut::with_capacity(most.min(64 * 1024));
+    let mut buf = crate::usage::RoomBuf::new(room, most);
     let read = async {
         while let Some(frame) = body.frame().await {
             let Ok(frame) = frame else {
                 return Err((StatusCode::BAD_REQUEST, "body_read_failed"));
             };
             if let Ok(data) = frame.into_data() {
-                if buf.len() + data.len() > most {
-                    return Err(TOO_LARGE);
-                }
-                buf.extend_from_slice(&data);
+                buf.push(&data).map_err(|full| match full {
+                    crate::usage::Full::TooLarge => TOO_LARGE,
+                    crate::usage::Full::NoRoom => {
+                        (StatusCode::SERVICE_UNAVAILABLE, "model_check_busy")
+                    }
+                })?;
             }
         }
         Ok(())
@@ -883,7 +895,8 @@ async fn read_model(
         Ok(Err(refusal)) => return Err(refusal),
         Ok(Ok(())) => {}
     }
-    let bytes = buf.freeze();
+    let (bytes, permit) = buf.into_parts();
+    let bytes = Bytes::from(bytes);
     let model = model_of(&bytes);
     Ok(ModelRead::Read(bytes, model, permit))
 }

@@ -1086,7 +1086,14 @@ pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
                         per: crate::budget::Budget::parse_per(&b.per).map_err(&rule_err)?,
                         // A reload keeps what was spent while the rule is the same rule: same
                         // file, name, host and port.
-                        key: format!("{file_s}#{}#{host}:{}", r.name, r.matches.port),
+                        // (Monitor mode's spending is its own: switching to enforce starts
+                        // afresh.)
+                        key: format!(
+                            "{file_s}#{}#{host}:{}{}",
+                            r.name,
+                            r.matches.port,
+                            if raw.spec.mode == Mode::Monitor { "#monitor" } else { "" }
+                        ),
                         monitor: raw.spec.mode == Mode::Monitor,
                     }),
                 };

@@ -35,7 +35,7 @@ pub struct Gateway {
     pub audit: AuditLog,
     pub identities: IdentityCache,
     /// What is left of each host rule's request budget, kept across policy reloads.
-    pub budgets: crate::budget::Budgets,
+    pub budgets: Arc<crate::budget::Budgets>,
     /// Memory for request bodies read for their model and answers read for their token
     /// counts, in KiB: a read that finds none left is refused (or, for an answer, not read).
     pub model_reads: Arc<tokio::sync::Semaphore>,

@@ -1,10 +1,11 @@
 //! Token counts from an LLM API's response, read as the body streams past: the `usage` object
 //! of a JSON answer, or of the server-sent events of a streamed one (OpenAI's chat completions
-//! and Responses API, Anthropic's Messages API spell it in their own places and words).
+//! and Responses API, Anthropic's Messages API and Gemini spell it in their own places and
+//! words).
 use std::sync::Arc;
 
 use http::{header, HeaderMap};
-use serde::Deserialize;
+use serde_json::Value;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// The most of a JSON answer, or of one event line, kept to be read.
@@ -18,52 +19,141 @@ pub struct Tokens {
 }
 
 impl Tokens {
-    /// Takes what `usage` says; counts that grow as a stream goes keep the largest seen.
-    fn merge(&mut self, usage: &Usage) {
-        let input = usage.prompt_tokens.or(usage.input_tokens);
-        let output = usage.completion_tokens.or(usage.output_tokens);
+    /// Their sum, whatever was said of either.
+    pub fn total(self) -> u64 {
+        self.input
+            .unwrap_or(0)
+            .saturating_add(self.output.unwrap_or(0))
+    }
+
+    /// Takes what one `usage` object says; counts that grow as a stream goes keep the largest
+    /// seen.
+    fn merge(&mut self, usage: &Value) {
+        let count = |key: &str| {
+            let v = usage.get(key)?;
+            v.as_u64()
+                .or_else(|| v.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+        };
+        let sum = |keys: &[&str]| {
+            keys.iter()
+                .filter_map(|k| count(k))
+                .reduce(u64::saturating_add)
+        };
+        // OpenAI: prompt/completion (reasoning included); Anthropic: input (cache reads and
+        // writes counted apart), output; Gemini: prompt, candidates and thoughts.
+        let input = sum(&["prompt_tokens", "promptTokenCount"]).or_else(|| {
+            sum(&[
+                "input_tokens",
+                "cache_creation_input_tokens",
+                "cache_read_input_tokens",
+            ])
+        });
+        let output = sum(&["completion_tokens"])
+            .or_else(|| sum(&["output_tokens"]))
+            .or_else(|| sum(&["candidatesTokenCount", "thoughtsTokenCount"]));
         self.input = self.input.max(input);
         self.output = self.output.max(output);
     }
-}
 
-#[derive(Debug, Default, Deserialize)]
-struct Usage {
-    prompt_tokens: Option<u64>,
-    completion_tokens: Option<u64>,
-    input_tokens: Option<u64>,
-    output_tokens: Option<u64>,
-}
-
-/// An answer or an event: `usage` at the top (chat completions, Anthropic's `message_delta`),
-/// or inside `response` (Responses API) or `message` (Anthropic's `message_start`).
-#[derive(Debug, Default, Deserialize)]
-struct Carrier {
-    usage: Option<Usage>,
-    response: Option<Inner>,
-    message: Option<Inner>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct Inner {
-    usage: Option<Usage>,
-}
-
-impl Carrier {
-    fn read(json: &[u8], tokens: &mut Tokens) {
-        let Ok(c) = serde_json::from_slice::<Self>(json) else {
+    /// Reads the usage objects of one answer or event: `usage` at the top (chat completions,
+    /// Anthropic's `message_delta`), inside `response` (Responses API) or `message`
+    /// (Anthropic's `message_start`), or Gemini's `usageMetadata`.
+    fn read(&mut self, json: &[u8]) {
+        let Ok(v) = serde_json::from_slice::<Value>(json) else {
             return;
         };
         for usage in [
-            c.usage.as_ref(),
-            c.response.as_ref().and_then(|r| r.usage.as_ref()),
-            c.message.as_ref().and_then(|m| m.usage.as_ref()),
+            v.get("usage"),
+            v.get("response").and_then(|r| r.get("usage")),
+            v.get("message").and_then(|m| m.get("usage")),
+            v.get("usageMetadata"),
         ]
         .into_iter()
         .flatten()
+        .filter(|u| u.is_object())
         {
-            tokens.merge(usage);
+            self.merge(usage);
         }
+    }
+}
+
+/// A buffer whose memory comes from a room shared by every connection (a semaphore counted in
+/// KiB), taken as it grows and given back when it is dropped or released.
+#[derive(Debug)]
+pub struct RoomBuf {
+    buf: Vec<u8>,
+    max: usize,
+    room: Arc<Semaphore>,
+    held: Option<OwnedSemaphorePermit>,
+}
+
+/// Why a [`RoomBuf`] did not take more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full {
+    /// Past its most.
+    TooLarge,
+    /// The room has no more.
+    NoRoom,
+}
+
+impl RoomBuf {
+    pub fn new(room: &Arc<Semaphore>, max: usize) -> Self {
+        Self {
+            buf: Vec::new(),
+            max,
+            room: Arc::clone(room),
+            held: None,
+        }
+    }
+
+    /// Appends `data`, growing within the buffer's most and the room.
+    pub fn push(&mut self, data: &[u8]) -> Result<(), Full> {
+        let need = self.buf.len() + data.len();
+        if need > self.max {
+            return Err(Full::TooLarge);
+        }
+        if need > self.buf.capacity() {
+            let capacity = need
+                .max(self.buf.capacity() * 2)
+                .clamp(4096, self.max.max(4096));
+            let kib = capacity.div_ceil(1024);
+            let have = self
+                .held
+                .as_ref()
+                .map_or(0, OwnedSemaphorePermit::num_permits);
+            if kib > have {
+                let more = u32::try_from(kib - have).unwrap_or(u32::MAX);
+                let Ok(permit) = Arc::clone(&self.room).try_acquire_many_owned(more) else {
+                    return Err(Full::NoRoom);
+                };
+                match &mut self.held {
+                    Some(held) => held.merge(permit),
+                    None => self.held = Some(permit),
+                }
+            }
+            self.buf.reserve_exact(capacity - self.buf.len());
+        }
+        self.buf.extend_from_slice(data);
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// Gives the memory back.
+    pub fn release(&mut self) {
+        self.buf = Vec::new();
+        self.held = None;
+    }
+
+    /// The bytes, and the room they hold until the permit is dropped.
+    pub fn into_parts(self) -> (Vec<u8>, Option<OwnedSemaphorePermit>) {
+        (self.buf, self.held)
     }
 }
 
@@ -72,14 +162,11 @@ impl Carrier {
 pub struct UsageReader {
     events: bool,
     /// The JSON answer so far, or the event line not yet ended.
-    buf: Vec<u8>,
+    buf: RoomBuf,
     /// The answer, or the current line, went past [`MAX`] or past the room there was: not
     /// read.
     skipping: bool,
     tokens: Tokens,
-    /// The gateway's memory for such reads, in KiB, and what `buf`'s capacity holds of it.
-    room: Arc<Semaphore>,
-    held: Option<OwnedSemaphorePermit>,
 }
 
 impl UsageReader {
@@ -90,55 +177,28 @@ impl UsageReader {
             return None;
         }
         let kind = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
-        let essence = kind.split(';').next()?.trim().to_ascii_lowercase();
-        let events = match essence.as_str() {
-            "text/event-stream" => true,
-            _ if crate::http_proxy::is_json(headers) => false,
-            _ => return None,
-        };
+        let events = kind
+            .split(';')
+            .next()?
+            .trim()
+            .eq_ignore_ascii_case("text/event-stream");
+        if !events && !crate::http_proxy::is_json(headers) {
+            return None;
+        }
         Some(Self {
             events,
-            buf: Vec::new(),
+            buf: RoomBuf::new(room, MAX),
             skipping: false,
             tokens: Tokens::default(),
-            room: Arc::clone(room),
-            held: None,
         })
     }
 
-    /// Appends `data` to the buffer if it stays within [`MAX`] and the room allows.
     fn keep(&mut self, data: &[u8]) -> bool {
-        let need = self.buf.len() + data.len();
-        if need > MAX {
-            return false;
-        }
-        if need > self.buf.capacity() {
-            let capacity = need.max(self.buf.capacity() * 2).clamp(4096, MAX);
-            let kib = capacity.div_ceil(1024);
-            let have = self
-                .held
-                .as_ref()
-                .map_or(0, OwnedSemaphorePermit::num_permits);
-            if kib > have {
-                let more = u32::try_from(kib - have).unwrap_or(u32::MAX);
-                let Ok(permit) = Arc::clone(&self.room).try_acquire_many_owned(more) else {
-                    return false;
-                };
-                match &mut self.held {
-                    Some(held) => held.merge(permit),
-                    None => self.held = Some(permit),
-                }
-            }
-            self.buf.reserve_exact(capacity - self.buf.len());
-        }
-        self.buf.extend_from_slice(data);
-        true
+        self.buf.push(data).is_ok()
     }
 
-    /// Gives the buffer and its room back.
     fn release(&mut self) {
-        self.buf = Vec::new();
-        self.held = None;
+        self.buf.release();
     }
 
     pub fn feed(&mut self, mut data: &[u8]) {
@@ -155,15 +215,11 @@ impl UsageReader {
             if self.skipping {
                 self.skipping = false;
             } else if self.buf.is_empty() {
-                self.event_line(line);
+                event_line(&mut self.tokens, line);
             } else if self.keep(line) {
-                let whole = std::mem::take(&mut self.buf);
-                self.event_line(&whole);
-                self.buf = whole;
-                self.buf.clear();
-                if self.buf.capacity() > 64 * 1024 {
-                    self.release();
-                }
+                event_line(&mut self.tokens, self.buf.as_slice());
+                // Room is held only while a line is being put together.
+                self.release();
             } else {
                 self.release();
             }
@@ -174,25 +230,25 @@ impl UsageReader {
         }
     }
 
-    fn event_line(&mut self, line: &[u8]) {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if let Some(data) = line.strip_prefix(b"data:") {
-            let data = data.trim_ascii();
-            if data.first() == Some(&b'{') {
-                Carrier::read(data, &mut self.tokens);
-            }
-        }
-    }
-
     /// The counts, once the body has ended.
     pub fn finish(mut self) -> Tokens {
         if !self.events && !self.skipping {
-            Carrier::read(&self.buf, &mut self.tokens);
+            self.tokens.read(self.buf.as_slice());
         } else if self.events && !self.skipping && !self.buf.is_empty() {
-            let last = std::mem::take(&mut self.buf);
-            self.event_line(&last);
+            event_line(&mut self.tokens, self.buf.as_slice());
         }
         self.tokens
+    }
+}
+
+/// Reads one line of an event stream: a `data:` line that holds a JSON object.
+fn event_line(tokens: &mut Tokens, line: &[u8]) {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if let Some(data) = line.strip_prefix(b"data:") {
+        let data = data.trim_ascii();
+        if data.first() == Some(&b'{') {
+            tokens.read(data);
+        }
     }
 }
 
@@ -247,6 +303,14 @@ mod tests {
             );
             assert_eq!(read("Application/JSON", anthropic, step), tokens(3, 4));
         }
+        // Anthropic counts cache reads and writes apart from input_tokens: all are input.
+        let cached = r#"{"usage":{"input_tokens":10,"cache_creation_input_tokens":2000,"cache_read_input_tokens":98000,"output_tokens":5}}"#;
+        assert_eq!(read("application/json", cached, 4096), tokens(100_010, 5));
+        let gemini = r#"{"candidates":[],"usageMetadata":{"promptTokenCount":8,"candidatesTokenCount":20,"thoughtsTokenCount":300}}"#;
+        assert_eq!(read("application/json", gemini, 4096), tokens(8, 320));
+        // A float count, and a `message` that is a string, do not hide the usage.
+        let odd = r#"{"message":"hello","usage":{"prompt_tokens":3.0,"completion_tokens":4}}"#;
+        assert_eq!(read("application/json", odd, 4096), tokens(3, 4));
         assert_eq!(
             read("application/json", r#"{"error":"x"}"#, 3),
             Tokens::default()
@@ -328,6 +392,11 @@ mod tests {
         r.feed(b"data: {\"usage\":{\"prompt_tokens\":2,");
         assert!(room.available_permits() < 64);
         r.feed(b"\"completion_tokens\":3}}\n\n");
+        assert_eq!(
+            room.available_permits(),
+            64,
+            "given back once the line is read"
+        );
         assert_eq!(
             r.finish(),
             Tokens {
