@@ -305,7 +305,8 @@ mod tests {
     #[tokio::test]
     async fn tokens_are_read_into_the_record_and_charged_or_estimated() {
         let (audit, dir) = log();
-        let room = Arc::new(tokio::sync::Semaphore::new(1024));
+        let rooms = crate::usage::Rooms::new(1024, 1024);
+        let room = rooms.of(1);
         let mut json = http::HeaderMap::new();
         json.insert(
             http::header::CONTENT_TYPE,
@@ -372,11 +373,7 @@ mod tests {
         assert_eq!(recs[1]["llm"]["tokens_estimated"], 30, "{}", recs[1]);
         assert_eq!(recs[2]["llm"]["tokens_in"], 2, "{}", recs[2]);
         assert_eq!(recs[2]["llm"]["tokens_estimated"], estimate, "{}", recs[2]);
-        assert_eq!(
-            room.available_permits(),
-            1024,
-            "the readers gave their room back"
-        );
+        assert_eq!(rooms.available(), 1024, "the readers gave their room back");
     }
 
     /// A stream of ready items, without a dependency on a streams crate.

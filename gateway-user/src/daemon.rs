@@ -642,7 +642,10 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> Result<(), RunError> {
         audit: audit.clone(),
         identities: crate::identity::IdentityCache::default(),
         budgets: Arc::default(),
-        model_reads: Arc::new(tokio::sync::Semaphore::new(crate::proxy::MODEL_READS_KIB)),
+        model_reads: crate::usage::Rooms::new(
+            crate::proxy::MODEL_READS_KIB,
+            crate::proxy::MODEL_READS_SHARE_KIB,
+        ),
     });
     let namespaces = Arc::new(Namespaces::new(
         Arc::clone(&gateway),

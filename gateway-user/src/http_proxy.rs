@@ -299,7 +299,10 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
             .llm
             .is_some()
             .then(|| {
-                crate::usage::UsageReader::for_response(&parts.headers, &conn.gateway.model_reads)
+                crate::usage::UsageReader::for_response(
+                    &parts.headers,
+                    &conn.gateway.model_reads.of(conn.workload.cgroup_id),
+                )
             })
             .flatten();
         // A tokens budget is charged what the answer says it used, once it has ended.
@@ -426,7 +429,7 @@ async fn decide_and_forward(
     let (decision, body) = match decide(Model::Unread) {
         RequestDecision::NeedsModel { policy, rule } => {
             let timeout = conn.gateway.config.client_header_timeout;
-            let room = &conn.gateway.model_reads;
+            let room = &conn.gateway.model_reads.of(conn.workload.cgroup_id);
             let (body, model) = match read_model(body, &parts.headers, timeout, room).await {
                 Ok(ModelRead::Read(bytes, model, permit)) => {
                     (RequestBody::Read(bytes, permit), model)
@@ -678,7 +681,7 @@ async fn decide_and_forward(
     let body = match body {
         RequestBody::Streaming(body) => Counted::new(body, Arc::clone(sent)).boxed(),
         RequestBody::Read(bytes, permit) => Counted::new(
-            Held {
+            Keeping {
                 body: Full::new(bytes),
                 _room: permit,
             }
@@ -767,16 +770,16 @@ fn budget_exhausted(record: &mut AuditRecord, wait: Duration) -> Response<Body> 
 /// (holding its room in the gateway's memory for such reads until it has gone).
 enum RequestBody {
     Streaming(Incoming),
-    Read(Bytes, Option<tokio::sync::OwnedSemaphorePermit>),
+    Read(Bytes, Vec<crate::usage::Held>),
 }
 
 /// A body that keeps something (the room its bytes took) until it is dropped.
-struct Held<B, T> {
+struct Keeping<B, T> {
     body: B,
     _room: T,
 }
 
-impl<B: hyper::body::Body + Unpin, T: Unpin> hyper::body::Body for Held<B, T> {
+impl<B: hyper::body::Body + Unpin, T: Unpin> hyper::body::Body for Keeping<B, T> {
     type Data = B::Data;
     type Error = B::Error;
 
@@ -840,11 +843,7 @@ enum ModelRead {
     /// Not JSON, or encoded: no model, and the body left unread.
     Unreadable(Incoming),
     /// The body, read whole, its model if it named one, and the room it holds.
-    Read(
-        Bytes,
-        Option<String>,
-        Option<tokio::sync::OwnedSemaphorePermit>,
-    ),
+    Read(Bytes, Option<String>, Vec<crate::usage::Held>),
 }
 
 /// Reads the whole body (at most [`MODEL_BODY_MAX`], within `timeout`, its bytes counted
@@ -855,7 +854,7 @@ async fn read_model(
     mut body: Incoming,
     headers: &HeaderMap,
     timeout: Duration,
-    room: &Arc<tokio::sync::Semaphore>,
+    room: &crate::usage::Room,
 ) -> Result<ModelRead, (StatusCode, &'static str)> {
     const TOO_LARGE: (StatusCode, &str) = (
         StatusCode::PAYLOAD_TOO_LARGE,

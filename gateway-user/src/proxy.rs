@@ -37,12 +37,15 @@ pub struct Gateway {
     /// What is left of each host rule's request budget, kept across policy reloads.
     pub budgets: Arc<crate::budget::Budgets>,
     /// Memory for request bodies read for their model and answers read for their token
-    /// counts, in KiB: a read that finds none left is refused (or, for an answer, not read).
-    pub model_reads: Arc<tokio::sync::Semaphore>,
+    /// counts: a read that finds none left in all, or in its workload's share, is refused (or,
+    /// for an answer, not read).
+    pub model_reads: crate::usage::Rooms,
 }
 
-/// How much memory, in KiB, bodies held for their model or their token counts may take.
+/// How much memory, in KiB, bodies held for their model or their token counts may take, in
+/// all and for one workload.
 pub const MODEL_READS_KIB: usize = 64 * 1024;
+pub const MODEL_READS_SHARE_KIB: usize = 16 * 1024;
 
 /// Why a connection to the listener was refused before policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

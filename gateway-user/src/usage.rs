@@ -77,14 +77,73 @@ impl Tokens {
     }
 }
 
-/// A buffer whose memory comes from a room shared by every connection (a semaphore counted in
-/// KiB), taken as it grows and given back when it is dropped or released.
+/// The gateway's memory for bodies read for their model and answers read for their token
+/// counts, in KiB: all of it, and each workload's share (by cgroup id), so that one workload
+/// cannot take it all from the others.
+#[derive(Debug)]
+pub struct Rooms {
+    all: Arc<Semaphore>,
+    share: usize,
+    workloads: std::sync::Mutex<std::collections::HashMap<u64, Arc<Semaphore>>>,
+}
+
+impl Rooms {
+    /// `all` KiB in all, at most `share` KiB of it to one workload.
+    pub fn new(all: usize, share: usize) -> Self {
+        Self {
+            all: Arc::new(Semaphore::new(all)),
+            share,
+            workloads: std::sync::Mutex::default(),
+        }
+    }
+
+    /// The room for the workload in cgroup `cgroup_id`.
+    pub fn of(&self, cgroup_id: u64) -> Room {
+        let mut workloads = self
+            .workloads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if workloads.len() >= 1024 {
+            // Shares nobody holds are whole again: forget them.
+            workloads.retain(|_, share| Arc::strong_count(share) > 1);
+        }
+        let mine = workloads
+            .entry(cgroup_id)
+            .or_insert_with(|| Arc::new(Semaphore::new(self.share)));
+        Room {
+            all: Arc::clone(&self.all),
+            mine: Arc::clone(mine),
+        }
+    }
+
+    /// KiB not in use, in all.
+    pub fn available(&self) -> usize {
+        self.all.available_permits()
+    }
+}
+
+/// One workload's way into the [`Rooms`].
+#[derive(Debug, Clone)]
+pub struct Room {
+    all: Arc<Semaphore>,
+    mine: Arc<Semaphore>,
+}
+
+/// What a [`RoomBuf`] holds of its [`Room`], given back when dropped.
+#[derive(Debug)]
+pub struct Held {
+    all: OwnedSemaphorePermit,
+    _mine: OwnedSemaphorePermit,
+}
+
+/// A buffer whose memory comes from a [`Room`], taken as it grows and given back when it is
+/// dropped or released.
 #[derive(Debug)]
 pub struct RoomBuf {
     buf: Vec<u8>,
     max: usize,
-    room: Arc<Semaphore>,
-    held: Option<OwnedSemaphorePermit>,
+    room: Room,
+    held: Vec<Held>,
 }
 
 /// Why a [`RoomBuf`] did not take more.
@@ -97,12 +156,12 @@ pub enum Full {
 }
 
 impl RoomBuf {
-    pub fn new(room: &Arc<Semaphore>, max: usize) -> Self {
+    pub fn new(room: &Room, max: usize) -> Self {
         Self {
             buf: Vec::new(),
             max,
-            room: Arc::clone(room),
-            held: None,
+            room: room.clone(),
+            held: Vec::new(),
         }
     }
 
@@ -117,19 +176,17 @@ impl RoomBuf {
                 .max(self.buf.capacity() * 2)
                 .clamp(4096, self.max.max(4096));
             let kib = capacity.div_ceil(1024);
-            let have = self
-                .held
-                .as_ref()
-                .map_or(0, OwnedSemaphorePermit::num_permits);
+            let have: usize = self.held.iter().map(|h| h.all.num_permits()).sum();
             if kib > have {
                 let more = u32::try_from(kib - have).unwrap_or(u32::MAX);
-                let Ok(permit) = Arc::clone(&self.room).try_acquire_many_owned(more) else {
+                // The workload's share first, then the whole: either full, nothing is kept.
+                let Ok(mine) = Arc::clone(&self.room.mine).try_acquire_many_owned(more) else {
                     return Err(Full::NoRoom);
                 };
-                match &mut self.held {
-                    Some(held) => held.merge(permit),
-                    None => self.held = Some(permit),
-                }
+                let Ok(all) = Arc::clone(&self.room.all).try_acquire_many_owned(more) else {
+                    return Err(Full::NoRoom);
+                };
+                self.held.push(Held { all, _mine: mine });
             }
             self.buf.reserve_exact(capacity - self.buf.len());
         }
@@ -148,11 +205,11 @@ impl RoomBuf {
     /// Gives the memory back.
     pub fn release(&mut self) {
         self.buf = Vec::new();
-        self.held = None;
+        self.held = Vec::new();
     }
 
     /// The bytes, and the room they hold until the permit is dropped.
-    pub fn into_parts(self) -> (Vec<u8>, Option<OwnedSemaphorePermit>) {
+    pub fn into_parts(self) -> (Vec<u8>, Vec<Held>) {
         (self.buf, self.held)
     }
 }
@@ -171,8 +228,8 @@ pub struct UsageReader {
 
 impl UsageReader {
     /// A reader for a response with these headers (JSON or an event stream, not encoded),
-    /// whose buffer takes its memory from `room` (KiB).
-    pub fn for_response(headers: &HeaderMap, room: &Arc<Semaphore>) -> Option<Self> {
+    /// whose buffer takes its memory from `room`.
+    pub fn for_response(headers: &HeaderMap, room: &Room) -> Option<Self> {
         if crate::http_proxy::encoded(headers) {
             return None;
         }
@@ -256,8 +313,8 @@ fn event_line(tokens: &mut Tokens, line: &[u8]) {
 mod tests {
     use super::*;
 
-    fn room() -> Arc<Semaphore> {
-        Arc::new(Semaphore::new(4 * 1024))
+    fn room() -> Room {
+        Rooms::new(4 * 1024, 4 * 1024).of(1)
     }
 
     fn reader(content_type: &str) -> Option<UsageReader> {
@@ -364,8 +421,36 @@ mod tests {
     }
 
     #[test]
+    fn one_workload_cannot_take_the_others_room() {
+        let rooms = Rooms::new(64, 16);
+        let (a, b) = (rooms.of(1), rooms.of(2));
+        let mut first = RoomBuf::new(&a, 1 << 20);
+        assert_eq!(first.push(&[0; 12 * 1024]), Ok(()));
+        // Growing to 24 KiB would pass the workload's 16.
+        assert_eq!(first.push(&[0; 12 * 1024]), Err(Full::NoRoom));
+        let mut second = RoomBuf::new(&a, 1 << 20);
+        assert_eq!(
+            second.push(&[0; 8 * 1024]),
+            Err(Full::NoRoom),
+            "12 of 16 KiB in use"
+        );
+        assert_eq!(second.push(&[0; 4 * 1024]), Ok(()));
+        let mut other = RoomBuf::new(&b, 1 << 20);
+        assert_eq!(
+            other.push(&[0; 16 * 1024]),
+            Ok(()),
+            "another workload has its own"
+        );
+        assert_eq!(rooms.available(), 64 - 12 - 4 - 16);
+        assert_eq!(RoomBuf::new(&b, 10).push(&[0; 11]), Err(Full::TooLarge));
+        drop((first, second, other));
+        assert_eq!(rooms.available(), 64);
+    }
+
+    #[test]
     fn the_buffer_takes_its_memory_from_the_room_and_gives_it_back() {
-        let room = Arc::new(Semaphore::new(64));
+        let rooms = Rooms::new(64, 64);
+        let room = rooms.of(7);
         let mut h = HeaderMap::new();
         h.insert(
             header::CONTENT_TYPE,
@@ -373,14 +458,14 @@ mod tests {
         );
         let mut r = UsageReader::for_response(&h, &room).expect("reader");
         r.feed(&[b' '; 10_000]);
-        let held = 64 - room.available_permits();
+        let held = 64 - rooms.available();
         assert!(
             (10..=16).contains(&held),
             "about the buffer's size in KiB: {held}"
         );
         // Past the room: the answer is not read, and the room is back.
         r.feed(&[b' '; 100_000]);
-        assert_eq!(room.available_permits(), 64);
+        assert_eq!(rooms.available(), 64);
         r.feed(b"{\"usage\":{\"prompt_tokens\":1}}");
         assert_eq!(r.finish(), Tokens::default());
         // An event stream keeps a line only while it is being read.
@@ -390,13 +475,9 @@ mod tests {
         );
         let mut r = UsageReader::for_response(&h, &room).expect("reader");
         r.feed(b"data: {\"usage\":{\"prompt_tokens\":2,");
-        assert!(room.available_permits() < 64);
+        assert!(rooms.available() < 64);
         r.feed(b"\"completion_tokens\":3}}\n\n");
-        assert_eq!(
-            room.available_permits(),
-            64,
-            "given back once the line is read"
-        );
+        assert_eq!(rooms.available(), 64, "given back once the line is read");
         assert_eq!(
             r.finish(),
             Tokens {
@@ -404,6 +485,6 @@ mod tests {
                 output: Some(3)
             }
         );
-        assert_eq!(room.available_permits(), 64);
+        assert_eq!(rooms.available(), 64);
     }
 }
