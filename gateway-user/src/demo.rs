@@ -186,7 +186,12 @@ fn in_cgroup(cmd: &mut Command, cgroup: &Path) {
 }
 
 /// Runs a client in `cgroup`, prints what it got, and returns it (stdout, then stderr).
-fn client(label: &str, cgroup: &Path, program: &str, args: &[&str]) -> Result<Vec<u8>> {
+fn client<S: AsRef<std::ffi::OsStr>>(
+    label: &str,
+    cgroup: &Path,
+    program: &str,
+    args: &[S],
+) -> Result<Vec<u8>> {
     let mut cmd = Command::new(program);
     cmd.args(args);
     in_cgroup(&mut cmd, cgroup);
@@ -309,16 +314,19 @@ pub fn run() -> Result<()> {
     println!("== an LLM API through the gateway (the clients hold no key):");
     let chat = format!("http://127.0.0.1:{LLM_PORT}/v1/chat/completions");
     let body = r#"{"model":"demo","messages":[{"role":"user","content":"hi"}]}"#;
-    let curl_chat = [
-        "-sS",
-        "--max-time",
-        "10",
-        "-H",
-        "content-type: application/json",
-        "-d",
-        body,
-        chat.as_str(),
-    ];
+    let curl_post = |body: &'static str| {
+        [
+            "-sS",
+            "--max-time",
+            "10",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            body,
+            chat.as_str(),
+        ]
+    };
+    let curl_chat = curl_post(body);
     seen.extend(client(
         "curl POST /v1/chat/completions",
         &app,
@@ -339,16 +347,7 @@ pub fn run() -> Result<()> {
         "curl POST, a model not allowed",
         &app,
         "curl",
-        &[
-            "-sS",
-            "--max-time",
-            "10",
-            "-H",
-            "content-type: application/json",
-            "-d",
-            other_model,
-            chat.as_str(),
-        ],
+        &curl_post(other_model),
     )?);
     let files = format!("http://127.0.0.1:{LLM_PORT}/v1/files");
     seen.extend(client(

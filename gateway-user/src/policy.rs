@@ -1758,36 +1758,6 @@ mod host_rules {
                 (
                     chat,
                     &json,
-                    Model::Read(Some("gpt-4o")),
-                    format!("{deny} model_not_allowed"),
-                ),
-                (
-                    chat,
-                    &json,
-                    Model::Read(Some("gpt-4o-mini-2")),
-                    format!("{deny} model_not_allowed"),
-                ),
-                (
-                    chat,
-                    &json,
-                    Model::Read(Some("GPT-4o-mini")),
-                    format!("{deny} model_not_allowed"),
-                ),
-                (
-                    chat,
-                    &json,
-                    Model::Read(Some("xo3-pro")),
-                    format!("{deny} model_not_allowed"),
-                ),
-                (
-                    chat,
-                    &json,
-                    Model::Read(Some("x-audit-v2")),
-                    format!("{deny} model_not_allowed"),
-                ),
-                (
-                    chat,
-                    &json,
                     Model::Read(None),
                     format!("{deny} model_missing"),
                 ),
@@ -1806,6 +1776,19 @@ mod host_rules {
             ];
             for (path, h, model, want) in table {
                 assert_eq!(&decide(path, h, *model), want, "{mode} {path} {model:?}");
+            }
+            for other in [
+                "gpt-4o",
+                "gpt-4o-mini-2",
+                "GPT-4o-mini",
+                "xo3-pro",
+                "x-audit-v2",
+            ] {
+                assert_eq!(
+                    decide(chat, &json, Model::Read(Some(other))),
+                    format!("{deny} model_not_allowed"),
+                    "{mode} {other}"
+                );
             }
         }
         for bad in ["\"\"", "\"a b\"", "\"é\""] {
