@@ -169,6 +169,44 @@ fn ensure_bpffs(config: &Config) -> Result<(), RunError> {
     Ok(())
 }
 
+/// Where the kernel offers tracefs; the socket guard's syscall tracepoints are attached through it.
+const TRACEFS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
+
+/// Mounts tracefs at /sys/kernel/tracing when the socket guard needs it and the host has not
+/// (a minimal VM or a fresh node often has not), as it mounts bpffs. Nothing is mounted over a
+/// place something else already occupies: attaching then fails with an error that says what
+/// the guard needs.
+fn ensure_tracefs(config: &Config) -> Result<(), RunError> {
+    if config.socket_guard == SocketGuard::Off {
+        return Ok(());
+    }
+    let populated = |place: &str| {
+        fs::read_dir(place)
+            .map(|mut entries| entries.next().is_some())
+            .unwrap_or(false)
+    };
+    if TRACEFS.iter().any(|place| populated(place)) {
+        return Ok(());
+    }
+    let place = Path::new(TRACEFS[0]);
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
+    let occupied = mountinfo
+        .lines()
+        .any(|line| line.split_whitespace().nth(4) == Some(TRACEFS[0]));
+    if occupied || !place.is_dir() {
+        return Ok(());
+    }
+    nix::mount::mount(Some("tracefs"), place, Some("tracefs"), nix::mount::MsFlags::empty(), None::<&str>)
+        .map_err(|e| RunError::SocketGuard(format!(
+            "cannot mount tracefs at {}: {e}: mount it (mount -t tracefs tracefs {}), or set `socket_guard: off` \
+             (a socket created outside every root and used inside one then goes around enforcement)",
+            place.display(),
+            place.display()
+        )))?;
+    tracing::info!("mounted tracefs at {}", place.display());
+    Ok(())
+}
+
 /// A per-instance file under /run/tollgate (lock, admin socket), named after the pin dir.
 pub fn runtime_path(config: &Config, ext: &str) -> PathBuf {
     let name: String = config
@@ -572,6 +610,7 @@ pub fn raise_fd_limit() {
 pub fn run(config: &Config, ready_file: Option<&Path>) -> Result<(), RunError> {
     let pre = preflight(config)?;
     ensure_bpffs(config)?;
+    ensure_tracefs(config)?;
     let _lock = lock(config)?;
     let gateway_cgroup_id = enter_gateway_cgroup(config, &pre.cgroup_mount)?;
     let audit = AuditLog::open(&config.audit_log)?;
