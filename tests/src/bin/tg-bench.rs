@@ -280,6 +280,11 @@ fn main() {
     let upstream = tollgate_tests::httpbench::start_counted_upstream(&rt, &["127.0.0.1"]);
     let (tls, ca) = (upstream.tls, upstream.ca_pem.clone());
     let api_port = tollgate_tests::free_port();
+    let models_port = tollgate_tests::free_port();
+    let ports = Ports {
+        api: api_port,
+        models: models_port,
+    };
     // A second mock answering with event streams, behind its own port and rule.
     let (sse_tls_config, sse_ca) = tollgate_tests::tls_server(&["127.0.0.1"]);
     let (sse_plain, sse_tls) =
@@ -308,9 +313,10 @@ fn main() {
     std::fs::write(
         env.policies.join("bench.yaml"),
         format!(
-            "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: {{ name: bench }}\nspec:\n  workload: {{ cgroup: {}/bench.service }}\n  egress:\n    - name: sink\n      match: {{ cidr: 127.0.0.1/32, port: {} }}\n    - name: api\n      match: {{ host: 127.0.0.1, port: {api_port} }}\n      upstream: {{ port: {} }}\n      tls: originate\n      allow_private: true\n      http:\n        - methods: [POST]\n          paths: [/v1/chat/completions]\n      credential: bench-key\n    - name: sse\n      match: {{ host: 127.0.0.1, port: {} }}\n      upstream: {{ port: {} }}\n      tls: originate\n      allow_private: true\n      http:\n        - methods: [POST]\n          paths: [/v1/chat/completions]\n      credential: bench-key\n",
+            "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: {{ name: bench }}\nspec:\n  workload: {{ cgroup: {}/bench.service }}\n  egress:\n    - name: sink\n      match: {{ cidr: 127.0.0.1/32, port: {} }}\n    - name: api\n      match: {{ host: 127.0.0.1, port: {api_port} }}\n      upstream: {{ port: {} }}\n      tls: originate\n      allow_private: true\n      http:\n        - methods: [POST]\n          paths: [/v1/chat/completions]\n      credential: bench-key\n    - name: api-models\n      match: {{ host: 127.0.0.1, port: {models_port} }}\n      upstream: {{ port: {} }}\n      tls: originate\n      allow_private: true\n      http:\n        - methods: [POST]\n          paths: [/v1/chat/completions]\n          models: [bench]\n      credential: bench-key\n    - name: sse\n      match: {{ host: 127.0.0.1, port: {} }}\n      upstream: {{ port: {} }}\n      tls: originate\n      allow_private: true\n      http:\n        - methods: [POST]\n          paths: [/v1/chat/completions]\n      credential: bench-key\n",
             env.root_rel(),
             target.port(),
+            tls.port(),
             tls.port(),
             sse.port,
             sse.tls.port()
@@ -329,21 +335,15 @@ fn main() {
         md.push_str(&capture_section(&env, &app, &daemon, target, baseline));
     }
     if only == Some("goal") {
-        md.push_str(&goal_section(
-            &env, &app, &daemon, &upstream, api_port, true,
-        ));
+        md.push_str(&goal_section(&env, &app, &daemon, &upstream, ports, true));
     } else if only == Some("goal-new") {
-        md.push_str(&goal_section(
-            &env, &app, &daemon, &upstream, api_port, false,
-        ));
+        md.push_str(&goal_section(&env, &app, &daemon, &upstream, ports, false));
     } else if only != Some("capture") {
         md.push_str(&http_section(&env, &app, &daemon, &upstream, api_port));
         md.push_str(&streams_and_sweep(
             &out_dir, &env, &app, &upstream, api_port, &sse,
         ));
-        md.push_str(&goal_section(
-            &env, &app, &daemon, &upstream, api_port, true,
-        ));
+        md.push_str(&goal_section(&env, &app, &daemon, &upstream, ports, true));
     }
     let path = out_dir.join("report.md");
     std::fs::File::create(&path)
@@ -700,55 +700,74 @@ fn start_nginx(
 }
 
 /// The latency goal alone: kept-alive (or, with `keepalive` false, a new connection per
-/// request) at 1,000 requests/s, direct, Tollgate and nginx in interleaved rounds, so drift
-/// on a noisy machine falls on all three alike; the median of the rounds' added percentiles.
+/// request) at 1,000 requests/s in interleaved rounds: direct, then Tollgate, Tollgate on a
+/// rule that limits models (the body's model and the answer's usage read), and nginx, in an
+/// order that rotates each round, so drift on a noisy machine falls on all alike and none
+/// always follows another. The median of the rounds' added percentiles.
 fn goal_section(
     env: &TestEnv,
     app: &Path,
     daemon: &tollgate_tests::Daemon,
     upstream: &tollgate_tests::httpbench::Upstream,
-    api_port: u16,
+    ports: Ports,
     keepalive: bool,
 ) -> String {
     const ROUNDS: usize = 5;
     const RATE: u64 = 1000;
     const SECS: u64 = 5;
-    let gateway_target: SocketAddr = format!("127.0.0.1:{api_port}").parse().expect("addr");
+    let local = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
     let nginx_port = tollgate_tests::free_port();
-    let nginx_target: SocketAddr = format!("127.0.0.1:{nginx_port}").parse().expect("addr");
     let mut nginx = start_nginx(&env.dir, "nginx", nginx_port, upstream.tls, true);
-    let nginx_pid = nginx.as_ref().map(|n| n.id() as i32);
-    let mut added: [Vec<[i64; 3]>; 2] = [Vec::new(), Vec::new()];
+    // Name, target, the client's cgroup, and the process whose CPU is counted.
+    let contenders: Vec<(&str, SocketAddr, Option<&Path>, Option<i32>)> = vec![
+        ("Tollgate", local(ports.api), Some(app), Some(daemon.pid())),
+        (
+            "Tollgate, models rule",
+            local(ports.models),
+            Some(app),
+            Some(daemon.pid()),
+        ),
+        (
+            "nginx",
+            local(nginx_port),
+            None,
+            nginx.as_ref().map(|n| n.id() as i32),
+        ),
+    ];
+    let mut added: Vec<Vec<[i64; 3]>> = vec![Vec::new(); contenders.len()];
     // CPU per request (ns) of the daemon (every thread) and of nginx (master and workers),
     // over each of their rounds.
-    let mut cpu: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
+    let mut cpu: Vec<Vec<u64>> = vec![Vec::new(); contenders.len()];
     let mut rows = String::new();
     let v = |r: &Value, k: &str| r[k].as_u64().unwrap_or(0) as i64;
-    let measured = |cgroup: Option<&Path>, target: SocketAddr, pid: i32, cpu: &mut Vec<u64>| {
-        let before = tollgate_tests::peers::tree_cpu_ns(&[pid]);
-        let r = http_load(cgroup, target, RATE, SECS, keepalive);
-        let spent = tollgate_tests::peers::tree_cpu_ns(&[pid]).saturating_sub(before);
-        cpu.push(spent / r["n"].as_u64().unwrap_or(1).max(1));
-        r
-    };
     // One second each, unmeasured: pooled upstream connections, the proxies' first
     // allocations and the client's own start-up are not in round 1.
     http_load(None, upstream.plain, RATE, 1, keepalive);
-    http_load(Some(app), gateway_target, RATE, 1, keepalive);
-    if nginx.is_some() {
-        http_load(None, nginx_target, RATE, 1, keepalive);
+    for (_, target, cgroup, pid) in &contenders {
+        if pid.is_some() {
+            http_load(*cgroup, *target, RATE, 1, keepalive);
+        }
     }
     for round in 1..=ROUNDS {
         let direct = http_load(None, upstream.plain, RATE, SECS, keepalive);
-        let through = measured(Some(app), gateway_target, daemon.pid(), &mut cpu[0]);
-        let via_nginx = nginx_pid.map(|pid| measured(None, nginx_target, pid, &mut cpu[1]));
+        let mut results: Vec<Option<Value>> = vec![None; contenders.len()];
+        for k in 0..contenders.len() {
+            let i = (k + round - 1) % contenders.len();
+            let (_, target, cgroup, pid) = contenders[i];
+            let Some(pid) = pid else { continue };
+            let before = tollgate_tests::peers::tree_cpu_ns(&[pid]);
+            let r = http_load(cgroup, target, RATE, SECS, keepalive);
+            let spent = tollgate_tests::peers::tree_cpu_ns(&[pid]).saturating_sub(before);
+            cpu[i].push(spent / r["n"].as_u64().unwrap_or(1).max(1));
+            results[i] = Some(r);
+        }
         let mut cells = vec![format!(
             "{} / {} / {}",
             v(&direct, "p50"),
             v(&direct, "p99"),
             v(&direct, "p999")
         )];
-        for (i, r) in [Some(&through), via_nginx.as_ref()].into_iter().enumerate() {
+        for (i, r) in results.iter().enumerate() {
             let Some(r) = r else {
                 cells.push("not installed".into());
                 continue;
@@ -794,13 +813,29 @@ fn goal_section(
     } else {
         ("HTTP latency: a new connection per request", "")
     };
+    let names: Vec<&str> = contenders.iter().map(|c| c.0).collect();
+    let medians: Vec<String> = added.iter().map(|runs| summary(runs)).collect();
+    let cpus: Vec<String> = contenders
+        .iter()
+        .zip(cpu.iter_mut())
+        .map(|(c, runs)| format!("{} {} µs", c.0, cpu_median(runs)))
+        .collect();
     format!(
-        "## {title}, {RATE} requests/s\n\n{ROUNDS} interleaved rounds of {SECS} s each (direct, Tollgate, nginx) after a 1 s unmeasured warm-up of each, open loop, 1 KiB `POST /v1/chat/completions`, added µs against the same round's direct run.{goal}\n\n| round | direct p50 / p99 / p99.9 µs | Tollgate added | nginx added |\n|---:|---|---|---|\n{rows}| median | | {} | {} |\n\nCPU per request (user and system time of every thread of the daemon, and of nginx's master and workers, over their rounds; median of the rounds): Tollgate {} µs, nginx {} µs.\n\n",
-        summary(&added[0]),
-        summary(&added[1]),
-        cpu_median(&mut cpu[0]),
-        cpu_median(&mut cpu[1]),
+        "## {title}, {RATE} requests/s\n\n{ROUNDS} interleaved rounds of {SECS} s each after a 1 s unmeasured warm-up of each, open loop, 1 KiB `POST /v1/chat/completions`, added µs against the same round's direct run. Each round runs direct first, then the others in an order that rotates by one each round. \"Tollgate, models rule\": the same request on a rule that lists models, so the gateway reads the body's model before it decides and the answer's usage as it passes.{goal}\n\n| round | direct p50 / p99 / p99.9 µs | {} |\n|---:|---|{}\n{rows}| median | | {} |\n\nCPU per request (user and system time of every thread of the daemon, and of nginx's master and workers, over their rounds; median of the rounds): {}.\n\n",
+        names.iter().map(|n| format!("{n} added")).collect::<Vec<_>>().join(" | "),
+        "---|".repeat(names.len()),
+        medians.join(" | "),
+        cpus.join(", "),
     )
+}
+
+/// The gateway's listening ports the bench's policy names.
+#[derive(Clone, Copy)]
+struct Ports {
+    /// The API rule (method and path).
+    api: u16,
+    /// The same API on a rule that also lists models.
+    models: u16,
 }
 
 fn http_section(
