@@ -281,7 +281,14 @@ impl TestEnv {
 
     /// Starts the daemon and waits until it enforces.
     pub fn start(&self) -> Daemon {
-        Daemon::start(self).unwrap_or_else(|log| panic!("daemon did not start: {log}"))
+        Daemon::start(self, None).unwrap_or_else(|log| panic!("daemon did not start: {log}"))
+    }
+
+    /// Starts the daemon in a mount namespace of its own, after the shell commands `prelude`
+    /// (which must succeed), and waits until it enforces.
+    pub fn start_after(&self, prelude: &str) -> Daemon {
+        Daemon::start(self, Some(prelude))
+            .unwrap_or_else(|log| panic!("daemon did not start after {prelude:?}: {log}"))
     }
 
     /// Runs `tollgate` with `args` (after `--config` when `with_config`), returning its output.
@@ -408,13 +415,25 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    fn start(env: &TestEnv) -> Result<Self, String> {
+    /// Starts the daemon; with a `prelude`, in a mount namespace of its own where the shell
+    /// commands of `prelude` ran first (the daemon is the same process: `exec`).
+    fn start(env: &TestEnv, prelude: Option<&str>) -> Result<Self, String> {
         let ready = env.dir.join("ready");
         let _ = std::fs::remove_file(&ready);
         let log = env
             .dir
             .join(format!("daemon-{}.log", SEQ.fetch_add(1, Ordering::SeqCst)));
-        let child = Command::new(tollgate_bin())
+        let mut command = match prelude {
+            None => Command::new(tollgate_bin()),
+            Some(prelude) => {
+                let mut c = Command::new("unshare");
+                c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+                    .arg(format!("{prelude} && exec \"$0\" \"$@\""))
+                    .arg(tollgate_bin());
+                c
+            }
+        };
+        let child = command
             .args(["run", "--config"])
             .arg(&env.config)
             .arg("--ready-file")

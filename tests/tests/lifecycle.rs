@@ -400,3 +400,32 @@ fn a_raw_socket_older_than_enforcement_meets_the_backstop() {
         r["reason"] == "kernel_egress_backstop" && r["workload"]["cgroup"] == workload.as_str()
     });
 }
+
+#[test]
+fn a_host_without_tracefs_gets_it_mounted_for_the_guard() {
+    let mut env = TestEnv::new("notracefs");
+    let mock = Mock::start("127.0.0.1:0");
+    let app = env.workload("app.service");
+    env.allow("app", "app.service", &[mock.addr]);
+    // As a fresh VM boots: neither tracefs nor debugfs (which carries tracefs too) mounted.
+    let mut d = env.start_after(
+        "for m in /sys/kernel/debug/tracing /sys/kernel/debug /sys/kernel/tracing; do \
+         umount -l $m 2>/dev/null; done; ! grep -qE ' - (tracefs|debugfs) ' /proc/self/mountinfo",
+    );
+    let mountinfo =
+        std::fs::read_to_string(format!("/proc/{}/mountinfo", d.pid())).expect("mountinfo");
+    assert!(
+        mountinfo.lines().any(
+            |l| l.split(' ').nth(4) == Some("/sys/kernel/tracing") && l.contains(" - tracefs ")
+        ),
+        "tracefs mounted at /sys/kernel/tracing in the daemon's namespace:\n{mountinfo}"
+    );
+    let log = std::fs::read_to_string(&d.log).expect("log");
+    assert!(
+        log.contains("mounted tracefs at /sys/kernel/tracing"),
+        "{log}"
+    );
+    let ok = env.probe(Some(&app), &["tcp", &mock.addr.to_string()]);
+    assert_eq!(ok["ok"], true, "enforcing, with the guard on: {ok}");
+    d.stop();
+}
