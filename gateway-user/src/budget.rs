@@ -1,7 +1,8 @@
 //! Budgets: a host rule may allow at most `requests` requests, and at most `tokens` tokens,
-//! per `per`, counted together for every workload its policy selects, each as a token bucket
-//! (a burst of the whole budget, refilled evenly over the period). Only requests the policy
-//! allows are counted; tokens are charged when the answer has said how many it used.
+//! per `per`, counted together for every workload its policy selects or, with `scope:
+//! workload`, for each workload apart, each as a token bucket (a burst of the whole budget,
+//! refilled evenly over the period). Only requests the policy allows are counted; tokens are
+//! charged when the answer has said how many it used.
 use std::{
     collections::HashMap,
     sync::{
@@ -22,9 +23,36 @@ pub struct Budget {
     pub key: String,
     /// The policy is in monitor mode: an exhausted budget is audited, not enforced.
     pub monitor: bool,
+    /// Each workload has a budget of its own (`scope: workload`), else all share one.
+    pub each_workload: bool,
+    /// The policy's `cgroup` selector: with `scope: workload`, each cgroup directly below it
+    /// is a workload.
+    pub split_below: Option<crate::cgroup::CgroupPath>,
 }
 
 impl Budget {
+    /// The budget a request of a workload in `pod` and `cgroup` spends: the rule's or, with
+    /// `scope: workload`, that workload's own: its pod's (a pod cannot make pods), else that of
+    /// the cgroup directly below the policy's `cgroup` selector on its way (a workload cannot
+    /// make siblings there, so cgroups it makes inside its own spend its budget). A policy that
+    /// selects by unit or container names one workload already: its budget is that one's.
+    pub fn of(&self, pod: Option<&str>, cgroup: Option<&crate::cgroup::CgroupPath>) -> Budget {
+        let mut budget = self.clone();
+        if !self.each_workload {
+            return budget;
+        }
+        let holder = match (pod, &self.split_below, cgroup) {
+            (Some(uid), _, _) => format!("pod:{uid}"),
+            (None, Some(within), Some(cgroup)) => match cgroup.below(within) {
+                Some(below) => format!("cgroup:{below}"),
+                None => return budget,
+            },
+            _ => return budget,
+        };
+        budget.key = format!("{}#{holder}", self.key);
+        budget
+    }
+
     /// A period: a number and a unit, `30s`, `1m`, `1h` or `1d` (1 s to 31 days).
     pub fn parse_per(s: &str) -> Result<Duration, String> {
         let s = s.trim();
@@ -63,6 +91,9 @@ struct Bucket {
     /// tokens than were left.
     level: f64,
     at: Instant,
+    /// The budget and period it was last refilled for.
+    capacity: f64,
+    per: Duration,
 }
 
 impl Bucket {
@@ -75,6 +106,8 @@ impl Bucket {
         let elapsed = now.duration_since(self.at).as_secs_f64();
         self.level = (self.level + elapsed * capacity / per.as_secs_f64()).min(capacity);
         self.at = now;
+        self.capacity = capacity;
+        self.per = per;
     }
 
     /// How long until one unit is left.
@@ -126,6 +159,17 @@ impl Budgets {
             let b = bucket(&mut buckets, budget, true, capacity, now);
             b.level = (b.level - used as f64).max(-1000.0 * capacity);
         }
+    }
+
+    /// Forgets the buckets that have refilled to their budget by `now`: a full bucket is what
+    /// a new one would be, so nothing is lost, and buckets of workloads that have gone (one
+    /// for each, with `scope: workload`) do not pile up.
+    pub fn prune(&self, now: Instant) {
+        self.lock().retain(|_, b| {
+            let (capacity, per) = (b.capacity, b.per);
+            b.refill(capacity, per, now);
+            b.level < b.capacity
+        });
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, bool), Bucket>> {
@@ -184,6 +228,8 @@ fn bucket<'a>(
         .or_insert(Bucket {
             level: capacity,
             at: now,
+            capacity,
+            per: budget.per,
         });
     b.refill(capacity, budget.per, now);
     b
@@ -200,6 +246,8 @@ mod tests {
             per: Budget::parse_per(per).expect("per"),
             key: format!("p.yaml#{requests}{per}"),
             monitor: false,
+            each_workload: false,
+            split_below: None,
         }
     }
 
@@ -222,6 +270,65 @@ mod tests {
             assert_eq!(budgets.admit(&b, later), Ok(()));
         }
         assert!(budgets.admit(&b, later).is_err());
+    }
+
+    #[test]
+    fn each_workload_spends_its_own_share_and_full_buckets_are_forgotten() {
+        let path = |s: &str| crate::cgroup::CgroupPath::parse(s).expect("path");
+        let rule = Budget {
+            each_workload: true,
+            split_below: Some(path("/agents")),
+            ..budget(2, "1m")
+        };
+        let budgets = Budgets::default();
+        let t0 = Instant::now();
+        let (a, b) = (
+            rule.of(None, Some(&path("/agents/a.service"))),
+            rule.of(None, Some(&path("/agents/b.service"))),
+        );
+        assert_ne!(a.key, b.key);
+        // Cgroups a workload makes inside its own spend its budget; a pod's containers, the pod's.
+        for inside in ["/agents/a.service/x", "/agents/a.service/x/y.scope"] {
+            assert_eq!(rule.of(None, Some(&path(inside))).key, a.key, "{inside}");
+        }
+        let pod = "0f3c2d4e-1111-2222-3333-444455556666";
+        assert_eq!(
+            rule.of(Some(pod), Some(&path("/agents/a.service"))).key,
+            rule.of(Some(pod), Some(&path("/agents/c.service"))).key
+        );
+        assert_ne!(rule.of(Some(pod), None).key, a.key);
+        for _ in 0..2 {
+            assert_eq!(budgets.admit(&a, t0), Ok(()));
+        }
+        assert!(budgets.admit(&a, t0).is_err(), "a has spent its two");
+        assert_eq!(budgets.admit(&b, t0), Ok(()), "b still has its own");
+        // Without the scope, both spend the rule's one bucket.
+        let shared = budget(2, "1m");
+        assert_eq!(
+            shared.of(Some(pod), Some(&path("/agents/a.service"))).key,
+            shared.key
+        );
+        // Pruning keeps what is partly spent and forgets what has refilled.
+        budgets.prune(t0 + Duration::from_secs(1));
+        assert_eq!(budgets.lock().len(), 2);
+        // b's one request is back after 30 s, a's two after 60 s.
+        budgets.prune(t0 + Duration::from_secs(31));
+        assert_eq!(
+            budgets.lock().len(),
+            1,
+            "b's bucket is full again: forgotten"
+        );
+        assert!(
+            budgets.admit(&a, t0 + Duration::from_secs(31)).is_ok(),
+            "a kept its refill"
+        );
+        budgets.prune(t0 + Duration::from_secs(120));
+        assert_eq!(budgets.lock().len(), 0);
+        // A forgotten bucket starts full, as it would have been.
+        for _ in 0..2 {
+            assert_eq!(budgets.admit(&b, t0 + Duration::from_secs(120)), Ok(()));
+        }
+        assert!(budgets.admit(&b, t0 + Duration::from_secs(120)).is_err());
     }
 
     #[test]
@@ -263,6 +370,8 @@ mod tests {
             per: Duration::from_secs(100),
             key: "p.yaml#0".into(),
             monitor: false,
+            each_workload: false,
+            split_below: None,
         };
         assert_eq!(budgets.admit(&b, t0), Ok(()));
         // One answer used more than was left: in debt, nothing is admitted until it refills.
@@ -298,6 +407,8 @@ mod tests {
             per: Duration::from_secs(86_400),
             key: "p.yaml#t".into(),
             monitor: false,
+            each_workload: false,
+            split_below: None,
         };
         budgets.charge(&b, u64::MAX, t0);
         let wait = budgets.admit(&b, t0).expect_err("deep in debt");

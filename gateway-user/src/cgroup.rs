@@ -108,6 +108,19 @@ impl CgroupPath {
         )
     }
 
+    /// The cgroup one level below `within` on the way to this one (this one if it is `within`
+    /// itself); `None` if this one is not within it.
+    pub fn below(&self, within: &CgroupPath) -> Option<&str> {
+        if !self.is_within(within) {
+            return None;
+        }
+        Some(
+            self.ancestors()
+                .nth(within.depth() + 1)
+                .unwrap_or(self.as_str()),
+        )
+    }
+
     /// Number of components (the root has none).
     pub fn depth(&self) -> usize {
         self.0.split('/').filter(|p| !p.is_empty()).count()

@@ -654,8 +654,14 @@ async fn decide_and_forward(
     };
     // Counted last, so a request refused for another reason spends nothing (one refused at
     // dial time gets its request back below).
+    let budget = route.budget.as_ref().map(|b| {
+        b.of(
+            conn.placement.pod.as_ref().map(|p| p.uid.as_str()),
+            conn.workload.cgroup.as_ref(),
+        )
+    });
     let mut admitted = None;
-    if let (Some(budget), Verdict::Allow) = (&route.budget, verdict) {
+    if let (Some(budget), Verdict::Allow) = (&budget, verdict) {
         match conn.gateway.budgets.admit(budget, Instant::now()) {
             Ok(()) => admitted = Some(budget),
             Err(_) if budget.monitor => {
@@ -667,17 +673,9 @@ async fn decide_and_forward(
     }
     // From here the request's tokens are owed: settled by its answer, else (cancelled, failed)
     // by what it sent.
-    *charge = route
-        .budget
-        .clone()
-        .filter(|b| b.tokens.is_some())
-        .map(|budget| {
-            crate::budget::TokenCharge::new(
-                Arc::clone(&conn.gateway.budgets),
-                budget,
-                Arc::clone(sent),
-            )
-        });
+    *charge = budget.clone().filter(|b| b.tokens.is_some()).map(|budget| {
+        crate::budget::TokenCharge::new(Arc::clone(&conn.gateway.budgets), budget, Arc::clone(sent))
+    });
     let body = match body {
         RequestBody::Streaming(body) => Counted::new(body, Arc::clone(sent)).boxed(),
         RequestBody::Read(bytes, permit) => Counted::new(

@@ -437,6 +437,7 @@ impl Namespaces {
         loop {
             tick.tick().await;
             self.gateway.upstreams.prune();
+            self.gateway.budgets.prune(std::time::Instant::now());
             let me = Arc::clone(&self);
             let _ = tokio::task::spawn_blocking(move || me.sweep()).await;
         }

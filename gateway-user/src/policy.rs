@@ -105,6 +105,9 @@ struct RawBudget {
     #[serde(default)]
     tokens: Option<u64>,
     per: String,
+    /// `rule` (one budget for every workload the policy selects) or `workload` (one each).
+    #[serde(default)]
+    scope: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -907,9 +910,14 @@ pub fn explain(
                     .flatten()
                     .collect();
                     format!(
-                        ", budget {} per {} s (not spent here)",
+                        ", budget {} per {} s{} (not spent here)",
                         what.join(" and "),
-                        b.per.as_secs()
+                        b.per.as_secs(),
+                        if b.each_workload {
+                            " for each workload"
+                        } else {
+                            ""
+                        }
                     )
                 })
                 .unwrap_or_default()
@@ -1084,6 +1092,14 @@ pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
                         requests: b.requests,
                         tokens: b.tokens,
                         per: crate::budget::Budget::parse_per(&b.per).map_err(&rule_err)?,
+                        split_below: cgroup.clone(),
+                        each_workload: match b.scope.as_deref() {
+                            None | Some("rule") => false,
+                            Some("workload") => true,
+                            Some(other) => return Err(rule_err(format!(
+                                "budget scope {other:?}: use `rule` (one budget shared by every workload the policy selects) or `workload` (one for each)"
+                            ))),
+                        },
                         // A reload keeps what was spent while the rule is the same rule: same
                         // file, name, host and port.
                         // (Monitor mode's spending is its own: switching to enforce starts
@@ -1634,9 +1650,33 @@ mod host_rules {
         };
         let b = h.budget.as_ref().expect("budget");
         assert_eq!(
-            (b.requests, b.tokens, b.per.as_secs(), b.monitor),
-            (Some(100), None, 3600, false)
+            (
+                b.requests,
+                b.tokens,
+                b.per.as_secs(),
+                b.monitor,
+                b.each_workload
+            ),
+            (Some(100), None, 3600, false, false)
         );
+        for (scope, each) in [("rule", false), ("workload", true)] {
+            let p = parse_policy(
+                &text.replace(
+                    "BUDGET",
+                    &format!("budget: {{ requests: 100, per: 1h, scope: {scope} }}"),
+                ),
+                Path::new("/p/b.yaml"),
+            )
+            .expect(scope);
+            let RuleKind::Host(h) = &p.rules[1].kind else {
+                panic!("host rule")
+            };
+            assert_eq!(
+                h.budget.as_ref().map(|b| b.each_workload),
+                Some(each),
+                "{scope}"
+            );
+        }
         assert_eq!(
             b.key, "/p/b.yaml#openai#api.openai.com:80",
             "file, name, host and port"
@@ -1660,6 +1700,10 @@ mod host_rules {
             ),
             ("budget: { requests: 5, per: 0s }", "use 1s to 31d"),
             ("budget: { requests: 5 }", "missing field `per`"),
+            (
+                "budget: { requests: 5, per: 1h, scope: pod }",
+                "budget scope \"pod\": use `rule`",
+            ),
             (
                 "budget: { requests: 5, per: 1h, burst: 2 }",
                 "unknown field `burst`",

@@ -1437,14 +1437,29 @@ spec:
 /// what each answer's usage says, and refuses once it is spent.
 #[test]
 fn a_spent_budget_refuses_until_it_refills() {
-    let s = setup("budget");
+    let mut s = setup("budget");
+    // Two agents under one policy whose rule gives each of them a budget of its own.
+    let team = [
+        s.env.workload("team/a.service"),
+        s.env.workload("team/b.service"),
+        // A cgroup the first agent made inside its own.
+        s.env.workload("team/a.service/inner"),
+    ];
+    std::fs::write(
+        s.env.policies.join("team.yaml"),
+        format!(
+            "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: {{ name: team }}\nspec:\n  workload: {{ cgroup: {}/team }}\n  egress:\n    - name: each\n      match: {{ host: api.openai.com, port: 8082 }}\n      upstream: {{ port: 443 }}\n      tls: originate\n      credential: openai-prod\n      budget: {{ requests: 2, per: 1h, scope: workload }}\n",
+            s.env.root_rel()
+        ),
+    )
+    .expect("team policy");
     let env = &s.env;
     let _d = env.start();
-    let call = |port: u16| {
+    let call_from = |cgroup: &std::path::Path, port: u16| {
         let resolve = format!("api.openai.com:{port}:127.0.0.9");
         let url = format!("http://api.openai.com:{port}/v1/chat/completions");
         let (out, err) = curl(
-            &s.agent,
+            cgroup,
             &["-i", "--resolve", &resolve, "-X", "POST", "-d", "{}", &url],
         );
         env.keep_client_output(out.as_bytes());
@@ -1455,6 +1470,7 @@ fn a_spent_budget_refuses_until_it_refills() {
             .to_owned();
         (status, out)
     };
+    let call = |port: u16| call_from(&s.agent, port);
     let before = s.api.requests().len();
     for i in 0..3 {
         let (status, out) = call(8080);
@@ -1499,6 +1515,54 @@ fn a_spent_budget_refuses_until_it_refills() {
         assert_eq!(
             r["workload"]["cgroup"],
             format!("{}/agent.service", env.root_rel())
+        );
+    }
+
+    // `scope: workload`: the second agent's two requests are its own, not what the first
+    // one left of a shared two.
+    let statuses = |cgroup: &std::path::Path| -> Vec<String> {
+        (0..3).map(|_| call_from(cgroup, 8082).0).collect()
+    };
+    assert_eq!(
+        statuses(&team[0]),
+        ["200", "200", "429"],
+        "a: its two, then refused"
+    );
+    assert_eq!(
+        statuses(&team[1]),
+        ["200", "200", "429"],
+        "b: two of its own"
+    );
+    let (status, out) = call_from(&team[2], 8082);
+    assert_eq!(
+        status, "429",
+        "a cgroup inside a's spends a's budget: {out}"
+    );
+    let each = tollgate_tests::wait_for(10, "the team's records", || {
+        let r: Vec<_> = env
+            .records()
+            .into_iter()
+            .filter(|r| r["rule"] == "each")
+            .collect();
+        (r.len() == 7).then_some(r)
+    });
+    for (who, cgroup) in ["a", "b"].iter().zip(&team[..2]) {
+        let path = format!("{}/team/{who}.service", env.root_rel());
+        let theirs: Vec<_> = each
+            .iter()
+            .filter(|r| r["workload"]["cgroup"] == path.as_str())
+            .map(|r| {
+                (
+                    r["decision"].as_str().unwrap_or("").to_owned(),
+                    r["reason"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect();
+        assert_eq!(theirs.len(), 3, "{cgroup:?}: {each:?}");
+        assert_eq!(
+            theirs[2],
+            ("deny".to_owned(), "budget_exhausted".to_owned()),
+            "{who}"
         );
     }
 
