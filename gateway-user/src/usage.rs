@@ -8,7 +8,7 @@ use http::{header, HeaderMap};
 use serde_json::Value;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// The most of a JSON answer, or of one event line, kept to be read.
+/// The most of a JSON answer, or of one event's data or line, kept to be read.
 const MAX: usize = 1 << 20;
 
 /// Input and output tokens, as far as the response said.
@@ -218,17 +218,24 @@ impl RoomBuf {
 #[derive(Debug)]
 pub struct UsageReader {
     events: bool,
-    /// The JSON answer so far, or the event line not yet ended.
+    /// The JSON answer so far; in an event stream, the line not yet ended.
     buf: RoomBuf,
+    /// In an event stream, the data of the event not yet dispatched: its `data` lines, each
+    /// followed by a newline.
+    data: RoomBuf,
     /// The answer, or the current line, went past [`MAX`] or past the room there was: not
     /// read.
     skipping: bool,
+    /// The current event's data went past [`MAX`] or the room: not read.
+    skipping_event: bool,
+    /// The last byte fed ended a line with a CR: an LF that comes next belongs to it.
+    after_cr: bool,
     tokens: Tokens,
 }
 
 impl UsageReader {
     /// A reader for a response with these headers (JSON or an event stream, not encoded),
-    /// whose buffer takes its memory from `room`.
+    /// whose buffers take their memory from `room`.
     pub fn for_response(headers: &HeaderMap, room: &Room) -> Option<Self> {
         if crate::http_proxy::encoded(headers) {
             return None;
@@ -245,67 +252,105 @@ impl UsageReader {
         Some(Self {
             events,
             buf: RoomBuf::new(room, MAX),
+            data: RoomBuf::new(room, MAX),
             skipping: false,
+            skipping_event: false,
+            after_cr: false,
             tokens: Tokens::default(),
         })
     }
 
-    fn keep(&mut self, data: &[u8]) -> bool {
-        self.buf.push(data).is_ok()
-    }
-
-    fn release(&mut self) {
-        self.buf.release();
-    }
-
     pub fn feed(&mut self, mut data: &[u8]) {
         if !self.events {
-            if !self.skipping && !self.keep(data) {
+            if !self.skipping && self.buf.push(data).is_err() {
                 self.skipping = true;
-                self.release();
+                self.buf.release();
             }
             return;
         }
-        while let Some(end) = data.iter().position(|&b| b == b'\n') {
-            let (line, rest) = data.split_at(end);
-            data = &rest[1..];
-            if self.skipping {
-                self.skipping = false;
-            } else if self.buf.is_empty() {
-                event_line(&mut self.tokens, line);
-            } else if self.keep(line) {
-                event_line(&mut self.tokens, self.buf.as_slice());
-                // Room is held only while a line is being put together.
-                self.release();
-            } else {
-                self.release();
-            }
+        // Lines end with CRLF, LF or CR (the event stream format allows each).
+        if std::mem::take(&mut self.after_cr) {
+            data = data.strip_prefix(b"\n").unwrap_or(data);
         }
-        if !self.skipping && !data.is_empty() && !self.keep(data) {
-            self.release();
+        while let Some(end) = memchr::memchr2(b'\n', b'\r', data) {
+            let (line, rest) = data.split_at(end);
+            data = match rest {
+                [b'\r'] => {
+                    self.after_cr = true;
+                    &[]
+                }
+                [b'\r', b'\n', rest @ ..] | [_, rest @ ..] => rest,
+                [] => &[],
+            };
+            self.end_line(line);
+        }
+        if !self.skipping && !data.is_empty() && self.buf.push(data).is_err() {
+            self.buf.release();
             self.skipping = true;
         }
     }
 
-    /// The counts, once the body has ended.
-    pub fn finish(mut self) -> Tokens {
-        if !self.events && !self.skipping {
-            self.tokens.read(self.buf.as_slice());
-        } else if self.events && !self.skipping && !self.buf.is_empty() {
-            event_line(&mut self.tokens, self.buf.as_slice());
+    /// A line has ended with `tail` (after what [`UsageReader::buf`] holds of it).
+    fn end_line(&mut self, tail: &[u8]) {
+        if std::mem::take(&mut self.skipping) {
+            // Too long to keep: if it was data, its event is incomplete.
+            self.buf.release();
+            self.skipping_event = true;
+            return;
         }
-        self.tokens
+        if !self.buf.is_empty() && self.buf.push(tail).is_err() {
+            self.buf.release();
+            self.skipping_event = true;
+            return;
+        }
+        let line = if self.buf.is_empty() {
+            tail
+        } else {
+            self.buf.as_slice()
+        };
+        match line {
+            // A blank line dispatches the event.
+            [] => {
+                if !std::mem::take(&mut self.skipping_event) {
+                    let json = self.data.as_slice().trim_ascii();
+                    if json.first() == Some(&b'{') {
+                        self.tokens.read(json);
+                    }
+                }
+                self.data.release();
+            }
+            _ => {
+                let (field, value) = match memchr::memchr(b':', line) {
+                    Some(i) => (&line[..i], &line[i + 1..]),
+                    None => (line, &[][..]),
+                };
+                let value = value.strip_prefix(b" ").unwrap_or(value);
+                if field == b"data"
+                    && !self.skipping_event
+                    && (self.data.push(value).is_err() || self.data.push(b"\n").is_err())
+                {
+                    self.data.release();
+                    self.skipping_event = true;
+                }
+            }
+        }
+        // Room is held only while a line, or an event, is being put together.
+        self.buf.release();
     }
-}
 
-/// Reads one line of an event stream: a `data:` line that holds a JSON object.
-fn event_line(tokens: &mut Tokens, line: &[u8]) {
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    if let Some(data) = line.strip_prefix(b"data:") {
-        let data = data.trim_ascii();
-        if data.first() == Some(&b'{') {
-            tokens.read(data);
+    /// The counts, once the body has ended (a last line or event not ended is read too).
+    pub fn finish(mut self) -> Tokens {
+        if !self.events {
+            if !self.skipping {
+                self.tokens.read(self.buf.as_slice());
+            }
+            return self.tokens;
         }
+        if self.skipping || !self.buf.is_empty() {
+            self.end_line(&[]);
+        }
+        self.end_line(&[]);
+        self.tokens
     }
 }
 
@@ -392,6 +437,33 @@ mod tests {
         // The last line without its newline is still read.
         let unended = "data: {\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}";
         assert_eq!(read("text/event-stream", unended, 4), tokens(1, 2));
+    }
+
+    #[test]
+    fn events_are_put_together_as_the_format_says() {
+        // An event's data over several lines, joined by newlines; comments and other fields
+        // between them; lines ended by CR alone, by CRLF and by LF.
+        let split = "event: message_delta\ndata: {\"type\":\"message_delta\",\n: a comment\ndata:\"usage\":{\"output_tokens\":15,\nid: 7\ndata: \"input_tokens\":3}}\n\n";
+        for ending in ["\n", "\r", "\r\n"] {
+            let body = split.replace('\n', ending);
+            for step in [1, 2, 3, 5, 4096] {
+                assert_eq!(
+                    read("text/event-stream", &body, step),
+                    tokens(3, 15),
+                    "{ending:?} {step}"
+                );
+            }
+        }
+        // A data line past the most leaves its event unread; the next event is read.
+        let long = format!(
+            "data: {{\"usage\":{{\"prompt_tokens\":9,\"completion_tokens\":9}},\ndata: \"pad\":\"{}\"}}\n\ndata: {{\"usage\":{{\"prompt_tokens\":1,\"completion_tokens\":2}}}}\n\n",
+            "x".repeat(MAX)
+        );
+        assert_eq!(read("text/event-stream", &long, 65536), tokens(1, 2));
+        // Lines of one event are not read one by one: a part that looks whole is not an event.
+        let partial =
+            "data: {\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":4}}\ndata: ,\"x\":1}\n\n";
+        assert_eq!(read("text/event-stream", partial, 4096), Tokens::default());
     }
 
     #[test]
