@@ -110,9 +110,9 @@ impl Bucket {
         self.per = per;
     }
 
-    /// How long until one unit is left.
-    fn wait(&self, capacity: f64, per: Duration) -> Duration {
-        Duration::try_from_secs_f64((1.0 - self.level) * per.as_secs_f64() / capacity)
+    /// How long until `need` units are left.
+    fn wait(&self, need: f64, capacity: f64, per: Duration) -> Duration {
+        Duration::try_from_secs_f64((need - self.level) * per.as_secs_f64() / capacity)
             .unwrap_or(Duration::MAX)
     }
 }
@@ -121,21 +121,41 @@ impl Budgets {
     /// Lets a request through `budget` at `now` (spending one request, if requests are
     /// counted), or says how long until one would be: while no token is left, none is.
     pub fn admit(&self, budget: &Budget, now: Instant) -> Result<(), Duration> {
+        self.admit_reserving(budget, 0, now)
+    }
+
+    /// As [`Budgets::admit`], and takes `reserve` tokens ahead of the answer (what the request
+    /// sends and the most it asked to receive), so that requests in flight together cannot all
+    /// be let in on what is left for one: it is let in only while that many are left (or the
+    /// whole budget, for a request larger than it), and its charge later gives back what the
+    /// answer did not use.
+    pub fn admit_reserving(
+        &self,
+        budget: &Budget,
+        reserve: u64,
+        now: Instant,
+    ) -> Result<(), Duration> {
         let mut buckets = self.lock();
-        if let Some(tokens) = budget.tokens {
-            let capacity = tokens as f64;
-            let b = bucket(&mut buckets, budget, true, capacity, now);
-            if b.level < 1.0 {
-                return Err(b.wait(capacity, budget.per));
-            }
-        }
         if let Some(requests) = budget.requests {
             let capacity = f64::from(requests);
             let b = bucket(&mut buckets, budget, false, capacity, now);
             if b.level < 1.0 {
-                return Err(b.wait(capacity, budget.per));
+                return Err(b.wait(1.0, capacity, budget.per));
             }
-            b.level -= 1.0;
+        }
+        if let Some(tokens) = budget.tokens {
+            let capacity = tokens as f64;
+            let b = bucket(&mut buckets, budget, true, capacity, now);
+            let need = (reserve as f64).clamp(1.0, capacity);
+            if b.level < need {
+                return Err(b.wait(need, capacity, budget.per));
+            }
+            b.level -= reserve as f64;
+        }
+        if budget.requests.is_some() {
+            if let Some(b) = buckets.get_mut(&(budget.key.clone(), false)) {
+                b.level -= 1.0;
+            }
         }
         Ok(())
     }
@@ -153,11 +173,17 @@ impl Budgets {
     /// Charges the tokens an answer through `budget` used. The debt stops at a thousand
     /// budgets (a count no answer reaches, so that no arithmetic overflows on an absurd one).
     pub fn charge(&self, budget: &Budget, used: u64, now: Instant) {
+        self.settle(budget, used, 0, now);
+    }
+
+    /// Charges `used` tokens against the `reserved` ones taken at admission: gives back what
+    /// was not used, or takes what was used beyond.
+    pub fn settle(&self, budget: &Budget, used: u64, reserved: u64, now: Instant) {
         if let Some(tokens) = budget.tokens {
             let capacity = tokens as f64;
             let mut buckets = self.lock();
             let b = bucket(&mut buckets, budget, true, capacity, now);
-            b.level = (b.level - used as f64).max(-1000.0 * capacity);
+            b.level = (b.level + reserved as f64 - used as f64).clamp(-1000.0 * capacity, capacity);
         }
     }
 
@@ -186,15 +212,18 @@ pub struct TokenCharge {
     budgets: Arc<Budgets>,
     budget: Budget,
     sent: Arc<AtomicU64>,
+    /// Taken at admission, ahead of the answer.
+    reserved: u64,
     owed: bool,
 }
 
 impl TokenCharge {
-    pub fn new(budgets: Arc<Budgets>, budget: Budget, sent: Arc<AtomicU64>) -> Self {
+    pub fn new(budgets: Arc<Budgets>, budget: Budget, sent: Arc<AtomicU64>, reserved: u64) -> Self {
         Self {
             budgets,
             budget,
             sent,
+            reserved,
             owed: true,
         }
     }
@@ -202,7 +231,8 @@ impl TokenCharge {
     /// Charges what the answer used.
     pub fn settle(mut self, used: u64) {
         self.owed = false;
-        self.budgets.charge(&self.budget, used, Instant::now());
+        self.budgets
+            .settle(&self.budget, used, self.reserved, Instant::now());
     }
 }
 
@@ -210,7 +240,8 @@ impl Drop for TokenCharge {
     fn drop(&mut self) {
         if self.owed {
             let estimate = self.sent.load(Ordering::Relaxed).div_ceil(4);
-            self.budgets.charge(&self.budget, estimate, Instant::now());
+            self.budgets
+                .settle(&self.budget, estimate, self.reserved, Instant::now());
         }
     }
 }
@@ -361,6 +392,54 @@ mod tests {
     }
 
     #[test]
+    fn requests_in_flight_together_reserve_what_they_may_use() {
+        let budgets = Arc::new(Budgets::default());
+        let t0 = Instant::now();
+        let b = Budget {
+            requests: None,
+            tokens: Some(1000),
+            per: Duration::from_secs(1000),
+            key: "p.yaml#r".into(),
+            monitor: false,
+            each_workload: false,
+            split_below: None,
+        };
+        let sent = Arc::new(AtomicU64::new(0));
+        // Three requests of up to 400 each: two fit, the third waits for the 200 more it needs
+        // (200 s at a token a second), and is not let in on the 200 left.
+        let charges: Vec<TokenCharge> = (0..2)
+            .map(|_| {
+                assert_eq!(budgets.admit_reserving(&b, 400, t0), Ok(()));
+                TokenCharge::new(Arc::clone(&budgets), b.clone(), Arc::clone(&sent), 400)
+            })
+            .collect();
+        let wait = budgets.admit_reserving(&b, 400, t0).expect_err("200 left");
+        assert_eq!(wait.as_secs(), 200);
+        // The answers used 100 each: what they did not use comes back.
+        for c in charges {
+            c.settle(100);
+        }
+        assert_eq!(budgets.admit_reserving(&b, 400, t0), Ok(()));
+        // A request larger than the whole budget is let in on a full bucket, into debt.
+        let fresh = Budget {
+            key: "p.yaml#big".into(),
+            ..b.clone()
+        };
+        assert_eq!(budgets.admit_reserving(&fresh, 5000, t0), Ok(()));
+        assert!(budgets.admit_reserving(&fresh, 1, t0).is_err());
+        // A request refused for its requests budget takes no tokens.
+        let both = Budget {
+            requests: Some(1),
+            key: "p.yaml#both".into(),
+            ..b.clone()
+        };
+        assert_eq!(budgets.admit_reserving(&both, 10, t0), Ok(()));
+        assert!(budgets.admit_reserving(&both, 10, t0).is_err());
+        let tokens_left = budgets.lock()[&("p.yaml#both".to_owned(), true)].level;
+        assert_eq!(tokens_left, 990.0);
+    }
+
+    #[test]
     fn tokens_are_charged_after_and_admit_while_any_is_left() {
         let budgets = Budgets::default();
         let t0 = Instant::now();
@@ -422,6 +501,7 @@ mod tests {
             Arc::clone(&budgets),
             fresh.clone(),
             Arc::clone(&sent),
+            0,
         ));
         // 100 - ceil(398 / 4) = 0.5 left: below one token.
         assert!(
@@ -432,7 +512,7 @@ mod tests {
             key: "p.yaml#v".into(),
             ..fresh
         };
-        TokenCharge::new(Arc::clone(&budgets), settled.clone(), sent).settle(99);
+        TokenCharge::new(Arc::clone(&budgets), settled.clone(), sent, 0).settle(99);
         assert_eq!(
             budgets.admit(&settled, t0),
             Ok(()),

@@ -426,13 +426,18 @@ async fn decide_and_forward(
         )
     };
     // The body is read only where a rule limits models and nothing else decided first.
+    let mut reserve = 0;
     let (decision, body) = match decide(Model::Unread) {
         RequestDecision::NeedsModel { policy, rule } => {
             let timeout = conn.gateway.config.client_header_timeout;
             let room = &conn.gateway.model_reads.of(conn.workload.cgroup_id);
             let (body, model) = match read_model(body, &parts.headers, timeout, room).await {
-                Ok(ModelRead::Read(bytes, model, permit)) => {
-                    (RequestBody::Read(bytes, permit), model)
+                Ok(ModelRead::Read(bytes, asked, permit)) => {
+                    // A tokens budget reserves what the request sends and may receive.
+                    reserve = (bytes.len() as u64)
+                        .div_ceil(4)
+                        .saturating_add(asked.max_output.unwrap_or(0));
+                    (RequestBody::Read(bytes, permit), asked.model)
                 }
                 Ok(ModelRead::Unreadable(body)) => (RequestBody::Streaming(body), None),
                 Err((status, reason)) => {
@@ -662,7 +667,11 @@ async fn decide_and_forward(
     });
     let mut admitted = None;
     if let (Some(budget), Verdict::Allow) = (&budget, verdict) {
-        match conn.gateway.budgets.admit(budget, Instant::now()) {
+        match conn
+            .gateway
+            .budgets
+            .admit_reserving(budget, reserve, Instant::now())
+        {
             Ok(()) => admitted = Some(budget),
             Err(_) if budget.monitor => {
                 record.reason = "monitor:budget_exhausted".into();
@@ -674,7 +683,12 @@ async fn decide_and_forward(
     // From here the request's tokens are owed: settled by its answer, else (cancelled, failed)
     // by what it sent.
     *charge = budget.clone().filter(|b| b.tokens.is_some()).map(|budget| {
-        crate::budget::TokenCharge::new(Arc::clone(&conn.gateway.budgets), budget, Arc::clone(sent))
+        crate::budget::TokenCharge::new(
+            Arc::clone(&conn.gateway.budgets),
+            budget,
+            Arc::clone(sent),
+            if admitted.is_some() { reserve } else { 0 },
+        )
     });
     let body = match body {
         RequestBody::Streaming(body) => Counted::new(body, Arc::clone(sent)).boxed(),
@@ -840,8 +854,8 @@ pub fn is_json(headers: &HeaderMap) -> bool {
 enum ModelRead {
     /// Not JSON, or encoded: no model, and the body left unread.
     Unreadable(Incoming),
-    /// The body, read whole, its model if it named one, and the room it holds.
-    Read(Bytes, Option<String>, Vec<crate::usage::Held>),
+    /// The body, read whole, what it asks, and the room it holds.
+    Read(Bytes, Asked, Vec<crate::usage::Held>),
 }
 
 /// Reads the whole body (at most [`MODEL_BODY_MAX`], within `timeout`, its bytes counted
@@ -894,8 +908,8 @@ async fn read_model(
     }
     let (bytes, permit) = buf.into_parts();
     let bytes = Bytes::from(bytes);
-    let model = model_of(&bytes);
-    Ok(ModelRead::Read(bytes, model, permit))
+    let asked = asked_of(&bytes);
+    Ok(ModelRead::Read(bytes, asked, permit))
 }
 
 /// The top-level `"model"` string of a JSON object body. There is none where readers could
@@ -903,36 +917,69 @@ async fn read_model(
 /// `model` twice or not as a string, or has another key that equals `model` but for case
 /// (Go's and .NET's decoders match keys regardless of case, the last one winning).
 pub fn model_of(body: &[u8]) -> Option<String> {
-    struct Model;
-    impl<'de> serde::de::Visitor<'de> for Model {
-        type Value = Option<String>;
+    asked_of(body).model
+}
+
+/// What a request body asks of a model: which one (see [`model_of`]), and the most output
+/// tokens it asked for, if it said.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Asked {
+    pub model: Option<String>,
+    pub max_output: Option<u64>,
+}
+
+/// The keys under which each API takes the most output tokens: OpenAI's chat completions
+/// (`max_tokens`, `max_completion_tokens`), the Responses API, Anthropic (`max_tokens`), and
+/// Gemini's `generationConfig.maxOutputTokens`.
+const MAX_OUTPUT_KEYS: [&str; 3] = ["max_tokens", "max_completion_tokens", "max_output_tokens"];
+
+pub fn asked_of(body: &[u8]) -> Asked {
+    struct Request;
+    impl<'de> serde::de::Visitor<'de> for Request {
+        type Value = Asked;
 
         fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.write_str("a JSON object")
         }
 
-        fn visit_map<A: serde::de::MapAccess<'de>>(
-            self,
-            mut map: A,
-        ) -> Result<Option<String>, A::Error> {
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Asked, A::Error> {
             let mut model = None;
             let mut ambiguous = false;
+            // Where a limit is given more than once, or in several places, the largest counts.
+            let mut max_output: Option<u64> = None;
+            let mut most = |n: Option<u64>| max_output = max_output.max(n);
             while let Some(key) = map.next_key::<String>()? {
                 if key == "model" {
                     ambiguous |= model.is_some();
                     model = Some(map.next_value::<String>()?);
+                } else if MAX_OUTPUT_KEYS.contains(&key.as_str()) {
+                    most(map.next_value::<serde_json::Value>()?.as_u64());
+                } else if key == "generationConfig" {
+                    let config = map.next_value::<serde_json::Value>()?;
+                    most(
+                        config
+                            .get("maxOutputTokens")
+                            .and_then(serde_json::Value::as_u64),
+                    );
                 } else {
                     ambiguous |= key.eq_ignore_ascii_case("model");
                     map.next_value::<serde::de::IgnoredAny>()?;
                 }
             }
-            Ok(model.filter(|_| !ambiguous))
+            Ok(Asked {
+                model: model.filter(|_| !ambiguous),
+                max_output,
+            })
         }
     }
     let mut de = serde_json::Deserializer::from_slice(body);
-    let model = serde::Deserializer::deserialize_map(&mut de, Model).ok()?;
-    de.end().ok()?;
-    model
+    let Ok(asked) = serde::Deserializer::deserialize_map(&mut de, Request) else {
+        return Asked::default();
+    };
+    if de.end().is_err() {
+        return Asked::default();
+    }
+    asked
 }
 
 /// Replaces every form of the secret in response header values (a redirect's Location may
@@ -1088,6 +1135,30 @@ mod tests {
             Some("/api/items/?key=********")
         );
         assert_eq!(h.get("x-ok").and_then(|v| v.to_str().ok()), Some("fine"));
+    }
+
+    #[test]
+    fn the_most_output_asked_is_read_where_each_api_puts_it() {
+        for (body, want) in [
+            (r#"{"model":"m","max_tokens":100}"#, Some(100)),
+            (r#"{"model":"m","max_completion_tokens":50}"#, Some(50)),
+            (r#"{"model":"m","max_output_tokens":70}"#, Some(70)),
+            (
+                r#"{"model":"m","generationConfig":{"maxOutputTokens":30}}"#,
+                Some(30),
+            ),
+            // Given twice, or in two places, the largest.
+            (r#"{"max_tokens":10,"max_tokens":90,"model":"m"}"#, Some(90)),
+            (r#"{"max_tokens":10,"max_completion_tokens":20}"#, Some(20)),
+            (r#"{"model":"m","max_tokens":"100"}"#, None),
+            (r#"{"model":"m","max_tokens":-1}"#, None),
+            (r#"{"model":"m","messages":[{"max_tokens":5}]}"#, None),
+            (r#"{"model":"m","max_tokens":5} x"#, None),
+        ] {
+            assert_eq!(asked_of(body.as_bytes()).max_output, want, "{body}");
+        }
+        let asked = asked_of(br#"{"max_tokens":64,"model":"claude-x"}"#);
+        assert_eq!(asked.model.as_deref(), Some("claude-x"));
     }
 
     #[test]

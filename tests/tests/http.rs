@@ -1566,12 +1566,17 @@ fn a_spent_budget_refuses_until_it_refills() {
         );
     }
 
-    // Tokens: 100 an hour. Each answer counts the request's bytes in and 7 out (67 here),
-    // charged when it ends: the second request is let in with 33 left and puts the rule in
-    // debt, so the third waits until 1 token is back (35 at 100 an hour: 1,260 s).
+    // Tokens: 100 an hour (one back every 36 s). Each answer counts the request's bytes in
+    // and 7 out (67 here), charged when it ends; at admission a request reserves a token per
+    // 4 bytes it sends (15 here) plus the most output it asks for, and is let in only while
+    // that many are left.
     let body = r#"{"model":"gpt-4o-mini","input":"count my tokens, please!!!"}"#;
-    assert_eq!(body.len() + 7, 67);
-    let ask = || {
+    assert_eq!((body.len() + 7, body.len().div_ceil(4)), (67, 15));
+    // Asks for up to 40 output tokens: 21 + 40 = 61 to reserve.
+    let greedy =
+        r#"{"model":"gpt-4o-mini","input":"count my tokens, please!!!","max_output_tokens":40}"#;
+    assert_eq!(greedy.len().div_ceil(4), 21);
+    let ask = |body: &str| {
         let (out, err) = curl(
             &s.agent,
             &[
@@ -1594,9 +1599,7 @@ fn a_spent_budget_refuses_until_it_refills() {
             .unwrap_or_else(|| panic!("{out} {err}"));
         (status.to_owned(), out)
     };
-    for n in 1..=2 {
-        let (status, out) = ask();
-        assert_eq!(status, "200", "answer {n}: {out}");
+    let answered = |n: usize| {
         // Its record is written after the charge: the next request sees it.
         tollgate_tests::wait_for(10, "the answer's record", || {
             (env.records()
@@ -1606,21 +1609,38 @@ fn a_spent_budget_refuses_until_it_refills() {
                 == n)
                 .then_some(())
         });
-    }
-    let (status, out) = ask();
+    };
+    let refused_for = |out: &str| -> u64 {
+        assert!(out.contains("\"reason\":\"budget_exhausted\""), "{out}");
+        out.to_ascii_lowercase()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("retry-after:")
+                    .map(|v| v.trim().parse().unwrap_or(0))
+            })
+            .unwrap_or(0)
+    };
+    let (status, out) = ask(body);
+    assert_eq!(status, "200", "answer 1: {out}");
+    answered(1);
+    // 33 left: the greedy request waits for the 28 more it needs (1,008 s); the plain one fits.
+    let (status, out) = ask(greedy);
     assert_eq!(status, "429", "{out}");
-    assert!(out.contains("\"reason\":\"budget_exhausted\""), "{out}");
-    let retry: u64 = out
-        .to_ascii_lowercase()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("retry-after:")
-                .map(|v| v.trim().parse().unwrap_or(0))
-        })
-        .unwrap_or(0);
+    let retry = refused_for(&out);
     assert!(
-        (1250..=1262).contains(&retry),
-        "35 tokens at 100 an hour: {retry}"
+        (998..=1009).contains(&retry),
+        "28 tokens at 100 an hour: {retry}"
+    );
+    let (status, out) = ask(body);
+    assert_eq!(status, "200", "answer 2: {out}");
+    answered(2);
+    // It used 67 of the 33: in debt by 34, the next waits until 15 are back (49 tokens: 1,764 s).
+    let (status, out) = ask(body);
+    assert_eq!(status, "429", "{out}");
+    let retry = refused_for(&out);
+    assert!(
+        (1754..=1765).contains(&retry),
+        "49 tokens at 100 an hour: {retry}"
     );
 }
 

@@ -957,6 +957,8 @@ fn move_high(fd: OwnedFd) -> std::io::Result<OwnedFd> {
     }
     // SAFETY: dup2 onto a descriptor this process does not use; the new one is owned here.
     let high = check(unsafe { libc::dup2(fd.as_raw_fd(), HIGH_FD) })?;
+    // Moved: the low descriptor closes.
+    drop(fd);
     // SAFETY: `high` was just made by dup2 and nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(high) })
 }
