@@ -32,22 +32,30 @@ pub struct Budget {
 
 impl Budget {
     /// The budget a request of a workload in `pod` and `cgroup` spends: the rule's or, with
-    /// `scope: workload`, that workload's own: its pod's (a pod cannot make pods), else that of
-    /// the cgroup directly below the policy's `cgroup` selector on its way (a workload cannot
-    /// make siblings there, so cgroups it makes inside its own spend its budget). A policy that
-    /// selects by unit or container names one workload already: its budget is that one's.
+    /// `scope: workload`, that workload's own. The workloads are the cgroups directly below the
+    /// policy's `cgroup` selector (a workload can make cgroups inside its own, which then spend
+    /// its budget, but not siblings of it), and pods where the selector is at or below the
+    /// Kubernetes hierarchy (a pod cannot make pods; a `kubepods` cgroup made inside a
+    /// workload's own names no pod here). A policy without a `cgroup` selector names one unit,
+    /// container or pod: its budget is that workload's.
     pub fn of(&self, pod: Option<&str>, cgroup: Option<&crate::cgroup::CgroupPath>) -> Budget {
         let mut budget = self.clone();
-        if !self.each_workload {
+        let (true, Some(within), Some(cgroup)) = (self.each_workload, &self.split_below, cgroup)
+        else {
             return budget;
-        }
-        let holder = match (pod, &self.split_below, cgroup) {
-            (Some(uid), _, _) => format!("pod:{uid}"),
-            (None, Some(within), Some(cgroup)) => match cgroup.below(within) {
+        };
+        let kube_depth = cgroup
+            .as_str()
+            .split('/')
+            .filter(|c| !c.is_empty())
+            .position(|c| c == "kubepods" || c == "kubepods.slice")
+            .map(|i| i + 1);
+        let holder = match (pod, kube_depth) {
+            (Some(uid), Some(depth)) if depth <= within.depth() => format!("pod:{uid}"),
+            _ => match cgroup.below(within) {
                 Some(below) => format!("cgroup:{below}"),
                 None => return budget,
             },
-            _ => return budget,
         };
         budget.key = format!("{}#{holder}", self.key);
         budget
@@ -121,21 +129,23 @@ impl Budgets {
     /// Lets a request through `budget` at `now` (spending one request, if requests are
     /// counted), or says how long until one would be: while no token is left, none is.
     pub fn admit(&self, budget: &Budget, now: Instant) -> Result<(), Duration> {
-        self.admit_reserving(budget, 0, now)
+        self.admit_reserving(budget, 0, now).map(|_| ())
     }
 
     /// As [`Budgets::admit`], and takes `reserve` tokens ahead of the answer (what the request
     /// sends and the most it asked to receive), so that requests in flight together cannot all
     /// be let in on what is left for one: it is let in only while that many are left (or the
-    /// whole budget, for a request larger than it), and its charge later gives back what the
-    /// answer did not use.
+    /// whole budget, for a request larger than it, which then takes the whole budget and no
+    /// more), and its charge later gives back what the answer did not use. Returns the tokens
+    /// taken.
     pub fn admit_reserving(
         &self,
         budget: &Budget,
         reserve: u64,
         now: Instant,
-    ) -> Result<(), Duration> {
+    ) -> Result<u64, Duration> {
         let mut buckets = self.lock();
+        let mut taken = 0;
         if let Some(requests) = budget.requests {
             let capacity = f64::from(requests);
             let b = bucket(&mut buckets, budget, false, capacity, now);
@@ -150,14 +160,15 @@ impl Budgets {
             if b.level < need {
                 return Err(b.wait(need, capacity, budget.per));
             }
-            b.level -= reserve as f64;
+            taken = reserve.min(tokens);
+            b.level -= taken as f64;
         }
         if budget.requests.is_some() {
             if let Some(b) = buckets.get_mut(&(budget.key.clone(), false)) {
                 b.level -= 1.0;
             }
         }
-        Ok(())
+        Ok(taken)
     }
 
     /// Gives back the request [`Budgets::admit`] spent, for one that never went out.
@@ -322,12 +333,38 @@ mod tests {
         for inside in ["/agents/a.service/x", "/agents/a.service/x/y.scope"] {
             assert_eq!(rule.of(None, Some(&path(inside))).key, a.key, "{inside}");
         }
+        // A `kubepods` cgroup made inside a workload's own names no pod: still a's budget.
         let pod = "0f3c2d4e-1111-2222-3333-444455556666";
+        let fake = format!("/agents/a.service/kubepods/pod{pod}");
+        assert_eq!(rule.of(Some(pod), Some(&path(&fake))).key, a.key);
+        // Selected at or below the Kubernetes hierarchy, each pod is a workload.
+        let kube = Budget {
+            split_below: Some(path("/kubepods.slice")),
+            ..rule.clone()
+        };
+        let in_pod = |uid: &str, ctr: &str| {
+            path(&format!(
+                "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/{ctr}",
+                uid.replace('-', "_")
+            ))
+        };
+        let other = "0f3c2d4e-1111-2222-3333-777777777777";
         assert_eq!(
-            rule.of(Some(pod), Some(&path("/agents/a.service"))).key,
-            rule.of(Some(pod), Some(&path("/agents/c.service"))).key
+            kube.of(Some(pod), Some(&in_pod(pod, "cri-containerd-a.scope")))
+                .key,
+            kube.of(Some(pod), Some(&in_pod(pod, "cri-containerd-b.scope")))
+                .key,
         );
-        assert_ne!(rule.of(Some(pod), None).key, a.key);
+        assert_ne!(
+            kube.of(Some(pod), Some(&in_pod(pod, "c.scope"))).key,
+            kube.of(Some(other), Some(&in_pod(other, "c.scope"))).key,
+        );
+        // A policy without a cgroup selector names one workload: the rule's budget.
+        let by_unit = Budget {
+            split_below: None,
+            ..rule.clone()
+        };
+        assert_eq!(by_unit.of(Some(pod), Some(&path(&fake))).key, by_unit.key);
         for _ in 0..2 {
             assert_eq!(budgets.admit(&a, t0), Ok(()));
         }
@@ -409,7 +446,7 @@ mod tests {
         // (200 s at a token a second), and is not let in on the 200 left.
         let charges: Vec<TokenCharge> = (0..2)
             .map(|_| {
-                assert_eq!(budgets.admit_reserving(&b, 400, t0), Ok(()));
+                assert_eq!(budgets.admit_reserving(&b, 400, t0), Ok(400));
                 TokenCharge::new(Arc::clone(&budgets), b.clone(), Arc::clone(&sent), 400)
             })
             .collect();
@@ -419,21 +456,31 @@ mod tests {
         for c in charges {
             c.settle(100);
         }
-        assert_eq!(budgets.admit_reserving(&b, 400, t0), Ok(()));
-        // A request larger than the whole budget is let in on a full bucket, into debt.
+        assert_eq!(budgets.admit_reserving(&b, 400, t0), Ok(400));
+        // A request larger than the whole budget is let in on a full bucket and takes the whole
+        // budget, no more: a wait for the rest is never longer than the period, and what it
+        // gives back leaves the bucket as it should.
         let fresh = Budget {
             key: "p.yaml#big".into(),
             ..b.clone()
         };
-        assert_eq!(budgets.admit_reserving(&fresh, 5000, t0), Ok(()));
-        assert!(budgets.admit_reserving(&fresh, 1, t0).is_err());
+        assert_eq!(budgets.admit_reserving(&fresh, u64::MAX, t0), Ok(1000));
+        let wait = budgets
+            .admit_reserving(&fresh, 1, t0)
+            .expect_err("all taken");
+        assert_eq!(wait.as_secs(), 1);
+        budgets.settle(&fresh, 500, 1000, t0);
+        assert_eq!(
+            budgets.lock()[&("p.yaml#big".to_owned(), true)].level,
+            500.0
+        );
         // A request refused for its requests budget takes no tokens.
         let both = Budget {
             requests: Some(1),
             key: "p.yaml#both".into(),
             ..b.clone()
         };
-        assert_eq!(budgets.admit_reserving(&both, 10, t0), Ok(()));
+        assert_eq!(budgets.admit_reserving(&both, 10, t0), Ok(10));
         assert!(budgets.admit_reserving(&both, 10, t0).is_err());
         let tokens_left = budgets.lock()[&("p.yaml#both".to_owned(), true)].level;
         assert_eq!(tokens_left, 990.0);

@@ -672,7 +672,7 @@ async fn decide_and_forward(
             .budgets
             .admit_reserving(budget, reserve, Instant::now())
         {
-            Ok(()) => admitted = Some(budget),
+            Ok(taken) => admitted = Some((budget, taken)),
             Err(_) if budget.monitor => {
                 record.reason = "monitor:budget_exhausted".into();
                 verdict = Verdict::WouldDeny;
@@ -687,7 +687,7 @@ async fn decide_and_forward(
             Arc::clone(&conn.gateway.budgets),
             budget,
             Arc::clone(sent),
-            if admitted.is_some() { reserve } else { 0 },
+            admitted.map_or(0, |(_, taken)| taken),
         )
     });
     let body = match body {
@@ -740,7 +740,7 @@ async fn decide_and_forward(
         Err(e) => {
             record.decision = Verdict::Error;
             let (status, reason) = if matches!(e, crate::upstream::UpstreamError::InternalOnly(_)) {
-                if let Some(budget) = admitted {
+                if let Some((budget, _)) = admitted {
                     conn.gateway.budgets.refund(budget, Instant::now());
                 }
                 // The name resolved only to internal addresses and the rule does not allow
@@ -921,17 +921,133 @@ pub fn model_of(body: &[u8]) -> Option<String> {
 }
 
 /// What a request body asks of a model: which one (see [`model_of`]), and the most output
-/// tokens it asked for, if it said.
+/// tokens it may cost, if it said.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Asked {
     pub model: Option<String>,
     pub max_output: Option<u64>,
 }
 
-/// The keys under which each API takes the most output tokens: OpenAI's chat completions
-/// (`max_tokens`, `max_completion_tokens`), the Responses API, Anthropic (`max_tokens`), and
-/// Gemini's `generationConfig.maxOutputTokens`.
-const MAX_OUTPUT_KEYS: [&str; 3] = ["max_tokens", "max_completion_tokens", "max_output_tokens"];
+/// The most output and the number of answers a JSON object asks for, each the largest of every
+/// key that says it. Keys are compared as the APIs' decoders may read them: regardless of case
+/// and of underscores (protobuf JSON takes both `maxOutputTokens` and `max_output_tokens`).
+#[derive(Debug, Default)]
+struct Limits {
+    max_output: Option<u64>,
+    answers: Option<u64>,
+}
+
+impl Limits {
+    /// Reads `key`'s value from `map` if it is a limit; `false` if the key is none.
+    fn read<'de, A: serde::de::MapAccess<'de>>(
+        &mut self,
+        key: &str,
+        map: &mut A,
+    ) -> Result<bool, A::Error> {
+        let folded: String = key
+            .chars()
+            .filter(|c| *c != '_')
+            .map(|c| c.to_ascii_lowercase())
+            .collect();
+        let slot = match folded.as_str() {
+            // OpenAI's chat completions and Anthropic; OpenAI's newer name; the Responses API
+            // and Gemini.
+            "maxtokens" | "maxcompletiontokens" | "maxoutputtokens" => &mut self.max_output,
+            // OpenAI's `n`, Gemini's `candidateCount`: each answer may use the most.
+            "n" | "candidatecount" => &mut self.answers,
+            "generationconfig" => {
+                let inner = map.next_value::<Nested>()?.0;
+                self.max_output = self.max_output.max(inner.max_output);
+                self.answers = self.answers.max(inner.answers);
+                return Ok(true);
+            }
+            _ => return Ok(false),
+        };
+        let value = map.next_value::<serde_json::Value>()?;
+        *slot = (*slot).max(limit(&value));
+        Ok(true)
+    }
+
+    fn most(&self) -> Option<u64> {
+        self.max_output
+            .map(|m| m.saturating_mul(self.answers.unwrap_or(1).max(1)))
+    }
+}
+
+/// A limit's value: a count, also written as an integral float or a numeric string (decoders
+/// take those), rounded up; `null` says nothing; anything else states a limit that cannot be
+/// read, taken as the most there is.
+fn limit(value: &serde_json::Value) -> Option<u64> {
+    let float = match value {
+        serde_json::Value::Null => return None,
+        serde_json::Value::Number(n) => n.as_u64().map(|n| n as f64).or(n.as_f64()),
+        serde_json::Value::String(s) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    };
+    Some(match float {
+        Some(f) if f.is_finite() && f >= 0.0 => {
+            if f >= u64::MAX as f64 {
+                u64::MAX
+            } else {
+                f.ceil() as u64
+            }
+        }
+        _ => u64::MAX,
+    })
+}
+
+/// A nested configuration object's limits (anything other than an object has none).
+struct Nested(Limits);
+
+impl<'de> serde::Deserialize<'de> for Nested {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Nested;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Nested, A::Error> {
+                let mut limits = Limits::default();
+                while let Some(key) = map.next_key::<String>()? {
+                    if !limits.read(&key, &mut map)? {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(Nested(limits))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Nested, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Nested(Limits::default()))
+            }
+            fn visit_unit<E>(self) -> Result<Nested, E> {
+                Ok(Nested(Limits::default()))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Nested, E> {
+                Ok(Nested(Limits::default()))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Nested, E> {
+                Ok(Nested(Limits::default()))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Nested, E> {
+                Ok(Nested(Limits::default()))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Nested, E> {
+                Ok(Nested(Limits::default()))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Nested, E> {
+                Ok(Nested(Limits::default()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
 
 pub fn asked_of(body: &[u8]) -> Asked {
     struct Request;
@@ -945,30 +1061,19 @@ pub fn asked_of(body: &[u8]) -> Asked {
         fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Asked, A::Error> {
             let mut model = None;
             let mut ambiguous = false;
-            // Where a limit is given more than once, or in several places, the largest counts.
-            let mut max_output: Option<u64> = None;
-            let mut most = |n: Option<u64>| max_output = max_output.max(n);
+            let mut limits = Limits::default();
             while let Some(key) = map.next_key::<String>()? {
                 if key == "model" {
                     ambiguous |= model.is_some();
                     model = Some(map.next_value::<String>()?);
-                } else if MAX_OUTPUT_KEYS.contains(&key.as_str()) {
-                    most(map.next_value::<serde_json::Value>()?.as_u64());
-                } else if key == "generationConfig" {
-                    let config = map.next_value::<serde_json::Value>()?;
-                    most(
-                        config
-                            .get("maxOutputTokens")
-                            .and_then(serde_json::Value::as_u64),
-                    );
-                } else {
+                } else if !limits.read(&key, &mut map)? {
                     ambiguous |= key.eq_ignore_ascii_case("model");
                     map.next_value::<serde::de::IgnoredAny>()?;
                 }
             }
             Ok(Asked {
                 model: model.filter(|_| !ambiguous),
-                max_output,
+                max_output: limits.most(),
             })
         }
     }
@@ -1139,6 +1244,7 @@ mod tests {
 
     #[test]
     fn the_most_output_asked_is_read_where_each_api_puts_it() {
+        const ALL: Option<u64> = Some(u64::MAX);
         for (body, want) in [
             (r#"{"model":"m","max_tokens":100}"#, Some(100)),
             (r#"{"model":"m","max_completion_tokens":50}"#, Some(50)),
@@ -1147,17 +1253,43 @@ mod tests {
                 r#"{"model":"m","generationConfig":{"maxOutputTokens":30}}"#,
                 Some(30),
             ),
-            // Given twice, or in two places, the largest.
+            (
+                r#"{"model":"m","generation_config":{"max_output_tokens":"65536"}}"#,
+                Some(65536),
+            ),
+            // Given twice, in two places or in another case, the largest.
             (r#"{"max_tokens":10,"max_tokens":90,"model":"m"}"#, Some(90)),
             (r#"{"max_tokens":10,"max_completion_tokens":20}"#, Some(20)),
-            (r#"{"model":"m","max_tokens":"100"}"#, None),
-            (r#"{"model":"m","max_tokens":-1}"#, None),
+            (
+                r#"{"generationConfig":{"maxOutputTokens":9000,"maxOutputTokens":1}}"#,
+                Some(9000),
+            ),
+            (r#"{"max_tokens":10,"MAX_TOKENS":500}"#, Some(500)),
+            // Written as decoders also take them: rounded up.
+            (r#"{"max_tokens":1e5}"#, Some(100_000)),
+            (r#"{"max_tokens":100.5}"#, Some(101)),
+            (r#"{"max_tokens":"100"}"#, Some(100)),
+            // Several answers may each use the most.
+            (r#"{"max_tokens":100,"n":3}"#, Some(300)),
+            (
+                r#"{"generationConfig":{"maxOutputTokens":10,"candidateCount":4}}"#,
+                Some(40),
+            ),
+            // Stated but unreadable: the most there is.
+            (r#"{"max_tokens":-1}"#, ALL),
+            (r#"{"max_tokens":{"a":1}}"#, ALL),
+            (r#"{"max_tokens":"lots"}"#, ALL),
+            (r#"{"max_tokens":1e400}"#, None),
+            // Not stated.
+            (r#"{"model":"m","max_tokens":null}"#, None),
+            (r#"{"model":"m","n":5}"#, None),
             (r#"{"model":"m","messages":[{"max_tokens":5}]}"#, None),
+            (r#"{"model":"m","generationConfig":[1,2]}"#, None),
             (r#"{"model":"m","max_tokens":5} x"#, None),
         ] {
             assert_eq!(asked_of(body.as_bytes()).max_output, want, "{body}");
         }
-        let asked = asked_of(br#"{"max_tokens":64,"model":"claude-x"}"#);
+        let asked = asked_of(br#"{"max_tokens":64,"model":"claude-x","generationConfig":7}"#);
         assert_eq!(asked.model.as_deref(), Some("claude-x"));
     }
 
