@@ -609,9 +609,10 @@ pub fn raise_fd_limit() {
 /// Runs the daemon until SIGTERM/SIGINT. Pins stay: enforcement outlives the process.
 pub fn run(config: &Config, ready_file: Option<&Path>) -> Result<(), RunError> {
     let pre = preflight(config)?;
+    // Taken before anything on the host changes: a second instance stops here.
+    let _lock = lock(config)?;
     ensure_bpffs(config)?;
     ensure_tracefs(config)?;
-    let _lock = lock(config)?;
     let gateway_cgroup_id = enter_gateway_cgroup(config, &pre.cgroup_mount)?;
     let audit = AuditLog::open(&config.audit_log)?;
     let _written_before_exit = crate::audit::FlushOnDrop(audit.clone());

@@ -230,6 +230,8 @@ pub struct UsageReader {
     skipping_event: bool,
     /// The last byte fed ended a line with a CR: an LF that comes next belongs to it.
     after_cr: bool,
+    /// No line has ended yet (the stream's first may begin with a byte order mark).
+    first_line: bool,
     tokens: Tokens,
 }
 
@@ -256,6 +258,7 @@ impl UsageReader {
             skipping: false,
             skipping_event: false,
             after_cr: false,
+            first_line: true,
             tokens: Tokens::default(),
         })
     }
@@ -269,6 +272,9 @@ impl UsageReader {
             return;
         }
         // Lines end with CRLF, LF or CR (the event stream format allows each).
+        if data.is_empty() {
+            return;
+        }
         if std::mem::take(&mut self.after_cr) {
             data = data.strip_prefix(b"\n").unwrap_or(data);
         }
@@ -307,6 +313,11 @@ impl UsageReader {
             tail
         } else {
             self.buf.as_slice()
+        };
+        let line = if std::mem::take(&mut self.first_line) {
+            line.strip_prefix("\u{feff}".as_bytes()).unwrap_or(line)
+        } else {
+            line
         };
         match line {
             // A blank line dispatches the event.
@@ -454,6 +465,15 @@ mod tests {
                 );
             }
         }
+        // A byte order mark before the first line; an empty chunk between a CR and its LF.
+        let marked = format!("\u{feff}{split}").replace('\n', "\r\n");
+        assert_eq!(read("text/event-stream", &marked, 1), tokens(3, 15));
+        let mut r = reader("text/event-stream").expect("reader");
+        for chunk in marked.as_bytes().split_inclusive(|&b| b == b'\r') {
+            r.feed(chunk);
+            r.feed(b"");
+        }
+        assert_eq!(r.finish(), tokens(3, 15));
         // A data line past the most leaves its event unread; the next event is read.
         let long = format!(
             "data: {{\"usage\":{{\"prompt_tokens\":9,\"completion_tokens\":9}},\ndata: \"pad\":\"{}\"}}\n\ndata: {{\"usage\":{{\"prompt_tokens\":1,\"completion_tokens\":2}}}}\n\n",

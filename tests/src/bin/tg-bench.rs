@@ -701,9 +701,10 @@ fn start_nginx(
 
 /// The latency goal alone: kept-alive (or, with `keepalive` false, a new connection per
 /// request) at 1,000 requests/s in interleaved rounds: direct, then Tollgate, Tollgate on a
-/// rule that limits models (the body's model and the answer's usage read), and nginx, in an
-/// order that rotates each round, so drift on a noisy machine falls on all alike and none
-/// always follows another. The median of the rounds' added percentiles.
+/// rule that limits models (the body's model and the answer's usage read), and nginx, in each
+/// of their six orders once, so drift on a noisy machine falls on all alike and each runs
+/// first, second and last as often, after each of the others. The median of the rounds' added
+/// percentiles.
 fn goal_section(
     env: &TestEnv,
     app: &Path,
@@ -712,14 +713,23 @@ fn goal_section(
     ports: Ports,
     keepalive: bool,
 ) -> String {
-    const ROUNDS: usize = 5;
+    /// Every order of the three contenders, one per round.
+    const ORDERS: [[usize; 3]; 6] = [
+        [0, 1, 2],
+        [1, 2, 0],
+        [2, 0, 1],
+        [0, 2, 1],
+        [2, 1, 0],
+        [1, 0, 2],
+    ];
+    const ROUNDS: usize = ORDERS.len();
     const RATE: u64 = 1000;
     const SECS: u64 = 5;
     let local = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
     let nginx_port = tollgate_tests::free_port();
     let mut nginx = start_nginx(&env.dir, "nginx", nginx_port, upstream.tls, true);
     // Name, target, the client's cgroup, and the process whose CPU is counted.
-    let contenders: Vec<(&str, SocketAddr, Option<&Path>, Option<i32>)> = vec![
+    let contenders: [(&str, SocketAddr, Option<&Path>, Option<i32>); 3] = [
         ("Tollgate", local(ports.api), Some(app), Some(daemon.pid())),
         (
             "Tollgate, models rule",
@@ -751,8 +761,7 @@ fn goal_section(
     for round in 1..=ROUNDS {
         let direct = http_load(None, upstream.plain, RATE, SECS, keepalive);
         let mut results: Vec<Option<Value>> = vec![None; contenders.len()];
-        for k in 0..contenders.len() {
-            let i = (k + round - 1) % contenders.len();
+        for i in ORDERS[round - 1] {
             let (_, target, cgroup, pid) = contenders[i];
             let Some(pid) = pid else { continue };
             let before = tollgate_tests::peers::tree_cpu_ns(&[pid]);
@@ -785,10 +794,14 @@ fn goal_section(
         rows.push_str(&format!("| {round} | {} |\n", cells.join(" | ")));
     }
     stop_nginx(nginx.as_mut());
+    // Of an even number of rounds, the mean of the middle two.
+    let middle = |mut v: Vec<f64>| -> Option<f64> {
+        v.sort_unstable_by(f64::total_cmp);
+        let n = v.len();
+        (n > 0).then(|| (v[(n - 1) / 2] + v[n / 2]) / 2.0)
+    };
     let median_of = |runs: &[[i64; 3]], k: usize| {
-        let mut v: Vec<i64> = runs.iter().map(|a| a[k]).collect();
-        v.sort_unstable();
-        v.get(v.len() / 2).copied()
+        middle(runs.iter().map(|a| a[k] as f64).collect()).map(|m| m.round() as i64)
     };
     let summary = |runs: &[[i64; 3]]| match median_of(runs, 0) {
         Some(p50) => format!(
@@ -799,11 +812,8 @@ fn goal_section(
         None => "not installed".into(),
     };
     let cpu_median = |runs: &mut Vec<u64>| {
-        runs.sort_unstable();
-        runs.get(runs.len() / 2)
-            .map_or("not installed".into(), |ns| {
-                format!("{:.1}", *ns as f64 / 1000.0)
-            })
+        middle(runs.iter().map(|&ns| ns as f64).collect())
+            .map_or("not installed".into(), |ns| format!("{:.1}", ns / 1000.0))
     };
     let (title, goal) = if keepalive {
         (
@@ -821,7 +831,7 @@ fn goal_section(
         .map(|(c, runs)| format!("{} {} µs", c.0, cpu_median(runs)))
         .collect();
     format!(
-        "## {title}, {RATE} requests/s\n\n{ROUNDS} interleaved rounds of {SECS} s each after a 1 s unmeasured warm-up of each, open loop, 1 KiB `POST /v1/chat/completions`, added µs against the same round's direct run. Each round runs direct first, then the others in an order that rotates by one each round. \"Tollgate, models rule\": the same request on a rule that lists models, so the gateway reads the body's model before it decides and the answer's usage as it passes.{goal}\n\n| round | direct p50 / p99 / p99.9 µs | {} |\n|---:|---|{}\n{rows}| median | | {} |\n\nCPU per request (user and system time of every thread of the daemon, and of nginx's master and workers, over their rounds; median of the rounds): {}.\n\n",
+        "## {title}, {RATE} requests/s\n\n{ROUNDS} interleaved rounds of {SECS} s each after a 1 s unmeasured warm-up of each, open loop, 1 KiB `POST /v1/chat/completions`, added µs against the same round's direct run. Each round runs direct first, then the others, in each of their six orders once. \"Tollgate, models rule\": the same request on a rule that lists models, so the gateway reads the body's model before it decides and the answer's usage as it passes.{goal}\n\n| round | direct p50 / p99 / p99.9 µs | {} |\n|---:|---|{}\n{rows}| median | | {} |\n\nCPU per request (user and system time of every thread of the daemon, and of nginx's master and workers, over their rounds; median of the rounds): {}.\n\n",
         names.iter().map(|n| format!("{n} added")).collect::<Vec<_>>().join(" | "),
         "---|".repeat(names.len()),
         medians.join(" | "),
