@@ -27,8 +27,10 @@ struct Cleanup {
     config: PathBuf,
     cgroups: Vec<PathBuf>,
     daemon: Option<Child>,
-    /// The daemon mounts bpffs at /sys/fs/bpf when missing; the demo unmounts what it caused.
+    /// The daemon mounts bpffs at /sys/fs/bpf, and tracefs at /sys/kernel/tracing, when
+    /// missing; the demo unmounts what it caused.
     unmount_bpffs: bool,
+    unmount_tracefs: bool,
 }
 
 impl Drop for Cleanup {
@@ -62,6 +64,9 @@ impl Drop for Cleanup {
         let _ = std::fs::remove_dir_all(&self.dir);
         if self.unmount_bpffs {
             let _ = nix::mount::umount("/sys/fs/bpf");
+        }
+        if self.unmount_tracefs {
+            let _ = nix::mount::umount("/sys/kernel/tracing");
         }
     }
 }
@@ -220,6 +225,8 @@ pub fn run() -> Result<()> {
     let config = crate::config::Config::parse(DEMO_CONFIG, "embedded demo config", &dir)?;
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
     let unmount_bpffs = !cgroup::is_mounted_at(&mountinfo, "bpf", Path::new("/sys/fs/bpf"));
+    let unmount_tracefs =
+        !cgroup::is_mounted_at(&mountinfo, "tracefs", Path::new("/sys/kernel/tracing"));
     // Everything the clients received, checked for the key at the end.
     let mut seen = Vec::new();
     let mut cleanup = Cleanup {
@@ -228,6 +235,7 @@ pub fn run() -> Result<()> {
         cgroups: Vec::new(),
         daemon: None,
         unmount_bpffs,
+        unmount_tracefs,
     };
     std::fs::write(&config_path, DEMO_CONFIG)?;
     std::fs::write(dir.join("policies/demo-app.yaml"), DEMO_POLICY)?;
