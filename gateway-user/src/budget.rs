@@ -28,6 +28,8 @@ pub struct Budget {
     /// The policy's `cgroup` selector: with `scope: workload`, each cgroup directly below it
     /// is a workload.
     pub split_below: Option<crate::cgroup::CgroupPath>,
+    /// The output tokens a request that states no limit reserves (`reserve_output`).
+    pub reserve_output: u64,
 }
 
 impl Budget {
@@ -290,6 +292,7 @@ mod tests {
             monitor: false,
             each_workload: false,
             split_below: None,
+            reserve_output: 0,
         }
     }
 
@@ -362,6 +365,7 @@ mod tests {
         // A policy without a cgroup selector names one workload: the rule's budget.
         let by_unit = Budget {
             split_below: None,
+            reserve_output: 0,
             ..rule.clone()
         };
         assert_eq!(by_unit.of(Some(pod), Some(&path(&fake))).key, by_unit.key);
@@ -440,6 +444,7 @@ mod tests {
             monitor: false,
             each_workload: false,
             split_below: None,
+            reserve_output: 0,
         };
         let sent = Arc::new(AtomicU64::new(0));
         // Three requests of up to 400 each: two fit, the third waits for the 200 more it needs
@@ -498,6 +503,7 @@ mod tests {
             monitor: false,
             each_workload: false,
             split_below: None,
+            reserve_output: 0,
         };
         assert_eq!(budgets.admit(&b, t0), Ok(()));
         // One answer used more than was left: in debt, nothing is admitted until it refills.
@@ -535,6 +541,7 @@ mod tests {
             monitor: false,
             each_workload: false,
             split_below: None,
+            reserve_output: 0,
         };
         budgets.charge(&b, u64::MAX, t0);
         let wait = budgets.admit(&b, t0).expect_err("deep in debt");

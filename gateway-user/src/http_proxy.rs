@@ -426,7 +426,7 @@ async fn decide_and_forward(
         )
     };
     // The body is read only where a rule limits models and nothing else decided first.
-    let mut reserve = 0;
+    let (mut reserve, mut max_output) = (0, None);
     let (decision, body) = match decide(Model::Unread) {
         RequestDecision::NeedsModel { policy, rule } => {
             let timeout = conn.gateway.config.client_header_timeout;
@@ -434,9 +434,8 @@ async fn decide_and_forward(
             let (body, model) = match read_model(body, &parts.headers, timeout, room).await {
                 Ok(ModelRead::Read(bytes, asked, permit)) => {
                     // A tokens budget reserves what the request sends and may receive.
-                    reserve = (bytes.len() as u64)
-                        .div_ceil(4)
-                        .saturating_add(asked.max_output.unwrap_or(0));
+                    reserve = (bytes.len() as u64).div_ceil(4);
+                    max_output = asked.max_output;
                     (RequestBody::Read(bytes, permit), asked.model)
                 }
                 Ok(ModelRead::Unreadable(body)) => (RequestBody::Streaming(body), None),
@@ -659,6 +658,13 @@ async fn decide_and_forward(
     };
     // Counted last, so a request refused for another reason spends nothing (one refused at
     // dial time gets its request back below).
+    // A request that states no most output reserves what the budget says for one.
+    let reserve = match &route.budget {
+        Some(b) if b.tokens.is_some() => {
+            reserve.saturating_add(max_output.unwrap_or(b.reserve_output))
+        }
+        _ => 0,
+    };
     let budget = route.budget.as_ref().map(|b| {
         b.of(
             conn.placement.pod.as_ref().map(|p| p.uid.as_str()),

@@ -108,6 +108,9 @@ struct RawBudget {
     /// `rule` (one budget for every workload the policy selects) or `workload` (one each).
     #[serde(default)]
     scope: Option<String>,
+    /// Output tokens a request that states no limit reserves (a tokens budget only).
+    #[serde(default)]
+    reserve_output: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1093,6 +1096,15 @@ pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
                         tokens: b.tokens,
                         per: crate::budget::Budget::parse_per(&b.per).map_err(&rule_err)?,
                         split_below: cgroup.clone(),
+                        reserve_output: match (b.reserve_output, b.tokens) {
+                            (Some(_), None) => return Err(rule_err(
+                                "`reserve_output` reserves tokens: give the budget `tokens`".into(),
+                            )),
+                            (Some(n), Some(tokens)) if n > tokens => return Err(rule_err(format!(
+                                "`reserve_output` {n} is more than the budget's {tokens} tokens: no request would fit"
+                            ))),
+                            (n, _) => n.unwrap_or(0),
+                        },
                         each_workload: match b.scope.as_deref() {
                             None | Some("rule") => false,
                             Some("workload") => true,
@@ -1700,6 +1712,14 @@ mod host_rules {
             ),
             ("budget: { requests: 5, per: 0s }", "use 1s to 31d"),
             ("budget: { requests: 5 }", "missing field `per`"),
+            (
+                "budget: { requests: 5, per: 1h, reserve_output: 10 }",
+                "`reserve_output` reserves tokens",
+            ),
+            (
+                "budget: { tokens: 5, per: 1h, reserve_output: 10 }\n      http:\n        - models: [\"*\"]",
+                "more than the budget's 5 tokens",
+            ),
             (
                 "budget: { requests: 5, per: 1h, scope: pod }",
                 "budget scope \"pod\": use `rule`",

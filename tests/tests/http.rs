@@ -47,7 +47,7 @@ spec:
           paths: [/v1/responses]
           models: [\"*\"]
       credential: openai-prod
-      budget: { tokens: 100, per: 1h }
+      budget: { tokens: 100, per: 1h, reserve_output: 10 }
     - name: maps
       match: { host: maps.example, port: 80 }
       upstream: { port: 443 }
@@ -1568,8 +1568,8 @@ fn a_spent_budget_refuses_until_it_refills() {
 
     // Tokens: 100 an hour (one back every 36 s). Each answer counts the request's bytes in
     // and 7 out (67 here), charged when it ends; at admission a request reserves a token per
-    // 4 bytes it sends (15 here) plus the most output it asks for, and is let in only while
-    // that many are left.
+    // 4 bytes it sends (15 here) plus the most output it asks for, or the rule's
+    // `reserve_output` (10) where it asks none, and is let in only while that many are left.
     let body = r#"{"model":"gpt-4o-mini","input":"count my tokens, please!!!"}"#;
     assert_eq!((body.len() + 7, body.len().div_ceil(4)), (67, 15));
     // Asks for up to 40 output tokens: 21 + 40 = 61 to reserve.
@@ -1623,7 +1623,8 @@ fn a_spent_budget_refuses_until_it_refills() {
     let (status, out) = ask(body);
     assert_eq!(status, "200", "answer 1: {out}");
     answered(1);
-    // 33 left: the greedy request waits for the 28 more it needs (1,008 s); the plain one fits.
+    // 100 - 25 + 25 - 67 = 33 left: the greedy request waits for the 28 more it needs
+    // (1,008 s); the plain one (25) fits.
     let (status, out) = ask(greedy);
     assert_eq!(status, "429", "{out}");
     let retry = refused_for(&out);
@@ -1634,13 +1635,13 @@ fn a_spent_budget_refuses_until_it_refills() {
     let (status, out) = ask(body);
     assert_eq!(status, "200", "answer 2: {out}");
     answered(2);
-    // It used 67 of the 33: in debt by 34, the next waits until 15 are back (49 tokens: 1,764 s).
+    // It used 67 of the 33: in debt by 34, the next waits until 25 are back (59 tokens: 2,124 s).
     let (status, out) = ask(body);
     assert_eq!(status, "429", "{out}");
     let retry = refused_for(&out);
     assert!(
-        (1754..=1765).contains(&retry),
-        "49 tokens at 100 an hour: {retry}"
+        (2114..=2125).contains(&retry),
+        "59 tokens at 100 an hour: {retry}"
     );
 }
 
