@@ -211,6 +211,34 @@ impl Budgets {
         });
     }
 
+    /// What is left of each bucket kept (those not kept are full), refilled to `now`, sorted:
+    /// `budget` (the key), `counts` (`requests` or `tokens`), `left` (below zero in debt),
+    /// `of`, `per_s`, and `full_in_s`.
+    pub fn left(&self, now: Instant) -> Vec<serde_json::Value> {
+        let mut buckets = self.lock();
+        let mut out: Vec<_> = buckets
+            .iter_mut()
+            .map(|((key, tokens), b)| {
+                let (capacity, per) = (b.capacity, b.per);
+                b.refill(capacity, per, now);
+                let full_in = b.wait(capacity, capacity, per);
+                (
+                    (key.clone(), *tokens),
+                    serde_json::json!({
+                        "budget": key,
+                        "counts": if *tokens { "tokens" } else { "requests" },
+                        "left": (b.level * 10.0).floor() / 10.0,
+                        "of": capacity,
+                        "per_s": per.as_secs(),
+                        "full_in_s": full_in.as_secs_f64().ceil(),
+                    }),
+                )
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.into_iter().map(|(_, v)| v).collect()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, bool), Bucket>> {
         self.buckets
             .lock()
@@ -393,6 +421,15 @@ mod tests {
         assert!(
             budgets.admit(&a, t0 + Duration::from_secs(31)).is_ok(),
             "a kept its refill"
+        );
+        let left = budgets.left(t0 + Duration::from_secs(31));
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert_eq!(left[0]["budget"], a.key.as_str());
+        assert_eq!(left[0]["counts"], "requests");
+        assert_eq!(left[0]["left"], 0.0, "one back at 30 s, spent at 31 s");
+        assert_eq!(
+            (left[0]["of"].as_f64(), left[0]["full_in_s"].as_f64()),
+            (Some(2.0), Some(59.0))
         );
         budgets.prune(t0 + Duration::from_secs(120));
         assert_eq!(budgets.lock().len(), 0);

@@ -34,6 +34,12 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// What is left of each budget the running daemon keeps (JSON, one object a bucket; a
+    /// budget not listed is full).
+    Budgets {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Remove every attachment and pin of this config's pin directory.
     Uninstall {
         #[arg(long, short)]
@@ -146,6 +152,19 @@ pub fn main() -> ExitCode {
                 println!("{v}");
                 ExitCode::SUCCESS
             }
+            Err(e) => fail(e),
+        },
+        Command::Budgets { config } => match load(&config)
+            .map_err(|e| e.to_string())
+            .and_then(|c| daemon::budgets(&c))
+        {
+            Ok(serde_json::Value::Array(buckets)) => {
+                for b in buckets {
+                    println!("{b}");
+                }
+                ExitCode::SUCCESS
+            }
+            Ok(other) => fail(format!("bad reply {other}")),
             Err(e) => fail(e),
         },
         Command::Uninstall { config } => match load(&config)

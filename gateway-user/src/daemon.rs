@@ -895,9 +895,9 @@ pub fn uninstall(config: &Config) -> Result<usize, RunError> {
     Ok(ebpf::uninstall(&config.pin_dir)?)
 }
 
-/// Asks the running daemon to serve the network namespace at `path` (what a CNI plugin does
-/// before a pod's containers start). Returns the namespace's cookie once its listener is up.
-pub fn register_netns(config: &Config, path: &Path) -> Result<u64, String> {
+/// Sends one request line to the running daemon's admin socket and returns what follows `ok`
+/// in its reply.
+fn ask_daemon(config: &Config, request: &str) -> Result<String, String> {
     use std::io::{BufRead, BufReader};
     let admin = runtime_path(config, "sock");
     let mut stream = std::os::unix::net::UnixStream::connect(&admin).map_err(|e| {
@@ -906,14 +906,28 @@ pub fn register_netns(config: &Config, path: &Path) -> Result<u64, String> {
             admin.display()
         )
     })?;
-    writeln!(stream, "netns-add {}", path.display()).map_err(|e| e.to_string())?;
+    writeln!(stream, "{request}").map_err(|e| e.to_string())?;
     let mut line = String::new();
     BufReader::new(stream)
         .read_line(&mut line)
         .map_err(|e| e.to_string())?;
-    match line.trim().split_once(' ') {
-        Some(("ok", cookie)) => cookie.parse().map_err(|_| format!("bad reply {line:?}")),
-        Some(("error", msg)) => Err(format!("{}: {msg}", path.display())),
+    match line.trim_end().split_once(' ') {
+        Some(("ok", rest)) => Ok(rest.to_owned()),
+        Some(("error", msg)) => Err(msg.to_owned()),
         _ => Err(format!("bad reply {line:?}")),
     }
+}
+
+/// What is left of each budget the running daemon keeps, as JSON.
+pub fn budgets(config: &Config) -> Result<serde_json::Value, String> {
+    let reply = ask_daemon(config, "budgets")?;
+    serde_json::from_str(&reply).map_err(|e| format!("bad reply {reply:?}: {e}"))
+}
+
+/// Asks the running daemon to serve the network namespace at `path` (what a CNI plugin does
+/// before a pod's containers start). Returns the namespace's cookie once its listener is up.
+pub fn register_netns(config: &Config, path: &Path) -> Result<u64, String> {
+    let cookie = ask_daemon(config, &format!("netns-add {}", path.display()))
+        .map_err(|msg| format!("{}: {msg}", path.display()))?;
+    cookie.parse().map_err(|_| format!("bad reply {cookie:?}"))
 }

@@ -227,6 +227,10 @@ impl Namespaces {
                     return;
                 }
                 let reply = match line.trim().split_once(' ') {
+                    None if line.trim() == "budgets" => {
+                        let left = me.gateway.budgets.left(std::time::Instant::now());
+                        format!("ok {}\n", serde_json::Value::Array(left))
+                    }
                     Some(("netns-add", path)) => {
                         let path = PathBuf::from(path);
                         let result = tokio::task::spawn_blocking(move || {
@@ -239,7 +243,8 @@ impl Namespaces {
                             Err(e) => format!("error {e}\n"),
                         }
                     }
-                    _ => "error unknown request; expected `netns-add <path>`\n".to_owned(),
+                    _ => "error unknown request; expected `netns-add <path>` or `budgets`\n"
+                        .to_owned(),
                 };
                 let _ = write.write_all(reply.as_bytes()).await;
             });

@@ -1565,6 +1565,30 @@ fn a_spent_budget_refuses_until_it_refills() {
             "{who}"
         );
     }
+    // `tollgate budgets` shows what is left of each: the rule's spent 3 and each agent's 2.
+    let out = env.tollgate(&["budgets"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    let left: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let of = |suffix: &str| {
+        left.iter()
+            .find(|b| b["budget"].as_str().is_some_and(|k| k.ends_with(suffix)))
+            .unwrap_or_else(|| panic!("{suffix} in {text}"))
+    };
+    let rule = of("#budgeted#api.openai.com:8080");
+    assert_eq!(
+        (rule["counts"].as_str(), rule["of"].as_f64()),
+        (Some("requests"), Some(3.0))
+    );
+    assert!(rule["left"].as_f64().is_some_and(|l| l < 1.0), "{rule}");
+    for who in ["a", "b"] {
+        let b = of(&format!("#cgroup:{}/team/{who}.service", env.root_rel()));
+        assert_eq!(b["of"].as_f64(), Some(2.0), "{b}");
+        assert!(b["left"].as_f64().is_some_and(|l| l < 1.0), "{b}");
+    }
 
     // Tokens: 100 an hour (one back every 36 s). Each answer counts the request's bytes in
     // and 7 out (67 here), charged when it ends; at admission a request reserves a token per
