@@ -656,9 +656,8 @@ async fn decide_and_forward(
         host: host.clone(),
         port: route.upstream_port,
     };
-    // Counted last, so a request refused for another reason spends nothing (one refused at
-    // dial time gets its request back below).
-    // A request that states no most output reserves what the budget says for one.
+    // A tokens budget reserves what the request sends and the most output it asks for, or,
+    // where it asks none, what the budget says for one.
     let reserve = match &route.budget {
         Some(b) if b.tokens.is_some() => {
             reserve.saturating_add(max_output.unwrap_or(b.reserve_output))
@@ -671,6 +670,8 @@ async fn decide_and_forward(
             conn.workload.cgroup.as_ref(),
         )
     });
+    // Counted last, so a request refused for another reason spends nothing (one refused at
+    // dial time gets its request back below).
     let mut admitted = None;
     if let (Some(budget), Verdict::Allow) = (&budget, verdict) {
         match conn
