@@ -38,8 +38,9 @@ enum Task {
     /// Setup, build (release), then measure capture costs; writes target/bench/report.md.
     Bench {
         /// Only this part of the report: `capture` (connect, programs, identity), `http`
-        /// (which ends with the goal part), `goal` (the latency goal alone: direct, Tollgate
-        /// and nginx at 1,000 kept-alive requests/s in interleaved rounds), `goal-new` (the
+        /// (which ends with the goal part), `goal` (the latency goal alone: direct, then
+        /// Tollgate, Tollgate on a rule that lists models, and nginx in each of their orders,
+        /// at 1,000 kept-alive requests/s in six interleaved rounds), `goal-new` (the
         /// same rounds with a new connection per request), or `policy`
         /// (policy decision time, criterion; needs neither root nor the kernel side).
         #[arg(long)]
