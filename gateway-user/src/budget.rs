@@ -23,11 +23,10 @@ pub struct Budget {
     pub key: String,
     /// The policy is in monitor mode: an exhausted budget is audited, not enforced.
     pub monitor: bool,
-    /// Each workload has a budget of its own (`scope: workload`), else all share one.
-    pub each_workload: bool,
-    /// The policy's `cgroup` selector: with `scope: workload`, each cgroup directly below it
-    /// is a workload.
-    pub split_below: Option<crate::cgroup::CgroupPath>,
+    /// With `scope: workload` in a policy that selects a `cgroup`, that cgroup: each cgroup
+    /// directly below it (or each pod) has a budget of its own. Otherwise all share one (a
+    /// policy without a `cgroup` selector names one workload).
+    pub workloads_below: Option<crate::cgroup::CgroupPath>,
     /// The output tokens a request that states no limit reserves (`reserve_output`).
     pub reserve_output: u64,
 }
@@ -38,22 +37,18 @@ impl Budget {
     /// policy's `cgroup` selector (a workload can make cgroups inside its own, which then spend
     /// its budget, but not siblings of it), and pods where the selector is at or below the
     /// Kubernetes hierarchy (a pod cannot make pods; a `kubepods` cgroup made inside a
-    /// workload's own names no pod here). A policy without a `cgroup` selector names one unit,
-    /// container or pod: its budget is that workload's.
-    pub fn of(&self, pod: Option<&str>, cgroup: Option<&crate::cgroup::CgroupPath>) -> Budget {
+    /// workload's own names no pod here).
+    pub fn of(
+        &self,
+        pod: Option<&crate::container::Pod>,
+        cgroup: Option<&crate::cgroup::CgroupPath>,
+    ) -> Budget {
         let mut budget = self.clone();
-        let (true, Some(within), Some(cgroup)) = (self.each_workload, &self.split_below, cgroup)
-        else {
+        let (Some(within), Some(cgroup)) = (&self.workloads_below, cgroup) else {
             return budget;
         };
-        let kube_depth = cgroup
-            .as_str()
-            .split('/')
-            .filter(|c| !c.is_empty())
-            .position(|c| c == "kubepods" || c == "kubepods.slice")
-            .map(|i| i + 1);
-        let holder = match (pod, kube_depth) {
-            (Some(uid), Some(depth)) if depth <= within.depth() => format!("pod:{uid}"),
+        let holder = match pod {
+            Some(pod) if pod.hierarchy_depth <= within.depth() => format!("pod:{}", pod.uid),
             _ => match cgroup.below(within) {
                 Some(below) => format!("cgroup:{below}"),
                 None => return budget,
@@ -318,9 +313,19 @@ mod tests {
             per: Budget::parse_per(per).expect("per"),
             key: format!("p.yaml#{requests}{per}"),
             monitor: false,
-            each_workload: false,
-            split_below: None,
+            workloads_below: None,
             reserve_output: 0,
+        }
+    }
+
+    /// `tokens` per `per_secs`, no requests budget.
+    fn tokens_budget(tokens: u64, per_secs: u64, key: &str) -> Budget {
+        Budget {
+            requests: None,
+            tokens: Some(tokens),
+            per: Duration::from_secs(per_secs),
+            key: key.into(),
+            ..budget(1, "1s")
         }
     }
 
@@ -348,9 +353,17 @@ mod tests {
     #[test]
     fn each_workload_spends_its_own_share_and_full_buckets_are_forgotten() {
         let path = |s: &str| crate::cgroup::CgroupPath::parse(s).expect("path");
+        // The budget spent from the cgroup `at`, with the pod its path places it in.
+        let of = |budget: &Budget, at: &str| {
+            budget
+                .of(
+                    crate::container::placement(at).pod.as_ref(),
+                    Some(&path(at)),
+                )
+                .key
+        };
         let rule = Budget {
-            each_workload: true,
-            split_below: Some(path("/agents")),
+            workloads_below: Some(path("/agents")),
             ..budget(2, "1m")
         };
         let budgets = Budgets::default();
@@ -362,41 +375,43 @@ mod tests {
         assert_ne!(a.key, b.key);
         // Cgroups a workload makes inside its own spend its budget; a pod's containers, the pod's.
         for inside in ["/agents/a.service/x", "/agents/a.service/x/y.scope"] {
-            assert_eq!(rule.of(None, Some(&path(inside))).key, a.key, "{inside}");
+            assert_eq!(of(&rule, inside), a.key, "{inside}");
         }
         // A `kubepods` cgroup made inside a workload's own names no pod: still a's budget.
         let pod = "0f3c2d4e-1111-2222-3333-444455556666";
         let fake = format!("/agents/a.service/kubepods/pod{pod}");
-        assert_eq!(rule.of(Some(pod), Some(&path(&fake))).key, a.key);
+        assert!(
+            crate::container::placement(&fake).pod.is_some(),
+            "the path does name a pod"
+        );
+        assert_eq!(of(&rule, &fake), a.key);
         // Selected at or below the Kubernetes hierarchy, each pod is a workload.
         let kube = Budget {
-            split_below: Some(path("/kubepods.slice")),
+            workloads_below: Some(path("/kubepods.slice")),
             ..rule.clone()
         };
         let in_pod = |uid: &str, ctr: &str| {
-            path(&format!(
+            format!(
                 "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/{ctr}",
                 uid.replace('-', "_")
-            ))
+            )
         };
         let other = "0f3c2d4e-1111-2222-3333-777777777777";
         assert_eq!(
-            kube.of(Some(pod), Some(&in_pod(pod, "cri-containerd-a.scope")))
-                .key,
-            kube.of(Some(pod), Some(&in_pod(pod, "cri-containerd-b.scope")))
-                .key,
+            of(&kube, &in_pod(pod, "cri-containerd-a.scope")),
+            of(&kube, &in_pod(pod, "cri-containerd-b.scope")),
         );
         assert_ne!(
-            kube.of(Some(pod), Some(&in_pod(pod, "c.scope"))).key,
-            kube.of(Some(other), Some(&in_pod(other, "c.scope"))).key,
+            of(&kube, &in_pod(pod, "c.scope")),
+            of(&kube, &in_pod(other, "c.scope")),
         );
+        assert!(of(&kube, &in_pod(pod, "c.scope")).ends_with(&format!("#pod:{pod}")));
         // A policy without a cgroup selector names one workload: the rule's budget.
         let by_unit = Budget {
-            split_below: None,
-            reserve_output: 0,
+            workloads_below: None,
             ..rule.clone()
         };
-        assert_eq!(by_unit.of(Some(pod), Some(&path(&fake))).key, by_unit.key);
+        assert_eq!(of(&by_unit, &fake), by_unit.key);
         for _ in 0..2 {
             assert_eq!(budgets.admit(&a, t0), Ok(()));
         }
@@ -404,10 +419,7 @@ mod tests {
         assert_eq!(budgets.admit(&b, t0), Ok(()), "b still has its own");
         // Without the scope, both spend the rule's one bucket.
         let shared = budget(2, "1m");
-        assert_eq!(
-            shared.of(Some(pod), Some(&path("/agents/a.service"))).key,
-            shared.key
-        );
+        assert_eq!(of(&shared, "/agents/a.service"), shared.key);
         // Pruning keeps what is partly spent and forgets what has refilled.
         budgets.prune(t0 + Duration::from_secs(1));
         assert_eq!(budgets.lock().len(), 2);
@@ -473,16 +485,7 @@ mod tests {
     fn requests_in_flight_together_reserve_what_they_may_use() {
         let budgets = Arc::new(Budgets::default());
         let t0 = Instant::now();
-        let b = Budget {
-            requests: None,
-            tokens: Some(1000),
-            per: Duration::from_secs(1000),
-            key: "p.yaml#r".into(),
-            monitor: false,
-            each_workload: false,
-            split_below: None,
-            reserve_output: 0,
-        };
+        let b = tokens_budget(1000, 1000, "p.yaml#r");
         let sent = Arc::new(AtomicU64::new(0));
         // Three requests of up to 400 each: two fit, the third waits for the 200 more it needs
         // (200 s at a token a second), and is not let in on the 200 left.
@@ -534,13 +537,7 @@ mod tests {
         let t0 = Instant::now();
         let b = Budget {
             requests: Some(10),
-            tokens: Some(1000),
-            per: Duration::from_secs(100),
-            key: "p.yaml#0".into(),
-            monitor: false,
-            each_workload: false,
-            split_below: None,
-            reserve_output: 0,
+            ..tokens_budget(1000, 100, "p.yaml#0")
         };
         assert_eq!(budgets.admit(&b, t0), Ok(()));
         // One answer used more than was left: in debt, nothing is admitted until it refills.
@@ -570,16 +567,7 @@ mod tests {
     fn absurd_charges_neither_panic_nor_overflow_and_an_unsettled_request_pays_its_bytes() {
         let budgets = Arc::new(Budgets::default());
         let t0 = Instant::now();
-        let b = Budget {
-            requests: None,
-            tokens: Some(100),
-            per: Duration::from_secs(86_400),
-            key: "p.yaml#t".into(),
-            monitor: false,
-            each_workload: false,
-            split_below: None,
-            reserve_output: 0,
-        };
+        let b = tokens_budget(100, 86_400, "p.yaml#t");
         budgets.charge(&b, u64::MAX, t0);
         let wait = budgets.admit(&b, t0).expect_err("deep in debt");
         assert!(wait > Duration::from_secs(86_400 * 999), "{wait:?}");

@@ -18,6 +18,9 @@ pub struct Pod {
     pub uid: String,
     /// `guaranteed`, `burstable` or `besteffort`.
     pub qos: &'static str,
+    /// How deep the `kubepods` cgroup it lies under is (1: directly below the cgroup2 root).
+    #[serde(skip)]
+    pub hierarchy_depth: usize,
 }
 
 /// Container and pod found in a cgroup path.
@@ -105,7 +108,11 @@ pub fn placement(path: &str) -> Placement {
                     }
                 })
                 .unwrap_or("guaranteed");
-            out.pod = pod_uid_of(below[p]).map(|uid| Pod { uid, qos });
+            out.pod = pod_uid_of(below[p]).map(|uid| Pod {
+                uid,
+                qos,
+                hierarchy_depth: k + 1,
+            });
             if out.container.is_none() {
                 // A bare id below the pod: containerd or cri-o with the cgroupfs driver. The
                 // runtime is not in the name; "containerd" is the kubelet default.
@@ -150,6 +157,7 @@ mod tests {
         Some(Pod {
             uid: UID.into(),
             qos,
+            hierarchy_depth: 1,
         })
     }
 
@@ -212,7 +220,10 @@ mod tests {
             placement(&path),
             Placement {
                 container: c("containerd"),
-                pod: p("burstable")
+                pod: p("burstable").map(|p| Pod {
+                    hierarchy_depth: 2,
+                    ..p
+                })
             }
         );
     }

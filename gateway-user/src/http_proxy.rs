@@ -664,12 +664,10 @@ async fn decide_and_forward(
         }
         _ => 0,
     };
-    let budget = route.budget.as_ref().map(|b| {
-        b.of(
-            conn.placement.pod.as_ref().map(|p| p.uid.as_str()),
-            conn.workload.cgroup.as_ref(),
-        )
-    });
+    let budget = route
+        .budget
+        .as_ref()
+        .map(|b| b.of(conn.placement.pod.as_ref(), conn.workload.cgroup.as_ref()));
     // Counted last, so a request refused for another reason spends nothing (one refused at
     // dial time gets its request back below).
     let mut admitted = None;

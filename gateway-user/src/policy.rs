@@ -916,7 +916,7 @@ pub fn explain(
                         ", budget {} per {} s{} (not spent here)",
                         what.join(" and "),
                         b.per.as_secs(),
-                        if b.each_workload {
+                        if b.workloads_below.is_some() {
                             " for each workload"
                         } else {
                             ""
@@ -1095,7 +1095,6 @@ pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
                         requests: b.requests,
                         tokens: b.tokens,
                         per: crate::budget::Budget::parse_per(&b.per).map_err(&rule_err)?,
-                        split_below: cgroup.clone(),
                         reserve_output: match (b.reserve_output, b.tokens) {
                             (Some(_), None) => return Err(rule_err(
                                 "`reserve_output` reserves tokens: give the budget `tokens`".into(),
@@ -1105,9 +1104,9 @@ pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
                             ))),
                             (n, _) => n.unwrap_or(0),
                         },
-                        each_workload: match b.scope.as_deref() {
-                            None | Some("rule") => false,
-                            Some("workload") => true,
+                        workloads_below: match b.scope.as_deref() {
+                            None | Some("rule") => None,
+                            Some("workload") => cgroup.clone(),
                             Some(other) => return Err(rule_err(format!(
                                 "budget scope {other:?}: use `rule` (one budget shared by every workload the policy selects) or `workload` (one for each)"
                             ))),
@@ -1667,7 +1666,7 @@ mod host_rules {
                 b.tokens,
                 b.per.as_secs(),
                 b.monitor,
-                b.each_workload
+                b.workloads_below.is_some()
             ),
             (Some(100), None, 3600, false, false)
         );
@@ -1683,9 +1682,12 @@ mod host_rules {
             let RuleKind::Host(h) = &p.rules[1].kind else {
                 panic!("host rule")
             };
+            // The policy's cgroup is what the budget is split below.
             assert_eq!(
-                h.budget.as_ref().map(|b| b.each_workload),
-                Some(each),
+                h.budget
+                    .as_ref()
+                    .map(|b| b.workloads_below.as_ref().map(|c| c.as_str().to_owned())),
+                Some(each.then(|| "/agents".to_owned())),
                 "{scope}"
             );
         }

@@ -1479,17 +1479,11 @@ fn a_spent_budget_refuses_until_it_refills() {
     for i in 0..2 {
         let (status, out) = call(8080);
         assert_eq!(status, "429", "request {} is over the budget: {out}", i + 3);
-        let lower = out.to_ascii_lowercase();
-        let retry: u64 = lower
-            .lines()
-            .find_map(|l| l.strip_prefix("retry-after:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("a Retry-After: {out}"));
+        let retry = over_budget_retry_after(&out);
         assert!(
             (1..=1201).contains(&retry),
             "one request comes back every 20 min: {retry}"
         );
-        assert!(out.contains("\"reason\":\"budget_exhausted\""), "{out}");
         assert!(out.contains("\"rule\":\"budgeted\""), "{out}");
     }
     assert_eq!(
@@ -1634,16 +1628,6 @@ fn a_spent_budget_refuses_until_it_refills() {
                 .then_some(())
         });
     };
-    let refused_for = |out: &str| -> u64 {
-        assert!(out.contains("\"reason\":\"budget_exhausted\""), "{out}");
-        out.to_ascii_lowercase()
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("retry-after:")
-                    .map(|v| v.trim().parse().unwrap_or(0))
-            })
-            .unwrap_or(0)
-    };
     let (status, out) = ask(body);
     assert_eq!(status, "200", "answer 1: {out}");
     answered(1);
@@ -1651,7 +1635,7 @@ fn a_spent_budget_refuses_until_it_refills() {
     // (1,008 s); the plain one (25) fits.
     let (status, out) = ask(greedy);
     assert_eq!(status, "429", "{out}");
-    let retry = refused_for(&out);
+    let retry = over_budget_retry_after(&out);
     assert!(
         (998..=1009).contains(&retry),
         "28 tokens at 100 an hour: {retry}"
@@ -1662,11 +1646,21 @@ fn a_spent_budget_refuses_until_it_refills() {
     // It used 67 of the 33: in debt by 34, the next waits until 25 are back (59 tokens: 2,124 s).
     let (status, out) = ask(body);
     assert_eq!(status, "429", "{out}");
-    let retry = refused_for(&out);
+    let retry = over_budget_retry_after(&out);
     assert!(
         (2114..=2125).contains(&retry),
         "59 tokens at 100 an hour: {retry}"
     );
+}
+
+/// The `Retry-After` seconds of a 429 `budget_exhausted` response `out` (curl -i).
+fn over_budget_retry_after(out: &str) -> u64 {
+    assert!(out.contains("\"reason\":\"budget_exhausted\""), "{out}");
+    out.to_ascii_lowercase()
+        .lines()
+        .find_map(|l| l.strip_prefix("retry-after:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("a Retry-After: {out}"))
 }
 
 /// THREATS 25: slow request heads are cut when the client header timeout fires, each audited;

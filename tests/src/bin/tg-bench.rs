@@ -811,7 +811,7 @@ fn goal_section(
         ),
         None => "not installed".into(),
     };
-    let cpu_median = |runs: &mut Vec<u64>| {
+    let cpu_median = |runs: &[u64]| {
         middle(runs.iter().map(|&ns| ns as f64).collect())
             .map_or("not installed".into(), |ns| format!("{:.1}", ns / 1000.0))
     };
@@ -827,7 +827,7 @@ fn goal_section(
     let medians: Vec<String> = added.iter().map(|runs| summary(runs)).collect();
     let cpus: Vec<String> = contenders
         .iter()
-        .zip(cpu.iter_mut())
+        .zip(cpu.iter())
         .map(|(c, runs)| format!("{} {} µs", c.0, cpu_median(runs)))
         .collect();
     format!(
