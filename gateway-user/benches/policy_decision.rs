@@ -233,7 +233,7 @@ fn decisions(c: &mut Criterion) {
     let cgroup = late_cgroup();
     let w = late_view(&cgroup);
     let selected = set.select(&w).expect("the late workload has a policy");
-    assert_eq!(selected.name, format!("wl-{LATE:04}"));
+    assert_eq!(&*selected.name, format!("wl-{LATE:04}"));
     assert_eq!(selected.rules.len(), 10);
     // The same policy alone: what the rules cost without choosing among 1,000.
     let alone = PolicySet::from_policies(vec![selected.clone()]).expect("one policy");
@@ -244,7 +244,7 @@ fn decisions(c: &mut Criterion) {
     // Each case is checked once, so a change to the engine cannot make the benchmark measure
     // an early exit instead.
     match set.evaluate_request(&w, 443, &partner, "POST", &path, &headers, Model::Unread) {
-        RequestDecision::Allow { rule, .. } => assert_eq!(rule, "partner"),
+        RequestDecision::Allow { rule, .. } => assert_eq!(&*rule, "partner"),
         other => panic!("the partner request is allowed by the last rule: {other:?}"),
     }
     match set.evaluate_request(
@@ -267,13 +267,13 @@ fn decisions(c: &mut Criterion) {
     assert_eq!(
         set.evaluate(&w, kafka),
         Decision::Allow {
-            policy: format!("wl-{LATE:04}"),
+            policy: format!("wl-{LATE:04}").into(),
             rule: "kafka".into()
         }
     );
     let sni = format!("tenant{LATE}.blob.core.windows.net");
     match set.evaluate_sni(&w, 443, &sni) {
-        RequestDecision::Allow { rule, .. } => assert_eq!(rule, "blobs"),
+        RequestDecision::Allow { rule, .. } => assert_eq!(&*rule, "blobs"),
         other => panic!("the blob SNI is allowed by the passthrough rule: {other:?}"),
     }
 

@@ -1,5 +1,6 @@
 //! The audit log: one JSON Lines record per decision, its own sink with a versioned schema.
 use std::{
+    borrow::Cow,
     fs::{File, OpenOptions},
     io::Write,
     path::{Path, PathBuf},
@@ -88,8 +89,8 @@ impl WorkloadRecord {
 pub struct DstRecord {
     /// The host an HTTP request named (normalized).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub host: Option<String>,
-    pub orig_ip: Option<String>,
+    pub host: Option<Arc<str>>,
+    pub orig_ip: Option<Arc<str>>,
     pub orig_port: Option<u16>,
     pub protocol: Option<&'static str>,
 }
@@ -98,8 +99,8 @@ pub struct DstRecord {
 /// credential may be).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct HttpRecord {
-    pub method: String,
-    pub path: Option<String>,
+    pub method: Cow<'static, str>,
+    pub path: Option<Arc<str>>,
     pub status: u16,
 }
 
@@ -119,15 +120,19 @@ pub struct LlmRecord {
     pub tokens_estimated: Option<u64>,
 }
 
+/// The workload of a record that names none, shared rather than made per record.
+static NO_WORKLOAD: std::sync::LazyLock<Arc<WorkloadRecord>> =
+    std::sync::LazyLock::new(Arc::default);
+
 #[derive(Debug, Clone, Serialize)]
 pub struct AuditRecord {
     pub ts: Timestamp,
     pub schema: &'static str,
     pub decision: Verdict,
     pub layer: Layer,
-    pub reason: String,
-    pub policy: Option<String>,
-    pub rule: Option<String>,
+    pub reason: Cow<'static, str>,
+    pub policy: Option<Arc<str>>,
+    pub rule: Option<Arc<str>>,
     /// Shared: every record of a connection names the same workload.
     pub workload: Arc<WorkloadRecord>,
     pub dst: DstRecord,
@@ -137,7 +142,7 @@ pub struct AuditRecord {
     pub llm: Option<LlmRecord>,
     /// The credential binding injected (its name, never its value).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub credential: Option<String>,
+    pub credential: Option<Arc<str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bytes_up: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -154,7 +159,7 @@ pub struct AuditRecord {
 }
 
 impl AuditRecord {
-    pub fn new(decision: Verdict, layer: Layer, reason: impl Into<String>) -> Self {
+    pub fn new(decision: Verdict, layer: Layer, reason: impl Into<Cow<'static, str>>) -> Self {
         Self {
             ts: Timestamp::now(),
             schema: SCHEMA,
@@ -163,7 +168,7 @@ impl AuditRecord {
             reason: reason.into(),
             policy: None,
             rule: None,
-            workload: Arc::default(),
+            workload: Arc::clone(&NO_WORKLOAD),
             dst: DstRecord::default(),
             http: None,
             llm: None,

@@ -6,6 +6,7 @@ use std::{
     collections::BTreeMap,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use secrecy::{zeroize::Zeroizing, ExposeSecret, SecretString};
@@ -77,7 +78,7 @@ pub enum Inject {
 
 /// One binding, with its secret loaded.
 pub struct Binding {
-    pub name: String,
+    pub name: Arc<str>,
     /// Exact host names this secret may go to (lower-case).
     pub hosts: Vec<String>,
     pub inject: Inject,
@@ -128,7 +129,7 @@ impl Binding {
             secret.expose_secret(),
         )));
         Ok(Self {
-            name,
+            name: name.into(),
             hosts,
             inject,
             secret,

@@ -540,7 +540,7 @@ pub fn settle_existing(
             workload.tgid = tgid;
         }
         r.workload = workload.into();
-        r.dst.orig_ip = Some(s.remote.ip().to_string());
+        r.dst.orig_ip = Some(s.remote.ip().to_string().into());
         r.dst.orig_port = Some(s.remote.port());
         r.dst.protocol = Some(if udp { "udp" } else { "tcp" });
         if !udp && is_served(s.local) {
@@ -550,13 +550,13 @@ pub fn settle_existing(
                 .insert(accepted_key(s.local, s.remote), 1, 0)
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
             r.decision = Verdict::Allow;
-            r.reason = format!("{prefix}_accepted_connection_kept");
+            r.reason = format!("{prefix}_accepted_connection_kept").into();
         } else {
             match sockdiag::destroy(ns, s) {
-                Ok(()) => r.reason = format!("{prefix}_outbound_connection_destroyed"),
+                Ok(()) => r.reason = format!("{prefix}_outbound_connection_destroyed").into(),
                 Err(e) => {
                     r.decision = Verdict::Error;
-                    r.reason = format!("{prefix}_outbound_connection_not_destroyed: {e}");
+                    r.reason = format!("{prefix}_outbound_connection_not_destroyed: {e}").into();
                 }
             }
         }
@@ -758,7 +758,7 @@ fn attach_all(
                 })
             })?;
             let mut r = AuditRecord::new(Verdict::Allow, Layer::Lifecycle, "socket_guard_started");
-            r.rule = Some(format!("{outcomes:?}"));
+            r.rule = Some(format!("{outcomes:?}").into());
             audit.emit(r);
             tracing::info!(?outcomes, "socket guard attached at the cgroup2 root");
         }
@@ -774,7 +774,7 @@ fn attach_all(
             ..WorkloadRecord::default()
         }
         .into();
-        r.rule = Some(format!("{outcomes:?}"));
+        r.rule = Some(format!("{outcomes:?}").into());
         audit.emit(r);
         tracing::info!(root = %root, ?outcomes, "root enforced");
     }

@@ -66,7 +66,7 @@ pub fn record_of(ev: &RefusalEvent, cgroup_mount: &std::path::Path) -> AuditReco
     };
     r.dst = DstRecord {
         host: None,
-        orig_ip: ip.map(|i| i.to_string()),
+        orig_ip: ip.map(|i| i.to_string().into()),
         orig_port: (ev.port != 0).then_some(ev.port),
         protocol: protocol_str(ev.protocol),
     };
@@ -184,7 +184,7 @@ pub async fn watch_counters(
                 r.workload = Arc::clone(&workload);
                 r.count = Some(reports_lost);
                 // What the fallback did: how many processes of the cgroup it queued.
-                r.rule = Some(format!("settling {settled} processes of the cgroup"));
+                r.rule = Some(format!("settling {settled} processes of the cgroup").into());
                 audit.emit(r);
             }
             let dns = grown(sum.dns_allowed, last.dns_allowed);

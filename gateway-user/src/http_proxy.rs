@@ -2,6 +2,7 @@
 //! decided on its own (host, method, normalized path), forwarded with the bound credential
 //! injected, and audited once.
 use std::{
+    borrow::Cow,
     convert::Infallible,
     net::SocketAddr,
     sync::{atomic::AtomicU64, Arc},
@@ -62,6 +63,18 @@ pub struct Conn {
     /// places it: derived once, not per request.
     record: Arc<WorkloadRecord>,
     placement: Placement,
+    orig_ip: Arc<str>,
+    /// The last `Host` header written upstream, by host and port: a kept-alive connection
+    /// usually names the same one on every request.
+    upstream_host: std::sync::Mutex<Option<UpstreamHost>>,
+}
+
+/// A `Host` header written upstream, and what it was written for.
+struct UpstreamHost {
+    host: Arc<str>,
+    port: u16,
+    https: bool,
+    value: HeaderValue,
 }
 
 impl Conn {
@@ -75,6 +88,8 @@ impl Conn {
         Self {
             record: Arc::new(workload.record()),
             placement: workload.placement(),
+            orig_ip: orig.ip().to_string().into(),
+            upstream_host: std::sync::Mutex::new(None),
             gateway,
             ns,
             netns_cookie,
@@ -83,11 +98,38 @@ impl Conn {
         }
     }
 
+    /// The `Host` header for `host` on `port` upstream, without the port where it is the
+    /// scheme's default; `None` where no header value can carry it.
+    fn upstream_host(&self, host: &Arc<str>, port: u16, https: bool) -> Option<HeaderValue> {
+        let mut last = self
+            .upstream_host
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(last) = &*last {
+            if last.port == port && last.https == https && last.host == *host {
+                return Some(last.value.clone());
+            }
+        }
+        let value = if port == if https { 443 } else { 80 } {
+            HeaderValue::from_str(host)
+        } else {
+            HeaderValue::from_str(&format!("{host}:{port}"))
+        }
+        .ok()?;
+        *last = Some(UpstreamHost {
+            host: Arc::clone(host),
+            port,
+            https,
+            value: value.clone(),
+        });
+        Some(value)
+    }
+
     /// A request record of this connection, before anything is decided.
-    fn request_record(&self, reason: &str) -> AuditRecord {
+    fn request_record(&self, reason: &'static str) -> AuditRecord {
         let mut record = AuditRecord::new(Verdict::Deny, Layer::Request, reason);
         record.workload = Arc::clone(&self.record);
-        record.dst.orig_ip = Some(self.orig.ip().to_string());
+        record.dst.orig_ip = Some(Arc::clone(&self.orig_ip));
         record.dst.orig_port = Some(self.orig.port());
         record.dst.protocol = Some("http");
         record
@@ -106,6 +148,26 @@ fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Body>
         HeaderValue::from_static("application/json"),
     );
     r
+}
+
+/// A method's name for the audit record, without allocating for the standard ones.
+fn method_name(method: &http::Method) -> Cow<'static, str> {
+    use http::Method;
+    const STANDARD: [(Method, &str); 9] = [
+        (Method::GET, "GET"),
+        (Method::POST, "POST"),
+        (Method::PUT, "PUT"),
+        (Method::DELETE, "DELETE"),
+        (Method::PATCH, "PATCH"),
+        (Method::HEAD, "HEAD"),
+        (Method::OPTIONS, "OPTIONS"),
+        (Method::CONNECT, "CONNECT"),
+        (Method::TRACE, "TRACE"),
+    ];
+    STANDARD.iter().find(|(m, _)| m == method).map_or_else(
+        || Cow::Owned(method.as_str().to_owned()),
+        |(_, name)| Cow::Borrowed(*name),
+    )
 }
 
 /// Strict framing, before anything reaches hyper's client: no Content-Length together with
@@ -266,10 +328,10 @@ fn connection_ended(
 }
 
 /// The audit record of a connection that ended before a request could be decided.
-fn early_record(conn: &Conn, reason: &str, status: u16) {
+fn early_record(conn: &Conn, reason: &'static str, status: u16) {
     let mut record = conn.request_record(reason);
     record.http = Some(HttpRecord {
-        method: String::new(),
+        method: Cow::Borrowed(""),
         path: None,
         status,
     });
@@ -280,7 +342,7 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let mut record = conn.request_record("");
     let mut http = HttpRecord {
-        method: req.method().to_string(),
+        method: method_name(req.method()),
         path: None,
         status: 0,
     };
@@ -321,12 +383,12 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
 fn refuse(
     record: &mut AuditRecord,
     status: StatusCode,
-    reason: &str,
+    reason: &'static str,
     rule: Option<&str>,
 ) -> Response<Body> {
     record.decision = Verdict::Deny;
-    record.reason = reason.to_owned();
-    record.rule = rule.map(str::to_owned);
+    record.reason = reason.into();
+    record.rule = rule.map(Arc::from);
     json_response(
         status,
         &serde_json::json!({ "error": "denied", "reason": reason, "rule": rule }),
@@ -340,7 +402,7 @@ async fn decide_and_forward(
     http: &mut HttpRecord,
     sent: &Arc<AtomicU64>,
     charge: &mut Option<crate::budget::TokenCharge>,
-) -> (Response<Body>, Option<String>) {
+) -> (Response<Body>, Option<Arc<str>>) {
     if let Some(reason) = framing_error(req.headers()) {
         return (refuse(record, StatusCode::BAD_REQUEST, reason, None), None);
     }
@@ -348,17 +410,17 @@ async fn decide_and_forward(
     let host_header = req
         .headers()
         .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned);
-    let Some(raw_host) = host_header.or_else(|| req.uri().authority().map(ToString::to_string))
+        .and_then(|h| h.to_str().ok());
+    let Some(raw_host) =
+        host_header.or_else(|| req.uri().authority().map(http::uri::Authority::as_str))
     else {
         return (
             refuse(record, StatusCode::BAD_REQUEST, "missing_host", None),
             None,
         );
     };
-    let (host, _) = match normalize::host(&raw_host) {
-        Ok(h) => h,
+    let host: Arc<str> = match normalize::host(raw_host) {
+        Ok((h, _)) => h.into(),
         Err(e) => {
             return (
                 refuse(record, StatusCode::BAD_REQUEST, e.as_str(), None),
@@ -370,7 +432,7 @@ async fn decide_and_forward(
         if normalize::host(authority.as_str())
             .map(|(h, _)| h)
             .as_deref()
-            != Ok(host.as_str())
+            != Ok(&*host)
         {
             return (
                 // Domain fronting: the request names one host and is addressed to another.
@@ -384,9 +446,9 @@ async fn decide_and_forward(
             );
         }
     }
-    record.dst.host = Some(host.clone());
-    let path = match normalize::path(req.uri().path()) {
-        Ok(p) => p,
+    record.dst.host = Some(Arc::clone(&host));
+    let path: Arc<str> = match normalize::path(req.uri().path()) {
+        Ok(p) => p.into(),
         Err(e) => {
             return (
                 refuse(record, StatusCode::BAD_REQUEST, e.as_str(), None),
@@ -394,7 +456,7 @@ async fn decide_and_forward(
             )
         }
     };
-    http.path = Some(path.clone());
+    http.path = Some(Arc::clone(&path));
 
     let (mut parts, body) = req.into_parts();
     let Some(view) = conn.workload.view(&conn.placement) else {
@@ -479,7 +541,7 @@ async fn decide_and_forward(
                 );
             };
             record.rule = rule;
-            record.reason = format!("monitor:{reason}");
+            record.reason = format!("monitor:{reason}").into();
             (route, Verdict::WouldDeny)
         }
         RequestDecision::Allow {
@@ -560,7 +622,7 @@ async fn decide_and_forward(
         },
         None => None,
     };
-    let credential_name = binding.map(|b| b.name.clone());
+    let credential_name = binding.map(|b| Arc::clone(&b.name));
     // A placeholder (`tollgate:<binding>`) stands for a key the workload does not hold: it is
     // swapped only where this rule injects that very binding, and refused anywhere else.
     if let Some(name) = placeholder(&parts.headers) {
@@ -626,34 +688,36 @@ async fn decide_and_forward(
         }
     }
     let https = route.tls == TlsMode::Originate;
-    let authority = if route.upstream_port == if https { 443 } else { 80 } {
-        host.clone()
-    } else {
-        format!("{host}:{}", route.upstream_port)
-    };
-    let target = match query {
-        Some(q) => format!("{path}?{q}"),
-        None => path.clone(),
-    };
-    let Ok(uri) = target.parse::<Uri>() else {
-        return (
-            refuse(
-                record,
-                StatusCode::BAD_REQUEST,
-                "bad_target",
-                record.rule.clone().as_deref(),
-            ),
-            credential_name,
-        );
-    };
-    parts.uri = uri;
+    // The target as the workload sent it is kept where normalization and injection left it
+    // as it was (origin-form, same path, same query); anything else is written anew.
+    let unchanged = parts.uri.authority().is_none()
+        && parts.uri.path() == &*path
+        && parts.uri.query() == query.as_deref();
+    if !unchanged {
+        let target = match query {
+            Some(q) => format!("{path}?{q}"),
+            None => path.to_string(),
+        };
+        let Ok(uri) = target.parse::<Uri>() else {
+            return (
+                refuse(
+                    record,
+                    StatusCode::BAD_REQUEST,
+                    "bad_target",
+                    record.rule.clone().as_deref(),
+                ),
+                credential_name,
+            );
+        };
+        parts.uri = uri;
+    }
     parts.version = http::Version::HTTP_11;
-    if let Ok(v) = HeaderValue::from_str(&authority) {
+    if let Some(v) = conn.upstream_host(&host, route.upstream_port, https) {
         parts.headers.insert(header::HOST, v);
     }
     let target = crate::upstream::Target {
         https,
-        host: host.clone(),
+        host: Arc::clone(&host),
         port: route.upstream_port,
     };
     // A tokens budget reserves what the request sends and the most output it asks for, or,
@@ -949,18 +1013,23 @@ impl Limits {
         key: &str,
         map: &mut A,
     ) -> Result<bool, A::Error> {
-        let folded: String = key
-            .chars()
-            .filter(|c| *c != '_')
-            .map(|c| c.to_ascii_lowercase())
-            .collect();
-        let slot = match folded.as_str() {
+        // Folded on the stack: no name it could be is longer.
+        let mut folded = [0u8; 24];
+        let mut len = 0;
+        for b in key.bytes().filter(|b| *b != b'_') {
+            let Some(slot) = folded.get_mut(len) else {
+                return Ok(false);
+            };
+            *slot = b.to_ascii_lowercase();
+            len += 1;
+        }
+        let slot = match &folded[..len] {
             // OpenAI's chat completions and Anthropic; OpenAI's newer name; the Responses API
             // and Gemini.
-            "maxtokens" | "maxcompletiontokens" | "maxoutputtokens" => &mut self.max_output,
+            b"maxtokens" | b"maxcompletiontokens" | b"maxoutputtokens" => &mut self.max_output,
             // OpenAI's `n`, Gemini's `candidateCount`: each answer may use the most.
-            "n" | "candidatecount" => &mut self.answers,
-            "generationconfig" => {
+            b"n" | b"candidatecount" => &mut self.answers,
+            b"generationconfig" => {
                 let inner = map.next_value::<Nested>()?.0;
                 self.max_output = self.max_output.max(inner.max_output);
                 self.answers = self.answers.max(inner.answers);
@@ -1017,7 +1086,7 @@ impl<'de> serde::Deserialize<'de> for Nested {
                 mut map: A,
             ) -> Result<Nested, A::Error> {
                 let mut limits = Limits::default();
-                while let Some(key) = map.next_key::<String>()? {
+                while let Some(key) = map.next_key::<crate::jsonkey::Key<'de>>()? {
                     if !limits.read(&key, &mut map)? {
                         map.next_value::<serde::de::IgnoredAny>()?;
                     }
@@ -1067,8 +1136,8 @@ pub fn asked_of(body: &[u8]) -> Asked {
             let mut model = None;
             let mut ambiguous = false;
             let mut limits = Limits::default();
-            while let Some(key) = map.next_key::<String>()? {
-                if key == "model" {
+            while let Some(key) = map.next_key::<crate::jsonkey::Key<'de>>()? {
+                if &*key == "model" {
                     ambiguous |= model.is_some();
                     model = Some(map.next_value::<String>()?);
                 } else if !limits.read(&key, &mut map)? {

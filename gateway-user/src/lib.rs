@@ -18,6 +18,7 @@ pub mod framing;
 pub mod fuzzing;
 pub mod http_proxy;
 pub mod identity;
+pub mod jsonkey;
 pub mod namespaces;
 pub mod netns;
 pub mod normalize;

@@ -122,12 +122,15 @@ impl Namespaces {
         }
         let cookie = ns.cookie()?;
         let mut r = AuditRecord::new(Verdict::Allow, Layer::Lifecycle, "netns_enforced");
-        r.rule = Some(format!(
-            "{how}: inode {inode}, cookie {cookie}{}",
-            path.as_ref()
-                .map(|p| format!(", {}", p.display()))
-                .unwrap_or_default()
-        ));
+        r.rule = Some(
+            format!(
+                "{how}: inode {inode}, cookie {cookie}{}",
+                path.as_ref()
+                    .map(|p| format!(", {}", p.display()))
+                    .unwrap_or_default()
+            )
+            .into(),
+        );
         self.gateway.audit.emit(r);
         tracing::info!(inode, cookie, how, "serving a workload network namespace");
         entries.insert(inode, Entry { ns, tasks, path });
@@ -418,7 +421,7 @@ impl Namespaces {
         workload.pid = mark.tgid;
         workload.tgid = mark.tgid;
         r.workload = workload.into();
-        r.dst.orig_ip = Some(remote.ip().to_string());
+        r.dst.orig_ip = Some(remote.ip().to_string().into());
         r.dst.orig_port = Some(remote.port());
         self.gateway.audit.emit(r);
     }

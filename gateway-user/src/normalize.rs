@@ -1,5 +1,6 @@
 //! Host and path normalization for HTTP policy: what is checked is exactly what is forwarded,
 //! and anything ambiguous is refused rather than guessed.
+use std::borrow::Cow;
 
 /// Why a host or path was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,14 +55,14 @@ pub fn host(raw: &str) -> Result<(String, Option<u16>), Reject> {
         };
         v6.parse::<std::net::Ipv6Addr>()
             .map_err(|_| Reject::BadHost)?;
-        (format!("[{}]", v6.to_ascii_lowercase()), port)
+        (Cow::Owned(format!("[{v6}]")), port)
     } else {
         match raw.rsplit_once(':') {
             Some((n, p)) => (
-                n.to_owned(),
+                Cow::Borrowed(n),
                 Some(p.parse::<u16>().map_err(|_| Reject::BadPort)?),
             ),
-            None => (raw.to_owned(), None),
+            None => (Cow::Borrowed(raw), None),
         }
     };
     let name = name.trim_end_matches('.').to_ascii_lowercase();
@@ -97,6 +98,47 @@ pub fn path(raw: &str) -> Result<String, Reject> {
     if !raw.starts_with('/') {
         return Err(Reject::NotAbsolutePath);
     }
+    // Most paths have nothing to decode or refuse: their segments are read as they are.
+    let plain = raw
+        .bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && !matches!(b, b'%' | b'\\' | b';' | b'#'));
+    let decoded = if plain {
+        Cow::Borrowed(raw)
+    } else {
+        Cow::Owned(decode(raw)?)
+    };
+    let mut out = String::with_capacity(decoded.len());
+    for seg in decoded.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                let Some(parent) = out.rfind('/') else {
+                    return Err(Reject::EscapesRoot);
+                };
+                out.truncate(parent);
+            }
+            s => {
+                out.push('/');
+                out.push_str(s);
+            }
+        }
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    Ok(out)
+}
+
+/// Pushes `%XX` (upper-case hex) for `b`.
+fn push_encoded(out: &mut String, b: u8) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    out.push('%');
+    out.push(char::from(HEX[usize::from(b >> 4)]));
+    out.push(char::from(HEX[usize::from(b & 0xf)]));
+}
+
+/// Percent-decoding of what is unambiguous, and the refusals, for [`path`].
+fn decode(raw: &str) -> Result<String, Reject> {
     let bytes = raw.as_bytes();
     let mut decoded = String::with_capacity(raw.len());
     let mut i = 0;
@@ -120,7 +162,7 @@ pub fn path(raw: &str) -> Result<String, Reject> {
                 return Err(Reject::BadPathCharacter);
             } else {
                 // Reserved or non-ASCII: keep encoded (upper-case hex), as sent.
-                decoded.push_str(&format!("%{c:02X}"));
+                push_encoded(&mut decoded, c);
             }
             i += 3;
             continue;
@@ -133,25 +175,13 @@ pub fn path(raw: &str) -> Result<String, Reject> {
         }
         if b >= 0x80 {
             // Raw non-ASCII (UTF-8) bytes: forwarded percent-encoded, byte for byte.
-            decoded.push_str(&format!("%{b:02X}"));
+            push_encoded(&mut decoded, b);
         } else {
             decoded.push(char::from(b));
         }
         i += 1;
     }
-    let mut out: Vec<&str> = Vec::new();
-    for seg in decoded.split('/') {
-        match seg {
-            "" | "." => {}
-            ".." => {
-                if out.pop().is_none() {
-                    return Err(Reject::EscapesRoot);
-                }
-            }
-            s => out.push(s),
-        }
-    }
-    Ok(format!("/{}", out.join("/")))
+    Ok(decoded)
 }
 
 #[cfg(test)]
@@ -162,7 +192,9 @@ mod tests {
 
     #[test]
     fn hosts() {
-        let table: [HostCase; 10] = [
+        let table: [HostCase; 12] = [
+            ("[::ABCD]", Ok(("[::abcd]", None))),
+            ("Api.Example.:8443", Ok(("api.example", Some(8443)))),
             ("api.openai.com", Ok(("api.openai.com", None))),
             ("API.OpenAI.com.", Ok(("api.openai.com", None))),
             ("api.openai.com:443", Ok(("api.openai.com", Some(443)))),
@@ -186,7 +218,16 @@ mod tests {
 
     #[test]
     fn paths() {
-        let table: [(&str, Result<&str, Reject>); 17] = [
+        let table: [(&str, Result<&str, Reject>); 25] = [
+            // Dot segments and empty ones, with nothing to decode and with something.
+            ("/a/b/../../..", Err(Reject::EscapesRoot)),
+            ("/a/..", Ok("/")),
+            ("//", Ok("/")),
+            ("/a/.", Ok("/a")),
+            ("/a/%2e", Ok("/a")),
+            ("/a/b/%2E%2E/c/", Ok("/a/c")),
+            ("/a#b", Err(Reject::BadPathCharacter)),
+            ("/a\u{1}b", Err(Reject::BadPathCharacter)),
             ("/caf\u{e9}", Ok("/caf%C3%A9")),
             ("/v1/chat/completions", Ok("/v1/chat/completions")),
             ("/v1//chat/completions", Ok("/v1/chat/completions")),

@@ -219,13 +219,14 @@ impl PathPattern {
                     && path.as_bytes().get(prefix.len()) == Some(&b'/');
             }
         }
-        let pat: Vec<&str> = self.0.split('/').collect();
-        let got: Vec<&str> = path.split('/').collect();
-        pat.len() == got.len()
-            && pat
-                .iter()
-                .zip(&got)
-                .all(|(p, g)| *p == "*" && !g.is_empty() || p == g)
+        let (mut pat, mut got) = (self.0.split('/'), path.split('/'));
+        loop {
+            match (pat.next(), got.next()) {
+                (None, None) => return true,
+                (Some(p), Some(g)) if p == "*" && !g.is_empty() || p == g => {}
+                _ => return false,
+            }
+        }
     }
 }
 
@@ -411,7 +412,7 @@ impl Cidr {
 
 #[derive(Debug, Clone)]
 pub struct Rule {
-    pub name: String,
+    pub name: Arc<str>,
     pub kind: RuleKind,
 }
 
@@ -425,7 +426,7 @@ pub enum RuleKind {
 
 #[derive(Debug, Clone)]
 pub struct Policy {
-    pub name: String,
+    pub name: Arc<str>,
     pub file: PathBuf,
     pub cgroup: Option<CgroupPath>,
     pub container_id: Option<String>,
@@ -487,20 +488,20 @@ pub struct WorkloadView<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     Allow {
-        policy: String,
-        rule: String,
+        policy: Arc<str>,
+        rule: Arc<str>,
     },
     Deny {
-        policy: Option<String>,
+        policy: Option<Arc<str>>,
         reason: DenyReason,
     },
     /// A host rule covers the port: HTTP requests are decided one by one.
     Inspect {
-        policy: String,
+        policy: Arc<str>,
     },
     /// Monitor mode: the policy would deny; the connection goes through.
     WouldDeny {
-        policy: String,
+        policy: Arc<str>,
         reason: DenyReason,
     },
 }
@@ -564,34 +565,35 @@ impl SelectorIndex {
         index
     }
 
-    /// Every policy that could apply to `w`, in file order (a superset: each still has to
-    /// match whole).
-    fn candidates(&self, w: &WorkloadView<'_>) -> Vec<usize> {
-        let mut found: Vec<usize> = self.always.clone();
-        let mut take = |map: &HashMap<String, Vec<usize>>, key: &str| {
-            if let Some(v) = map.get(key) {
-                found.extend_from_slice(v);
-            }
-        };
-        if let Some(id) = w.container_id {
-            // A selector that is a prefix of the id is filed under one of its first prefixes.
+    /// Every policy that could apply to `w` (a superset: each still has to match whole), in
+    /// no particular order and possibly more than once.
+    fn candidates<'a>(&'a self, w: &'a WorkloadView<'_>) -> impl Iterator<Item = usize> + 'a {
+        fn under<'a>(map: &'a HashMap<String, Vec<usize>>, key: &str) -> &'a [usize] {
+            map.get(key).map_or(&[], Vec::as_slice)
+        }
+        // A selector that is a prefix of the id is filed under one of its first prefixes.
+        let containers = w.container_id.into_iter().flat_map(move |id| {
             let ends = id.char_indices().map(|(i, _)| i).chain([id.len()]);
-            for end in ends.take(ID_KEY + 1) {
-                take(&self.containers, &id[..end]);
-            }
-        }
-        if let Some(uid) = w.pod_uid {
-            take(&self.pods, uid);
-        }
-        for ancestor in w.cgroup.ancestors() {
-            take(&self.cgroups, ancestor);
-        }
-        if let Some(unit) = w.cgroup.systemd_unit() {
-            take(&self.units, unit);
-        }
-        found.sort_unstable();
-        found.dedup();
-        found
+            ends.take(ID_KEY + 1)
+                .flat_map(move |end| under(&self.containers, &id[..end]))
+        });
+        let pods = w.pod_uid.into_iter().flat_map(|uid| under(&self.pods, uid));
+        let cgroups = w
+            .cgroup
+            .ancestors()
+            .flat_map(|ancestor| under(&self.cgroups, ancestor));
+        let units = w
+            .cgroup
+            .systemd_unit()
+            .into_iter()
+            .flat_map(|unit| under(&self.units, unit));
+        self.always
+            .iter()
+            .chain(containers)
+            .chain(pods)
+            .chain(cgroups)
+            .chain(units)
+            .copied()
     }
 }
 
@@ -668,14 +670,14 @@ impl PolicySet {
 
     /// The policy that governs `w`, if any.
     pub fn select(&self, w: &WorkloadView<'_>) -> Option<&Policy> {
-        // In file order, so that among equally specific matches the last one wins, as it
-        // would in a scan of every policy.
+        // Among equally specific matches the last in file order wins, as it would in a scan
+        // of every policy.
         self.index
             .candidates(w)
-            .into_iter()
-            .map(|i| &self.policies[i])
-            .filter(|p| p.applies_to(w))
-            .max_by_key(|p| p.rank())
+            .map(|i| (i, &self.policies[i]))
+            .filter(|(_, p)| p.applies_to(w))
+            .max_by_key(|(i, p)| (p.rank(), *i))
+            .map(|(_, p)| p)
     }
 
     /// The decision for a connection of `w` to `dst`.
@@ -720,25 +722,25 @@ impl PolicySet {
 #[derive(Debug, Clone)]
 pub enum RequestDecision {
     Allow {
-        policy: String,
-        rule: String,
+        policy: Arc<str>,
+        rule: Arc<str>,
         route: Arc<HostRule>,
     },
     Deny {
-        policy: Option<String>,
-        rule: Option<String>,
+        policy: Option<Arc<str>>,
+        rule: Option<Arc<str>>,
         reason: &'static str,
     },
     /// Monitor mode: would be denied; forwarded without a credential... or with the route, if one matched by host.
     WouldDeny {
-        policy: String,
-        rule: Option<String>,
+        policy: Arc<str>,
+        rule: Option<Arc<str>>,
         reason: &'static str,
         route: Option<Arc<HostRule>>,
     },
     /// Only entries of this rule that limit models could allow the request: decide again with
     /// the body's model ([`Model::Read`]).
-    NeedsModel { policy: String, rule: String },
+    NeedsModel { policy: Arc<str>, rule: Arc<str> },
 }
 
 impl PolicySet {
@@ -1196,10 +1198,13 @@ pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
                 ))
             }
         };
-        rules.push(Rule { name: r.name, kind });
+        rules.push(Rule {
+            name: r.name.into(),
+            kind,
+        });
     }
     Ok(Policy {
-        name: raw.metadata.name,
+        name: raw.metadata.name.into(),
         file: file.to_owned(),
         cgroup,
         container_id: raw.spec.workload.container_id,
@@ -1258,7 +1263,7 @@ mod tests {
             .enumerate()
         {
             policies.push(Policy {
-                name: format!("p{n}"),
+                name: format!("p{n}").into(),
                 file: PathBuf::from(format!("p{n}.yaml")),
                 cgroup: (*c != "/" || n % 2 == 0).then(|| cg(c)),
                 container_id: id.map(str::to_owned),
@@ -1949,7 +1954,7 @@ mod host_rules {
                 RequestDecision::NeedsModel { .. } => Err("needs_model"),
             };
             assert_eq!(
-                got.as_ref().map(String::as_str).map_err(|e| *e),
+                got.as_ref().map(AsRef::as_ref).map_err(|e| *e),
                 want,
                 "{method} {host}{path}"
             );

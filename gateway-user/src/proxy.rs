@@ -179,7 +179,7 @@ impl Gateway {
         record.workload = id.record().into();
         record.dst = DstRecord {
             host: None,
-            orig_ip: Some(dst.ip().to_string()),
+            orig_ip: Some(dst.ip().to_string().into()),
             orig_port: Some(dst.port()),
             protocol: Some("tcp"),
         };
@@ -234,7 +234,7 @@ impl Gateway {
             Decision::WouldDeny { policy, reason } => {
                 record.decision = Verdict::WouldDeny;
                 record.policy = Some(policy);
-                record.reason = format!("monitor:{}", reason.as_str());
+                record.reason = format!("monitor:{}", reason.as_str()).into();
                 self.forward(&ns, client, dst, record, started).await;
             }
         }
@@ -276,7 +276,7 @@ impl Gateway {
             }
             Err(e) => {
                 record.decision = Verdict::Error;
-                record.reason = format!("upstream_unreachable: {}", e.kind());
+                record.reason = format!("upstream_unreachable: {}", e.kind()).into();
                 reset(&client);
             }
         }
@@ -363,7 +363,7 @@ impl Gateway {
             reset(&client);
             return;
         };
-        record.dst.host = Some(sni.clone());
+        record.dst.host = Some(sni.as_str().into());
         let placement = id.placement();
         let decision = match id.view(&placement) {
             Some(view) => self
@@ -399,7 +399,7 @@ impl Gateway {
             } if route.tls == TlsMode::Passthrough => {
                 record.policy = Some(policy);
                 record.rule = rule;
-                record.reason = format!("monitor:{reason}");
+                record.reason = format!("monitor:{reason}").into();
                 record.decision = Verdict::WouldDeny;
                 Ok(route)
             }

@@ -198,7 +198,7 @@ impl Connector {
         if !target.https {
             return Ok(Stream::Plain(TokioIo::new(tcp)));
         }
-        let name = rustls::pki_types::ServerName::try_from(target.host.clone())
+        let name = rustls::pki_types::ServerName::try_from(target.host.to_string())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let handshake = TlsConnector::from(Arc::clone(&self.tls)).connect(name, tcp);
         let tls = tokio::time::timeout(CONNECT_TIMEOUT, handshake)
@@ -225,7 +225,7 @@ const MAX_IDLE: usize = 128;
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Target {
     pub https: bool,
-    pub host: String,
+    pub host: Arc<str>,
     pub port: u16,
 }
 

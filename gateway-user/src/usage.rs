@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use http::{header, HeaderMap};
-use serde_json::Value;
+use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// The most of a JSON answer, or of one event's data or line, kept to be read.
@@ -28,52 +28,196 @@ impl Tokens {
 
     /// Takes what one `usage` object says; counts that grow as a stream goes keep the largest
     /// seen.
-    fn merge(&mut self, usage: &Value) {
-        let count = |key: &str| {
-            let v = usage.get(key)?;
-            v.as_u64()
-                .or_else(|| v.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
-        };
-        let sum = |keys: &[&str]| {
-            keys.iter()
-                .filter_map(|k| count(k))
-                .reduce(u64::saturating_add)
-        };
+    fn merge(&mut self, usage: &Counts) {
+        let sum =
+            |counts: &[Option<u64>]| counts.iter().flatten().copied().reduce(u64::saturating_add);
         // OpenAI: prompt/completion (reasoning included); Anthropic: input (cache reads and
         // writes counted apart), output; Gemini: prompt, candidates and thoughts.
-        let input = sum(&["prompt_tokens", "promptTokenCount"]).or_else(|| {
+        let input = sum(&[usage.prompt_tokens, usage.prompt_token_count]).or_else(|| {
             sum(&[
-                "input_tokens",
-                "cache_creation_input_tokens",
-                "cache_read_input_tokens",
+                usage.input_tokens,
+                usage.cache_creation_input_tokens,
+                usage.cache_read_input_tokens,
             ])
         });
-        let output = sum(&["completion_tokens"])
-            .or_else(|| sum(&["output_tokens"]))
-            .or_else(|| sum(&["candidatesTokenCount", "thoughtsTokenCount"]));
+        let output = usage
+            .completion_tokens
+            .or(usage.output_tokens)
+            .or_else(|| sum(&[usage.candidates_token_count, usage.thoughts_token_count]));
         self.input = self.input.max(input);
         self.output = self.output.max(output);
     }
 
     /// Reads the usage objects of one answer or event: `usage` at the top (chat completions,
     /// Anthropic's `message_delta`), inside `response` (Responses API) or `message`
-    /// (Anthropic's `message_start`), or Gemini's `usageMetadata`.
+    /// (Anthropic's `message_start`), or Gemini's `usageMetadata`. Everything else is skipped
+    /// as it is parsed, not kept; a key given twice counts as its last value, and what is not
+    /// an object (or, for a count, a non-negative number) counts as absent.
     fn read(&mut self, json: &[u8]) {
-        let Ok(v) = serde_json::from_slice::<Value>(json) else {
+        let mut de = serde_json::Deserializer::from_slice(json);
+        let Ok(found) = de.deserialize_any(Answer) else {
             return;
         };
-        for usage in [
-            v.get("usage"),
-            v.get("response").and_then(|r| r.get("usage")),
-            v.get("message").and_then(|m| m.get("usage")),
-            v.get("usageMetadata"),
-        ]
-        .into_iter()
-        .flatten()
-        .filter(|u| u.is_object())
-        {
-            self.merge(usage);
+        if de.end().is_err() {
+            return;
         }
+        for usage in found.into_iter().flatten() {
+            self.merge(&usage);
+        }
+    }
+}
+
+/// The counts one `usage` object gives, by the keys each API uses.
+#[derive(Debug, Default)]
+struct Counts {
+    prompt_tokens: Option<u64>,
+    prompt_token_count: Option<u64>,
+    input_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
+    cache_read_input_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    candidates_token_count: Option<u64>,
+    thoughts_token_count: Option<u64>,
+}
+
+/// An answer's (or event's) usage objects: `usage`, `response.usage`, `message.usage`,
+/// `usageMetadata`.
+struct Answer;
+
+impl<'de> Visitor<'de> for Answer {
+    type Value = [Option<Counts>; 4];
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found: [Option<Counts>; 4] = Default::default();
+        while let Some(key) = map.next_key::<crate::jsonkey::Key<'de>>()? {
+            match &*key {
+                "usage" => found[0] = map.next_value::<Usage>()?.0,
+                "response" => found[1] = map.next_value::<Holder>()?.0,
+                "message" => found[2] = map.next_value::<Holder>()?.0,
+                "usageMetadata" => found[3] = map.next_value::<Usage>()?.0,
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// Any JSON value; the usage object inside it, if it is an object with one.
+struct Holder(Option<Counts>);
+
+impl<'de> serde::Deserialize<'de> for Holder {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Holder;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Holder, A::Error> {
+                let mut usage = None;
+                while let Some(key) = map.next_key::<crate::jsonkey::Key<'de>>()? {
+                    if &*key == "usage" {
+                        usage = map.next_value::<Usage>()?.0;
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(Holder(usage))
+            }
+
+            crate::jsonkey::absent_unless_map!(Holder(None));
+            crate::jsonkey::absent_numbers!(Holder(None));
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Any JSON value; its counts, if it is an object.
+struct Usage(Option<Counts>);
+
+impl<'de> serde::Deserialize<'de> for Usage {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Usage;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Usage, A::Error> {
+                let mut c = Counts::default();
+                while let Some(key) = map.next_key::<crate::jsonkey::Key<'de>>()? {
+                    let slot = match &*key {
+                        "prompt_tokens" => &mut c.prompt_tokens,
+                        "promptTokenCount" => &mut c.prompt_token_count,
+                        "input_tokens" => &mut c.input_tokens,
+                        "cache_creation_input_tokens" => &mut c.cache_creation_input_tokens,
+                        "cache_read_input_tokens" => &mut c.cache_read_input_tokens,
+                        "completion_tokens" => &mut c.completion_tokens,
+                        "output_tokens" => &mut c.output_tokens,
+                        "candidatesTokenCount" => &mut c.candidates_token_count,
+                        "thoughtsTokenCount" => &mut c.thoughts_token_count,
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    *slot = map.next_value::<Count>()?.0;
+                }
+                Ok(Usage(Some(c)))
+            }
+
+            crate::jsonkey::absent_unless_map!(Usage(None));
+            crate::jsonkey::absent_numbers!(Usage(None));
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Any JSON value; a count if it is a non-negative number (a fraction rounded down).
+struct Count(Option<u64>);
+
+impl<'de> serde::Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Count;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+
+            fn visit_u64<E>(self, v: u64) -> Result<Count, E> {
+                Ok(Count(Some(v)))
+            }
+
+            fn visit_i64<E>(self, v: i64) -> Result<Count, E> {
+                Ok(Count(u64::try_from(v).ok()))
+            }
+
+            fn visit_f64<E>(self, v: f64) -> Result<Count, E> {
+                // Saturating, as a float-to-integer cast is.
+                Ok(Count((v >= 0.0).then_some(v as u64)))
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Count, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Count(None))
+            }
+
+            crate::jsonkey::absent_unless_map!(Count(None));
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -429,6 +573,40 @@ mod tests {
             Tokens::default()
         );
         assert_eq!(read("application/json", "not json", 3), Tokens::default());
+        // Read as a JSON value would be: a key given twice is its last value; a count that is
+        // not a non-negative number, and a usage that is not an object, are absent; a
+        // fraction is rounded down and a count past u64 saturates.
+        for (answer, want) in [
+            (
+                r#"{"usage":{"prompt_tokens":1,"prompt_tokens":5,"completion_tokens":2}}"#,
+                (Some(5), Some(2)),
+            ),
+            (
+                r#"{"usage":{"prompt_tokens":9},"usage":"none","response":{"usage":{"input_tokens":4}}}"#,
+                (Some(4), None),
+            ),
+            (
+                r#"{"usage":{"prompt_tokens":"9","completion_tokens":-2,"output_tokens":[1]}}"#,
+                (None, None),
+            ),
+            (
+                r#"{"usage":{"prompt_tokens":2.9,"completion_tokens":1e30}}"#,
+                (Some(2), Some(u64::MAX)),
+            ),
+            (
+                r#"{"message":{"id":"m","usage":{"input_tokens":6,"output_tokens":1}},"x":[{"usage":{"input_tokens":99}}]}"#,
+                (Some(6), Some(1)),
+            ),
+            (r#"[{"usage":{"prompt_tokens":1}}]"#, (None, None)),
+            (r#"{"usage":{"prompt_tokens":1}} trailing"#, (None, None)),
+            (
+                r#"{"us\u0061ge":{"prompt_tokens":7,"completion_tokens":null}}"#,
+                (Some(7), None),
+            ),
+        ] {
+            let got = read("application/json", answer, 4096);
+            assert_eq!((got.input, got.output), want, "{answer}");
+        }
     }
 
     #[test]
