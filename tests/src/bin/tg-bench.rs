@@ -313,9 +313,10 @@ fn main() {
     std::fs::write(
         env.policies.join("bench.yaml"),
         format!(
-            "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: {{ name: bench }}\nspec:\n  workload: {{ cgroup: {}/bench.service }}\n  egress:\n    - name: sink\n      match: {{ cidr: 127.0.0.1/32, port: {} }}\n    - name: api\n      match: {{ host: 127.0.0.1, port: {api_port} }}\n      upstream: {{ port: {} }}\n      tls: originate\n      allow_private: true\n      http:\n        - methods: [POST]\n          paths: [/v1/chat/completions]\n      credential: bench-key\n    - name: api-models\n      match: {{ host: 127.0.0.1, port: {models_port} }}\n      upstream: {{ port: {} }}\n      tls: originate\n      allow_private: true\n      http:\n        - methods: [POST]\n          paths: [/v1/chat/completions]\n          models: [bench]\n      credential: bench-key\n    - name: sse\n      match: {{ host: 127.0.0.1, port: {} }}\n      upstream: {{ port: {} }}\n      tls: originate\n      allow_private: true\n      http:\n        - methods: [POST]\n          paths: [/v1/chat/completions]\n      credential: bench-key\n",
+            "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: {{ name: bench }}\nspec:\n  workload: {{ cgroup: {}/bench.service }}\n  egress:\n    - name: sink\n      match: {{ cidr: 127.0.0.1/32, port: {} }}\n    - name: direct\n      match: {{ cidr: 127.0.0.1/32, port: {} }}\n    - name: api\n      match: {{ host: 127.0.0.1, port: {api_port} }}\n      upstream: {{ port: {} }}\n      tls: originate\n      allow_private: true\n      http:\n        - methods: [POST]\n          paths: [/v1/chat/completions]\n      credential: bench-key\n    - name: api-models\n      match: {{ host: 127.0.0.1, port: {models_port} }}\n      upstream: {{ port: {} }}\n      tls: originate\n      allow_private: true\n      http:\n        - methods: [POST]\n          paths: [/v1/chat/completions]\n          models: [bench]\n      credential: bench-key\n    - name: sse\n      match: {{ host: 127.0.0.1, port: {} }}\n      upstream: {{ port: {} }}\n      tls: originate\n      allow_private: true\n      http:\n        - methods: [POST]\n          paths: [/v1/chat/completions]\n      credential: bench-key\n",
             env.root_rel(),
             target.port(),
+            upstream.plain.port(),
             tls.port(),
             tls.port(),
             sse.port,
@@ -748,11 +749,16 @@ fn goal_section(
     // CPU per request (ns) of the daemon (every thread) and of nginx (master and workers),
     // over each of their rounds.
     let mut cpu: Vec<Vec<u64>> = vec![Vec::new(); contenders.len()];
+    // What the hop itself costs: the direct request from the workload's cgroup, where an L4
+    // rule has the gateway relay the bytes to the plain port (no HTTP, no TLS, no record per
+    // request).
+    let mut relayed: Vec<[i64; 3]> = Vec::new();
     let mut rows = String::new();
     let v = |r: &Value, k: &str| r[k].as_u64().unwrap_or(0) as i64;
     // One second each, unmeasured: pooled upstream connections, the proxies' first
     // allocations and the client's own start-up are not in round 1.
     http_load(None, upstream.plain, RATE, 1, keepalive);
+    http_load(Some(app), upstream.plain, RATE, 1, keepalive);
     for (_, target, cgroup, pid) in &contenders {
         if pid.is_some() {
             http_load(*cgroup, *target, RATE, 1, keepalive);
@@ -760,6 +766,7 @@ fn goal_section(
     }
     for round in 1..=ROUNDS {
         let direct = http_load(None, upstream.plain, RATE, SECS, keepalive);
+        let relay = http_load(Some(app), upstream.plain, RATE, SECS, keepalive);
         let mut results: Vec<Option<Value>> = vec![None; contenders.len()];
         for i in ORDERS[round - 1] {
             let (_, target, cgroup, pid) = contenders[i];
@@ -770,12 +777,23 @@ fn goal_section(
             cpu[i].push(spent / r["n"].as_u64().unwrap_or(1).max(1));
             results[i] = Some(r);
         }
-        let mut cells = vec![format!(
-            "{} / {} / {}",
-            v(&direct, "p50"),
-            v(&direct, "p99"),
-            v(&direct, "p999")
-        )];
+        let relay_added = ["p50", "p99", "p999"].map(|k| v(&relay, k) - v(&direct, k));
+        relayed.push(relay_added);
+        let mut cells = vec![
+            format!(
+                "{} / {} / {}",
+                v(&direct, "p50"),
+                v(&direct, "p99"),
+                v(&direct, "p999")
+            ),
+            format!(
+                "{:+} / {:+} / {:+} ({} errors)",
+                relay_added[0],
+                relay_added[1],
+                relay_added[2],
+                v(&relay, "errors")
+            ),
+        ];
         for (i, r) in results.iter().enumerate() {
             let Some(r) = r else {
                 cells.push("not installed".into());
@@ -831,9 +849,10 @@ fn goal_section(
         .map(|(c, runs)| format!("{} {} µs", c.0, cpu_median(runs)))
         .collect();
     format!(
-        "## {title}, {RATE} requests/s\n\n{ROUNDS} interleaved rounds of {SECS} s each after a 1 s unmeasured warm-up of each, open loop, 1 KiB `POST /v1/chat/completions`, added µs against the same round's direct run. Each round runs direct first, then the others, in each of their six orders once. \"Tollgate, models rule\": the same request on a rule that lists models, so the gateway reads the body's model before it decides and the answer's usage as it passes.{goal}\n\n| round | direct p50 / p99 / p99.9 µs | {} |\n|---:|---|{}\n{rows}| median | | {} |\n\nCPU per request (user and system time of every thread of the daemon, and of nginx's master and workers, over their rounds; median of the rounds): {}.\n\n",
+        "## {title}, {RATE} requests/s\n\n{ROUNDS} interleaved rounds of {SECS} s each after a 1 s unmeasured warm-up of each, open loop, 1 KiB `POST /v1/chat/completions`, added µs against the same round's direct run. Each round runs direct first, then the same from the workload's cgroup, where an L4 rule has Tollgate relay the bytes to the plain port (what the hop costs without HTTP, TLS or a record per request), then the proxies, in each of their six orders once. \"Tollgate, models rule\": the same request on a rule that lists models, so the gateway reads the body's model before it decides and the answer's usage as it passes.{goal}\n\n| round | direct p50 / p99 / p99.9 µs | Tollgate, L4 relay added | {} |\n|---:|---|---|{}\n{rows}| median | | {} | {} |\n\nCPU per request (user and system time of every thread of the daemon, and of nginx's master and workers, over their rounds; median of the rounds): {}.\n\n",
         names.iter().map(|n| format!("{n} added")).collect::<Vec<_>>().join(" | "),
         "---|".repeat(names.len()),
+        summary(&relayed),
         medians.join(" | "),
         cpus.join(", "),
     )
