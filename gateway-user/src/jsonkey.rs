@@ -1,6 +1,7 @@
 //! Reading JSON for a few fields without keeping the rest: object keys borrowed from the input
-//! where they can be (an escaped key is unescaped into its own string), and the visitor
-//! methods that take any other value as "absent".
+//! where they can be (an escaped key is unescaped into its own string), values skipped but
+//! checked as a `serde_json::Value` would check them, and the visitor methods that take any
+//! other value as "absent".
 use std::{borrow::Cow, ops::Deref};
 
 use serde::{de::Visitor, Deserialize, Deserializer};
@@ -58,7 +59,7 @@ macro_rules! absent_unless_map {
             self,
             mut seq: A,
         ) -> Result<Self::Value, A::Error> {
-            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            while seq.next_element::<$crate::jsonkey::Skip>()?.is_some() {}
             Ok($absent)
         }
     };
@@ -83,6 +84,34 @@ macro_rules! absent_numbers {
 
 pub(crate) use absent_numbers;
 pub(crate) use absent_unless_map;
+
+/// Any JSON value, parsed as a `serde_json::Value` would be (strings checked for UTF-8 and
+/// lone surrogates, numbers in range, nesting within serde_json's limit) and kept nowhere.
+/// Unlike `IgnoredAny`, which serde_json skips without those checks, so an input it accepts
+/// would be refused by a `Value`.
+pub struct Skip;
+
+impl<'de> Deserialize<'de> for Skip {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Skip;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Skip, A::Error> {
+                while map.next_entry::<Key<'de>, Skip>()?.is_some() {}
+                Ok(Skip)
+            }
+
+            absent_unless_map!(Skip);
+            absent_numbers!(Skip);
+        }
+        d.deserialize_any(V)
+    }
+}
 
 #[cfg(test)]
 mod tests {

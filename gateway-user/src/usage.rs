@@ -5,7 +5,9 @@
 use std::sync::Arc;
 
 use http::{header, HeaderMap};
-use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::de::{Deserializer, MapAccess, Visitor};
+
+use crate::jsonkey::{Key, Skip};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// The most of a JSON answer, or of one event's data or line, kept to be read.
@@ -94,14 +96,14 @@ impl<'de> Visitor<'de> for Answer {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut found: [Option<Counts>; 4] = Default::default();
-        while let Some(key) = map.next_key::<crate::jsonkey::Key<'de>>()? {
+        while let Some(key) = map.next_key::<Key<'de>>()? {
             match &*key {
                 "usage" => found[0] = map.next_value::<Usage>()?.0,
                 "response" => found[1] = map.next_value::<Holder>()?.0,
                 "message" => found[2] = map.next_value::<Holder>()?.0,
                 "usageMetadata" => found[3] = map.next_value::<Usage>()?.0,
                 _ => {
-                    map.next_value::<IgnoredAny>()?;
+                    map.next_value::<Skip>()?;
                 }
             }
         }
@@ -124,11 +126,11 @@ impl<'de> serde::Deserialize<'de> for Holder {
 
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Holder, A::Error> {
                 let mut usage = None;
-                while let Some(key) = map.next_key::<crate::jsonkey::Key<'de>>()? {
+                while let Some(key) = map.next_key::<Key<'de>>()? {
                     if &*key == "usage" {
                         usage = map.next_value::<Usage>()?.0;
                     } else {
-                        map.next_value::<IgnoredAny>()?;
+                        map.next_value::<Skip>()?;
                     }
                 }
                 Ok(Holder(usage))
@@ -156,7 +158,7 @@ impl<'de> serde::Deserialize<'de> for Usage {
 
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Usage, A::Error> {
                 let mut c = Counts::default();
-                while let Some(key) = map.next_key::<crate::jsonkey::Key<'de>>()? {
+                while let Some(key) = map.next_key::<Key<'de>>()? {
                     let slot = match &*key {
                         "prompt_tokens" => &mut c.prompt_tokens,
                         "promptTokenCount" => &mut c.prompt_token_count,
@@ -168,7 +170,7 @@ impl<'de> serde::Deserialize<'de> for Usage {
                         "candidatesTokenCount" => &mut c.candidates_token_count,
                         "thoughtsTokenCount" => &mut c.thoughts_token_count,
                         _ => {
-                            map.next_value::<IgnoredAny>()?;
+                            map.next_value::<Skip>()?;
                             continue;
                         }
                     };
@@ -211,7 +213,7 @@ impl<'de> serde::Deserialize<'de> for Count {
             }
 
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Count, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                while map.next_entry::<Key<'de>, Skip>()?.is_some() {}
                 Ok(Count(None))
             }
 
@@ -603,10 +605,31 @@ mod tests {
                 r#"{"us\u0061ge":{"prompt_tokens":7,"completion_tokens":null}}"#,
                 (Some(7), None),
             ),
+            // What a JSON value refuses anywhere in the answer (a lone surrogate, a number
+            // out of range) leaves the answer unread, though the rest is skipped unkept.
+            (
+                r#"{"choices":[{"message":{"content":"\ud800"}}],"usage":{"prompt_tokens":5}}"#,
+                (None, None),
+            ),
+            (
+                r#"{"x":{"y":1e400},"usage":{"prompt_tokens":5}}"#,
+                (None, None),
+            ),
         ] {
             let got = read("application/json", answer, 4096);
             assert_eq!((got.input, got.output), want, "{answer}");
         }
+        // Nesting past serde_json's limit likewise.
+        let deep = format!(
+            r#"{{"x":{}{},"usage":{{"prompt_tokens":5}}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        assert_eq!(read("application/json", &deep, 4096), Tokens::default());
+        let shallow = deep
+            .replace(&"[".repeat(200), "[[")
+            .replace(&"]".repeat(200), "]]");
+        assert_eq!(read("application/json", &shallow, 4096).input, Some(5));
     }
 
     #[test]
