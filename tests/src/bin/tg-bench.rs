@@ -843,13 +843,40 @@ fn goal_section(
     };
     let names: Vec<&str> = contenders.iter().map(|c| c.0).collect();
     let medians: Vec<String> = added.iter().map(|runs| summary(runs)).collect();
+    // The goal as a paired comparison: Tollgate's added percentile minus nginx's, round by
+    // round (both against the same direct run), so drift between rounds cancels.
+    let paired = if added[2].len() == added[0].len() && !added[0].is_empty() {
+        let side = |k: usize, label: &str| {
+            let d: Vec<i64> = added[0]
+                .iter()
+                .zip(&added[2])
+                .map(|(t, n)| t[k] - n[k])
+                .collect();
+            let mid = middle(d.iter().map(|&x| x as f64).collect()).unwrap_or(0.0);
+            format!(
+                "{label} median {:+.0} µs (from {:+} to {:+}; at or below nginx in {} of {})",
+                mid,
+                d.iter().min().unwrap_or(&0),
+                d.iter().max().unwrap_or(&0),
+                d.iter().filter(|&&x| x <= 0).count(),
+                d.len()
+            )
+        };
+        format!(
+            "Tollgate's added minus nginx's, round by round: {}; {}.\n\n",
+            side(0, "p50"),
+            side(1, "p99")
+        )
+    } else {
+        String::new()
+    };
     let cpus: Vec<String> = contenders
         .iter()
         .zip(cpu.iter())
         .map(|(c, runs)| format!("{} {} µs", c.0, cpu_median(runs)))
         .collect();
     format!(
-        "## {title}, {RATE} requests/s\n\n{ROUNDS} interleaved rounds of {SECS} s each after a 1 s unmeasured warm-up of each, open loop, 1 KiB `POST /v1/chat/completions`, added µs against the same round's direct run. Each round runs direct first, then the same from the workload's cgroup, where an L4 rule has Tollgate relay the bytes to the plain port (what the hop costs without HTTP, TLS or a record per request), then the proxies, in each of their six orders once. \"Tollgate, models rule\": the same request on a rule that lists models, so the gateway reads the body's model before it decides and the answer's usage as it passes.{goal}\n\n| round | direct p50 / p99 / p99.9 µs | Tollgate, L4 relay added | {} |\n|---:|---|---|{}\n{rows}| median | | {} | {} |\n\nCPU per request (user and system time of every thread of the daemon, and of nginx's master and workers, over their rounds; median of the rounds): {}.\n\n",
+        "## {title}, {RATE} requests/s\n\n{ROUNDS} interleaved rounds of {SECS} s each after a 1 s unmeasured warm-up of each, open loop, 1 KiB `POST /v1/chat/completions`, added µs against the same round's direct run. Each round runs direct first, then the same from the workload's cgroup, where an L4 rule has Tollgate relay the bytes to the plain port (what the hop costs without HTTP, TLS or a record per request), then the proxies, in each of their six orders once. \"Tollgate, models rule\": the same request on a rule that lists models, so the gateway reads the body's model before it decides and the answer's usage as it passes.{goal}\n\n| round | direct p50 / p99 / p99.9 µs | Tollgate, L4 relay added | {} |\n|---:|---|---|{}\n{rows}| median | | {} | {} |\n\n{paired}CPU per request (user and system time of every thread of the daemon, and of nginx's master and workers, over their rounds; median of the rounds): {}.\n\n",
         names.iter().map(|n| format!("{n} added")).collect::<Vec<_>>().join(" | "),
         "---|".repeat(names.len()),
         summary(&relayed),
