@@ -78,15 +78,18 @@ struct UpstreamHost {
 }
 
 impl Conn {
+    /// `record`: what the connection's records say of `workload` (the one its connect record
+    /// carries, shared rather than built again).
     pub fn new(
         gateway: Arc<Gateway>,
         ns: Arc<Netns>,
         netns_cookie: u64,
         workload: WorkloadId,
+        record: Arc<WorkloadRecord>,
         orig: SocketAddr,
     ) -> Self {
         Self {
-            record: Arc::new(workload.record()),
+            record,
             placement: workload.placement(),
             orig_ip: orig.ip().to_string().into(),
             upstream_host: std::sync::Mutex::new(None),

@@ -309,7 +309,8 @@ impl Gateway {
             self.passthrough(client, ns, id, dst, record).await;
             return;
         }
-        let conn = crate::http_proxy::Conn::new(Arc::clone(&self), ns, netns, id, dst);
+        let who = Arc::clone(&record.workload);
+        let conn = crate::http_proxy::Conn::new(Arc::clone(&self), ns, netns, id, who, dst);
         if first[..n].starts_with(b"PRI") {
             // HTTP/2 with prior knowledge: binary framing leaves no Content-Length /
             // Transfer-Encoding ambiguity; every stream is decided like an HTTP/1.1 request.
