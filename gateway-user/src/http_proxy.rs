@@ -1276,6 +1276,24 @@ mod tests {
     }
 
     #[test]
+    fn method_names_are_the_methods_own() {
+        for m in [
+            "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE",
+            "PROPFIND", "get",
+        ] {
+            let method = http::Method::from_bytes(m.as_bytes()).expect("method");
+            let name = method_name(&method);
+            assert_eq!(name, method.as_str());
+            // Only an extension method takes a string of its own.
+            assert_eq!(
+                matches!(name, Cow::Owned(_)),
+                ["PROPFIND", "get"].contains(&m),
+                "{m}"
+            );
+        }
+    }
+
+    #[test]
     fn hop_by_hop_and_connection_named_headers_go() {
         let mut h = headers(&[
             ("connection", "keep-alive, x-secret-hop"),
