@@ -1096,31 +1096,9 @@ impl<'de> serde::Deserialize<'de> for Nested {
                 }
                 Ok(Nested(limits))
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<Nested, A::Error> {
-                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-                Ok(Nested(Limits::default()))
-            }
-            fn visit_unit<E>(self) -> Result<Nested, E> {
-                Ok(Nested(Limits::default()))
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Nested, E> {
-                Ok(Nested(Limits::default()))
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Nested, E> {
-                Ok(Nested(Limits::default()))
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Nested, E> {
-                Ok(Nested(Limits::default()))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Nested, E> {
-                Ok(Nested(Limits::default()))
-            }
-            fn visit_str<E>(self, _: &str) -> Result<Nested, E> {
-                Ok(Nested(Limits::default()))
-            }
+            // Skipped as the rest of a request body is: unchecked.
+            crate::jsonkey::absent_unless_map!(Nested(Limits::default()), serde::de::IgnoredAny);
+            crate::jsonkey::absent_numbers!(Nested(Limits::default()));
         }
         d.deserialize_any(V)
     }

@@ -40,9 +40,12 @@ impl<'de> Deserialize<'de> for Key<'de> {
 }
 
 /// Visitor methods for null, booleans, strings and arrays, each consuming the value and
-/// giving `$absent`.
+/// giving `$absent`; an array's elements are skipped as `$skip` ([`Skip`] unless named).
 macro_rules! absent_unless_map {
     ($absent:expr) => {
+        $crate::jsonkey::absent_unless_map!($absent, $crate::jsonkey::Skip);
+    };
+    ($absent:expr, $skip:ty) => {
         fn visit_unit<E>(self) -> Result<Self::Value, E> {
             Ok($absent)
         }
@@ -59,7 +62,7 @@ macro_rules! absent_unless_map {
             self,
             mut seq: A,
         ) -> Result<Self::Value, A::Error> {
-            while seq.next_element::<$crate::jsonkey::Skip>()?.is_some() {}
+            while seq.next_element::<$skip>()?.is_some() {}
             Ok($absent)
         }
     };
