@@ -472,7 +472,13 @@ pub fn settle_existing(
         _ => false,
     };
     let marked = |s: &sockdiag::TcpSock| is_mark(s) && inodes.contains(&s.inode);
-    let mut socks = sockdiag::dump_tcp(ns)?;
+    // Roots and joins act only on sockets a process holds; a carried mark is looked for in
+    // every state, so one whose connection closed since (TIME_WAIT) counts as present.
+    let states = match scope {
+        Settle::Carried { .. } => sockdiag::States::ALL,
+        Settle::Roots | Settle::Joined { .. } => sockdiag::States::HELD,
+    };
+    let mut socks = sockdiag::dump_tcp(ns, states)?;
     if !matches!(scope, Settle::Roots) {
         // A connected UDP socket sends without naming an address, so no address program sees
         // its datagrams; one carried in is cut like a TCP connection.

@@ -23,6 +23,22 @@ const MSG: usize = 72;
 pub const TCP_ESTABLISHED: u8 = 1;
 pub const TCP_SYN_SENT: u8 = 2;
 pub const TCP_LISTEN: u8 = 10;
+const TCP_TIME_WAIT: u8 = 6;
+const TCP_NEW_SYN_RECV: u8 = 12;
+
+/// Which states a dump lists: a bit per state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct States(u32);
+
+impl States {
+    /// Every state.
+    pub const ALL: Self = Self(u32::MAX);
+    /// The states a socket can be in while a process holds it: all but TIME_WAIT and the
+    /// half-open requests of NEW_SYN_RECV, which no process owns (no inode, no cgroup). A busy
+    /// host keeps tens of thousands of the former; the kernel skips them before it builds a
+    /// message.
+    pub const HELD: Self = Self(!((1 << TCP_TIME_WAIT) | (1 << TCP_NEW_SYN_RECV)));
+}
 
 /// One socket as inet_diag reports it (UDP sockets use the TCP state numbers: a connected one
 /// is `TCP_ESTABLISHED`).
@@ -178,17 +194,17 @@ fn request(family: u8, protocol: u8, states: u32, id: [u8; 48]) -> [u8; REQ] {
     req
 }
 
-/// Every TCP socket of the network namespace `ns`.
-pub fn dump_tcp(ns: &Netns) -> io::Result<Vec<TcpSock>> {
-    dump(ns, TCP)
+/// The TCP sockets of the network namespace `ns` in `states`.
+pub fn dump_tcp(ns: &Netns, states: States) -> io::Result<Vec<TcpSock>> {
+    dump(ns, TCP, states)
 }
 
 /// Every UDP socket of the network namespace `ns`.
 pub fn dump_udp(ns: &Netns) -> io::Result<Vec<TcpSock>> {
-    dump(ns, UDP)
+    dump(ns, UDP, States::ALL)
 }
 
-fn dump(ns: &Netns, protocol: u8) -> io::Result<Vec<TcpSock>> {
+fn dump(ns: &Netns, protocol: u8, states: States) -> io::Result<Vec<TcpSock>> {
     let mut out = Vec::new();
     for family in [libc::AF_INET, libc::AF_INET6] {
         let fd = socket(ns)?;
@@ -197,7 +213,7 @@ fn dump(ns: &Netns, protocol: u8) -> io::Result<Vec<TcpSock>> {
             &fd,
             SOCK_DIAG_BY_FAMILY,
             NLM_F_REQUEST | NLM_F_DUMP,
-            &request(family, protocol, u32::MAX, [0; 48]),
+            &request(family, protocol, states.0, [0; 48]),
         )?;
         recv_all(&fd, true, |body| out.extend(parse_msg(body, protocol)))?;
     }
@@ -323,6 +339,46 @@ mod tests {
     }
 
     #[test]
+    fn a_dump_of_held_states_leaves_out_time_wait() {
+        use std::io::Read;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let at = listener.local_addr().expect("addr");
+        // One connection the server closes first (so the server's end waits in TIME_WAIT),
+        // and one left open.
+        let mut closed = std::net::TcpStream::connect(at).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        let open = std::net::TcpStream::connect(at).expect("connect");
+        let (_kept, _) = listener.accept().expect("accept");
+        let (closed_ends, open_ends) = (
+            (at, closed.local_addr().expect("addr")),
+            (open.local_addr().expect("addr"), at),
+        );
+        drop(server);
+        let mut rest = Vec::new();
+        closed.read_to_end(&mut rest).expect("eof");
+        drop(closed);
+        let listed = |states, (local, remote): (SocketAddr, SocketAddr)| {
+            dump_tcp(&Netns::Host, states)
+                .expect("dump")
+                .into_iter()
+                .find(|s| s.local == local && s.remote == remote)
+                .map(|s| s.state)
+        };
+        let mut waited = 0;
+        while listed(States::ALL, closed_ends) != Some(TCP_TIME_WAIT) {
+            waited += 1;
+            assert!(waited < 200, "the server's end never reached TIME_WAIT");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(listed(States::HELD, closed_ends), None);
+        assert_eq!(listed(States::HELD, open_ends), Some(TCP_ESTABLISHED));
+        assert_eq!(
+            listed(States::HELD, (at, "0.0.0.0:0".parse().expect("any"))),
+            Some(TCP_LISTEN)
+        );
+    }
+
+    #[test]
     fn finds_own_connection_by_tuple() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let client =
@@ -347,7 +403,7 @@ mod tests {
             .expect("diag")
             .expect("found");
         assert_eq!(third.cookie, cookie);
-        let all = dump_tcp(&Netns::Host).expect("dump");
+        let all = dump_tcp(&Netns::Host, States::ALL).expect("dump");
         let me = all
             .iter()
             .find(|s| s.local == local && s.remote == remote)
