@@ -24,7 +24,6 @@ pub const TCP_ESTABLISHED: u8 = 1;
 pub const TCP_SYN_SENT: u8 = 2;
 pub const TCP_LISTEN: u8 = 10;
 const TCP_TIME_WAIT: u8 = 6;
-const TCP_NEW_SYN_RECV: u8 = 12;
 
 /// Which states a dump lists: a bit per state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,11 +32,11 @@ pub struct States(u32);
 impl States {
     /// Every state.
     pub const ALL: Self = Self(u32::MAX);
-    /// The states a socket can be in while a process holds it: all but TIME_WAIT and the
-    /// half-open requests of NEW_SYN_RECV, which no process owns (no inode, no cgroup). A busy
-    /// host keeps tens of thousands of the former; the kernel skips them before it builds a
-    /// message.
-    pub const HELD: Self = Self(!((1 << TCP_TIME_WAIT) | (1 << TCP_NEW_SYN_RECV)));
+    /// The states a socket can be in while a process holds it: all but TIME_WAIT, which no
+    /// process owns (no inode, no cgroup) and of which a busy host keeps tens of thousands; the
+    /// kernel skips them before it builds a message. (Half-open requests come with SYN_RECV,
+    /// the state of a Fast Open connection a server may already hold, so they stay listed.)
+    pub const HELD: Self = Self(!(1 << TCP_TIME_WAIT));
 }
 
 /// One socket as inet_diag reports it (UDP sockets use the TCP state numbers: a connected one
