@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use http::{header, HeaderMap};
 use serde::de::{Deserializer, MapAccess, Visitor};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::jsonkey::{Key, Skip};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// The most of a JSON answer, or of one event's data or line, kept to be read.
 const MAX: usize = 1 << 20;

@@ -865,13 +865,11 @@ fn goal_section(
                 d.len()
             )
         };
-        let verdict = if keepalive {
-            goal_verdict(
-                [median_of(&added[0], 0), median_of(&added[0], 1)],
-                [median_of(&added[2], 0), median_of(&added[2], 1)],
-            )
-        } else {
-            String::new()
+        let verdict = match [0, 1].map(|k| (median_of(&added[0], k), median_of(&added[2], k))) {
+            [(Some(t50), Some(n50)), (Some(t99), Some(n99))] if keepalive => {
+                goal_verdict([t50, t99], [n50, n99])
+            }
+            _ => String::new(),
         };
         format!(
             "Tollgate's added minus nginx's, round by round: {}; {}.\n\n{verdict}",
@@ -898,20 +896,17 @@ fn goal_section(
 
 /// The goal read off the medians of the rounds: Tollgate's added p50 and p99 (`tollgate`)
 /// at or below nginx's (`nginx`), and its p50 at most +100 µs.
-fn goal_verdict(tollgate: [Option<i64>; 2], nginx: [Option<i64>; 2]) -> String {
+fn goal_verdict(tollgate: [i64; 2], nginx: [i64; 2]) -> String {
     let word = |met: bool| if met { "met" } else { "not met" };
-    let (Some(t50), Some(t99)) = (tollgate[0], tollgate[1]) else {
-        return String::new();
-    };
-    let against = |t: i64, n: Option<i64>| match n {
-        Some(n) => format!("{t:+} against nginx's {n:+}: {}", word(t <= n)),
-        None => format!("{t:+}, nginx not measured"),
+    let against = |k: usize| {
+        let (t, n) = (tollgate[k], nginx[k]);
+        format!("{t:+} against nginx's {n:+}: {}", word(t <= n))
     };
     format!(
         "Goal, on the medians: p50 {}; p99 {}; p50 at most +100 µs: {}.\n\n",
-        against(t50, nginx[0]),
-        against(t99, nginx[1]),
-        word(t50 <= 100)
+        against(0),
+        against(1),
+        word(tollgate[0] <= 100)
     )
 }
 
