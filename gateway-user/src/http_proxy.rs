@@ -222,16 +222,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// checked before hyper reads anything (a violation gets a 400 with the reason); every head,
 /// the first included, is checked again as hyper reads it ([`Guarded`]), and a violation in a
 /// later request ends the connection. Each request is decided and audited on its own.
-pub async fn serve(conn: Conn, client: TcpStream) {
-    let mut head = vec![0u8; 16 * 1024];
+/// `head` (`MAX_HEAD` bytes long) holds what the protocol's detection peeked, `peeked` bytes.
+pub async fn serve(conn: Conn, client: TcpStream, mut head: Vec<u8>, peeked: usize) {
     let header_timeout = conn.gateway.config.client_header_timeout;
     let deadline = tokio::time::Instant::now() + header_timeout;
     let mut pause = Duration::from_millis(1);
+    let mut n = peeked;
     let problem = loop {
-        let n = match tokio::time::timeout_at(deadline, client.peek(&mut head)).await {
-            Ok(Ok(n)) => n,
-            _ => break Some("no_request_in_time"),
-        };
         if head[..n].windows(4).any(|w| w == b"\r\n\r\n") {
             break raw_head_error(&head[..n]);
         }
@@ -248,6 +245,10 @@ pub async fn serve(conn: Conn, client: TcpStream) {
         // costs a few peeks, not a busy loop).
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(100));
+        n = match tokio::time::timeout_at(deadline, client.peek(&mut head)).await {
+            Ok(Ok(n)) => n,
+            _ => break Some("no_request_in_time"),
+        };
     };
     // Only peeked: the head is still in the socket for hyper. Free the copy, or every idle
     // kept-alive connection would hold it.

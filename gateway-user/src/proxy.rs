@@ -294,7 +294,9 @@ impl Gateway {
         dst: SocketAddr,
         mut record: AuditRecord,
     ) {
-        let mut first = [0u8; 24];
+        // One peek serves both the protocol's detection and, for HTTP/1.1, the head's first
+        // look: a head that came in one piece is not peeked again.
+        let mut first = vec![0u8; crate::framing::MAX_HEAD];
         let peeked =
             tokio::time::timeout(self.config.client_header_timeout, client.peek(&mut first)).await;
         let n = match peeked {
@@ -312,11 +314,12 @@ impl Gateway {
         let who = Arc::clone(&record.workload);
         let conn = crate::http_proxy::Conn::new(Arc::clone(&self), ns, netns, id, who, dst);
         if first[..n].starts_with(b"PRI") {
+            drop(first);
             // HTTP/2 with prior knowledge: binary framing leaves no Content-Length /
             // Transfer-Encoding ambiguity; every stream is decided like an HTTP/1.1 request.
             crate::http_proxy::serve_h2(conn, client).await;
         } else {
-            crate::http_proxy::serve(conn, client).await;
+            crate::http_proxy::serve(conn, client, first, n).await;
         }
     }
 
@@ -500,6 +503,27 @@ fn socket2_linger_zero(stream: &TcpStream) -> std::io::Result<()> {
     }
 }
 
+/// Sets TCP_NODELAY on a listener, for every socket it accepts.
+fn nodelay(listener: &TcpListener) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: valid option buffer of the right size.
+    let r = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            std::ptr::from_ref(&on).cast(),
+            libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4),
+        )
+    };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 /// Accepts forever on `listener`, a listener in the namespace `ns`.
 pub async fn serve(gateway: Arc<Gateway>, listener: TcpListener, ns: Arc<Netns>) {
     let netns = match crate::netns::cookie_of(&listener) {
@@ -509,6 +533,11 @@ pub async fn serve(gateway: Arc<Gateway>, listener: TcpListener, ns: Arc<Netns>)
             0
         }
     };
+    // Accepted sockets inherit TCP_NODELAY from their listener (Linux copies the option at
+    // accept): set once here, not with a system call per connection.
+    if let Err(e) = nodelay(&listener) {
+        tracing::warn!(error = %e, "cannot set TCP_NODELAY on the listener; small writes may wait for ACKs");
+    }
     // Listeners are bound to one address, which is then every accepted socket's local end:
     // known here, not asked for each connection.
     let bound = listener
@@ -518,7 +547,6 @@ pub async fn serve(gateway: Arc<Gateway>, listener: TcpListener, ns: Arc<Netns>)
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                let _ = stream.set_nodelay(true);
                 let Some(local) = bound.or_else(|| stream.local_addr().ok()) else {
                     continue;
                 };
@@ -554,5 +582,28 @@ mod tests {
         };
         s6.dst_addr = ip6_words("::1".parse::<std::net::Ipv6Addr>().expect("v6").octets());
         assert_eq!(orig_dst(&s6), "[::1]:8443".parse().expect("addr"));
+    }
+
+    /// The accept loop sets TCP_NODELAY on the listener only: each accepted socket must carry
+    /// it, or every response would wait on the client's delayed ACK.
+    #[test]
+    fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            for addr in ["127.0.0.1:0", "[::1]:0"] {
+                let listener = TcpListener::bind(addr).await.expect("bind");
+                let plain = listener.local_addr().expect("addr");
+                let _client = TcpStream::connect(plain).await.expect("connect");
+                let (before, _) = listener.accept().await.expect("accept");
+                assert!(!before.nodelay().expect("nodelay"), "{addr}: on by default");
+                nodelay(&listener).expect("set");
+                let _client = TcpStream::connect(plain).await.expect("connect");
+                let (after, _) = listener.accept().await.expect("accept");
+                assert!(after.nodelay().expect("nodelay"), "{addr}: not inherited");
+            }
+        });
     }
 }
