@@ -296,18 +296,15 @@ impl Gateway {
     ) {
         // One peek serves both the protocol's detection and, for HTTP/1.1, the head's first
         // look: a head that came in one piece is not peeked again.
-        let mut first = vec![0u8; crate::framing::MAX_HEAD];
-        let peeked =
-            tokio::time::timeout(self.config.client_header_timeout, client.peek(&mut first)).await;
-        let n = match peeked {
-            Ok(Ok(n)) => n,
-            _ => {
-                record.reason = "no_request_in_time".into();
-                self.audit.emit(record);
-                return;
-            }
+        let Some((first, n)) = self.first_bytes(&client).await else {
+            record.reason = "no_request_in_time".into();
+            self.audit.emit(record);
+            return;
         };
         if n > 0 && first[0] == 0x16 {
+            // The ClientHello is read again in its own buffer; this one is not held for the
+            // life of the spliced connection.
+            drop(first);
             self.passthrough(client, ns, id, dst, record).await;
             return;
         }
@@ -321,6 +318,28 @@ impl Gateway {
         } else {
             crate::http_proxy::serve(conn, client, first, n).await;
         }
+    }
+
+    /// What the client has sent so far, in a buffer as long as the longest head, with how
+    /// many bytes that is (0: it closed); `None` if nothing came within the client header
+    /// timeout. Bytes that are already there (the usual case: a client sends as soon as it has
+    /// connected) cost one system call. A client that has sent nothing yet is waited for with
+    /// a one-byte buffer, so a connection that says nothing holds no head's worth of memory.
+    async fn first_bytes(&self, client: &TcpStream) -> Option<(Vec<u8>, usize)> {
+        let mut buf = vec![0u8; crate::framing::MAX_HEAD];
+        if let Some(n) = peek_now(client, &mut buf) {
+            return Some((buf, n));
+        }
+        drop(buf);
+        let mut probe = [0u8; 1];
+        let waited =
+            tokio::time::timeout(self.config.client_header_timeout, client.peek(&mut probe)).await;
+        let Ok(Ok(_)) = waited else {
+            return None;
+        };
+        let mut buf = vec![0u8; crate::framing::MAX_HEAD];
+        let n = client.peek(&mut buf).await.ok()?;
+        Some((buf, n))
     }
 
     /// TLS on a port a host rule covers: decide on the SNI, then splice to the SNI name the
@@ -501,6 +520,22 @@ fn socket2_linger_zero(stream: &TcpStream) -> std::io::Result<()> {
     } else {
         Ok(())
     }
+}
+
+/// Peeks what `client` has sent so far without waiting: `None` if nothing has come yet (or
+/// the socket failed; the awaited peek that follows sees that).
+fn peek_now(client: &TcpStream, buf: &mut [u8]) -> Option<usize> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
+    let n = unsafe {
+        libc::recv(
+            client.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    usize::try_from(n).ok()
 }
 
 /// Sets TCP_NODELAY on a listener, for every socket it accepts.

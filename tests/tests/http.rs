@@ -1748,6 +1748,51 @@ fn slowloris_connections_are_cut_and_memory_stays_bounded() {
     );
 }
 
+/// A client that connects and sends nothing for a while.
+const LATE_REQUEST: &str = r#"
+import socket, time
+s = socket.create_connection(('127.0.0.9', 80))
+time.sleep(0.3)
+s.sendall(b'POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}')
+reply = b''
+while True:
+    data = s.recv(65536)
+    if not data:
+        break
+    reply += data
+print(reply.split(b'\r\n')[0].decode())
+"#;
+
+/// A request sent a while after the connect is served like any other: the gateway waits for
+/// the first bytes (without a head's buffer), then reads the head.
+#[test]
+fn a_request_sent_a_while_after_the_connect_is_served() {
+    let s = setup("late-request");
+    let env = &s.env;
+    let _d = env.start();
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", LATE_REQUEST])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    join_before_exec(&mut cmd, &s.agent);
+    let out = cmd.output().expect("python3");
+    env.keep_client_output(&out.stdout);
+    let first = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        first.starts_with("HTTP/1.1 200"),
+        "{first} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let workload = format!("{}/agent.service", env.root_rel());
+    let served = wait_count(env, 1, |r| {
+        r["layer"] == "request"
+            && r["decision"] == "allow"
+            && r["http"]["status"] == 200
+            && r["workload"]["cgroup"] == workload.as_str()
+    });
+    assert_eq!(served, 1, "one record of the served request");
+}
+
 /// Waits until at least `n` records match `pred`; returns how many do.
 fn wait_count(env: &TestEnv, n: usize, pred: impl Fn(&serde_json::Value) -> bool) -> usize {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
