@@ -496,23 +496,30 @@ fn canonical(a: SocketAddr) -> SocketAddr {
 /// Makes the close send RST, so the client sees the refusal at once (SO_LINGER 0 never
 /// blocks: the socket is dropped without waiting for unsent data).
 fn reset(stream: &TcpStream) {
-    let _ = socket2_linger_zero(stream);
-}
-
-fn socket2_linger_zero(stream: &TcpStream) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: valid option buffer of the right size.
+    let _ = set_option(stream, libc::SOL_SOCKET, libc::SO_LINGER, &linger);
+}
+
+/// Sets the socket option `level`/`name` of `socket` to `value`.
+fn set_option<T>(
+    socket: &impl std::os::fd::AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> std::io::Result<()> {
+    let len = libc::socklen_t::try_from(std::mem::size_of::<T>())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: `value` points to an initialized `T` of `len` bytes, which the kernel only reads.
     let r = unsafe {
         libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            std::ptr::from_ref(&linger).cast(),
-            libc::socklen_t::try_from(std::mem::size_of::<libc::linger>()).unwrap_or(8),
+            socket.as_raw_fd(),
+            level,
+            name,
+            std::ptr::from_ref(value).cast(),
+            len,
         )
     };
     if r < 0 {
@@ -540,23 +547,12 @@ fn peek_now(client: &TcpStream, buf: &mut [u8]) -> Option<usize> {
 
 /// Sets TCP_NODELAY on a listener, for every socket it accepts.
 fn nodelay(listener: &TcpListener) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let on: libc::c_int = 1;
-    // SAFETY: valid option buffer of the right size.
-    let r = unsafe {
-        libc::setsockopt(
-            listener.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
-            std::ptr::from_ref(&on).cast(),
-            libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4),
-        )
-    };
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    set_option(
+        listener,
+        libc::IPPROTO_TCP,
+        libc::TCP_NODELAY,
+        &libc::c_int::from(1u8),
+    )
 }
 
 /// Accepts forever on `listener`, a listener in the namespace `ns`.
@@ -617,6 +613,31 @@ mod tests {
         };
         s6.dst_addr = ip6_words("::1".parse::<std::net::Ipv6Addr>().expect("v6").octets());
         assert_eq!(orig_dst(&s6), "[::1]:8443".parse().expect("addr"));
+    }
+
+    /// A refused connection is closed with a reset: the client's read fails at once rather
+    /// than seeing an orderly end.
+    #[test]
+    fn a_reset_connection_is_refused_with_rst() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            use tokio::io::AsyncReadExt;
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let mut client = TcpStream::connect(addr).await.expect("connect");
+            let (server, _) = listener.accept().await.expect("accept");
+            reset(&server);
+            drop(server);
+            let mut buf = [0u8; 1];
+            let read = client.read(&mut buf).await;
+            assert_eq!(
+                read.map_err(|e| e.kind()),
+                Err(std::io::ErrorKind::ConnectionReset)
+            );
+        });
     }
 
     /// The accept loop sets TCP_NODELAY on the listener only: each accepted socket must carry
