@@ -807,35 +807,47 @@ fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)>
     v
 }
 
+/// What the policy watch compares: the policy directory's fingerprint, and the credentials
+/// file and the secret files the running bindings were read from (a binding added by an edit
+/// is watched once the edit is loaded). Not the credentials' whole directory: an audit log or
+/// anything else written beside them would reload them endlessly.
+fn watched(gateway: &Gateway) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
+    let mut f = fingerprint(&gateway.config.policies);
+    if let Some(file) = &gateway.config.credentials {
+        f.push(stat(file));
+        let credentials = gateway
+            .credentials
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        f.extend(credentials.sources().iter().map(|s| stat(s)));
+    }
+    f
+}
+
 /// Reloads policies when their files change: compiled whole and swapped, or kept on error.
+/// The fingerprint (a `stat` per file) and the compile run on the blocking pool: with a
+/// thousand policies they take milliseconds and a hundred, which no runtime worker serving
+/// requests should spend.
 async fn watch_policies(gateway: Arc<Gateway>) {
-    let dir = gateway.config.policies.clone();
-    // Credentials: the file, and the secret files the running bindings were read from (a
-    // binding added by an edit is watched once the edit is loaded). Not the whole directory:
-    // an audit log or anything else written beside them would reload them endlessly.
-    let snapshot = || {
-        let mut f = fingerprint(&dir);
-        if let Some(file) = &gateway.config.credentials {
-            f.push(stat(file));
-            let credentials = gateway
-                .credentials
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .clone();
-            f.extend(credentials.sources().iter().map(|s| stat(s)));
-        }
-        f
+    let Ok(mut last) = on_blocking_pool(&gateway, watched).await else {
+        tracing::error!("cannot read the policy files' fingerprint; policies will not reload");
+        return;
     };
-    let mut last = snapshot();
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
     loop {
         tick.tick().await;
-        let now = snapshot();
+        let Ok(now) = on_blocking_pool(&gateway, watched).await else {
+            continue;
+        };
         if now == last {
             continue;
         }
         last = now;
-        match reload(&gateway.config) {
+        let reloaded = on_blocking_pool(&gateway, |g| reload(&g.config))
+            .await
+            .unwrap_or_else(|e| Err(format!("the reload stopped: {e}")));
+        match reloaded {
             Ok((set, creds)) => {
                 let n = set.len();
                 *gateway
@@ -863,6 +875,15 @@ async fn watch_policies(gateway: Arc<Gateway>) {
             }
         }
     }
+}
+
+/// Runs `f` on the gateway on the blocking pool.
+async fn on_blocking_pool<T: Send + 'static>(
+    gateway: &Arc<Gateway>,
+    f: fn(&Gateway) -> T,
+) -> Result<T, tokio::task::JoinError> {
+    let gateway = Arc::clone(gateway);
+    tokio::task::spawn_blocking(move || f(&gateway)).await
 }
 
 /// Compiles the policies and loads the credentials, whole, or says why not.
