@@ -962,11 +962,14 @@ fn tls_passthrough_decides_on_the_sni_and_dials_the_name() {
 
 /// Sends each raw request (one per connection) to where the workload thinks the API is and
 /// prints, per request, a JSON line: the status line (empty if the gateway closed without
-/// one) and how many bytes came back.
+/// one) and how many bytes came back. An argument, if given, is how many seconds to wait
+/// after each connect before sending.
 const RAW_CLIENT: &str = r#"
-import json, socket, sys
+import json, socket, sys, time
+delay = float(sys.argv[1]) if len(sys.argv) > 1 else 0
 for raw in json.load(sys.stdin):
     s = socket.create_connection(('127.0.0.9', 80), timeout=5)
+    time.sleep(delay)
     s.sendall(raw.encode('latin-1'))
     got = b''
     try:
@@ -1748,21 +1751,6 @@ fn slowloris_connections_are_cut_and_memory_stays_bounded() {
     );
 }
 
-/// A client that connects and sends nothing for a while.
-const LATE_REQUEST: &str = r#"
-import socket, time
-s = socket.create_connection(('127.0.0.9', 80))
-time.sleep(0.3)
-s.sendall(b'POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}')
-reply = b''
-while True:
-    data = s.recv(65536)
-    if not data:
-        break
-    reply += data
-print(reply.split(b'\r\n')[0].decode())
-"#;
-
 /// A request sent a while after the connect is served like any other: the gateway waits for
 /// the first bytes (without a head's buffer), then reads the head.
 #[test]
@@ -1770,18 +1758,33 @@ fn a_request_sent_a_while_after_the_connect_is_served() {
     let s = setup("late-request");
     let env = &s.env;
     let _d = env.start();
+    // Connects, says nothing for 300 ms, then sends the request.
+    let request = "POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}";
     let mut cmd = Command::new("python3");
-    cmd.args(["-c", LATE_REQUEST])
+    cmd.args(["-c", RAW_CLIENT, "0.3"])
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     join_before_exec(&mut cmd, &s.agent);
-    let out = cmd.output().expect("python3");
+    let mut child = cmd.spawn().expect("python3");
+    let input = serde_json::json!([request]).to_string();
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), input.as_bytes())
+        .expect("send the request");
+    let out = child.wait_with_output().expect("python3");
     env.keep_client_output(&out.stdout);
-    let first = String::from_utf8_lossy(&out.stdout);
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
     assert!(
-        first.starts_with("HTTP/1.1 200"),
-        "{first} {}",
-        String::from_utf8_lossy(&out.stderr)
+        got["status"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("HTTP/1.1 200"),
+        "{got}"
     );
     let workload = format!("{}/agent.service", env.root_rel());
     let served = wait_count(env, 1, |r| {
