@@ -380,11 +380,15 @@ mod tests {
         // A `kubepods` cgroup made inside a workload's own names no pod: still a's budget.
         let pod = "0f3c2d4e-1111-2222-3333-444455556666";
         let fake = format!("/agents/a.service/kubepods/pod{pod}");
-        assert!(
-            crate::container::placement(&fake).pod.is_some(),
-            "the path does name a pod"
-        );
+        assert_eq!(crate::container::placement(&fake).pod, None);
         assert_eq!(of(&rule, &fake), a.key);
+        // Nor would a pod read that deep change whose budget it is.
+        let deep = crate::container::Pod {
+            uid: pod.into(),
+            qos: "guaranteed",
+            hierarchy_depth: 4,
+        };
+        assert_eq!(rule.of(Some(&deep), Some(&path(&fake))).key, a.key);
         // Selected at or below the Kubernetes hierarchy, each pod is a workload.
         let kube = Budget {
             workloads_below: Some(path("/kubepods.slice")),

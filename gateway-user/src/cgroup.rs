@@ -131,15 +131,28 @@ impl CgroupPath {
         mount.join(self.0.trim_start_matches('/'))
     }
 
-    /// The systemd unit this cgroup belongs to: the innermost `.service`, `.scope`, `.socket`,
-    /// `.mount` or `.swap` component (`.slice`s group units; they are not units of a process).
+    /// The systemd unit this cgroup belongs to, read as systemd reads it: the first component
+    /// below the slices (`.slice`s group units; a process is never in one), if it names a
+    /// `.service`, `.scope`, `.socket`, `.mount` or `.swap`. Below its unit, a service with a
+    /// delegated subtree names cgroups as it likes: an inner `billing.service` is its own
+    /// choice, not billing's identity, and is not read.
     pub fn systemd_unit(&self) -> Option<&str> {
         const KINDS: [&str; 5] = [".service", ".scope", ".socket", ".mount", ".swap"];
-        self.0
+        let unit = self
+            .0
             .split('/')
-            .rev()
-            .find(|c| KINDS.iter().any(|k| c.len() > k.len() && c.ends_with(k)))
+            .filter(|c| !c.is_empty())
+            .find(|c| !is_slice(c))?;
+        KINDS
+            .iter()
+            .any(|k| unit.len() > k.len() && unit.ends_with(k))
+            .then_some(unit)
     }
+}
+
+/// A systemd slice: a cgroup that groups units and holds no process of its own.
+pub fn is_slice(component: &str) -> bool {
+    component.len() > ".slice".len() && component.ends_with(".slice")
 }
 
 impl std::fmt::Display for CgroupPath {
@@ -338,6 +351,16 @@ mod tests {
             ("/system.slice", None),
             ("/tollgate/app", None),
             ("/.service", None),
+            // Names a service chose below its own unit do not count.
+            (
+                "/system.slice/app.service/sub/billing.service",
+                Some("app.service"),
+            ),
+            (
+                "/user.slice/user-1000.slice/user@1000.service/app.slice/billing.service",
+                Some("user@1000.service"),
+            ),
+            ("/tollgate/billing.service", None),
         ];
         for (input, want) in table {
             assert_eq!(

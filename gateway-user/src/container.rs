@@ -2,6 +2,8 @@
 //! the kubelet really produce (systemd and cgroupfs drivers). Pure: no file system access.
 use serde::Serialize;
 
+use crate::cgroup::is_slice;
+
 /// A container, as its runtime named its cgroup.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Container {
@@ -80,62 +82,87 @@ fn pod_uid_of(component: &str) -> Option<String> {
 }
 
 /// Reads a cgroup path (relative to the cgroup2 mount).
+///
+/// Only what lies above the workload's own cgroup is read: the slices systemd makes, the
+/// parents a runtime makes at the top (`/docker`, `/libpod_parent`, `/kubepods[/<qos>]/pod<uid>`)
+/// and the first cgroup below them, the one systemd or the runtime made for the workload (its
+/// unit, its container). Below that, a workload with a delegated subtree (a `Delegate=yes`
+/// service, a user's own manager, a container with a writable cgroupfs) names cgroups as it
+/// likes: a `docker-<id>.scope` or `kubepods-pod<uid>.slice` there would claim another
+/// workload's identity, and is not read. A container inside a container is the outer one.
 pub fn placement(path: &str) -> Placement {
     let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
     let mut out = Placement::default();
-    // The innermost container component wins (a container may make cgroups inside its own).
-    let container_at = parts.iter().rposition(|c| container_of(c).is_some());
-    if let Some(i) = container_at {
-        out.container = container_of(parts[i]);
-    }
-    // cgroupfs driver: /kubepods[/<qos>]/pod<uid>/<id> — the container is a bare id.
-    let kube_at = parts
-        .iter()
-        .position(|c| *c == "kubepods" || *c == "kubepods.slice");
-    if let Some(k) = kube_at {
-        let below = &parts[k + 1..];
-        let pod_at = below.iter().position(|c| pod_uid_of(c).is_some());
-        if let Some(p) = pod_at {
-            let qos = below[..p]
-                .iter()
-                .find_map(|c| {
-                    let c = c.strip_suffix(".slice").unwrap_or(c);
-                    let c = c.strip_prefix("kubepods-").unwrap_or(c);
-                    match c {
-                        "burstable" => Some("burstable"),
-                        "besteffort" => Some("besteffort"),
-                        _ => None,
-                    }
-                })
-                .unwrap_or("guaranteed");
+    let slices = parts.iter().take_while(|c| is_slice(c)).count();
+    // systemd driver: /kubepods.slice[/kubepods-<qos>.slice]/kubepods-[<qos>-]pod<uid>.slice,
+    // possibly below other slices (an operator's, or a test's).
+    if let Some(k) = parts[..slices].iter().position(|c| *c == "kubepods.slice") {
+        let below = &parts[k + 1..slices];
+        if let Some(p) = below.iter().position(|c| pod_uid_of(c).is_some()) {
             out.pod = pod_uid_of(below[p]).map(|uid| Pod {
                 uid,
-                qos,
+                qos: qos_of(&below[..p]),
                 hierarchy_depth: k + 1,
             });
-            if out.container.is_none() {
-                // A bare id below the pod: containerd or cri-o with the cgroupfs driver. The
-                // runtime is not in the name; "containerd" is the kubelet default.
-                if let Some(id) = below.get(p + 1).filter(|c| is_id(c)) {
-                    out.container = Some(Container {
-                        runtime: "containerd",
-                        id: (*id).to_owned(),
-                    });
-                }
-            }
-        }
-    } else if out.container.is_none() {
-        // docker (cgroupfs driver): /docker/<id>; podman (cgroupfs): /libpod_parent/libpod-<id>.
-        if let Some(i) = parts.iter().position(|c| *c == "docker") {
-            if let Some(id) = parts.get(i + 1).filter(|c| is_id(c)) {
-                out.container = Some(Container {
-                    runtime: "docker",
-                    id: (*id).to_owned(),
-                });
-            }
         }
     }
+    let Some(&owner) = parts.get(slices) else {
+        return out;
+    };
+    if let Some(container) = container_of(owner) {
+        out.container = Some(container);
+        return out;
+    }
+    // cgroupfs layouts, only at the top (below slices): the runtime's parent, then the
+    // workload's own cgroup.
+    let rest = &parts[slices..];
+    match owner {
+        "kubepods" if out.pod.is_none() => {
+            let qos_len = usize::from(rest.get(1).is_some_and(|c| qos_of(&[c]) != "guaranteed"));
+            let Some(uid) = rest.get(1 + qos_len).and_then(|c| pod_uid_of(c)) else {
+                return out;
+            };
+            out.pod = Some(Pod {
+                uid,
+                qos: qos_of(&rest[1..1 + qos_len]),
+                hierarchy_depth: slices + 1,
+            });
+            // containerd or cri-o name the container's cgroup by its bare id; the runtime is
+            // not in the name, and "containerd" is the kubelet's default.
+            out.container = rest.get(2 + qos_len).and_then(|c| {
+                container_of(c).or_else(|| {
+                    is_id(c).then(|| Container {
+                        runtime: "containerd",
+                        id: (*c).to_owned(),
+                    })
+                })
+            });
+        }
+        "docker" => {
+            out.container = rest.get(1).filter(|c| is_id(c)).map(|id| Container {
+                runtime: "docker",
+                id: (*id).to_owned(),
+            });
+        }
+        "libpod_parent" => out.container = rest.get(1).and_then(|c| container_of(c)),
+        _ => {}
+    }
     out
+}
+
+/// The QoS class the slices or directories above a pod name (`guaranteed` when none does).
+fn qos_of(above_pod: &[&str]) -> &'static str {
+    above_pod
+        .iter()
+        .find_map(|c| {
+            let c = c.strip_suffix(".slice").unwrap_or(c);
+            match c.strip_prefix("kubepods-").unwrap_or(c) {
+                "burstable" => Some("burstable"),
+                "besteffort" => Some("besteffort"),
+                _ => None,
+            }
+        })
+        .unwrap_or("guaranteed")
 }
 
 #[cfg(test)]
@@ -169,10 +196,6 @@ mod tests {
             (format!("/docker/{ID}"), Placement { container: c("docker"), pod: None }),
             // podman: rootful, rootless, cgroupfs, and its split "container" child
             (format!("/machine.slice/libpod-{ID}.scope"), Placement { container: c("podman"), pod: None }),
-            (
-                format!("/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{ID}.scope"),
-                Placement { container: c("podman"), pod: None },
-            ),
             (format!("/libpod_parent/libpod-{ID}"), Placement { container: c("podman"), pod: None }),
             (format!("/machine.slice/libpod-{ID}.scope/container"), Placement { container: c("podman"), pod: None }),
             // Kubernetes, systemd driver: containerd and cri-o, each QoS class
@@ -202,10 +225,39 @@ mod tests {
                 Placement { container: None, pod: p("burstable") },
             ),
             // not containers
+            // Rootless: below the user's own manager, where that user names cgroups as it likes.
+            (format!("/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{ID}.scope"), Placement::default()),
             ("/system.slice/sshd.service".into(), Placement::default()),
             ("/system.slice/docker.service".into(), Placement::default()),
             ("/docker/not-an-id".into(), Placement::default()),
             (format!("/system.slice/docker-{}.scope", &ID[..12]), Placement::default()),
+        ];
+        for (path, want) in table {
+            assert_eq!(placement(&path), want, "{path}");
+        }
+    }
+
+    #[test]
+    fn names_below_the_workloads_own_cgroup_claim_nothing() {
+        // A service with a delegated subtree, or a container, making cgroups named like
+        // another workload's: they keep their own identity (or none), never the named one.
+        const OUTER: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        let outer = || Some(Container { runtime: "docker", id: OUTER.into() });
+        let table: Vec<(String, Placement)> = vec![
+            (format!("/system.slice/app.service/docker-{ID}.scope"), Placement::default()),
+            (format!("/system.slice/app.service/docker/{ID}"), Placement::default()),
+            (format!("/system.slice/app.service/kubepods/pod{UID}/{ID}"), Placement::default()),
+            (
+                format!("/system.slice/app.service/kubepods.slice/kubepods-pod{UID_}.slice/cri-containerd-{ID}.scope"),
+                Placement::default(),
+            ),
+            (format!("/tollgate/kubepods/pod{UID}/{ID}"), Placement::default()),
+            (format!("/system.slice/docker-{OUTER}.scope/docker-{ID}.scope"), Placement { container: outer(), pod: None }),
+            (format!("/docker/{OUTER}/docker/{ID}"), Placement { container: outer(), pod: None }),
+            (
+                format!("/kubepods.slice/kubepods-pod{UID_}.slice/docker-{OUTER}.scope/kubepods.slice/kubepods-pod0000.slice/docker-{ID}.scope"),
+                Placement { container: outer(), pod: p("guaranteed") },
+            ),
         ];
         for (path, want) in table {
             assert_eq!(placement(&path), want, "{path}");
