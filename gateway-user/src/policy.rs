@@ -375,6 +375,14 @@ impl std::str::FromStr for Cidr {
                 .ok_or_else(|| format!("{s:?} has an invalid prefix length"))?,
             None => max,
         };
+        // An IPv4-mapped range is judged as the IPv4 range it maps, so its prefix counts the
+        // IPv4 bits only; a prefix shorter than the mapping's 96 bits is not such a range.
+        let prefix = match (addr, canonical(addr)) {
+            (IpAddr::V6(_), IpAddr::V4(_)) => prefix.checked_sub(96).ok_or_else(|| {
+                format!("{s:?} covers more than IPv4-mapped addresses: write the IPv4 range")
+            })?,
+            _ => prefix,
+        };
         Ok(Self {
             addr: canonical(addr),
             prefix,
@@ -394,15 +402,21 @@ impl Cidr {
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, canonical(ip)) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
+                // A prefix longer than the address matches nothing (never the whole space).
+                let Some(bits) = 32u32.checked_sub(u32::from(self.prefix)) else {
+                    return false;
+                };
+                // `/0`: every address.
+                let mask = u32::MAX.checked_shl(bits).unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
+                // A prefix longer than the address matches nothing (never the whole space).
+                let Some(bits) = 128u32.checked_sub(u32::from(self.prefix)) else {
+                    return false;
+                };
+                // `/0`: every address.
+                let mask = u128::MAX.checked_shl(bits).unwrap_or(0);
                 u128::from(net) & mask == u128::from(ip) & mask
             }
             _ => false,
@@ -452,6 +466,24 @@ impl Policy {
             self.cgroup.as_ref().map_or(0, CgroupPath::depth),
             self.narrowers(),
         )
+    }
+
+    /// Whether some workload could match both selectors: no field that both name tells them
+    /// apart. With equal ranks the cgroups are equally deep, so they overlap only if equal.
+    fn may_share_a_workload_with(&self, other: &Self) -> bool {
+        fn compatible<T: PartialEq + ?Sized>(a: Option<&T>, b: Option<&T>) -> bool {
+            a.zip(b).is_none_or(|(a, b)| a == b)
+        }
+        compatible(self.cgroup.as_ref(), other.cgroup.as_ref())
+            && self
+                .container_id
+                .as_deref()
+                .zip(other.container_id.as_deref())
+                .is_none_or(|(a, b)| a.starts_with(b) || b.starts_with(a))
+            && compatible(self.pod_uid.as_deref(), other.pod_uid.as_deref())
+            && compatible(self.unit.as_deref(), other.unit.as_deref())
+            && compatible(self.exe.as_deref(), other.exe.as_deref())
+            && compatible(self.uid.as_ref(), other.uid.as_ref())
     }
 
     fn applies_to(&self, w: &WorkloadView<'_>) -> bool {
@@ -645,17 +677,13 @@ impl PolicySet {
     pub fn from_policies(policies: Vec<Policy>) -> Result<Self, PolicyError> {
         for (i, a) in policies.iter().enumerate() {
             for b in &policies[i + 1..] {
-                if a.cgroup == b.cgroup
-                    && a.container_id == b.container_id
-                    && a.pod_uid == b.pod_uid
-                    && a.unit == b.unit
-                    && a.exe == b.exe
-                    && a.uid == b.uid
-                {
+                if a.rank() == b.rank() && a.may_share_a_workload_with(b) {
                     return Err(PolicyError::Invalid {
                         file: b.file.display().to_string(),
                         message: format!(
-                            "policy {:?} selects the same workload as {:?} in {}: merge them",
+                            "policy {:?} and {:?} in {} can select the same workload and are \
+                             equally specific, so neither would be chosen by rule: merge them, \
+                             or make one more specific (a deeper cgroup, a container, exe or uid)",
                             b.name,
                             a.name,
                             a.file.display()
@@ -670,8 +698,8 @@ impl PolicySet {
 
     /// The policy that governs `w`, if any.
     pub fn select(&self, w: &WorkloadView<'_>) -> Option<&Policy> {
-        // Among equally specific matches the last in file order wins, as it would in a scan
-        // of every policy.
+        // Two policies that could both apply with the same rank do not compile, so the
+        // highest rank names one policy.
         self.index
             .candidates(w)
             .map(|i| (i, &self.policies[i]))
@@ -1275,15 +1303,17 @@ mod tests {
                 rules: Vec::new(),
             });
         }
-        // Selectors that end up identical are a compile error; keep the first of each.
-        let mut seen = std::collections::HashSet::new();
-        policies.retain(|p| {
-            seen.insert(format!(
-                "{:?}{:?}{:?}{:?}{:?}",
-                p.cgroup, p.container_id, p.pod_uid, p.unit, p.uid
-            ))
-        });
-        let set = PolicySet::from_policies(policies).expect("set");
+        // Policies that tie with an earlier one are a compile error; keep the first of each.
+        let mut kept: Vec<Policy> = Vec::new();
+        for p in policies {
+            if !kept
+                .iter()
+                .any(|k| k.rank() == p.rank() && k.may_share_a_workload_with(&p))
+            {
+                kept.push(p);
+            }
+        }
+        let set = PolicySet::from_policies(kept).expect("set");
         let (mut checked, mut picked) = (0, std::collections::HashSet::new());
         for c in [
             "/",
@@ -1465,9 +1495,41 @@ mod tests {
     fn duplicate_selectors_are_refused() {
         let err = PolicySet::from_policies(vec![policy(APP), policy(APP)]).expect_err("dup");
         assert!(
-            err.to_string().contains("selects the same workload"),
+            err.to_string().contains("can select the same workload"),
             "{err}"
         );
+    }
+
+    /// Two policies that could both apply to one workload with the same rank would be chosen
+    /// between by file order: refused, whatever their names.
+    #[test]
+    fn policies_that_could_tie_are_refused() {
+        let with = |name: &str, workload: &str| {
+            policy(&format!("apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: {{ name: {name} }}\nspec:\n  workload: {workload}\n"))
+        };
+        const ID: &str = "4f6b1c0d2e3a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9a0b1c2d3e";
+        for (a, b) in [
+            ("{ cgroup: /tg/app, uid: 1000 }", "{ cgroup: /tg/app, exe: /usr/bin/python3 }"),
+            ("{ container_id: 4f6b1c0d2e3a }", &*format!("{{ container_id: {ID} }}")),
+            ("{ cgroup: /tg/app, uid: 1 }", "{ uid: 1, cgroup: /tg/app }"),
+        ] {
+            for order in [[a, b], [b, a]] {
+                let err = PolicySet::from_policies(vec![with("a", order[0]), with("b", order[1])])
+                    .expect_err("tie");
+                assert!(err.to_string().contains("equally specific"), "{err}");
+            }
+        }
+        // Told apart by a field both name, or ranked apart: accepted.
+        for (a, b) in [
+            ("{ cgroup: /tg/app, uid: 1 }", "{ cgroup: /tg/app, uid: 2 }"),
+            ("{ cgroup: /tg/app, exe: /bin/a }", "{ cgroup: /tg/app, exe: /bin/b }"),
+            ("{ cgroup: /tg/app }", "{ cgroup: /tg/app, uid: 1 }"),
+            ("{ cgroup: /tg/app }", "{ cgroup: /tg/other }"),
+            ("{ container_id: 4f6b1c0d2e3a }", "{ container_id: 4f6b1c0d2e3b }"),
+        ] {
+            PolicySet::from_policies(vec![with("a", a), with("b", b)])
+                .unwrap_or_else(|e| panic!("{a} / {b}: {e}"));
+        }
     }
 
     #[test]
@@ -1479,6 +1541,22 @@ mod tests {
         assert!(!c.contains("10.2.0.1".parse().expect("ip")));
         let all: Cidr = "0.0.0.0/0".parse().expect("cidr");
         assert!(all.contains("127.0.0.1".parse().expect("ip")));
+    }
+
+    #[test]
+    fn an_ipv4_mapped_range_is_the_ipv4_range_it_maps() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let mapped: Cidr = "::ffff:10.20.0.0/112".parse().expect("cidr");
+        assert!(mapped.contains(ip("10.20.1.1")));
+        assert!(mapped.contains(ip("::ffff:10.20.255.1")));
+        for outside in ["10.21.0.1", "8.8.8.8", "169.254.169.254", "127.0.0.1"] {
+            assert!(!mapped.contains(ip(outside)), "{outside}");
+        }
+        let one: Cidr = "::ffff:10.1.2.3".parse().expect("cidr");
+        assert!(one.contains(ip("10.1.2.3")));
+        assert!(!one.contains(ip("10.1.2.4")));
+        let err = "::ffff:0.0.0.0/95".parse::<Cidr>().expect_err("wider than the mapping");
+        assert!(err.contains("write the IPv4 range"), "{err}");
     }
 
     #[test]
