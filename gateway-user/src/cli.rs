@@ -73,7 +73,14 @@ enum NetnsCommand {
 #[derive(Subcommand)]
 enum PolicyCommand {
     /// Check every policy in DIR; print each error as file:line:column.
-    Check { dir: PathBuf },
+    Check {
+        dir: PathBuf,
+        /// Also check that every credential a rule names is in this credentials file and
+        /// lists the rule's host, as the daemon does when it starts (the file's secrets are
+        /// read, so run it where they are).
+        #[arg(long)]
+        credentials: Option<PathBuf>,
+    },
     /// Show the decision and the rule that makes it, for a workload and a request:
     /// `tcp IP:PORT`, `tls HOST:PORT` or `METHOD http://HOST[:PORT]/PATH`.
     Explain {
@@ -192,9 +199,18 @@ pub fn main() -> ExitCode {
             }
         }
         Command::Policy {
-            command: PolicyCommand::Check { dir },
+            command: PolicyCommand::Check { dir, credentials },
         } => match PolicySet::load_dir(&dir) {
             Ok(set) => {
+                if let Some(path) = credentials {
+                    let checked = crate::credentials::Credentials::load(&path)
+                        .map_err(|e| e.to_string())
+                        .and_then(|c| daemon::check_bindings(&set, &c));
+                    if let Err(e) = checked {
+                        eprintln!("{e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
                 println!("{} policies OK", set.len());
                 ExitCode::SUCCESS
             }

@@ -1,10 +1,10 @@
 //! Egress policy: raw YAML model → compiled form → a pure, synchronous `evaluate`.
 //!
 //! Selection: a policy names its workload by any of `cgroup` (that cgroup and everything below
-//! it), `container_id` (full id, or a prefix of at least 12 digits) and `pod_uid`; all that it
-//! names must match. `exe` and `uid` only narrow. Among the policies that apply, a container
-//! selector beats a pod selector beats a cgroup one, then the deeper cgroup, then more
-//! narrowing fields; two policies that tie are a compile error. Within the chosen policy,
+//! it), `container_id` (full id, or a prefix of at least 12 digits), `pod_uid` and `unit`; all
+//! that it names must match. `exe` and `uid` only narrow. Among the policies that apply, a
+//! container selector beats a pod selector beats a unit selector beats a cgroup one, then the
+//! deeper cgroup, then more narrowing fields; two policies that could tie are a compile error. Within the chosen policy,
 //! rules are tried in file order and the first match decides. Nothing chosen, or no rule
 //! matched: deny.
 use std::{
@@ -22,8 +22,13 @@ use crate::{cgroup::CgroupPath, config::parse_yaml};
 pub enum PolicyError {
     #[error(transparent)]
     Syntax(#[from] crate::config::YamlError),
-    #[error("{file}: {message}")]
-    Invalid { file: String, message: String },
+    #[error("{file}{}: {message}", at.map(|(l, c)| format!(":{l}:{c}")).unwrap_or_default())]
+    Invalid {
+        file: String,
+        /// Line and column (1-based) of what the message is about, when it can be found.
+        at: Option<(usize, usize)>,
+        message: String,
+    },
     #[error("cannot read policy {path}: {source}")]
     Read {
         path: PathBuf,
@@ -204,7 +209,9 @@ impl PathPattern {
     fn parse(s: &str) -> Result<Self, String> {
         let normalized = crate::normalize::path(&s.replace('*', "x"))
             .map_err(|e| format!("path {s:?}: {}", e.as_str()))?;
-        if normalized.len() != s.trim_end_matches('/').len().max(1) && s != "/" {
+        // A request's path is matched normalized, without a trailing slash: a pattern with
+        // one would match nothing.
+        if normalized.len() != s.len() && s != "/" {
             return Err(format!(
                 "path {s:?}: write it normalized (no `..`, `//`, `%2e` or trailing slash)"
             ));
@@ -212,20 +219,23 @@ impl PathPattern {
         Ok(Self(s.to_owned()))
     }
 
+    /// Segment by segment, `*` standing for one non-empty segment; a trailing `/*` stands for
+    /// everything below (`/v1/threads/*/runs/*` matches `/v1/threads/t1/runs/r1/steps`).
     pub fn matches(&self, path: &str) -> bool {
-        if let Some(prefix) = self.0.strip_suffix("/*") {
-            if !prefix.contains('*') {
-                return path.starts_with(prefix)
-                    && path.as_bytes().get(prefix.len()) == Some(&b'/');
-            }
-        }
-        let (mut pat, mut got) = (self.0.split('/'), path.split('/'));
-        loop {
-            match (pat.next(), got.next()) {
-                (None, None) => return true,
-                (Some(p), Some(g)) if p == "*" && !g.is_empty() || p == g => {}
+        let (pattern, below) = match self.0.strip_suffix("/*") {
+            Some(prefix) => (prefix, true),
+            None => (self.0.as_str(), false),
+        };
+        let mut got = path.split('/');
+        for p in pattern.split('/') {
+            match got.next() {
+                Some(g) if p == g || p == "*" && !g.is_empty() => {}
                 _ => return false,
             }
+        }
+        match got.next() {
+            None => !below,
+            Some(_) => below,
         }
     }
 }
@@ -450,6 +460,8 @@ pub struct Policy {
     pub uid: Option<u32>,
     pub mode: Mode,
     pub rules: Vec<Rule>,
+    /// Where its `workload` is written (line, column), for errors found across policies.
+    pub at: Option<(usize, usize)>,
 }
 
 impl Policy {
@@ -680,6 +692,7 @@ impl PolicySet {
                 if a.rank() == b.rank() && a.may_share_a_workload_with(b) {
                     return Err(PolicyError::Invalid {
                         file: b.file.display().to_string(),
+                        at: b.at,
                         message: format!(
                             "policy {:?} and {:?} in {} can select the same workload and are \
                              equally specific, so neither would be chosen by rule: merge them, \
@@ -887,6 +900,77 @@ impl PolicySet {
                 rule: Some(rule),
                 reason: "tls_on_an_originate_rule",
             },
+            // Monitor mode lets through only what a passthrough rule can carry: TLS to a rule
+            // that originates TLS, or to a host no rule names (nowhere to dial), is refused.
+            RequestDecision::WouldDeny {
+                policy,
+                rule,
+                route: Some(route),
+                ..
+            } if route.tls != TlsMode::Passthrough => RequestDecision::Deny {
+                policy: Some(policy),
+                rule,
+                reason: "tls_on_an_originate_rule",
+            },
+            RequestDecision::WouldDeny {
+                policy,
+                rule,
+                reason,
+                route: None,
+            } => RequestDecision::Deny {
+                policy: Some(policy),
+                rule,
+                reason,
+            },
+            other => other,
+        }
+    }
+
+    /// The decision for a plain-text HTTP request as the gateway carries it out: what
+    /// [`Self::evaluate_request`] decides, except that a passthrough rule cannot carry plain
+    /// HTTP, and a monitor-mode request to a host no rule names has nowhere to go: both are
+    /// denied. `tollgate policy explain` and the gateway both decide through this.
+    #[allow(clippy::too_many_arguments)]
+    pub fn evaluate_http(
+        &self,
+        w: &WorkloadView<'_>,
+        port: u16,
+        host: &str,
+        method: &str,
+        path: &str,
+        headers: &http::HeaderMap,
+        model: Model<'_>,
+    ) -> RequestDecision {
+        match self.evaluate_request(w, port, host, method, path, headers, model) {
+            RequestDecision::Allow {
+                policy,
+                rule,
+                route,
+            } if route.tls == TlsMode::Passthrough => RequestDecision::Deny {
+                policy: Some(policy),
+                rule: Some(rule),
+                reason: "plain_http_on_a_passthrough_rule",
+            },
+            RequestDecision::WouldDeny {
+                policy,
+                rule,
+                route: Some(route),
+                ..
+            } if route.tls == TlsMode::Passthrough => RequestDecision::Deny {
+                policy: Some(policy),
+                rule,
+                reason: "plain_http_on_a_passthrough_rule",
+            },
+            RequestDecision::WouldDeny {
+                policy,
+                rule,
+                reason,
+                route: None,
+            } => RequestDecision::Deny {
+                policy: Some(policy),
+                rule,
+                reason,
+            },
             other => other,
         }
     }
@@ -996,11 +1080,12 @@ pub fn explain(
                 crate::normalize::host(authority.as_str()).map_err(|e| e.as_str().to_owned())?;
             let path = crate::normalize::path(uri.path())
                 .map_err(|e| format!("path refused: {}", e.as_str()))?;
-            show(&set.evaluate_request(
+            // Methods are case-sensitive (RFC 9110): `get` is not `GET`, here as in the gateway.
+            show(&set.evaluate_http(
                 w,
                 port.unwrap_or(80),
                 &host,
-                &method.to_ascii_uppercase(),
+                method,
                 &path,
                 headers,
                 model.map_or(Model::Unread, |m| {
@@ -1016,21 +1101,26 @@ pub fn explain(
 pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
     let file_s = file.display().to_string();
     let raw: RawPolicy = parse_yaml(text, &file_s)?;
-    let invalid = |message: String| PolicyError::Invalid {
+    let invalid_at = |key: &str, message: String| PolicyError::Invalid {
         file: file_s.clone(),
+        at: key_at(text, 0, key, None),
         message,
     };
+    let invalid = |message: String| invalid_at("workload", message);
     if raw.api_version != "tollgate/v1" {
-        return Err(invalid(format!(
-            "apiVersion {:?} is not supported; use tollgate/v1",
-            raw.api_version
-        )));
+        return Err(invalid_at(
+            "apiVersion",
+            format!(
+                "apiVersion {:?} is not supported; use tollgate/v1",
+                raw.api_version
+            ),
+        ));
     }
     if raw.kind != "EgressPolicy" {
-        return Err(invalid(format!(
-            "kind {:?} is not supported; use EgressPolicy",
-            raw.kind
-        )));
+        return Err(invalid_at(
+            "kind",
+            format!("kind {:?} is not supported; use EgressPolicy", raw.kind),
+        ));
     }
     let w = &raw.spec.workload;
     if w.cgroup.is_none() && w.container_id.is_none() && w.pod_uid.is_none() && w.unit.is_none() {
@@ -1043,7 +1133,7 @@ pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
         .as_deref()
         .map(CgroupPath::parse)
         .transpose()
-        .map_err(|e| invalid(e.to_string()))?;
+        .map_err(|e| invalid_at("cgroup", e.to_string()))?;
     if let Some(id) = &w.container_id {
         if id.len() < 12
             || id.len() > 64
@@ -1051,22 +1141,29 @@ pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
                 .bytes()
                 .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         {
-            return Err(invalid(format!(
-                "container_id {id:?}: use 12 to 64 lowercase hex digits"
-            )));
+            return Err(invalid_at(
+                "container_id",
+                format!("container_id {id:?}: use 12 to 64 lowercase hex digits"),
+            ));
         }
     }
     if let Some(uid) = &w.pod_uid {
         if uid.len() != 36 || uid.matches('-').count() != 4 {
-            return Err(invalid(format!(
-                "pod_uid {uid:?}: use the pod's UID as the API server shows it"
-            )));
+            return Err(invalid_at(
+                "pod_uid",
+                format!("pod_uid {uid:?}: use the pod's UID as the API server shows it"),
+            ));
         }
     }
     let mut rules = Vec::new();
     let mut names = std::collections::HashSet::new();
+    let egress_at = text.find("egress:").unwrap_or(0);
     for r in raw.spec.egress {
-        let rule_err = |m: String| invalid(format!("rule {:?}: {m}", r.name));
+        let rule_err = |m: String| PolicyError::Invalid {
+            file: file_s.clone(),
+            at: key_at(text, egress_at, "name", Some(&r.name)),
+            message: format!("rule {:?}: {m}", r.name),
+        };
         if !names.insert(r.name.clone()) {
             return Err(rule_err(
                 "a second rule of that name: names tell rules apart in audit records and budgets"
@@ -1242,7 +1339,48 @@ pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
         uid: raw.spec.workload.uid,
         mode: raw.spec.mode,
         rules,
+        at: key_at(text, 0, "workload", None),
     })
+}
+
+/// Where `key:` first appears in `text` from byte `from` on (followed by `value`, when given),
+/// as a 1-based line and column: a position for the errors found after the YAML parser, which
+/// gives positions only for its own. `None` when the text spells it otherwise (escapes, an
+/// alias): the error then names the file alone.
+fn key_at(text: &str, from: usize, key: &str, value: Option<&str>) -> Option<(usize, usize)> {
+    let mut start = from;
+    loop {
+        let i = start + text.get(start..)?.find(key)?;
+        start = i + key.len();
+        let starts_key = text[..i]
+            .chars()
+            .next_back()
+            .is_none_or(|c| c.is_whitespace() || matches!(c, '{' | ',' | '-'));
+        let Some(rest) = text[start..].strip_prefix(':') else {
+            continue;
+        };
+        if !starts_key {
+            continue;
+        }
+        if let Some(value) = value {
+            let rest = rest.trim_start_matches([' ', '\t']);
+            let rest = rest.strip_prefix(['"', '\'']).unwrap_or(rest);
+            let ends = rest.strip_prefix(value).is_some_and(|after| {
+                after
+                    .chars()
+                    .next()
+                    .is_none_or(|c| c.is_whitespace() || matches!(c, '"' | '\'' | ',' | '}' | '#'))
+            });
+            if !ends {
+                continue;
+            }
+        }
+        let line_start = text[..i].rfind('\n').map_or(0, |n| n + 1);
+        return Some((
+            text[..i].matches('\n').count() + 1,
+            text[line_start..i].chars().count() + 1,
+        ));
+    }
 }
 
 #[cfg(test)]
@@ -1301,6 +1439,7 @@ mod tests {
                 uid,
                 mode: Mode::Enforce,
                 rules: Vec::new(),
+                at: None,
             });
         }
         // Policies that tie with an earlier one are a compile error; keep the first of each.
@@ -1509,8 +1648,14 @@ mod tests {
         };
         const ID: &str = "4f6b1c0d2e3a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9a0b1c2d3e";
         for (a, b) in [
-            ("{ cgroup: /tg/app, uid: 1000 }", "{ cgroup: /tg/app, exe: /usr/bin/python3 }"),
-            ("{ container_id: 4f6b1c0d2e3a }", &*format!("{{ container_id: {ID} }}")),
+            (
+                "{ cgroup: /tg/app, uid: 1000 }",
+                "{ cgroup: /tg/app, exe: /usr/bin/python3 }",
+            ),
+            (
+                "{ container_id: 4f6b1c0d2e3a }",
+                &*format!("{{ container_id: {ID} }}"),
+            ),
             ("{ cgroup: /tg/app, uid: 1 }", "{ uid: 1, cgroup: /tg/app }"),
         ] {
             for order in [[a, b], [b, a]] {
@@ -1522,10 +1667,16 @@ mod tests {
         // Told apart by a field both name, or ranked apart: accepted.
         for (a, b) in [
             ("{ cgroup: /tg/app, uid: 1 }", "{ cgroup: /tg/app, uid: 2 }"),
-            ("{ cgroup: /tg/app, exe: /bin/a }", "{ cgroup: /tg/app, exe: /bin/b }"),
+            (
+                "{ cgroup: /tg/app, exe: /bin/a }",
+                "{ cgroup: /tg/app, exe: /bin/b }",
+            ),
             ("{ cgroup: /tg/app }", "{ cgroup: /tg/app, uid: 1 }"),
             ("{ cgroup: /tg/app }", "{ cgroup: /tg/other }"),
-            ("{ container_id: 4f6b1c0d2e3a }", "{ container_id: 4f6b1c0d2e3b }"),
+            (
+                "{ container_id: 4f6b1c0d2e3a }",
+                "{ container_id: 4f6b1c0d2e3b }",
+            ),
         ] {
             PolicySet::from_policies(vec![with("a", a), with("b", b)])
                 .unwrap_or_else(|e| panic!("{a} / {b}: {e}"));
@@ -1555,7 +1706,9 @@ mod tests {
         let one: Cidr = "::ffff:10.1.2.3".parse().expect("cidr");
         assert!(one.contains(ip("10.1.2.3")));
         assert!(!one.contains(ip("10.1.2.4")));
-        let err = "::ffff:0.0.0.0/95".parse::<Cidr>().expect_err("wider than the mapping");
+        let err = "::ffff:0.0.0.0/95"
+            .parse::<Cidr>()
+            .expect_err("wider than the mapping");
         assert!(err.contains("write the IPv4 range"), "{err}");
     }
 
@@ -2074,6 +2227,10 @@ mod host_rules {
                 OPENAI.replace("tls: originate", "tls: passthrough"),
                 "no `http` rules, credential or budget",
             ),
+            (
+                OPENAI.replace("/v1/chat/completions", "/v1/models/"),
+                "trailing slash",
+            ),
         ];
         for (text, want) in bad {
             let err = parse_policy(&text, Path::new("a.yaml"))
@@ -2081,6 +2238,66 @@ mod host_rules {
                 .to_string();
             assert!(err.contains(want), "{err}");
         }
+    }
+}
+
+#[cfg(test)]
+mod patterns_and_positions {
+    use super::*;
+
+    #[test]
+    fn a_trailing_star_is_everything_below_after_any_segment_stars() {
+        let pattern = |s: &str| PathPattern::parse(s).expect("pattern");
+        let table = [
+            ("/v1/models", "/v1/models", true),
+            ("/v1/models", "/v1/models/x", false),
+            ("/v1/models/*", "/v1/models/x", true),
+            ("/v1/models/*", "/v1/models/x/y", true),
+            ("/v1/models/*", "/v1/models", false),
+            ("/v1/models/*", "/v1/modelsx/y", false),
+            ("/v1/threads/*/runs", "/v1/threads/t1/runs", true),
+            ("/v1/threads/*/runs", "/v1/threads/t1/runs/r1", false),
+            ("/v1/threads/*/runs", "/v1/threads//runs", false),
+            ("/v1/threads/*/runs/*", "/v1/threads/t1/runs/r1", true),
+            ("/v1/threads/*/runs/*", "/v1/threads/t1/runs/r1/steps", true),
+            ("/v1/threads/*/runs/*", "/v1/threads/t1/runs", false),
+            ("/v1/threads/*/runs/*", "/v1/threads/t1/other/r1", false),
+            ("/", "/", true),
+            ("/", "/x", false),
+            ("/*", "/x/y", true),
+        ];
+        for (p, path, want) in table {
+            assert_eq!(pattern(p).matches(path), want, "{p} {path}");
+        }
+    }
+
+    /// Errors found after the YAML parser still say where: the rule's name, the selector.
+    #[test]
+    fn errors_past_the_parser_name_line_and_column() {
+        let text = "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: { name: p }\nspec:\n  workload: { cgroup: /a }\n  egress:\n    - name: name\n      match: { cidr: 10.0.0.0/8, port: 1 }\n    - name: \"api\"\n      match: { host: \"api..example\", port: 80 }\n      tls: none\n";
+        let err = parse_policy(text, Path::new("p.yaml"))
+            .expect_err("bad host")
+            .to_string();
+        assert!(err.starts_with("p.yaml:9:7: rule \"api\""), "{err}");
+        let bad_id = text.replace("cgroup: /a", "container_id: xyz");
+        let err = parse_policy(&bad_id, Path::new("p.yaml"))
+            .expect_err("bad id")
+            .to_string();
+        assert!(err.starts_with("p.yaml:5:15: container_id"), "{err}");
+        let a = parse_policy(
+            &text.replace("\"api..example\"", "api.example"),
+            Path::new("a.yaml"),
+        )
+        .expect("a");
+        let b = parse_policy(
+            &text.replace("\"api..example\"", "api.example"),
+            Path::new("b.yaml"),
+        )
+        .expect("b");
+        let err = PolicySet::from_policies(vec![a, b])
+            .expect_err("tie")
+            .to_string();
+        assert!(err.starts_with("b.yaml:5:3: "), "{err}");
     }
 }
 
@@ -2142,5 +2359,78 @@ mod explain_and_units {
             assert!(got.contains(want), "{request}: {got}");
         }
         assert!(explain(&set, &w, "nonsense", &http::HeaderMap::new(), None).is_err());
+    }
+
+    /// `explain` answers what the gateway does, where that differs from the bare rule match:
+    /// a lower-case method, plain HTTP on a passthrough rule, TLS on an originating rule in
+    /// monitor mode, and a monitored host no rule names.
+    #[test]
+    fn explain_says_what_the_gateway_does() {
+        let text = |mode: &str| {
+            format!("apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: {{ name: p }}\nspec:\n  workload: {{ cgroup: /a }}\n  mode: {mode}\n  egress:\n    - name: api\n      match: {{ host: api.example.com, port: 80 }}\n      upstream: {{ port: 443 }}\n      tls: originate\n      http:\n        - methods: [GET]\n          paths: [/v1/*]\n    - name: pass\n      match: {{ host: pass.example.com, port: 443 }}\n      tls: passthrough\n")
+        };
+        let cg = CgroupPath::parse("/a/w").expect("cg");
+        let w = WorkloadView {
+            cgroup: &cg,
+            container_id: None,
+            pod_uid: None,
+            exe: None,
+            uid: 0,
+        };
+        for (mode, request, want) in [
+            (
+                "enforce",
+                "GET http://api.example.com/v1/x",
+                "allow by rule \"api\"",
+            ),
+            (
+                "enforce",
+                "get http://api.example.com/v1/x",
+                "deny (method_or_path_not_allowed)",
+            ),
+            (
+                "enforce",
+                "GET http://pass.example.com:443/",
+                "deny (plain_http_on_a_passthrough_rule)",
+            ),
+            (
+                "monitor",
+                "GET http://pass.example.com:443/",
+                "deny (plain_http_on_a_passthrough_rule)",
+            ),
+            (
+                "monitor",
+                "tls api.example.com:80",
+                "deny (tls_on_an_originate_rule)",
+            ),
+            (
+                "monitor",
+                "tls pass.example.com:443",
+                "allow by rule \"pass\"",
+            ),
+            (
+                "monitor",
+                "tls other.example.com:443",
+                "deny (host_not_allowed)",
+            ),
+            (
+                "monitor",
+                "GET http://other.example.com/",
+                "deny (host_not_allowed)",
+            ),
+            (
+                "monitor",
+                "POST http://api.example.com/v1/x",
+                "would deny, monitor mode (method_or_path_not_allowed)",
+            ),
+        ] {
+            let set =
+                PolicySet::from_policies(vec![
+                    parse_policy(&text(mode), Path::new("p.yaml")).expect("policy")
+                ])
+                .expect("set");
+            let got = explain(&set, &w, request, &http::HeaderMap::new(), None).expect("explain");
+            assert!(got.contains(want), "{mode} {request}: {got}");
+        }
     }
 }

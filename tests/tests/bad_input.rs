@@ -315,3 +315,51 @@ fn a_pinned_map_of_another_layout_is_refused_not_adopted() {
         "attached once each: {counts}"
     );
 }
+
+/// `policy check --credentials FILE` refuses what the daemon would refuse at start: a rule
+/// naming a credential the file does not define. Without the flag the policies alone pass.
+#[test]
+fn policy_check_with_credentials_names_a_binding_the_file_lacks() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("tg-check-credentials-{}", std::process::id()));
+    let policies = dir.join("policies");
+    std::fs::create_dir_all(&policies).expect("dir");
+    let private = |path: &std::path::Path, text: &str| {
+        std::fs::write(path, text).expect("write");
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    };
+    std::fs::write(
+        policies.join("agent.yaml"),
+        "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: { name: agent }\nspec:\n  workload: { cgroup: /agents }\n  egress:\n    - name: openai\n      match: { host: api.openai.com, port: 80 }\n      upstream: { port: 443 }\n      tls: originate\n      credential: openai-prod\n",
+    )
+    .expect("policy");
+    private(&dir.join("other.key"), "not-a-real-key");
+    private(
+        &dir.join("credentials.yaml"),
+        "bindings:\n  - name: other\n    hosts: [api.openai.com]\n    inject: { header: Authorization, format: \"Bearer {secret}\" }\n    source: { file: other.key }\n",
+    );
+    let check = |extra: &[&std::path::Path]| {
+        Command::new(tollgate_bin())
+            .args(["policy", "check"])
+            .arg(&policies)
+            .args(
+                extra
+                    .iter()
+                    .flat_map(|p| [std::path::Path::new("--credentials"), p]),
+            )
+            .output()
+            .expect("check")
+    };
+    let alone = check(&[]);
+    let with = check(&[&dir.join("credentials.yaml")]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(alone.status.success(), "{alone:?}");
+    assert!(!with.status.success(), "{with:?}");
+    let stderr = String::from_utf8_lossy(&with.stderr);
+    assert!(
+        stderr.contains("agent.yaml")
+            && stderr.contains("\"openai-prod\"")
+            && stderr.contains("does not define"),
+        "{stderr}"
+    );
+}
