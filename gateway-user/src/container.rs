@@ -242,7 +242,12 @@ mod tests {
         // A service with a delegated subtree, or a container, making cgroups named like
         // another workload's: they keep their own identity (or none), never the named one.
         const OUTER: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
-        let outer = || Some(Container { runtime: "docker", id: OUTER.into() });
+        let outer = || {
+            Some(Container {
+                runtime: "docker",
+                id: OUTER.into(),
+            })
+        };
         let table: Vec<(String, Placement)> = vec![
             (format!("/system.slice/app.service/docker-{ID}.scope"), Placement::default()),
             (format!("/system.slice/app.service/docker/{ID}"), Placement::default()),
