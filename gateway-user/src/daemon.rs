@@ -843,10 +843,18 @@ async fn watch_policies(gateway: Arc<Gateway>) {
         if now == last {
             continue;
         }
+        let (seen, g) = (now.clone(), Arc::clone(&gateway));
+        let settled = tokio::task::spawn_blocking(move || {
+            load_if_settled(&seen, || watched(&g), || reload(&g.config), SETTLE)
+        })
+        .await;
+        let reloaded = match settled {
+            Ok(Some(reloaded)) => reloaded,
+            // Still being written: read again on the next tick.
+            Ok(None) => continue,
+            Err(e) => Err(format!("the reload stopped: {e}")),
+        };
         last = now;
-        let reloaded = on_blocking_pool(&gateway, |g| reload(&g.config))
-            .await
-            .unwrap_or_else(|e| Err(format!("the reload stopped: {e}")));
         match reloaded {
             Ok((set, creds)) => {
                 let n = set.len();
@@ -875,6 +883,25 @@ async fn watch_policies(gateway: Arc<Gateway>) {
             }
         }
     }
+}
+
+/// How long the files must stay as they were when read for a reload to be applied. An edit
+/// written in place (truncated, then written in parts) that was read half-way shows as a change
+/// within this time; it is read again on the next tick rather than compiled from part of a
+/// file, which can parse (a rule cut before its `http` entries allows every request to its host).
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// `load()`'s result if `fingerprint()` is still `before` once `settle` has passed after it,
+/// `None` if the files changed meanwhile.
+fn load_if_settled<F: PartialEq, T>(
+    before: &F,
+    fingerprint: impl Fn() -> F,
+    load: impl FnOnce() -> T,
+    settle: std::time::Duration,
+) -> Option<T> {
+    let loaded = load();
+    std::thread::sleep(settle);
+    (fingerprint() == *before).then_some(loaded)
 }
 
 /// Runs `f` on the gateway on the blocking pool.
@@ -957,4 +984,42 @@ pub fn register_netns(config: &Config, path: &Path) -> Result<u64, String> {
     let cookie = ask_daemon(config, &format!("netns-add {}", path.display()))
         .map_err(|msg| format!("{}: {msg}", path.display()))?;
     cookie.parse().map_err(|_| format!("bad reply {cookie:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file that changes while it is read, or just after, is not applied: it is read again.
+    #[test]
+    fn a_reload_is_applied_only_once_the_files_have_settled() {
+        let dir = std::env::temp_dir().join(format!("tg-settle-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("p.yaml");
+        std::fs::write(&file, "first half").expect("write");
+        let before = fingerprint(&dir);
+        let settle = std::time::Duration::from_millis(20);
+        // The writer finishes its edit after the read.
+        let torn = load_if_settled(
+            &before,
+            || fingerprint(&dir),
+            || {
+                let read = std::fs::read_to_string(&file).expect("read");
+                std::fs::write(&file, "first half, second half").expect("write");
+                read
+            },
+            settle,
+        );
+        assert_eq!(torn, None);
+        // Read again with nothing changing: applied.
+        let before = fingerprint(&dir);
+        let whole = load_if_settled(
+            &before,
+            || fingerprint(&dir),
+            || std::fs::read_to_string(&file).expect("read"),
+            settle,
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(whole.as_deref(), Some("first half, second half"));
+    }
 }
