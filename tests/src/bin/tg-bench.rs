@@ -337,7 +337,7 @@ fn main() {
     let baseline = only
         .is_none_or(|o| o == "capture")
         .then(|| Baseline::measure(&env));
-    let daemon = env.start();
+    let mut daemon = env.start();
     let mut md = String::new();
     if let Some(baseline) = &baseline {
         md.push_str(&capture_section(&env, &app, &daemon, target, baseline));
@@ -359,6 +359,9 @@ fn main() {
             &env, &app, &daemon, &upstream, ports, true, GOAL_RATE,
         ));
     }
+    // A graceful stop, as an operator's: the daemon flushes its audit log and exits by itself
+    // (a build made to record a profile writes it then).
+    daemon.stop();
     let path = out_dir.join("report.md");
     std::fs::File::create(&path)
         .and_then(|mut f| f.write_all(md.as_bytes()))
