@@ -35,6 +35,67 @@ pub fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str, file: &str) -> Res
     })
 }
 
+/// Parses like [`parse_yaml`], but the message never quotes a value from the text, for a file a
+/// secret may be typed into by mistake (the credentials file): serde quotes the scalar it met
+/// (`invalid type: string "sk-…"`), and the message goes on to stderr, the log and the audit
+/// record of a failed reload. The position, the field path and what was expected stay.
+pub fn parse_yaml_without_values<T: serde::de::DeserializeOwned>(
+    text: &str,
+    file: &str,
+) -> Result<T, YamlError> {
+    parse_yaml(text, file).map_err(|mut e| {
+        e.message = without_values(&e.message);
+        e
+    })
+}
+
+/// A serde message with the value it quotes from the input left out, the kind kept:
+/// `invalid type: string "x", expected a sequence` → `invalid type: string, expected a
+/// sequence`; `unknown field `x`, expected …` → `unknown field, expected …`. A message of
+/// another form that quotes anything is replaced whole.
+fn without_values(msg: &str) -> String {
+    const QUOTING: [&str; 4] = [
+        "invalid type: ",
+        "invalid value: ",
+        "unknown field ",
+        "unknown variant ",
+    ];
+    // What follows the value is serde's and the model's, never the input's: the last match
+    // is it even when the value holds the same words.
+    const AFTER: [&str; 3] = [
+        ", expected ",
+        ", there are no fields",
+        ", there are no variants",
+    ];
+    for head in QUOTING {
+        let Some(start) = msg.find(head).map(|i| i + head.len()) else {
+            continue;
+        };
+        let Some(end) = AFTER.iter().filter_map(|a| msg[start..].rfind(a)).max() else {
+            break;
+        };
+        // The kind is the words before the quoted value (`string`, `integer`, `map`).
+        let kind = msg[start..start + end]
+            .split(['"', '`'])
+            .next()
+            .unwrap_or_default()
+            .trim_end();
+        let before = if kind.is_empty() {
+            msg[..start].trim_end()
+        } else {
+            &msg[..start]
+        };
+        return format!("{before}{kind}{}", &msg[start + end..]);
+    }
+    let ours = ["missing field `", "duplicate field `", "invalid length "];
+    if msg.contains(['"', '`']) && !ours.iter().any(|o| msg.contains(o)) {
+        return "the text does not have the expected form (the message is left out: it \
+                would quote the text)"
+            .into();
+    }
+    msg.to_owned()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error(transparent)]

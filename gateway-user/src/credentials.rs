@@ -12,7 +12,7 @@ use std::{
 use secrecy::{zeroize::Zeroizing, ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use crate::config::parse_yaml;
+use crate::config::parse_yaml_without_values;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialError {
@@ -202,7 +202,9 @@ impl Credentials {
         base: &Path,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, CredentialError> {
-        let raw: RawFile = parse_yaml(text, file)?;
+        // A secret typed into the file by mistake must not reach an error: no message quotes
+        // a value from it, only binding names (which policies and audit records carry anyway).
+        let raw: RawFile = parse_yaml_without_values(text, file)?;
         let invalid = |message: String| CredentialError::Invalid {
             file: file.to_owned(),
             message,
@@ -219,16 +221,20 @@ impl Credentials {
             let hosts = b
                 .hosts
                 .iter()
-                .map(|h| {
+                .enumerate()
+                .map(|(i, h)| {
                     crate::normalize::host(h).map(|(n, _)| n).map_err(|e| {
-                        invalid(format!("binding {:?}: host {h:?}: {}", b.name, e.as_str()))
+                        invalid(format!("binding {:?}: hosts[{i}]: {}", b.name, e.as_str()))
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             let inject = match (b.inject.header, b.inject.format, b.inject.query) {
                 (Some(h), format, None) => Inject::Header {
                     name: http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
-                        invalid(format!("binding {:?}: bad header name {h:?}", b.name))
+                        invalid(format!(
+                            "binding {:?}: inject.header is not a valid header name",
+                            b.name
+                        ))
                     })?,
                     format: format.unwrap_or_else(|| "{secret}".into()),
                 },
@@ -262,7 +268,8 @@ impl Credentials {
                 }
                 (None, Some(var)) => SecretString::from(env(&var).ok_or_else(|| {
                     invalid(format!(
-                        "binding {:?}: environment variable {var} is not set",
+                        "binding {:?}: the variable source.env names is not set in the \
+                         daemon's environment",
                         b.name
                     ))
                 })?),
@@ -375,10 +382,13 @@ mod tests {
     #[test]
     fn errors_name_the_problem() {
         let missing = TEXT.replace("TG_MAPS", "TG_NOPE");
-        assert!(Credentials::parse(&missing, "c.yaml", Path::new("/"), &env)
+        let err = Credentials::parse(&missing, "c.yaml", Path::new("/"), &env)
             .expect_err("missing env")
-            .to_string()
-            .contains("TG_NOPE"));
+            .to_string();
+        assert!(
+            err.contains("\"maps\"") && err.contains("source.env") && err.contains("not set"),
+            "{err}"
+        );
         let unknown = TEXT.replace(
             "    source: { env: TG_TEST_KEY }",
             "    source: { env: TG_TEST_KEY }\n    sorce: x",
@@ -403,6 +413,65 @@ mod tests {
             "{err}"
         );
         assert!(!err.contains("sk-"), "{err}");
+    }
+
+    #[test]
+    fn errors_never_quote_a_value_from_the_file() {
+        const SECRET: &str = "TOPSECRET";
+        let source = "    source: { env: TG_TEST_KEY }";
+        let cases = [
+            // Parse errors: serde's messages quote the scalar they met.
+            (
+                source,
+                "    source: sk-live-TOPSECRET",
+                "c.yaml:5:13: bindings[0].source: invalid type: string, expected struct",
+            ),
+            (
+                "    hosts: [API.openai.com]",
+                "    hosts: 987654321987",
+                "c.yaml:3:12: bindings[0].hosts: invalid type: integer, expected a sequence",
+            ),
+            (
+                source,
+                "    source: { env: TG_TEST_KEY }\n    key: sk-live-TOPSECRET",
+                "c.yaml:6:5: bindings[0]: unknown field, expected one of `name`",
+            ),
+            (
+                source,
+                "    source: { env: TG_TEST_KEY, sk-live-TOPSECRET: x }",
+                "c.yaml:5:33: bindings[0].source: unknown field, expected `file` or `env`",
+            ),
+            (
+                "    hosts: [API.openai.com]",
+                "    hosts: !sk-live-TOPSECRET x",
+                "c.yaml:3:12: bindings[0].hosts: ",
+            ),
+            // Checks after parsing: a value in a field of the wrong meaning.
+            (
+                source,
+                "    source: { env: sk-live-TOPSECRET }",
+                "binding \"openai-prod\": the variable source.env names is not set",
+            ),
+            (
+                "header: Authorization",
+                "header: \"Bearer sk-live-TOPSECRET\"",
+                "binding \"openai-prod\": inject.header is not a valid header name",
+            ),
+            (
+                "[API.openai.com]",
+                "[\"sk-live-TOPSECRET/v1\"]",
+                "binding \"openai-prod\": hosts[0]: ",
+            ),
+        ];
+        for (from, to, expected) in cases {
+            let text = TEXT.replace(from, to);
+            assert_ne!(text, TEXT, "{to}");
+            let err = Credentials::parse(&text, "c.yaml", Path::new("/"), &env)
+                .expect_err(to)
+                .to_string();
+            assert!(err.contains(expected), "{to}: {err}");
+            assert!(!err.contains(SECRET), "{to}: {err}");
+        }
     }
 
     #[test]
