@@ -1,10 +1,11 @@
 //! Credential bindings: which secret goes to which destination hosts, and how it is injected.
 //! Secrets live in `SecretString` (zeroized on drop, redacted in `Debug`) and are exposed only
 //! where the header value is built. The file itself holds no secrets, only where they come
-//! from; it must not be readable by group or others all the same.
+//! from; it must not be readable by group or others all the same, nor owned by another user.
 use std::{
     collections::BTreeMap,
-    os::unix::fs::PermissionsExt,
+    io::Read,
+    os::unix::fs::{MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -27,6 +28,15 @@ pub enum CredentialError {
     },
     #[error("{path} is readable by group or others (mode {mode:o}): chmod 600 it")]
     Permissions { path: PathBuf, mode: u32 },
+    #[error(
+        "{path} is owned by uid {owner}, not by root or the daemon's uid {daemon}: that user can \
+         read and rewrite it; chown it to root"
+    )]
+    Owner {
+        path: PathBuf,
+        owner: u32,
+        daemon: u32,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -184,11 +194,7 @@ impl Credentials {
 
     /// Loads the credentials file and every secret it names.
     pub fn load(path: &Path) -> Result<Self, CredentialError> {
-        check_private(path)?;
-        let text = std::fs::read_to_string(path).map_err(|source| CredentialError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = read_private(path)?;
         let base = path.parent().unwrap_or(Path::new("/"));
         Self::parse(&text, &path.display().to_string(), base, &|var| {
             std::env::var(var).ok()
@@ -257,12 +263,7 @@ impl Credentials {
             let secret = match (b.source.file, b.source.env) {
                 (Some(f), None) => {
                     let f = if f.is_absolute() { f } else { base.join(f) };
-                    check_private(&f)?;
-                    let s =
-                        std::fs::read_to_string(&f).map_err(|source| CredentialError::Read {
-                            path: f.clone(),
-                            source,
-                        })?;
+                    let s = read_private(&f)?;
                     sources.push(f);
                     SecretString::from(s.trim_end_matches(['\n', '\r']).to_owned())
                 }
@@ -328,11 +329,17 @@ fn percent_encoded(raw: &str, upper: bool) -> Vec<u8> {
     out
 }
 
-fn check_private(path: &Path) -> Result<(), CredentialError> {
-    let meta = std::fs::metadata(path).map_err(|source| CredentialError::Read {
+/// Reads a credentials or secret file that only root or the daemon's own user can read or
+/// write: a file another user owns can be read and rewritten by that user (a workload's uid,
+/// say) whatever its mode. Symlinks are followed; the file checked is the one opened, so the
+/// text read is the text checked.
+fn read_private(path: &Path) -> Result<String, CredentialError> {
+    let read = |source| CredentialError::Read {
         path: path.to_owned(),
         source,
-    })?;
+    };
+    let mut file = std::fs::File::open(path).map_err(read)?;
+    let meta = file.metadata().map_err(read)?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(CredentialError::Permissions {
@@ -340,7 +347,17 @@ fn check_private(path: &Path) -> Result<(), CredentialError> {
             mode,
         });
     }
-    Ok(())
+    let daemon = nix::unistd::geteuid().as_raw();
+    if meta.uid() != 0 && meta.uid() != daemon {
+        return Err(CredentialError::Owner {
+            path: path.to_owned(),
+            owner: meta.uid(),
+            daemon,
+        });
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(read)?;
+    Ok(text)
 }
 
 #[cfg(test)]
@@ -485,5 +502,46 @@ mod tests {
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         let _ = std::fs::remove_dir_all(&dir);
         assert!(err.to_string().contains("chmod 600"), "{err}");
+    }
+
+    #[test]
+    fn files_owned_by_another_user_are_refused() {
+        use std::os::unix::fs::{chown, symlink};
+        const CREDS: &str = "bindings:\n  - name: k\n    hosts: [k.example]\n    \
+                             inject: { header: x-key }\n    source: { file: link }\n";
+        let dir = std::env::temp_dir().join(format!("tg-cred-owner-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let (creds, key, link) = (dir.join("creds.yaml"), dir.join("k"), dir.join("link"));
+        for (path, text) in [(&creds, CREDS), (&key, "sk-owner-1\n")] {
+            std::fs::write(path, text).expect("write");
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        }
+        // The secret is read through a symlink: the file it leads to is the one checked.
+        symlink(&key, &link).expect("symlink");
+        // Owned by the daemon's user (root in CI): accepted.
+        let accepted = Credentials::load(&creds).map(|c| c.names().count());
+        // (the file given away, the path the error must name)
+        let refusals = if nix::unistd::geteuid().is_root() {
+            [(&creds, &creds), (&key, &link)]
+                .map(|(file, named)| {
+                    chown(file, Some(65_534), None).expect("chown");
+                    let refused = Credentials::load(&creds);
+                    chown(file, Some(0), None).expect("chown back");
+                    (named, refused.expect_err("another user's file").to_string())
+                })
+                .to_vec()
+        } else {
+            eprintln!("the refusal is not checked: giving a file to another uid needs root");
+            Vec::new()
+        };
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(accepted.expect("files of the daemon's user"), 1);
+        for (named, err) in refusals {
+            assert!(
+                err.starts_with(&format!("{} is owned by uid 65534", named.display())),
+                "{err}"
+            );
+            assert!(err.contains("chown it to root"), "{err}");
+        }
     }
 }
