@@ -298,8 +298,50 @@ impl Drop for FlushOnDrop {
     }
 }
 
+/// The audit file, and whether a failed write may have left it inside a line.
+struct Sink<W> {
+    file: W,
+    /// What reached the file last does not end a line (a write failed partway, the disk
+    /// full): the next batch starts on a new line, so only the torn record is lost and every
+    /// other line stays one whole record. The file is not cut back to its last whole line: a
+    /// rotation by copytruncate would make a remembered length wrong.
+    torn: bool,
+}
+
+impl<W: Write> Sink<W> {
+    fn new(file: W) -> Self {
+        Self { file, torn: false }
+    }
+
+    /// Writes a batch of whole lines.
+    fn write_batch(&mut self, batch: &[u8]) -> std::io::Result<()> {
+        if self.torn {
+            self.write_tracked(b"\n")?;
+        }
+        self.write_tracked(batch)
+    }
+
+    /// `write_all`, noting whether what reached the file ends a line.
+    fn write_tracked(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
+        while !bytes.is_empty() {
+            match self.file.write(bytes) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    let (written, rest) = bytes.split_at(n.min(bytes.len()));
+                    self.torn = written.last() != Some(&b'\n');
+                    bytes = rest;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The writer thread: blocks for a line, takes whatever else is queued, writes it in one go.
-fn write_lines(mut file: File, queue: &Receiver<Message>, healthy: &AtomicBool) {
+fn write_lines(file: File, queue: &Receiver<Message>, healthy: &AtomicBool) {
+    let mut sink = Sink::new(file);
     let mut batch = Vec::with_capacity(BATCH);
     let mut waiting = Vec::new();
     let mut first = queue.recv().ok();
@@ -324,7 +366,7 @@ fn write_lines(mut file: File, queue: &Receiver<Message>, healthy: &AtomicBool) 
             }
         }
         if !batch.is_empty() {
-            match file.write_all(&batch) {
+            match sink.write_batch(&batch) {
                 Ok(()) => healthy.store(true, Ordering::Relaxed),
                 Err(e) => {
                     healthy.store(false, Ordering::Relaxed);
@@ -431,5 +473,55 @@ mod tests {
                 && ts.as_bytes()[10] == b'T',
             "{ts}"
         );
+    }
+
+    /// Takes `room` bytes, then fails as a full disk does (after a partial write), until
+    /// given more room.
+    struct FullDisk {
+        written: Vec<u8>,
+        room: usize,
+    }
+
+    impl Write for FullDisk {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.room == 0 {
+                return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            let n = buf.len().min(self.room);
+            self.room -= n;
+            self.written.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_torn_line_costs_only_its_own_record() {
+        let line = |reason: &'static str| {
+            let mut l =
+                serde_json::to_vec(&AuditRecord::new(Verdict::Deny, Layer::Connect, reason))
+                    .expect("json");
+            l.push(b'\n');
+            l
+        };
+        let (first, torn, next) = (line("first"), line("torn"), line("next"));
+        let mut sink = Sink::new(FullDisk {
+            written: Vec::new(),
+            room: first.len() + 10,
+        });
+        sink.write_batch(&[first.clone(), torn].concat())
+            .expect_err("the disk is full");
+        sink.file.room = usize::MAX;
+        sink.write_batch(&next).expect("room again");
+        let text = String::from_utf8(sink.file.written).expect("utf-8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert_eq!(lines[0].as_bytes(), &first[..first.len() - 1]);
+        assert_eq!(lines[1].len(), 10, "the torn record, alone: {text}");
+        let v: serde_json::Value = serde_json::from_str(lines[2]).expect("a whole record");
+        assert_eq!(v["reason"], "next");
     }
 }
