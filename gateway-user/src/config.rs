@@ -232,6 +232,9 @@ pub struct Config {
     pub pin_dir: PathBuf,
     pub upstream_bind: Option<std::net::IpAddr>,
     pub allow_private_bpffs: bool,
+    /// How old an origin may be when the gateway takes it; an older one is refused as stale
+    /// (a dead client's entry reused). 100 ms to 60 s: long enough for a busy accept queue
+    /// and a few SYN retransmissions, short enough that an entry does not live on.
     pub origin_max_age_ms: u64,
     /// How long a workload has to send a request head (or a TLS ClientHello) on a connection,
     /// each time one is due. Separate from the upstream's time to first byte.
@@ -288,6 +291,12 @@ impl Config {
             return Err(invalid(format!(
                 "gateway_cgroup {gateway_cgroup} is under the enforced root {root}: \
                  put the gateway in its own cgroup outside every root"
+            )));
+        }
+        if !(100..=60_000).contains(&raw.origin_max_age_ms) {
+            return Err(invalid(format!(
+                "origin_max_age_ms is {}: use 100 to 60000 (ms)",
+                raw.origin_max_age_ms
             )));
         }
         if !(100..=600_000).contains(&raw.client_header_timeout_ms) {
@@ -431,6 +440,35 @@ mod tests {
                 .expect_err("release build")
                 .to_string()
                 .contains("only in test builds"));
+        }
+    }
+
+    #[test]
+    fn origin_max_age_is_bounded() {
+        for (ms, ok) in [
+            (0, false),
+            (99, false),
+            (100, true),
+            (60_000, true),
+            (60_001, false),
+            (86_400_000, false),
+            (u64::MAX, false),
+        ] {
+            let text = format!("{GOOD}origin_max_age_ms: {ms}\n");
+            match Config::parse(&text, "c.yaml", Path::new("/")) {
+                Ok(c) => {
+                    assert!(ok, "{ms} accepted");
+                    assert_eq!(c.origin_max_age_ms, ms);
+                }
+                Err(e) => {
+                    assert!(!ok, "{ms} refused: {e}");
+                    let msg = e.to_string();
+                    assert!(
+                        msg.contains("origin_max_age_ms") && msg.contains("100 to 60000"),
+                        "{msg}"
+                    );
+                }
+            }
         }
     }
 

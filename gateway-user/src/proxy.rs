@@ -134,7 +134,8 @@ impl Gateway {
             return Err(OriginError::OtherNamespace);
         }
         let age_ns = monotonic_ns().saturating_sub(origin.recorded_ns);
-        if origin.recorded_ns == 0 || age_ns > self.config.origin_max_age_ms * 1_000_000 {
+        let max_age_ns = self.config.origin_max_age_ms.saturating_mul(1_000_000);
+        if origin.recorded_ns == 0 || age_ns > max_age_ns {
             return Err(OriginError::Stale);
         }
         let dst = orig_dst(&origin);
