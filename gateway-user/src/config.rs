@@ -314,6 +314,13 @@ impl Config {
         if raw.listener.port == 0 {
             return Err(invalid("listener.port must not be 0".into()));
         }
+        // A resolver at port 0 would widen what the kernel lets through to its address: UDP to
+        // port 0, and in the backstop any UDP packet whose ports it cannot read (seen as 0).
+        if let Some(r) = raw.dns_resolvers.iter().find(|r| r.port() == 0) {
+            return Err(invalid(format!(
+                "dns_resolvers: {r} has port 0: give the resolver's port (53)"
+            )));
+        }
         if raw.dns_resolvers.len() > gateway_common::MAX_RESOLVERS {
             return Err(invalid(format!(
                 "at most {} dns_resolvers are supported",
@@ -470,6 +477,34 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn numeric_settings_out_of_range_are_refused() {
+        for (setting, refusal) in [
+            ("client_header_timeout_ms: 0", "use 100 to 600000"),
+            ("client_header_timeout_ms: 600001", "use 100 to 600000"),
+            ("upstream_header_timeout_ms: 0", "use 100 to 3600000"),
+            ("upstream_header_timeout_ms: 3600001", "use 100 to 3600000"),
+            ("listener: { port: 0 }", "listener.port must not be 0"),
+            ("listener: { port: 65536 }", "listener.port"),
+            (
+                "dns_resolvers: [\"127.0.0.53:0\"]",
+                "127.0.0.53:0 has port 0",
+            ),
+            ("dns_resolvers: [\"[::1]:0\"]", "[::1]:0 has port 0"),
+            (
+                "dns_resolvers: [\"127.0.0.1:53\", \"127.0.0.2:53\", \"127.0.0.3:53\", \
+                 \"127.0.0.4:53\", \"127.0.0.5:53\"]",
+                "at most 4 dns_resolvers",
+            ),
+        ] {
+            let text = format!("{GOOD}{setting}\n");
+            let err = Config::parse(&text, "c.yaml", Path::new("/")).expect_err(setting);
+            assert!(err.to_string().contains(refusal), "{setting}: {err}");
+        }
+        let text = format!("{GOOD}dns_resolvers: [\"127.0.0.53:53\", \"[::1]:53\"]\n");
+        Config::parse(&text, "c.yaml", Path::new("/")).expect("resolvers on port 53");
     }
 
     #[test]
