@@ -238,12 +238,22 @@ fn decisions(c: &mut Criterion) {
     // The same policy alone: what the rules cost without choosing among 1,000.
     let alone = PolicySet::from_policies(vec![selected.clone()]).expect("one policy");
     let headers = request_headers();
+    let none = http::HeaderMap::new();
     let partner = format!("eu.partner-{LATE:04}.example");
     let path = gateway_user::normalize::path("/v2/jobs/7f3a9c/cancel").expect("path");
 
     // Each case is checked once, so a change to the engine cannot make the benchmark measure
     // an early exit instead.
-    match set.evaluate_request(&w, 443, &partner, "POST", &path, &headers, Model::Unread) {
+    match set.evaluate_request(
+        &w,
+        443,
+        &partner,
+        "POST",
+        &path,
+        &headers,
+        &none,
+        Model::Unread,
+    ) {
         RequestDecision::Allow { rule, .. } => assert_eq!(&*rule, "partner"),
         other => panic!("the partner request is allowed by the last rule: {other:?}"),
     }
@@ -254,6 +264,7 @@ fn decisions(c: &mut Criterion) {
         "POST",
         "/upload",
         &headers,
+        &none,
         Model::Unread,
     ) {
         RequestDecision::Deny {
@@ -293,6 +304,7 @@ fn decisions(c: &mut Criterion) {
                 "POST",
                 black_box(&path),
                 black_box(&headers),
+                black_box(&none),
                 Model::Unread,
             )
         });
@@ -306,6 +318,7 @@ fn decisions(c: &mut Criterion) {
                 "POST",
                 black_box("/upload"),
                 black_box(&headers),
+                black_box(&none),
                 Model::Unread,
             )
         });
@@ -319,6 +332,7 @@ fn decisions(c: &mut Criterion) {
                 "POST",
                 black_box(&path),
                 black_box(&headers),
+                black_box(&none),
                 Model::Unread,
             )
         });

@@ -25,6 +25,7 @@ pub fn policy(data: &[u8]) {
                 "POST",
                 "/v1/x",
                 &http::HeaderMap::new(),
+                &http::HeaderMap::new(),
                 crate::policy::Model::Unread,
             );
         }

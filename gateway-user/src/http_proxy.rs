@@ -199,6 +199,29 @@ pub fn raw_head_error(head: &[u8]) -> Option<&'static str> {
 
 /// Removes hop-by-hop headers and every header the Connection header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    take_hop_by_hop(headers, None);
+}
+
+/// Removes from a request's headers what never goes upstream, whatever the rule: hop-by-hop
+/// headers, those the Connection header names, and `x-tollgate-*`. Done before the request
+/// is decided, so a required header is one that goes upstream; returns what it removed, where
+/// a forbidden header still refuses the request.
+pub fn strip_request(headers: &mut HeaderMap) -> HeaderMap {
+    let mut removed = HeaderMap::new();
+    take_hop_by_hop(headers, Some(&mut removed));
+    let prefix: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-tollgate-"))
+        .cloned()
+        .collect();
+    for k in prefix {
+        take(headers, k, Some(&mut removed));
+    }
+    removed
+}
+
+/// [`strip_hop_by_hop`], keeping what it removes in `removed` if given.
+fn take_hop_by_hop(headers: &mut HeaderMap, mut removed: Option<&mut HeaderMap>) {
     // Most messages carry none of them: one pass over the names tells.
     if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
         return;
@@ -210,11 +233,21 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
         .collect();
-    for n in named {
-        headers.remove(n);
+    for n in named.into_iter().chain(HOP_BY_HOP.iter().cloned()) {
+        take(headers, n, removed.as_deref_mut());
     }
-    for h in &HOP_BY_HOP {
-        headers.remove(h);
+}
+
+/// Removes every value of `name`, appending them to `removed` if given.
+fn take(headers: &mut HeaderMap, name: HeaderName, removed: Option<&mut HeaderMap>) {
+    let header::Entry::Occupied(entry) = headers.entry(name) else {
+        return;
+    };
+    let (name, values) = entry.remove_entry_mult();
+    if let Some(removed) = removed {
+        for v in values {
+            removed.append(name.clone(), v);
+        }
     }
 }
 
@@ -463,6 +496,7 @@ async fn decide_and_forward(
     http.path = Some(Arc::clone(&path));
 
     let (mut parts, body) = req.into_parts();
+    let removed = strip_request(&mut parts.headers);
     let Some(view) = conn.workload.view(&conn.placement) else {
         return (
             refuse(
@@ -488,6 +522,7 @@ async fn decide_and_forward(
             parts.method.as_str(),
             &path,
             &parts.headers,
+            &removed,
             model,
         )
     };
@@ -643,16 +678,6 @@ async fn decide_and_forward(
         }
     }
 
-    strip_hop_by_hop(&mut parts.headers);
-    let prefix: Vec<HeaderName> = parts
-        .headers
-        .keys()
-        .filter(|k| k.as_str().starts_with("x-tollgate-"))
-        .cloned()
-        .collect();
-    for k in prefix {
-        parts.headers.remove(k);
-    }
     let mut query = parts.uri.query().map(str::to_owned);
     if binding.is_some() || record.llm.is_some() {
         // Redaction reads the response bytes: no compressed encodings where a secret went out;

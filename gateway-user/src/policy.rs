@@ -312,16 +312,22 @@ impl HttpMatch {
             && (self.paths.is_empty() || self.paths.iter().any(|p| p.matches(path)))
     }
 
-    /// Every required header is there (one of its values equal to the one asked for, if any),
-    /// and no forbidden header is.
-    fn allows_headers(&self, headers: &http::HeaderMap) -> bool {
+    /// Every required header goes upstream with exactly one value (equal to the one asked for,
+    /// if any): of two, the upstream might read the other. No forbidden header was sent, whether
+    /// it goes upstream (`forwarded`) or the gateway took it out (`removed`).
+    fn allows_headers(&self, forwarded: &http::HeaderMap, removed: &http::HeaderMap) -> bool {
         self.require.iter().all(|(name, want)| {
-            let mut values = headers.get_all(name).iter();
-            match want {
-                None => values.next().is_some(),
-                Some(want) => values.any(|v| v.as_bytes().trim_ascii() == want.as_bytes()),
+            let mut values = forwarded.get_all(name).iter();
+            match (values.next(), values.next()) {
+                (Some(value), None) => want
+                    .as_ref()
+                    .is_none_or(|want| value.as_bytes().trim_ascii() == want.as_bytes()),
+                _ => false,
             }
-        }) && self.forbid.iter().all(|name| !headers.contains_key(name))
+        }) && self
+            .forbid
+            .iter()
+            .all(|name| !forwarded.contains_key(name) && !removed.contains_key(name))
     }
 
     /// Whether the model allows this entry; `None` while the body is unread and it matters.
@@ -787,10 +793,14 @@ pub enum RequestDecision {
 impl PolicySet {
     /// The decision for a request to `host` on the port the workload connected to. First host
     /// rule (in file order) whose host and port match decides; one of its `http` entries must
-    /// allow the method and normalized path, then that entry's header conditions must hold
-    /// (on the headers as the workload sent them), then its models, if it lists any, must
-    /// allow the body's model. With the model unread, an entry that would allow but for its
-    /// models makes the answer [`RequestDecision::NeedsModel`] (unless another allows anyway).
+    /// allow the method and normalized path, then that entry's header conditions must hold,
+    /// then its models, if it lists any, must allow the body's model. With the model unread,
+    /// an entry that would allow but for its models makes the answer
+    /// [`RequestDecision::NeedsModel`] (unless another allows anyway).
+    ///
+    /// `headers` are the request's headers as they go upstream, after
+    /// [`crate::http_proxy::strip_request`]; `removed` what that took out. A required header is
+    /// judged on what goes upstream only; a forbidden one on both.
     #[allow(clippy::too_many_arguments)]
     pub fn evaluate_request(
         &self,
@@ -800,6 +810,7 @@ impl PolicySet {
         method: &str,
         path: &str,
         headers: &http::HeaderMap,
+        removed: &http::HeaderMap,
         model: Model<'_>,
     ) -> RequestDecision {
         let Some(policy) = self.select(w) else {
@@ -845,7 +856,7 @@ impl PolicySet {
             let mut reached = 0;
             for m in h.http.iter().filter(|m| m.allows_line(method, path)) {
                 reached = reached.max(1);
-                if !m.allows_headers(headers) {
+                if !m.allows_headers(headers, removed) {
                     continue;
                 }
                 reached = reached.max(2);
@@ -875,7 +886,8 @@ impl PolicySet {
     /// The decision for a TLS connection naming `sni` on `port`: the first host rule whose host
     /// and port match decides; it must be a passthrough rule.
     pub fn evaluate_sni(&self, w: &WorkloadView<'_>, port: u16, sni: &str) -> RequestDecision {
-        match self.evaluate_request(w, port, sni, "", "", &http::HeaderMap::new(), Model::Unread) {
+        let none = http::HeaderMap::new();
+        match self.evaluate_request(w, port, sni, "", "", &none, &none, Model::Unread) {
             RequestDecision::Allow {
                 route,
                 policy,
@@ -939,9 +951,10 @@ impl PolicySet {
         method: &str,
         path: &str,
         headers: &http::HeaderMap,
+        removed: &http::HeaderMap,
         model: Model<'_>,
     ) -> RequestDecision {
-        match self.evaluate_request(w, port, host, method, path, headers, model) {
+        match self.evaluate_request(w, port, host, method, path, headers, removed, model) {
             RequestDecision::Allow {
                 policy,
                 rule,
@@ -1080,6 +1093,9 @@ pub fn explain(
                 crate::normalize::host(authority.as_str()).map_err(|e| e.as_str().to_owned())?;
             let path = crate::normalize::path(uri.path())
                 .map_err(|e| format!("path refused: {}", e.as_str()))?;
+            // Judged as the gateway judges them: on what would go upstream.
+            let mut forwarded = headers.clone();
+            let removed = crate::http_proxy::strip_request(&mut forwarded);
             // Methods are case-sensitive (RFC 9110): `get` is not `GET`, here as in the gateway.
             show(&set.evaluate_http(
                 w,
@@ -1087,7 +1103,8 @@ pub fn explain(
                 &host,
                 method,
                 &path,
-                headers,
+                &forwarded,
+                &removed,
                 model.map_or(Model::Unread, |m| {
                     Model::Read(Some(m).filter(|m| !m.is_empty()))
                 }),
@@ -1817,20 +1834,26 @@ mod host_rules {
             }
             h
         };
-        let decide = |method: &str, path: &str, h: &http::HeaderMap| match set.evaluate_request(
-            &w,
-            80,
-            "api.openai.com",
-            method,
-            path,
-            h,
-            Model::Unread,
-        ) {
-            RequestDecision::Allow { .. } => Ok(()),
-            RequestDecision::Deny { reason, .. } | RequestDecision::WouldDeny { reason, .. } => {
-                Err(reason)
+        // Decided as the gateway decides: on the headers left once those that never go
+        // upstream are taken out.
+        let decide = |method: &str, path: &str, h: &http::HeaderMap| {
+            let mut forwarded = h.clone();
+            let removed = crate::http_proxy::strip_request(&mut forwarded);
+            match set.evaluate_request(
+                &w,
+                80,
+                "api.openai.com",
+                method,
+                path,
+                &forwarded,
+                &removed,
+                Model::Unread,
+            ) {
+                RequestDecision::Allow { .. } => Ok(()),
+                RequestDecision::Deny { reason, .. }
+                | RequestDecision::WouldDeny { reason, .. } => Err(reason),
+                RequestDecision::NeedsModel { .. } => Err("needs_model"),
             }
-            RequestDecision::NeedsModel { .. } => Err("needs_model"),
         };
         let good = [
             ("openai-beta", "assistants=v2"),
@@ -1849,6 +1872,61 @@ mod host_rules {
                     ("openai-beta", "assistants=v2"),
                     ("content-type", "a"),
                     ("X-Debug", "1"),
+                ],
+            ),
+            // The gateway takes a header the Connection header names out: it is not sent.
+            (
+                "required but named in Connection",
+                vec![
+                    ("openai-beta", "assistants=v2"),
+                    ("content-type", "a"),
+                    ("connection", "openai-beta"),
+                ],
+            ),
+            (
+                "required but an x-tollgate- header",
+                vec![("openai-beta", "assistants=v2"), ("x-tollgate-x", "a")],
+            ),
+            // Two values would both go upstream, whichever it reads.
+            (
+                "required twice",
+                vec![
+                    ("openai-beta", "assistants=v1"),
+                    ("openai-beta", "assistants=v2"),
+                    ("content-type", "a"),
+                ],
+            ),
+            (
+                "required twice, the same",
+                vec![
+                    ("openai-beta", "assistants=v2"),
+                    ("openai-beta", "assistants=v2"),
+                    ("content-type", "a"),
+                ],
+            ),
+            (
+                "present twice",
+                vec![
+                    ("openai-beta", "assistants=v2"),
+                    ("content-type", "a"),
+                    ("content-type", "b"),
+                ],
+            ),
+            (
+                "two values in one",
+                vec![
+                    ("openai-beta", "assistants=v1, assistants=v2"),
+                    ("content-type", "a"),
+                ],
+            ),
+            // Forbidden where it was sent, even though it would not go upstream.
+            (
+                "forbidden, named in Connection",
+                vec![
+                    ("openai-beta", "assistants=v2"),
+                    ("content-type", "a"),
+                    ("connection", "x-debug"),
+                    ("x-debug", "1"),
                 ],
             ),
         ] {
@@ -2016,7 +2094,7 @@ mod host_rules {
             .expect("policy")])
             .expect("set");
             let decide = |path: &str, h: &http::HeaderMap, model: Model<'_>| match set
-                .evaluate_request(&w, 80, "api.openai.com", "POST", path, h, model)
+                .evaluate_request(&w, 80, "api.openai.com", "POST", path, h, &none, model)
             {
                 RequestDecision::Allow { .. } => "allow".to_owned(),
                 RequestDecision::Deny { reason, .. } => format!("deny {reason}"),
@@ -2177,6 +2255,7 @@ mod host_rules {
                 method,
                 path,
                 &http::HeaderMap::new(),
+                &http::HeaderMap::new(),
                 Model::Unread,
             ) {
                 RequestDecision::Allow { rule, .. } => Ok(rule),
@@ -2196,6 +2275,7 @@ mod host_rules {
             "api.openai.com",
             "POST",
             "/v1/chat/completions",
+            &http::HeaderMap::new(),
             &http::HeaderMap::new(),
             Model::Unread,
         ) {
