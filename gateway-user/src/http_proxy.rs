@@ -811,29 +811,20 @@ async fn decide_and_forward(
     match sent_request.await {
         Ok(resp) => {
             record.decision = verdict;
-            let (mut parts, body) = resp.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
-            let body = match binding {
-                Some(b) => {
-                    if encoded(&parts.headers) {
-                        record.decision = Verdict::Error;
-                        record.reason = "upstream_compressed_response".into();
-                        return (
-                            json_response(
-                                StatusCode::BAD_GATEWAY,
-                                &serde_json::json!({ "error": "upstream_compressed_response" }),
-                            ),
-                            credential_name,
-                        );
-                    }
-                    let forms = b.echoes();
-                    scrub_headers(&mut parts.headers, forms.forms());
-                    // The mask keeps the length: Content-Length stays as the upstream said.
-                    Redact::new(body, forms).boxed()
+            match client_response(resp, binding.map(crate::credentials::Binding::echoes)) {
+                Ok(response) => (response, credential_name),
+                Err(Compressed) => {
+                    record.decision = Verdict::Error;
+                    record.reason = "upstream_compressed_response".into();
+                    (
+                        json_response(
+                            StatusCode::BAD_GATEWAY,
+                            &serde_json::json!({ "error": "upstream_compressed_response" }),
+                        ),
+                        credential_name,
+                    )
                 }
-                None => body.boxed(),
-            };
-            (Response::from_parts(parts, body), credential_name)
+            }
         }
         Err(e) => {
             record.decision = Verdict::Error;
@@ -858,6 +849,39 @@ async fn decide_and_forward(
             )
         }
     }
+}
+
+/// An upstream response whose body could carry the secret compressed, past the scan.
+#[derive(Debug, PartialEq, Eq)]
+struct Compressed;
+
+/// The workload's response from the upstream's: without hop-by-hop headers and without what
+/// hyper's client attached to it (a reason phrase other than the standard one is kept there,
+/// and hyper's HTTP/1.1 server writes it out as it is, unscanned: the workload gets the
+/// standard one). Where a secret went out (`secrets`), every echo of it in the headers and
+/// the body is masked; a compressed body cannot be scanned and is refused.
+fn client_response<B>(
+    response: Response<B>,
+    secrets: Option<Arc<crate::redact::Secrets>>,
+) -> Result<Response<Body>, Compressed>
+where
+    B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Send + Sync + Unpin + 'static,
+{
+    let (mut parts, body) = response.into_parts();
+    parts.extensions = http::Extensions::new();
+    strip_hop_by_hop(&mut parts.headers);
+    let body = match secrets {
+        Some(secrets) => {
+            if encoded(&parts.headers) {
+                return Err(Compressed);
+            }
+            scrub_headers(&mut parts.headers, secrets.forms());
+            // The mask keeps the length: Content-Length stays as the upstream said.
+            Redact::new(body, secrets).boxed()
+        }
+        None => body.boxed(),
+    };
+    Ok(Response::from_parts(parts, body))
 }
 
 /// 429 for a rule whose budget is spent, saying when the next request will be allowed.
@@ -1339,6 +1363,94 @@ mod tests {
             Some("/api/items/?key=********")
         );
         assert_eq!(h.get("x-ok").and_then(|v| v.to_str().ok()), Some("fine"));
+    }
+
+    /// An upstream's reason phrase is its own text: one that echoes the secret never reaches
+    /// an HTTP/1.1 workload, which gets the standard phrase instead.
+    #[test]
+    fn an_upstream_reason_phrase_never_reaches_the_workload() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const SECRET: &[u8] = b"sk-live-XYZ";
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let upstream = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let port = upstream.local_addr().expect("addr").port();
+            tokio::spawn(async move {
+                let (mut sock, _) = upstream.accept().await.expect("accept");
+                let mut buf = vec![0u8; 4096];
+                let _ = sock.read(&mut buf).await;
+                let _ = sock
+                    .write_all(
+                        b"HTTP/1.1 401 key sk-live-XYZ rejected\r\nContent-Length: 2\r\n\r\nno",
+                    )
+                    .await;
+                std::future::pending::<()>().await;
+            });
+            let mut config = crate::config::Config::parse(
+                crate::config::DEMO_CONFIG,
+                "demo",
+                std::path::Path::new("/"),
+            )
+            .expect("config");
+            config.upstream_ca = None;
+            let upstreams = crate::upstream::Upstreams::new(crate::upstream::DialPolicy {
+                config,
+                policies: Arc::default(),
+            })
+            .expect("upstreams");
+            let request = Request::get("/v1/models")
+                .header(header::HOST, "127.0.0.1")
+                .body(
+                    http_body_util::Empty::new()
+                        .map_err(|never| match never {})
+                        .boxed(),
+                )
+                .expect("request");
+            let target = crate::upstream::Target {
+                https: false,
+                host: "127.0.0.1".into(),
+                port,
+            };
+            let answer = upstreams
+                .request(&Arc::new(Netns::Host), 7, true, target, request)
+                .await
+                .expect("answer");
+            let secrets = Arc::new(crate::redact::Secrets::new(vec![SECRET.to_vec()]));
+            let response = client_response(answer, Some(secrets)).expect("not compressed");
+            let response = std::sync::Mutex::new(Some(response));
+
+            // Written by hyper's HTTP/1.1 server, as the gateway's client connection writes it.
+            let gateway = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = gateway.local_addr().expect("addr");
+            tokio::spawn(async move {
+                let (sock, _) = gateway.accept().await.expect("accept");
+                let service = hyper::service::service_fn(move |_: Request<Incoming>| {
+                    let response = response.lock().expect("lock").take().expect("one request");
+                    async move { Ok::<_, Infallible>(response) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(sock), service)
+                    .await;
+            });
+            let mut client = TcpStream::connect(addr).await.expect("connect");
+            client
+                .write_all(b"GET /v1/models HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                .await
+                .expect("write");
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.expect("read");
+            let text = String::from_utf8_lossy(&got);
+            assert!(text.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{text}");
+            assert!(text.ends_with("\r\n\r\nno"), "{text}");
+            assert!(memchr::memmem::find(&got, SECRET).is_none(), "{text}");
+        });
     }
 
     #[test]
