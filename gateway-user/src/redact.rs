@@ -9,6 +9,7 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue};
 use hyper::body::{Body, Frame, SizeHint};
 use secrecy::zeroize::Zeroize;
 
@@ -51,10 +52,15 @@ impl Drop for Secrets {
     }
 }
 
+/// A response body with every form of a secret masked, in its data and in its trailers (an
+/// upstream can echo a secret in a trailer as well as in a header; HTTP/2 workloads get
+/// trailers). Trailers are scrubbed rather than dropped: a gRPC-style answer needs them.
 pub struct Redact<B> {
     inner: B,
     secrets: Arc<Secrets>,
     carry: BytesMut,
+    /// Trailers that came while bytes were held back: they go after those bytes.
+    trailers: Option<Frame<Bytes>>,
     done: bool,
 }
 
@@ -65,6 +71,7 @@ impl<B> Redact<B> {
             inner,
             secrets,
             carry: BytesMut::new(),
+            trailers: None,
             done: false,
         }
     }
@@ -119,6 +126,22 @@ pub fn is_clean(data: &[u8], secrets: &[Vec<u8>]) -> bool {
     first_hit(data, secrets).is_none() && held_from(data, secrets).is_none()
 }
 
+/// Replaces every form of the secret in header values: a response's (a redirect's Location
+/// may carry a query parameter the gateway injected) and its trailers'.
+pub fn scrub_headers(headers: &mut HeaderMap, forms: &[Vec<u8>]) {
+    for value in headers.values_mut() {
+        if is_clean(value.as_bytes(), forms) {
+            continue;
+        }
+        let (clean, _) = scrub(value.as_bytes(), forms, true);
+        if clean != value.as_bytes() {
+            if let Ok(v) = HeaderValue::from_bytes(&clean) {
+                *value = v;
+            }
+        }
+    }
+}
+
 impl<B> Body for Redact<B>
 where
     B: Body<Data = Bytes> + Unpin,
@@ -131,6 +154,9 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
+        if let Some(trailers) = this.trailers.take() {
+            return Poll::Ready(Some(Ok(trailers)));
+        }
         if this.done {
             return Poll::Ready(None);
         }
@@ -149,7 +175,23 @@ where
                     this.carry = keep;
                     Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))))
                 }
-                Err(frame) => Poll::Ready(Some(Ok(frame))),
+                Err(frame) => {
+                    let frame = match frame.into_trailers() {
+                        Ok(mut trailers) => {
+                            scrub_headers(&mut trailers, this.secrets.forms());
+                            Frame::trailers(trailers)
+                        }
+                        Err(other) => other,
+                    };
+                    if this.carry.is_empty() {
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
+                    // Nothing comes after trailers: the bytes held back go first.
+                    let (out, _) = scrub(&this.carry, this.secrets.forms(), true);
+                    this.carry.clear();
+                    this.trailers = Some(frame);
+                    Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))))
+                }
             },
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
             Poll::Ready(None) => {
@@ -172,7 +214,8 @@ where
     /// Ended when the inner body has and nothing is held back (a body-less answer such as a
     /// 304 with a Content-Length header is known to be empty, as without redaction).
     fn is_end_stream(&self) -> bool {
-        self.done || (self.carry.is_empty() && self.inner.is_end_stream())
+        self.trailers.is_none()
+            && (self.done || (self.carry.is_empty() && self.inner.is_end_stream()))
     }
 }
 
@@ -233,6 +276,89 @@ mod tests {
                 reference(&data, &secrets, false) == (data.clone(), 0)
             );
         }
+    }
+
+    #[test]
+    fn secrets_are_scrubbed_from_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "location",
+            HeaderValue::from_static("/api/items/?key=sk-1%2B2"),
+        );
+        h.insert("x-ok", HeaderValue::from_static("fine"));
+        scrub_headers(&mut h, &[b"sk-1+2".to_vec(), b"sk-1%2B2".to_vec()]);
+        assert_eq!(
+            h.get("location").and_then(|v| v.to_str().ok()),
+            Some("/api/items/?key=********")
+        );
+        assert_eq!(h.get("x-ok").and_then(|v| v.to_str().ok()), Some("fine"));
+    }
+
+    /// A body's frames as they come: data, then trailers.
+    struct Frames(std::collections::VecDeque<Frame<Bytes>>);
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.0.pop_front().map(Ok))
+        }
+    }
+
+    /// Trailers are scrubbed like headers, and come after every byte of data, also the bytes
+    /// held back because they could begin the secret.
+    #[test]
+    fn trailers_are_scrubbed_and_come_last() {
+        use http_body_util::BodyExt;
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-echo", HeaderValue::from_static("Bearer sk-live-XYZ"));
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        let body = Frames(
+            [
+                Frame::data(Bytes::from_static(b"data: sk-li")),
+                Frame::trailers(trailers),
+            ]
+            .into(),
+        );
+        let secrets = Arc::new(Secrets::new(vec![b"sk-live-XYZ".to_vec()]));
+        let frames: Vec<Frame<Bytes>> = block_on(async {
+            let mut body = Redact::new(body, secrets);
+            let mut frames = Vec::new();
+            while let Some(frame) = body.frame().await {
+                frames.push(frame.expect("frame"));
+            }
+            frames
+        });
+        let data: Vec<u8> = frames
+            .iter()
+            .filter_map(Frame::data_ref)
+            .flat_map(|d| d.to_vec())
+            .collect();
+        assert_eq!(data, b"data: sk-li");
+        let last = frames
+            .last()
+            .and_then(Frame::trailers_ref)
+            .expect("trailers last");
+        assert_eq!(
+            last.get("x-echo").and_then(|v| v.to_str().ok()),
+            Some("Bearer [REDACTED]*")
+        );
+        assert_eq!(
+            last.get("grpc-status").and_then(|v| v.to_str().ok()),
+            Some("0")
+        );
+        assert_eq!(frames.iter().filter(|f| f.is_trailers()).count(), 1);
+    }
+
+    fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(f)
     }
 
     #[test]
