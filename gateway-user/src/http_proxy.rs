@@ -318,17 +318,129 @@ pub async fn serve(conn: Conn, client: TcpStream, mut head: Vec<u8>, peeked: usi
 }
 
 /// Serves HTTP/2 with prior knowledge on a client connection: each stream is one request,
-/// decided and audited on its own.
+/// decided and audited on its own. The client header timeout limits it as it limits HTTP/1.1
+/// (see [`serve_h2_connection`]); a connection closed before any request came is audited.
 pub async fn serve_h2(conn: Conn, client: TcpStream) {
     let conn = Arc::new(conn);
     let handled = Arc::default();
     let service = request_service(Arc::clone(&conn), &handled);
-    let result = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+    let timeout = conn.gateway.config.client_header_timeout;
+    match serve_h2_connection(client, service, timeout).await {
+        H2End::Ended(result) => connection_ended(&conn, result, &handled),
+        H2End::Idle => {
+            if !handled.load(std::sync::atomic::Ordering::Relaxed) {
+                early_record(&conn, "no_request_in_time", 400);
+            }
+        }
+    }
+}
+
+/// How an HTTP/2 client connection ended.
+#[derive(Debug)]
+enum H2End {
+    /// As hyper says: the client closed it, or an error.
+    Ended(Result<(), hyper::Error>),
+    /// Closed by the gateway: no request in flight for the timeout.
+    Idle,
+}
+
+/// Serves `service` over HTTP/2 on `client`. A connection with no request in flight for
+/// `timeout` (none has come yet: the first request's headers, which a client may leave
+/// unfinished; or none since the last answer ended) is sent a GOAWAY and closed, as hyper's
+/// header read timeout closes an HTTP/1.1 connection, whose timer also runs while it is kept
+/// alive idle. A client that does not answer the GOAWAY's ping is dropped after half the
+/// timeout (at most a second: the workload is on this host). Keep-alive pings find a peer
+/// that stopped answering while a request is in flight; they come later than the idle close
+/// (`timeout` after the last frame read, then `timeout` for the answer), so a client that
+/// only went quiet is closed as idle.
+async fn serve_h2_connection<S>(client: TcpStream, service: S, timeout: Duration) -> H2End
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let (in_flight, mut changes) = tokio::sync::watch::channel(0usize);
+    let in_flight = Arc::new(in_flight);
+    let counted = {
+        let in_flight = Arc::clone(&in_flight);
+        hyper::service::service_fn(move |req| {
+            let active = Active::new(&in_flight);
+            let call = service.call(req);
+            async move {
+                let response = call.await?;
+                // In flight until the answer's body has ended (or the stream was reset).
+                Ok::<_, Infallible>(response.map(|body| {
+                    Keeping {
+                        body,
+                        _room: active,
+                    }
+                    .boxed()
+                }))
+            }
+        })
+    };
+    let connection = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
         .timer(TokioTimer::new())
         .max_concurrent_streams(64)
-        .serve_connection(TokioIo::new(client), service)
-        .await;
-    connection_ended(&conn, result, &handled);
+        .keep_alive_interval(timeout)
+        .keep_alive_timeout(timeout)
+        .serve_connection(TokioIo::new(client), counted);
+    let mut connection = std::pin::pin!(connection);
+    let grace = (timeout / 2).min(Duration::from_secs(1));
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                return if closing { H2End::Idle } else { H2End::Ended(result) };
+            }
+            () = idle(&mut changes, if closing { grace } else { timeout }) => {
+                if closing {
+                    return H2End::Idle;
+                }
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
+        }
+    }
+}
+
+/// One request in flight on an HTTP/2 connection, counted while it lives.
+struct Active(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl Active {
+    fn new(in_flight: &Arc<tokio::sync::watch::Sender<usize>>) -> Self {
+        in_flight.send_modify(|n| *n += 1);
+        Self(Arc::clone(in_flight))
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
+/// Resolves once no request has been in flight for `limit`: any start or end of one starts
+/// the wait again.
+async fn idle(changes: &mut tokio::sync::watch::Receiver<usize>, limit: Duration) {
+    loop {
+        let busy = *changes.borrow_and_update() > 0;
+        let changed = changes.changed();
+        let changed = if busy {
+            changed.await
+        } else {
+            match tokio::time::timeout(limit, changed).await {
+                Err(_) => return,
+                Ok(changed) => changed,
+            }
+        };
+        if changed.is_err() {
+            // Nothing counts requests any more: the connection is ending by itself.
+            return std::future::pending().await;
+        }
+    }
 }
 
 /// Each request of a client connection, decided and audited on its own; `handled` is set once
@@ -1423,6 +1535,114 @@ mod tests {
             assert!(text.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{text}");
             assert!(text.ends_with("\r\n\r\nno"), "{text}");
             assert!(memchr::memmem::find(&got, SECRET).is_none(), "{text}");
+        });
+    }
+
+    /// An HTTP/2 service answering "ok", after twice `timeout` for `/slow`.
+    fn h2_service(
+        timeout: Duration,
+    ) -> impl hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<Body>,
+        Error = Infallible,
+        Future = impl std::future::Future<Output = Result<Response<Body>, Infallible>> + Send,
+    > + Clone {
+        hyper::service::service_fn(move |req: Request<Incoming>| async move {
+            if req.uri().path() == "/slow" {
+                tokio::time::sleep(timeout * 2).await;
+            }
+            Ok::<_, Infallible>(Response::new(
+                Full::new(Bytes::from_static(b"ok"))
+                    .map_err(|never| match never {})
+                    .boxed(),
+            ))
+        })
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    }
+
+    async fn accepted() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        (client, server)
+    }
+
+    /// A client that sends the preface and its SETTINGS and then nothing (or headers it never
+    /// finishes) is closed once the timeout has passed, as HTTP/1.1's header timeout would.
+    #[test]
+    fn an_http2_connection_without_a_request_is_closed_in_time() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const TIMEOUT: Duration = Duration::from_millis(300);
+        runtime().block_on(async {
+            // HEADERS on stream 1 without END_HEADERS: the request never completes.
+            let unfinished: &[u8] = &[0, 0, 1, 1, 0, 0, 0, 0, 1, 0x82];
+            for rest in [&[][..], unfinished] {
+                let (mut client, server) = accepted().await;
+                let started = tokio::time::Instant::now();
+                let served =
+                    tokio::spawn(serve_h2_connection(server, h2_service(TIMEOUT), TIMEOUT));
+                client
+                    .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+                    .await
+                    .expect("preface");
+                client.write_all(rest).await.expect("write");
+                // Whatever the gateway sends (SETTINGS, GOAWAY, pings) is read, never answered.
+                let mut buf = [0u8; 1024];
+                let closed = tokio::time::timeout(Duration::from_secs(5), async {
+                    while matches!(client.read(&mut buf).await, Ok(1..)) {}
+                })
+                .await;
+                assert!(closed.is_ok(), "still open after 5 s");
+                let after = started.elapsed();
+                assert!(after >= TIMEOUT, "closed after {after:?}");
+                assert!(after < TIMEOUT * 3, "closed after {after:?}");
+                let end = served.await.expect("served");
+                assert!(matches!(end, H2End::Idle), "{end:?}");
+            }
+        });
+    }
+
+    /// After its last answer, a connection is closed once it has been idle for the timeout;
+    /// a request in flight longer than that keeps it open.
+    #[test]
+    fn an_idle_http2_connection_is_closed_after_the_timeout() {
+        const TIMEOUT: Duration = Duration::from_millis(300);
+        runtime().block_on(async {
+            let (client, server) = accepted().await;
+            let served = tokio::spawn(serve_h2_connection(server, h2_service(TIMEOUT), TIMEOUT));
+            let (mut sender, driver) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                TokioIo::new(client),
+            )
+            .await
+            .expect("handshake");
+            let driver = tokio::spawn(driver);
+            for path in ["/slow", "/"] {
+                let request = Request::get(format!("http://api.example.com{path}"))
+                    .body(http_body_util::Empty::<Bytes>::new())
+                    .expect("request");
+                let response = sender.send_request(request).await.expect(path);
+                let body = response.into_body().collect().await.expect("body");
+                assert_eq!(body.to_bytes(), "ok");
+            }
+            let idle_since = tokio::time::Instant::now();
+            let closed = tokio::time::timeout(Duration::from_secs(5), driver).await;
+            assert!(closed.is_ok(), "still open after 5 s");
+            let after = idle_since.elapsed();
+            assert!(after >= TIMEOUT, "closed after {after:?}");
+            assert!(after < TIMEOUT * 3, "closed after {after:?}");
+            let end = served.await.expect("served");
+            assert!(matches!(end, H2End::Idle), "{end:?}");
         });
     }
 
