@@ -301,20 +301,34 @@ pub async fn serve(conn: Conn, client: TcpStream, mut head: Vec<u8>, peeked: usi
     let handled = Arc::default();
     let service = request_service(Arc::clone(&conn), &handled);
     let refused = Arc::new(std::sync::OnceLock::new());
-    let guarded = Guarded::new(client, Arc::clone(&refused));
-    let connection = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
-        .keep_alive(true)
-        .serve_connection(TokioIo::new(guarded), service);
+    let connection = http1_connection(client, Arc::clone(&refused), service, header_timeout);
     // The client connection, the upstream one and the channels between them share this task.
     let result = crate::relay::Relayed::new(connection).await;
     if let Some(reason) = refused.get() {
         tracing::info!(reason, "request framing refused; connection closed");
         early_record(&conn, reason, 400);
     } else {
-        connection_ended(&conn, result, &handled);
+        connection_ended(&conn, &result, &handled);
     }
+}
+
+/// `service` over HTTP/1.1 on `client`, kept alive, each head read within `header_timeout`
+/// (also the limit on an idle kept-alive connection) and checked by [`Guarded`], which keeps
+/// its refusal in `refused`.
+fn http1_connection<S>(
+    client: TcpStream,
+    refused: Arc<std::sync::OnceLock<&'static str>>,
+    service: S,
+    header_timeout: Duration,
+) -> hyper::server::conn::http1::Connection<TokioIo<Guarded<TcpStream>>, S>
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>,
+{
+    hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(Guarded::new(client, refused)), service)
 }
 
 /// Serves HTTP/2 with prior knowledge on a client connection: each stream is one request,
@@ -326,7 +340,7 @@ pub async fn serve_h2(conn: Conn, client: TcpStream) {
     let service = request_service(Arc::clone(&conn), &handled);
     let timeout = conn.gateway.config.client_header_timeout;
     match serve_h2_connection(client, service, timeout).await {
-        H2End::Ended(result) => connection_ended(&conn, result, &handled),
+        H2End::Ended(result) => connection_ended(&conn, &result, &handled),
         H2End::Idle => {
             if !handled.load(std::sync::atomic::Ordering::Relaxed) {
                 early_record(&conn, "no_request_in_time", 400);
@@ -462,17 +476,33 @@ fn request_service(
     })
 }
 
-/// A connection hyper gave up on before any request was decided gets its audit record.
+/// A request hyper gave up on, which no request record covers, gets its audit record (see
+/// [`unrecorded`]).
 fn connection_ended(
     conn: &Conn,
-    result: Result<(), hyper::Error>,
+    result: &Result<(), hyper::Error>,
     handled: &std::sync::atomic::AtomicBool,
 ) {
     if let Err(e) = result {
         tracing::debug!(error = %e, "client connection ended with an error");
-        if !handled.load(std::sync::atomic::Ordering::Relaxed) {
-            early_record(conn, "request_unparsable", 400);
-        }
+    }
+    let handled = handled.load(std::sync::atomic::Ordering::Relaxed);
+    if let Some(reason) = unrecorded(result, handled) {
+        early_record(conn, reason, 400);
+    }
+}
+
+/// Why a client connection's end needs an audit record of its own, if it does: a request head
+/// hyper could not parse, on any request of the connection (hyper answers 400 and closes;
+/// no request record was written for it); before any request was handled, any other end. A
+/// clean close, or an idle kept-alive connection's timeout, after a request is no decision.
+fn unrecorded(result: &Result<(), hyper::Error>, handled: bool) -> Option<&'static str> {
+    match result {
+        Err(e) if e.is_parse() => Some("request_unparsable"),
+        _ if handled => None,
+        Ok(()) => Some("closed_before_request"),
+        Err(e) if e.is_timeout() => Some("no_request_in_time"),
+        Err(_) => Some("request_unparsable"),
     }
 }
 
@@ -1643,6 +1673,67 @@ mod tests {
             assert!(after < TIMEOUT * 3, "closed after {after:?}");
             let end = served.await.expect("served");
             assert!(matches!(end, H2End::Idle), "{end:?}");
+        });
+    }
+
+    /// A request hyper cannot parse is audited also after earlier requests on the connection;
+    /// a clean close or an idle timeout after a request is not.
+    #[test]
+    fn a_later_unparsable_request_is_audited_once() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const TIMEOUT: Duration = Duration::from_millis(300);
+        const GOOD: &[u8] = b"GET /v1/models HTTP/1.1\r\nHost: api.openai.com\r\n\r\n";
+        runtime().block_on(async {
+            for (case, later, want) in [
+                (
+                    "bad header name",
+                    &b"GET / HTTP/1.1\r\nHost: api.openai.com\r\nBad@Name: x\r\n\r\n"[..],
+                    Some("request_unparsable"),
+                ),
+                (
+                    "bad request line",
+                    &b"GET /\x01 HTTP/1.1\r\n\r\n"[..],
+                    Some("request_unparsable"),
+                ),
+                ("clean close", &b""[..], None),
+                ("idle", &b""[..], None),
+            ] {
+                let (mut client, server) = accepted().await;
+                let handled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let seen = Arc::clone(&handled);
+                let service = hyper::service::service_fn(move |_: Request<Incoming>| {
+                    seen.store(true, std::sync::atomic::Ordering::Relaxed);
+                    async {
+                        Ok::<_, Infallible>(Response::new(
+                            Full::new(Bytes::from_static(b"ok"))
+                                .map_err(|never| match never {})
+                                .boxed(),
+                        ))
+                    }
+                });
+                let refused = Arc::new(std::sync::OnceLock::new());
+                let served = tokio::spawn(http1_connection(
+                    server,
+                    Arc::clone(&refused),
+                    service,
+                    TIMEOUT,
+                ));
+                client.write_all(GOOD).await.expect("write");
+                let mut buf = [0u8; 1024];
+                let n = client.read(&mut buf).await.expect("read");
+                assert!(buf[..n].starts_with(b"HTTP/1.1 200 OK\r\n"), "{case}");
+                client.write_all(later).await.expect("write");
+                if case == "clean close" {
+                    client.shutdown().await.expect("shutdown");
+                }
+                while matches!(client.read(&mut buf).await, Ok(1..)) {}
+                let result = served.await.expect("served");
+                assert!(refused.get().is_none(), "{case}");
+                let handled = handled.load(std::sync::atomic::Ordering::Relaxed);
+                assert_eq!(unrecorded(&result, handled), want, "{case}: {result:?}");
+            }
+            // Before any request was handled, an end is audited, whichever it was.
+            assert_eq!(unrecorded(&Ok(()), false), Some("closed_before_request"));
         });
     }
 
