@@ -841,20 +841,20 @@ async fn decide_and_forward(
                 }
             }
             Inject::Query { param } => {
-                let kept: Vec<&str> = query
-                    .as_deref()
-                    .unwrap_or("")
-                    .split('&')
-                    .filter(|kv| !kv.is_empty() && kv.split('=').next() != Some(param.as_str()))
-                    .collect();
-                let mut q = kept.join("&");
-                if !q.is_empty() {
-                    q.push('&');
+                match query_with(query.as_deref(), param, b.query_value().unwrap_or("")) {
+                    Ok(q) => query = Some(q),
+                    Err(reason) => {
+                        return (
+                            refuse(
+                                record,
+                                StatusCode::BAD_REQUEST,
+                                reason,
+                                record.rule.clone().as_deref(),
+                            ),
+                            credential_name,
+                        )
+                    }
                 }
-                q.push_str(param.as_str());
-                q.push('=');
-                q.push_str(&percent_encode(b.query_value().unwrap_or("")));
-                query = Some(q);
             }
         }
     }
@@ -1346,6 +1346,60 @@ pub fn placeholder(headers: &HeaderMap) -> Option<String> {
             .collect();
         (!name.is_empty()).then_some(name)
     })
+}
+
+/// The query with the credential injected as `param`: the caller's own `param` removed in
+/// whatever encoding it is spelled (`k%65y` is `key` to the upstream). One hidden behind a `;`,
+/// a separator to some readers, is refused: removing it would change the parameter it is in.
+fn query_with(query: Option<&str>, param: &str, value: &str) -> Result<String, &'static str> {
+    let names = |kv: &str| {
+        let name = kv.split('=').next().unwrap_or("");
+        percent_decoded(name) == param.as_bytes()
+    };
+    let kept: Vec<&str> = query
+        .unwrap_or("")
+        .split('&')
+        .filter(|kv| !kv.is_empty() && !names(kv))
+        .collect();
+    if kept.iter().any(|kv| kv.split(';').any(names)) {
+        return Err("credential_parameter_in_query");
+    }
+    let mut q = kept.join("&");
+    if !q.is_empty() {
+        q.push('&');
+    }
+    q.push_str(param);
+    q.push('=');
+    q.push_str(&percent_encode(value));
+    Ok(q)
+}
+
+/// `s` percent-decoded, `+` read as a space; a `%` not followed by two hex digits stays.
+fn percent_decoded(s: &str) -> Vec<u8> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 fn percent_encode(s: &str) -> String {
@@ -1844,5 +1898,37 @@ mod tests {
     #[test]
     fn query_values_are_encoded() {
         assert_eq!(percent_encode("a b&c=d"), "a%20b%26c%3Dd");
+    }
+
+    /// The caller's own credential parameter goes however it is spelled; one behind a `;` is
+    /// refused.
+    #[test]
+    fn the_callers_credential_parameter_is_removed_in_any_encoding() {
+        for (query, want) in [
+            (None, Ok("key=s%2B1")),
+            (Some(""), Ok("key=s%2B1")),
+            (Some("key=mine"), Ok("key=s%2B1")),
+            (Some("a=1&key=mine&b=2"), Ok("a=1&b=2&key=s%2B1")),
+            (Some("k%65y=mine&b=2"), Ok("b=2&key=s%2B1")),
+            (Some("%6B%65%79=mine"), Ok("key=s%2B1")),
+            (Some("key"), Ok("key=s%2B1")),
+            // Other names stay as they were sent.
+            (
+                Some("KEY=x&keys=y&k%2565y=z"),
+                Ok("KEY=x&keys=y&k%2565y=z&key=s%2B1"),
+            ),
+            (Some("q=a;b"), Ok("q=a;b&key=s%2B1")),
+            (Some("a=1;key=mine"), Err("credential_parameter_in_query")),
+            (
+                Some("a=1;k%65y=mine&b=2"),
+                Err("credential_parameter_in_query"),
+            ),
+        ] {
+            assert_eq!(
+                query_with(query, "key", "s+1").as_deref().map_err(|e| *e),
+                want,
+                "{query:?}"
+            );
+        }
     }
 }
