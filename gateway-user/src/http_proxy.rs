@@ -1011,10 +1011,12 @@ where
 {
     let (mut parts, body) = response.into_parts();
     parts.extensions = http::Extensions::new();
+    // Read before Transfer-Encoding goes with the other hop-by-hop headers.
+    let compressed = encoded(&parts.headers);
     strip_hop_by_hop(&mut parts.headers);
     let body = match secrets {
         Some(secrets) => {
-            if encoded(&parts.headers) {
+            if compressed {
                 return Err(Compressed);
             }
             scrub_headers(&mut parts.headers, secrets.forms());
@@ -1091,12 +1093,17 @@ fn cut(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-/// Whether `headers` say the body is encoded (any `Content-Encoding` but `identity`).
+/// Whether `headers` say the body is encoded: any content coding but `identity`, or any
+/// transfer coding but `chunked` (of `gzip, chunked`, hyper takes off the chunks, not the gzip).
 pub fn encoded(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::CONTENT_ENCODING)
-        .iter()
-        .any(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"identity"))
+    let coded = |name: header::HeaderName, plain: &[u8]| {
+        headers
+            .get_all(name)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .any(|c| !c.trim_ascii().eq_ignore_ascii_case(plain))
+    };
+    coded(header::CONTENT_ENCODING, b"identity") || coded(header::TRANSFER_ENCODING, b"chunked")
 }
 
 /// Whether `headers` say the body is JSON (`application/json` or `…+json`).
@@ -1898,6 +1905,44 @@ mod tests {
     #[test]
     fn query_values_are_encoded() {
         assert_eq!(percent_encode("a b&c=d"), "a%20b%26c%3Dd");
+    }
+
+    /// A body compressed as a transfer coding cannot be scanned for the secret any more than
+    /// one compressed as a content coding: both are refused where a secret went out.
+    #[test]
+    fn a_compressed_transfer_coding_is_refused_where_a_secret_went_out() {
+        let answer = |pairs: &[(&str, &str)]| {
+            let mut response = Response::new(
+                http_body_util::Empty::<Bytes>::new()
+                    .map_err(|never| -> hyper::Error { match never {} }),
+            );
+            *response.headers_mut() = headers(pairs);
+            response
+        };
+        let secrets = || {
+            Some(Arc::new(crate::redact::Secrets::new(
+                vec![b"sk-1".to_vec()],
+            )))
+        };
+        for (pairs, compressed) in [
+            (&[("transfer-encoding", "chunked")][..], false),
+            (&[("content-encoding", "identity")][..], false),
+            (&[("transfer-encoding", "gzip, chunked")][..], true),
+            (
+                &[
+                    ("transfer-encoding", "gzip"),
+                    ("transfer-encoding", "chunked"),
+                ][..],
+                true,
+            ),
+            (&[("content-encoding", "gzip")][..], true),
+        ] {
+            assert_eq!(encoded(&headers(pairs)), compressed, "{pairs:?}");
+            let built = client_response(answer(pairs), secrets());
+            assert_eq!(built.is_err(), compressed, "{pairs:?}");
+            // Without a secret there is nothing to scan for: passed on.
+            assert!(client_response(answer(pairs), None).is_ok(), "{pairs:?}");
+        }
     }
 
     /// The caller's own credential parameter goes however it is spelled; one behind a `;` is
