@@ -52,6 +52,32 @@ const CALLER_CREDENTIALS: [HeaderName; 3] = [
     HeaderName::from_static("api-key"),
 ];
 
+/// Removes the caller's own credentials: [`CALLER_CREDENTIALS`] and the `injected` header,
+/// each also spelled with `_` for `-` (servers behind WSGI or CGI read `x_api_key` as
+/// `x-api-key`).
+fn remove_caller_credentials(headers: &mut HeaderMap, injected: Option<&HeaderName>) {
+    let dashed = |b: u8| if b == b'_' { b'-' } else { b };
+    let same = |a: &str, b: &str| {
+        a.len() == b.len()
+            && a.bytes()
+                .zip(b.bytes())
+                .all(|(x, y)| dashed(x) == dashed(y))
+    };
+    let callers: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| {
+            CALLER_CREDENTIALS
+                .iter()
+                .chain(injected)
+                .any(|c| same(k.as_str(), c.as_str()))
+        })
+        .cloned()
+        .collect();
+    for name in callers {
+        headers.remove(name);
+    }
+}
+
 /// The connection's context: who, in which namespace, to which port.
 pub struct Conn {
     pub gateway: Arc<Gateway>,
@@ -830,12 +856,13 @@ async fn decide_and_forward(
         );
     }
     if let Some(b) = binding {
-        for h in &CALLER_CREDENTIALS {
-            parts.headers.remove(h);
-        }
+        let injected = match &b.inject {
+            Inject::Header { name, .. } => Some(name),
+            Inject::Query { .. } => None,
+        };
+        remove_caller_credentials(&mut parts.headers, injected);
         match &b.inject {
             Inject::Header { name, .. } => {
-                parts.headers.remove(name);
                 if let Some(v) = b.header_value() {
                     parts.headers.insert(name.clone(), v);
                 }
@@ -1905,6 +1932,27 @@ mod tests {
     #[test]
     fn query_values_are_encoded() {
         assert_eq!(percent_encode("a b&c=d"), "a%20b%26c%3Dd");
+    }
+
+    /// The caller's credentials go also where `_` stands for `-` (WSGI and CGI read them
+    /// alike), with the injected header's own name.
+    #[test]
+    fn caller_credentials_go_in_either_spelling() {
+        let mut h = headers(&[
+            ("authorization", "Bearer mine"),
+            ("x-api-key", "mine"),
+            ("x_api_key", "mine"),
+            ("api_key", "mine"),
+            ("x-goog_api_key", "mine"),
+            ("x-goog-api-key", "mine"),
+            ("x-api-keys", "kept"),
+            ("x_api", "kept"),
+            ("accept", "*/*"),
+        ]);
+        remove_caller_credentials(&mut h, Some(&HeaderName::from_static("x-goog-api-key")));
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["accept", "x-api-keys", "x_api"]);
     }
 
     /// A body compressed as a transfer coding cannot be scanned for the secret any more than
