@@ -683,7 +683,7 @@ async fn decide_and_forward(
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .clone();
     let decide = |model| {
-        policies.evaluate_request(
+        policies.evaluate_http(
             &view,
             conn.orig.port(),
             &host,
@@ -778,17 +778,6 @@ async fn decide_and_forward(
                 record,
                 StatusCode::SERVICE_UNAVAILABLE,
                 "audit_unavailable",
-                record.rule.clone().as_deref(),
-            ),
-            None,
-        );
-    }
-    if route.tls == TlsMode::Passthrough {
-        return (
-            refuse(
-                record,
-                StatusCode::FORBIDDEN,
-                "plain_http_on_a_passthrough_rule",
                 record.rule.clone().as_deref(),
             ),
             None,
