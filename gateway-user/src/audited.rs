@@ -306,7 +306,7 @@ mod tests {
     async fn tokens_are_read_into_the_record_and_charged_or_estimated() {
         let (audit, dir) = log();
         let rooms = crate::usage::Rooms::new(1024, 1024);
-        let room = rooms.of(1);
+        let room = rooms.of("a");
         let mut json = http::HeaderMap::new();
         json.insert(
             http::header::CONTENT_TYPE,

@@ -31,6 +31,21 @@ pub struct WorkloadId {
 }
 
 impl WorkloadId {
+    /// Whose share of the gateway's memory this workload's reads take: its container's, else
+    /// its pod's, else that of the cgroup systemd or a runtime made for it (its unit). Never a
+    /// cgroup it made below its own, or a workload would take a share for each one it makes.
+    pub fn holder(&self, placement: &crate::container::Placement) -> String {
+        if let Some(c) = &placement.container {
+            format!("container:{}", c.id)
+        } else if let Some(pod) = &placement.pod {
+            format!("pod:{}", pod.uid)
+        } else if let Some(path) = &self.cgroup {
+            format!("cgroup:{}", crate::cgroup::made_for(path.as_str()))
+        } else {
+            format!("cgroup-id:{}", self.cgroup_id)
+        }
+    }
+
     pub fn record(&self) -> WorkloadRecord {
         WorkloadRecord {
             pid: self.pid,
@@ -268,6 +283,43 @@ pub fn resolve(origin: &SockState, cgroup_mount: &Path, cache: &IdentityCache) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Cgroups a workload makes inside its own take from its one share of the gateway's memory.
+    #[test]
+    fn a_workload_holds_one_share_whatever_cgroups_it_makes() {
+        let holder = |path: &str| {
+            let id = WorkloadId {
+                pid: 1,
+                tgid: 1,
+                start_boottime_ns: 0,
+                uid: 0,
+                gid: 0,
+                comm: String::new(),
+                cgroup_id: 7,
+                cgroup: Some(CgroupPath::parse(path).expect("path")),
+                exe: None,
+                exe_sha256: None,
+                verified: false,
+            };
+            id.holder(&id.placement())
+        };
+        let app = holder("/system.slice/app.service");
+        for inside in [
+            "/system.slice/app.service/x",
+            "/system.slice/app.service/x/y.service",
+            "/system.slice/app.service/kubepods/pod0b4f2a4e-6d1c-4c8e-9a57-3f2e1d0c9b8a",
+        ] {
+            assert_eq!(holder(inside), app, "{inside}");
+        }
+        assert_ne!(holder("/system.slice/other.service"), app);
+        let id = "4f6b1c0d2e3a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9a0b1c2d3e";
+        let container = holder(&format!("/system.slice/docker-{id}.scope"));
+        assert_eq!(container, format!("container:{id}"));
+        assert_eq!(
+            holder(&format!("/system.slice/docker-{id}.scope/inner")),
+            container
+        );
+    }
 
     #[test]
     fn starttime_after_tricky_comm() {

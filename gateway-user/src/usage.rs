@@ -224,13 +224,15 @@ impl<'de> serde::Deserialize<'de> for Count {
 }
 
 /// The gateway's memory for bodies read for their model and answers read for their token
-/// counts, in KiB: all of it, and each workload's share (by cgroup id), so that one workload
-/// cannot take it all from the others.
+/// counts, in KiB: all of it, and each workload's share (by [`WorkloadId::holder`]), so
+/// that one workload cannot take it all from the others.
+///
+/// [`WorkloadId::holder`]: crate::identity::WorkloadId::holder
 #[derive(Debug)]
 pub struct Rooms {
     all: Arc<Semaphore>,
     share: usize,
-    workloads: std::sync::Mutex<std::collections::HashMap<u64, Arc<Semaphore>>>,
+    workloads: std::sync::Mutex<std::collections::HashMap<String, Arc<Semaphore>>>,
 }
 
 impl Rooms {
@@ -243,8 +245,8 @@ impl Rooms {
         }
     }
 
-    /// The room for the workload in cgroup `cgroup_id`.
-    pub fn of(&self, cgroup_id: u64) -> Room {
+    /// The room for the workload `holder`.
+    pub fn of(&self, holder: &str) -> Room {
         let mut workloads = self
             .workloads
             .lock()
@@ -254,7 +256,7 @@ impl Rooms {
             workloads.retain(|_, share| Arc::strong_count(share) > 1);
         }
         let mine = workloads
-            .entry(cgroup_id)
+            .entry(holder.to_owned())
             .or_insert_with(|| Arc::new(Semaphore::new(self.share)));
         Room {
             all: Arc::clone(&self.all),
@@ -516,7 +518,7 @@ mod tests {
     use super::*;
 
     fn room() -> Room {
-        Rooms::new(4 * 1024, 4 * 1024).of(1)
+        Rooms::new(4 * 1024, 4 * 1024).of("a")
     }
 
     fn reader(content_type: &str) -> Option<UsageReader> {
@@ -716,7 +718,7 @@ mod tests {
     #[test]
     fn one_workload_cannot_take_the_others_room() {
         let rooms = Rooms::new(64, 16);
-        let (a, b) = (rooms.of(1), rooms.of(2));
+        let (a, b) = (rooms.of("a"), rooms.of("b"));
         let mut first = RoomBuf::new(&a, 1 << 20);
         assert_eq!(first.push(&[0; 12 * 1024]), Ok(()));
         // Growing to 24 KiB would pass the workload's 16.
@@ -743,7 +745,7 @@ mod tests {
     #[test]
     fn the_buffer_takes_its_memory_from_the_room_and_gives_it_back() {
         let rooms = Rooms::new(64, 64);
-        let room = rooms.of(7);
+        let room = rooms.of("a");
         let mut h = HeaderMap::new();
         h.insert(
             header::CONTENT_TYPE,
