@@ -263,7 +263,20 @@ impl Credentials {
             let secret = match (b.source.file, b.source.env) {
                 (Some(f), None) => {
                     let f = if f.is_absolute() { f } else { base.join(f) };
-                    let s = read_private(&f)?;
+                    // A file that is not there is not named: what was typed may be the
+                    // secret itself. A file that is there has a name, not a secret, for one.
+                    let s = read_private(&f).map_err(|e| match e {
+                        CredentialError::Read { source, .. }
+                            if source.kind() == std::io::ErrorKind::NotFound =>
+                        {
+                            invalid(format!(
+                                "binding {:?}: the file source.file names does not exist \
+                                 (a relative path is read from the credentials file's directory)",
+                                b.name
+                            ))
+                        }
+                        other => other,
+                    })?;
                     sources.push(f);
                     SecretString::from(s.trim_end_matches(['\n', '\r']).to_owned())
                 }
@@ -478,6 +491,11 @@ mod tests {
                 "[API.openai.com]",
                 "[\"sk-live-TOPSECRET/v1\"]",
                 "binding \"openai-prod\": hosts[0]: ",
+            ),
+            (
+                source,
+                "    source: { file: sk-live-TOPSECRET }",
+                "binding \"openai-prod\": the file source.file names does not exist",
             ),
         ];
         for (from, to, expected) in cases {
