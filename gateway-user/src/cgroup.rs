@@ -150,21 +150,6 @@ impl CgroupPath {
     }
 }
 
-/// The part of a cgroup path that systemd or a runtime made: up to the first component below
-/// the slices (a unit, a container's scope, a runtime's parent). Below it, a workload with a
-/// delegated subtree names cgroups as it likes.
-pub fn made_for(path: &str) -> &str {
-    let mut start = 0;
-    for component in path.split('/') {
-        let end = start + component.len();
-        if !component.is_empty() && !is_slice(component) {
-            return &path[..end];
-        }
-        start = end + 1;
-    }
-    path
-}
-
 /// A systemd slice: a cgroup that groups units and holds no process of its own.
 pub fn is_slice(component: &str) -> bool {
     component.len() > ".slice".len() && component.ends_with(".slice")
@@ -349,22 +334,6 @@ mod tests {
         assert!(CgroupPath::parse("/x")
             .expect("path")
             .is_within(&CgroupPath::parse("/").expect("root")));
-    }
-
-    #[test]
-    fn what_systemd_or_a_runtime_made() {
-        for (path, want) in [
-            (
-                "/system.slice/app.service/a/b.service",
-                "/system.slice/app.service",
-            ),
-            ("/system.slice/app.service", "/system.slice/app.service"),
-            ("/a.slice/b.slice", "/a.slice/b.slice"),
-            ("/tollgate/app", "/tollgate"),
-            ("/", "/"),
-        ] {
-            assert_eq!(made_for(path), want, "{path}");
-        }
     }
 
     #[test]

@@ -568,10 +568,9 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
             .then(|| {
                 crate::usage::UsageReader::for_response(
                     &parts.headers,
-                    &conn
-                        .gateway
-                        .model_reads
-                        .of(&conn.workload.holder(&conn.placement)),
+                    &conn.gateway.model_reads.of(&conn
+                        .workload
+                        .holder(&conn.placement, &conn.gateway.config.roots)),
                 )
             })
             .flatten();
@@ -702,10 +701,9 @@ async fn decide_and_forward(
     let (decision, body) = match decide(Model::Unread) {
         RequestDecision::NeedsModel { policy, rule } => {
             let timeout = conn.gateway.config.client_header_timeout;
-            let room = &conn
-                .gateway
-                .model_reads
-                .of(&conn.workload.holder(&conn.placement));
+            let room = &conn.gateway.model_reads.of(&conn
+                .workload
+                .holder(&conn.placement, &conn.gateway.config.roots));
             let (body, model) = match read_model(body, &parts.headers, timeout, room).await {
                 Ok(ModelRead::Read(bytes, asked, permit)) => {
                     // A tokens budget reserves what the request sends and may receive.

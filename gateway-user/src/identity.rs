@@ -32,18 +32,24 @@ pub struct WorkloadId {
 
 impl WorkloadId {
     /// Whose share of the gateway's memory this workload's reads take: its container's, else
-    /// its pod's, else that of the cgroup systemd or a runtime made for it (its unit). Never a
-    /// cgroup it made below its own, or a workload would take a share for each one it makes.
-    pub fn holder(&self, placement: &crate::container::Placement) -> String {
+    /// its pod's, else its systemd unit's, else that of the cgroup directly below its enforced
+    /// root (one of `roots`). Never a cgroup it made below its own, or a workload would take a
+    /// share for each one it makes.
+    pub fn holder(&self, placement: &crate::container::Placement, roots: &[CgroupPath]) -> String {
         if let Some(c) = &placement.container {
-            format!("container:{}", c.id)
-        } else if let Some(pod) = &placement.pod {
-            format!("pod:{}", pod.uid)
-        } else if let Some(path) = &self.cgroup {
-            format!("cgroup:{}", crate::cgroup::made_for(path.as_str()))
-        } else {
-            format!("cgroup-id:{}", self.cgroup_id)
+            return format!("container:{}", c.id);
         }
+        if let Some(pod) = &placement.pod {
+            return format!("pod:{}", pod.uid);
+        }
+        let Some(path) = &self.cgroup else {
+            return format!("cgroup-id:{}", self.cgroup_id);
+        };
+        if let Some(unit) = path.systemd_unit() {
+            return format!("unit:{unit}");
+        }
+        let workload = roots.iter().find_map(|root| path.below(root));
+        format!("cgroup:{}", workload.unwrap_or(path.as_str()))
     }
 
     pub fn record(&self) -> WorkloadRecord {
@@ -301,7 +307,8 @@ mod tests {
                 exe_sha256: None,
                 verified: false,
             };
-            id.holder(&id.placement())
+            let roots = [CgroupPath::parse("/agents").expect("root")];
+            id.holder(&id.placement(), &roots)
         };
         let app = holder("/system.slice/app.service");
         for inside in [
@@ -312,6 +319,10 @@ mod tests {
             assert_eq!(holder(inside), app, "{inside}");
         }
         assert_ne!(holder("/system.slice/other.service"), app);
+        // Without systemd's names: each cgroup directly below the root is one workload.
+        let a = holder("/agents/a");
+        assert_eq!(holder("/agents/a/x/y"), a);
+        assert_ne!(holder("/agents/b"), a);
         let id = "4f6b1c0d2e3a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9a0b1c2d3e";
         let container = holder(&format!("/system.slice/docker-{id}.scope"));
         assert_eq!(container, format!("container:{id}"));
