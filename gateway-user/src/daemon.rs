@@ -845,7 +845,21 @@ async fn watch_policies(gateway: Arc<Gateway>) {
         }
         let (seen, g) = (now.clone(), Arc::clone(&gateway));
         let settled = tokio::task::spawn_blocking(move || {
-            load_if_settled(&seen, || watched(&g), || reload(&g.config), SETTLE)
+            // The secret files of bindings the edit adds are not watched yet: they are held
+            // to the same settle, from just after they were read.
+            let stat_new = |loaded: &Result<(PolicySet, Credentials), String>| -> Vec<_> {
+                loaded.as_ref().map_or_else(
+                    |_| Vec::new(),
+                    |(_, c)| c.sources().iter().map(|s| stat(s)).collect(),
+                )
+            };
+            let read = || {
+                let loaded = reload(&g.config);
+                let new = stat_new(&loaded);
+                (loaded, new)
+            };
+            load_if_settled(&seen, || watched(&g), read, SETTLE)
+                .and_then(|(loaded, new)| (stat_new(&loaded) == new).then_some(loaded))
         })
         .await;
         let reloaded = match settled {
