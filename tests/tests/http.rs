@@ -1796,6 +1796,53 @@ fn a_request_sent_a_while_after_the_connect_is_served() {
     assert_eq!(served, 1, "one record of the served request");
 }
 
+/// A head hyper cannot parse, after a request served on the same kept-alive connection, ends
+/// the connection and is audited once, naming the workload (invariants 4 and 8): every decision
+/// has its record, not only one on a connection's first request.
+#[test]
+fn a_later_unparsable_head_is_audited_once() {
+    let s = setup("later-unparsable");
+    let env = &s.env;
+    let _d = env.start();
+    let first =
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\nContent-Length: 2\r\n\r\n{}";
+    let second = "GET /v1/models HTTP/1.1\r\nHost: api.openai.com\r\nBad@Name: x\r\n\r\n";
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", RAW_CLIENT])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    join_before_exec(&mut cmd, &s.agent);
+    let mut child = cmd.spawn().expect("python3");
+    let input = serde_json::json!([format!("{first}{second}")]).to_string();
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), input.as_bytes())
+        .expect("send the requests");
+    let out = child.wait_with_output().expect("python3");
+    env.keep_client_output(&out.stdout);
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert!(
+        got["status"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("HTTP/1.1 200"),
+        "the first request is served: {got}"
+    );
+    let workload = format!("{}/agent.service", env.root_rel());
+    let ours = |r: &serde_json::Value| r["workload"]["cgroup"] == workload.as_str();
+    let unparsable = wait_count(env, 1, |r| ours(r) && r["reason"] == "request_unparsable");
+    let served = wait_count(env, 1, |r| {
+        ours(r) && r["layer"] == "request" && r["decision"] == "allow"
+    });
+    // Anything written late would have come with the connection's end, already seen.
+    assert_eq!((served, unparsable), (1, 1), "one record each");
+}
+
 /// Waits until at least `n` records match `pred`; returns how many do.
 fn wait_count(env: &TestEnv, n: usize, pred: impl Fn(&serde_json::Value) -> bool) -> usize {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
