@@ -124,6 +124,24 @@ pub fn check_bindings(policies: &PolicySet, credentials: &Credentials) -> Result
             ));
         };
         if let crate::policy::RuleKind::Host(h) = &rule.kind {
+            // The caller's credential headers and the injected one are replaced after the
+            // decision: a condition on them would judge a value that never goes upstream.
+            let injected = match &binding.inject {
+                crate::credentials::Inject::Header { name, .. } => Some(name),
+                crate::credentials::Inject::Query { .. } => None,
+            };
+            if let Some(replaced) = h
+                .required_headers()
+                .find(|n| crate::http_proxy::is_replaced(n, injected))
+            {
+                return Err(format!(
+                    "{}: rule {:?} requires header {replaced}, which the gateway replaces with \
+                     credential {name:?}: the condition would judge the caller's value, which \
+                     never goes upstream; remove it",
+                    policy.file.display(),
+                    rule.name
+                ));
+            }
             if !h.host.as_str().starts_with("*.") && !binding.allows_host(h.host.as_str()) {
                 return Err(format!(
                     "{}: rule {:?} sends credential {name:?} to {}, which the binding does not list in `hosts`",
@@ -1003,6 +1021,36 @@ pub fn register_netns(config: &Config, path: &Path) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A rule may not require a header its credential replaces: the condition would judge the
+    /// caller's value, which never goes upstream.
+    #[test]
+    fn a_condition_on_a_header_the_credential_replaces_is_refused() {
+        let policy = |require: &str| {
+            let text = format!("apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: {{ name: a }}\nspec:\n  workload: {{ cgroup: /a }}\n  egress:\n    - name: openai\n      match: {{ host: api.openai.com, port: 80 }}\n      upstream: {{ port: 443 }}\n      tls: originate\n      http:\n        - methods: [POST]\n          require_headers: {{ {require}: \"*\" }}\n      credential: openai-prod\n");
+            PolicySet::from_policies(vec![crate::policy::parse_policy(
+                &text,
+                Path::new("a.yaml"),
+            )
+            .expect("policy")])
+            .expect("set")
+        };
+        let creds = Credentials::parse(
+            "bindings:\n  - name: openai-prod\n    hosts: [api.openai.com]\n    inject: { header: x-goog-api-key, format: \"{secret}\" }\n    source: { env: K }\n",
+            "c.yaml",
+            Path::new("/"),
+            &|_| Some("k".into()),
+        )
+        .expect("credentials");
+        for replaced in ["authorization", "x_api_key", "x-goog-api-key"] {
+            let err = check_bindings(&policy(replaced), &creds).expect_err(replaced);
+            assert!(
+                err.contains("replaces with credential"),
+                "{replaced}: {err}"
+            );
+        }
+        check_bindings(&policy("openai-project"), &creds).expect("another header");
+    }
 
     /// A file that changes while it is read, or just after, is not applied: it is read again.
     #[test]

@@ -56,6 +56,20 @@ const CALLER_CREDENTIALS: [HeaderName; 3] = [
 /// each also spelled with `_` for `-` (servers behind WSGI or CGI read `x_api_key` as
 /// `x-api-key`).
 fn remove_caller_credentials(headers: &mut HeaderMap, injected: Option<&HeaderName>) {
+    let callers: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| is_replaced(k, injected))
+        .cloned()
+        .collect();
+    for name in callers {
+        headers.remove(name);
+    }
+}
+
+/// Whether `name` is one of [`CALLER_CREDENTIALS`] or the `injected` header, also spelled
+/// with `_` for `-`: a header the gateway takes out of every request it injects a credential
+/// into.
+pub fn is_replaced(name: &HeaderName, injected: Option<&HeaderName>) -> bool {
     let dashed = |b: u8| if b == b'_' { b'-' } else { b };
     let same = |a: &str, b: &str| {
         a.len() == b.len()
@@ -63,19 +77,10 @@ fn remove_caller_credentials(headers: &mut HeaderMap, injected: Option<&HeaderNa
                 .zip(b.bytes())
                 .all(|(x, y)| dashed(x) == dashed(y))
     };
-    let callers: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| {
-            CALLER_CREDENTIALS
-                .iter()
-                .chain(injected)
-                .any(|c| same(k.as_str(), c.as_str()))
-        })
-        .cloned()
-        .collect();
-    for name in callers {
-        headers.remove(name);
-    }
+    CALLER_CREDENTIALS
+        .iter()
+        .chain(injected)
+        .any(|c| same(name.as_str(), c.as_str()))
 }
 
 /// The connection's context: who, in which namespace, to which port.

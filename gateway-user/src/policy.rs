@@ -355,6 +355,15 @@ pub struct HostRule {
     pub budget: Option<crate::budget::Budget>,
 }
 
+impl HostRule {
+    /// Every header an `http` entry of this rule requires.
+    pub fn required_headers(&self) -> impl Iterator<Item = &http::HeaderName> {
+        self.http
+            .iter()
+            .flat_map(|m| m.require.iter().map(|(name, _)| name))
+    }
+}
+
 /// `enforce` denies; `monitor` decides and audits "would deny" but lets the connection through.
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
