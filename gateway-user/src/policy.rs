@@ -1184,10 +1184,19 @@ pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
     let mut rules = Vec::new();
     let mut names = std::collections::HashSet::new();
     let egress_at = text.find("egress:").unwrap_or(0);
+    let mut named_before = HashMap::<String, usize>::new();
     for r in raw.spec.egress {
+        // This rule's own `name:` (a second rule of one name is the second one written).
+        let earlier = named_before.entry(r.name.clone()).or_default();
+        let mut from = Some(egress_at);
+        for _ in 0..*earlier {
+            from = from.and_then(|f| key_offset(text, f, "name", Some(&r.name)).map(|i| i + 1));
+        }
+        *earlier += 1;
+        let at = from.and_then(|f| key_offset(text, f, "name", Some(&r.name)));
         let rule_err = |m: String| PolicyError::Invalid {
             file: file_s.clone(),
-            at: key_at(text, egress_at, "name", Some(&r.name)),
+            at: at.map(|i| line_column(text, i)),
             message: format!("rule {:?}: {m}", r.name),
         };
         if !names.insert(r.name.clone()) {
@@ -1374,6 +1383,20 @@ pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
 /// gives positions only for its own. `None` when the text spells it otherwise (escapes, an
 /// alias): the error then names the file alone.
 fn key_at(text: &str, from: usize, key: &str, value: Option<&str>) -> Option<(usize, usize)> {
+    key_offset(text, from, key, value).map(|i| line_column(text, i))
+}
+
+/// The 1-based line and column of byte `i` of `text`.
+fn line_column(text: &str, i: usize) -> (usize, usize) {
+    let line_start = text[..i].rfind('\n').map_or(0, |n| n + 1);
+    (
+        text[..i].matches('\n').count() + 1,
+        text[line_start..i].chars().count() + 1,
+    )
+}
+
+/// The byte offset of what [`key_at`] finds.
+fn key_offset(text: &str, from: usize, key: &str, value: Option<&str>) -> Option<usize> {
     let mut start = from;
     loop {
         let i = start + text.get(start..)?.find(key)?;
@@ -1401,11 +1424,7 @@ fn key_at(text: &str, from: usize, key: &str, value: Option<&str>) -> Option<(us
                 continue;
             }
         }
-        let line_start = text[..i].rfind('\n').map_or(0, |n| n + 1);
-        return Some((
-            text[..i].matches('\n').count() + 1,
-            text[line_start..i].chars().count() + 1,
-        ));
+        return Some(i);
     }
 }
 
@@ -2022,6 +2041,22 @@ mod host_rules {
             .replace("BUDGET", "")
             .replace("name: db", "name: openai");
         let err = parse_policy(&twice, Path::new("b.yaml")).expect_err("two names");
+        let second = twice
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| {
+                l.trim_start()
+                    .trim_start_matches("- ")
+                    .starts_with("name: openai")
+            })
+            .nth(1)
+            .map(|(n, l)| (n + 1, l.find("name").expect("name") + 1))
+            .expect("a second rule");
+        assert!(
+            err.to_string()
+                .starts_with(&format!("b.yaml:{}:{}: ", second.0, second.1)),
+            "{err}"
+        );
         assert!(
             err.to_string().contains("a second rule of that name"),
             "{err}"
