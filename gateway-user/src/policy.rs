@@ -895,56 +895,28 @@ impl PolicySet {
     /// The decision for a TLS connection naming `sni` on `port`: the first host rule whose host
     /// and port match decides; it must be a passthrough rule.
     pub fn evaluate_sni(&self, w: &WorkloadView<'_>, port: u16, sni: &str) -> RequestDecision {
+        const REFUSAL: &str = "tls_on_an_originate_rule";
         let none = http::HeaderMap::new();
-        match self.evaluate_request(w, port, sni, "", "", &none, &none, Model::Unread) {
-            RequestDecision::Allow {
-                route,
-                policy,
-                rule,
-            } if route.tls != TlsMode::Passthrough => RequestDecision::Deny {
-                policy: Some(policy),
-                rule: Some(rule),
-                reason: "tls_on_an_originate_rule",
-            },
-            RequestDecision::Deny {
-                policy,
-                rule,
-                reason: "method_or_path_not_allowed",
-            } => RequestDecision::Deny {
-                policy,
-                rule,
-                reason: "tls_on_an_originate_rule",
-            },
-            // Only a rule with `http` entries reads models, and those are never passthrough.
-            RequestDecision::NeedsModel { policy, rule } => RequestDecision::Deny {
-                policy: Some(policy),
-                rule: Some(rule),
-                reason: "tls_on_an_originate_rule",
-            },
-            // Monitor mode lets through only what a passthrough rule can carry: TLS to a rule
-            // that originates TLS, or to a host no rule names (nowhere to dial), is refused.
-            RequestDecision::WouldDeny {
-                policy,
-                rule,
-                route: Some(route),
-                ..
-            } if route.tls != TlsMode::Passthrough => RequestDecision::Deny {
-                policy: Some(policy),
-                rule,
-                reason: "tls_on_an_originate_rule",
-            },
-            RequestDecision::WouldDeny {
-                policy,
-                rule,
-                reason,
-                route: None,
-            } => RequestDecision::Deny {
-                policy: Some(policy),
-                rule,
-                reason,
-            },
-            other => other,
-        }
+        let decision =
+            match self.evaluate_request(w, port, sni, "", "", &none, &none, Model::Unread) {
+                // A rule with `http` entries (the only kind that reads models) is never passthrough.
+                RequestDecision::Deny {
+                    policy,
+                    rule,
+                    reason: "method_or_path_not_allowed",
+                } => RequestDecision::Deny {
+                    policy,
+                    rule,
+                    reason: REFUSAL,
+                },
+                RequestDecision::NeedsModel { policy, rule } => RequestDecision::Deny {
+                    policy: Some(policy),
+                    rule: Some(rule),
+                    reason: REFUSAL,
+                },
+                other => other,
+            };
+        carried(decision, |tls| tls == TlsMode::Passthrough, REFUSAL)
     }
 
     /// The decision for a plain-text HTTP request as the gateway carries it out: what
@@ -963,38 +935,11 @@ impl PolicySet {
         removed: &http::HeaderMap,
         model: Model<'_>,
     ) -> RequestDecision {
-        match self.evaluate_request(w, port, host, method, path, headers, removed, model) {
-            RequestDecision::Allow {
-                policy,
-                rule,
-                route,
-            } if route.tls == TlsMode::Passthrough => RequestDecision::Deny {
-                policy: Some(policy),
-                rule: Some(rule),
-                reason: "plain_http_on_a_passthrough_rule",
-            },
-            RequestDecision::WouldDeny {
-                policy,
-                rule,
-                route: Some(route),
-                ..
-            } if route.tls == TlsMode::Passthrough => RequestDecision::Deny {
-                policy: Some(policy),
-                rule,
-                reason: "plain_http_on_a_passthrough_rule",
-            },
-            RequestDecision::WouldDeny {
-                policy,
-                rule,
-                reason,
-                route: None,
-            } => RequestDecision::Deny {
-                policy: Some(policy),
-                rule,
-                reason,
-            },
-            other => other,
-        }
+        carried(
+            self.evaluate_request(w, port, host, method, path, headers, removed, model),
+            |tls| tls != TlsMode::Passthrough,
+            "plain_http_on_a_passthrough_rule",
+        )
     }
 
     /// Every credential binding a rule names.
@@ -1005,6 +950,48 @@ impl PolicySet {
                 RuleKind::L4 { .. } => None,
             })
         })
+    }
+}
+
+/// `decision` as the gateway can carry it out on a connection whose rule must be of a TLS mode
+/// `can_carry` accepts: an allowing or monitored rule of another mode is refused (`refusal`),
+/// and monitor mode lets nothing through that no rule names (there is nowhere to send it).
+fn carried(
+    decision: RequestDecision,
+    can_carry: impl Fn(TlsMode) -> bool,
+    refusal: &'static str,
+) -> RequestDecision {
+    match decision {
+        RequestDecision::Allow {
+            policy,
+            rule,
+            route,
+        } if !can_carry(route.tls) => RequestDecision::Deny {
+            policy: Some(policy),
+            rule: Some(rule),
+            reason: refusal,
+        },
+        RequestDecision::WouldDeny {
+            policy,
+            rule,
+            route: Some(route),
+            ..
+        } if !can_carry(route.tls) => RequestDecision::Deny {
+            policy: Some(policy),
+            rule,
+            reason: refusal,
+        },
+        RequestDecision::WouldDeny {
+            policy,
+            rule,
+            reason,
+            route: None,
+        } => RequestDecision::Deny {
+            policy: Some(policy),
+            rule,
+            reason,
+        },
+        other => other,
     }
 }
 
