@@ -1760,25 +1760,7 @@ fn a_request_sent_a_while_after_the_connect_is_served() {
     let _d = env.start();
     // Connects, says nothing for 300 ms, then sends the request.
     let request = "POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}";
-    let mut cmd = Command::new("python3");
-    cmd.args(["-c", RAW_CLIENT, "0.3"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    join_before_exec(&mut cmd, &s.agent);
-    let mut child = cmd.spawn().expect("python3");
-    let input = serde_json::json!([request]).to_string();
-    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), input.as_bytes())
-        .expect("send the request");
-    let out = child.wait_with_output().expect("python3");
-    env.keep_client_output(&out.stdout);
-    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{e}: {} {}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
+    let got = raw_exchange(&s, request, Some("0.3"));
     assert!(
         got["status"]
             .as_str()
@@ -1807,25 +1789,7 @@ fn a_later_unparsable_head_is_audited_once() {
     let first =
         "POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\nContent-Length: 2\r\n\r\n{}";
     let second = "GET /v1/models HTTP/1.1\r\nHost: api.openai.com\r\nBad@Name: x\r\n\r\n";
-    let mut cmd = Command::new("python3");
-    cmd.args(["-c", RAW_CLIENT])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    join_before_exec(&mut cmd, &s.agent);
-    let mut child = cmd.spawn().expect("python3");
-    let input = serde_json::json!([format!("{first}{second}")]).to_string();
-    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), input.as_bytes())
-        .expect("send the requests");
-    let out = child.wait_with_output().expect("python3");
-    env.keep_client_output(&out.stdout);
-    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{e}: {} {}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
+    let got = raw_exchange(&s, &format!("{first}{second}"), None);
     assert!(
         got["status"]
             .as_str()
@@ -1841,6 +1805,32 @@ fn a_later_unparsable_head_is_audited_once() {
     });
     // Anything written late would have come with the connection's end, already seen.
     assert_eq!((served, unparsable), (1, 1), "one record each");
+}
+
+/// Sends `raw` on one connection from the agent's cgroup through [`RAW_CLIENT`] (waiting
+/// `delay` seconds after the connect, if given) and returns what it printed: the status line
+/// and the response. What came back is kept for the secret scan.
+fn raw_exchange(s: &Setup, raw: &str, delay: Option<&str>) -> serde_json::Value {
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", RAW_CLIENT])
+        .args(delay)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    join_before_exec(&mut cmd, &s.agent);
+    let mut child = cmd.spawn().expect("python3");
+    let input = serde_json::json!([raw]).to_string();
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), input.as_bytes())
+        .expect("send the request");
+    let out = child.wait_with_output().expect("python3");
+    s.env.keep_client_output(&out.stdout);
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }
 
 /// Waits until at least `n` records match `pred`; returns how many do.
