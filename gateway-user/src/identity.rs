@@ -127,30 +127,32 @@ pub struct ExeHashCache {
     entries: Mutex<HashMap<FileKey, String>>,
 }
 
+/// Executables larger than this are not hashed (`exe_sha256` is null): a workload could
+/// otherwise make its executable a sparse file of any size and have the gateway read it all.
+pub const MAX_HASHED: u64 = 256 << 20;
+
 impl ExeHashCache {
     /// The sha256 of the file behind `/proc/<tgid>/exe` (opened through the link, so it is the
-    /// executed file even if the path now names another one).
+    /// executed file even if the path now names another one); `None` above [`MAX_HASHED`].
+    /// A hash not cached is read on a thread that serves no other task meanwhile (the runtime
+    /// hands its tasks to another), so a large executable delays only its own connection.
     pub fn hash(&self, proc_exe: &Path) -> Option<String> {
-        let mut file = std::fs::File::open(proc_exe).ok()?;
+        let file = std::fs::File::open(proc_exe).ok()?;
         let m = file.metadata().ok()?;
+        if m.size() > MAX_HASHED {
+            return None;
+        }
         let key = (m.dev(), m.ino(), m.ctime(), m.ctime_nsec(), m.size());
         if let Some(h) = self.entries.lock().ok()?.get(&key) {
             return Some(h.clone());
         }
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = file.read(&mut buf).ok()?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
-        let hex: String = hasher
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let multi_threaded = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let hex = if multi_threaded {
+            tokio::task::block_in_place(|| sha256_hex(file))
+        } else {
+            sha256_hex(file)
+        }?;
         let mut entries = self.entries.lock().ok()?;
         if entries.len() > 4096 {
             entries.clear();
@@ -158,6 +160,26 @@ impl ExeHashCache {
         entries.insert(key, hex.clone());
         Some(hex)
     }
+}
+
+/// The sha256 of what `file` holds, in lower-case hex.
+fn sha256_hex(mut file: std::fs::File) -> Option<String> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = file.read(&mut buf).ok()?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Some(
+        hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
 }
 
 /// What a connection's identity needs from outside the kernel's record, kept for a short
@@ -289,6 +311,27 @@ pub fn resolve(origin: &SockState, cgroup_mount: &Path, cache: &IdentityCache) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An executable made huge (a sparse file costs its owner nothing) is not read whole: it
+    /// is not hashed at all, at once. One of ordinary size is.
+    #[test]
+    fn a_huge_executable_is_not_hashed() {
+        let dir = std::env::temp_dir().join(format!("tg-exe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let (small, huge) = (dir.join("small"), dir.join("huge"));
+        std::fs::write(&small, b"abc").expect("small");
+        std::fs::File::create(&huge)
+            .and_then(|f| f.set_len(64 << 30))
+            .expect("sparse");
+        let cache = ExeHashCache::default();
+        let (small_hash, huge_hash) = (cache.hash(&small), cache.hash(&huge));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(
+            small_hash.as_deref(),
+            Some("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+        );
+        assert_eq!(huge_hash, None);
+    }
 
     /// Cgroups a workload makes inside its own take from its one share of the gateway's memory.
     #[test]

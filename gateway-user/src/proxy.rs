@@ -269,9 +269,7 @@ impl Gateway {
     ) {
         match upstream {
             Ok(mut upstream) => {
-                let (up, down) = tokio::io::copy_bidirectional(&mut client, &mut upstream)
-                    .await
-                    .unwrap_or((0, 0));
+                let (up, down) = copy_counted(&mut client, &mut upstream).await;
                 record.bytes_up = Some(up);
                 record.bytes_down = Some(down);
             }
@@ -592,11 +590,117 @@ pub async fn serve(gateway: Arc<Gateway>, listener: TcpListener, ns: Arc<Netns>)
     }
 }
 
+/// Copies both ways until either side closes or fails, and returns the bytes that reached `b`
+/// and `a`. Counted as they are written, so a copy that ends in an error (a reset) still
+/// reports what it moved: a workload must not make its traffic vanish from the audit record by
+/// resetting its connection.
+async fn copy_counted<A, B>(a: &mut A, b: &mut B) -> (u64, u64)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (mut a, mut b) = (Counted::new(a), Counted::new(b));
+    let _ended = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+    (b.written, a.written)
+}
+
+/// A stream that counts the bytes written to it.
+struct Counted<S> {
+    inner: S,
+    written: u64,
+}
+
+impl<S> Counted<S> {
+    fn new(inner: S) -> Self {
+        Self { inner, written: 0 }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = polled {
+            self.written += n as u64;
+        }
+        polled
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use gateway_common::{ip4_word, ip6_words};
 
     use super::*;
+
+    /// A relayed connection the client resets still reports the bytes it moved (the copy
+    /// ends in an error; the counts must not fall to zero with it).
+    #[test]
+    fn a_reset_relay_still_counts_its_bytes() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let front = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let back = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let (front_at, back_at) = (
+                front.local_addr().expect("addr"),
+                back.local_addr().expect("addr"),
+            );
+            let client = tokio::spawn(async move {
+                let mut c = TcpStream::connect(front_at).await.expect("connect");
+                c.write_all(&[7; 10_000]).await.expect("send");
+                let mut answer = [0; 300];
+                c.read_exact(&mut answer).await.expect("answer");
+                // Then a reset, as a workload hiding what it sent would.
+                reset(&c);
+            });
+            let (mut from_client, _) = front.accept().await.expect("accept");
+            let mut to_server = TcpStream::connect(back_at).await.expect("connect");
+            let (mut server, _) = back.accept().await.expect("accept");
+            let server = tokio::spawn(async move {
+                let mut got = vec![0; 10_000];
+                server.read_exact(&mut got).await.expect("request");
+                server.write_all(&[9; 300]).await.expect("answer");
+                // Held open until the relay ends.
+                let _ = server.read(&mut [0; 1]).await;
+            });
+            let (up, down) = copy_counted(&mut from_client, &mut to_server).await;
+            client.await.expect("client");
+            drop(to_server);
+            server.await.expect("server");
+            assert_eq!((up, down), (10_000, 300));
+        });
+    }
 
     #[test]
     fn orig_dst_round_trips() {
