@@ -57,9 +57,11 @@ pub fn is_internal(ip: IpAddr) -> bool {
                     (u32::from(hi) << 16) | u32::from(lo),
                 ))
             };
-            // NAT64 (64:ff9b::/96), IPv4-compatible (::a.b.c.d), 6to4 (2002::/16): judge the IPv4 inside.
+            // NAT64 (64:ff9b::/96), IPv4-compatible (::a.b.c.d), IPv4-translated
+            // (::ffff:0:a.b.c.d), 6to4 (2002::/16): judge the IPv4 inside.
             if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0]
                 || (seg[..6] == [0; 6] && (seg[6] != 0 || seg[7] > 1))
+                || seg[..6] == [0, 0, 0, 0, 0xffff, 0]
             {
                 return is_internal(embedded(seg[6], seg[7]));
             }
@@ -71,6 +73,34 @@ pub fn is_internal(ip: IpAddr) -> bool {
                 || v6.is_multicast()
                 || (seg[0] & 0xfe00) == 0xfc00
                 || (seg[0] & 0xffc0) == 0xfe80
+                // Site-local (deprecated, still routed inside some networks).
+                || (seg[0] & 0xffc0) == 0xfec0
+                // Local-use NAT64 (64:ff9b:1::/48), where an operator's translator may lead.
+                || seg[..3] == [0x64, 0xff9b, 1]
+                // Teredo (2001::/32): a tunnel to an address its server and client encode.
+                || seg[..2] == [0x2001, 0]
+        }
+    }
+}
+
+/// Whether `ip` is link-local (cloud metadata services live there: 169.254.169.254, fe80::)
+/// or AWS's IPv6 metadata address, in any of the forms [`is_internal`] reads.
+pub fn is_link_local_or_metadata(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => {
+            let seg = v6.segments();
+            let embedded = std::net::Ipv4Addr::from((u32::from(seg[6]) << 16) | u32::from(seg[7]));
+            (seg[0] & 0xffc0) == 0xfe80
+                || v6 == std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
+                || ((seg[..6] == [0, 0, 0, 0, 0, 0xffff]
+                    || seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0]
+                    || seg[..6] == [0; 6]
+                    || seg[..6] == [0, 0, 0, 0, 0xffff, 0])
+                    && embedded.is_link_local())
+                || (seg[0] == 0x2002
+                    && std::net::Ipv4Addr::from((u32::from(seg[1]) << 16) | u32::from(seg[2]))
+                        .is_link_local())
         }
     }
 }
@@ -831,8 +861,25 @@ mod tests {
             "fe80::1",
             "::ffff:10.0.0.1",
             "224.0.0.1",
+            "::ffff:0:a9fe:a9fe",
+            "fec0::1",
+            "64:ff9b:1::a00:1",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
         ] {
             assert!(is_internal(ip.parse().expect("ip")), "{ip}");
+        }
+        for ip in [
+            "169.254.169.254",
+            "fe80::1",
+            "fd00:ec2::254",
+            "::ffff:169.254.169.254",
+            "64:ff9b::a9fe:a9fe",
+            "2002:a9fe:a9fe::1",
+        ] {
+            assert!(is_link_local_or_metadata(ip.parse().expect("ip")), "{ip}");
+        }
+        for ip in ["10.0.0.1", "127.0.0.1", "::1", "fd00::1", "8.8.8.8"] {
+            assert!(!is_link_local_or_metadata(ip.parse().expect("ip")), "{ip}");
         }
         for ip in ["8.8.8.8", "2001:4860::8888", "::ffff:1.1.1.1"] {
             assert!(!is_internal(ip.parse().expect("ip")), "{ip}");
