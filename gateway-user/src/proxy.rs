@@ -232,6 +232,19 @@ impl Gateway {
                 record.reason = "rule_matched".into();
                 self.forward(&ns, client, dst, record, started).await;
             }
+            // Monitor mode lets a connection through, dialed by the gateway, as root, from its
+            // own cgroup: what a host firewall keyed on the workload's uid or cgroup kept from
+            // it. Link-local and metadata addresses (instance credentials) are not dialed so.
+            Decision::WouldDeny { policy, .. }
+                if crate::upstream::is_link_local_or_metadata(
+                    self.config.upstream_for(dst).ip(),
+                ) =>
+            {
+                record.policy = Some(policy);
+                record.reason = "monitor_link_local_refused".into();
+                self.audit.emit(record);
+                reset(&client);
+            }
             Decision::WouldDeny { policy, reason } => {
                 record.decision = Verdict::WouldDeny;
                 record.policy = Some(policy);
