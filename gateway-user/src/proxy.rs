@@ -364,22 +364,12 @@ impl Gateway {
         dst: SocketAddr,
         mut record: AuditRecord,
     ) {
-        use crate::tls::{parse, Hello, MAX_HELLO};
+        use crate::tls::{Hello, MAX_HELLO};
         let started = Instant::now();
         record.dst.protocol = Some("tls");
         let mut buf = vec![0u8; MAX_HELLO + 2048];
         let deadline = tokio::time::Instant::now() + self.config.client_header_timeout;
-        let hello = loop {
-            let Ok(Ok(n)) = tokio::time::timeout_at(deadline, client.peek(&mut buf)).await else {
-                break Hello::Incomplete;
-            };
-            match parse(&buf[..n]) {
-                Hello::Incomplete if n < buf.len() && n > 0 => {
-                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-                }
-                other => break other,
-            }
-        };
+        let hello = read_hello(&client, &mut buf, deadline).await;
         // The bytes stay in the socket for the splice; the copy is not needed any more.
         drop(buf);
         let sni = match &hello {
@@ -541,6 +531,41 @@ fn set_option<T>(
     }
 }
 
+/// Peeks `client` until `buf` holds a whole ClientHello (or something that is not one), or
+/// `deadline` passes (`Incomplete`). The bytes stay in the socket. While nothing more comes,
+/// the wait between peeks doubles (2 ms to 256 ms): a hello that stalls until the deadline
+/// costs about fifty peeks, not one every 2 ms.
+async fn read_hello(
+    client: &TcpStream,
+    buf: &mut [u8],
+    deadline: tokio::time::Instant,
+) -> crate::tls::Hello {
+    use crate::tls::{parse, Hello};
+    let (mut had, mut wait) = (0, HELLO_PEEK_FIRST);
+    loop {
+        let Ok(Ok(n)) = tokio::time::timeout_at(deadline, client.peek(buf)).await else {
+            return Hello::Incomplete;
+        };
+        if n == had && n > 0 && n < buf.len() {
+            wait = (wait * 2).min(HELLO_PEEK_MAX);
+        } else {
+            match parse(&buf[..n]) {
+                Hello::Incomplete if n < buf.len() && n > 0 => wait = HELLO_PEEK_FIRST,
+                other => return other,
+            }
+        }
+        had = n;
+        if tokio::time::Instant::now() + wait > deadline {
+            return Hello::Incomplete;
+        }
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// The first wait before a partial ClientHello is peeked again, and the longest.
+const HELLO_PEEK_FIRST: std::time::Duration = std::time::Duration::from_millis(2);
+const HELLO_PEEK_MAX: std::time::Duration = std::time::Duration::from_millis(256);
+
 /// Peeks what `client` has sent so far without waiting: `None` if nothing has come yet (or
 /// the socket failed; the awaited peek that follows sees that).
 fn peek_now(client: &TcpStream, buf: &mut [u8]) -> Option<usize> {
@@ -672,6 +697,45 @@ mod tests {
     use gateway_common::{ip4_word, ip6_words};
 
     use super::*;
+
+    /// A ClientHello sent in two segments is read whole; one that stalls ends at the deadline.
+    #[test]
+    fn a_hello_in_two_segments_is_read_and_a_stalled_one_times_out() {
+        use crate::tls::{
+            tests::{hello, records, sni_ext},
+            Hello, MAX_HELLO,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            use tokio::io::AsyncWriteExt;
+            let bytes = records(&hello(&[sni_ext("api.example.com")]), 4096);
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let at = listener.local_addr().expect("addr");
+            let in_ = |ms| tokio::time::Instant::now() + std::time::Duration::from_millis(ms);
+            let mut buf = vec![0u8; MAX_HELLO + 2048];
+
+            let mut c = TcpStream::connect(at).await.expect("connect");
+            let (s, _) = listener.accept().await.expect("accept");
+            c.write_all(&bytes[..20]).await.expect("send");
+            let rest = bytes[20..].to_vec();
+            let writer = tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                c.write_all(&rest).await.expect("send");
+                c
+            });
+            let got = read_hello(&s, &mut buf, in_(5_000)).await;
+            assert_eq!(got, Hello::Sni("api.example.com".into()));
+            drop(writer.await);
+
+            let mut c = TcpStream::connect(at).await.expect("connect");
+            let (s, _) = listener.accept().await.expect("accept");
+            c.write_all(&bytes[..20]).await.expect("send");
+            assert_eq!(read_hello(&s, &mut buf, in_(600)).await, Hello::Incomplete);
+        });
+    }
 
     /// A relayed connection the client resets still reports the bytes it moved (the copy
     /// ends in an error; the counts must not fall to zero with it).

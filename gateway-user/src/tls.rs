@@ -127,11 +127,11 @@ impl<'a> Reader<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A minimal ClientHello with the given extensions, as one handshake message.
-    fn hello(exts: &[(u16, Vec<u8>)]) -> Vec<u8> {
+    pub(crate) fn hello(exts: &[(u16, Vec<u8>)]) -> Vec<u8> {
         let mut body = vec![3, 3];
         body.extend([7u8; 32]);
         body.push(0); // session id
@@ -151,7 +151,7 @@ mod tests {
         hs
     }
 
-    fn sni_ext(name: &str) -> (u16, Vec<u8>) {
+    pub(crate) fn sni_ext(name: &str) -> (u16, Vec<u8>) {
         let mut d = Vec::new();
         d.extend(u16::try_from(name.len() + 3).expect("len").to_be_bytes());
         d.push(0);
@@ -160,7 +160,7 @@ mod tests {
         (EXT_SERVER_NAME, d)
     }
 
-    fn records(hs: &[u8], split: usize) -> Vec<u8> {
+    pub(crate) fn records(hs: &[u8], split: usize) -> Vec<u8> {
         let mut out = Vec::new();
         for chunk in hs.chunks(split) {
             out.extend([HANDSHAKE, 3, 1]);
