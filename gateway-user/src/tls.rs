@@ -21,6 +21,8 @@ const HANDSHAKE: u8 = 22;
 const CLIENT_HELLO: u8 = 1;
 const EXT_SERVER_NAME: u16 = 0;
 const EXT_ECH: u16 = 0xfe0d;
+/// The encrypted SNI extension of drafts before ECH.
+const EXT_ESNI: u16 = 0xffce;
 /// Larger hellos are refused (post-quantum key shares fit well below this).
 pub const MAX_HELLO: usize = 16 * 1024;
 
@@ -80,12 +82,21 @@ fn client_hello(b: &[u8]) -> Hello {
         let ext_len = usize::from(r.u16()?);
         let mut exts = Reader(r.take(ext_len)?);
         let mut sni = None;
+        let mut seen = Vec::new();
         while !exts.0.is_empty() {
             let kind = exts.u16()?;
             let len = usize::from(exts.u16()?);
             let data = exts.take(len)?;
+            // An extension twice is a malformed hello (RFC 8446, 4.2); a server might read
+            // the other one than we did.
+            if seen.contains(&kind) {
+                return None;
+            }
+            seen.push(kind);
             match kind {
-                EXT_ECH => return Some(Hello::Ech),
+                // ECH, its drafts' codepoints and the older ESNI: the name that counts is
+                // encrypted, so the one in the clear decides nothing.
+                EXT_ECH | 0xfe08..=0xfe0c | EXT_ESNI => return Some(Hello::Ech),
                 EXT_SERVER_NAME => {
                     let mut d = Reader(data);
                     let list = usize::from(d.u16()?);
@@ -95,6 +106,11 @@ fn client_hello(b: &[u8]) -> Hello {
                         let n = usize::from(names.u16()?);
                         let name = names.take(n)?;
                         if name_type == 0 {
+                            // One host name only (RFC 6066, 3): of two, a server might take
+                            // the other.
+                            if sni.is_some() {
+                                return None;
+                            }
                             sni = Some(String::from_utf8(name.to_vec()).ok()?);
                         }
                     }
@@ -200,5 +216,38 @@ pub(crate) mod tests {
             Hello::Invalid,
             "not a ClientHello"
         );
+    }
+
+    /// A hello a server could read otherwise than we do is refused: two names, two server_name
+    /// extensions, any extension twice; so is one whose real name is encrypted by a draft.
+    #[test]
+    fn hellos_read_two_ways_are_refused() {
+        let two_names = {
+            let (kind, mut d) = sni_ext("a.example");
+            let (_, other) = sni_ext("b.example");
+            d.extend(&other[2..]);
+            let list = u16::try_from(d.len() - 2).expect("len").to_be_bytes();
+            d[..2].copy_from_slice(&list);
+            (kind, d)
+        };
+        for exts in [
+            vec![two_names],
+            vec![sni_ext("a.example"), sni_ext("b.example")],
+            vec![
+                sni_ext("a.example"),
+                (10, vec![0, 2, 0, 29]),
+                (10, vec![0, 2, 0, 29]),
+            ],
+        ] {
+            assert_eq!(parse(&records(&hello(&exts), 4096)), Hello::Invalid);
+        }
+        for draft in [EXT_ESNI, 0xfe08, 0xfe0c] {
+            let exts = [sni_ext("a.example"), (draft, vec![1, 2, 3])];
+            assert_eq!(
+                parse(&records(&hello(&exts), 4096)),
+                Hello::Ech,
+                "{draft:#x}"
+            );
+        }
     }
 }
