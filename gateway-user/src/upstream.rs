@@ -171,7 +171,16 @@ impl Connector {
         if let Some(addr) = self.dial.config.test_override(host, port) {
             return Ok(vec![addr]);
         }
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
+        let addrs: Vec<SocketAddr> =
+            tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::lookup_host((host, port)))
+                .await
+                .map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("resolving {host} timed out"),
+                    )
+                })??
+                .collect();
         let allowed = self.allow_private;
         let usable: Vec<SocketAddr> = addrs
             .iter()
@@ -189,7 +198,10 @@ impl Connector {
 
     /// A TCP connection to `host:port`, resolved by the gateway, made in the workload's
     /// namespace.
+    /// Resolving and connecting share one [`CONNECT_TIMEOUT`]: a name with many slow
+    /// addresses does not multiply it.
     async fn tcp(&self, host: &str, port: u16) -> io::Result<TcpStream> {
+        let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
         let mut last = io::Error::other("no address");
         for addr in self.resolve(host, port).await? {
             let domain = if addr.is_ipv4() {
@@ -206,7 +218,7 @@ impl Connector {
                     socket.bind(SocketAddr::new(src, 0))?;
                 }
             }
-            match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(addr)).await {
+            match tokio::time::timeout_at(deadline, socket.connect(addr)).await {
                 Ok(Ok(tcp)) => {
                     let _ = tcp.set_nodelay(true);
                     return Ok(tcp);
