@@ -134,8 +134,6 @@ pub const MAX_HASHED: u64 = 256 << 20;
 impl ExeHashCache {
     /// The sha256 of the file behind `/proc/<tgid>/exe` (opened through the link, so it is the
     /// executed file even if the path now names another one); `None` above [`MAX_HASHED`].
-    /// A hash not cached is read on a thread that serves no other task meanwhile (the runtime
-    /// hands its tasks to another), so a large executable delays only its own connection.
     pub fn hash(&self, proc_exe: &Path) -> Option<String> {
         let file = std::fs::File::open(proc_exe).ok()?;
         let m = file.metadata().ok()?;
@@ -146,13 +144,7 @@ impl ExeHashCache {
         if let Some(h) = self.entries.lock().ok()?.get(&key) {
             return Some(h.clone());
         }
-        let multi_threaded = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-        let hex = if multi_threaded {
-            tokio::task::block_in_place(|| sha256_hex(file))
-        } else {
-            sha256_hex(file)
-        }?;
+        let hex = sha256_hex(file)?;
         let mut entries = self.entries.lock().ok()?;
         if entries.len() > 4096 {
             entries.clear();
