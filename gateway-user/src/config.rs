@@ -136,6 +136,8 @@ struct RawConfig {
     client_header_timeout_ms: u64,
     #[serde(default = "default_upstream_header_timeout_ms")]
     upstream_header_timeout_ms: u64,
+    #[serde(default = "default_max_connections_per_workload")]
+    max_connections_per_workload: usize,
     #[serde(default)]
     test_resolver: BTreeMap<String, SocketAddr>,
     #[serde(default)]
@@ -217,6 +219,9 @@ const fn default_client_header_timeout_ms() -> u64 {
 const fn default_upstream_header_timeout_ms() -> u64 {
     300_000
 }
+const fn default_max_connections_per_workload() -> usize {
+    1_024
+}
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -242,6 +247,11 @@ pub struct Config {
     /// How long the upstream has to answer a forwarded request with its response head (an
     /// LLM's time to first byte: long).
     pub upstream_header_timeout: std::time::Duration,
+    /// How many connections one workload (its container, pod, systemd unit or cgroup below
+    /// its root) may hold open through the gateway at once; more are refused. Each takes two
+    /// of the daemon's descriptors and a task, so without a cap one workload could take them
+    /// all from the others.
+    pub max_connections_per_workload: usize,
     /// Test-only: destinations mapped to local mocks. Always empty in release builds.
     pub test_resolver: BTreeMap<String, SocketAddr>,
     /// The credentials file (bindings of secrets to hosts), if any.
@@ -311,6 +321,12 @@ impl Config {
                 raw.upstream_header_timeout_ms
             )));
         }
+        if !(1..=1_000_000).contains(&raw.max_connections_per_workload) {
+            return Err(invalid(format!(
+                "max_connections_per_workload is {}: use 1 to 1000000",
+                raw.max_connections_per_workload
+            )));
+        }
         if raw.listener.port == 0 {
             return Err(invalid("listener.port must not be 0".into()));
         }
@@ -351,6 +367,7 @@ impl Config {
             upstream_header_timeout: std::time::Duration::from_millis(
                 raw.upstream_header_timeout_ms,
             ),
+            max_connections_per_workload: raw.max_connections_per_workload,
             test_resolver: raw.test_resolver,
             credentials: raw.credentials.map(&anchor),
             upstream_ca: raw.upstream_ca.map(&anchor),
@@ -486,6 +503,12 @@ mod tests {
             ("client_header_timeout_ms: 600001", "use 100 to 600000"),
             ("upstream_header_timeout_ms: 0", "use 100 to 3600000"),
             ("upstream_header_timeout_ms: 3600001", "use 100 to 3600000"),
+            ("max_connections_per_workload: 0", "use 1 to 1000000"),
+            ("max_connections_per_workload: 1000001", "use 1 to 1000000"),
+            (
+                "max_connections_per_workload: -1",
+                "max_connections_per_workload",
+            ),
             ("listener: { port: 0 }", "listener.port must not be 0"),
             ("listener: { port: 65536 }", "listener.port"),
             (
@@ -505,6 +528,11 @@ mod tests {
         }
         let text = format!("{GOOD}dns_resolvers: [\"127.0.0.53:53\", \"[::1]:53\"]\n");
         Config::parse(&text, "c.yaml", Path::new("/")).expect("resolvers on port 53");
+        let text = format!("{GOOD}max_connections_per_workload: 1\n");
+        let c = Config::parse(&text, "c.yaml", Path::new("/")).expect("a cap of 1");
+        assert_eq!(c.max_connections_per_workload, 1);
+        let c = Config::parse(GOOD, "c.yaml", Path::new("/")).expect("default");
+        assert_eq!(c.max_connections_per_workload, 1_024);
     }
 
     #[test]

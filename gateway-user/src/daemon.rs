@@ -710,6 +710,7 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> Result<(), RunError> {
             crate::proxy::MODEL_READS_KIB,
             crate::proxy::MODEL_READS_SHARE_KIB,
         ),
+        connections: crate::connections::Connections::new(config.max_connections_per_workload),
     });
     let namespaces = Arc::new(Namespaces::new(
         Arc::clone(&gateway),

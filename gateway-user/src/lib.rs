@@ -8,6 +8,7 @@ pub mod budget;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+pub mod connections;
 pub mod container;
 pub mod credentials;
 pub mod daemon;

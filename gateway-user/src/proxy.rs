@@ -40,6 +40,8 @@ pub struct Gateway {
     /// counts: a read that finds none left in all, or in its workload's share, is refused (or,
     /// for an answer, not read).
     pub model_reads: crate::usage::Rooms,
+    /// Connections each workload holds open, capped by `max_connections_per_workload`.
+    pub connections: Arc<crate::connections::Connections>,
 }
 
 /// How much memory, in KiB, bodies held for their model or their token counts may take, in
@@ -211,6 +213,28 @@ impl Gateway {
                 return;
             }
             d => d,
+        };
+        // A connection that goes on holds one of its workload's slots until it ends.
+        let _slot = match &decision {
+            Decision::Deny { .. } => None,
+            Decision::Allow { policy, .. }
+            | Decision::WouldDeny { policy, .. }
+            | Decision::Inspect { policy } => {
+                let holder = id.holder(&placement, &self.config.roots);
+                let Some(slot) = self.connections.open(&holder) else {
+                    record.policy = Some(Arc::clone(policy));
+                    record.reason = "connection_limit".into();
+                    self.audit.emit(record);
+                    tracing::info!(
+                        %holder,
+                        max = self.config.max_connections_per_workload,
+                        "connection refused: the workload holds its most open connections"
+                    );
+                    reset(&client);
+                    return;
+                };
+                Some(slot)
+            }
         };
         record.decision_us = Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
         match decision {

@@ -1666,6 +1666,136 @@ fn over_budget_retry_after(out: &str) -> u64 {
         .unwrap_or_else(|| panic!("a Retry-After: {out}"))
 }
 
+/// Holds `cap` connections to the API open, asks on one more; on a line from stdin closes
+/// one of them and asks again. Prints each answer's status line (or how it failed).
+const HOLD_CONNECTIONS: &str = r#"
+import json, socket, sys, time
+cap = int(sys.argv[1])
+REQ = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\n"
+       b"Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+def ask():
+    s = socket.socket()
+    s.settimeout(5)
+    try:
+        s.connect(('127.0.0.9', 80))
+        s.sendall(REQ)
+        data = b''
+        while True:
+            d = s.recv(65536)
+            if not d:
+                break
+            data += d
+        return data.split(b'\r\n', 1)[0].decode() or 'closed'
+    except OSError as e:
+        return type(e).__name__
+    finally:
+        s.close()
+held = [socket.create_connection(('127.0.0.9', 80)) for _ in range(cap)]
+time.sleep(0.5)
+print(json.dumps({"over": ask()}), flush=True)
+sys.stdin.readline()
+held.pop().close()
+time.sleep(0.5)
+print(json.dumps({"after": ask()}), flush=True)
+for s in held:
+    s.close()
+"#;
+
+/// THREATS 25, connections: past `max_connections_per_workload`, a workload's connections are
+/// reset and audited `connection_limit`, while another workload is still served, and a closed
+/// connection frees its slot.
+#[test]
+fn a_workload_past_its_most_connections_is_refused_and_others_are_served() {
+    let s = setup_with("conncap", "max_connections_per_workload: 3\n");
+    let env = &s.env;
+    std::fs::write(
+        env.policies.join("other.yaml"),
+        POLICY
+            .replace("ROOT", &env.root_rel())
+            .replace("/agent.service", "/other.service")
+            .replace("{ name: agent }", "{ name: other }"),
+    )
+    .expect("policy");
+    let _d = env.start();
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", HOLD_CONNECTIONS, "3"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    join_before_exec(&mut cmd, &s.agent);
+    let mut child = cmd.spawn().expect("python3");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut stderr = child.stderr.take().expect("stderr");
+    let mut next = || {
+        let Some(Ok(line)) = lines.next() else {
+            let mut err = String::new();
+            let _ = stderr.read_to_string(&mut err);
+            panic!("python3 ended early: {err}");
+        };
+        env.keep_client_output(line.as_bytes());
+        serde_json::from_str::<serde_json::Value>(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+    };
+    let over = next();
+    assert!(
+        !over["over"]
+            .as_str()
+            .unwrap_or("HTTP/")
+            .starts_with("HTTP/"),
+        "the fourth connection got no answer: {over}"
+    );
+    let rec = env.wait_record("the fourth connection refused", |r| {
+        r["reason"] == "connection_limit"
+    });
+    assert_eq!(rec["decision"], "deny", "{rec}");
+    assert_eq!(rec["policy"], "agent", "{rec}");
+    assert!(
+        rec["workload"]["cgroup"]
+            .as_str()
+            .is_some_and(|c| c.ends_with("/agent.service")),
+        "{rec}"
+    );
+    // Another workload is served while the first holds its most.
+    let (out, err) = curl(
+        &s.other,
+        &[
+            "-X",
+            "POST",
+            "-d",
+            "{}",
+            "-w",
+            "\n%{http_code}",
+            "http://api.openai.com/v1/chat/completions",
+        ],
+    );
+    env.keep_client_output(out.as_bytes());
+    assert!(out.ends_with("200"), "other.service served: {out} {err}");
+    // One held connection closes: its slot is free again.
+    use std::io::Write as _;
+    child
+        .stdin
+        .as_mut()
+        .expect("stdin")
+        .write_all(b"go\n")
+        .expect("signal");
+    let after = next();
+    assert!(
+        after["after"]
+            .as_str()
+            .is_some_and(|l| l.starts_with("HTTP/1.1 200")),
+        "a slot freed by a close is used: {after}"
+    );
+    let status = child.wait().expect("python3");
+    assert!(status.success(), "python3: {status}");
+    assert_eq!(
+        env.records()
+            .iter()
+            .filter(|r| r["reason"] == "connection_limit")
+            .count(),
+        1,
+        "one refusal, one record"
+    );
+}
+
 /// THREATS 25: slow request heads are cut when the client header timeout fires, each audited;
 /// the gateway keeps serving meanwhile and its memory stays bounded.
 #[test]
