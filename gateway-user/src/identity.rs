@@ -122,9 +122,23 @@ pub fn same_start(recorded_ns: u64, proc_ticks: u64, ticks_per_sec: u64) -> bool
 /// What identifies an executable's content: device, inode, ctime (s, ns), size.
 type FileKey = (u64, u64, i64, i64, u64);
 
-#[derive(Default)]
 pub struct ExeHashCache {
     entries: Mutex<HashMap<FileKey, String>>,
+    /// Hashes read at once; more wait.
+    reading: tokio::sync::Semaphore,
+}
+
+/// How many executables are read for their hash at once: a workload that rewrites its
+/// executable for each connection has one read at a time of the CPU, not one per connection.
+const READING_AT_ONCE: usize = 2;
+
+impl Default for ExeHashCache {
+    fn default() -> Self {
+        Self {
+            entries: Mutex::default(),
+            reading: tokio::sync::Semaphore::new(READING_AT_ONCE),
+        }
+    }
 }
 
 /// Executables larger than this are not hashed (`exe_sha256` is null): a workload could
@@ -134,23 +148,43 @@ pub const MAX_HASHED: u64 = 256 << 20;
 impl ExeHashCache {
     /// The sha256 of the file behind `/proc/<tgid>/exe` (opened through the link, so it is the
     /// executed file even if the path now names another one); `None` above [`MAX_HASHED`].
-    pub fn hash(&self, proc_exe: &Path) -> Option<String> {
+    /// A hash not cached is read on the runtime's blocking pool, [`READING_AT_ONCE`] at a
+    /// time, while the caller's task waits: the workers go on serving every other connection.
+    pub async fn hash(&self, proc_exe: &Path) -> Option<String> {
         let file = std::fs::File::open(proc_exe).ok()?;
         let m = file.metadata().ok()?;
         if m.size() > MAX_HASHED {
             return None;
         }
         let key = (m.dev(), m.ino(), m.ctime(), m.ctime_nsec(), m.size());
-        if let Some(h) = self.entries.lock().ok()?.get(&key) {
-            return Some(h.clone());
+        if let Some(h) = self.cached(&key) {
+            return Some(h);
         }
-        let hex = sha256_hex(file)?;
-        let mut entries = self.entries.lock().ok()?;
+        let _reading = self.reading.acquire().await.ok()?;
+        // Another connection of the same executable may have read it while this one waited.
+        if let Some(h) = self.cached(&key) {
+            return Some(h);
+        }
+        let hex = tokio::task::spawn_blocking(move || sha256_hex(file))
+            .await
+            .ok()??;
+        let mut entries = self
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if entries.len() > 4096 {
             entries.clear();
         }
         entries.insert(key, hex.clone());
         Some(hex)
+    }
+
+    fn cached(&self, key: &FileKey) -> Option<String> {
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(key)
+            .cloned()
     }
 }
 
@@ -249,7 +283,7 @@ impl IdentityCache {
 }
 
 /// Builds the identity of a redirected connection from its kernel-recorded origin.
-pub fn resolve(origin: &SockState, cgroup_mount: &Path, cache: &IdentityCache) -> WorkloadId {
+pub async fn resolve(origin: &SockState, cgroup_mount: &Path, cache: &IdentityCache) -> WorkloadId {
     let mut id = WorkloadId {
         pid: origin.pid,
         tgid: origin.tgid,
@@ -280,7 +314,7 @@ pub fn resolve(origin: &SockState, cgroup_mount: &Path, cache: &IdentityCache) -
     }
     let proc_exe = PathBuf::from(format!("/proc/{}/exe", origin.tgid));
     id.exe = std::fs::read_link(&proc_exe).ok();
-    id.exe_sha256 = cache.exe_hashes.hash(&proc_exe);
+    id.exe_sha256 = cache.exe_hashes.hash(&proc_exe).await;
     // Re-check after reading: if the task changed meanwhile, drop what /proc said.
     let still = std::fs::read_to_string(format!("/proc/{}/task/{}/stat", origin.tgid, origin.pid))
         .ok()
@@ -304,6 +338,47 @@ pub fn resolve(origin: &SockState, cgroup_mount: &Path, cache: &IdentityCache) -
 mod tests {
     use super::*;
 
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(f)
+    }
+
+    /// An executable read for its hash does not hold up the runtime: on a runtime of one
+    /// thread, a task ticking every millisecond goes on ticking while 32 MiB are hashed.
+    #[test]
+    fn hashing_an_executable_leaves_the_workers_serving() {
+        let path = std::env::temp_dir().join(format!("tg-exe-big-{}", std::process::id()));
+        std::fs::File::create(&path)
+            .and_then(|f| f.set_len(32 << 20))
+            .expect("sparse");
+        let cache = ExeHashCache::default();
+        let (hash, ticks) = block_on(async {
+            let ticks = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let counted = std::sync::Arc::clone(&ticks);
+            let ticker = tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+            tokio::task::yield_now().await;
+            let before = ticks.load(std::sync::atomic::Ordering::Relaxed);
+            let hash = cache.hash(&path).await;
+            let during = ticks.load(std::sync::atomic::Ordering::Relaxed) - before;
+            ticker.abort();
+            (hash, during)
+        });
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(hash.map(|h| h.len()), Some(64), "hashed");
+        assert!(
+            ticks >= 5,
+            "the runtime served other tasks meanwhile: {ticks} ticks"
+        );
+    }
+
     /// An executable made huge (a sparse file costs its owner nothing) is not read whole: it
     /// is not hashed at all, at once. One of ordinary size is.
     #[test]
@@ -316,7 +391,8 @@ mod tests {
             .and_then(|f| f.set_len(64 << 30))
             .expect("sparse");
         let cache = ExeHashCache::default();
-        let (small_hash, huge_hash) = (cache.hash(&small), cache.hash(&huge));
+        let (small_hash, huge_hash) =
+            block_on(async { (cache.hash(&small).await, cache.hash(&huge).await) });
         let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(
             small_hash.as_deref(),
@@ -393,8 +469,9 @@ mod tests {
         let ticks = stat_starttime(&stat).expect("starttime");
         assert!(ticks > 0);
         let cache = ExeHashCache::default();
-        let a = cache.hash(Path::new("/proc/self/exe")).expect("hash");
-        let b = cache.hash(Path::new("/proc/self/exe")).expect("hash");
+        let exe = Path::new("/proc/self/exe");
+        let (a, b) = block_on(async { (cache.hash(exe).await, cache.hash(exe).await) });
+        let (a, b) = (a.expect("hash"), b.expect("hash"));
         assert_eq!(a.len(), 64);
         assert_eq!(a, b);
     }
@@ -419,10 +496,10 @@ mod tests {
         let origin = own_origin();
         let mount = Path::new("/nonexistent");
         let cache = IdentityCache::with_ttl(Duration::from_secs(60));
-        let first = resolve(&origin, mount, &cache);
+        let first = block_on(resolve(&origin, mount, &cache));
         assert!(first.verified && first.exe.is_some(), "own task resolves");
         assert_eq!(cache.tasks.lock().expect("lock").len(), 1);
-        let again = resolve(&origin, mount, &cache);
+        let again = block_on(resolve(&origin, mount, &cache));
         assert_eq!((again.exe, again.exe_sha256), (first.exe, first.exe_sha256));
         // Another start time under the same ids (a reused pid) misses, and /proc does not
         // show that task: nothing is verified, nothing is cached.
@@ -430,12 +507,12 @@ mod tests {
             start_boottime_ns: origin.start_boottime_ns + 1_000_000_000,
             ..origin
         };
-        let other = resolve(&reused, mount, &cache);
+        let other = block_on(resolve(&reused, mount, &cache));
         assert!(!other.verified && other.exe.is_none());
         assert_eq!(cache.tasks.lock().expect("lock").len(), 1);
         // Expired entries are not used: with no time to live every lookup asks /proc.
         let fresh = IdentityCache::with_ttl(Duration::ZERO);
-        resolve(&origin, mount, &fresh);
+        block_on(resolve(&origin, mount, &fresh));
         assert!(fresh
             .get(
                 &fresh.tasks,

@@ -176,7 +176,7 @@ impl Gateway {
                 return;
             }
         };
-        let id = identity::resolve(&origin, &self.cgroup_mount, &self.identities);
+        let id = identity::resolve(&origin, &self.cgroup_mount, &self.identities).await;
         let dst = orig_dst(&origin);
         let mut record = AuditRecord::new(Verdict::Deny, Layer::Connect, "");
         record.workload = id.record().into();

@@ -522,20 +522,24 @@ fn capture_section(
         .collect();
     decisions.sort_unstable();
 
-    // Exe-hash cache: miss (a fresh cache each time) and hit.
+    // Exe-hash cache: miss (a fresh cache each time, read on the blocking pool) and hit.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let exe = Path::new("/proc/self/exe");
     let size = std::fs::metadata(exe).map(|m| m.len()).unwrap_or(0);
     let t = Instant::now();
     for _ in 0..20 {
         let cache = gateway_user::identity::ExeHashCache::default();
-        assert!(cache.hash(exe).is_some());
+        assert!(rt.block_on(cache.hash(exe)).is_some());
     }
     let miss = t.elapsed() / 20;
     let cache = gateway_user::identity::ExeHashCache::default();
-    let _ = cache.hash(exe);
+    let _ = rt.block_on(cache.hash(exe));
     let t = Instant::now();
     for _ in 0..10_000 {
-        assert!(cache.hash(exe).is_some());
+        assert!(rt.block_on(cache.hash(exe)).is_some());
     }
     let hit = t.elapsed() / 10_000;
 
