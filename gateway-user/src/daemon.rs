@@ -700,8 +700,7 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> Result<(), RunError> {
         config: config.clone(),
         cgroup_mount: pre.cgroup_mount.clone(),
         origins: maps.origins,
-        policies: Arc::clone(&policies),
-        credentials: RwLock::new(Arc::new(pre.credentials)),
+        rules: crate::rules::Rules::new(Arc::clone(&policies), pre.credentials),
         upstreams,
         audit: audit.clone(),
         identities: crate::identity::IdentityCache::default(),
@@ -834,11 +833,7 @@ fn watched(gateway: &Gateway) -> Vec<(PathBuf, u64, Option<std::time::SystemTime
     let mut f = fingerprint(&gateway.config.policies);
     if let Some(file) = &gateway.config.credentials {
         f.push(stat(file));
-        let credentials = gateway
-            .credentials
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let credentials = gateway.rules.credentials();
         f.extend(credentials.sources().iter().map(|s| stat(s)));
     }
     f
@@ -891,14 +886,7 @@ async fn watch_policies(gateway: Arc<Gateway>) {
         match reloaded {
             Ok((set, creds)) => {
                 let n = set.len();
-                *gateway
-                    .credentials
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(creds);
-                *gateway
-                    .policies
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(set);
+                gateway.rules.replace(set, creds);
                 tracing::info!(policies = n, "policies and credentials reloaded");
                 gateway.audit.emit(AuditRecord::new(
                     Verdict::Allow,

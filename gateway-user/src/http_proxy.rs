@@ -683,12 +683,8 @@ async fn decide_and_forward(
             None,
         );
     };
-    let policies = conn
-        .gateway
-        .policies
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
+    // The credentials of the same generation as the policies that decide.
+    let (policies, credentials) = conn.gateway.rules.both();
     let decide = |model| {
         policies.evaluate_http(
             &view,
@@ -793,12 +789,6 @@ async fn decide_and_forward(
         );
     }
     // The credential, if the rule binds one, and only for a host the binding names.
-    let credentials = conn
-        .gateway
-        .credentials
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
     let binding = match &route.credential {
         Some(name) => match credentials.get(name) {
             Some(b) if b.allows_host(&host) => Some(b),

@@ -27,6 +27,7 @@ pub mod policy;
 pub mod proxy;
 pub mod redact;
 pub mod relay;
+pub mod rules;
 pub mod sockdiag;
 pub mod tls;
 pub mod upstream;

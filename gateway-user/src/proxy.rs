@@ -4,7 +4,7 @@
 use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,
-    sync::{Arc, RwLock},
+    sync::Arc,
     time::Instant,
 };
 
@@ -15,10 +15,9 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::{
     audit::{AuditLog, AuditRecord, DstRecord, Layer, Verdict, WorkloadRecord},
     config::Config,
-    credentials::Credentials,
     identity::{self, IdentityCache},
     netns::Netns,
-    policy::{Decision, PolicySet},
+    policy::Decision,
     sockdiag,
     upstream::Upstreams,
 };
@@ -29,8 +28,8 @@ pub struct Gateway {
     pub cgroup_mount: PathBuf,
     /// Origins recorded by connect4/6, in the slot of the client socket's cookie.
     pub origins: Array<MapData, OriginSlot>,
-    pub policies: Arc<RwLock<Arc<PolicySet>>>,
-    pub credentials: RwLock<Arc<Credentials>>,
+    /// The policies and the credentials they name.
+    pub rules: crate::rules::Rules,
     pub upstreams: Upstreams,
     pub audit: AuditLog,
     pub identities: IdentityCache,
@@ -188,14 +187,7 @@ impl Gateway {
         };
         let placement = id.placement();
         let decision = match id.view(&placement) {
-            Some(view) => {
-                let policies = self
-                    .policies
-                    .read()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .clone();
-                policies.evaluate(&view, dst)
-            }
+            Some(view) => self.rules.policies().evaluate(&view, dst),
             None => Decision::Deny {
                 policy: None,
                 reason: crate::policy::DenyReason::NoPolicy,
@@ -415,12 +407,7 @@ impl Gateway {
         record.dst.host = Some(sni.as_str().into());
         let placement = id.placement();
         let decision = match id.view(&placement) {
-            Some(view) => self
-                .policies
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .clone()
-                .evaluate_sni(&view, dst.port(), &sni),
+            Some(view) => self.rules.policies().evaluate_sni(&view, dst.port(), &sni),
             None => crate::policy::RequestDecision::Deny {
                 policy: None,
                 rule: None,
