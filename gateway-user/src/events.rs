@@ -140,8 +140,7 @@ pub async fn watch_counters(
                 audit.emit(r);
             }
         }
-        for entry in counters.iter().flatten() {
-            let (cgroup_id, per_cpu) = entry;
+        let now = counters.iter().flatten().map(|(cgroup_id, per_cpu)| {
             let mut sum = Counters::default();
             for c in per_cpu.iter() {
                 sum.refused += c.refused;
@@ -149,12 +148,15 @@ pub async fn watch_counters(
                 sum.dns_allowed += c.dns_allowed;
                 sum.reports_lost += c.reports_lost;
             }
-            let last = seen.insert(cgroup_id, sum).unwrap_or_default();
+            (cgroup_id, sum)
+        });
+        for (cgroup_id, new) in growth(&mut seen, now) {
+            // Only a cgroup with something to report has its path looked up.
             let workload = Arc::new(WorkloadRecord::of_cgroup(
                 cgroup_id,
                 path_of_id(&cgroup_mount, cgroup_id).as_ref(),
             ));
-            let lost = grown(sum.events_lost, last.events_lost);
+            let lost = new.events_lost;
             if lost > 0 {
                 let mut r =
                     AuditRecord::new(Verdict::Deny, Layer::Kernel, "kernel_refusals_suppressed");
@@ -162,7 +164,7 @@ pub async fn watch_counters(
                 r.count = Some(lost);
                 audit.emit(r);
             }
-            let reports_lost = grown(sum.reports_lost, last.reports_lost);
+            let reports_lost = new.reports_lost;
             if reports_lost > 0 {
                 // Which process joined, or received descriptors, is not known: every process
                 // of the cgroup is settled as if it had reported.
@@ -187,7 +189,7 @@ pub async fn watch_counters(
                 r.rule = Some(format!("settling {settled} processes of the cgroup").into());
                 audit.emit(r);
             }
-            let dns = grown(sum.dns_allowed, last.dns_allowed);
+            let dns = new.dns_allowed;
             if dns > 0 {
                 let mut r =
                     AuditRecord::new(Verdict::Allow, Layer::Kernel, "dns_to_allowed_resolver");
@@ -198,6 +200,33 @@ pub async fn watch_counters(
             }
         }
     }
+}
+
+/// What each cgroup's counters gained since the last poll (`seen`, updated to `now`), for the
+/// cgroups whose counters audits report (`events_lost`, `reports_lost`, `dns_allowed`) grew.
+/// A cgroup the map no longer holds (evicted, or gone) is forgotten, so `seen` never holds more
+/// than the map.
+fn growth(
+    seen: &mut StdHashMap<u64, Counters>,
+    now: impl Iterator<Item = (u64, Counters)>,
+) -> Vec<(u64, Counters)> {
+    let mut grew = Vec::new();
+    let mut present = StdHashMap::with_capacity(seen.len());
+    for (cgroup_id, sum) in now {
+        let last = seen.get(&cgroup_id).copied().unwrap_or_default();
+        let new = Counters {
+            refused: grown(sum.refused, last.refused),
+            events_lost: grown(sum.events_lost, last.events_lost),
+            dns_allowed: grown(sum.dns_allowed, last.dns_allowed),
+            reports_lost: grown(sum.reports_lost, last.reports_lost),
+        };
+        if new.events_lost > 0 || new.reports_lost > 0 || new.dns_allowed > 0 {
+            grew.push((cgroup_id, new));
+        }
+        present.insert(cgroup_id, sum);
+    }
+    *seen = present;
+    grew
 }
 
 /// How much a counter grew since it read `last`. The counters live in an LRU map: an entry
@@ -218,7 +247,47 @@ fn workload_path(cgroup_mount: &std::path::Path, cgroup_id: u64) -> Option<PathB
 
 #[cfg(test)]
 mod tests {
-    use super::grown;
+    use super::*;
+
+    fn counters(events_lost: u64, dns_allowed: u64) -> Counters {
+        Counters {
+            refused: events_lost,
+            events_lost,
+            dns_allowed,
+            reports_lost: 0,
+        }
+    }
+
+    #[test]
+    fn only_what_grew_is_reported_and_gone_cgroups_are_forgotten() {
+        let mut seen = StdHashMap::new();
+        let first = growth(
+            &mut seen,
+            [(1, counters(3, 0)), (2, counters(0, 0))].into_iter(),
+        );
+        assert_eq!(first, vec![(1, counters(3, 0))]);
+        // Nothing new for 1, DNS for 2; 3 appears with nothing reported yet.
+        let second = growth(
+            &mut seen,
+            [
+                (1, counters(3, 0)),
+                (2, counters(0, 4)),
+                (3, counters(0, 0)),
+            ]
+            .into_iter(),
+        );
+        assert_eq!(second, vec![(2, counters(0, 4))]);
+        // 1 and 3 left the map: forgotten.
+        let third = growth(&mut seen, [(2, counters(0, 5))].into_iter());
+        assert_eq!(third, vec![(2, counters(0, 1))]);
+        assert_eq!(seen.keys().copied().collect::<Vec<_>>(), vec![2]);
+        // 1 comes back (made again in the map): counted from zero.
+        let again = growth(
+            &mut seen,
+            [(1, counters(2, 0)), (2, counters(0, 5))].into_iter(),
+        );
+        assert_eq!(again, vec![(1, counters(2, 0))]);
+    }
 
     #[test]
     fn a_counter_made_again_counts_from_zero() {
