@@ -395,3 +395,92 @@ fn private_link_local_and_metadata_addresses_are_dialed_only_where_a_rule_allows
         "the allowed dial arrived"
     );
 }
+
+/// Monitor mode lets a connection its policy would deny through, dialed by the gateway: but
+/// never to a link-local or metadata address, where instance credentials live. From a pod in
+/// monitor mode, a connection to 169.254.169.254 is refused (`monitor_link_local_refused`)
+/// and nothing reaches the listener there, while one to 10.254.1.1, which the policy also
+/// does not name, goes through as `would_deny`. Both addresses exist only on the loopback of
+/// the pod's own network namespace.
+#[test]
+fn monitor_mode_never_dials_link_local_or_metadata_addresses() {
+    let mut env = TestEnv::kube("podmonitor");
+    let uid = "7a2c9e41-3b5d-4f6e-8a1b-2c3d4e5f6a7b";
+    let rel = containerd_cgroup(uid, CONTAINER_A);
+    let cg = env.workload(&rel);
+    let pod = Pod::new(&env, "m", cg);
+    let port = tollgate_tests::free_port();
+    let mut mocks = std::collections::BTreeMap::new();
+    for ip in ["169.254.169.254", "10.254.1.1"] {
+        let ok = Command::new("ip")
+            .args([
+                "-n",
+                &pod.name,
+                "addr",
+                "add",
+                &format!("{ip}/32"),
+                "dev",
+                "lo",
+            ])
+            .status()
+            .expect("ip addr")
+            .success();
+        assert!(ok, "add {ip} to the pod's loopback");
+        mocks.insert(ip, Mock::start_in(&pod.netns, &format!("{ip}:{port}")));
+    }
+    std::fs::write(
+        env.policies.join("pod.yaml"),
+        format!(
+            "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: {{ name: watched }}\nspec:\n  workload: {{ cgroup: {}/{rel} }}\n  mode: monitor\n  egress:\n    - name: elsewhere\n      match: {{ cidr: 10.254.9.9/32, port: {port} }}\n",
+            env.root_rel()
+        ),
+    )
+    .expect("policy");
+    let _d = env.start();
+    register(&env, &pod);
+    let pod_cgroup = format!("{}/{rel}", env.root_rel());
+    let get = |ip: &str| {
+        let out = pod.run(
+            "curl",
+            &[
+                "-sS",
+                "--max-time",
+                "5",
+                "-w",
+                "\n%{http_code}",
+                &format!("http://{ip}:{port}/latest/meta-data/"),
+            ],
+        );
+        env.keep_client_output(&out.stdout);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let metadata = get("169.254.169.254");
+    assert!(!metadata.contains("mock "), "{metadata}");
+    env.wait_record("the metadata connection refused", |r| {
+        r["reason"] == "monitor_link_local_refused"
+            && r["decision"] == "deny"
+            && r["policy"] == "watched"
+            && r["dst"]["orig_ip"] == "169.254.169.254"
+            && r["workload"]["cgroup"] == pod_cgroup.as_str()
+    });
+    assert!(
+        mocks["169.254.169.254"].peers().is_empty(),
+        "nothing reached the metadata address"
+    );
+    // Positive control: monitor mode lets the private address through, audited would_deny.
+    let private = get("10.254.1.1");
+    assert!(
+        private.ends_with("200") && private.contains("mock "),
+        "{private}"
+    );
+    assert_eq!(
+        mocks["10.254.1.1"].peers().len(),
+        1,
+        "the monitored dial arrived"
+    );
+    env.wait_record("the private connection let through", |r| {
+        r["decision"] == "would_deny"
+            && r["dst"]["orig_ip"] == "10.254.1.1"
+            && r["workload"]["cgroup"] == pod_cgroup.as_str()
+    });
+}
