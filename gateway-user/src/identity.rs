@@ -126,18 +126,23 @@ pub struct ExeHashCache {
     entries: Mutex<HashMap<FileKey, String>>,
     /// Hashes read at once; more wait.
     reading: tokio::sync::Semaphore,
+    /// How long a connection waits for its turn to read; then its record goes without the hash.
+    wait: Duration,
 }
 
 /// How many executables are read for their hash at once: a workload that rewrites its
 /// executable for each connection has one read at a time of the CPU, not one per connection.
 const READING_AT_ONCE: usize = 2;
 
+/// The longest a connection waits for its turn to read its executable. A workload that
+/// rewrites its executable for every connection fills the queue with its own reads: another
+/// workload's first connection from a new executable then waits this long at most, and is
+/// recorded without `exe_sha256` (policy never reads the hash).
+const READING_WAIT: Duration = Duration::from_secs(1);
+
 impl Default for ExeHashCache {
     fn default() -> Self {
-        Self {
-            entries: Mutex::default(),
-            reading: tokio::sync::Semaphore::new(READING_AT_ONCE),
-        }
+        Self::with_wait(READING_WAIT)
     }
 }
 
@@ -146,10 +151,19 @@ impl Default for ExeHashCache {
 pub const MAX_HASHED: u64 = 256 << 20;
 
 impl ExeHashCache {
+    fn with_wait(wait: Duration) -> Self {
+        Self {
+            entries: Mutex::default(),
+            reading: tokio::sync::Semaphore::new(READING_AT_ONCE),
+            wait,
+        }
+    }
+
     /// The sha256 of the file behind `/proc/<tgid>/exe` (opened through the link, so it is the
     /// executed file even if the path now names another one); `None` above [`MAX_HASHED`].
     /// A hash not cached is read on the runtime's blocking pool, [`READING_AT_ONCE`] at a
     /// time, while the caller's task waits: the workers go on serving every other connection.
+    /// `None` too if its turn does not come within [`READING_WAIT`].
     pub async fn hash(&self, proc_exe: &Path) -> Option<String> {
         let file = std::fs::File::open(proc_exe).ok()?;
         let m = file.metadata().ok()?;
@@ -160,7 +174,10 @@ impl ExeHashCache {
         if let Some(h) = self.cached(&key) {
             return Some(h);
         }
-        let _reading = self.reading.acquire().await.ok()?;
+        let Ok(Ok(_reading)) = tokio::time::timeout(self.wait, self.reading.acquire()).await else {
+            tracing::debug!(exe = %proc_exe.display(), "executable not hashed: too many reads waiting");
+            return None;
+        };
         // Another connection of the same executable may have read it while this one waited.
         if let Some(h) = self.cached(&key) {
             return Some(h);
@@ -377,6 +394,28 @@ mod tests {
             ticks >= 5,
             "the runtime served other tasks meanwhile: {ticks} ticks"
         );
+    }
+
+    /// While other reads hold every turn, a connection waits at most its wait, then goes on
+    /// without the hash; once a turn is free, it is read.
+    #[test]
+    fn a_read_that_cannot_get_a_turn_in_time_goes_without_the_hash() {
+        let cache = ExeHashCache::with_wait(Duration::from_millis(50));
+        let exe = Path::new("/proc/self/exe");
+        block_on(async {
+            let held = cache.reading.acquire_many(READING_AT_ONCE as u32).await;
+            let started = std::time::Instant::now();
+            assert_eq!(cache.hash(exe).await, None);
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "it did not wait for a turn"
+            );
+            drop(held);
+            assert!(
+                cache.hash(exe).await.is_some(),
+                "hashed once a turn is free"
+            );
+        });
     }
 
     /// An executable made huge (a sparse file costs its owner nothing) is not read whole: it
