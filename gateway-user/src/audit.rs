@@ -229,24 +229,21 @@ impl AuditLog {
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|source| AuditError::Open {
-                path: path.to_owned(),
-                source,
-            })?;
+        let file = open_log(path).map_err(|source| AuditError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        let path = path.to_owned();
         let (queue, lines) = std::sync::mpsc::sync_channel(QUEUE);
         let healthy = Arc::new(AtomicBool::new(true));
         let writer_health = Arc::clone(&healthy);
         std::thread::Builder::new()
             .name("tollgate-audit".into())
-            .spawn(move || write_lines(file, &lines, &writer_health))
-            .map_err(|source| AuditError::Open {
-                path: path.to_owned(),
-                source,
-            })?;
+            .spawn({
+                let path = path.clone();
+                move || write_lines(&path, file, &lines, &writer_health)
+            })
+            .map_err(|source| AuditError::Open { path, source })?;
         Ok(Self { queue, healthy })
     }
 
@@ -339,9 +336,35 @@ impl<W: Write> Sink<W> {
     }
 }
 
+/// The audit file at `path`, opened for appending; made readable by its owner and group only
+/// (records name every workload's executables and destinations).
+fn open_log(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)
+}
+
+/// Whether `path` names another file than `file`, or none: a rotation renamed it away (and
+/// may have made a new one), or it was removed.
+fn moved_away(path: &Path, file: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(path), file.metadata()) {
+        (Ok(named), Ok(open)) => (named.dev(), named.ino()) != (open.dev(), open.ino()),
+        (Err(_), _) => true,
+        (Ok(_), Err(_)) => false,
+    }
+}
+
 /// The writer thread: blocks for a line, takes whatever else is queued, writes it in one go.
-fn write_lines(file: File, queue: &Receiver<Message>, healthy: &AtomicBool) {
+/// Before each write it checks that `path` still names the file it writes: after a rotation
+/// that renames the log (logrotate's default), the records go to a file at `path` again.
+/// Rotation by copy and truncate needs nothing: the file is appended to.
+fn write_lines(path: &Path, file: File, queue: &Receiver<Message>, healthy: &AtomicBool) {
     let mut sink = Sink::new(file);
+    let mut reopen_failed = false;
     let mut batch = Vec::with_capacity(BATCH);
     let mut waiting = Vec::new();
     let mut first = queue.recv().ok();
@@ -366,6 +389,20 @@ fn write_lines(file: File, queue: &Receiver<Message>, healthy: &AtomicBool) {
             }
         }
         if !batch.is_empty() {
+            if moved_away(path, &sink.file) {
+                match open_log(path) {
+                    Ok(file) => {
+                        tracing::info!(path = %path.display(), "audit log moved away: writing to a new file at its path");
+                        sink = Sink::new(file);
+                        reopen_failed = false;
+                    }
+                    Err(e) if !reopen_failed => {
+                        tracing::error!(path = %path.display(), error = %e, "audit log moved away and cannot be made again: writing to the moved file");
+                        reopen_failed = true;
+                    }
+                    Err(_) => {}
+                }
+            }
             match sink.write_batch(&batch) {
                 Ok(()) => healthy.store(true, Ordering::Relaxed),
                 Err(e) => {
@@ -441,6 +478,54 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Rotation: renamed away (logrotate's default), the log is made again at its path and the
+    /// next records go there; copied and truncated, it is appended to from its new start.
+    /// Either way each file holds whole records only, and a new log is not readable by others.
+    #[test]
+    fn a_rotated_log_is_written_at_its_path_again() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("tg-audit-rotate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("audit.jsonl");
+        let log = AuditLog::open(&path).expect("open");
+        let write = |reason: &'static str| {
+            log.emit(AuditRecord::new(Verdict::Allow, Layer::Lifecycle, reason));
+            assert!(log.flush(std::time::Duration::from_secs(5)), "flushed");
+        };
+        let reasons = |p: &Path| -> Vec<String> {
+            std::fs::read_to_string(p)
+                .expect("read")
+                .lines()
+                .map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).expect("a whole record");
+                    v["reason"].as_str().expect("reason").to_owned()
+                })
+                .collect()
+        };
+        write("first");
+        std::fs::rename(&path, dir.join("audit.jsonl.1")).expect("rename");
+        write("second");
+        std::fs::copy(&path, dir.join("audit.jsonl.2")).expect("copy");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .expect("truncate");
+        write("third");
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+        let (rotated, copied, current) = (
+            reasons(&dir.join("audit.jsonl.1")),
+            reasons(&dir.join("audit.jsonl.2")),
+            reasons(&path),
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(rotated, ["first"]);
+        assert_eq!(copied, ["second"]);
+        assert_eq!(current, ["third"]);
+        assert_eq!(mode & 0o007, 0, "not readable by others: {mode:o}");
+    }
 
     #[test]
     fn civil_dates() {
