@@ -40,6 +40,12 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// The connections each workload holds open through the running daemon (JSON, one object
+    /// a workload, most first; a workload not listed holds none).
+    Connections {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Remove every attachment and pin of this config's pin directory.
     Uninstall {
         #[arg(long, short)]
@@ -124,6 +130,20 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// A daemon's JSON array reply, one element a line.
+fn print_lines(reply: Result<serde_json::Value, String>) -> ExitCode {
+    match reply {
+        Ok(serde_json::Value::Array(items)) => {
+            for item in items {
+                println!("{item}");
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(other) => fail(format!("bad reply {other}")),
+        Err(e) => fail(e),
+    }
+}
+
 /// An error with its whole source chain on one line.
 fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
@@ -161,19 +181,16 @@ pub fn main() -> ExitCode {
             }
             Err(e) => fail(e),
         },
-        Command::Budgets { config } => match load(&config)
-            .map_err(|e| e.to_string())
-            .and_then(|c| daemon::budgets(&c))
-        {
-            Ok(serde_json::Value::Array(buckets)) => {
-                for b in buckets {
-                    println!("{b}");
-                }
-                ExitCode::SUCCESS
-            }
-            Ok(other) => fail(format!("bad reply {other}")),
-            Err(e) => fail(e),
-        },
+        Command::Budgets { config } => print_lines(
+            load(&config)
+                .map_err(|e| e.to_string())
+                .and_then(|c| daemon::budgets(&c)),
+        ),
+        Command::Connections { config } => print_lines(
+            load(&config)
+                .map_err(|e| e.to_string())
+                .and_then(|c| daemon::connections(&c)),
+        ),
         Command::Uninstall { config } => match load(&config)
             .map_err(|e| e.to_string())
             .and_then(|c| daemon::uninstall(&c).map_err(|e| e.to_string()))

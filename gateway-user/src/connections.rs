@@ -50,6 +50,20 @@ impl Connections {
         self.lock().get(holder).copied().unwrap_or(0)
     }
 
+    /// Every workload holding a connection open, with how many, most first: one JSON object
+    /// each, `{"workload", "open", "of"}`.
+    pub fn report(&self) -> Vec<serde_json::Value> {
+        let mut held: Vec<(Arc<str>, usize)> = self
+            .lock()
+            .iter()
+            .map(|(holder, n)| (Arc::clone(holder), *n))
+            .collect();
+        held.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        held.into_iter()
+            .map(|(holder, n)| serde_json::json!({ "workload": &*holder, "open": n, "of": self.max }))
+            .collect()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, usize>> {
         self.open.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -80,6 +94,13 @@ mod tests {
         assert!(counts.open("unit:a.service").is_none(), "third refused");
         let b = counts.open("unit:b.service").expect("another workload");
         assert_eq!(counts.held_by("unit:a.service"), 2);
+        assert_eq!(
+            counts.report(),
+            [
+                serde_json::json!({ "workload": "unit:a.service", "open": 2, "of": 2 }),
+                serde_json::json!({ "workload": "unit:b.service", "open": 1, "of": 2 }),
+            ]
+        );
         drop(a1);
         assert_eq!(counts.held_by("unit:a.service"), 1);
         let a3 = counts

@@ -999,6 +999,12 @@ pub fn budgets(config: &Config) -> Result<serde_json::Value, String> {
     serde_json::from_str(&reply).map_err(|e| format!("bad reply {reply:?}: {e}"))
 }
 
+/// The open connections of each workload holding any, from the running daemon.
+pub fn connections(config: &Config) -> Result<serde_json::Value, String> {
+    let reply = ask_daemon(config, "connections")?;
+    serde_json::from_str(&reply).map_err(|e| format!("bad reply {reply:?}: {e}"))
+}
+
 /// Asks the running daemon to serve the network namespace at `path` (what a CNI plugin does
 /// before a pod's containers start). Returns the namespace's cookie once its listener is up.
 pub fn register_netns(config: &Config, path: &Path) -> Result<u64, String> {

@@ -234,6 +234,10 @@ impl Namespaces {
                         let left = me.gateway.budgets.left(std::time::Instant::now());
                         format!("ok {}\n", serde_json::Value::Array(left))
                     }
+                    None if line.trim() == "connections" => {
+                        let held = me.gateway.connections.report();
+                        format!("ok {}\n", serde_json::Value::Array(held))
+                    }
                     Some(("netns-add", path)) => {
                         let path = PathBuf::from(path);
                         let result = tokio::task::spawn_blocking(move || {
@@ -246,7 +250,7 @@ impl Namespaces {
                             Err(e) => format!("error {e}\n"),
                         }
                     }
-                    _ => "error unknown request; expected `netns-add <path>` or `budgets`\n"
+                    _ => "error unknown request; expected `netns-add <path>`, `budgets` or `connections`\n"
                         .to_owned(),
                 };
                 let _ = write.write_all(reply.as_bytes()).await;

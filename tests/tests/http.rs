@@ -1754,6 +1754,17 @@ fn a_workload_past_its_most_connections_is_refused_and_others_are_served() {
             .is_some_and(|c| c.ends_with("/agent.service")),
         "{rec}"
     );
+    // `tollgate connections` shows the workload holding its most.
+    let out = env.tollgate(&["connections"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        text.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
+            .collect::<Vec<_>>(),
+        [serde_json::json!({ "workload": "unit:agent.service", "open": 3, "of": 3 })],
+        "{text}"
+    );
     // Another workload is served while the first holds its most.
     let (out, err) = curl(
         &s.other,
