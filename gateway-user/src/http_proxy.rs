@@ -367,9 +367,17 @@ where
 /// (see [`serve_h2_connection`]); a connection closed before any request came is audited.
 pub async fn serve_h2(conn: Conn, client: TcpStream) {
     let conn = Arc::new(conn);
-    let handled = Arc::default();
+    let handled: Arc<std::sync::atomic::AtomicBool> = Arc::default();
     let service = request_service(Arc::clone(&conn), &handled);
     let timeout = conn.gateway.config.client_header_timeout;
+    // A request hyper refuses with a stream reset never reaches the handler: recorded here.
+    let client = {
+        let (conn, handled) = (Arc::clone(&conn), Arc::clone(&handled));
+        crate::h2_resets::Watched::new(client, move |refusal: crate::h2_resets::Refusal| {
+            handled.store(true, std::sync::atomic::Ordering::Relaxed);
+            early_record(&conn, refusal.as_str(), 400);
+        })
+    };
     match serve_h2_connection(client, service, timeout).await {
         H2End::Ended(result) => connection_ended(&conn, &result, &handled),
         H2End::Idle => {
@@ -398,8 +406,9 @@ enum H2End {
 /// that stopped answering while a request is in flight; they come later than the idle close
 /// (`timeout` after the last frame read, then `timeout` for the answer), so a client that
 /// only went quiet is closed as idle.
-async fn serve_h2_connection<S>(client: TcpStream, service: S, timeout: Duration) -> H2End
+async fn serve_h2_connection<C, S>(client: C, service: S, timeout: Duration) -> H2End
 where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
         + Clone
         + Send

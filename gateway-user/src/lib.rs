@@ -17,6 +17,7 @@ pub mod ebpf;
 pub mod events;
 pub mod framing;
 pub mod fuzzing;
+pub mod h2_resets;
 pub mod http_proxy;
 pub mod identity;
 pub mod jsonkey;

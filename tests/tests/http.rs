@@ -1173,6 +1173,32 @@ fn smuggling_path_and_host_tricks_fail_closed() {
         );
     }
 
+    // 20 over HTTP/2: a request hyper refuses before any handler sees it (a connection-specific
+    // header, forbidden in HTTP/2) is reset, and audited all the same.
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", H2_MALFORMED])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    join_before_exec(&mut cmd, &s.agent);
+    let out = cmd.output().expect("python3");
+    env.keep_client_output(&out.stdout);
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(
+        got["reset"], 1,
+        "the stream reset with PROTOCOL_ERROR: {got}"
+    );
+    let rec = env.wait_record("the malformed HTTP/2 request", |r| {
+        r["reason"] == "h2_stream_reset_protocol_error"
+    });
+    assert_eq!(rec["decision"], "deny", "{rec}");
+    assert!(
+        rec["workload"]["cgroup"]
+            .as_str()
+            .is_some_and(|c| c.ends_with("/agent.service")),
+        "{rec}"
+    );
+
     // Only the harmless spellings reached the API, normalized.
     let heads = s.api.requests();
     assert_eq!(heads.len() - before, forwarded, "{heads:#?}");
@@ -1186,6 +1212,49 @@ fn smuggling_path_and_host_tricks_fail_closed() {
         assert!(!lower.contains("evil.example"), "{head}");
     }
 }
+
+/// HTTP/2 with prior knowledge, by hand: one request whose header block carries
+/// `connection: close` (connection-specific headers are malformed in HTTP/2). Prints the code
+/// of the stream's reset (`{"reset": code}`), or what came instead.
+const H2_MALFORMED: &str = r#"
+import json, socket, struct
+def frame(kind, flags, stream, payload):
+    return struct.pack('>I', len(payload))[1:] + bytes([kind, flags]) + struct.pack('>I', stream) + payload
+def lit(index, value):
+    return bytes([index]) + bytes([len(value)]) + value
+def lit_new(name, value):
+    return b'\x00' + bytes([len(name)]) + name + bytes([len(value)]) + value
+block = (b'\x82' + b'\x86' + lit(4, b'/v1/models/gpt-4o') + lit(1, b'api.openai.com')
+         + lit_new(b'connection', b'close'))
+s = socket.create_connection(('127.0.0.9', 80), timeout=5)
+s.sendall(b'PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n' + frame(4, 0, 0, b'') + frame(1, 5, 1, block))
+buf = b''
+result = {'closed': True}
+try:
+    while True:
+        while len(buf) >= 9:
+            n = int.from_bytes(buf[:3], 'big')
+            if len(buf) < 9 + n:
+                break
+            kind, stream, payload = buf[3], int.from_bytes(buf[5:9], 'big') & 0x7fffffff, buf[9:9 + n]
+            buf = buf[9 + n:]
+            if kind == 3 and stream == 1:
+                result = {'reset': int.from_bytes(payload[:4], 'big')}
+                raise StopIteration
+            if kind == 1 and stream == 1:
+                result = {'headers': True}
+                raise StopIteration
+            if kind == 7:
+                result = {'goaway': int.from_bytes(payload[4:8], 'big')}
+                raise StopIteration
+        data = s.recv(65536)
+        if not data:
+            break
+        buf += data
+except StopIteration:
+    pass
+print(json.dumps(result))
+"#;
 
 /// Holds N connections to where the workload thinks the API is, each sending a request head
 /// one byte every 200 ms (slowloris), plus one kept-alive connection idle after a complete
