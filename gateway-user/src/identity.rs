@@ -128,16 +128,18 @@ pub struct ExeHashCache {
     reading: tokio::sync::Semaphore,
     /// How long a connection waits for its turn to read; then its record goes without the hash.
     wait: Duration,
+    /// The read each workload has under way (one at most), with where its result will show.
+    under_way: Mutex<HashMap<String, (FileKey, Reading)>>,
 }
 
-/// How many executables are read for their hash at once: a workload that rewrites its
-/// executable for each connection has one read at a time of the CPU, not one per connection.
+/// A read's result once it has one (`Some(None)`: the read failed).
+type Reading = tokio::sync::watch::Receiver<Option<Option<String>>>;
+
+/// How many executables are read for their hash at once.
 const READING_AT_ONCE: usize = 2;
 
-/// The longest a connection waits for its turn to read its executable. A workload that
-/// rewrites its executable for every connection fills the queue with its own reads: another
-/// workload's first connection from a new executable then waits this long at most, and is
-/// recorded without `exe_sha256` (policy never reads the hash).
+/// The longest a connection waits for its turn to read its executable; then its record goes
+/// without `exe_sha256` (policy never reads the hash).
 const READING_WAIT: Duration = Duration::from_secs(1);
 
 impl Default for ExeHashCache {
@@ -150,38 +152,106 @@ impl Default for ExeHashCache {
 /// otherwise make its executable a sparse file of any size and have the gateway read it all.
 pub const MAX_HASHED: u64 = 256 << 20;
 
+/// An executable opened for its hash, not yet read: the file the task executed, whatever its
+/// path names now.
+#[derive(Debug)]
+pub struct ExeToRead {
+    file: std::fs::File,
+    key: FileKey,
+}
+
+/// What [`ExeHashCache::lookup`] found.
+#[derive(Debug)]
+pub enum Lookup {
+    /// The hash, or `None` where there is none to have (no file, over [`MAX_HASHED`]).
+    Known(Option<String>),
+    /// Not cached: to be read.
+    Read(ExeToRead),
+}
+
 impl ExeHashCache {
     fn with_wait(wait: Duration) -> Self {
         Self {
             entries: Mutex::default(),
             reading: tokio::sync::Semaphore::new(READING_AT_ONCE),
             wait,
+            under_way: Mutex::default(),
         }
     }
 
-    /// The sha256 of the file behind `/proc/<tgid>/exe` (opened through the link, so it is the
-    /// executed file even if the path now names another one); `None` above [`MAX_HASHED`].
-    /// A hash not cached is read on the runtime's blocking pool, [`READING_AT_ONCE`] at a
-    /// time, while the caller's task waits: the workers go on serving every other connection.
-    /// `None` too if its turn does not come within [`READING_WAIT`].
-    pub async fn hash(&self, proc_exe: &Path) -> Option<String> {
-        let file = std::fs::File::open(proc_exe).ok()?;
-        let m = file.metadata().ok()?;
+    /// Opens the file behind `/proc/<tgid>/exe` (through the link, so it is the executed file
+    /// even if the path now names another one) and looks its hash up.
+    pub fn lookup(&self, proc_exe: &Path) -> Lookup {
+        let Ok(file) = std::fs::File::open(proc_exe) else {
+            return Lookup::Known(None);
+        };
+        let Ok(m) = file.metadata() else {
+            return Lookup::Known(None);
+        };
         if m.size() > MAX_HASHED {
-            return None;
+            return Lookup::Known(None);
         }
         let key = (m.dev(), m.ino(), m.ctime(), m.ctime_nsec(), m.size());
-        if let Some(h) = self.cached(&key) {
-            return Some(h);
+        match self.cached(&key) {
+            Some(h) => Lookup::Known(Some(h)),
+            None => Lookup::Read(ExeToRead { file, key }),
         }
-        let Ok(Ok(_reading)) = tokio::time::timeout(self.wait, self.reading.acquire()).await else {
-            tracing::debug!(exe = %proc_exe.display(), "executable not hashed: too many reads waiting");
+    }
+
+    /// Reads `exe`'s hash for the workload `holder`, on the runtime's blocking pool while the
+    /// caller's task waits, so the workers go on serving every other connection.
+    /// [`READING_AT_ONCE`] reads run at a time, and a workload has one under way at most:
+    /// its other connections from the same executable wait for that read, and those from
+    /// another executable go without the hash (`None`) rather than queue. So a workload that
+    /// rewrites its executable for every connection (a `chmod` makes a new version) holds one
+    /// place in the queue, not one per connection. `None` too if the turn does not come within
+    /// [`READING_WAIT`].
+    pub async fn read(&self, exe: ExeToRead, holder: &str) -> Option<String> {
+        let (done, result) = {
+            let mut under_way = self.lock_under_way();
+            match under_way.get(holder) {
+                Some((key, reading)) if *key == exe.key => (None, Some(reading.clone())),
+                Some(_) => {
+                    tracing::debug!(%holder, "executable not hashed: the workload has another read under way");
+                    return None;
+                }
+                None => {
+                    let (done, reading) = tokio::sync::watch::channel(None);
+                    under_way.insert(holder.to_owned(), (exe.key, reading));
+                    (Some(done), None)
+                }
+            }
+        };
+        if let Some(mut reading) = result {
+            let waited = tokio::time::timeout(self.wait * 2, reading.wait_for(Option::is_some));
+            return match waited.await {
+                Ok(Ok(result)) => result.clone().flatten(),
+                _ => None,
+            };
+        }
+        // This read leads: whatever happens to it, its place is given up when it ends.
+        let _leading = Leading {
+            cache: self,
+            holder,
+            done,
+        };
+        let hex = self.read_now(exe).await;
+        if let Some(done) = &_leading.done {
+            done.send_replace(Some(hex.clone()));
+        }
+        hex
+    }
+
+    async fn read_now(&self, exe: ExeToRead) -> Option<String> {
+        let Ok(Ok(_turn)) = tokio::time::timeout(self.wait, self.reading.acquire()).await else {
+            tracing::debug!("executable not hashed: too many reads waiting");
             return None;
         };
-        // Another connection of the same executable may have read it while this one waited.
-        if let Some(h) = self.cached(&key) {
+        // Another workload may have read the same file while this one waited.
+        if let Some(h) = self.cached(&exe.key) {
             return Some(h);
         }
+        let ExeToRead { file, key } = exe;
         let hex = tokio::task::spawn_blocking(move || sha256_hex(file))
             .await
             .ok()??;
@@ -196,12 +266,45 @@ impl ExeHashCache {
         Some(hex)
     }
 
+    /// [`Self::lookup`], then [`Self::read`] if it must.
+    pub async fn hash(&self, proc_exe: &Path, holder: &str) -> Option<String> {
+        match self.lookup(proc_exe) {
+            Lookup::Known(h) => h,
+            Lookup::Read(exe) => self.read(exe, holder).await,
+        }
+    }
+
     fn cached(&self, key: &FileKey) -> Option<String> {
         self.entries
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(key)
             .cloned()
+    }
+
+    fn lock_under_way(&self) -> std::sync::MutexGuard<'_, HashMap<String, (FileKey, Reading)>> {
+        self.under_way
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A workload's read under way; gives up its place when dropped (ended, or its connection
+/// went away), and wakes those waiting on it.
+struct Leading<'a> {
+    cache: &'a ExeHashCache,
+    holder: &'a str,
+    done: Option<tokio::sync::watch::Sender<Option<Option<String>>>>,
+}
+
+impl Drop for Leading<'_> {
+    fn drop(&mut self) {
+        self.cache.lock_under_way().remove(self.holder);
+        if let Some(done) = &self.done {
+            if done.borrow().is_none() {
+                done.send_replace(Some(None));
+            }
+        }
     }
 }
 
@@ -299,8 +402,22 @@ impl IdentityCache {
     }
 }
 
-/// Builds the identity of a redirected connection from its kernel-recorded origin.
-pub async fn resolve(origin: &SockState, cgroup_mount: &Path, cache: &IdentityCache) -> WorkloadId {
+/// A verified task's executable whose hash was not cached: read with
+/// [`IdentityCache::finish`] once the connection may go on.
+#[derive(Debug)]
+pub struct ExeToHash {
+    exe: ExeToRead,
+    task: (u32, u32, u64),
+}
+
+/// Builds the identity of a redirected connection from its kernel-recorded origin. The
+/// executable's hash is filled in when it is cached; otherwise the executable is opened and
+/// handed back, to be read once the connection has its place (a read can take a while).
+pub fn resolve(
+    origin: &SockState,
+    cgroup_mount: &Path,
+    cache: &IdentityCache,
+) -> (WorkloadId, Option<ExeToHash>) {
     let mut id = WorkloadId {
         pid: origin.pid,
         tgid: origin.tgid,
@@ -319,7 +436,7 @@ pub async fn resolve(origin: &SockState, cgroup_mount: &Path, cache: &IdentityCa
         id.exe = exe.path;
         id.exe_sha256 = exe.sha256;
         id.verified = true;
-        return id;
+        return (id, None);
     }
     let stat = std::fs::read_to_string(format!("/proc/{}/task/{}/stat", origin.tgid, origin.pid));
     let verified = stat
@@ -327,28 +444,53 @@ pub async fn resolve(origin: &SockState, cgroup_mount: &Path, cache: &IdentityCa
         .and_then(|s| stat_starttime(&s))
         .is_some_and(|ticks| same_start(origin.start_boottime_ns, ticks, clock_ticks()));
     if !verified {
-        return id;
+        return (id, None);
     }
     let proc_exe = PathBuf::from(format!("/proc/{}/exe", origin.tgid));
     id.exe = std::fs::read_link(&proc_exe).ok();
-    id.exe_sha256 = cache.exe_hashes.hash(&proc_exe).await;
+    let (sha256, to_read) = match cache.exe_hashes.lookup(&proc_exe) {
+        Lookup::Known(h) => (h, None),
+        Lookup::Read(exe) => (None, Some(exe)),
+    };
+    id.exe_sha256 = sha256;
     // Re-check after reading: if the task changed meanwhile, drop what /proc said.
     let still = std::fs::read_to_string(format!("/proc/{}/task/{}/stat", origin.tgid, origin.pid))
         .ok()
         .and_then(|s| stat_starttime(&s))
         .is_some_and(|ticks| same_start(origin.start_boottime_ns, ticks, clock_ticks()));
-    if still {
-        id.verified = true;
-        let exe = Executable {
-            path: id.exe.clone(),
-            sha256: id.exe_sha256.clone(),
-        };
-        cache.put(&cache.tasks, task, exe);
-    } else {
+    if !still {
         id.exe = None;
         id.exe_sha256 = None;
+        return (id, None);
     }
-    id
+    id.verified = true;
+    let exe = Executable {
+        path: id.exe.clone(),
+        sha256: id.exe_sha256.clone(),
+    };
+    // Kept from now: the time to live runs from what /proc said, not from when a hash is read.
+    cache.put(&cache.tasks, task, exe);
+    (id, to_read.map(|exe| ExeToHash { exe, task }))
+}
+
+impl IdentityCache {
+    /// Reads the hash `pending` stands for (see [`ExeHashCache::read`]: `holder` is the
+    /// workload whose read it is), puts it in `id`, and into the task's cached executable.
+    pub async fn finish(&self, id: &mut WorkloadId, pending: ExeToHash, holder: &str) {
+        let Some(hex) = self.exe_hashes.read(pending.exe, holder).await else {
+            return;
+        };
+        id.exe_sha256 = Some(hex.clone());
+        let mut tasks = self
+            .tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, exe)) = tasks.get_mut(&pending.task) {
+            if exe.path == id.exe {
+                exe.sha256 = Some(hex);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -383,7 +525,7 @@ mod tests {
             });
             tokio::task::yield_now().await;
             let before = ticks.load(std::sync::atomic::Ordering::Relaxed);
-            let hash = cache.hash(&path).await;
+            let hash = cache.hash(&path, "unit:w.service").await;
             let during = ticks.load(std::sync::atomic::Ordering::Relaxed) - before;
             ticker.abort();
             (hash, during)
@@ -396,6 +538,58 @@ mod tests {
         );
     }
 
+    /// A workload has one read under way at most: while it waits, another connection of the
+    /// same workload from the same executable waits for that read and gets its result, one
+    /// from another executable goes without a hash at once, and another workload's read is
+    /// its own.
+    #[test]
+    fn a_workload_has_one_read_under_way_and_others_share_it() {
+        let dir = std::env::temp_dir().join(format!("tg-exe-one-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let (one, two) = (dir.join("one"), dir.join("two"));
+        std::fs::write(&one, b"abc").expect("one");
+        std::fs::write(&two, b"another").expect("two");
+        let cache = ExeHashCache::default();
+        let read = |path: &Path| match cache.lookup(path) {
+            Lookup::Read(exe) => exe,
+            Lookup::Known(h) => panic!("not cached yet: {h:?}"),
+        };
+        let (leader, follower, other, elsewhere) = block_on(async {
+            let turns = cache.reading.acquire_many(READING_AT_ONCE as u32).await;
+            let mut leader = std::pin::pin!(cache.read(read(&one), "unit:a.service"));
+            let mut follower = std::pin::pin!(cache.read(read(&one), "unit:a.service"));
+            // Both wait for a turn.
+            for _ in 0..2 {
+                assert!(futures_poll(leader.as_mut()).is_none());
+                assert!(futures_poll(follower.as_mut()).is_none());
+            }
+            // Another executable of the same workload: no hash, no wait.
+            let other = cache.read(read(&two), "unit:a.service").await;
+            // Another workload reads its own (once a turn is free).
+            drop(turns);
+            let elsewhere = cache.read(read(&two), "unit:b.service").await;
+            let (leader, follower) = tokio::join!(leader, follower);
+            (leader, follower, other, elsewhere)
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+        let abc =
+            Some("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad".to_owned());
+        assert_eq!(leader, abc);
+        assert_eq!(follower, abc, "the follower has the leader's result");
+        assert_eq!(other, None);
+        assert_eq!(elsewhere.map(|h| h.len()), Some(64));
+        assert!(cache.lock_under_way().is_empty(), "every place given up");
+    }
+
+    /// Polls `f` once; its output if it was ready.
+    fn futures_poll<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> Option<F::Output> {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match f.poll(&mut cx) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        }
+    }
+
     /// While other reads hold every turn, a connection waits at most its wait, then goes on
     /// without the hash; once a turn is free, it is read.
     #[test]
@@ -405,14 +599,14 @@ mod tests {
         block_on(async {
             let held = cache.reading.acquire_many(READING_AT_ONCE as u32).await;
             let started = std::time::Instant::now();
-            assert_eq!(cache.hash(exe).await, None);
+            assert_eq!(cache.hash(exe, "unit:w.service").await, None);
             assert!(
                 started.elapsed() < Duration::from_secs(5),
                 "it did not wait for a turn"
             );
             drop(held);
             assert!(
-                cache.hash(exe).await.is_some(),
+                cache.hash(exe, "unit:w.service").await.is_some(),
                 "hashed once a turn is free"
             );
         });
@@ -430,8 +624,12 @@ mod tests {
             .and_then(|f| f.set_len(64 << 30))
             .expect("sparse");
         let cache = ExeHashCache::default();
-        let (small_hash, huge_hash) =
-            block_on(async { (cache.hash(&small).await, cache.hash(&huge).await) });
+        let (small_hash, huge_hash) = block_on(async {
+            (
+                cache.hash(&small, "unit:w.service").await,
+                cache.hash(&huge, "unit:w.service").await,
+            )
+        });
         let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(
             small_hash.as_deref(),
@@ -509,7 +707,12 @@ mod tests {
         assert!(ticks > 0);
         let cache = ExeHashCache::default();
         let exe = Path::new("/proc/self/exe");
-        let (a, b) = block_on(async { (cache.hash(exe).await, cache.hash(exe).await) });
+        let (a, b) = block_on(async {
+            (
+                cache.hash(exe, "unit:w.service").await,
+                cache.hash(exe, "unit:w.service").await,
+            )
+        });
         let (a, b) = (a.expect("hash"), b.expect("hash"));
         assert_eq!(a.len(), 64);
         assert_eq!(a, b);
@@ -535,10 +738,15 @@ mod tests {
         let origin = own_origin();
         let mount = Path::new("/nonexistent");
         let cache = IdentityCache::with_ttl(Duration::from_secs(60));
-        let first = block_on(resolve(&origin, mount, &cache));
+        let (mut first, pending) = resolve(&origin, mount, &cache);
         assert!(first.verified && first.exe.is_some(), "own task resolves");
+        assert_eq!(first.exe_sha256, None, "the hash is read later");
+        let pending = pending.expect("an executable to read");
+        block_on(cache.finish(&mut first, pending, "unit:w.service"));
+        assert_eq!(first.exe_sha256.as_ref().map(String::len), Some(64), "read");
         assert_eq!(cache.tasks.lock().expect("lock").len(), 1);
-        let again = block_on(resolve(&origin, mount, &cache));
+        let (again, pending) = resolve(&origin, mount, &cache);
+        assert!(pending.is_none(), "nothing left to read");
         assert_eq!((again.exe, again.exe_sha256), (first.exe, first.exe_sha256));
         // Another start time under the same ids (a reused pid) misses, and /proc does not
         // show that task: nothing is verified, nothing is cached.
@@ -546,12 +754,12 @@ mod tests {
             start_boottime_ns: origin.start_boottime_ns + 1_000_000_000,
             ..origin
         };
-        let other = block_on(resolve(&reused, mount, &cache));
+        let other = resolve(&reused, mount, &cache).0;
         assert!(!other.verified && other.exe.is_none());
         assert_eq!(cache.tasks.lock().expect("lock").len(), 1);
         // Expired entries are not used: with no time to live every lookup asks /proc.
         let fresh = IdentityCache::with_ttl(Duration::ZERO);
-        block_on(resolve(&origin, mount, &fresh));
+        resolve(&origin, mount, &fresh);
         assert!(fresh
             .get(
                 &fresh.tasks,

@@ -175,7 +175,8 @@ impl Gateway {
                 return;
             }
         };
-        let id = identity::resolve(&origin, &self.cgroup_mount, &self.identities).await;
+        let (mut id, exe_to_hash) =
+            identity::resolve(&origin, &self.cgroup_mount, &self.identities);
         let dst = orig_dst(&origin);
         let mut record = AuditRecord::new(Verdict::Deny, Layer::Connect, "");
         record.workload = id.record().into();
@@ -206,9 +207,15 @@ impl Gateway {
             }
             d => d,
         };
+        // Monitor mode lets a connection through, dialed by the gateway, as root, from its own
+        // cgroup: what a host firewall keyed on the workload's uid or cgroup kept from it.
+        // Link-local and metadata addresses (instance credentials) are not dialed so.
+        let monitor_link_local = matches!(decision, Decision::WouldDeny { .. })
+            && crate::upstream::is_link_local_or_metadata(self.config.upstream_for(dst).ip());
         // A connection that goes on holds one of its workload's slots until it ends.
-        let _slot = match &decision {
+        let slot = match &decision {
             Decision::Deny { .. } => None,
+            Decision::WouldDeny { .. } if monitor_link_local => None,
             Decision::Allow { policy, .. }
             | Decision::WouldDeny { policy, .. }
             | Decision::Inspect { policy } => {
@@ -225,10 +232,16 @@ impl Gateway {
                     reset(&client);
                     return;
                 };
-                Some(slot)
+                Some((slot, holder))
             }
         };
         record.decision_us = Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+        // With its place taken, a connection that goes on waits for its executable's hash, if
+        // it was not cached; a refusal is recorded at once, with what is known.
+        if let (Some((_, holder)), Some(pending)) = (&slot, exe_to_hash) {
+            self.identities.finish(&mut id, pending, holder).await;
+            record.workload = id.record().into();
+        }
         match decision {
             Decision::Inspect { policy } => {
                 record.policy = Some(policy);
@@ -248,14 +261,7 @@ impl Gateway {
                 record.reason = "rule_matched".into();
                 self.forward(&ns, client, dst, record, started).await;
             }
-            // Monitor mode lets a connection through, dialed by the gateway, as root, from its
-            // own cgroup: what a host firewall keyed on the workload's uid or cgroup kept from
-            // it. Link-local and metadata addresses (instance credentials) are not dialed so.
-            Decision::WouldDeny { policy, .. }
-                if crate::upstream::is_link_local_or_metadata(
-                    self.config.upstream_for(dst).ip(),
-                ) =>
-            {
+            Decision::WouldDeny { policy, .. } if monitor_link_local => {
                 record.policy = Some(policy);
                 record.reason = "monitor_link_local_refused".into();
                 self.audit.emit(record);

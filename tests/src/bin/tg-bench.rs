@@ -532,14 +532,14 @@ fn capture_section(
     let t = Instant::now();
     for _ in 0..20 {
         let cache = gateway_user::identity::ExeHashCache::default();
-        assert!(rt.block_on(cache.hash(exe)).is_some());
+        assert!(rt.block_on(cache.hash(exe, "bench")).is_some());
     }
     let miss = t.elapsed() / 20;
     let cache = gateway_user::identity::ExeHashCache::default();
-    let _ = rt.block_on(cache.hash(exe));
+    let _ = rt.block_on(cache.hash(exe, "bench"));
     let t = Instant::now();
     for _ in 0..10_000 {
-        assert!(rt.block_on(cache.hash(exe)).is_some());
+        assert!(rt.block_on(cache.hash(exe, "bench")).is_some());
     }
     let hit = t.elapsed() / 10_000;
 
