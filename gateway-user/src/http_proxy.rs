@@ -368,7 +368,7 @@ where
 pub async fn serve_h2(conn: Conn, client: TcpStream) {
     let conn = Arc::new(conn);
     let handled: Arc<std::sync::atomic::AtomicBool> = Arc::default();
-    let service = request_service(Arc::clone(&conn), &handled);
+    let service = stream_slots(&conn, request_service(Arc::clone(&conn), &handled));
     let timeout = conn.gateway.config.client_header_timeout;
     // A request hyper refuses with a stream reset never reaches the handler: recorded here.
     let client = {
@@ -386,6 +386,65 @@ pub async fn serve_h2(conn: Conn, client: TcpStream) {
             }
         }
     }
+}
+
+/// Each HTTP/2 request in flight holds a slot of its workload's connection cap, as an HTTP/1.1
+/// connection does, from its call until its answer's body ends: the upstream side is HTTP/1.1,
+/// so every stream in flight holds an upstream connection of its own, and one client connection
+/// with 64 streams would otherwise hold 65 descriptors on one slot. A stream without a slot
+/// left is answered 503 `connection_limit` and audited, and nothing goes upstream.
+fn stream_slots<S>(
+    conn: &Arc<Conn>,
+    service: S,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<Body>,
+    Error = Infallible,
+    Future = impl std::future::Future<Output = Result<Response<Body>, Infallible>> + Send,
+> + Clone
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let holder: Arc<str> = conn
+        .workload
+        .holder(&conn.placement, &conn.gateway.config.roots)
+        .into();
+    let conn = Arc::clone(conn);
+    hyper::service::service_fn(move |req: Request<Incoming>| {
+        let slot = conn.gateway.connections.open(&holder);
+        let call = match slot {
+            Some(_) => Ok(service.call(req)),
+            None => {
+                let mut record = conn.request_record("");
+                record.http = Some(HttpRecord {
+                    method: method_name(req.method()),
+                    path: None,
+                    status: StatusCode::SERVICE_UNAVAILABLE.as_u16(),
+                });
+                let response = refuse(
+                    &mut record,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "connection_limit",
+                    None,
+                );
+                conn.gateway.audit.emit(record);
+                Err(response)
+            }
+        };
+        async move {
+            match call {
+                Ok(call) => {
+                    let response = call.await?;
+                    Ok(response.map(|body| Keeping { body, _room: slot }.boxed()))
+                }
+                Err(refused) => Ok(refused),
+            }
+        }
+    })
 }
 
 /// How an HTTP/2 client connection ended.

@@ -1876,6 +1876,107 @@ fn a_workload_past_its_most_connections_is_refused_and_others_are_served() {
     );
 }
 
+/// HTTP/2 with prior knowledge, by hand: N requests for PATH opened at once on one
+/// connection. Prints each stream's body in order, and the codes of any stream resets.
+const H2_PARALLEL: &str = r#"
+import json, socket, struct, sys
+n = int(sys.argv[1]); path = sys.argv[2].encode()
+def frame(kind, flags, stream, payload):
+    return struct.pack('>I', len(payload))[1:] + bytes([kind, flags]) + struct.pack('>I', stream) + payload
+def lit(index, value):
+    return bytes([index]) + bytes([len(value)]) + value
+block = b'\x82' + b'\x86' + lit(4, path) + lit(1, b'api.openai.com')
+s = socket.create_connection(('127.0.0.9', 80), timeout=10)
+out = b'PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n' + frame(4, 0, 0, b'')
+streams = [1 + 2 * i for i in range(n)]
+for sid in streams:
+    out += frame(1, 5, sid, block)
+s.sendall(out)
+bodies = {sid: b'' for sid in streams}
+done = set(); resets = {}
+buf = b''
+while len(done) < n:
+    while len(buf) >= 9:
+        ln = int.from_bytes(buf[:3], 'big')
+        if len(buf) < 9 + ln:
+            break
+        kind, flags, sid, payload = buf[3], buf[4], int.from_bytes(buf[5:9], 'big') & 0x7fffffff, buf[9:9 + ln]
+        buf = buf[9 + ln:]
+        if kind == 4 and not flags & 1:
+            s.sendall(frame(4, 1, 0, b''))
+        elif kind == 6 and not flags & 1:
+            s.sendall(frame(6, 1, 0, payload))
+        elif kind == 0 and sid in bodies:
+            bodies[sid] += payload
+            if ln:
+                s.sendall(frame(8, 0, 0, struct.pack('>I', ln)) + frame(8, 0, sid, struct.pack('>I', ln)))
+            if flags & 1: done.add(sid)
+        elif kind == 1 and flags & 1 and sid in bodies:
+            done.add(sid)
+        elif kind == 3:
+            resets[sid] = int.from_bytes(payload[:4], 'big'); done.add(sid)
+        elif kind == 7:
+            print(json.dumps({'goaway': int.from_bytes(payload[4:8], 'big')})); sys.exit(0)
+    if len(done) == n:
+        break
+    data = s.recv(65536)
+    if not data:
+        break
+    buf += data
+print(json.dumps({'bodies': [bodies[sid].decode(errors='replace') for sid in streams], 'resets': resets}))
+"#;
+
+/// HTTP/2 requests in flight count against `max_connections_per_workload` too (each holds an
+/// upstream connection of its own): with a cap of 3, one connection carrying three slow
+/// requests at once has two served and the third refused 503 `connection_limit`, audited,
+/// and nothing of it reaches the API.
+#[test]
+fn http2_requests_in_flight_count_against_the_connection_cap() {
+    let s = setup_with("h2cap", "max_connections_per_workload: 3\n");
+    let env = &s.env;
+    let _d = env.start();
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", H2_PARALLEL, "3", "/v1/models/slow-1500"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    join_before_exec(&mut cmd, &s.agent);
+    let out = cmd.output().expect("python3");
+    env.keep_client_output(&out.stdout);
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let bodies: Vec<&str> = got["bodies"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{got}"))
+        .iter()
+        .filter_map(serde_json::Value::as_str)
+        .collect();
+    let served = bodies.iter().filter(|b| b.contains("auth_sha256")).count();
+    let refused = bodies
+        .iter()
+        .filter(|b| b.contains("connection_limit"))
+        .count();
+    assert_eq!((served, refused), (2, 1), "{got}");
+    let rec = env.wait_record("the third stream refused", |r| {
+        r["reason"] == "connection_limit" && r["layer"] == "request"
+    });
+    assert_eq!(rec["http"]["status"], 503, "{rec}");
+    assert_eq!(rec["http"]["method"], "GET", "{rec}");
+    assert_eq!(
+        s.api
+            .requests()
+            .iter()
+            .filter(|h| h.contains("slow-1500"))
+            .count(),
+        2,
+        "the refused stream went nowhere"
+    );
+}
+
 /// THREATS 25: slow request heads are cut when the client header timeout fires, each audited;
 /// the gateway keeps serving meanwhile and its memory stays bounded.
 #[test]
