@@ -140,17 +140,22 @@ pub async fn watch_counters(
                 audit.emit(r);
             }
         }
-        let now = counters.iter().flatten().map(|(cgroup_id, per_cpu)| {
-            let mut sum = Counters::default();
-            for c in per_cpu.iter() {
-                sum.refused += c.refused;
-                sum.events_lost += c.events_lost;
-                sum.dns_allowed += c.dns_allowed;
-                sum.reports_lost += c.reports_lost;
-            }
-            (cgroup_id, sum)
-        });
-        for (cgroup_id, new) in growth(&mut seen, now) {
+        let mut whole = true;
+        let now: Vec<(u64, Counters)> = counters
+            .iter()
+            .filter_map(|entry| entry.map_err(|_| whole = false).ok())
+            .map(|(cgroup_id, per_cpu)| {
+                let mut sum = Counters::default();
+                for c in per_cpu.iter() {
+                    sum.refused += c.refused;
+                    sum.events_lost += c.events_lost;
+                    sum.dns_allowed += c.dns_allowed;
+                    sum.reports_lost += c.reports_lost;
+                }
+                (cgroup_id, sum)
+            })
+            .collect();
+        for (cgroup_id, new) in growth(&mut seen, now.into_iter(), whole) {
             // Only a cgroup with something to report has its path looked up.
             let workload = Arc::new(WorkloadRecord::of_cgroup(
                 cgroup_id,
@@ -205,14 +210,20 @@ pub async fn watch_counters(
 /// What each cgroup's counters gained since the last poll (`seen`, updated to `now`), for the
 /// cgroups whose counters audits report (`events_lost`, `reports_lost`, `dns_allowed`) grew.
 /// A cgroup the map no longer holds (evicted, or gone) is forgotten, so `seen` never holds more
-/// than the map.
+/// than the map; but only after a `whole` walk of it (one that met an error may have missed
+/// some, which would then be counted again from zero). A cgroup the walk met twice (the
+/// kernel starts a hash map's walk over when the key it stood on was deleted) counts once.
 fn growth(
     seen: &mut StdHashMap<u64, Counters>,
     now: impl Iterator<Item = (u64, Counters)>,
+    whole: bool,
 ) -> Vec<(u64, Counters)> {
     let mut grew = Vec::new();
     let mut present = StdHashMap::with_capacity(seen.len());
     for (cgroup_id, sum) in now {
+        if present.contains_key(&cgroup_id) {
+            continue;
+        }
         let last = seen.get(&cgroup_id).copied().unwrap_or_default();
         let new = Counters {
             refused: grown(sum.refused, last.refused),
@@ -225,7 +236,11 @@ fn growth(
         }
         present.insert(cgroup_id, sum);
     }
-    *seen = present;
+    if whole {
+        *seen = present;
+    } else {
+        seen.extend(present);
+    }
     grew
 }
 
@@ -258,16 +273,49 @@ mod tests {
         }
     }
 
+    fn growth_whole(
+        seen: &mut StdHashMap<u64, Counters>,
+        now: impl Iterator<Item = (u64, Counters)>,
+    ) -> Vec<(u64, Counters)> {
+        growth(seen, now, true)
+    }
+
+    /// A walk that meets a cgroup twice counts it once; one that met an error forgets nobody.
+    #[test]
+    fn a_cgroup_met_twice_counts_once_and_a_broken_walk_forgets_nobody() {
+        let mut seen = StdHashMap::new();
+        growth_whole(
+            &mut seen,
+            [(1, counters(0, 5)), (2, counters(0, 1))].into_iter(),
+        );
+        let twice = growth_whole(
+            &mut seen,
+            [
+                (1, counters(0, 7)),
+                (9, counters(0, 0)),
+                (2, counters(0, 1)),
+                (1, counters(0, 7)),
+            ]
+            .into_iter(),
+        );
+        assert_eq!(twice, vec![(1, counters(0, 2))]);
+        // 2 was missed by a walk that met an error: kept, so its next reading is not all new.
+        let broken = growth(&mut seen, [(1, counters(0, 7))].into_iter(), false);
+        assert!(broken.is_empty());
+        let after = growth_whole(&mut seen, [(2, counters(0, 1))].into_iter());
+        assert!(after.is_empty(), "{after:?}");
+    }
+
     #[test]
     fn only_what_grew_is_reported_and_gone_cgroups_are_forgotten() {
         let mut seen = StdHashMap::new();
-        let first = growth(
+        let first = growth_whole(
             &mut seen,
             [(1, counters(3, 0)), (2, counters(0, 0))].into_iter(),
         );
         assert_eq!(first, vec![(1, counters(3, 0))]);
         // Nothing new for 1, DNS for 2; 3 appears with nothing reported yet.
-        let second = growth(
+        let second = growth_whole(
             &mut seen,
             [
                 (1, counters(3, 0)),
@@ -278,11 +326,11 @@ mod tests {
         );
         assert_eq!(second, vec![(2, counters(0, 4))]);
         // 1 and 3 left the map: forgotten.
-        let third = growth(&mut seen, [(2, counters(0, 5))].into_iter());
+        let third = growth_whole(&mut seen, [(2, counters(0, 5))].into_iter());
         assert_eq!(third, vec![(2, counters(0, 1))]);
         assert_eq!(seen.keys().copied().collect::<Vec<_>>(), vec![2]);
         // 1 comes back (made again in the map): counted from zero.
-        let again = growth(
+        let again = growth_whole(
             &mut seen,
             [(1, counters(2, 0)), (2, counters(0, 5))].into_iter(),
         );
