@@ -226,9 +226,6 @@ const BATCH: usize = 256 * 1024;
 
 impl AuditLog {
     pub fn open(path: &Path) -> Result<Self, AuditError> {
-        if let Some(dir) = path.parent() {
-            let _ = std::fs::create_dir_all(dir);
-        }
         let file = open_log(path).map_err(|source| AuditError::Open {
             path: path.to_owned(),
             source,
@@ -336,15 +333,25 @@ impl<W: Write> Sink<W> {
     }
 }
 
-/// The audit file at `path`, opened for appending; made readable by its owner and group only
-/// (records name every workload's executables and destinations).
+/// The audit file at `path` (and its directory), opened for appending; readable by its owner
+/// and group only (records name every workload's executables and destinations): made so, or,
+/// if it was there already with access for others, made so now.
 fn open_log(path: &Path) -> std::io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    OpenOptions::new()
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let file = OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o640)
-        .open(path)
+        .open(path)?;
+    let mode = file.metadata()?.permissions().mode();
+    if mode & 0o007 != 0 {
+        file.set_permissions(std::fs::Permissions::from_mode(mode & 0o770))?;
+        tracing::warn!(path = %path.display(), "the audit log was open to others: now mode {:o}", mode & 0o770);
+    }
+    Ok(file)
 }
 
 /// Whether `path` names another file than `file`, or none: a rotation renamed it away (and
@@ -396,15 +403,18 @@ fn write_lines(path: &Path, file: File, queue: &Receiver<Message>, healthy: &Ato
                         sink = Sink::new(file);
                         reopen_failed = false;
                     }
-                    Err(e) if !reopen_failed => {
-                        tracing::error!(path = %path.display(), error = %e, "audit log moved away and cannot be made again: writing to the moved file");
+                    Err(e) => {
+                        if !reopen_failed {
+                            tracing::error!(path = %path.display(), error = %e, "audit log moved away and cannot be made again: writing to the moved file, and counting the log as failing");
+                        }
                         reopen_failed = true;
                     }
-                    Err(_) => {}
                 }
             }
             match sink.write_batch(&batch) {
-                Ok(()) => healthy.store(true, Ordering::Relaxed),
+                // Records that reach a file no longer at the log's path (a rotation's, soon
+                // compressed or removed) are not an audit log anyone reads: failing.
+                Ok(()) => healthy.store(!reopen_failed, Ordering::Relaxed),
                 Err(e) => {
                     healthy.store(false, Ordering::Relaxed);
                     tracing::error!(error = %e, lines, "audit records lost: cannot write audit log");
@@ -489,7 +499,11 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("audit.jsonl");
+        // A log there already, open to others: closed to them.
+        std::fs::write(&path, "").expect("old log");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
         let log = AuditLog::open(&path).expect("open");
+        let old_mode = std::fs::metadata(&path).expect("meta").permissions().mode();
         let write = |reason: &'static str| {
             log.emit(AuditRecord::new(Verdict::Allow, Layer::Lifecycle, reason));
             assert!(log.flush(std::time::Duration::from_secs(5)), "flushed");
@@ -515,16 +529,34 @@ mod tests {
             .expect("truncate");
         write("third");
         let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
-        let (rotated, copied, current) = (
+        // Moved away, and nothing can be made at its path (a directory stands there): the
+        // records go to the moved file, and the log counts as failing until it can be made.
+        std::fs::rename(&path, dir.join("audit.jsonl.3")).expect("rename");
+        std::fs::create_dir(&path).expect("a directory in the way");
+        write("fourth");
+        let failing = !log.is_healthy();
+        std::fs::remove_dir(&path).expect("rmdir");
+        write("fifth");
+        let (stranded, healthy_again) = (reasons(&dir.join("audit.jsonl.3")), log.is_healthy());
+        let fifth = reasons(&path);
+        let (rotated, copied) = (
             reasons(&dir.join("audit.jsonl.1")),
             reasons(&dir.join("audit.jsonl.2")),
-            reasons(&path),
         );
         let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(rotated, ["first"]);
         assert_eq!(copied, ["second"]);
-        assert_eq!(current, ["third"]);
         assert_eq!(mode & 0o007, 0, "not readable by others: {mode:o}");
+        assert_eq!(
+            old_mode & 0o007,
+            0,
+            "an old log closed to others: {old_mode:o}"
+        );
+        // "third" went to the truncated log, which was then moved away with "fourth".
+        assert_eq!(stranded, ["third", "fourth"]);
+        assert!(failing, "a log that cannot be made again counts as failing");
+        assert!(healthy_again);
+        assert_eq!(fifth, ["fifth"]);
     }
 
     #[test]
