@@ -8,7 +8,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, Mutex},
 };
 
 use gateway_common::{
@@ -669,10 +669,8 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> Result<(), RunError> {
         std::os::unix::fs::PermissionsExt::from_mode(0o600),
     )?;
 
-    let policies = Arc::new(RwLock::new(Arc::new(pre.policies)));
     let upstreams = crate::upstream::Upstreams::new(crate::upstream::DialPolicy {
         config: config.clone(),
-        policies: Arc::clone(&policies),
     })?;
     let fresh_install = !config.pin_dir.exists();
     let attached = attach_all(config, &pre.cgroup_mount, gateway_cgroup_id, &audit);
@@ -700,7 +698,7 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> Result<(), RunError> {
         config: config.clone(),
         cgroup_mount: pre.cgroup_mount.clone(),
         origins: maps.origins,
-        rules: crate::rules::Rules::new(Arc::clone(&policies), pre.credentials),
+        rules: crate::rules::Rules::new(pre.policies, pre.credentials),
         upstreams,
         audit: audit.clone(),
         identities: crate::identity::IdentityCache::default(),

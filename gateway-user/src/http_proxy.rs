@@ -1657,11 +1657,8 @@ mod tests {
             )
             .expect("config");
             config.upstream_ca = None;
-            let upstreams = crate::upstream::Upstreams::new(crate::upstream::DialPolicy {
-                config,
-                policies: Arc::default(),
-            })
-            .expect("upstreams");
+            let upstreams = crate::upstream::Upstreams::new(crate::upstream::DialPolicy { config })
+                .expect("upstreams");
             let request = Request::get("/v1/models")
                 .header(header::HOST, "127.0.0.1")
                 .body(

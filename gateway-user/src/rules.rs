@@ -6,19 +6,19 @@ use crate::{credentials::Credentials, policy::PolicySet};
 
 /// The policies and credentials in force.
 ///
-/// The policies sit behind their own lock, shared with the upstream dialer (which reads only
-/// them). A reload takes that lock for writing and swaps both while it holds it; a reader that
-/// wants both reads the credentials while it holds the policies' lock for reading, so it sees
-/// both before a reload or both after, never one of each.
+/// Each sits behind its own lock, so a connection's decision (policies alone) never waits on
+/// the credentials. A reload takes the policies' lock for writing and swaps both while it holds
+/// it; a reader that wants both reads the credentials while it holds the policies' lock for
+/// reading, so it sees both before a reload or both after, never one of each.
 pub struct Rules {
-    policies: Arc<RwLock<Arc<PolicySet>>>,
+    policies: RwLock<Arc<PolicySet>>,
     credentials: RwLock<Arc<Credentials>>,
 }
 
 impl Rules {
-    pub fn new(policies: Arc<RwLock<Arc<PolicySet>>>, credentials: Credentials) -> Self {
+    pub fn new(policies: PolicySet, credentials: Credentials) -> Self {
         Self {
-            policies,
+            policies: RwLock::new(Arc::new(policies)),
             credentials: RwLock::new(Arc::new(credentials)),
         }
     }
@@ -91,10 +91,7 @@ mod tests {
     #[test]
     fn a_reader_never_sees_policies_of_one_generation_and_credentials_of_another() {
         let (policies, credentials) = generation(0);
-        let rules = Arc::new(Rules::new(
-            Arc::new(RwLock::new(Arc::new(policies))),
-            credentials,
-        ));
+        let rules = Arc::new(Rules::new(policies, credentials));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let writer = {
             let (rules, stop) = (Arc::clone(&rules), Arc::clone(&stop));

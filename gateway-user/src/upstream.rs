@@ -19,7 +19,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::{client::TlsStream, TlsConnector};
 
-use crate::{config::Config, http_proxy::Body, netns::Netns, policy::PolicySet, relay::Relay};
+use crate::{config::Config, http_proxy::Body, netns::Netns, relay::Relay};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -154,7 +154,6 @@ impl hyper::rt::Write for Stream {
 /// What the connector needs to know beyond the URI.
 pub struct DialPolicy {
     pub config: Config,
-    pub policies: Arc<std::sync::RwLock<Arc<PolicySet>>>,
 }
 
 /// Makes upstream connections in one network namespace.
@@ -651,11 +650,7 @@ mod tests {
         .expect("config");
         config.upstream_ca = None;
         config.upstream_header_timeout = header_timeout;
-        Upstreams::new(DialPolicy {
-            config,
-            policies: Arc::default(),
-        })
-        .expect("upstreams")
+        Upstreams::new(DialPolicy { config }).expect("upstreams")
     }
 
     /// A plain HTTP/1.1 mock on loopback: answers `/sized` with a Content-Length body,
