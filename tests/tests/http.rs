@@ -1775,7 +1775,12 @@ for s in held:
 /// connection frees its slot.
 #[test]
 fn a_workload_past_its_most_connections_is_refused_and_others_are_served() {
-    let s = setup_with("conncap", "max_connections_per_workload: 3\n");
+    // The held connections send nothing: a long header timeout keeps them open however slow
+    // the machine.
+    let s = setup_with(
+        "conncap",
+        "max_connections_per_workload: 3\nclient_header_timeout_ms: 120000\n",
+    );
     let env = &s.env;
     std::fs::write(
         env.policies.join("other.yaml"),
