@@ -583,14 +583,16 @@ fn policy_rewritten_every_100ms_under_load_never_flips_a_decision() {
     };
     // Load for 3 s on one kept-alive connection, in turn: chat (both policies allow),
     // /v1/files (both deny) and a model (allowed by one, denied by the other: it must get
-    // one of the two answers, and both must be seen, or the swaps would not be live).
+    // one of the two answers, and both must be seen, or the swaps would not be live). The
+    // daemon polls every 500 ms and catches whichever of the three edits stands then, so the
+    // load goes on (up to 20 s) until the model has been answered both ways.
     let load = "import http.client, time
 c=http.client.HTTPConnection('127.0.0.9',80,timeout=10)
 good=bad=0
 models={200:0,403:0}
-end=time.time()+3
+start=time.time()
 i=0
-while time.time()<end:
+while time.time()<start+3 or (0 in models.values() and time.time()<start+20):
     m,p,want=[('POST','/v1/chat/completions',(200,)),('GET','/v1/files',(403,)),('GET','/v1/models/gpt-4o',(200,403))][i%3]
     c.request(m,p,body='{}' if m=='POST' else None,headers={'Host':'api.openai.com'})
     r=c.getresponse(); r.read()
