@@ -346,10 +346,18 @@ fn open_log(path: &Path) -> std::io::Result<File> {
         .append(true)
         .mode(0o640)
         .open(path)?;
-    let mode = file.metadata()?.permissions().mode();
-    if mode & 0o007 != 0 {
-        file.set_permissions(std::fs::Permissions::from_mode(mode & 0o770))?;
-        tracing::warn!(path = %path.display(), "the audit log was open to others: now mode {:o}", mode & 0o770);
+    let mode = file.metadata()?.permissions().mode() & 0o7777;
+    if mode & 0o027 != 0 {
+        // Written by its owner alone, read by its group: nobody else can forge or read a record.
+        let narrowed = mode & 0o740;
+        match file.set_permissions(std::fs::Permissions::from_mode(narrowed)) {
+            Ok(()) => {
+                tracing::warn!(path = %path.display(), "the audit log was open to others: now mode {narrowed:o}");
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "the audit log is open to others (mode {mode:o}) and cannot be narrowed");
+            }
+        }
     }
     Ok(file)
 }
@@ -501,7 +509,7 @@ mod tests {
         let path = dir.join("audit.jsonl");
         // A log there already, open to others: closed to them.
         std::fs::write(&path, "").expect("old log");
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o664)).expect("chmod");
         let log = AuditLog::open(&path).expect("open");
         let old_mode = std::fs::metadata(&path).expect("meta").permissions().mode();
         let write = |reason: &'static str| {
@@ -548,8 +556,8 @@ mod tests {
         assert_eq!(copied, ["second"]);
         assert_eq!(mode & 0o007, 0, "not readable by others: {mode:o}");
         assert_eq!(
-            old_mode & 0o007,
-            0,
+            old_mode & 0o777,
+            0o640,
             "an old log closed to others: {old_mode:o}"
         );
         // "third" went to the truncated log, which was then moved away with "fourth".

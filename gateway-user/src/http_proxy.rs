@@ -368,7 +368,11 @@ where
 pub async fn serve_h2(conn: Conn, client: TcpStream) {
     let conn = Arc::new(conn);
     let handled: Arc<std::sync::atomic::AtomicBool> = Arc::default();
-    let service = stream_slots(&conn, request_service(Arc::clone(&conn), &handled));
+    let service = stream_slots(
+        &conn,
+        &handled,
+        request_service(Arc::clone(&conn), &handled),
+    );
     let timeout = conn.gateway.config.client_header_timeout;
     // A request hyper refuses with a stream reset never reaches the handler: recorded here.
     let client = {
@@ -395,6 +399,7 @@ pub async fn serve_h2(conn: Conn, client: TcpStream) {
 /// left is answered 503 `connection_limit` and audited, and nothing goes upstream.
 fn stream_slots<S>(
     conn: &Arc<Conn>,
+    handled: &Arc<std::sync::atomic::AtomicBool>,
     service: S,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
@@ -413,7 +418,7 @@ where
         .workload
         .holder(&conn.placement, &conn.gateway.config.roots)
         .into();
-    let conn = Arc::clone(conn);
+    let (conn, handled) = (Arc::clone(conn), Arc::clone(handled));
     hyper::service::service_fn(move |req: Request<Incoming>| {
         let slot = conn.gateway.connections.open(&holder);
         let call = match slot {
@@ -432,6 +437,8 @@ where
                     None,
                 );
                 conn.gateway.audit.emit(record);
+                // A record was written for the connection: its end needs none of its own.
+                handled.store(true, std::sync::atomic::Ordering::Relaxed);
                 Err(response)
             }
         };

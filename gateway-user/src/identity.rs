@@ -130,6 +130,9 @@ pub struct ExeHashCache {
     wait: Duration,
     /// The read each workload has under way (one at most), with where its result will show.
     under_way: Mutex<HashMap<String, (FileKey, Reading)>>,
+    /// Files read so far.
+    #[cfg(test)]
+    reads: std::sync::atomic::AtomicUsize,
 }
 
 /// A read's result once it has one (`Some(None)`: the read failed).
@@ -137,6 +140,9 @@ type Reading = tokio::sync::watch::Receiver<Option<Option<String>>>;
 
 /// How many executables are read for their hash at once.
 const READING_AT_ONCE: usize = 2;
+
+/// The longest one read may take (256 MiB from a page cache takes a fraction of a second).
+const READING_MOST: Duration = Duration::from_secs(10);
 
 /// The longest a connection waits for its turn to read its executable; then its record goes
 /// without `exe_sha256` (policy never reads the hash).
@@ -176,6 +182,8 @@ impl ExeHashCache {
             reading: tokio::sync::Semaphore::new(READING_AT_ONCE),
             wait,
             under_way: Mutex::default(),
+            #[cfg(test)]
+            reads: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -252,9 +260,16 @@ impl ExeHashCache {
             return Some(h);
         }
         let ExeToRead { file, key } = exe;
-        let hex = tokio::task::spawn_blocking(move || sha256_hex(file))
-            .await
-            .ok()??;
+        #[cfg(test)]
+        self.reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // A read that stalls (a hung network file system) gives up its turn and its
+        // connection after a while; its blocking thread is left to finish.
+        let read = tokio::task::spawn_blocking(move || sha256_hex(file));
+        let Ok(Ok(Some(hex))) = tokio::time::timeout(READING_MOST, read).await else {
+            tracing::debug!("executable not hashed: the read failed or took too long");
+            return None;
+        };
         let mut entries = self
             .entries
             .lock()
@@ -432,11 +447,25 @@ pub fn resolve(
         verified: false,
     };
     let task = (origin.tgid, origin.pid, origin.start_boottime_ns);
+    let proc_exe = || PathBuf::from(format!("/proc/{}/exe", origin.tgid));
     if let Some(exe) = cache.get(&cache.tasks, &task) {
         id.exe = exe.path;
         id.exe_sha256 = exe.sha256;
         id.verified = true;
-        return (id, None);
+        // Cached before its hash was read (or while the read was skipped, or for a refusal,
+        // which reads none): looked up again, so a task's later connections are not left
+        // without it.
+        let to_read = match id.exe_sha256 {
+            Some(_) => None,
+            None => match cache.exe_hashes.lookup(&proc_exe()) {
+                Lookup::Known(h) => {
+                    id.exe_sha256 = h;
+                    None
+                }
+                Lookup::Read(exe) => Some(ExeToHash { exe, task }),
+            },
+        };
+        return (id, to_read);
     }
     let stat = std::fs::read_to_string(format!("/proc/{}/task/{}/stat", origin.tgid, origin.pid));
     let verified = stat
@@ -446,7 +475,7 @@ pub fn resolve(
     if !verified {
         return (id, None);
     }
-    let proc_exe = PathBuf::from(format!("/proc/{}/exe", origin.tgid));
+    let proc_exe = proc_exe();
     id.exe = std::fs::read_link(&proc_exe).ok();
     let (sha256, to_read) = match cache.exe_hashes.lookup(&proc_exe) {
         Lookup::Known(h) => (h, None),
@@ -549,7 +578,8 @@ mod tests {
         let (one, two) = (dir.join("one"), dir.join("two"));
         std::fs::write(&one, b"abc").expect("one");
         std::fs::write(&two, b"another").expect("two");
-        let cache = ExeHashCache::default();
+        // A wait far longer than the test, so a slow machine cannot time the leader out.
+        let cache = ExeHashCache::with_wait(Duration::from_secs(60));
         let read = |path: &Path| match cache.lookup(path) {
             Lookup::Read(exe) => exe,
             Lookup::Known(h) => panic!("not cached yet: {h:?}"),
@@ -576,6 +606,11 @@ mod tests {
             Some("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad".to_owned());
         assert_eq!(leader, abc);
         assert_eq!(follower, abc, "the follower has the leader's result");
+        assert_eq!(
+            cache.reads.load(std::sync::atomic::Ordering::Relaxed),
+            2,
+            "one read for the leader and its follower, one for the other workload"
+        );
         assert_eq!(other, None);
         assert_eq!(elsewhere.map(|h| h.len()), Some(64));
         assert!(cache.lock_under_way().is_empty(), "every place given up");
@@ -741,7 +776,10 @@ mod tests {
         let (mut first, pending) = resolve(&origin, mount, &cache);
         assert!(first.verified && first.exe.is_some(), "own task resolves");
         assert_eq!(first.exe_sha256, None, "the hash is read later");
-        let pending = pending.expect("an executable to read");
+        assert!(pending.is_some(), "an executable to read");
+        // Not read (a refusal reads none): the task's next connection is handed it again.
+        let (_, pending) = resolve(&origin, mount, &cache);
+        let pending = pending.expect("handed the executable again");
         block_on(cache.finish(&mut first, pending, "unit:w.service"));
         assert_eq!(first.exe_sha256.as_ref().map(String::len), Some(64), "read");
         assert_eq!(cache.tasks.lock().expect("lock").len(), 1);
