@@ -139,6 +139,8 @@ struct RawConfig {
     #[serde(default = "default_max_connections_per_workload")]
     max_connections_per_workload: usize,
     #[serde(default)]
+    relay_idle_timeout_ms: u64,
+    #[serde(default)]
     test_resolver: BTreeMap<String, SocketAddr>,
     #[serde(default)]
     credentials: Option<PathBuf>,
@@ -252,6 +254,10 @@ pub struct Config {
     /// of the daemon's descriptors and a task, so without a cap one workload could take them
     /// all from the others.
     pub max_connections_per_workload: usize,
+    /// How long a relayed connection (an L4 or passthrough rule's) may move no byte either way
+    /// before the gateway cuts it; `None`: never (a database or event stream may rightly be
+    /// quiet for hours).
+    pub relay_idle_timeout: Option<std::time::Duration>,
     /// Test-only: destinations mapped to local mocks. Always empty in release builds.
     pub test_resolver: BTreeMap<String, SocketAddr>,
     /// The credentials file (bindings of secrets to hosts), if any.
@@ -327,6 +333,14 @@ impl Config {
                 raw.max_connections_per_workload
             )));
         }
+        if raw.relay_idle_timeout_ms != 0
+            && !(1_000..=604_800_000).contains(&raw.relay_idle_timeout_ms)
+        {
+            return Err(invalid(format!(
+                "relay_idle_timeout_ms is {}: use 0 (never) or 1000 to 604800000 (ms)",
+                raw.relay_idle_timeout_ms
+            )));
+        }
         if raw.listener.port == 0 {
             return Err(invalid("listener.port must not be 0".into()));
         }
@@ -368,6 +382,8 @@ impl Config {
                 raw.upstream_header_timeout_ms,
             ),
             max_connections_per_workload: raw.max_connections_per_workload,
+            relay_idle_timeout: (raw.relay_idle_timeout_ms > 0)
+                .then(|| std::time::Duration::from_millis(raw.relay_idle_timeout_ms)),
             test_resolver: raw.test_resolver,
             credentials: raw.credentials.map(&anchor),
             upstream_ca: raw.upstream_ca.map(&anchor),
@@ -504,6 +520,14 @@ mod tests {
             ("upstream_header_timeout_ms: 0", "use 100 to 3600000"),
             ("upstream_header_timeout_ms: 3600001", "use 100 to 3600000"),
             ("max_connections_per_workload: 0", "use 1 to 1000000"),
+            (
+                "relay_idle_timeout_ms: 999",
+                "use 0 (never) or 1000 to 604800000",
+            ),
+            (
+                "relay_idle_timeout_ms: 604800001",
+                "use 0 (never) or 1000 to 604800000",
+            ),
             ("max_connections_per_workload: 1000001", "use 1 to 1000000"),
             (
                 "max_connections_per_workload: -1",
@@ -533,6 +557,13 @@ mod tests {
         assert_eq!(c.max_connections_per_workload, 1);
         let c = Config::parse(GOOD, "c.yaml", Path::new("/")).expect("default");
         assert_eq!(c.max_connections_per_workload, 1_024);
+        assert_eq!(c.relay_idle_timeout, None, "never, unless set");
+        let text = format!("{GOOD}relay_idle_timeout_ms: 3600000\n");
+        let c = Config::parse(&text, "c.yaml", Path::new("/")).expect("an hour");
+        assert_eq!(
+            c.relay_idle_timeout,
+            Some(std::time::Duration::from_secs(3600))
+        );
     }
 
     #[test]

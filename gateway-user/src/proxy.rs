@@ -5,7 +5,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::Arc,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use aya::maps::{Array, MapData};
@@ -304,9 +304,15 @@ impl Gateway {
     ) {
         match upstream {
             Ok(mut upstream) => {
-                let (up, down) = copy_counted(&mut client, &mut upstream).await;
+                let idle = self.config.relay_idle_timeout;
+                let (up, down, idled) = copy_counted(&mut client, &mut upstream, idle).await;
                 record.bytes_up = Some(up);
                 record.bytes_down = Some(down);
+                if idled {
+                    // Cut by the gateway, not ended by either side: said in the record.
+                    record.reason = "relay_idle_timeout".into();
+                    reset(&client);
+                }
             }
             Err(e) => {
                 record.decision = Verdict::Error;
@@ -649,29 +655,77 @@ pub async fn serve(gateway: Arc<Gateway>, listener: TcpListener, ns: Arc<Netns>)
 /// and `a`. Counted as they are written, so a copy that ends in an error (a reset) still
 /// reports what it moved: a workload must not make its traffic vanish from the audit record by
 /// resetting its connection.
-async fn copy_counted<A, B>(a: &mut A, b: &mut B) -> (u64, u64)
+///
+/// With `idle` set, a relay that moves no byte either way for that long is cut: the third value
+/// says so.
+async fn copy_counted<A, B>(a: &mut A, b: &mut B, idle: Option<Duration>) -> (u64, u64, bool)
 where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let (mut a, mut b) = (Counted::new(a), Counted::new(b));
-    let _ended = tokio::io::copy_bidirectional(&mut a, &mut b).await;
-    (b.written, a.written)
+    let started = tokio::time::Instant::now();
+    let moved = std::sync::atomic::AtomicU64::new(0);
+    let (mut a, mut b) = (
+        Counted::new(a, started, &moved),
+        Counted::new(b, started, &moved),
+    );
+    let idled = {
+        let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
+        match idle {
+            None => {
+                let _ended = copy.await;
+                false
+            }
+            Some(limit) => tokio::select! {
+                _ended = copy => false,
+                () = quiet_for(started, &moved, limit) => true,
+            },
+        }
+    };
+    (b.written, a.written, idled)
 }
 
-/// A stream that counts the bytes written to it.
-struct Counted<S> {
-    inner: S,
-    written: u64,
-}
-
-impl<S> Counted<S> {
-    fn new(inner: S) -> Self {
-        Self { inner, written: 0 }
+/// Resolves once nothing has moved for `limit` (`moved`: when something last did, in ms after
+/// `started`).
+async fn quiet_for(
+    started: tokio::time::Instant,
+    moved: &std::sync::atomic::AtomicU64,
+    limit: Duration,
+) {
+    loop {
+        let last =
+            started + Duration::from_millis(moved.load(std::sync::atomic::Ordering::Relaxed));
+        if last.elapsed() >= limit {
+            return;
+        }
+        tokio::time::sleep_until(last + limit).await;
     }
 }
 
-impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<S> {
+/// A stream that counts the bytes written to it, and notes when it last took some.
+struct Counted<'a, S> {
+    inner: S,
+    written: u64,
+    started: tokio::time::Instant,
+    moved: &'a std::sync::atomic::AtomicU64,
+}
+
+impl<'a, S> Counted<'a, S> {
+    fn new(
+        inner: S,
+        started: tokio::time::Instant,
+        moved: &'a std::sync::atomic::AtomicU64,
+    ) -> Self {
+        Self {
+            inner,
+            written: 0,
+            started,
+            moved,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<'_, S> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -681,7 +735,7 @@ impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<S> {
     }
 }
 
-impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<S> {
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<'_, S> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -690,6 +744,10 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<S> {
         let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
         if let std::task::Poll::Ready(Ok(n)) = polled {
             self.written += n as u64;
+            if n > 0 {
+                let at = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                self.moved.store(at, std::sync::atomic::Ordering::Relaxed);
+            }
         }
         polled
     }
@@ -754,6 +812,61 @@ mod tests {
         });
     }
 
+    /// With an idle timeout, a relay that keeps moving bytes is left alone however long it
+    /// lasts, and one that goes quiet is cut once the timeout has passed since its last byte.
+    #[test]
+    fn a_quiet_relay_is_cut_after_its_idle_timeout_and_a_busy_one_is_not() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let front = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let back = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let (front_at, back_at) = (
+                front.local_addr().expect("addr"),
+                back.local_addr().expect("addr"),
+            );
+            // A byte every 100 ms for 1 s, then silence, the connections held open.
+            let client = tokio::spawn(async move {
+                let mut c = TcpStream::connect(front_at).await.expect("connect");
+                for _ in 0..10 {
+                    c.write_all(b"x").await.expect("send");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                let _ = c.read(&mut [0; 1]).await;
+            });
+            let (mut from_client, _) = front.accept().await.expect("accept");
+            let mut to_server = TcpStream::connect(back_at).await.expect("connect");
+            let (mut server, _) = back.accept().await.expect("accept");
+            let server = tokio::spawn(async move {
+                let mut got = [0; 16];
+                let mut n = 0;
+                while let Ok(1..) = server.read(&mut got).await.map(|r| {
+                    n += r;
+                    r
+                }) {}
+                n
+            });
+            let started = std::time::Instant::now();
+            let idle = Duration::from_millis(400);
+            let (up, down, idled) =
+                copy_counted(&mut from_client, &mut to_server, Some(idle)).await;
+            let took = started.elapsed();
+            drop((from_client, to_server));
+            client.await.expect("client");
+            assert_eq!(server.await.expect("server"), 10);
+            assert!(idled, "cut for its silence");
+            assert_eq!((up, down), (10, 0));
+            // The last byte went at about 0.9 s: cut about 0.4 s later, not during the traffic.
+            assert!(
+                took >= Duration::from_millis(1_250) && took < Duration::from_secs(5),
+                "cut after {took:?}"
+            );
+        });
+    }
+
     /// A relayed connection the client resets still reports the bytes it moved (the copy
     /// ends in an error; the counts must not fall to zero with it).
     #[test]
@@ -788,7 +901,7 @@ mod tests {
                 // Held open until the relay ends.
                 let _ = server.read(&mut [0; 1]).await;
             });
-            let (up, down) = copy_counted(&mut from_client, &mut to_server).await;
+            let (up, down, _) = copy_counted(&mut from_client, &mut to_server, None).await;
             client.await.expect("client");
             drop(to_server);
             server.await.expect("server");

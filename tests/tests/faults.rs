@@ -1,7 +1,8 @@
 //! Faults: the audit sink fails → the gateway fails closed, and recovers when it can write; the
 //! daemon is killed and restarted under a prober connecting every millisecond → nothing gets
 //! through in the gap, and exactly one attachment of each program remains; a flood of the
-//! origin slots makes a paused gateway's lookup miss, and the miss is refused.
+//! origin slots makes a paused gateway's lookup miss, and the miss is refused; a relay that
+//! goes quiet is cut after the idle timeout.
 use std::{
     io::Write,
     net::TcpListener,
@@ -241,4 +242,67 @@ fn an_unwritable_audit_log_refuses_what_would_be_allowed() {
         "the refusals are audited once the sink is back"
     );
     d.stop();
+}
+
+/// Sends one byte to the address in argv, then waits for the relay to end; prints how long
+/// that took and how it ended.
+const QUIET_CLIENT: &str = r#"
+import json, socket, sys, time
+host, port = sys.argv[1].rsplit(':', 1)
+s = socket.create_connection((host, int(port)), timeout=20)
+s.sendall(b'x')
+start = time.monotonic()
+try:
+    end = 'closed' if s.recv(1) == b'' else 'data'
+except ConnectionResetError:
+    end = 'reset'
+except socket.timeout:
+    end = 'timeout'
+print(json.dumps({'after': time.monotonic() - start, 'end': end}))
+"#;
+
+/// `relay_idle_timeout_ms`: an L4 relay that moves nothing for the timeout is cut, both
+/// sides closed, and its record says so (with the byte it moved).
+#[test]
+fn a_quiet_relay_is_cut_after_the_idle_timeout() {
+    let mut env = TestEnv::new("relayidle");
+    let app = env.workload("app.service");
+    env.write_config("relay_idle_timeout_ms: 1000\n");
+    // An upstream that takes the byte and then says nothing, holding the connection open.
+    let upstream = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = upstream.local_addr().expect("addr");
+    env.allow("app", "app.service", &[addr]);
+    let held = std::thread::spawn(move || {
+        use std::io::Read as _;
+        let (mut s, _) = upstream.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 16];
+        // Until the gateway closes its side (or 20 s pass).
+        while let Ok(n @ 1..) = s.read(&mut buf) {
+            got.extend_from_slice(&buf[..n]);
+        }
+        got
+    });
+    let _d = env.start();
+    let out = tollgate_tests::run_in(&app, "python3", &["-c", QUIET_CLIENT, &addr.to_string()]);
+    env.keep_client_output(&out.stdout);
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let after = got["after"].as_f64().unwrap_or(-1.0);
+    assert!(
+        (0.9..8.0).contains(&after) && got["end"] != "data" && got["end"] != "timeout",
+        "the client's side cut about a second after the last byte: {got}"
+    );
+    assert_eq!(
+        held.join().expect("upstream"),
+        b"x",
+        "the upstream's side closed too"
+    );
+    let rec = env.wait_record("the idle relay's record", |r| {
+        r["reason"] == "relay_idle_timeout"
+    });
+    assert_eq!(rec["decision"], "allow", "{rec}");
+    assert_eq!(rec["bytes_up"], 1, "{rec}");
 }
