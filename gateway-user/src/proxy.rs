@@ -843,10 +843,9 @@ mod tests {
             let server = tokio::spawn(async move {
                 let mut got = [0; 16];
                 let mut n = 0;
-                while let Ok(1..) = server.read(&mut got).await.map(|r| {
-                    n += r;
-                    r
-                }) {}
+                while let Ok(read @ 1..) = server.read(&mut got).await {
+                    n += read;
+                }
                 n
             });
             let started = std::time::Instant::now();
