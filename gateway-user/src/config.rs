@@ -570,4 +570,13 @@ mod tests {
     fn demo_config_is_valid() {
         Config::parse(DEMO_CONFIG, "demo", Path::new("/")).expect("demo config");
     }
+
+    #[test]
+    fn the_shipped_example_config_is_valid() {
+        let text = include_str!("../../deploy/tollgate.example.yaml");
+        let c = Config::parse(text, "tollgate.example.yaml", Path::new("/etc/tollgate"))
+            .expect("example config");
+        assert_eq!(c.max_connections_per_workload, 1_024);
+        assert_eq!(c.relay_idle_timeout, None);
+    }
 }
