@@ -258,6 +258,35 @@ fn an_unregistered_pod_is_discovered_and_host_workloads_keep_working() {
     let _ = sleeper.wait();
 }
 
+/// Each of `ips` added to the loopback of `pod`'s own network namespace, with a mock listening
+/// there on `port`: addresses that exist nowhere else, so a dial to one stays in the namespace
+/// the test made, and its mock sees it.
+fn loopback_mocks<'a>(
+    pod: &Pod,
+    ips: &[&'a str],
+    port: u16,
+) -> std::collections::BTreeMap<&'a str, Mock> {
+    let mut mocks = std::collections::BTreeMap::new();
+    for &ip in ips {
+        let ok = Command::new("ip")
+            .args([
+                "-n",
+                &pod.name,
+                "addr",
+                "add",
+                &format!("{ip}/32"),
+                "dev",
+                "lo",
+            ])
+            .status()
+            .expect("ip addr")
+            .success();
+        assert!(ok, "add {ip} to the pod's loopback");
+        mocks.insert(ip, Mock::start_in(&pod.netns, &format!("{ip}:{port}")));
+    }
+    mocks
+}
+
 /// `/etc/hosts` replaced for this test's mount namespace (the suite runs in a private one),
 /// put back when dropped.
 struct HostsFile;
@@ -304,27 +333,10 @@ fn private_link_local_and_metadata_addresses_are_dialed_only_where_a_rule_allows
         ("vpc.example", "172.31.254.1", false),
         ("allowed-private.example", "10.254.1.1", true),
     ];
-    let mut mocks = std::collections::BTreeMap::new();
-    for (_, ip, _) in names {
-        if mocks.contains_key(ip) {
-            continue;
-        }
-        let ok = Command::new("ip")
-            .args([
-                "-n",
-                &pod.name,
-                "addr",
-                "add",
-                &format!("{ip}/32"),
-                "dev",
-                "lo",
-            ])
-            .status()
-            .expect("ip addr")
-            .success();
-        assert!(ok, "add {ip} to the pod's loopback");
-        mocks.insert(ip, Mock::start_in(&pod.netns, &format!("{ip}:{port}")));
-    }
+    let mut ips: Vec<&str> = names.iter().map(|(_, ip, _)| *ip).collect();
+    ips.sort_unstable();
+    ips.dedup();
+    let mocks = loopback_mocks(&pod, &ips, port);
     let _hosts = HostsFile::bind(
         &env,
         &names
@@ -410,24 +422,7 @@ fn monitor_mode_never_dials_link_local_or_metadata_addresses() {
     let cg = env.workload(&rel);
     let pod = Pod::new(&env, "m", cg);
     let port = tollgate_tests::free_port();
-    let mut mocks = std::collections::BTreeMap::new();
-    for ip in ["169.254.169.254", "10.254.1.1"] {
-        let ok = Command::new("ip")
-            .args([
-                "-n",
-                &pod.name,
-                "addr",
-                "add",
-                &format!("{ip}/32"),
-                "dev",
-                "lo",
-            ])
-            .status()
-            .expect("ip addr")
-            .success();
-        assert!(ok, "add {ip} to the pod's loopback");
-        mocks.insert(ip, Mock::start_in(&pod.netns, &format!("{ip}:{port}")));
-    }
+    let mocks = loopback_mocks(&pod, &["169.254.169.254", "10.254.1.1"], port);
     std::fs::write(
         env.policies.join("pod.yaml"),
         format!(
