@@ -812,18 +812,30 @@ mod tests {
         });
     }
 
-    /// With an idle timeout, a relay that keeps moving bytes is left alone however long it
-    /// lasts, and one that goes quiet is cut once the timeout has passed since its last byte.
-    #[test]
-    fn a_quiet_relay_is_cut_after_its_idle_timeout_and_a_busy_one_is_not() {
+    /// Runs `test` on a one-thread runtime with two loopback listeners: where a client
+    /// connects, and the server the relay dials.
+    fn relay_test<F, Fut>(test: F)
+    where
+        F: FnOnce(TcpListener, TcpListener) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
         rt.block_on(async {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let front = TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let back = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            test(front, back).await;
+        });
+    }
+
+    /// With an idle timeout, a relay that keeps moving bytes is left alone however long it
+    /// lasts, and one that goes quiet is cut once the timeout has passed since its last byte.
+    #[test]
+    fn a_quiet_relay_is_cut_after_its_idle_timeout_and_a_busy_one_is_not() {
+        relay_test(|front, back| async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let (front_at, back_at) = (
                 front.local_addr().expect("addr"),
                 back.local_addr().expect("addr"),
@@ -870,14 +882,8 @@ mod tests {
     /// ends in an error; the counts must not fall to zero with it).
     #[test]
     fn a_reset_relay_still_counts_its_bytes() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
+        relay_test(|front, back| async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let front = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            let back = TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let (front_at, back_at) = (
                 front.local_addr().expect("addr"),
                 back.local_addr().expect("addr"),
