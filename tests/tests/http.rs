@@ -150,6 +150,23 @@ fn curl(cgroup: &std::path::Path, args: &[&str]) -> (String, String) {
     )
 }
 
+/// `POST /v1/chat/completions` with `{}` from `cgroup` through curl; the output ends with the
+/// status code on a line of its own.
+fn chat(cgroup: &std::path::Path) -> (String, String) {
+    curl(
+        cgroup,
+        &[
+            "-X",
+            "POST",
+            "-d",
+            "{}",
+            "-w",
+            "\n%{http_code}",
+            "http://api.openai.com/v1/chat/completions",
+        ],
+    )
+}
+
 #[test]
 fn the_workload_never_holds_the_key_and_every_request_is_decided() {
     let s = setup("http");
@@ -1842,18 +1859,7 @@ fn a_workload_past_its_most_connections_is_refused_and_others_are_served() {
         "{text}"
     );
     // Another workload is served while the first holds its most.
-    let (out, err) = curl(
-        &s.other,
-        &[
-            "-X",
-            "POST",
-            "-d",
-            "{}",
-            "-w",
-            "\n%{http_code}",
-            "http://api.openai.com/v1/chat/completions",
-        ],
-    );
+    let (out, err) = chat(&s.other);
     env.keep_client_output(out.as_bytes());
     assert!(out.ends_with("200"), "other.service served: {out} {err}");
     // One held connection closes: its slot is free again.
@@ -2002,18 +2008,7 @@ fn slowloris_connections_are_cut_and_memory_stays_bounded() {
     let child = cmd.spawn().expect("python3");
     // While the slow heads trickle in, a normal request is served.
     std::thread::sleep(Duration::from_millis(400));
-    let (out, err) = curl(
-        &s.agent,
-        &[
-            "-X",
-            "POST",
-            "-d",
-            "{}",
-            "-w",
-            "\n%{http_code}",
-            "http://api.openai.com/v1/chat/completions",
-        ],
-    );
+    let (out, err) = chat(&s.agent);
     env.keep_client_output(out.as_bytes());
     assert!(
         out.ends_with("200"),
