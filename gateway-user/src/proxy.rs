@@ -309,8 +309,11 @@ impl Gateway {
                 record.bytes_up = Some(up);
                 record.bytes_down = Some(down);
                 if idled {
-                    // Cut by the gateway, not ended by either side: said in the record.
-                    record.reason = "relay_idle_timeout".into();
+                    // Cut by the gateway, not ended by either side: said in the record (a
+                    // monitor-mode relay's keeps its would-deny reason, which matters more).
+                    if record.decision == Verdict::Allow {
+                        record.reason = "relay_idle_timeout".into();
+                    }
                     reset(&client);
                 }
             }

@@ -204,9 +204,18 @@ fn an_unwritable_audit_log_refuses_what_would_be_allowed() {
     while a.write_all(b"\n").is_ok() {}
     drop(a);
 
-    // The record that fails to be written flips the gateway to refusing.
-    let results: Vec<bool> = (0..4)
-        .map(|_| env.probe(Some(&app), &["tcp", &target])["ok"] == true)
+    // The record that fails to be written flips the gateway to refusing: the next connection's
+    // record (written when it closes) is the one that fails; once the writer has said so, every
+    // later connection is refused. (A connection decided between the failing write and that
+    // moment may still pass: the decisions whose records were queued when it happened.)
+    let first = env.probe(Some(&app), &["tcp", &target])["ok"] == true;
+    tollgate_tests::wait_for(10, "the failed audit write", || {
+        std::fs::read_to_string(&d.log)
+            .ok()
+            .filter(|l| l.contains("cannot write audit log"))
+    });
+    let results: Vec<bool> = std::iter::once(first)
+        .chain((0..3).map(|_| env.probe(Some(&app), &["tcp", &target])["ok"] == true))
         .collect();
     let first_refused = results
         .iter()
