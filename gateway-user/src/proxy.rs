@@ -668,9 +668,11 @@ where
 {
     let started = tokio::time::Instant::now();
     let moved = std::sync::atomic::AtomicU64::new(0);
+    // When bytes last moved is noted only if it is watched (a clock read per write).
+    let noted = idle.map(|_| &moved);
     let (mut a, mut b) = (
-        Counted::new(a, started, &moved),
-        Counted::new(b, started, &moved),
+        Counted::new(a, started, noted),
+        Counted::new(b, started, noted),
     );
     let idled = {
         let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
@@ -705,19 +707,20 @@ async fn quiet_for(
     }
 }
 
-/// A stream that counts the bytes written to it, and notes when it last took some.
+/// A stream that counts the bytes written to it, and notes in `moved` (if given) when it last
+/// took some, in ms after `started`.
 struct Counted<'a, S> {
     inner: S,
     written: u64,
     started: tokio::time::Instant,
-    moved: &'a std::sync::atomic::AtomicU64,
+    moved: Option<&'a std::sync::atomic::AtomicU64>,
 }
 
 impl<'a, S> Counted<'a, S> {
     fn new(
         inner: S,
         started: tokio::time::Instant,
-        moved: &'a std::sync::atomic::AtomicU64,
+        moved: Option<&'a std::sync::atomic::AtomicU64>,
     ) -> Self {
         Self {
             inner,
@@ -747,9 +750,9 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<'_, S> 
         let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
         if let std::task::Poll::Ready(Ok(n)) = polled {
             self.written += n as u64;
-            if n > 0 {
+            if let (Some(moved), 1..) = (self.moved, n) {
                 let at = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-                self.moved.store(at, std::sync::atomic::Ordering::Relaxed);
+                moved.store(at, std::sync::atomic::Ordering::Relaxed);
             }
         }
         polled
