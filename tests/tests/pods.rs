@@ -426,7 +426,7 @@ fn monitor_mode_never_dials_link_local_or_metadata_addresses() {
     std::fs::write(
         env.policies.join("pod.yaml"),
         format!(
-            "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: {{ name: watched }}\nspec:\n  workload: {{ cgroup: {}/{rel} }}\n  mode: monitor\n  egress:\n    - name: elsewhere\n      match: {{ cidr: 10.254.9.9/32, port: {port} }}\n",
+            "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: {{ name: watched }}\nspec:\n  workload: {{ cgroup: {}/{rel} }}\n  mode: monitor\n  egress:\n    - name: elsewhere\n      match: {{ cidr: 127.0.0.77/32, port: {port} }}\n",
             env.root_rel()
         ),
     )
