@@ -69,6 +69,13 @@ impl Connections {
     }
 }
 
+impl Slot {
+    /// Whose slot it is.
+    pub fn holder(&self) -> &Arc<str> {
+        &self.holder
+    }
+}
+
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut open = self.counts.lock();

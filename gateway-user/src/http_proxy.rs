@@ -90,10 +90,12 @@ pub struct Conn {
     pub netns_cookie: u64,
     pub workload: WorkloadId,
     pub orig: SocketAddr,
-    /// What every record of this connection says of the workload, and where its cgroup path
-    /// places it: derived once, not per request.
+    /// What every record of this connection says of the workload, where its cgroup path
+    /// places it, and whose share of the gateway it takes ([`WorkloadId::holder`]): derived
+    /// once, not per request.
     record: Arc<WorkloadRecord>,
     placement: Placement,
+    holder: Arc<str>,
     orig_ip: Arc<str>,
     /// The last `Host` header written upstream, by host and port: a kept-alive connection
     /// usually names the same one on every request.
@@ -119,9 +121,11 @@ impl Conn {
         record: Arc<WorkloadRecord>,
         orig: SocketAddr,
     ) -> Self {
+        let placement = workload.placement();
         Self {
             record,
-            placement: workload.placement(),
+            holder: workload.holder(&placement, &gateway.config.roots).into(),
+            placement,
             orig_ip: orig.ip().to_string().into(),
             upstream_host: std::sync::Mutex::new(None),
             gateway,
@@ -414,13 +418,9 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    let holder: Arc<str> = conn
-        .workload
-        .holder(&conn.placement, &conn.gateway.config.roots)
-        .into();
     let (conn, handled) = (Arc::clone(conn), Arc::clone(handled));
     hyper::service::service_fn(move |req: Request<Incoming>| {
-        let slot = conn.gateway.connections.open(&holder);
+        let slot = conn.gateway.connections.open(&conn.holder);
         let call = match slot {
             Some(_) => Ok(service.call(req)),
             None => {
@@ -648,9 +648,7 @@ async fn handle(conn: &Conn, req: Request<Incoming>) -> Response<Body> {
             .then(|| {
                 crate::usage::UsageReader::for_response(
                     &parts.headers,
-                    &conn.gateway.model_reads.of(&conn
-                        .workload
-                        .holder(&conn.placement, &conn.gateway.config.roots)),
+                    &conn.gateway.model_reads.of(&conn.holder),
                 )
             })
             .flatten();
@@ -777,9 +775,7 @@ async fn decide_and_forward(
     let (decision, body) = match decide(Model::Unread) {
         RequestDecision::NeedsModel { policy, rule } => {
             let timeout = conn.gateway.config.client_header_timeout;
-            let room = &conn.gateway.model_reads.of(&conn
-                .workload
-                .holder(&conn.placement, &conn.gateway.config.roots));
+            let room = &conn.gateway.model_reads.of(&conn.holder);
             let (body, model) = match read_model(body, &parts.headers, timeout, room).await {
                 Ok(ModelRead::Read(bytes, asked, permit)) => {
                     // A tokens budget reserves what the request sends and may receive.

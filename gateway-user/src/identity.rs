@@ -175,6 +175,16 @@ pub enum Lookup {
     Read(ExeToRead),
 }
 
+impl Lookup {
+    /// The hash known now, and what is left to read for it.
+    fn split(self) -> (Option<String>, Option<ExeToRead>) {
+        match self {
+            Self::Known(h) => (h, None),
+            Self::Read(exe) => (None, Some(exe)),
+        }
+    }
+}
+
 impl ExeHashCache {
     fn with_wait(wait: Duration) -> Self {
         Self {
@@ -215,10 +225,11 @@ impl ExeHashCache {
     /// place in the queue, not one per connection. `None` too if the turn does not come within
     /// [`READING_WAIT`].
     pub async fn read(&self, exe: ExeToRead, holder: &str) -> Option<String> {
-        let (done, result) = {
+        // Ok: this read leads, and says when it is done; Err: it follows the read under way.
+        let role = {
             let mut under_way = self.lock_under_way();
             match under_way.get(holder) {
-                Some((key, reading)) if *key == exe.key => (None, Some(reading.clone())),
+                Some((key, reading)) if *key == exe.key => Err(reading.clone()),
                 Some(_) => {
                     tracing::debug!(%holder, "executable not hashed: the workload has another read under way");
                     return None;
@@ -226,27 +237,28 @@ impl ExeHashCache {
                 None => {
                     let (done, reading) = tokio::sync::watch::channel(None);
                     under_way.insert(holder.to_owned(), (exe.key, reading));
-                    (Some(done), None)
+                    Ok(done)
                 }
             }
         };
-        if let Some(mut reading) = result {
-            let waited = tokio::time::timeout(self.wait * 2, reading.wait_for(Option::is_some));
-            return match waited.await {
-                Ok(Ok(result)) => result.clone().flatten(),
-                _ => None,
-            };
-        }
-        // This read leads: whatever happens to it, its place is given up when it ends.
-        let _leading = Leading {
+        let done = match role {
+            Ok(done) => done,
+            Err(mut reading) => {
+                let waited = tokio::time::timeout(self.wait * 2, reading.wait_for(Option::is_some));
+                return match waited.await {
+                    Ok(Ok(result)) => result.clone().flatten(),
+                    _ => None,
+                };
+            }
+        };
+        // Whatever happens to this read, its place is given up when it ends.
+        let leading = Leading {
             cache: self,
             holder,
             done,
         };
         let hex = self.read_now(exe).await;
-        if let Some(done) = &_leading.done {
-            done.send_replace(Some(hex.clone()));
-        }
+        leading.done.send_replace(Some(hex.clone()));
         hex
     }
 
@@ -309,16 +321,14 @@ impl ExeHashCache {
 struct Leading<'a> {
     cache: &'a ExeHashCache,
     holder: &'a str,
-    done: Option<tokio::sync::watch::Sender<Option<Option<String>>>>,
+    done: tokio::sync::watch::Sender<Option<Option<String>>>,
 }
 
 impl Drop for Leading<'_> {
     fn drop(&mut self) {
         self.cache.lock_under_way().remove(self.holder);
-        if let Some(done) = &self.done {
-            if done.borrow().is_none() {
-                done.send_replace(Some(None));
-            }
+        if self.done.borrow().is_none() {
+            self.done.send_replace(Some(None));
         }
     }
 }
@@ -455,17 +465,12 @@ pub fn resolve(
         // Cached before its hash was read (or while the read was skipped, or for a refusal,
         // which reads none): looked up again, so a task's later connections are not left
         // without it.
-        let to_read = match id.exe_sha256 {
-            Some(_) => None,
-            None => match cache.exe_hashes.lookup(&proc_exe()) {
-                Lookup::Known(h) => {
-                    id.exe_sha256 = h;
-                    None
-                }
-                Lookup::Read(exe) => Some(ExeToHash { exe, task }),
-            },
-        };
-        return (id, to_read);
+        if id.exe_sha256.is_some() {
+            return (id, None);
+        }
+        let (sha256, to_read) = cache.exe_hashes.lookup(&proc_exe()).split();
+        id.exe_sha256 = sha256;
+        return (id, to_read.map(|exe| ExeToHash { exe, task }));
     }
     let stat = std::fs::read_to_string(format!("/proc/{}/task/{}/stat", origin.tgid, origin.pid));
     let verified = stat
@@ -477,10 +482,7 @@ pub fn resolve(
     }
     let proc_exe = proc_exe();
     id.exe = std::fs::read_link(&proc_exe).ok();
-    let (sha256, to_read) = match cache.exe_hashes.lookup(&proc_exe) {
-        Lookup::Known(h) => (h, None),
-        Lookup::Read(exe) => (None, Some(exe)),
-    };
+    let (sha256, to_read) = cache.exe_hashes.lookup(&proc_exe).split();
     id.exe_sha256 = sha256;
     // Re-check after reading: if the task changed meanwhile, drop what /proc said.
     let still = std::fs::read_to_string(format!("/proc/{}/task/{}/stat", origin.tgid, origin.pid))

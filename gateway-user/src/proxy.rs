@@ -232,14 +232,16 @@ impl Gateway {
                     reset(&client);
                     return;
                 };
-                Some((slot, holder))
+                Some(slot)
             }
         };
         record.decision_us = Some(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
         // With its place taken, a connection that goes on waits for its executable's hash, if
         // it was not cached; a refusal is recorded at once, with what is known.
-        if let (Some((_, holder)), Some(pending)) = (&slot, exe_to_hash) {
-            self.identities.finish(&mut id, pending, holder).await;
+        if let (Some(slot), Some(pending)) = (&slot, exe_to_hash) {
+            self.identities
+                .finish(&mut id, pending, slot.holder())
+                .await;
             record.workload = id.record().into();
         }
         match decision {
