@@ -6,12 +6,14 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
-        mpsc::{Receiver, SyncSender, TryRecvError, TrySendError},
+        mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError},
         Arc,
     },
 };
 
 use serde::Serialize;
+
+use crate::fold::Folding;
 
 pub const SCHEMA: &str = "tollgate.audit/v1";
 
@@ -25,7 +27,7 @@ pub enum Verdict {
     Error,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "snake_case")]
 pub enum Layer {
     /// Refused in the kernel (socket hooks or the egress backstop).
@@ -153,9 +155,14 @@ pub struct AuditRecord {
     /// policy), in microseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decision_us: Option<u64>,
-    /// For aggregated records (suppressed kernel refusals, DNS counts): how many.
+    /// For aggregated records (suppressed kernel refusals, DNS counts, denials folded past a
+    /// workload's share): how many.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub count: Option<u64>,
+    /// For denials folded into this record: when the first of them was decided (this record
+    /// is the last of them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub folded_since: Option<Timestamp>,
 }
 
 impl AuditRecord {
@@ -178,6 +185,7 @@ impl AuditRecord {
             duration_ms: None,
             decision_us: None,
             count: None,
+            folded_since: None,
         }
     }
 }
@@ -225,7 +233,9 @@ const LINGER: std::time::Duration = std::time::Duration::from_millis(10);
 const BATCH: usize = 256 * 1024;
 
 impl AuditLog {
-    pub fn open(path: &Path) -> Result<Self, AuditError> {
+    /// Opens the log at `path`; of denials alike (see [`crate::fold`]), `denials_per_second`
+    /// are written whole each second and the rest counted (0: all written whole).
+    pub fn open(path: &Path, denials_per_second: u32) -> Result<Self, AuditError> {
         let file = open_log(path).map_err(|source| AuditError::Open {
             path: path.to_owned(),
             source,
@@ -238,7 +248,10 @@ impl AuditLog {
             .name("tollgate-audit".into())
             .spawn({
                 let path = path.clone();
-                move || write_lines(&path, file, &lines, &writer_health)
+                move || {
+                    let folding = Folding::new(denials_per_second);
+                    write_lines(&path, file, &lines, &writer_health, folding);
+                }
             })
             .map_err(|source| AuditError::Open { path, source })?;
         Ok(Self { queue, healthy })
@@ -373,63 +386,47 @@ fn moved_away(path: &Path, file: &File) -> bool {
     }
 }
 
-/// The writer thread: blocks for a line, takes whatever else is queued, writes it in one go.
-/// Before each write it checks that `path` still names the file it writes: after a rotation
-/// that renames the log (logrotate's default), the records go to a file at `path` again.
-/// Rotation by copy and truncate needs nothing: the file is appended to.
-fn write_lines(path: &Path, file: File, queue: &Receiver<Message>, healthy: &AtomicBool) {
-    let mut sink = Sink::new(file);
-    let mut reopen_failed = false;
+/// The writer thread: blocks for a record (or until a folded second ends), takes whatever
+/// else is queued, writes it in one go.
+fn write_lines(
+    path: &Path,
+    file: File,
+    queue: &Receiver<Message>,
+    healthy: &AtomicBool,
+    mut folding: Folding,
+) {
+    let mut writer = Writer {
+        path,
+        sink: Sink::new(file),
+        reopen_failed: false,
+        healthy,
+    };
     let mut batch = Vec::with_capacity(BATCH);
     let mut waiting = Vec::new();
-    let mut first = queue.recv().ok();
+    let mut first = wait(queue, &folding);
     while let Some(message) = first {
-        let mut next = Some(message);
+        let mut next = message;
         let mut lines = 0usize;
         while let Some(message) = next.take() {
             match message {
                 Message::Record(record) => {
-                    match serde_json::to_writer(&mut batch, &record) {
-                        Ok(()) => batch.push(b'\n'),
-                        Err(e) => {
-                            tracing::error!(error = %e, "audit record lost: not serializable");
-                        }
-                    }
+                    folding.take(record, |r| serialize(&mut batch, r));
                     lines += 1;
                 }
-                Message::Flush(done) => waiting.push(done),
+                Message::Flush(done) => {
+                    folding.release(|r| serialize(&mut batch, r));
+                    waiting.push(done);
+                }
             }
             if batch.len() < BATCH {
                 next = queue.try_recv().ok();
             }
         }
-        if !batch.is_empty() {
-            if moved_away(path, &sink.file) {
-                match open_log(path) {
-                    Ok(file) => {
-                        tracing::info!(path = %path.display(), "audit log moved away: writing to a new file at its path");
-                        sink = Sink::new(file);
-                        reopen_failed = false;
-                    }
-                    Err(e) => {
-                        if !reopen_failed {
-                            tracing::error!(path = %path.display(), error = %e, "audit log moved away and cannot be made again: writing to the moved file, and counting the log as failing");
-                        }
-                        reopen_failed = true;
-                    }
-                }
-            }
-            match sink.write_batch(&batch) {
-                // Records that reach a file no longer at the log's path (a rotation's, soon
-                // compressed or removed) are not an audit log anyone reads: failing.
-                Ok(()) => healthy.store(!reopen_failed, Ordering::Relaxed),
-                Err(e) => {
-                    healthy.store(false, Ordering::Relaxed);
-                    tracing::error!(error = %e, lines, "audit records lost: cannot write audit log");
-                }
-            }
-            batch.clear();
-        }
+        folding.due(std::time::SystemTime::now(), |r| {
+            serialize(&mut batch, r);
+        });
+        writer.write(&batch, lines);
+        batch.clear();
         for done in waiting.drain(..) {
             let _ = done.send(());
         }
@@ -441,10 +438,81 @@ fn write_lines(path: &Path, file: File, queue: &Receiver<Message>, healthy: &Ato
             std::thread::sleep(LINGER);
         }
         first = match queue.try_recv() {
-            Ok(message) => Some(message),
-            Err(TryRecvError::Empty) => queue.recv().ok(),
+            Ok(message) => Some(Some(message)),
+            Err(TryRecvError::Empty) => wait(queue, &folding),
             Err(TryRecvError::Disconnected) => None,
         };
+    }
+    folding.release(|r| serialize(&mut batch, r));
+    writer.write(&batch, 0);
+}
+
+/// The next message, or `Some(None)` when a folded second ends first; `None`: every sender
+/// is gone.
+fn wait(queue: &Receiver<Message>, folding: &Folding) -> Option<Option<Message>> {
+    let Some(due) = folding.next_due() else {
+        return queue.recv().ok().map(Some);
+    };
+    let left = due
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    match queue.recv_timeout(left) {
+        Ok(message) => Some(Some(message)),
+        Err(RecvTimeoutError::Timeout) => Some(None),
+        Err(RecvTimeoutError::Disconnected) => None,
+    }
+}
+
+/// Appends `record` to `batch` as one line.
+fn serialize(batch: &mut Vec<u8>, record: &AuditRecord) {
+    match serde_json::to_writer(&mut *batch, record) {
+        Ok(()) => batch.push(b'\n'),
+        Err(e) => tracing::error!(error = %e, "audit record lost: not serializable"),
+    }
+}
+
+/// Writes batches to the file at `path`. Before each write it checks that `path` still names
+/// the file it writes: after a rotation that renames the log (logrotate's default), the
+/// records go to a file at `path` again. Rotation by copy and truncate needs nothing: the file
+/// is appended to.
+struct Writer<'a> {
+    path: &'a Path,
+    sink: Sink<File>,
+    reopen_failed: bool,
+    healthy: &'a AtomicBool,
+}
+
+impl Writer<'_> {
+    /// Writes `batch` (of whole lines, from `lines` messages), noting whether it could.
+    fn write(&mut self, batch: &[u8], lines: usize) {
+        if batch.is_empty() {
+            return;
+        }
+        let path = self.path;
+        if moved_away(path, &self.sink.file) {
+            match open_log(path) {
+                Ok(file) => {
+                    tracing::info!(path = %path.display(), "audit log moved away: writing to a new file at its path");
+                    self.sink = Sink::new(file);
+                    self.reopen_failed = false;
+                }
+                Err(e) => {
+                    if !self.reopen_failed {
+                        tracing::error!(path = %path.display(), error = %e, "audit log moved away and cannot be made again: writing to the moved file, and counting the log as failing");
+                    }
+                    self.reopen_failed = true;
+                }
+            }
+        }
+        match self.sink.write_batch(batch) {
+            // Records that reach a file no longer at the log's path (a rotation's, soon
+            // compressed or removed) are not an audit log anyone reads: failing.
+            Ok(()) => self.healthy.store(!self.reopen_failed, Ordering::Relaxed),
+            Err(e) => {
+                self.healthy.store(false, Ordering::Relaxed);
+                tracing::error!(error = %e, lines, "audit records lost: cannot write audit log");
+            }
+        }
     }
 }
 
@@ -456,6 +524,15 @@ pub struct Timestamp(std::time::SystemTime);
 impl Timestamp {
     pub fn now() -> Self {
         Self(std::time::SystemTime::now())
+    }
+
+    pub fn time(self) -> std::time::SystemTime {
+        self.0
+    }
+
+    #[cfg(test)]
+    pub fn at(t: std::time::SystemTime) -> Self {
+        Self(t)
     }
 }
 
@@ -510,7 +587,7 @@ mod tests {
         // A log there already, open to others: closed to them.
         std::fs::write(&path, "").expect("old log");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o664)).expect("chmod");
-        let log = AuditLog::open(&path).expect("open");
+        let log = AuditLog::open(&path, 0).expect("open");
         let old_mode = std::fs::metadata(&path).expect("meta").permissions().mode();
         let write = |reason: &'static str| {
             log.emit(AuditRecord::new(Verdict::Allow, Layer::Lifecycle, reason));
@@ -567,6 +644,49 @@ mod tests {
         assert_eq!(fifth, ["fifth"]);
     }
 
+    /// Past its share, a flood of denials is written as one counted record when its second
+    /// ends, with no further record or flush to wake the writer; allowed records are never
+    /// held back.
+    #[test]
+    fn a_denial_flood_is_counted_when_its_second_ends() {
+        let dir = std::env::temp_dir().join(format!("tg-audit-fold-{}", std::process::id()));
+        let path = dir.join("a.jsonl");
+        let log = AuditLog::open(&path, 2).expect("open");
+        for _ in 0..10 {
+            log.emit(AuditRecord::new(Verdict::Deny, Layer::Request, "flood"));
+            log.emit(AuditRecord::new(Verdict::Allow, Layer::Request, "served"));
+        }
+        let started = std::time::Instant::now();
+        let records = loop {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let records: Vec<serde_json::Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("a whole record"))
+                .collect();
+            if records.iter().any(|r| r["count"].is_u64())
+                || started.elapsed() > std::time::Duration::from_secs(5)
+            {
+                break records;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let waited = started.elapsed();
+        let _ = std::fs::remove_dir_all(&dir);
+        let of = |reason: &str| -> Vec<&serde_json::Value> {
+            records.iter().filter(|r| r["reason"] == reason).collect()
+        };
+        assert_eq!(of("served").len(), 10, "allowed: all whole");
+        let flood = of("flood");
+        assert_eq!(flood.len(), 3, "two whole, one counted: {flood:?}");
+        assert!(flood[..2].iter().all(|r| r.get("count").is_none()));
+        assert_eq!(flood[2]["count"], 8);
+        assert!(
+            flood[2]["folded_since"].as_str().expect("since")
+                <= flood[2]["ts"].as_str().expect("ts")
+        );
+        assert!(waited < std::time::Duration::from_secs(3), "{waited:?}");
+    }
+
     #[test]
     fn civil_dates() {
         assert_eq!(civil_from_days(0), (1970, 1, 1));
@@ -578,7 +698,7 @@ mod tests {
     fn record_is_one_json_line_with_schema() {
         let dir = std::env::temp_dir().join(format!("tg-audit-{}", std::process::id()));
         let path = dir.join("a.jsonl");
-        let log = AuditLog::open(&path).expect("open");
+        let log = AuditLog::open(&path, 0).expect("open");
         let mut r = AuditRecord::new(Verdict::Deny, Layer::Connect, "no_rule_matched");
         r.policy = Some("p".into());
         log.write(r).expect("write");

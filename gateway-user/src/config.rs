@@ -140,6 +140,8 @@ struct RawConfig {
     max_connections_per_workload: usize,
     #[serde(default)]
     relay_idle_timeout_ms: u64,
+    #[serde(default = "default_audit_denials_per_second")]
+    audit_denials_per_second: u32,
     #[serde(default)]
     test_resolver: BTreeMap<String, SocketAddr>,
     #[serde(default)]
@@ -225,6 +227,10 @@ const fn default_max_connections_per_workload() -> usize {
     1_024
 }
 
+const fn default_audit_denials_per_second() -> u32 {
+    100
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -258,6 +264,10 @@ pub struct Config {
     /// before the gateway cuts it; `None`: never (a database or event stream may rightly be
     /// quiet for hours).
     pub relay_idle_timeout: Option<std::time::Duration>,
+    /// Of the denials alike (one workload, layer, reason, policy and rule), how many are
+    /// written whole each second; the rest of the second are counted into one record. A
+    /// workload refused in a loop would otherwise fill the audit volume. 0: all whole.
+    pub audit_denials_per_second: u32,
     /// Test-only: destinations mapped to local mocks. Always empty in release builds.
     pub test_resolver: BTreeMap<String, SocketAddr>,
     /// The credentials file (bindings of secrets to hosts), if any.
@@ -341,6 +351,12 @@ impl Config {
                 raw.relay_idle_timeout_ms
             )));
         }
+        if raw.audit_denials_per_second > 1_000_000 {
+            return Err(invalid(format!(
+                "audit_denials_per_second is {}: use 0 (write every denial whole) or 1 to 1000000",
+                raw.audit_denials_per_second
+            )));
+        }
         if raw.listener.port == 0 {
             return Err(invalid("listener.port must not be 0".into()));
         }
@@ -384,6 +400,7 @@ impl Config {
             max_connections_per_workload: raw.max_connections_per_workload,
             relay_idle_timeout: (raw.relay_idle_timeout_ms > 0)
                 .then(|| std::time::Duration::from_millis(raw.relay_idle_timeout_ms)),
+            audit_denials_per_second: raw.audit_denials_per_second,
             test_resolver: raw.test_resolver,
             credentials: raw.credentials.map(&anchor),
             upstream_ca: raw.upstream_ca.map(&anchor),
@@ -530,6 +547,11 @@ mod tests {
             ),
             ("max_connections_per_workload: 1000001", "use 1 to 1000000"),
             (
+                "audit_denials_per_second: 1000001",
+                "use 0 (write every denial whole) or 1 to 1000000",
+            ),
+            ("audit_denials_per_second: -1", "audit_denials_per_second"),
+            (
                 "max_connections_per_workload: -1",
                 "max_connections_per_workload",
             ),
@@ -558,6 +580,7 @@ mod tests {
         let c = Config::parse(GOOD, "c.yaml", Path::new("/")).expect("default");
         assert_eq!(c.max_connections_per_workload, 1_024);
         assert_eq!(c.relay_idle_timeout, None, "never, unless set");
+        assert_eq!(c.audit_denials_per_second, 100);
         let text = format!("{GOOD}relay_idle_timeout_ms: 3600000\n");
         let c = Config::parse(&text, "c.yaml", Path::new("/")).expect("an hour");
         assert_eq!(
@@ -578,5 +601,6 @@ mod tests {
             .expect("example config");
         assert_eq!(c.max_connections_per_workload, 1_024);
         assert_eq!(c.relay_idle_timeout, None);
+        assert_eq!(c.audit_denials_per_second, 100);
     }
 }

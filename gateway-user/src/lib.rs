@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod demo;
 pub mod ebpf;
 pub mod events;
+pub mod fold;
 pub mod framing;
 pub mod fuzzing;
 pub mod h2_resets;

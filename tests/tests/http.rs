@@ -2380,3 +2380,93 @@ fn an_endless_stream_to_a_slow_reader_keeps_memory_bounded() {
         r["http"]["path"] == "/v1/models/endless"
     });
 }
+
+/// THREATS 25, the audit volume: a workload refused in a loop on one kept-alive connection
+/// gets the first `audit_denials_per_second` of its denials alike written whole each second
+/// and the rest counted into one record per second, so it cannot fill the audit volume; every
+/// denial is still accounted for, and another workload's denial and the flooding workload's
+/// allowed request are written whole.
+#[test]
+fn a_denial_flood_is_folded_into_counted_records_and_every_denial_is_counted() {
+    const N: usize = 300;
+    const SHARE: usize = 5;
+    let s = setup_with("fold", &format!("audit_denials_per_second: {SHARE}\n"));
+    let env = &s.env;
+    let _d = env.start();
+    let flooded = |r: &serde_json::Value| {
+        r["http"]["path"] == "/v1/files" && r["workload"]["cgroup"] == cgroup_of(env, &s.agent)
+    };
+    // One curl, N requests on one connection, each answered 403.
+    let mut args = vec!["-w", "\n%{http_code}\n"];
+    args.extend(std::iter::repeat_n("http://api.openai.com/v1/files", N));
+    let started = std::time::Instant::now();
+    let (out, err) = curl(&s.agent, &args);
+    let took = started.elapsed();
+    env.keep_client_output(out.as_bytes());
+    let refused = out.lines().filter(|l| *l == "403").count();
+    assert_eq!(refused, N, "every request refused: {err}");
+    // Another workload's denial in the flood's wake (it has no policy: its connection is
+    // refused), and the flooding workload's allowed request.
+    let (other, _) = curl(
+        &s.other,
+        &["-w", "\n%{http_code}", "http://api.openai.com/v1/files"],
+    );
+    assert!(other.ends_with("000"), "{other}");
+    let (chat_out, _) = chat(&s.agent);
+    assert!(chat_out.ends_with("200"), "{chat_out}");
+    let counted = |recs: &[serde_json::Value]| -> u64 {
+        recs.iter()
+            .filter(|r| flooded(r))
+            .map(|r| r["count"].as_u64().unwrap_or(1))
+            .sum()
+    };
+    // The last second's count is written when it ends.
+    let recs = tollgate_tests::wait_for(10, "every denial to be counted", || {
+        let recs = env.records();
+        (counted(&recs) >= N as u64).then_some(recs)
+    });
+    assert_eq!(counted(&recs), N as u64, "each denial counted once");
+    let (whole, folded): (Vec<_>, Vec<_>) = recs
+        .iter()
+        .filter(|r| flooded(r))
+        .partition(|r| r.get("count").is_none());
+    // At most a share per second the flood spanned (the seconds are the writer's, begun at a
+    // denial, so a flood of `took` touches at most took + 2 of them).
+    let most = SHARE * (took.as_secs() as usize + 2);
+    assert!(
+        whole.len() <= most && whole.len() < N / 2,
+        "{} written whole over {took:?}",
+        whole.len()
+    );
+    assert!(!folded.is_empty());
+    for r in &folded {
+        assert_eq!(r["decision"], "deny", "{r}");
+        assert_eq!(r["http"]["status"], 403, "{r}");
+        let (since, ts) = (r["folded_since"].as_str(), r["ts"].as_str());
+        assert!(since.is_some() && since <= ts, "{r}");
+    }
+    let others = recs
+        .iter()
+        .find(|r| r["workload"]["cgroup"] == cgroup_of(env, &s.other))
+        .expect("the other workload's denial");
+    assert!(others.get("count").is_none(), "{others}");
+    let allowed = recs
+        .iter()
+        .find(|r| r["decision"] == "allow" && r["http"]["path"] == "/v1/chat/completions")
+        .expect("the allowed request");
+    assert!(allowed.get("count").is_none(), "{allowed}");
+    eprintln!(
+        "{N} denials over {took:?}: {} written whole, {} counted records",
+        whole.len(),
+        folded.len()
+    );
+}
+
+/// `cgroup`'s path as the audit record names it.
+fn cgroup_of(env: &TestEnv, cgroup: &std::path::Path) -> String {
+    format!(
+        "{}/{}",
+        env.root_rel(),
+        cgroup.file_name().and_then(|n| n.to_str()).expect("name")
+    )
+}
