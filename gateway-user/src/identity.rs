@@ -128,6 +128,8 @@ pub struct ExeHashCache {
     reading: tokio::sync::Semaphore,
     /// How long a connection waits for its turn to read; then its record goes without the hash.
     wait: Duration,
+    /// How long one read may take before it gives up its turn.
+    most: Duration,
     /// The read each workload has under way (one at most), with where its result will show.
     under_way: Mutex<HashMap<String, (FileKey, Reading)>>,
     /// Files read so far.
@@ -150,7 +152,7 @@ const READING_WAIT: Duration = Duration::from_secs(1);
 
 impl Default for ExeHashCache {
     fn default() -> Self {
-        Self::with_wait(READING_WAIT)
+        Self::with_bounds(READING_WAIT, READING_MOST)
     }
 }
 
@@ -186,11 +188,12 @@ impl Lookup {
 }
 
 impl ExeHashCache {
-    fn with_wait(wait: Duration) -> Self {
+    fn with_bounds(wait: Duration, most: Duration) -> Self {
         Self {
             entries: Mutex::default(),
             reading: tokio::sync::Semaphore::new(READING_AT_ONCE),
             wait,
+            most,
             under_way: Mutex::default(),
             #[cfg(test)]
             reads: std::sync::atomic::AtomicUsize::new(0),
@@ -278,7 +281,7 @@ impl ExeHashCache {
         // A read that stalls (a hung network file system) gives up its turn and its
         // connection after a while; its blocking thread is left to finish.
         let read = tokio::task::spawn_blocking(move || sha256_hex(file));
-        let Ok(Ok(Some(hex))) = tokio::time::timeout(READING_MOST, read).await else {
+        let Ok(Ok(Some(hex))) = tokio::time::timeout(self.most, read).await else {
             tracing::debug!("executable not hashed: the read failed or took too long");
             return None;
         };
@@ -581,7 +584,7 @@ mod tests {
         std::fs::write(&one, b"abc").expect("one");
         std::fs::write(&two, b"another").expect("two");
         // A wait far longer than the test, so a slow machine cannot time the leader out.
-        let cache = ExeHashCache::with_wait(Duration::from_secs(60));
+        let cache = ExeHashCache::with_bounds(Duration::from_secs(60), READING_MOST);
         let read = |path: &Path| match cache.lookup(path) {
             Lookup::Read(exe) => exe,
             Lookup::Known(h) => panic!("not cached yet: {h:?}"),
@@ -631,7 +634,7 @@ mod tests {
     /// without the hash; once a turn is free, it is read.
     #[test]
     fn a_read_that_cannot_get_a_turn_in_time_goes_without_the_hash() {
-        let cache = ExeHashCache::with_wait(Duration::from_millis(50));
+        let cache = ExeHashCache::with_bounds(Duration::from_millis(50), READING_MOST);
         let exe = Path::new("/proc/self/exe");
         block_on(async {
             let held = cache.reading.acquire_many(READING_AT_ONCE as u32).await;
@@ -647,6 +650,76 @@ mod tests {
                 "hashed once a turn is free"
             );
         });
+    }
+
+    /// A read that stalls (a hung network file system; here a FIFO nobody writes to) gives up
+    /// after its bound and hands its turn back: with every turn taken by stalled reads, another
+    /// workload's executable is still hashed once the bound has passed.
+    #[test]
+    fn a_stalled_read_gives_up_its_turn_after_its_bound() {
+        use std::os::{
+            fd::AsRawFd,
+            unix::fs::{MetadataExt, OpenOptionsExt},
+        };
+        let dir = std::env::temp_dir().join(format!("tg-stall-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        // Opened for reading without waiting for a writer, then made blocking; the test holds
+        // the writer, so each read blocks until the writer is dropped.
+        let stalled = |name: &str| {
+            let path = dir.join(name);
+            let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+            // SAFETY: a valid NUL-terminated path.
+            assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&path)
+                .expect("open the FIFO");
+            // SAFETY: fcntl on a descriptor this function owns.
+            assert_eq!(
+                unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, 0) },
+                0
+            );
+            let writer = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .expect("the writer");
+            let m = file.metadata().expect("metadata");
+            let key = (m.dev(), m.ino(), m.ctime(), m.ctime_nsec(), m.size());
+            (ExeToRead { file, key }, writer)
+        };
+        let cache = ExeHashCache::with_bounds(Duration::from_secs(60), Duration::from_millis(200));
+        let ((one, w1), (two, w2)) = (stalled("one"), stalled("two"));
+        let small = dir.join("small");
+        std::fs::write(&small, b"abc").expect("small");
+        let joined = block_on(async {
+            // Without the bound the stalled reads would hold the turns for ever.
+            let joined = tokio::time::timeout(Duration::from_secs(5), async {
+                tokio::join!(
+                    cache.read(one, "unit:a.service"),
+                    cache.read(two, "unit:b.service"),
+                    async {
+                        // Once both stalled reads hold the turns.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        cache.hash(&small, "unit:c.service").await
+                    }
+                )
+            })
+            .await;
+            // Their blocking threads end (EOF) before the runtime does.
+            drop((w1, w2));
+            joined
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+        let (first, second, third) = joined.expect("done within 5 s");
+        assert_eq!((first, second), (None, None), "the stalled reads gave up");
+        assert_eq!(
+            third.as_deref(),
+            Some("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"),
+            "hashed after a turn came free"
+        );
+        assert_eq!(cache.reads.load(std::sync::atomic::Ordering::Relaxed), 3);
     }
 
     /// An executable made huge (a sparse file costs its owner nothing) is not read whole: it
