@@ -10,7 +10,10 @@
 use std::{
     io,
     pin::Pin,
-    sync::{Arc, OnceLock},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, OnceLock,
+    },
     task::{Context, Poll},
 };
 
@@ -125,6 +128,11 @@ impl Default for RequestFraming {
 }
 
 impl RequestFraming {
+    /// Whether the stream stands inside a request head: some of it read, not its end.
+    pub fn mid_head(&self) -> bool {
+        self.state == State::Head && !self.line.is_empty()
+    }
+
     /// Takes the next bytes of the stream; an error names the first violation.
     pub fn feed(&mut self, mut data: &[u8]) -> Result<(), &'static str> {
         while !data.is_empty() {
@@ -263,20 +271,36 @@ fn chunk_size(line: &[u8]) -> Result<u64, &'static str> {
     u64::from_str_radix(text, 16).map_err(|_| "invalid_chunk_size")
 }
 
+/// What [`Guarded`] saw of the workload's stream, for the connection's audit record.
+#[derive(Debug, Default)]
+pub struct Seen {
+    /// The first violation, if any.
+    pub refused: OnceLock<&'static str>,
+    mid_head: AtomicBool,
+}
+
+impl Seen {
+    /// Whether what was read so far ends inside a request head: a request begun and not
+    /// finished, which no request record covers.
+    pub fn mid_head(&self) -> bool {
+        self.mid_head.load(Ordering::Relaxed)
+    }
+}
+
 /// The client socket as hyper sees it: reads are checked by [`RequestFraming`]; writes pass.
 pub struct Guarded<S> {
     inner: S,
     framing: RequestFraming,
-    refused: Arc<OnceLock<&'static str>>,
+    seen: Arc<Seen>,
 }
 
 impl<S> Guarded<S> {
-    /// Wraps `inner`; the first violation is stored in `refused`.
-    pub fn new(inner: S, refused: Arc<OnceLock<&'static str>>) -> Self {
+    /// Wraps `inner`; what it sees is kept in `seen`.
+    pub fn new(inner: S, seen: Arc<Seen>) -> Self {
         Self {
             inner,
             framing: RequestFraming::default(),
-            refused,
+            seen,
         }
     }
 }
@@ -287,7 +311,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if self.refused.get().is_some() {
+        if self.seen.refused.get().is_some() {
             return Poll::Ready(Err(io::Error::from(io::ErrorKind::InvalidData)));
         }
         let before = buf.filled().len();
@@ -295,10 +319,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 if let Err(reason) = this.framing.feed(&buf.filled()[before..]) {
-                    let _ = this.refused.set(reason);
+                    let _ = this.seen.refused.set(reason);
                     buf.set_filled(before);
                     return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, reason)));
                 }
+                this.seen
+                    .mid_head
+                    .store(this.framing.mid_head(), Ordering::Relaxed);
                 Poll::Ready(Ok(()))
             }
             other => other,

@@ -21,7 +21,7 @@ use crate::{
     audited::{Audited, Counted},
     container::Placement,
     credentials::Inject,
-    framing::Guarded,
+    framing::{Guarded, Seen},
     identity::WorkloadId,
     netns::Netns,
     normalize,
@@ -335,15 +335,15 @@ pub async fn serve(conn: Conn, client: TcpStream, mut head: Vec<u8>, peeked: usi
     let conn = Arc::new(conn);
     let handled = Arc::default();
     let service = request_service(Arc::clone(&conn), &handled);
-    let refused = Arc::new(std::sync::OnceLock::new());
-    let connection = http1_connection(client, Arc::clone(&refused), service, header_timeout);
+    let seen = Arc::new(Seen::default());
+    let connection = http1_connection(client, Arc::clone(&seen), service, header_timeout);
     // The client connection, the upstream one and the channels between them share this task.
     let result = crate::relay::Relayed::new(connection).await;
-    if let Some(reason) = refused.get() {
+    if let Some(reason) = seen.refused.get() {
         tracing::info!(reason, "request framing refused; connection closed");
         early_record(&conn, reason, 400);
     } else {
-        connection_ended(&conn, &result, &handled);
+        connection_ended(&conn, &result, &handled, seen.mid_head());
     }
 }
 
@@ -352,7 +352,7 @@ pub async fn serve(conn: Conn, client: TcpStream, mut head: Vec<u8>, peeked: usi
 /// its refusal in `refused`.
 fn http1_connection<S>(
     client: TcpStream,
-    refused: Arc<std::sync::OnceLock<&'static str>>,
+    seen: Arc<Seen>,
     service: S,
     header_timeout: Duration,
 ) -> hyper::server::conn::http1::Connection<TokioIo<Guarded<TcpStream>>, S>
@@ -363,7 +363,7 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
         .keep_alive(true)
-        .serve_connection(TokioIo::new(Guarded::new(client, refused)), service)
+        .serve_connection(TokioIo::new(Guarded::new(client, seen)), service)
 }
 
 /// Serves HTTP/2 with prior knowledge on a client connection: each stream is one request,
@@ -387,7 +387,7 @@ pub async fn serve_h2(conn: Conn, client: TcpStream) {
         })
     };
     match serve_h2_connection(client, service, timeout).await {
-        H2End::Ended(result) => connection_ended(&conn, &result, &handled),
+        H2End::Ended(result) => connection_ended(&conn, &result, &handled, false),
         H2End::Idle => {
             if !handled.load(std::sync::atomic::Ordering::Relaxed) {
                 early_record(&conn, "no_request_in_time", 400);
@@ -583,31 +583,39 @@ fn request_service(
 }
 
 /// A request hyper gave up on, which no request record covers, gets its audit record (see
-/// [`unrecorded`]).
+/// [`unrecorded`]); `mid_head`: the client's stream stopped inside a request head.
 fn connection_ended(
     conn: &Conn,
     result: &Result<(), hyper::Error>,
     handled: &std::sync::atomic::AtomicBool,
+    mid_head: bool,
 ) {
     if let Err(e) = result {
         tracing::debug!(error = %e, "client connection ended with an error");
     }
     let handled = handled.load(std::sync::atomic::Ordering::Relaxed);
-    if let Some(reason) = unrecorded(result, handled) {
+    if let Some(reason) = unrecorded(result, handled, mid_head) {
         early_record(conn, reason, 400);
     }
 }
 
 /// Why a client connection's end needs an audit record of its own, if it does: a request head
 /// hyper could not parse, on any request of the connection (hyper answers 400 and closes;
-/// no request record was written for it); before any request was handled, any other end. A
-/// clean close, or an idle kept-alive connection's timeout, after a request is no decision.
-fn unrecorded(result: &Result<(), hyper::Error>, handled: bool) -> Option<&'static str> {
+/// no request record was written for it); a later request whose head was begun and never
+/// finished (the client closed or the header timeout fired inside it); before any request
+/// was handled, any other end. A clean close, or an idle kept-alive connection's timeout,
+/// between requests is no decision.
+fn unrecorded(
+    result: &Result<(), hyper::Error>,
+    handled: bool,
+    mid_head: bool,
+) -> Option<&'static str> {
     match result {
         Err(e) if e.is_parse() => Some("request_unparsable"),
-        _ if handled => None,
+        _ if handled && !mid_head => None,
         Ok(()) => Some("closed_before_request"),
         Err(e) if e.is_timeout() => Some("no_request_in_time"),
+        Err(e) if handled && e.is_incomplete_message() => Some("closed_before_request"),
         Err(_) => Some("request_unparsable"),
     }
 }
@@ -1820,8 +1828,9 @@ mod tests {
         });
     }
 
-    /// A request hyper cannot parse is audited also after earlier requests on the connection;
-    /// a clean close or an idle timeout after a request is not.
+    /// A request hyper cannot parse is audited also after earlier requests on the connection,
+    /// and so is a later head the client began and never finished (closed or timed out inside
+    /// it); a clean close or an idle timeout between requests is not.
     #[test]
     fn a_later_unparsable_request_is_audited_once() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1841,6 +1850,16 @@ mod tests {
                 ),
                 ("clean close", &b""[..], None),
                 ("idle", &b""[..], None),
+                (
+                    "closed inside a head",
+                    &b"GET /v1/models HTTP/1.1\r\nHost: api.open"[..],
+                    Some("closed_before_request"),
+                ),
+                (
+                    "timed out inside a head",
+                    &b"POST /v1/chat/completions HTTP/1.1\r\n"[..],
+                    Some("no_request_in_time"),
+                ),
             ] {
                 let (mut client, server) = accepted().await;
                 let handled = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1855,10 +1874,10 @@ mod tests {
                         ))
                     }
                 });
-                let refused = Arc::new(std::sync::OnceLock::new());
+                let seen = Arc::new(Seen::default());
                 let served = tokio::spawn(http1_connection(
                     server,
-                    Arc::clone(&refused),
+                    Arc::clone(&seen),
                     service,
                     TIMEOUT,
                 ));
@@ -1867,17 +1886,24 @@ mod tests {
                 let n = client.read(&mut buf).await.expect("read");
                 assert!(buf[..n].starts_with(b"HTTP/1.1 200 OK\r\n"), "{case}");
                 client.write_all(later).await.expect("write");
-                if case == "clean close" {
+                if case.starts_with("closed") || case == "clean close" {
                     client.shutdown().await.expect("shutdown");
                 }
                 while matches!(client.read(&mut buf).await, Ok(1..)) {}
                 let result = served.await.expect("served");
-                assert!(refused.get().is_none(), "{case}");
+                assert!(seen.refused.get().is_none(), "{case}");
                 let handled = handled.load(std::sync::atomic::Ordering::Relaxed);
-                assert_eq!(unrecorded(&result, handled), want, "{case}: {result:?}");
+                assert_eq!(
+                    unrecorded(&result, handled, seen.mid_head()),
+                    want,
+                    "{case}: {result:?}"
+                );
             }
             // Before any request was handled, an end is audited, whichever it was.
-            assert_eq!(unrecorded(&Ok(()), false), Some("closed_before_request"));
+            assert_eq!(
+                unrecorded(&Ok(()), false, false),
+                Some("closed_before_request")
+            );
         });
     }
 

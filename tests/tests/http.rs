@@ -2120,6 +2120,33 @@ fn a_later_unparsable_head_is_audited_once() {
     assert_eq!((served, unparsable), (1, 1), "one record each");
 }
 
+/// A later head the client begins and never finishes, after a request served on the same
+/// kept-alive connection, is audited once when the header timeout cuts it: a request begun
+/// leaves a record, as an idle connection between requests does not.
+#[test]
+fn a_later_head_left_unfinished_is_audited_when_cut() {
+    let s = setup_with("later-unfinished", "client_header_timeout_ms: 1000\n");
+    let env = &s.env;
+    let _d = env.start();
+    let first =
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\nContent-Length: 2\r\n\r\n{}";
+    let unfinished = "POST /v1/chat/completions HTTP/1.1\r\nHost: api.op";
+    let got = raw_exchange(&s, &format!("{first}{unfinished}"), None);
+    assert!(
+        got["status"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("HTTP/1.1 200"),
+        "the first request is served: {got}"
+    );
+    let ours = |r: &serde_json::Value| r["workload"]["cgroup"] == cgroup_of(env, &s.agent);
+    let cut = wait_count(env, 1, |r| ours(r) && r["reason"] == "no_request_in_time");
+    let served = wait_count(env, 1, |r| {
+        ours(r) && r["layer"] == "request" && r["decision"] == "allow"
+    });
+    assert_eq!((served, cut), (1, 1), "one record each");
+}
+
 /// Sends `raw` on one connection from the agent's cgroup through [`RAW_CLIENT`] (waiting
 /// `delay` seconds after the connect, if given) and returns what it printed: the status line
 /// and the response. What came back is kept for the secret scan.
@@ -2469,4 +2496,40 @@ fn cgroup_of(env: &TestEnv, cgroup: &std::path::Path) -> String {
         env.root_rel(),
         cgroup.file_name().and_then(|n| n.to_str()).expect("name")
     )
+}
+
+/// An HTTP/2 connection whose only stream was refused for the cap has had its decision
+/// audited (the stream's 503): its end writes no `closed_before_request` record besides.
+#[test]
+fn an_http2_connection_whose_only_stream_was_refused_is_audited_once() {
+    // The connection takes the one slot; its stream finds none.
+    let s = setup_with("h2cap1", "max_connections_per_workload: 1\n");
+    let env = &s.env;
+    let _d = env.start();
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", H2_PARALLEL, "1", "/v1/models/gpt-4o"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    join_before_exec(&mut cmd, &s.agent);
+    let out = cmd.output().expect("python3");
+    env.keep_client_output(&out.stdout);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("connection_limit"),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mine = |r: &serde_json::Value| r["workload"]["cgroup"] == cgroup_of(env, &s.agent);
+    env.wait_record("the refused stream", |r| {
+        mine(r) && r["reason"] == "connection_limit"
+    });
+    // The client has closed: give the connection's end time to be recorded, were it to be.
+    std::thread::sleep(Duration::from_millis(500));
+    let reasons: Vec<String> = env
+        .records()
+        .iter()
+        .filter(|r| mine(r))
+        .map(|r| r["reason"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(reasons, ["connection_limit"], "one record, the stream's");
 }
