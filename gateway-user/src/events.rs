@@ -105,7 +105,7 @@ pub async fn drain_events(
                     continue;
                 }
                 let record = record_of(&ev, &cgroup_mount);
-                tracing::info!(reason = %record.reason, cgroup = ?record.workload.cgroup, "kernel refusal");
+                tracing::debug!(reason = %record.reason, cgroup = ?record.workload.cgroup, "kernel refusal");
                 audit.emit(record);
             }
         }

@@ -170,7 +170,7 @@ impl Gateway {
                 let mut r = AuditRecord::new(Verdict::Deny, Layer::Connect, e.as_str());
                 r.workload = self.peer_workload(&ns, peer, local).into();
                 self.audit.emit(r);
-                tracing::info!(%peer, reason = e.as_str(), "connection refused before policy");
+                tracing::debug!(%peer, reason = e.as_str(), "connection refused before policy");
                 reset(&client);
                 return;
             }
@@ -224,7 +224,7 @@ impl Gateway {
                     record.policy = Some(Arc::clone(policy));
                     record.reason = "connection_limit".into();
                     self.audit.emit(record);
-                    tracing::info!(
+                    tracing::debug!(
                         %holder,
                         max = self.config.max_connections_per_workload,
                         "connection refused: the workload holds its most open connections"
@@ -253,7 +253,7 @@ impl Gateway {
                 record.policy = policy;
                 record.reason = reason.as_str().into();
                 self.audit.emit(record);
-                tracing::info!(workload = ?id.cgroup, %dst, reason = reason.as_str(), "connection denied");
+                tracing::debug!(workload = ?id.cgroup, %dst, reason = reason.as_str(), "connection denied");
                 reset(&client);
             }
             Decision::Allow { policy, rule } => {
