@@ -1,4 +1,4 @@
-//! Project tasks: `setup`, `build-ebpf`, `test`, `demo`.
+//! Project tasks: `setup`, `build-ebpf`, `build-release`, `test`, `fuzz`, `bench`, `demo`.
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -19,6 +19,14 @@ enum Task {
     Setup,
     /// Build the eBPF programs (nightly, bpf-linker).
     BuildEbpf,
+    /// Setup, then build the daemon as it ships (release, LTO) and print where it is.
+    BuildRelease {
+        /// Profile-guided: build it instrumented, run it (as root, in cgroups of its own)
+        /// under the benchmark's goal load for about half a minute, and build it again from
+        /// that profile.
+        #[arg(long)]
+        pgo: bool,
+    },
     /// Setup, build, then run every test: unit, privileged end-to-end, the demo and a short
     /// fuzz run. `test adversarial`: only the privileged suites that attack the enforcement
     /// (THREATS.md), without unit tests, demo or fuzzing.
@@ -49,6 +57,9 @@ enum Task {
         /// the goal's 1,000 (the +100 µs limit on p50 is judged at 1,000 only).
         #[arg(long)]
         rate: Option<u64>,
+        /// Measure the profile-guided build (`build-release --pgo`) instead of the plain one.
+        #[arg(long)]
+        pgo: bool,
     },
     /// Setup, build, then run the demo.
     Demo,
@@ -582,7 +593,7 @@ fn install_portkey(dir: &Path) -> Result<()> {
     )
 }
 
-fn bench(only: Option<&str>, rate: Option<u64>) -> Result<()> {
+fn bench(only: Option<&str>, rate: Option<u64>, pgo: bool) -> Result<()> {
     if rate.is_some() && !matches!(only, Some("goal" | "goal-new")) {
         bail!("--rate applies to `--only goal` and `--only goal-new`; add one of them, or leave --rate out");
     }
@@ -612,16 +623,27 @@ fn bench(only: Option<&str>, rate: Option<u64>) -> Result<()> {
     if only.is_none_or(|o| o == "http") {
         install_peers();
     }
+    if !is_root() {
+        bail!("the benchmark needs root (it loads BPF programs and makes cgroups)");
+    }
     build_ebpf()?;
     // The gateway as it ships (release, LTO); the benchmark's own tools without LTO.
-    run(cargo().args([
-        "build",
-        "--locked",
-        "--release",
-        "-p",
-        "gateway-user",
-        "--bins",
-    ]))?;
+    let tollgate = build_release(pgo)?;
+    build_bench_tools()?;
+    sweep_test_cgroups()?;
+    run(tg_bench(&tollgate, &root().join("target/bench"))
+        .args(only)
+        .args(rate.map(|r| r.to_string())))?;
+    // tg-bench wrote report.md afresh; the policy section goes after its parts.
+    if only.is_none() {
+        let section = policy_bench(&root().join("target/criterion"))?;
+        append_section(&report, &section)?;
+    }
+    Ok(())
+}
+
+/// The benchmark's own tools (tg-bench, tg-probe), without LTO.
+fn build_bench_tools() -> Result<()> {
     run(cargo().args([
         "build",
         "--locked",
@@ -630,29 +652,93 @@ fn bench(only: Option<&str>, rate: Option<u64>) -> Result<()> {
         "-p",
         "tollgate-tests",
         "--bins",
-    ]))?;
-    if !is_root() {
-        bail!("the benchmark needs root (it loads BPF programs and makes cgroups)");
-    }
-    sweep_test_cgroups()?;
-    let release = root().join("target/release");
+    ]))
+}
+
+/// `tg-bench` writing to `out`, against the daemon `tollgate`, in a mount namespace of its own.
+fn tg_bench(tollgate: &Path, out: &Path) -> Command {
     let tools = root().join("target/bench-tools");
-    run(Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "--"])
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "--"])
         .arg(tools.join("tg-bench"))
-        .arg(root().join("target/bench"))
-        .args(only)
-        .args(rate.map(|r| r.to_string()))
+        .arg(out)
         .current_dir(root())
-        .env("TOLLGATE_BIN", release.join("tollgate"))
+        .env("TOLLGATE_BIN", tollgate)
         .env("TG_PROBE_BIN", tools.join("tg-probe"))
-        .env("TG_BENCH_PEERS", bench_peers_dir()))?;
-    // tg-bench wrote report.md afresh; the policy section goes after its parts.
-    if only.is_none() {
-        let section = policy_bench(&root().join("target/criterion"))?;
-        append_section(&report, &section)?;
+        .env("TG_BENCH_PEERS", bench_peers_dir());
+    cmd
+}
+
+/// Where the profile-guided build's pieces go.
+const PGO_TARGET: &str = "x86_64-unknown-linux-gnu";
+
+/// Builds the daemon in release (the kernel object built already) and returns its path. With
+/// `pgo`: builds it instrumented, runs that build under the benchmark's training load (root,
+/// cgroups of its own), merges the profile it wrote on exit with LLVM 22's `llvm-profdata`
+/// (rustc's LLVM is 22 too), and builds it again from the profile. The builds name their
+/// target, so the flags reach the daemon's code and not build scripts, in target dirs of
+/// their own, so the plain build stays as it is.
+fn build_release(pgo: bool) -> Result<PathBuf> {
+    let release = [
+        "build",
+        "--locked",
+        "--release",
+        "-p",
+        "gateway-user",
+        "--bins",
+    ];
+    if !pgo {
+        run(cargo().args(release))?;
+        return Ok(root().join("target/release/tollgate"));
     }
-    Ok(())
+    if !is_root() {
+        bail!("a profile-guided build runs the daemon under load to train it, which needs root (it loads BPF programs and makes cgroups)");
+    }
+    let profdata = Path::new("/usr/lib/llvm-22/bin/llvm-profdata");
+    if !profdata.exists() {
+        bail!(
+            "{} is missing: `cargo xtask setup` installs it (Debian's llvm-22)",
+            profdata.display()
+        );
+    }
+    let dir = root().join("target/pgo");
+    let raw = dir.join("raw");
+    let _ = std::fs::remove_dir_all(&raw);
+    std::fs::create_dir_all(&raw).with_context(|| format!("cannot make {}", raw.display()))?;
+    let built = |target_dir: &str, flags: String| -> Result<PathBuf> {
+        run(cargo()
+            .args(release)
+            .args(["--target", PGO_TARGET, "--target-dir", target_dir])
+            .env("RUSTFLAGS", flags))?;
+        Ok(root().join(format!("{target_dir}/{PGO_TARGET}/release/tollgate")))
+    };
+    let instrumented = built(
+        "target/pgo-generate",
+        format!("-Cprofile-generate={}", raw.display()),
+    )?;
+    build_bench_tools()?;
+    sweep_test_cgroups()?;
+    run(tg_bench(&instrumented, &dir).arg("train"))?;
+    let profiles: Vec<PathBuf> = std::fs::read_dir(&raw)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "profraw"))
+        .collect();
+    if profiles.is_empty() {
+        bail!(
+            "the instrumented daemon wrote no profile into {}: it must exit by itself (SIGTERM) for it to be written",
+            raw.display()
+        );
+    }
+    let merged = dir.join("merged.profdata");
+    run(Command::new(profdata)
+        .arg("merge")
+        .arg("-o")
+        .arg(&merged)
+        .args(&profiles))?;
+    built(
+        "target/pgo-use",
+        format!("-Cprofile-use={}", merged.display()),
+    )
 }
 
 /// The criterion benchmarks of gateway-user/benches/policy_decision.rs, as `group/name` and
@@ -778,7 +864,14 @@ fn main() -> Result<()> {
         Task::Setup => setup(),
         Task::BuildEbpf => build_ebpf(),
         Task::Test { suite, filter } => test(suite.as_deref(), filter.as_deref()),
-        Task::Bench { only, rate } => bench(only.as_deref(), rate),
+        Task::BuildRelease { pgo } => {
+            setup()?;
+            build_ebpf()?;
+            let bin = build_release(pgo)?;
+            println!("{}", bin.display());
+            Ok(())
+        }
+        Task::Bench { only, rate, pgo } => bench(only.as_deref(), rate, pgo),
         Task::Fuzz { seconds } => fuzz(seconds),
         Task::Demo => demo(),
     }

@@ -260,8 +260,10 @@ fn main() {
     }
     let out_dir = Path::new(args.first().map_or("target/bench", String::as_str)).to_owned();
     let only = args.get(1).map(String::as_str);
-    if only.is_some_and(|o| !["capture", "http", "goal", "goal-new"].contains(&o)) {
-        eprintln!("tg-bench: unknown part {only:?}: use `capture`, `http`, `goal` or `goal-new`");
+    if only.is_some_and(|o| !["capture", "http", "goal", "goal-new", "train"].contains(&o)) {
+        eprintln!(
+            "tg-bench: unknown part {only:?}: use `capture`, `http`, `goal`, `goal-new` or `train`"
+        );
         std::process::exit(2);
     }
     let goal_rate = match goal_rate(only, args.get(2).map(String::as_str)) {
@@ -350,6 +352,8 @@ fn main() {
         md.push_str(&goal_section(
             &env, &app, &daemon, &upstream, ports, false, goal_rate,
         ));
+    } else if only == Some("train") {
+        md.push_str(&training(&app, &upstream, ports));
     } else if only != Some("capture") {
         md.push_str(&http_section(&env, &app, &daemon, &upstream, api_port));
         md.push_str(&streams_and_sweep(
@@ -745,6 +749,42 @@ fn goal_rate(only: Option<&str>, asked: Option<&str>) -> Result<u64, String> {
             "rate {asked:?}: give requests per second, from 1 to {MAX_GOAL_RATE}"
         )),
     }
+}
+
+/// The load a build made to record a profile is run under (`cargo xtask build-release --pgo`):
+/// what the goal measures, a few seconds each at the goal's rate: kept-alive requests on both
+/// HTTP rules, a new connection per request, and the L4 relay. A load that failed would train
+/// the build on its error paths: it stops the training.
+fn training(app: &Path, upstream: &tollgate_tests::httpbench::Upstream, ports: Ports) -> String {
+    let local = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    let mut md = String::from(
+        "## Training load
+
+| load | requests | errors |
+|---|---:|---:|
+",
+    );
+    for (name, target, secs, keepalive) in [
+        ("kept-alive, API rule", local(ports.api), 6, true),
+        ("kept-alive, models rule", local(ports.models), 6, true),
+        ("new connections, API rule", local(ports.api), 3, false),
+        (
+            "new connections, models rule",
+            local(ports.models),
+            2,
+            false,
+        ),
+        ("kept-alive, L4 relay", upstream.plain, 3, true),
+    ] {
+        let r = http_load(Some(app), target, GOAL_RATE, secs, keepalive);
+        let (n, errors) = (
+            r["n"].as_u64().unwrap_or(0),
+            r["errors"].as_u64().unwrap_or(0),
+        );
+        assert!(n > 0 && errors == 0, "training load {name} failed: {r}");
+        md.push_str(&format!("| {name} | {n} | {errors} |\n"));
+    }
+    md
 }
 
 /// The latency goal alone: kept-alive (or, with `keepalive` false, a new connection per
