@@ -279,7 +279,8 @@ fn decisions(c: &mut Criterion) {
         set.evaluate(&w, kafka),
         Decision::Allow {
             policy: format!("wl-{LATE:04}").into(),
-            rule: "kafka".into()
+            rule: "kafka".into(),
+            idle: gateway_user::policy::IdleTimeout::Gateway,
         }
     );
     let sni = format!("tenant{LATE}.blob.core.windows.net");

@@ -99,6 +99,10 @@ struct RawRule {
     /// At most this many requests through the rule per period.
     #[serde(default)]
     budget: Option<RawBudget>,
+    /// How long a relayed connection of the rule may move no byte (0: never); without it, the
+    /// gateway's `relay_idle_timeout_ms`.
+    #[serde(default)]
+    idle_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -353,6 +357,42 @@ pub struct HostRule {
     pub credential: Option<String>,
     pub allow_private: bool,
     pub budget: Option<crate::budget::Budget>,
+    /// A passthrough rule's: how long its relayed connections may stay quiet.
+    pub idle: IdleTimeout,
+}
+
+/// How long a relayed connection (an L4 or passthrough rule's) may move no byte either way
+/// before the gateway cuts it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum IdleTimeout {
+    /// The gateway's `relay_idle_timeout_ms`.
+    #[default]
+    Gateway,
+    Never,
+    After(std::time::Duration),
+}
+
+impl IdleTimeout {
+    /// The limit that applies, where the gateway's own is `gateway` (`None`: never).
+    pub fn or_gateway(self, gateway: Option<std::time::Duration>) -> Option<std::time::Duration> {
+        match self {
+            Self::Gateway => gateway,
+            Self::Never => None,
+            Self::After(d) => Some(d),
+        }
+    }
+
+    /// From a rule's `idle_timeout_ms`.
+    fn parse(ms: Option<u64>) -> Result<Self, String> {
+        match ms {
+            None => Ok(Self::Gateway),
+            Some(0) => Ok(Self::Never),
+            Some(ms @ 1_000..=604_800_000) => Ok(Self::After(std::time::Duration::from_millis(ms))),
+            Some(ms) => Err(format!(
+                "idle_timeout_ms is {ms}: use 0 (never) or 1000 to 604800000 (ms)"
+            )),
+        }
+    }
 }
 
 impl HostRule {
@@ -458,7 +498,11 @@ pub struct Rule {
 #[derive(Debug, Clone)]
 pub enum RuleKind {
     /// Addresses and a port, decided per connection.
-    L4 { cidr: Cidr, port: u16 },
+    L4 {
+        cidr: Cidr,
+        port: u16,
+        idle: IdleTimeout,
+    },
     /// A host name and a port, decided per HTTP request (shared: a decision hands it on).
     Host(Arc<HostRule>),
 }
@@ -549,15 +593,15 @@ pub enum Decision {
     Allow {
         policy: Arc<str>,
         rule: Arc<str>,
+        /// How long the relay may stay quiet.
+        idle: IdleTimeout,
     },
     Deny {
         policy: Option<Arc<str>>,
         reason: DenyReason,
     },
     /// A host rule covers the port: HTTP requests are decided one by one.
-    Inspect {
-        policy: Arc<str>,
-    },
+    Inspect { policy: Arc<str> },
     /// Monitor mode: the policy would deny; the connection goes through.
     WouldDeny {
         policy: Arc<str>,
@@ -746,10 +790,13 @@ impl PolicySet {
         };
         for rule in &policy.rules {
             match &rule.kind {
-                RuleKind::L4 { cidr, port } if *port == dst.port() && cidr.contains(dst.ip()) => {
+                RuleKind::L4 { cidr, port, idle }
+                    if *port == dst.port() && cidr.contains(dst.ip()) =>
+                {
                     return Decision::Allow {
                         policy: policy.name.clone(),
                         rule: rule.name.clone(),
+                        idle: *idle,
                     };
                 }
                 // The workload asked for a port a host rule covers: decide on each request.
@@ -1195,6 +1242,7 @@ pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
         if r.matches.port == 0 {
             return Err(rule_err("port 0 matches nothing".into()));
         }
+        let idle = IdleTimeout::parse(r.idle_timeout_ms).map_err(&rule_err)?;
         let kind = match (&r.matches.cidr, &r.matches.host) {
             (Some(cidr), None) => {
                 if r.upstream.is_some()
@@ -1209,12 +1257,18 @@ pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
                 RuleKind::L4 {
                     cidr: cidr.parse::<Cidr>().map_err(&rule_err)?,
                     port: r.matches.port,
+                    idle,
                 }
             }
             (None, Some(host)) => {
                 let tls = r.tls.ok_or_else(|| {
                     rule_err("a `host` rule needs `tls: originate | none`".into())
                 })?;
+                if tls != TlsMode::Passthrough && idle != IdleTimeout::Gateway {
+                    return Err(rule_err(
+                        "`idle_timeout_ms` applies to relayed connections (a `cidr` rule or `tls: passthrough`); an idle HTTP connection is closed after the gateway's `client_header_timeout_ms`".into(),
+                    ));
+                }
                 if tls == TlsMode::Passthrough
                     && (!r.http.is_empty() || r.credential.is_some() || r.budget.is_some())
                 {
@@ -1337,6 +1391,7 @@ pub fn parse_policy(text: &str, file: &Path) -> Result<Policy, PolicyError> {
                     credential: r.credential.clone(),
                     allow_private: r.allow_private,
                     budget,
+                    idle,
                 }))
             }
             _ => {
@@ -1567,6 +1622,7 @@ mod tests {
         let allow = |p: &str, r: &str| Decision::Allow {
             policy: p.into(),
             rule: r.into(),
+            idle: IdleTimeout::Gateway,
         };
         let cases: Vec<(WorkloadView<'_>, SocketAddr, Decision)> = vec![
             (
@@ -2315,6 +2371,55 @@ mod host_rules {
         }
     }
 
+    /// A rule's `idle_timeout_ms` is its relays' (0: never), else the gateway's; out of range,
+    /// or on a rule whose connections are not relayed, it is refused.
+    #[test]
+    fn a_rule_names_how_long_its_relays_may_stay_quiet() {
+        let policy = |rules: &str| {
+            format!("apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: {{ name: db }}\nspec:\n  workload: {{ cgroup: /agents }}\n  egress:\n{rules}")
+        };
+        let text = policy("    - name: db\n      match: { cidr: 127.0.0.5/32, port: 5432 }\n      idle_timeout_ms: 0\n    - name: cache\n      match: { cidr: 127.0.0.6/32, port: 6379 }\n      idle_timeout_ms: 30000\n    - name: other\n      match: { cidr: 127.0.0.7/32, port: 80 }\n    - name: tls\n      match: { host: git.example, port: 443 }\n      tls: passthrough\n      idle_timeout_ms: 600000\n");
+        let set = PolicySet::from_policies(vec![
+            parse_policy(&text, Path::new("db.yaml")).expect("policy")
+        ])
+        .expect("set");
+        let cg = CgroupPath::parse("/agents/a1").expect("cg");
+        let w = WorkloadView {
+            cgroup: &cg,
+            container_id: None,
+            pod_uid: None,
+            exe: None,
+            uid: 0,
+        };
+        let idle = |dst: &str| match set.evaluate(&w, dst.parse().expect("addr")) {
+            Decision::Allow { idle, .. } => idle,
+            other => panic!("{dst}: {other:?}"),
+        };
+        let gateway = Some(std::time::Duration::from_secs(5));
+        assert_eq!(idle("127.0.0.5:5432").or_gateway(gateway), None);
+        assert_eq!(
+            idle("127.0.0.6:6379").or_gateway(gateway),
+            Some(std::time::Duration::from_secs(30))
+        );
+        assert_eq!(idle("127.0.0.7:80").or_gateway(gateway), gateway);
+        match set.evaluate_sni(&w, 443, "git.example") {
+            RequestDecision::Allow { route, .. } => assert_eq!(
+                route.idle.or_gateway(gateway),
+                Some(std::time::Duration::from_secs(600))
+            ),
+            other => panic!("{other:?}"),
+        }
+        for ms in ["999", "604800001", "-1"] {
+            let text = policy(&format!(
+                "    - name: db\n      match: {{ cidr: 127.0.0.5/32, port: 5432 }}\n      idle_timeout_ms: {ms}\n"
+            ));
+            let err = parse_policy(&text, Path::new("db.yaml"))
+                .expect_err(ms)
+                .to_string();
+            assert!(err.contains("idle_timeout_ms"), "{ms}: {err}");
+        }
+    }
+
     #[test]
     fn host_rule_mistakes_are_errors() {
         let bad = [
@@ -2341,6 +2446,13 @@ mod host_rules {
             (
                 OPENAI.replace("/v1/chat/completions", "/v1/models/"),
                 "trailing slash",
+            ),
+            (
+                OPENAI.replace(
+                    "      tls: originate\n",
+                    "      tls: originate\n      idle_timeout_ms: 60000\n",
+                ),
+                "`idle_timeout_ms` applies to relayed connections",
             ),
         ];
         for (text, want) in bad {

@@ -256,12 +256,13 @@ impl Gateway {
                 tracing::debug!(workload = ?id.cgroup, %dst, reason = reason.as_str(), "connection denied");
                 reset(&client);
             }
-            Decision::Allow { policy, rule } => {
+            Decision::Allow { policy, rule, idle } => {
                 record.decision = Verdict::Allow;
                 record.policy = Some(policy);
                 record.rule = Some(rule);
                 record.reason = "rule_matched".into();
-                self.forward(&ns, client, dst, record, started).await;
+                let idle = idle.or_gateway(self.config.relay_idle_timeout);
+                self.forward(&ns, client, dst, record, started, idle).await;
             }
             Decision::WouldDeny { policy, .. } if monitor_link_local => {
                 record.policy = Some(policy);
@@ -273,7 +274,8 @@ impl Gateway {
                 record.decision = Verdict::WouldDeny;
                 record.policy = Some(policy);
                 record.reason = format!("monitor:{}", reason.as_str()).into();
-                self.forward(&ns, client, dst, record, started).await;
+                let idle = self.config.relay_idle_timeout;
+                self.forward(&ns, client, dst, record, started, idle).await;
             }
         }
     }
@@ -287,26 +289,28 @@ impl Gateway {
         dst: SocketAddr,
         record: AuditRecord,
         started: Instant,
+        idle: Option<Duration>,
     ) {
         let target = self.config.upstream_for(dst);
         let upstream = self
             .upstreams
             .dial_tcp(ns, &target.ip().to_string(), target.port(), true)
             .await;
-        self.splice(client, upstream, record, started).await;
+        self.splice(client, upstream, record, started, idle).await;
     }
 
-    /// Copies both ways until either side closes, then writes the connection's one record.
+    /// Copies both ways until either side closes, or neither moved a byte for `idle`, then
+    /// writes the connection's one record.
     async fn splice(
         &self,
         mut client: TcpStream,
         upstream: std::io::Result<TcpStream>,
         mut record: AuditRecord,
         started: Instant,
+        idle: Option<Duration>,
     ) {
         match upstream {
             Ok(mut upstream) => {
-                let idle = self.config.relay_idle_timeout;
                 let (up, down, idled) = copy_counted(&mut client, &mut upstream, idle).await;
                 record.bytes_up = Some(up);
                 record.bytes_down = Some(down);
@@ -494,7 +498,8 @@ impl Gateway {
             .upstreams
             .dial_tcp(&ns, &sni, route.upstream_port, route.allow_private)
             .await;
-        self.splice(client, upstream, record, started).await;
+        let idle = route.idle.or_gateway(self.config.relay_idle_timeout);
+        self.splice(client, upstream, record, started, idle).await;
     }
 
     /// What the kernel says about the client socket of a connection that had no valid origin:

@@ -271,47 +271,83 @@ print(json.dumps({'after': time.monotonic() - start, 'end': end}))
 "#;
 
 /// `relay_idle_timeout_ms`: an L4 relay that moves nothing for the timeout is cut, both
-/// sides closed, and its record says so (with the byte it moved).
+/// sides closed, and its record says so (with the byte it moved); a rule's own
+/// `idle_timeout_ms` (3 s here) is its relays' instead.
 #[test]
 fn a_quiet_relay_is_cut_after_the_idle_timeout() {
     let mut env = TestEnv::new("relayidle");
     let app = env.workload("app.service");
     env.write_config("relay_idle_timeout_ms: 1000\n");
-    // An upstream that takes the byte and then says nothing, holding the connection open.
-    let upstream = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = upstream.local_addr().expect("addr");
-    env.allow("app", "app.service", &[addr]);
-    let held = std::thread::spawn(move || {
-        use std::io::Read as _;
-        let (mut s, _) = upstream.accept().expect("accept");
-        s.set_read_timeout(Some(Duration::from_secs(20)))
-            .expect("timeout");
-        let mut got = Vec::new();
-        let mut buf = [0u8; 16];
-        // Until the gateway closes its side (or 20 s pass).
-        while let Ok(n @ 1..) = s.read(&mut buf) {
-            got.extend_from_slice(&buf[..n]);
-        }
-        got
-    });
+    // Upstreams that take the byte and then say nothing, holding the connection open.
+    let held = |upstream: TcpListener| {
+        std::thread::spawn(move || {
+            use std::io::Read as _;
+            let (mut s, _) = upstream.accept().expect("accept");
+            s.set_read_timeout(Some(Duration::from_secs(20)))
+                .expect("timeout");
+            let mut got = Vec::new();
+            let mut buf = [0u8; 16];
+            // Until the gateway closes its side (or 20 s pass).
+            while let Ok(n @ 1..) = s.read(&mut buf) {
+                got.extend_from_slice(&buf[..n]);
+            }
+            got
+        })
+    };
+    let (gateways, rules) = (
+        TcpListener::bind("127.0.0.1:0").expect("bind"),
+        TcpListener::bind("127.0.0.1:0").expect("bind"),
+    );
+    let (addr, own) = (
+        gateways.local_addr().expect("addr"),
+        rules.local_addr().expect("addr"),
+    );
+    std::fs::write(
+        env.policies.join("app.yaml"),
+        format!(
+            "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: {{ name: app }}\nspec:\n  workload: {{ cgroup: {}/app.service }}\n  egress:\n    - name: gateways\n      match: {{ cidr: 127.0.0.1/32, port: {} }}\n    - name: own\n      match: {{ cidr: 127.0.0.1/32, port: {} }}\n      idle_timeout_ms: 3000\n",
+            env.root_rel(),
+            addr.port(),
+            own.port()
+        ),
+    )
+    .expect("policy");
+    let (held_gateways, held_own) = (held(gateways), held(rules));
     let _d = env.start();
-    let out = tollgate_tests::run_in(&app, "python3", &["-c", QUIET_CLIENT, &addr.to_string()]);
-    env.keep_client_output(&out.stdout);
-    let got: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
-    let after = got["after"].as_f64().unwrap_or(-1.0);
+    let quiet = |to: std::net::SocketAddr| {
+        let out = tollgate_tests::run_in(&app, "python3", &["-c", QUIET_CLIENT, &to.to_string()]);
+        env.keep_client_output(&out.stdout);
+        let got: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        let after = got["after"].as_f64().unwrap_or(-1.0);
+        assert!(
+            got["end"] != "data" && got["end"] != "timeout",
+            "the client's side cut: {got}"
+        );
+        after
+    };
+    let after = quiet(addr);
     assert!(
-        (0.9..8.0).contains(&after) && got["end"] != "data" && got["end"] != "timeout",
-        "the client's side cut about a second after the last byte: {got}"
+        (0.9..8.0).contains(&after),
+        "cut about a second after the last byte: {after}"
     );
     assert_eq!(
-        held.join().expect("upstream"),
+        held_gateways.join().expect("upstream"),
         b"x",
         "the upstream's side closed too"
     );
     let rec = env.wait_record("the idle relay's record", |r| {
-        r["reason"] == "relay_idle_timeout"
+        r["reason"] == "relay_idle_timeout" && r["rule"] == "gateways"
     });
     assert_eq!(rec["decision"], "allow", "{rec}");
     assert_eq!(rec["bytes_up"], 1, "{rec}");
+    let after = quiet(own);
+    assert!(
+        (2.9..10.0).contains(&after),
+        "the rule's own timeout, not the gateway's: {after}"
+    );
+    assert_eq!(held_own.join().expect("upstream"), b"x");
+    env.wait_record("the rule's idle relay's record", |r| {
+        r["reason"] == "relay_idle_timeout" && r["rule"] == "own"
+    });
 }
