@@ -159,10 +159,10 @@ pub struct AuditRecord {
     /// workload's share): how many.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub count: Option<u64>,
-    /// For denials folded into this record: when the first of them was decided (this record
-    /// is the last of them).
+    /// For denials folded into this record (this record is the last of them): when the first
+    /// was decided, and where they were for.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub folded_since: Option<Timestamp>,
+    pub folded: Option<Box<crate::fold::Folded>>,
 }
 
 impl AuditRecord {
@@ -185,7 +185,7 @@ impl AuditRecord {
             duration_ms: None,
             decision_us: None,
             count: None,
-            folded_since: None,
+            folded: None,
         }
     }
 }
@@ -233,9 +233,14 @@ const LINGER: std::time::Duration = std::time::Duration::from_millis(10);
 const BATCH: usize = 256 * 1024;
 
 impl AuditLog {
-    /// Opens the log at `path`; of denials alike (see [`crate::fold`]), `denials_per_second`
-    /// are written whole each second and the rest counted (0: all written whole).
-    pub fn open(path: &Path, denials_per_second: u32) -> Result<Self, AuditError> {
+    /// Opens the log at `path`; of each workload's denials (a workload found below one of
+    /// `roots`, see [`crate::fold`]), `denials_per_second` are written whole each second and
+    /// the rest counted (0: all written whole).
+    pub fn open(
+        path: &Path,
+        denials_per_second: u32,
+        roots: Vec<crate::cgroup::CgroupPath>,
+    ) -> Result<Self, AuditError> {
         let file = open_log(path).map_err(|source| AuditError::Open {
             path: path.to_owned(),
             source,
@@ -249,7 +254,7 @@ impl AuditLog {
             .spawn({
                 let path = path.clone();
                 move || {
-                    let folding = Folding::new(denials_per_second);
+                    let folding = Folding::new(denials_per_second, roots);
                     write_lines(&path, file, &lines, &writer_health, folding);
                 }
             })
@@ -410,7 +415,8 @@ fn write_lines(
         while let Some(message) = next.take() {
             match message {
                 Message::Record(record) => {
-                    folding.take(record, |r| serialize(&mut batch, r));
+                    let now = std::time::Instant::now();
+                    folding.take(record, now, |r| serialize(&mut batch, r));
                     lines += 1;
                 }
                 Message::Flush(done) => {
@@ -422,9 +428,7 @@ fn write_lines(
                 next = queue.try_recv().ok();
             }
         }
-        folding.due(std::time::SystemTime::now(), |r| {
-            serialize(&mut batch, r);
-        });
+        folding.due(std::time::Instant::now(), |r| serialize(&mut batch, r));
         writer.write(&batch, lines);
         batch.clear();
         for done in waiting.drain(..) {
@@ -453,9 +457,7 @@ fn wait(queue: &Receiver<Message>, folding: &Folding) -> Option<Option<Message>>
     let Some(due) = folding.next_due() else {
         return queue.recv().ok().map(Some);
     };
-    let left = due
-        .duration_since(std::time::SystemTime::now())
-        .unwrap_or_default();
+    let left = due.saturating_duration_since(std::time::Instant::now());
     match queue.recv_timeout(left) {
         Ok(message) => Some(Some(message)),
         Err(RecvTimeoutError::Timeout) => Some(None),
@@ -587,7 +589,7 @@ mod tests {
         // A log there already, open to others: closed to them.
         std::fs::write(&path, "").expect("old log");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o664)).expect("chmod");
-        let log = AuditLog::open(&path, 0).expect("open");
+        let log = AuditLog::open(&path, 0, Vec::new()).expect("open");
         let old_mode = std::fs::metadata(&path).expect("meta").permissions().mode();
         let write = |reason: &'static str| {
             log.emit(AuditRecord::new(Verdict::Allow, Layer::Lifecycle, reason));
@@ -651,7 +653,7 @@ mod tests {
     fn a_denial_flood_is_counted_when_its_second_ends() {
         let dir = std::env::temp_dir().join(format!("tg-audit-fold-{}", std::process::id()));
         let path = dir.join("a.jsonl");
-        let log = AuditLog::open(&path, 2).expect("open");
+        let log = AuditLog::open(&path, 2, Vec::new()).expect("open");
         for _ in 0..10 {
             log.emit(AuditRecord::new(Verdict::Deny, Layer::Request, "flood"));
             log.emit(AuditRecord::new(Verdict::Allow, Layer::Request, "served"));
@@ -680,8 +682,9 @@ mod tests {
         assert_eq!(flood.len(), 3, "two whole, one counted: {flood:?}");
         assert!(flood[..2].iter().all(|r| r.get("count").is_none()));
         assert_eq!(flood[2]["count"], 8);
+        assert_eq!(flood[2]["folded"]["targets"][0]["count"], 8, "{}", flood[2]);
         assert!(
-            flood[2]["folded_since"].as_str().expect("since")
+            flood[2]["folded"]["since"].as_str().expect("since")
                 <= flood[2]["ts"].as_str().expect("ts")
         );
         assert!(waited < std::time::Duration::from_secs(3), "{waited:?}");
@@ -698,7 +701,7 @@ mod tests {
     fn record_is_one_json_line_with_schema() {
         let dir = std::env::temp_dir().join(format!("tg-audit-{}", std::process::id()));
         let path = dir.join("a.jsonl");
-        let log = AuditLog::open(&path, 0).expect("open");
+        let log = AuditLog::open(&path, 0, Vec::new()).expect("open");
         let mut r = AuditRecord::new(Verdict::Deny, Layer::Connect, "no_rule_matched");
         r.policy = Some("p".into());
         log.write(r).expect("write");

@@ -227,7 +227,7 @@ mod tests {
             std::thread::current().id()
         ));
         let path = dir.join("a.jsonl");
-        (AuditLog::open(&path, 0).expect("open"), dir)
+        (AuditLog::open(&path, 0, Vec::new()).expect("open"), dir)
     }
 
     fn records(audit: &AuditLog, dir: &std::path::Path) -> Vec<serde_json::Value> {

@@ -638,7 +638,11 @@ pub fn run(config: &Config, ready_file: Option<&Path>) -> Result<(), RunError> {
     ensure_bpffs(config)?;
     ensure_tracefs(config)?;
     let gateway_cgroup_id = enter_gateway_cgroup(config, &pre.cgroup_mount)?;
-    let audit = AuditLog::open(&config.audit_log, config.audit_denials_per_second)?;
+    let audit = AuditLog::open(
+        &config.audit_log,
+        config.audit_denials_per_second,
+        config.roots.clone(),
+    )?;
     let _written_before_exit = crate::audit::FlushOnDrop(audit.clone());
     raise_fd_limit();
     // One worker thread per CPU the daemon may run on (TOKIO_WORKER_THREADS overrides).

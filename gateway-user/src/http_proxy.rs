@@ -613,9 +613,10 @@ fn unrecorded(
     match result {
         Err(e) if e.is_parse() => Some("request_unparsable"),
         _ if handled && !mid_head => None,
-        Ok(()) => Some("closed_before_request"),
         Err(e) if e.is_timeout() => Some("no_request_in_time"),
-        Err(e) if handled && e.is_incomplete_message() => Some("closed_before_request"),
+        // Closed or reset inside a later head.
+        _ if handled => Some("request_head_unfinished"),
+        Ok(()) => Some("closed_before_request"),
         Err(_) => Some("request_unparsable"),
     }
 }
@@ -1853,7 +1854,7 @@ mod tests {
                 (
                     "closed inside a head",
                     &b"GET /v1/models HTTP/1.1\r\nHost: api.open"[..],
-                    Some("closed_before_request"),
+                    Some("request_head_unfinished"),
                 ),
                 (
                     "timed out inside a head",

@@ -36,20 +36,13 @@ impl WorkloadId {
     /// root (one of `roots`). Never a cgroup it made below its own, or a workload would take a
     /// share for each one it makes.
     pub fn holder(&self, placement: &crate::container::Placement, roots: &[CgroupPath]) -> String {
-        if let Some(c) = &placement.container {
-            return format!("container:{}", c.id);
-        }
-        if let Some(pod) = &placement.pod {
-            return format!("pod:{}", pod.uid);
-        }
-        let Some(path) = &self.cgroup else {
-            return format!("cgroup-id:{}", self.cgroup_id);
-        };
-        if let Some(unit) = path.systemd_unit() {
-            return format!("unit:{unit}");
-        }
-        let workload = roots.iter().find_map(|root| path.below(root));
-        format!("cgroup:{}", workload.unwrap_or(path.as_str()))
+        holder(
+            placement.container.as_ref().map(|c| c.id.as_str()),
+            placement.pod.as_ref().map(|p| p.uid.as_str()),
+            self.cgroup.as_ref(),
+            self.cgroup_id,
+            roots,
+        )
     }
 
     pub fn record(&self) -> WorkloadRecord {
@@ -65,6 +58,47 @@ impl WorkloadId {
             verified: self.verified,
             ..WorkloadRecord::of_cgroup(self.cgroup_id, self.cgroup.as_ref())
         }
+    }
+}
+
+/// See [`WorkloadId::holder`]: from the container, pod and cgroup a workload's cgroup path shows.
+pub fn holder(
+    container: Option<&str>,
+    pod_uid: Option<&str>,
+    cgroup: Option<&CgroupPath>,
+    cgroup_id: u64,
+    roots: &[CgroupPath],
+) -> String {
+    if let Some(id) = container {
+        return format!("container:{id}");
+    }
+    if let Some(uid) = pod_uid {
+        return format!("pod:{uid}");
+    }
+    let Some(path) = cgroup else {
+        return format!("cgroup-id:{cgroup_id}");
+    };
+    if let Some(unit) = path.systemd_unit() {
+        return format!("unit:{unit}");
+    }
+    let workload = roots.iter().find_map(|root| path.below(root));
+    format!("cgroup:{}", workload.unwrap_or(path.as_str()))
+}
+
+impl WorkloadRecord {
+    /// Whose workload this record names, as [`WorkloadId::holder`] says it.
+    pub fn holder(&self, roots: &[CgroupPath]) -> String {
+        let path = self
+            .cgroup
+            .as_deref()
+            .and_then(|p| CgroupPath::parse(p).ok());
+        holder(
+            self.container_id.as_deref(),
+            self.pod.as_ref().map(|p| p.uid.as_str()),
+            path.as_ref(),
+            self.cgroup_id,
+            roots,
+        )
     }
 }
 

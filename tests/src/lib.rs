@@ -478,14 +478,23 @@ impl Daemon {
         }
     }
 
-    /// SIGTERM and wait.
+    /// SIGTERM and wait, at most 30 s; then SIGKILL (a daemon that does not stop is never
+    /// waited for without end).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(i32::try_from(c.id()).unwrap_or(0)),
                 nix::sys::signal::Signal::SIGTERM,
             );
-            let _ = c.wait();
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while matches!(c.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if matches!(c.try_wait(), Ok(None)) {
+                eprintln!("the daemon did not stop within 30 s of SIGTERM: killed");
+                let _ = c.kill();
+                let _ = c.wait();
+            }
         }
     }
 }

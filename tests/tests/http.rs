@@ -2184,19 +2184,23 @@ fn raw_exchange(s: &Setup, raw: &str, delay: Option<&str>) -> serde_json::Value 
 /// record for its `count`); returns how many they do.
 fn wait_decisions(env: &TestEnv, n: usize, pred: impl Fn(&serde_json::Value) -> bool) -> usize {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let c: u64 = env
-            .records()
-            .iter()
-            .filter(|r| pred(r))
-            .map(|r| r["count"].as_u64().unwrap_or(1))
-            .sum();
-        let c = usize::try_from(c).unwrap_or(usize::MAX);
-        if c >= n || std::time::Instant::now() > deadline {
-            return c;
-        }
+    while decisions(env, &pred) < n && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
+    // A record counted twice would be written by the end of the writer's second.
+    std::thread::sleep(Duration::from_millis(1500));
+    decisions(env, &pred)
+}
+
+/// How many decisions the records matching `pred` account for now.
+fn decisions(env: &TestEnv, pred: impl Fn(&serde_json::Value) -> bool) -> usize {
+    let c: u64 = env
+        .records()
+        .iter()
+        .filter(|r| pred(r))
+        .map(|r| r["count"].as_u64().unwrap_or(1))
+        .sum();
+    usize::try_from(c).unwrap_or(usize::MAX)
 }
 
 /// Waits until at least `n` records match `pred`; returns how many do.
@@ -2435,50 +2439,62 @@ fn an_endless_stream_to_a_slow_reader_keeps_memory_bounded() {
 }
 
 /// THREATS 25, the audit volume: a workload refused in a loop on one kept-alive connection
-/// gets the first `audit_denials_per_second` of its denials alike written whole each second
-/// and the rest counted into one record per second, so it cannot fill the audit volume; every
-/// denial is still accounted for, and another workload's denial and the flooding workload's
-/// allowed request are written whole.
+/// gets `audit_denials_per_second` of its denials written whole each second and the rest
+/// counted into one record per second, so it cannot fill the audit volume; every denial is
+/// still accounted for, and the folded record lists what they were for. Another workload under
+/// the same policy and rule, refused the same way at the same time, has its own share.
 #[test]
 fn a_denial_flood_is_folded_into_counted_records_and_every_denial_is_counted() {
     const N: usize = 300;
     const SHARE: usize = 5;
     let s = setup_with("fold", &format!("audit_denials_per_second: {SHARE}\n"));
     let env = &s.env;
+    // One policy for both workloads: only the workload tells their denials apart.
+    std::fs::write(
+        env.policies.join("agent.yaml"),
+        POLICY.replace("ROOT/agent.service", &env.root_rel()),
+    )
+    .expect("policy");
     let _d = env.start();
-    let flooded = |r: &serde_json::Value| {
-        r["http"]["path"] == "/v1/files" && r["workload"]["cgroup"] == cgroup_of(env, &s.agent)
+    let of = |cgroup: &std::path::Path| {
+        let cgroup = cgroup_of(env, cgroup);
+        move |r: &serde_json::Value| {
+            r["http"]["path"] == "/v1/files" && r["workload"]["cgroup"] == cgroup.as_str()
+        }
     };
-    // One curl, N requests on one connection, each answered 403.
+    let (flooded, others) = (of(&s.agent), of(&s.other));
+    // One curl, N requests on one connection, each answered 403; meanwhile, in the same
+    // second, the other workload asks three times.
     let mut args = vec!["-w", "\n%{http_code}\n"];
     args.extend(std::iter::repeat_n("http://api.openai.com/v1/files", N));
+    let other = s.other.clone();
+    let meanwhile = std::thread::spawn(move || {
+        // Once the flood has spent its share (it runs at about 2,000 a second).
+        std::thread::sleep(Duration::from_millis(100));
+        let url = "http://api.openai.com/v1/files";
+        curl(&other, &["-w", "\n%{http_code}\n", url, url, url])
+    });
     let started = std::time::Instant::now();
     let (out, err) = curl(&s.agent, &args);
     let took = started.elapsed();
     env.keep_client_output(out.as_bytes());
     let refused = out.lines().filter(|l| *l == "403").count();
     assert_eq!(refused, N, "every request refused: {err}");
-    // Another workload's denial in the flood's wake (it has no policy: its connection is
-    // refused), and the flooding workload's allowed request.
-    let (other, _) = curl(
-        &s.other,
-        &["-w", "\n%{http_code}", "http://api.openai.com/v1/files"],
+    let (other_out, _) = meanwhile.join().expect("the other workload");
+    env.keep_client_output(other_out.as_bytes());
+    assert_eq!(
+        other_out.lines().filter(|l| *l == "403").count(),
+        3,
+        "{other_out}"
     );
-    assert!(other.ends_with("000"), "{other}");
-    let (chat_out, _) = chat(&s.agent);
-    assert!(chat_out.ends_with("200"), "{chat_out}");
-    let counted = |recs: &[serde_json::Value]| -> u64 {
-        recs.iter()
-            .filter(|r| flooded(r))
-            .map(|r| r["count"].as_u64().unwrap_or(1))
-            .sum()
-    };
-    // The last second's count is written when it ends.
-    let recs = tollgate_tests::wait_for(10, "every denial to be counted", || {
-        let recs = env.records();
-        (counted(&recs) >= N as u64).then_some(recs)
-    });
-    assert_eq!(counted(&recs), N as u64, "each denial counted once");
+    // The last second's count is written when it ends; anything counted twice would come
+    // by then too.
+    assert_eq!(
+        wait_decisions(env, N, &flooded),
+        N,
+        "each denial counted once"
+    );
+    let recs = env.records();
     let (whole, folded): (Vec<_>, Vec<_>) = recs
         .iter()
         .filter(|r| flooded(r))
@@ -2495,19 +2511,21 @@ fn a_denial_flood_is_folded_into_counted_records_and_every_denial_is_counted() {
     for r in &folded {
         assert_eq!(r["decision"], "deny", "{r}");
         assert_eq!(r["http"]["status"], 403, "{r}");
-        let (since, ts) = (r["folded_since"].as_str(), r["ts"].as_str());
+        let (since, ts) = (r["folded"]["since"].as_str(), r["ts"].as_str());
         assert!(since.is_some() && since <= ts, "{r}");
+        let targets = &r["folded"]["targets"];
+        assert_eq!(targets[0]["dst"], "GET api.openai.com/v1/files", "{r}");
+        assert_eq!(targets[0]["exe"], "/usr/bin/curl", "{r}");
+        assert_eq!(targets[0]["count"], r["count"], "{r}");
     }
-    let others = recs
-        .iter()
-        .find(|r| r["workload"]["cgroup"] == cgroup_of(env, &s.other))
-        .expect("the other workload's denial");
-    assert!(others.get("count").is_none(), "{others}");
-    let allowed = recs
-        .iter()
-        .find(|r| r["decision"] == "allow" && r["http"]["path"] == "/v1/chat/completions")
-        .expect("the allowed request");
-    assert!(allowed.get("count").is_none(), "{allowed}");
+    let theirs: Vec<_> = recs.iter().filter(|r| others(r)).collect();
+    assert_eq!(theirs.len(), 3, "{theirs:?}");
+    assert!(
+        theirs
+            .iter()
+            .all(|r| r.get("count").is_none() && r["policy"] == "agent"),
+        "the other workload's own share, written whole: {theirs:?}"
+    );
     eprintln!(
         "{N} denials over {took:?}: {} written whole, {} counted records",
         whole.len(),

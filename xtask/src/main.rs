@@ -669,15 +669,13 @@ fn tg_bench(tollgate: &Path, out: &Path) -> Command {
     cmd
 }
 
-/// Where the profile-guided build's pieces go.
-const PGO_TARGET: &str = "x86_64-unknown-linux-gnu";
-
 /// Builds the daemon in release (the kernel object built already) and returns its path. With
 /// `pgo`: builds it instrumented, runs that build under the benchmark's training load (root,
-/// cgroups of its own), merges the profile it wrote on exit with LLVM 22's `llvm-profdata`
-/// (rustc's LLVM is 22 too), and builds it again from the profile. The builds name their
-/// target, so the flags reach the daemon's code and not build scripts, in target dirs of
-/// their own, so the plain build stays as it is.
+/// cgroups of its own), merges the profile it wrote on exit with the `llvm-profdata` of
+/// rustc's own LLVM (rustup's `llvm-tools`, added if missing: another LLVM's may not read the
+/// profile format), and builds it again from the profile. The builds name their target, so
+/// the flags reach the daemon's code and not build scripts, in target dirs of their own, so
+/// the plain build stays as it is.
 fn build_release(pgo: bool) -> Result<PathBuf> {
     let release = [
         "build",
@@ -694,23 +692,20 @@ fn build_release(pgo: bool) -> Result<PathBuf> {
     if !is_root() {
         bail!("a profile-guided build runs the daemon under load to train it, which needs root (it loads BPF programs and makes cgroups)");
     }
-    let profdata = Path::new("/usr/lib/llvm-22/bin/llvm-profdata");
-    if !profdata.exists() {
-        bail!(
-            "{} is missing: `cargo xtask setup` installs it (Debian's llvm-22)",
-            profdata.display()
-        );
-    }
+    let (host, profdata) = llvm_profdata()?;
     let dir = root().join("target/pgo");
     let raw = dir.join("raw");
     let _ = std::fs::remove_dir_all(&raw);
     std::fs::create_dir_all(&raw).with_context(|| format!("cannot make {}", raw.display()))?;
-    let built = |target_dir: &str, flags: String| -> Result<PathBuf> {
+    let built = |target_dir: &str, flag: String| -> Result<PathBuf> {
+        // CARGO_ENCODED_RUSTFLAGS wins over RUSTFLAGS: set it, so no flag from outside
+        // replaces the profile's.
         run(cargo()
             .args(release)
-            .args(["--target", PGO_TARGET, "--target-dir", target_dir])
-            .env("RUSTFLAGS", flags))?;
-        Ok(root().join(format!("{target_dir}/{PGO_TARGET}/release/tollgate")))
+            .args(["--target", &host, "--target-dir", target_dir])
+            .env_remove("RUSTFLAGS")
+            .env("CARGO_ENCODED_RUSTFLAGS", flag))?;
+        Ok(root().join(format!("{target_dir}/{host}/release/tollgate")))
     };
     let instrumented = built(
         "target/pgo-generate",
@@ -725,12 +720,12 @@ fn build_release(pgo: bool) -> Result<PathBuf> {
         .collect();
     if profiles.is_empty() {
         bail!(
-            "the instrumented daemon wrote no profile into {}: it must exit by itself (SIGTERM) for it to be written",
+            "the instrumented daemon wrote no profile into {}: it writes one when it exits by itself (on SIGTERM), and only if it was built with -Cprofile-generate",
             raw.display()
         );
     }
     let merged = dir.join("merged.profdata");
-    run(Command::new(profdata)
+    run(Command::new(&profdata)
         .arg("merge")
         .arg("-o")
         .arg(&merged)
@@ -739,6 +734,30 @@ fn build_release(pgo: bool) -> Result<PathBuf> {
         "target/pgo-use",
         format!("-Cprofile-use={}", merged.display()),
     )
+}
+
+/// The host's target triple and the `llvm-profdata` of the toolchain that builds, from
+/// rustup's `llvm-tools` component (added if it is missing).
+fn llvm_profdata() -> Result<(String, PathBuf)> {
+    let version = output_ok(Command::new("rustc").arg("-vV")).context("rustc -vV")?;
+    let host = version
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .context("rustc -vV names no host")?
+        .to_owned();
+    let sysroot = output_ok(Command::new("rustc").args(["--print", "sysroot"]))
+        .context("rustc --print sysroot")?;
+    let profdata = Path::new(sysroot.trim()).join(format!("lib/rustlib/{host}/bin/llvm-profdata"));
+    if !profdata.exists() {
+        run(Command::new("rustup").args(["component", "add", "llvm-tools"]))?;
+    }
+    if !profdata.exists() {
+        bail!(
+            "{} is missing after `rustup component add llvm-tools`: the profile cannot be merged",
+            profdata.display()
+        );
+    }
+    Ok((host, profdata))
 }
 
 /// The criterion benchmarks of gateway-user/benches/policy_decision.rs, as `group/name` and
