@@ -231,6 +231,8 @@ const LINGER: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// At most this much is gathered into one write.
 const BATCH: usize = 256 * 1024;
+/// At most this many records are taken from the queue for one write.
+const BATCH_MESSAGES: usize = 4096;
 
 impl AuditLog {
     /// Opens the log at `path`; of each workload's denials (a workload found below one of
@@ -424,7 +426,9 @@ fn write_lines(
                     waiting.push(done);
                 }
             }
-            if batch.len() < BATCH {
+            // A flood the folding holds back adds nothing to the batch: the count of
+            // messages ends a batch too, so held seconds and flushes are not kept waiting.
+            if batch.len() < BATCH && lines < BATCH_MESSAGES {
                 next = queue.try_recv().ok();
             }
         }

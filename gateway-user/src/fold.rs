@@ -231,8 +231,24 @@ impl Held {
     }
 }
 
-/// Where a denial was for: the request, else the address and the name it was for.
+/// The longest `dst` a folded target keeps (a request path may be long).
+const TARGET_BYTES: usize = 512;
+
+/// Where a denial was for: the request, else the address and the name it was for; cut at
+/// [`TARGET_BYTES`].
 fn target(r: &AuditRecord) -> String {
+    let mut t = uncut_target(r);
+    if t.len() > TARGET_BYTES {
+        let mut end = TARGET_BYTES;
+        while !t.is_char_boundary(end) {
+            end -= 1;
+        }
+        t.truncate(end);
+    }
+    t
+}
+
+fn uncut_target(r: &AuditRecord) -> String {
     let address = match (&r.dst.orig_ip, r.dst.orig_port) {
         (Some(ip), Some(port)) if ip.contains(':') => format!("[{ip}]:{port}"),
         (Some(ip), Some(port)) => format!("{ip}:{port}"),
@@ -241,8 +257,9 @@ fn target(r: &AuditRecord) -> String {
     };
     match (&r.http, &r.dst.host) {
         (Some(h), host) => format!(
-            "{} {}{}",
+            "{}{}{}{}",
             h.method,
+            if h.method.is_empty() { "" } else { " " },
             host.as_deref().unwrap_or(&address),
             h.path.as_deref().unwrap_or("")
         ),
@@ -452,6 +469,11 @@ mod tests {
         f.release(|r| held.push(serde_json::to_value(r).expect("json")));
         let rec = &held[1];
         assert_eq!(rec["count"], TARGETS as u64 + 4);
+        // A long path is cut; a request refused before its method was read has none.
+        let mut long = denial(7, "/tg/a", "r", &format!("/{}", "é".repeat(400)));
+        assert_eq!(target(&long).len(), TARGET_BYTES - 1, "cut on a character");
+        long.http.as_mut().expect("http").method = "".into();
+        assert!(target(&long).starts_with("api.openai.com/"));
         assert_eq!(
             rec["folded"]["targets"].as_array().map(Vec::len),
             Some(TARGETS)

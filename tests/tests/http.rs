@@ -2515,7 +2515,8 @@ fn a_denial_flood_is_folded_into_counted_records_and_every_denial_is_counted() {
         assert!(since.is_some() && since <= ts, "{r}");
         let targets = &r["folded"]["targets"];
         assert_eq!(targets[0]["dst"], "GET api.openai.com/v1/files", "{r}");
-        assert_eq!(targets[0]["exe"], "/usr/bin/curl", "{r}");
+        let exe = targets[0]["exe"].as_str().unwrap_or("");
+        assert!(exe.ends_with("/curl"), "{r}");
         assert_eq!(targets[0]["count"], r["count"], "{r}");
     }
     let theirs: Vec<_> = recs.iter().filter(|r| others(r)).collect();

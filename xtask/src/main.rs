@@ -739,17 +739,25 @@ fn build_release(pgo: bool) -> Result<PathBuf> {
 /// The host's target triple and the `llvm-profdata` of the toolchain that builds, from
 /// rustup's `llvm-tools` component (added if it is missing).
 fn llvm_profdata() -> Result<(String, PathBuf)> {
-    let version = output_ok(Command::new("rustc").arg("-vV")).context("rustc -vV")?;
+    // The rustc cargo builds with.
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let version =
+        output_ok(Command::new(&rustc).arg("-vV").current_dir(root())).context("rustc -vV")?;
     let host = version
         .lines()
         .find_map(|l| l.strip_prefix("host: "))
         .context("rustc -vV names no host")?
         .to_owned();
-    let sysroot = output_ok(Command::new("rustc").args(["--print", "sysroot"]))
-        .context("rustc --print sysroot")?;
+    let sysroot = output_ok(
+        Command::new(&rustc)
+            .args(["--print", "sysroot"])
+            .current_dir(root()),
+    )
+    .context("rustc --print sysroot")?;
     let profdata = Path::new(sysroot.trim()).join(format!("lib/rustlib/{host}/bin/llvm-profdata"));
     if !profdata.exists() {
-        run(Command::new("rustup").args(["component", "add", "llvm-tools"]))?;
+        run(Command::new("rustup").args(["component", "add", "llvm-tools"]))
+            .context("a profile-guided build needs the llvm-profdata of rustc's own LLVM: install rustup's `llvm-tools` component (or, without rustup, put llvm-profdata of the same LLVM version there)")?;
     }
     if !profdata.exists() {
         bail!(
