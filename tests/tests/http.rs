@@ -1945,6 +1945,26 @@ while len(done) < n:
 print(json.dumps({'bodies': [bodies[sid].decode(errors='replace') for sid in streams], 'resets': resets}))
 "#;
 
+/// Sends `streams` GETs of `path` at once on one HTTP/2 connection from the agent's cgroup
+/// through [`H2_PARALLEL`]; what it printed (each stream's body, the resets). Kept for the
+/// secret scan.
+fn h2_parallel(s: &Setup, streams: usize, path: &str) -> serde_json::Value {
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", H2_PARALLEL, &streams.to_string(), path])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    join_before_exec(&mut cmd, &s.agent);
+    let out = cmd.output().expect("python3");
+    s.env.keep_client_output(&out.stdout);
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
 /// HTTP/2 requests in flight count against `max_connections_per_workload` too (each holds an
 /// upstream connection of its own): with a cap of 3, one connection carrying three slow
 /// requests at once has two served and the third refused 503 `connection_limit`, audited,
@@ -1954,20 +1974,7 @@ fn http2_requests_in_flight_count_against_the_connection_cap() {
     let s = setup_with("h2cap", "max_connections_per_workload: 3\n");
     let env = &s.env;
     let _d = env.start();
-    let mut cmd = Command::new("python3");
-    cmd.args(["-c", H2_PARALLEL, "3", "/v1/models/slow-1500"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    join_before_exec(&mut cmd, &s.agent);
-    let out = cmd.output().expect("python3");
-    env.keep_client_output(&out.stdout);
-    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{e}: {} {}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
+    let got = h2_parallel(&s, 3, "/v1/models/slow-1500");
     let bodies: Vec<&str> = got["bodies"]
         .as_array()
         .unwrap_or_else(|| panic!("{got}"))
@@ -2551,18 +2558,12 @@ fn an_http2_connection_whose_only_stream_was_refused_is_audited_once() {
     let s = setup_with("h2cap1", "max_connections_per_workload: 1\n");
     let env = &s.env;
     let _d = env.start();
-    let mut cmd = Command::new("python3");
-    cmd.args(["-c", H2_PARALLEL, "1", "/v1/models/gpt-4o"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    join_before_exec(&mut cmd, &s.agent);
-    let out = cmd.output().expect("python3");
-    env.keep_client_output(&out.stdout);
-    let text = String::from_utf8_lossy(&out.stdout);
+    let got = h2_parallel(&s, 1, "/v1/models/gpt-4o");
     assert!(
-        text.contains("connection_limit"),
-        "{text} {}",
-        String::from_utf8_lossy(&out.stderr)
+        got["bodies"][0]
+            .as_str()
+            .is_some_and(|b| b.contains("connection_limit")),
+        "{got}"
     );
     let mine = |r: &serde_json::Value| r["workload"]["cgroup"] == cgroup_of(env, &s.agent);
     env.wait_record("the refused stream", |r| {
