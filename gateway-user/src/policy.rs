@@ -1880,6 +1880,17 @@ mod host_rules {
 
     const OPENAI: &str = "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: { name: agent }\nspec:\n  workload: { cgroup: /agents }\n  egress:\n    - name: openai\n      match: { host: api.openai.com, port: 80 }\n      upstream: { port: 443 }\n      tls: originate\n      http:\n        - methods: [post]\n          paths: [/v1/chat/completions, /v1/threads/*/runs]\n        - methods: [GET]\n          paths: [/v1/models/*]\n      credential: openai-prod\n    - name: any-example\n      match: { host: \"*.example.com\", port: 80 }\n      tls: none\n";
 
+    /// A workload in `cg`, named by nothing else.
+    fn agent(cg: &CgroupPath) -> WorkloadView<'_> {
+        WorkloadView {
+            cgroup: cg,
+            container_id: None,
+            pod_uid: None,
+            exe: None,
+            uid: 0,
+        }
+    }
+
     #[test]
     fn header_conditions_decide_after_method_and_path() {
         let text = "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: { name: agent }\nspec:\n  workload: { cgroup: /agents }\n  egress:\n    - name: openai\n      match: { host: api.openai.com, port: 80 }\n      upstream: { port: 443 }\n      tls: originate\n      http:\n        - methods: [POST]\n          paths: [/v1/assistants]\n          require_headers: { OpenAI-Beta: assistants=v2, content-type: \"*\" }\n          forbid_headers: [x-debug]\n        - methods: [GET]\n          paths: [/v1/models]\n";
@@ -1888,13 +1899,7 @@ mod host_rules {
         ])
         .expect("set");
         let cg = CgroupPath::parse("/agents/a1").expect("cg");
-        let w = WorkloadView {
-            cgroup: &cg,
-            container_id: None,
-            pod_uid: None,
-            exe: None,
-            uid: 0,
-        };
+        let w = agent(&cg);
         let headers = |pairs: &[(&str, &str)]| {
             let mut h = http::HeaderMap::new();
             for (n, v) in pairs {
@@ -2157,13 +2162,7 @@ mod host_rules {
     fn models_decide_last_and_only_once_the_body_is_read() {
         let text = "apiVersion: tollgate/v1\nkind: EgressPolicy\nmetadata: { name: agent }\nspec:\n  workload: { cgroup: /agents }\n  MODE\n  egress:\n    - name: openai\n      match: { host: api.openai.com, port: 80 }\n      upstream: { port: 443 }\n      tls: originate\n      http:\n        - methods: [POST]\n          paths: [/v1/chat/completions]\n          require_headers: { content-type: \"*\" }\n          models: [gpt-4o-mini, \"o3-*\", \"*-audit-*-v2\"]\n        - methods: [POST]\n          paths: [/v1/embeddings]\n        - methods: [POST]\n          paths: [/v1/embeddings, /v1/responses]\n          models: [\"text-*\"]\n";
         let cg = CgroupPath::parse("/agents/a1").expect("cg");
-        let w = WorkloadView {
-            cgroup: &cg,
-            container_id: None,
-            pod_uid: None,
-            exe: None,
-            uid: 0,
-        };
+        let w = agent(&cg);
         let json = {
             let mut h = http::HeaderMap::new();
             h.insert(
@@ -2274,13 +2273,7 @@ mod host_rules {
         ])
         .expect("set");
         let cg = CgroupPath::parse("/agents/a1").expect("cg");
-        let w = WorkloadView {
-            cgroup: &cg,
-            container_id: None,
-            pod_uid: None,
-            exe: None,
-            uid: 0,
-        };
+        let w = agent(&cg);
         assert_eq!(
             set.evaluate(&w, "127.0.0.9:80".parse().expect("addr")),
             Decision::Inspect {
@@ -2384,13 +2377,7 @@ mod host_rules {
         ])
         .expect("set");
         let cg = CgroupPath::parse("/agents/a1").expect("cg");
-        let w = WorkloadView {
-            cgroup: &cg,
-            container_id: None,
-            pod_uid: None,
-            exe: None,
-            uid: 0,
-        };
+        let w = agent(&cg);
         let idle = |dst: &str| match set.evaluate(&w, dst.parse().expect("addr")) {
             Decision::Allow { idle, .. } => idle,
             other => panic!("{dst}: {other:?}"),

@@ -2111,27 +2111,14 @@ fn a_request_sent_a_while_after_the_connect_is_served() {
 #[test]
 fn a_later_unparsable_head_is_audited_once() {
     let s = setup("later-unparsable");
-    let env = &s.env;
-    let _d = env.start();
-    let first =
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\nContent-Length: 2\r\n\r\n{}";
+    let _d = s.env.start();
     let second = "GET /v1/models HTTP/1.1\r\nHost: api.openai.com\r\nBad@Name: x\r\n\r\n";
-    let got = raw_exchange(&s, &format!("{first}{second}"), None);
-    assert!(
-        got["status"]
-            .as_str()
-            .unwrap_or("")
-            .starts_with("HTTP/1.1 200"),
-        "the first request is served: {got}"
-    );
-    let workload = format!("{}/agent.service", env.root_rel());
-    let ours = |r: &serde_json::Value| r["workload"]["cgroup"] == workload.as_str();
-    let unparsable = wait_count(env, 1, |r| ours(r) && r["reason"] == "request_unparsable");
-    let served = wait_count(env, 1, |r| {
-        ours(r) && r["layer"] == "request" && r["decision"] == "allow"
-    });
     // Anything written late would have come with the connection's end, already seen.
-    assert_eq!((served, unparsable), (1, 1), "one record each");
+    assert_eq!(
+        after_a_served_request(&s, second, "request_unparsable"),
+        (1, 1),
+        "one record each"
+    );
 }
 
 /// A later head the client begins and never finishes, after a request served on the same
@@ -2140,12 +2127,22 @@ fn a_later_unparsable_head_is_audited_once() {
 #[test]
 fn a_later_head_left_unfinished_is_audited_when_cut() {
     let s = setup_with("later-unfinished", "client_header_timeout_ms: 1000\n");
-    let env = &s.env;
-    let _d = env.start();
+    let _d = s.env.start();
+    let unfinished = "POST /v1/chat/completions HTTP/1.1\r\nHost: api.op";
+    assert_eq!(
+        after_a_served_request(&s, unfinished, "no_request_in_time"),
+        (1, 1),
+        "one record each"
+    );
+}
+
+/// Sends a chat request and then `later` on one connection from the agent; checks the first
+/// was served, and returns how many records the agent has of the served request and with
+/// `reason`.
+fn after_a_served_request(s: &Setup, later: &str, reason: &str) -> (usize, usize) {
     let first =
         "POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\nContent-Length: 2\r\n\r\n{}";
-    let unfinished = "POST /v1/chat/completions HTTP/1.1\r\nHost: api.op";
-    let got = raw_exchange(&s, &format!("{first}{unfinished}"), None);
+    let got = raw_exchange(s, &format!("{first}{later}"), None);
     assert!(
         got["status"]
             .as_str()
@@ -2153,12 +2150,12 @@ fn a_later_head_left_unfinished_is_audited_when_cut() {
             .starts_with("HTTP/1.1 200"),
         "the first request is served: {got}"
     );
-    let ours = |r: &serde_json::Value| r["workload"]["cgroup"] == cgroup_of(env, &s.agent);
-    let cut = wait_count(env, 1, |r| ours(r) && r["reason"] == "no_request_in_time");
-    let served = wait_count(env, 1, |r| {
+    let ours = |r: &serde_json::Value| r["workload"]["cgroup"] == cgroup_of(&s.env, &s.agent);
+    let audited = wait_count(&s.env, 1, |r| ours(r) && r["reason"] == reason);
+    let served = wait_count(&s.env, 1, |r| {
         ours(r) && r["layer"] == "request" && r["decision"] == "allow"
     });
-    assert_eq!((served, cut), (1, 1), "one record each");
+    (served, audited)
 }
 
 /// Sends `raw` on one connection from the agent's cgroup through [`RAW_CLIENT`] (waiting
