@@ -408,7 +408,7 @@ fn write_lines(
         reopen_failed: false,
         healthy,
     };
-    let mut batch = Vec::with_capacity(BATCH);
+    let mut batch = Batch::default();
     let mut waiting = Vec::new();
     let mut first = wait(queue, &folding);
     while let Some(message) = first {
@@ -418,22 +418,22 @@ fn write_lines(
             match message {
                 Message::Record(record) => {
                     let now = std::time::Instant::now();
-                    folding.take(record, now, |r| serialize(&mut batch, r));
+                    folding.take(record, now, |r| batch.push(r));
                     lines += 1;
                 }
                 Message::Flush(done) => {
-                    folding.release(|r| serialize(&mut batch, r));
+                    folding.release(|r| batch.push(r));
                     waiting.push(done);
                 }
             }
             // A flood the folding holds back adds nothing to the batch: the count of
             // messages ends a batch too, so held seconds and flushes are not kept waiting.
-            if batch.len() < BATCH && lines < BATCH_MESSAGES {
+            if batch.bytes.len() < BATCH && lines < BATCH_MESSAGES {
                 next = queue.try_recv().ok();
             }
         }
-        folding.due(std::time::Instant::now(), |r| serialize(&mut batch, r));
-        writer.write(&batch, lines);
+        folding.due(std::time::Instant::now(), |r| batch.push(r));
+        writer.write(&batch);
         batch.clear();
         for done in waiting.drain(..) {
             let _ = done.send(());
@@ -451,8 +451,8 @@ fn write_lines(
             Err(TryRecvError::Disconnected) => None,
         };
     }
-    folding.release(|r| serialize(&mut batch, r));
-    writer.write(&batch, 0);
+    folding.release(|r| batch.push(r));
+    writer.write(&batch);
 }
 
 /// The next message, or `Some(None)` when a folded second ends first; `None`: every sender
@@ -469,11 +469,36 @@ fn wait(queue: &Receiver<Message>, folding: &Folding) -> Option<Option<Message>>
     }
 }
 
-/// Appends `record` to `batch` as one line.
-fn serialize(batch: &mut Vec<u8>, record: &AuditRecord) {
-    match serde_json::to_writer(&mut *batch, record) {
-        Ok(()) => batch.push(b'\n'),
-        Err(e) => tracing::error!(error = %e, "audit record lost: not serializable"),
+/// Lines gathered for one write, with the records they are and the decisions those stand for
+/// (a folded or aggregate record stands for its `count`).
+#[derive(Default)]
+struct Batch {
+    bytes: Vec<u8>,
+    records: usize,
+    decisions: u64,
+}
+
+impl Batch {
+    /// Appends `record` as one line; a record that cannot be serialized leaves nothing of it.
+    fn push(&mut self, record: &AuditRecord) {
+        let before = self.bytes.len();
+        match serde_json::to_writer(&mut self.bytes, record) {
+            Ok(()) => {
+                self.bytes.push(b'\n');
+                self.records += 1;
+                self.decisions += record.count.unwrap_or(1);
+            }
+            Err(e) => {
+                self.bytes.truncate(before);
+                tracing::error!(error = %e, "audit record lost: not serializable");
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.records = 0;
+        self.decisions = 0;
     }
 }
 
@@ -489,9 +514,9 @@ struct Writer<'a> {
 }
 
 impl Writer<'_> {
-    /// Writes `batch` (of whole lines, from `lines` messages), noting whether it could.
-    fn write(&mut self, batch: &[u8], lines: usize) {
-        if batch.is_empty() {
+    /// Writes `batch`, noting whether it could.
+    fn write(&mut self, batch: &Batch) {
+        if batch.bytes.is_empty() {
             return;
         }
         let path = self.path;
@@ -510,13 +535,18 @@ impl Writer<'_> {
                 }
             }
         }
-        match self.sink.write_batch(batch) {
+        match self.sink.write_batch(&batch.bytes) {
             // Records that reach a file no longer at the log's path (a rotation's, soon
             // compressed or removed) are not an audit log anyone reads: failing.
             Ok(()) => self.healthy.store(!self.reopen_failed, Ordering::Relaxed),
             Err(e) => {
                 self.healthy.store(false, Ordering::Relaxed);
-                tracing::error!(error = %e, lines, "audit records lost: cannot write audit log");
+                tracing::error!(
+                    error = %e,
+                    records = batch.records,
+                    decisions = batch.decisions,
+                    "audit records lost: cannot write audit log"
+                );
             }
         }
     }
@@ -775,5 +805,23 @@ mod tests {
         assert_eq!(lines[1].len(), 10, "the torn record, alone: {text}");
         let v: serde_json::Value = serde_json::from_str(lines[2]).expect("a whole record");
         assert_eq!(v["reason"], "next");
+    }
+    /// A batch knows the decisions its lines stand for, so a failed write can say how many
+    /// were lost: a counted record stands for its count.
+    #[test]
+    fn a_batch_counts_the_decisions_its_records_stand_for() {
+        let mut batch = Batch::default();
+        batch.push(&AuditRecord::new(Verdict::Deny, Layer::Request, "one"));
+        let mut folded = AuditRecord::new(Verdict::Deny, Layer::Request, "folded");
+        folded.count = Some(41);
+        batch.push(&folded);
+        assert_eq!((batch.records, batch.decisions), (2, 42));
+        let text = std::str::from_utf8(&batch.bytes).expect("utf-8");
+        assert_eq!(text.lines().count(), 2, "{text}");
+        batch.clear();
+        assert_eq!(
+            (batch.records, batch.decisions, batch.bytes.len()),
+            (0, 0, 0)
+        );
     }
 }

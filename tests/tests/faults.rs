@@ -2,7 +2,8 @@
 //! daemon is killed and restarted under a prober connecting every millisecond → nothing gets
 //! through in the gap, and exactly one attachment of each program remains; a flood of the
 //! origin slots makes a paused gateway's lookup miss, and the miss is refused; a relay that
-//! goes quiet is cut after the idle timeout.
+//! goes quiet is cut after the idle timeout; an audit log whose mode cannot be narrowed is
+//! still written.
 use std::{
     io::Write,
     net::TcpListener,
@@ -249,6 +250,86 @@ fn an_unwritable_audit_log_refuses_what_would_be_allowed() {
     assert!(
         text.contains("\"audit_unavailable\""),
         "the refusals are audited once the sink is back"
+    );
+    d.stop();
+}
+
+/// Marks a file append-only (`chattr +a`) for as long as it is held: it opens for appending,
+/// and refuses a change of mode even to root.
+struct AppendOnly(std::fs::File);
+
+/// `FS_APPEND_FL` of linux/fs.h.
+const FS_APPEND_FL: libc::c_int = 0x20;
+
+impl AppendOnly {
+    fn set(path: &std::path::Path) -> Self {
+        let file = std::fs::File::open(path).expect("open");
+        let flags = Self::flags(&file);
+        Self::write(&file, flags | FS_APPEND_FL);
+        Self(file)
+    }
+
+    fn flags(file: &std::fs::File) -> libc::c_int {
+        use std::os::fd::AsRawFd;
+        let mut flags: libc::c_int = 0;
+        // SAFETY: FS_IOC_GETFLAGS writes an int through the pointer, which outlives the call.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) };
+        assert_eq!(
+            rc,
+            0,
+            "FS_IOC_GETFLAGS: {}",
+            std::io::Error::last_os_error()
+        );
+        flags
+    }
+
+    fn write(file: &std::fs::File, flags: libc::c_int) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: FS_IOC_SETFLAGS reads an int through the pointer, which outlives the call.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::FS_IOC_SETFLAGS, &flags) };
+        assert_eq!(
+            rc,
+            0,
+            "FS_IOC_SETFLAGS: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+impl Drop for AppendOnly {
+    fn drop(&mut self) {
+        let flags = Self::flags(&self.0);
+        Self::write(&self.0, flags & !FS_APPEND_FL);
+    }
+}
+
+/// An audit log open to others whose mode cannot be narrowed (append-only, as an operator's
+/// `chattr +a` leaves it) is still written, and the daemon's log says it is open to others:
+/// refusing every workload for a mode the operator chose would be worse than the warning.
+#[test]
+fn an_audit_log_whose_mode_cannot_be_narrowed_is_still_written() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut env = TestEnv::new("auditmode");
+    let mock = Mock::start("127.0.0.1:0");
+    let app = env.workload("app.service");
+    env.allow("app", "app.service", &[mock.addr]);
+    std::fs::write(&env.audit, "").expect("audit");
+    std::fs::set_permissions(&env.audit, std::fs::Permissions::from_mode(0o664)).expect("chmod");
+    let _append_only = AppendOnly::set(&env.audit);
+    let mut d = env.start();
+    let ok = env.probe(Some(&app), &["tcp", &mock.addr.to_string()]);
+    assert_eq!(ok["ok"], true, "{ok}");
+    let rec = env.wait_record("the connection's record", |r| r["layer"] == "connect");
+    assert_eq!(rec["decision"], "allow", "{rec}");
+    let mode = std::fs::metadata(&env.audit)
+        .expect("meta")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o664, "the mode was left as it was");
+    let log = std::fs::read_to_string(&d.log).expect("log");
+    assert!(
+        log.contains("the audit log is open to others (mode 664) and cannot be narrowed"),
+        "the daemon says so: {log}"
     );
     d.stop();
 }
