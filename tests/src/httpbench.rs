@@ -31,12 +31,29 @@ pub struct Upstream {
     pub tls: SocketAddr,
     pub ca_pem: String,
     requests: Arc<AtomicU64>,
+    handshakes: Arc<Handshakes>,
+}
+
+/// TLS handshakes the mock completed on its TLS port, and how many of them resumed a session.
+#[derive(Debug, Default)]
+struct Handshakes {
+    done: AtomicU64,
+    resumed: AtomicU64,
 }
 
 impl Upstream {
     /// Requests answered so far, on both ports.
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    /// TLS handshakes completed so far on the TLS port (each a new upstream connection), and
+    /// how many of them resumed an earlier session.
+    pub fn tls_handshakes(&self) -> (u64, u64) {
+        (
+            self.handshakes.done.load(Ordering::Relaxed),
+            self.handshakes.resumed.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -56,6 +73,7 @@ pub fn start_counted_upstream(rt: &tokio::runtime::Runtime, cert_names: &[&str])
         secure.local_addr().expect("addr"),
     );
     let requests = Arc::new(AtomicU64::new(0));
+    let handshakes = Arc::new(Handshakes::default());
     let counter = Arc::clone(&requests);
     let service = move || {
         let counter = Arc::clone(&counter);
@@ -92,6 +110,7 @@ pub fn start_counted_upstream(rt: &tokio::runtime::Runtime, cert_names: &[&str])
             });
         }
     });
+    let counted = Arc::clone(&handshakes);
     rt.spawn(async move {
         loop {
             let Ok((s, _)) = secure.accept().await else {
@@ -99,11 +118,15 @@ pub fn start_counted_upstream(rt: &tokio::runtime::Runtime, cert_names: &[&str])
             };
             let _ = s.set_nodelay(true);
             let acceptor = acceptor.clone();
-            let service = service.clone();
+            let (service, counted) = (service.clone(), Arc::clone(&counted));
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(s).await else {
                     return;
                 };
+                counted.done.fetch_add(1, Ordering::Relaxed);
+                if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                    counted.resumed.fetch_add(1, Ordering::Relaxed);
+                }
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(tls), service())
                     .await;
@@ -115,6 +138,7 @@ pub fn start_counted_upstream(rt: &tokio::runtime::Runtime, cert_names: &[&str])
         tls: tls_addr,
         ca_pem,
         requests,
+        handshakes,
     }
 }
 

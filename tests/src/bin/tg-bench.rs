@@ -836,6 +836,10 @@ fn goal_section(
     // CPU per request (ns) of the daemon (every thread) and of nginx (master and workers),
     // over each of their rounds.
     let mut cpu: Vec<Vec<u64>> = vec![Vec::new(); contenders.len()];
+    // New upstream connections (TLS handshakes at the mock, and how many resumed a session)
+    // during each one's rounds: a request that finds no idle upstream connection waits for a
+    // handshake.
+    let mut dialed: Vec<(u64, u64)> = vec![(0, 0); contenders.len()];
     // What the hop itself costs: the direct request from the workload's cgroup, where an L4
     // rule has the gateway relay the bytes to the plain port (no HTTP, no TLS, no record per
     // request).
@@ -859,8 +863,12 @@ fn goal_section(
             let (_, target, cgroup, pid) = contenders[i];
             let Some(pid) = pid else { continue };
             let before = tollgate_tests::peers::tree_cpu_ns(&[pid]);
+            let shaken = upstream.tls_handshakes();
             let r = http_load(cgroup, target, rate, SECS, keepalive);
             let spent = tollgate_tests::peers::tree_cpu_ns(&[pid]).saturating_sub(before);
+            let now = upstream.tls_handshakes();
+            dialed[i].0 += now.0 - shaken.0;
+            dialed[i].1 += now.1 - shaken.1;
             cpu[i].push(spent / r["n"].as_u64().unwrap_or(1).max(1));
             results[i] = Some(r);
         }
@@ -972,13 +980,20 @@ fn goal_section(
         .zip(cpu.iter())
         .map(|(c, runs)| format!("{} {} µs", c.0, cpu_median(runs)))
         .collect();
+    let handshakes: Vec<String> = contenders
+        .iter()
+        .zip(&dialed)
+        .filter(|(c, _)| c.3.is_some())
+        .map(|(c, (done, resumed))| format!("{} {done} ({resumed} resumed)", c.0))
+        .collect();
     format!(
-        "## {title}, {rate} requests/s\n\n{ROUNDS} interleaved rounds of {SECS} s each after a 1 s unmeasured warm-up of each, open loop, 1 KiB `POST /v1/chat/completions`, added µs against the same round's direct run. Each round runs direct first, then the same from the workload's cgroup, where an L4 rule has Tollgate relay the bytes to the plain port (what the hop costs without HTTP, TLS or a record per request), then the proxies, in each of their six orders twice. \"Tollgate, models rule\": the same request on a rule that lists models, so the gateway reads the body's model before it decides and the answer's usage as it passes.{goal}\n\n| round | direct p50 / p99 / p99.9 µs | Tollgate, L4 relay added | {} |\n|---:|---|---|{}\n{rows}| median | | {} | {} |\n\n{paired}CPU per request (user and system time of every thread of the daemon, and of nginx's master and workers, over their rounds; median of the rounds): {}.\n\n",
+        "## {title}, {rate} requests/s\n\n{ROUNDS} interleaved rounds of {SECS} s each after a 1 s unmeasured warm-up of each, open loop, 1 KiB `POST /v1/chat/completions`, added µs against the same round's direct run. Each round runs direct first, then the same from the workload's cgroup, where an L4 rule has Tollgate relay the bytes to the plain port (what the hop costs without HTTP, TLS or a record per request), then the proxies, in each of their six orders twice. \"Tollgate, models rule\": the same request on a rule that lists models, so the gateway reads the body's model before it decides and the answer's usage as it passes.{goal}\n\n| round | direct p50 / p99 / p99.9 µs | Tollgate, L4 relay added | {} |\n|---:|---|---|{}\n{rows}| median | | {} | {} |\n\n{paired}CPU per request (user and system time of every thread of the daemon, and of nginx's master and workers, over their rounds; median of the rounds): {}.\n\nNew upstream connections (TLS handshakes at the mock) over all their rounds: {}.\n\n",
         names.iter().map(|n| format!("{n} added")).collect::<Vec<_>>().join(" | "),
         "---|".repeat(names.len()),
         summary(&relayed),
         medians.join(" | "),
         cpus.join(", "),
+        handshakes.join(", "),
     )
 }
 
