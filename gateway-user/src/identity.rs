@@ -34,13 +34,15 @@ impl WorkloadId {
     /// Whose share of the gateway's memory this workload's reads take: its container's, else
     /// its pod's, else its systemd unit's, else that of the cgroup directly below its enforced
     /// root (one of `roots`). Never a cgroup it made below its own, or a workload would take a
-    /// share for each one it makes.
+    /// share for each one it makes. Workloads whose cgroup path is not known (no origin, or a
+    /// cgroup removed before the decision) share one: a workload that could delegate cgroups
+    /// to itself would otherwise connect from a fresh cgroup, leave and remove it, and hold a
+    /// share for each.
     pub fn holder(&self, placement: &crate::container::Placement, roots: &[CgroupPath]) -> String {
         holder(
             placement.container.as_ref().map(|c| c.id.as_str()),
             placement.pod.as_ref().map(|p| p.uid.as_str()),
             self.cgroup.as_ref(),
-            self.cgroup_id,
             roots,
         )
     }
@@ -61,12 +63,14 @@ impl WorkloadId {
     }
 }
 
+/// The one holder of every workload whose cgroup path is not known.
+pub const UNKNOWN_CGROUP: &str = "cgroup:unknown";
+
 /// See [`WorkloadId::holder`]: from the container, pod and cgroup a workload's cgroup path shows.
 pub fn holder(
     container: Option<&str>,
     pod_uid: Option<&str>,
     cgroup: Option<&CgroupPath>,
-    cgroup_id: u64,
     roots: &[CgroupPath],
 ) -> String {
     if let Some(id) = container {
@@ -76,7 +80,7 @@ pub fn holder(
         return format!("pod:{uid}");
     }
     let Some(path) = cgroup else {
-        return format!("cgroup-id:{cgroup_id}");
+        return UNKNOWN_CGROUP.to_owned();
     };
     if let Some(unit) = path.systemd_unit() {
         return format!("unit:{unit}");
@@ -96,7 +100,6 @@ impl WorkloadRecord {
             self.container_id.as_deref(),
             self.pod.as_ref().map(|p| p.uid.as_str()),
             path.as_ref(),
-            self.cgroup_id,
             roots,
         )
     }
@@ -785,7 +788,7 @@ mod tests {
     /// Cgroups a workload makes inside its own take from its one share of the gateway's memory.
     #[test]
     fn a_workload_holds_one_share_whatever_cgroups_it_makes() {
-        let holder = |path: &str| {
+        let of = |path: Option<&str>, cgroup_id: u64| {
             let id = WorkloadId {
                 pid: 1,
                 tgid: 1,
@@ -793,8 +796,8 @@ mod tests {
                 uid: 0,
                 gid: 0,
                 comm: String::new(),
-                cgroup_id: 7,
-                cgroup: Some(CgroupPath::parse(path).expect("path")),
+                cgroup_id,
+                cgroup: path.map(|p| CgroupPath::parse(p).expect("path")),
                 exe: None,
                 exe_sha256: None,
                 verified: false,
@@ -802,6 +805,7 @@ mod tests {
             let roots = [CgroupPath::parse("/agents").expect("root")];
             id.holder(&id.placement(), &roots)
         };
+        let holder = |path: &str| of(Some(path), 7);
         let app = holder("/system.slice/app.service");
         for inside in [
             "/system.slice/app.service/x",
@@ -822,6 +826,11 @@ mod tests {
             holder(&format!("/system.slice/docker-{id}.scope/inner")),
             container
         );
+        // Cgroups removed before their path was read (each its own id) share one holder, as
+        // do connections with no origin.
+        assert_eq!(of(None, 8), of(None, 9));
+        assert_eq!(of(None, 8), of(None, 0));
+        assert_ne!(of(None, 8), a);
     }
 
     #[test]
