@@ -256,6 +256,7 @@ impl AuditLog {
             .spawn({
                 let path = path.clone();
                 move || {
+                    as_batch_work();
                     let folding = Folding::new(denials_per_second, roots);
                     write_lines(&path, file, &lines, &writer_health, folding);
                 }
@@ -390,6 +391,17 @@ fn moved_away(path: &Path, file: &File) -> bool {
         (Ok(named), Ok(open)) => (named.dev(), named.ino()) != (open.dev(), open.ino()),
         (Err(_), _) => true,
         (Ok(_), Err(_)) => false,
+    }
+}
+
+/// Marks the calling thread as batch work (`SCHED_BATCH`): it keeps its fair share of the
+/// CPU, so it never falls behind under load, but waking (a record after a quiet spell, the
+/// end of a linger) it does not take a CPU from a thread that is serving a request.
+fn as_batch_work() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler on the calling thread (0) with a valid parameter block.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "the audit writer stays a normal thread");
     }
 }
 
@@ -806,6 +818,37 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(lines[2]).expect("a whole record");
         assert_eq!(v["reason"], "next");
     }
+    /// The writer runs as batch work: it never takes a CPU from a request's thread when it
+    /// wakes, and keeps its fair share.
+    #[test]
+    fn the_writer_runs_as_batch_work() {
+        let dir = std::env::temp_dir().join(format!("tg-audit-batch-{}", std::process::id()));
+        let log = AuditLog::open(&dir.join("a.jsonl"), 0, Vec::new()).expect("open");
+        assert!(
+            log.flush(std::time::Duration::from_secs(5)),
+            "the writer runs"
+        );
+        let policies: Vec<libc::c_int> = std::fs::read_dir("/proc/self/task")
+            .expect("tasks")
+            .flatten()
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .is_ok_and(|c| c.trim() == "tollgate-audit")
+            })
+            .filter_map(|t| t.file_name().to_str()?.parse::<libc::pid_t>().ok())
+            // SAFETY: sched_getscheduler reads a thread's policy; a thread gone meanwhile is -1.
+            .map(|tid| unsafe { libc::sched_getscheduler(tid) })
+            .filter(|&policy| policy >= 0)
+            .collect();
+        drop(log);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(!policies.is_empty(), "a writer thread is found");
+        assert!(
+            policies.iter().all(|&p| p == libc::SCHED_BATCH),
+            "every writer is SCHED_BATCH: {policies:?}"
+        );
+    }
+
     /// A batch knows the decisions its lines stand for, so a failed write can say how many
     /// were lost: a counted record stands for its count.
     #[test]
