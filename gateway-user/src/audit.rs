@@ -188,6 +188,16 @@ impl AuditRecord {
             folded: None,
         }
     }
+
+    /// How many decisions this record stands for: one, or its `count` for a folded or
+    /// aggregate record of decisions; none for a lifecycle record or a count of lost reports
+    /// (an `error` with a count), which count other things.
+    pub fn decisions(&self) -> u64 {
+        match (self.layer, self.decision, self.count) {
+            (Layer::Lifecycle, _, _) | (_, Verdict::Error, Some(_)) => 0,
+            (_, _, count) => count.unwrap_or(1),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -394,9 +404,10 @@ fn moved_away(path: &Path, file: &File) -> bool {
     }
 }
 
-/// Marks the calling thread as batch work (`SCHED_BATCH`): it keeps its fair share of the
-/// CPU, so it never falls behind under load, but waking (a record after a quiet spell, the
-/// end of a linger) it does not take a CPU from a thread that is serving a request.
+/// Marks the calling thread as batch work (`SCHED_BATCH`): it keeps a normal thread's fair
+/// share of the CPU, so it is no likelier to fall behind than the threads that make the
+/// records, but waking (a record after a quiet spell, the end of a linger) it does not take a
+/// CPU from a thread that is serving a request.
 fn as_batch_work() {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: sched_setscheduler on the calling thread (0) with a valid parameter block.
@@ -482,7 +493,7 @@ fn wait(queue: &Receiver<Message>, folding: &Folding) -> Option<Option<Message>>
 }
 
 /// Lines gathered for one write, with the records they are and the decisions those stand for
-/// (a folded or aggregate record stands for its `count`).
+/// ([`AuditRecord::decisions`]).
 #[derive(Default)]
 struct Batch {
     bytes: Vec<u8>,
@@ -498,7 +509,7 @@ impl Batch {
             Ok(()) => {
                 self.bytes.push(b'\n');
                 self.records += 1;
-                self.decisions += record.count.unwrap_or(1);
+                self.decisions += record.decisions();
             }
             Err(e) => {
                 self.bytes.truncate(before);
@@ -842,10 +853,11 @@ mod tests {
             .collect();
         drop(log);
         let _ = std::fs::remove_dir_all(&dir);
-        assert!(!policies.is_empty(), "a writer thread is found");
+        // Other tests' writers may be found between their start and their switch; this one,
+        // having written, has switched.
         assert!(
-            policies.iter().all(|&p| p == libc::SCHED_BATCH),
-            "every writer is SCHED_BATCH: {policies:?}"
+            policies.contains(&libc::SCHED_BATCH),
+            "the writer is SCHED_BATCH: {policies:?}"
         );
     }
 
@@ -858,9 +870,18 @@ mod tests {
         let mut folded = AuditRecord::new(Verdict::Deny, Layer::Request, "folded");
         folded.count = Some(41);
         batch.push(&folded);
-        assert_eq!((batch.records, batch.decisions), (2, 42));
+        // Records that count other things: processes, lost reports; a lifecycle event.
+        let mut lost = AuditRecord::new(Verdict::Error, Layer::Kernel, "kernel_reports_lost");
+        lost.count = Some(7);
+        batch.push(&lost);
+        batch.push(&AuditRecord::new(
+            Verdict::Allow,
+            Layer::Lifecycle,
+            "started",
+        ));
+        assert_eq!((batch.records, batch.decisions), (4, 42));
         let text = std::str::from_utf8(&batch.bytes).expect("utf-8");
-        assert_eq!(text.lines().count(), 2, "{text}");
+        assert_eq!(text.lines().count(), 4, "{text}");
         batch.clear();
         assert_eq!(
             (batch.records, batch.decisions, batch.bytes.len()),

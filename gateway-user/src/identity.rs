@@ -35,9 +35,10 @@ impl WorkloadId {
     /// its pod's, else its systemd unit's, else that of the cgroup directly below its enforced
     /// root (one of `roots`). Never a cgroup it made below its own, or a workload would take a
     /// share for each one it makes. Workloads whose cgroup path is not known (no origin, or a
-    /// cgroup removed before the decision) share one: a workload that could delegate cgroups
-    /// to itself would otherwise connect from a fresh cgroup, leave and remove it, and hold a
-    /// share for each.
+    /// cgroup removed before the decision) share one. They are always refused, so this is
+    /// the share of denial records they fold into: a workload that could delegate cgroups to
+    /// itself would otherwise connect from a fresh cgroup, leave and remove it, and have a
+    /// share of whole records for each.
     pub fn holder(&self, placement: &crate::container::Placement, roots: &[CgroupPath]) -> String {
         holder(
             placement.container.as_ref().map(|c| c.id.as_str()),

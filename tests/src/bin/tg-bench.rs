@@ -753,7 +753,8 @@ fn goal_rate(only: Option<&str>, asked: Option<&str>) -> Result<u64, String> {
 
 /// The load a build made to record a profile is run under (`cargo xtask build-release --pgo`):
 /// what the goal measures, a few seconds each at the goal's rate: kept-alive requests on both
-/// HTTP rules, a new connection per request, and the L4 relay. A load that failed would train
+/// HTTP rules, a new connection per request, and the L4 relay; and 3 s of the API rule at
+/// 4,000/s. A load that failed would train
 /// the build on its error paths: it stops the training.
 fn training(app: &Path, upstream: &tollgate_tests::httpbench::Upstream, ports: Ports) -> String {
     let local = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
@@ -974,7 +975,11 @@ fn goal_section(
                 .zip(&added[2])
                 .map(|(t, n)| t[k] - n[k])
                 .collect();
-            let mid = middle(d.iter().map(|&x| x as f64).collect()).unwrap_or(0.0);
+            // Rounded, then `+ 0.0`: a median between -0.5 and 0 prints as +0, not -0.
+            let mid = middle(d.iter().map(|&x| x as f64).collect())
+                .unwrap_or(0.0)
+                .round()
+                + 0.0;
             format!(
                 "{label} median {:+.0} µs (from {:+} to {:+}; at or below nginx in {} of {})",
                 mid,
