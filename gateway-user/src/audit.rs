@@ -829,8 +829,9 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(lines[2]).expect("a whole record");
         assert_eq!(v["reason"], "next");
     }
-    /// The writer runs as batch work: it never takes a CPU from a request's thread when it
-    /// wakes, and keeps its fair share.
+
+    /// The writer runs as batch work: waking, it does not take a CPU from a request's thread,
+    /// and it keeps its fair share.
     #[test]
     fn the_writer_runs_as_batch_work() {
         let dir = std::env::temp_dir().join(format!("tg-audit-batch-{}", std::process::id()));

@@ -754,8 +754,8 @@ fn goal_rate(only: Option<&str>, asked: Option<&str>) -> Result<u64, String> {
 /// The load a build made to record a profile is run under (`cargo xtask build-release --pgo`):
 /// what the goal measures, a few seconds each at the goal's rate: kept-alive requests on both
 /// HTTP rules, a new connection per request, and the L4 relay; and 3 s of the API rule at
-/// 4,000/s. A load that failed would train
-/// the build on its error paths: it stops the training.
+/// 4,000/s. A load that failed would train the build on its error paths: it stops the
+/// training.
 fn training(app: &Path, upstream: &tollgate_tests::httpbench::Upstream, ports: Ports) -> String {
     let local = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
     let mut md = String::from(
