@@ -264,57 +264,37 @@ const FS_APPEND_FL: libc::c_int = 0x20;
 impl AppendOnly {
     fn set(path: &std::path::Path) -> Self {
         let file = std::fs::File::open(path).expect("open");
-        let flags = Self::flags(&file);
-        Self::write(&file, flags | FS_APPEND_FL);
+        Self::change(&file, |flags| flags | FS_APPEND_FL).expect("set the append-only flag");
         Self(file)
     }
 
-    fn flags(file: &std::fs::File) -> libc::c_int {
+    /// Reads the file's flags and writes `f` of them.
+    fn change(
+        file: &std::fs::File,
+        f: impl FnOnce(libc::c_int) -> libc::c_int,
+    ) -> std::io::Result<()> {
         use std::os::fd::AsRawFd;
+        let fd = file.as_raw_fd();
         let mut flags: libc::c_int = 0;
         // SAFETY: FS_IOC_GETFLAGS writes an int through the pointer, which outlives the call.
-        let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) };
-        assert_eq!(
-            rc,
-            0,
-            "FS_IOC_GETFLAGS: {}",
-            std::io::Error::last_os_error()
-        );
-        flags
-    }
-
-    fn write(file: &std::fs::File, flags: libc::c_int) {
-        use std::os::fd::AsRawFd;
+        if unsafe { libc::ioctl(fd, libc::FS_IOC_GETFLAGS, &mut flags) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let flags = f(flags);
         // SAFETY: FS_IOC_SETFLAGS reads an int through the pointer, which outlives the call.
-        let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::FS_IOC_SETFLAGS, &flags) };
-        assert_eq!(
-            rc,
-            0,
-            "FS_IOC_SETFLAGS: {}",
-            std::io::Error::last_os_error()
-        );
+        if unsafe { libc::ioctl(fd, libc::FS_IOC_SETFLAGS, &flags) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 }
 
 impl Drop for AppendOnly {
-    /// Clears the flag without asserting: a panic here while a failed test unwinds would
+    /// Clears the flag without panicking: a panic here while a failed test unwinds would
     /// abort the whole suite and leave the file append-only.
     fn drop(&mut self) {
-        use std::os::fd::AsRawFd;
-        let fd = self.0.as_raw_fd();
-        let mut flags: libc::c_int = 0;
-        // SAFETY: as in `flags` and `write`: an int read and written through live pointers.
-        let cleared = unsafe {
-            libc::ioctl(fd, libc::FS_IOC_GETFLAGS, &mut flags) == 0 && {
-                let off = flags & !FS_APPEND_FL;
-                libc::ioctl(fd, libc::FS_IOC_SETFLAGS, &off) == 0
-            }
-        };
-        if !cleared {
-            eprintln!(
-                "cannot clear the append-only flag: {}",
-                std::io::Error::last_os_error()
-            );
+        if let Err(e) = Self::change(&self.0, |flags| flags & !FS_APPEND_FL) {
+            eprintln!("cannot clear the append-only flag: {e}");
         }
     }
 }
