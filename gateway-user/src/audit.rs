@@ -213,9 +213,9 @@ pub enum AuditError {
     Backlog,
 }
 
-/// The audit sink. Records are serialized by the caller and written by one writer thread, in
-/// order, each line whole: a record costs the request path a serialization and a channel send,
-/// not a file write. The writer takes every line queued at the time in one `write`.
+/// The audit sink. The caller queues records; one writer thread serializes and writes them, in
+/// order, each line whole: a record costs the request path a channel send, not a serialization
+/// or a file write. The writer takes every record queued at the time into one `write`.
 ///
 /// Whether the last write succeeded is kept: while it did not (or the queue is full), allowing
 /// is refused (fail closed) unless the operator chose `audit_failure: allow`. [`AuditLog::flush`]

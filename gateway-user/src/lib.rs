@@ -31,6 +31,7 @@ pub mod redact;
 pub mod relay;
 pub mod rules;
 pub mod sockdiag;
+pub mod tickets;
 pub mod tls;
 pub mod upstream;
 pub mod usage;

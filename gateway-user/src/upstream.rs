@@ -506,10 +506,12 @@ impl Upstreams {
             }
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth();
+        tls.resumption =
+            rustls::client::Resumption::store(Arc::new(crate::tickets::Tickets::new()));
         Ok(Self {
             tls: Arc::new(tls),
             dial: Arc::new(dial),
@@ -851,6 +853,101 @@ mod tests {
             up.forget(9);
             assert!(up.idle_by_namespace().is_empty());
         });
+    }
+
+    /// A TLS mock for `localhost` on loopback, its certificate from a throwaway CA written to
+    /// `ca` (PEM). It answers every request head with a short body and counts its handshakes
+    /// and how many of them resumed a session.
+    async fn tls_mock(ca: &std::path::Path) -> (u16, Arc<[std::sync::atomic::AtomicUsize; 2]>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let ca_key = rcgen::KeyPair::generate().expect("ca key");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).expect("ca");
+        std::fs::write(ca, ca_cert.pem()).expect("write the CA");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .expect("params")
+            .signed_by(&key, &ca_cert, &ca_key)
+            .expect("cert");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let counts: Arc<[std::sync::atomic::AtomicUsize; 2]> = Arc::default();
+        let counted = Arc::clone(&counts);
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                let (acceptor, counted) = (acceptor.clone(), Arc::clone(&counted));
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(sock).await else {
+                        return;
+                    };
+                    let resumed =
+                        tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+                    counted[usize::from(resumed)].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let mut buf = vec![0u8; 4096];
+                    while let Ok(1..) = tls.read(&mut buf).await {
+                        let reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                        if tls.write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (port, counts)
+    }
+
+    /// Ten requests at once to one TLS upstream, twice: the second ten dial again (the first
+    /// ten's connections were closed) and each resumes a session from the tickets the first
+    /// ten received, so a burst of dials costs no full handshakes.
+    #[test]
+    fn a_burst_of_new_connections_resumes_sessions() {
+        use http_body_util::BodyExt;
+        const BURST: usize = 10;
+        let ca = std::env::temp_dir().join(format!("tg-ticket-ca-{}.pem", std::process::id()));
+        runtime().block_on(async {
+            let (port, counts) = tls_mock(&ca).await;
+            let mut config = upstreams(Duration::from_secs(5)).dial.config.clone();
+            config.upstream_ca = Some(ca.clone());
+            let up = Arc::new(Upstreams::new(DialPolicy { config }).expect("upstreams"));
+            let ns = Arc::new(Netns::Host);
+            let target = Target {
+                https: true,
+                host: "localhost".into(),
+                port,
+            };
+            for _ in 0..2 {
+                let mut burst = tokio::task::JoinSet::new();
+                for _ in 0..BURST {
+                    let (up, ns, target) = (Arc::clone(&up), Arc::clone(&ns), target.clone());
+                    burst.spawn(async move {
+                        let response = up.request(&ns, 7, true, target, get("/")).await;
+                        response.expect("response").into_body().collect().await
+                    });
+                }
+                while let Some(body) = burst.join_next().await {
+                    assert_eq!(body.expect("task").expect("body").to_bytes(), "ok");
+                }
+                up.forget(7);
+            }
+            let count = |i: usize| counts[i].load(std::sync::atomic::Ordering::SeqCst);
+            // Full handshakes, then resumed ones.
+            assert_eq!((count(0), count(1)), (BURST, BURST));
+        });
+        let _ = std::fs::remove_file(&ca);
     }
 
     #[test]
