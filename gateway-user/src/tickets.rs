@@ -20,10 +20,11 @@ use rustls::{
 
 /// Servers whose TLS 1.3 tickets are kept; a new one takes the place of the one that received
 /// a ticket longest ago. Policy hosts are few; a wildcard rule's names are bounded by this.
-const SERVERS: usize = 64;
-/// TLS 1.3 tickets kept per server (a ticket is a few hundred bytes; the certificate chain it
-/// refers to is shared): how many dials at once can each resume a session.
-const TICKETS_PER_SERVER: usize = 64;
+const SERVERS: usize = 32;
+/// TLS 1.3 tickets kept per server: how many dials at once can each resume a session. A
+/// ticket holds its own copy of the server's certificate chain (a few KiB for a public API),
+/// so the store holds at most about 4 MiB (rustls's own about 1).
+const TICKETS_PER_SERVER: usize = 32;
 
 /// The upstream client's session store. TLS 1.3 tickets are kept here; key-exchange hints and
 /// TLS 1.2 sessions (one per server, reusable) as rustls keeps them.
