@@ -42,6 +42,8 @@ pub enum RunError {
     NoBtf,
     #[error("bpffs: {0}")]
     Bpffs(String),
+    #[error("tollgate runs in a pid namespace of its own ({0}): the kernel records the host's pids for every connection and this /proc cannot show them, so no workload's identity could be verified. Run it with the host's pids (for Kubernetes: hostPID: true)")]
+    PidNamespace(String),
     #[error("socket guard: {0}")]
     SocketGuard(String),
     #[error("another tollgate is running with pin dir {pin_dir} (lock {lock}): stop it first")]
@@ -80,6 +82,7 @@ struct Preflight {
 }
 
 fn preflight(config: &Config) -> Result<Preflight, RunError> {
+    check_host_pids()?;
     let policies = PolicySet::load_dir(&config.policies).map_err(|errs| {
         RunError::Policy(
             errs.iter()
@@ -155,8 +158,9 @@ pub fn check_bindings(policies: &PolicySet, credentials: &Credentials) -> Result
     Ok(())
 }
 
-/// Makes sure the pin directory is on a bpffs of the host's mount namespace (mounting bpffs
-/// at /sys/fs/bpf if nothing is there), so pins outlive this process.
+/// Makes sure the pin directory is on a bpffs the host has (in its mount namespace, or mounted
+/// into this one), mounting bpffs at /sys/fs/bpf if nothing is there, so pins outlive this
+/// process.
 fn ensure_bpffs(config: &Config) -> Result<(), RunError> {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
     let parent = config.pin_dir.parent().unwrap_or(Path::new("/"));
@@ -177,12 +181,51 @@ fn ensure_bpffs(config: &Config) -> Result<(), RunError> {
             .map_err(|e| RunError::Bpffs(format!("cannot mount bpffs at /sys/fs/bpf: {e}: mount it (mount -t bpf bpf /sys/fs/bpf) and retry")))?;
         tracing::info!("mounted bpffs at /sys/fs/bpf");
     }
-    if !in_host_mount_ns()? && !config.allow_private_bpffs {
-        return Err(RunError::Bpffs(
-            "tollgate runs in a private mount namespace: pins would die with it and enforcement would stop. \
-             Run it in the host's mount namespace (for Kubernetes: hostPID plus a bidirectional /sys/fs/bpf mount)"
-                .into(),
-        ));
+    if !config.allow_private_bpffs && !pins_reach_host(parent)? {
+        return Err(RunError::Bpffs(format!(
+            "tollgate runs in a private mount namespace and the bpffs at {} is not the host's: pins would die with it and enforcement would stop. \
+             Run it in the host's mount namespace, or mount the host's bpffs there (for Kubernetes: hostPID, and /sys/fs/bpf as a hostPath volume with Bidirectional propagation)",
+            parent.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Whether pins under `dir` (on a bpffs) outlive this process: it shares the host's mount
+/// namespace, or the bpffs at `dir` is the very filesystem the host has at that path (a pod's
+/// own mount namespace with the host's /sys/fs/bpf mounted in), as a process of the host's
+/// namespace sees that path. A bpffs mounted in a private namespace is a filesystem of its
+/// own, gone with the namespace. [`check_host_pids`] has made sure /proc shows the host's
+/// processes.
+fn pins_reach_host(dir: &Path) -> Result<bool, RunError> {
+    use std::os::unix::fs::MetadataExt;
+    if in_host_mount_ns()? {
+        return Ok(true);
+    }
+    let Some((host, _)) = host_process() else {
+        return Ok(false);
+    };
+    // The pin directory's parent may not exist yet; its nearest ancestor that does is on the
+    // same bpffs (ensure_bpffs found the mount at or above it).
+    let Some(existing) = dir.ancestors().find(|a| a.exists()) else {
+        return Ok(false);
+    };
+    let ours = fs::metadata(existing)?.dev();
+    let seen = host
+        .join("root")
+        .join(existing.strip_prefix("/").unwrap_or(existing));
+    Ok(fs::metadata(seen).is_ok_and(|h| h.dev() == ours))
+}
+
+/// Refuses a pid namespace other than the host's: the kernel records the host's pids for every
+/// connection, and a /proc of another namespace cannot show those processes, so no workload's
+/// executable could be verified and `exe` selectors would never match.
+fn check_host_pids() -> Result<(), RunError> {
+    /// The initial pid namespace's fixed inode number (`PROC_PID_INIT_INO`).
+    const INIT_PID_NS: &str = "pid:[4026531836]";
+    let own = fs::read_link("/proc/self/ns/pid")?;
+    if own.as_os_str() != INIT_PID_NS {
+        return Err(RunError::PidNamespace(own.display().to_string()));
     }
     Ok(())
 }
@@ -237,15 +280,37 @@ pub fn runtime_path(config: &Config, ext: &str) -> PathBuf {
     Path::new("/run/tollgate").join(format!("{name}.{ext}"))
 }
 
-/// Whether this process shares pid 1's mount namespace. Where pid 1's namespace cannot be
-/// read (a sandbox without ptrace access to it), the initial mount namespace's fixed inode
-/// number (kernels 6.x) stands in for it.
+/// The initial mount namespace's fixed inode number (kernels 6.18 and later; earlier ones
+/// number it like any other).
+const INIT_MNT_NS: &str = "mnt:[4026531832]";
+
+/// A process of the host's mount namespace, as its /proc directory, with the namespace's name:
+/// pid 1, or, where pid 1 cannot be read (a sandbox without ptrace access to it), the first
+/// process found in the namespace with the initial one's fixed inode number.
+fn host_process() -> Option<(PathBuf, std::ffi::OsString)> {
+    let pid1 = Path::new("/proc/1");
+    if let Ok(ns) = fs::read_link(pid1.join("ns/mnt")) {
+        return Some((pid1.to_owned(), ns.into_os_string()));
+    }
+    fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .map(|e| e.path())
+        .find(|p| fs::read_link(p.join("ns/mnt")).is_ok_and(|ns| ns.as_os_str() == INIT_MNT_NS))
+        .map(|p| (p, INIT_MNT_NS.into()))
+}
+
+/// Whether this process shares the host's mount namespace.
 fn in_host_mount_ns() -> Result<bool, RunError> {
-    const INIT_MNT_NS_INO: &str = "mnt:[4026531832]";
     let own = fs::read_link("/proc/self/ns/mnt")?;
-    Ok(match fs::read_link("/proc/1/ns/mnt") {
-        Ok(host) => own == host,
-        Err(_) => own.as_os_str() == INIT_MNT_NS_INO,
+    Ok(match host_process() {
+        Some((_, host)) => own.as_os_str() == host,
+        None => own.as_os_str() == INIT_MNT_NS,
     })
 }
 

@@ -141,6 +141,95 @@ impl Drop for Bpffs {
     }
 }
 
+/// A bpffs mounted in the host's mount namespace (pid 1's) at a test's own directory, as a
+/// node's /sys/fs/bpf is: a daemon in a mount namespace made from the host's, as a pod's is,
+/// finds it there. Unmounted when dropped, which drops every pin on it; `cargo xtask test`
+/// unmounts any that a killed run left.
+pub struct HostBpffs {
+    pub path: PathBuf,
+}
+
+/// A process of the host's mount namespace (the initial one; the tests run in one of their
+/// own): pid 1, or where pid 1 cannot be read (a sandbox), the first process found there.
+pub fn host_pid() -> String {
+    if std::fs::read_link("/proc/1/ns/mnt").is_ok() {
+        return "1".into();
+    }
+    // The initial mount namespace's fixed inode number (kernels 6.18 and later).
+    let in_host = |pid: &str| {
+        std::fs::read_link(format!("/proc/{pid}/ns/mnt"))
+            .is_ok_and(|ns| ns.as_os_str() == "mnt:[4026531832]")
+    };
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        .find(|pid| in_host(pid))
+        .expect("a process in the host's mount namespace")
+}
+
+/// `nsenter` into the host's mount namespace.
+fn in_host_mounts() -> Command {
+    let mut c = Command::new("nsenter");
+    c.args(["--target", &host_pid(), "--mount", "--"]);
+    c
+}
+
+impl HostBpffs {
+    pub fn mount(path: &Path) -> Self {
+        std::fs::create_dir_all(path).expect("host bpffs dir");
+        let status = in_host_mounts()
+            .args(["mount", "-t", "bpf", "bpf"])
+            .arg(path)
+            .status()
+            .expect("run nsenter");
+        assert!(
+            status.success(),
+            "mount a bpffs at {} in the host's mount namespace",
+            path.display()
+        );
+        Self {
+            path: path.to_owned(),
+        }
+    }
+
+    /// The names under `dir` (relative to the mount) as the host sees them.
+    pub fn list(&self, dir: &str) -> Vec<String> {
+        let rel = self.path.strip_prefix("/").expect("absolute");
+        let root = PathBuf::from(format!("/proc/{}/root", host_pid()));
+        std::fs::read_dir(root.join(rel).join(dir))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for HostBpffs {
+    fn drop(&mut self) {
+        let _ = in_host_mounts()
+            .args(["umount", "-l"])
+            .arg(&self.path)
+            .status();
+    }
+}
+
+/// How the daemon is started.
+#[derive(Clone, Copy)]
+enum Launch<'a> {
+    /// In the test's mount namespace.
+    Direct,
+    /// In a mount namespace of its own (a copy of the test's) where the shell commands ran
+    /// first.
+    After(&'a str),
+    /// As a DaemonSet pod: in a mount namespace of its own made from the host's, where the
+    /// shell commands ran first.
+    Pod(&'a str),
+}
+
 /// One test's world: an enforced root, a gateway cgroup, its own bpffs, a listener port.
 pub struct TestEnv {
     pub name: String,
@@ -281,14 +370,35 @@ impl TestEnv {
 
     /// Starts the daemon and waits until it enforces.
     pub fn start(&self) -> Daemon {
-        Daemon::start(self, None).unwrap_or_else(|log| panic!("daemon did not start: {log}"))
+        Daemon::start(self, Launch::Direct)
+            .unwrap_or_else(|log| panic!("daemon did not start: {log}"))
     }
 
     /// Starts the daemon in a mount namespace of its own, after the shell commands `prelude`
     /// (which must succeed), and waits until it enforces.
     pub fn start_after(&self, prelude: &str) -> Daemon {
-        Daemon::start(self, Some(prelude))
+        Daemon::start(self, Launch::After(prelude))
             .unwrap_or_else(|log| panic!("daemon did not start after {prelude:?}: {log}"))
+    }
+
+    /// Starts the daemon as a DaemonSet pod runs it (a mount namespace of its own made from
+    /// the host's), after the shell commands `prelude`, and waits until it enforces; or the
+    /// log of a daemon that exited.
+    pub fn start_as_pod(&self, prelude: &str) -> Result<Daemon, String> {
+        Daemon::start(self, Launch::Pod(prelude))
+    }
+
+    /// Has the daemon pin under `bpffs` (the host's) and refuse a bpffs the host does not
+    /// have, as in production.
+    pub fn pin_on(&self, bpffs: &HostBpffs) {
+        let config = std::fs::read_to_string(&self.config).expect("config");
+        let config = config
+            .replace(
+                &self.dir.join("bpffs/tollgate").display().to_string(),
+                &bpffs.path.join("tollgate").display().to_string(),
+            )
+            .replace("allow_private_bpffs: true", "allow_private_bpffs: false");
+        std::fs::write(&self.config, config).expect("write config");
     }
 
     /// Runs `tollgate` with `args` (after `--config` when `with_config`), returning its output.
@@ -415,21 +525,30 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts the daemon; with a `prelude`, in a mount namespace of its own where the shell
-    /// commands of `prelude` ran first (the daemon is the same process: `exec`).
-    fn start(env: &TestEnv, prelude: Option<&str>) -> Result<Self, String> {
+    /// Starts the daemon as `launch` says; the shell of a prelude `exec`s it, so the daemon
+    /// is the process started.
+    fn start(env: &TestEnv, launch: Launch) -> Result<Self, String> {
         let ready = env.dir.join("ready");
         let _ = std::fs::remove_file(&ready);
         let log = env
             .dir
             .join(format!("daemon-{}.log", SEQ.fetch_add(1, Ordering::SeqCst)));
-        let mut command = match prelude {
-            None => Command::new(tollgate_bin()),
-            Some(prelude) => {
+        let in_own_mount_ns = |c: &mut Command, prelude: &str| {
+            c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+                .arg(format!("{prelude} && exec \"$0\" \"$@\""))
+                .arg(tollgate_bin());
+        };
+        let mut command = match launch {
+            Launch::Direct => Command::new(tollgate_bin()),
+            Launch::After(prelude) => {
                 let mut c = Command::new("unshare");
-                c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-                    .arg(format!("{prelude} && exec \"$0\" \"$@\""))
-                    .arg(tollgate_bin());
+                in_own_mount_ns(&mut c, prelude);
+                c
+            }
+            Launch::Pod(prelude) => {
+                let mut c = in_host_mounts();
+                c.arg("unshare");
+                in_own_mount_ns(&mut c, prelude);
                 c
             }
         };

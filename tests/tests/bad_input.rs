@@ -144,6 +144,26 @@ fn a_pin_dir_off_bpffs_and_a_private_namespace_are_refused() {
 }
 
 #[test]
+fn a_pid_namespace_of_its_own_is_refused() {
+    let env = TestEnv::new("pidns");
+    let out = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "--"])
+        .arg(tollgate_bin())
+        .args(["run", "--config"])
+        .arg(&env.config)
+        .output()
+        .expect("unshare");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = error_line(&stderr);
+    assert!(
+        line.contains("runs in a pid namespace of its own") && line.contains("hostPID"),
+        "{line}"
+    );
+    assert_nothing_attached(&env);
+}
+
+#[test]
 fn a_second_daemon_is_refused_and_the_first_keeps_working() {
     let mut env = TestEnv::new("second");
     let mock = Mock::start("127.0.0.1:0");

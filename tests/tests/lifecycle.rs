@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use tollgate_tests::{free_port, spawn_in, wait_for, Mock, TestEnv};
+use tollgate_tests::{free_port, spawn_in, wait_for, HostBpffs, Mock, TestEnv};
 
 const ECONNREFUSED: i64 = 111;
 
@@ -428,4 +428,51 @@ fn a_host_without_tracefs_gets_it_mounted_for_the_guard() {
     let ok = env.probe(Some(&app), &["tcp", &mock.addr.to_string()]);
     assert_eq!(ok["ok"], true, "enforcing, with the guard on: {ok}");
     d.stop();
+}
+
+/// As a DaemonSet pod runs it: in a mount namespace of its own made from the host's, with its
+/// pins on a bpffs the host has (the node's /sys/fs/bpf, mounted in as a hostPath volume). It
+/// starts, enforces, and its pins are the host's, so once the pod is gone the workload's
+/// connects are still refused, never direct. A pod whose bpffs is its own is refused before
+/// anything is attached: its pins would die with it.
+#[test]
+fn a_daemon_in_a_pods_mount_namespace_pins_on_the_hosts_bpffs() {
+    let mut env = TestEnv::new("podmnt");
+    let mock = Mock::start("127.0.0.1:0");
+    let app = env.workload("app.service");
+    env.allow("app", "app.service", &[mock.addr]);
+    let node = HostBpffs::mount(&env.dir.join("node-bpffs"));
+    env.pin_on(&node);
+
+    let own = format!("mount -t bpf bpf {}", node.path.display());
+    let log = env
+        .start_as_pod(&own)
+        .err()
+        .expect("a pod with a bpffs of its own is refused");
+    assert!(
+        log.contains("private mount namespace") && log.contains("is not the host's"),
+        "{log}"
+    );
+    assert!(node.list("tollgate").is_empty(), "nothing pinned");
+    let p = env.probe(Some(&app), &["tcp", &mock.addr.to_string()]);
+    assert_eq!(p["ok"], true, "nothing attached, so nothing enforced: {p}");
+
+    let mut d = env
+        .start_as_pod("true")
+        .unwrap_or_else(|log| panic!("the pod did not start: {log}"));
+    let ok = env.probe(Some(&app), &["tcp", &mock.addr.to_string()]);
+    assert_eq!(ok["ok"], true, "allowed through the gateway: {ok}");
+    assert!(
+        !node.list("tollgate").is_empty(),
+        "the pins are on the host's bpffs"
+    );
+    d.stop();
+    let before = mock.peers().len();
+    let p = env.probe(Some(&app), &["tcp", &mock.addr.to_string()]);
+    assert_eq!(p["errno"], ECONNREFUSED, "after the pod is gone: {p}");
+    assert_eq!(
+        mock.peers().len(),
+        before,
+        "nothing reached the mock directly"
+    );
 }
