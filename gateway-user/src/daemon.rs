@@ -22,7 +22,7 @@ use crate::{
     config::{Config, SocketGuard},
     credentials::Credentials,
     ebpf::{self, Kernel},
-    events,
+    events, hostns,
     namespaces::{Namespaces, SettleQueue},
     netns::Netns,
     policy::PolicySet,
@@ -181,40 +181,42 @@ fn ensure_bpffs(config: &Config) -> Result<(), RunError> {
             .map_err(|e| RunError::Bpffs(format!("cannot mount bpffs at /sys/fs/bpf: {e}: mount it (mount -t bpf bpf /sys/fs/bpf) and retry")))?;
         tracing::info!("mounted bpffs at /sys/fs/bpf");
     }
-    if !config.allow_private_bpffs && !pins_reach_host(parent)? {
+    if !config.allow_private_bpffs && !pins_reach_host(&config.pin_dir) {
         return Err(RunError::Bpffs(format!(
-            "tollgate runs in a private mount namespace and the bpffs at {} is not the host's: pins would die with it and enforcement would stop. \
-             Run it in the host's mount namespace, or mount the host's bpffs there (for Kubernetes: hostPID, and /sys/fs/bpf as a hostPath volume with Bidirectional propagation)",
+            "tollgate runs in a private mount namespace and the bpffs at {} is not the one the host has at that path: pins would die with it and enforcement would stop. \
+             Run it in the host's mount namespace, or mount the host's bpffs at the same path (for Kubernetes: hostPID, and /sys/fs/bpf as a hostPath volume with Bidirectional propagation)",
             parent.display()
         )));
     }
     Ok(())
 }
 
-/// Whether pins under `dir` (on a bpffs) outlive this process: it shares the host's mount
-/// namespace, or the bpffs at `dir` is the very filesystem the host has at that path (a pod's
-/// own mount namespace with the host's /sys/fs/bpf mounted in), as a process of the host's
-/// namespace sees that path. A bpffs mounted in a private namespace is a filesystem of its
-/// own, gone with the namespace. [`check_host_pids`] has made sure /proc shows the host's
-/// processes.
-fn pins_reach_host(dir: &Path) -> Result<bool, RunError> {
+/// Whether pins at `pin_dir` (on a bpffs) outlive this process: it shares the host's mount
+/// namespace, or the filesystem at `pin_dir` is the very one a process of the host's namespace
+/// has at that path (a pod's own mount namespace with the host's /sys/fs/bpf mounted in). A
+/// bpffs mounted in a private namespace is a filesystem of its own, gone with the namespace.
+/// [`check_host_pids`] has made sure /proc shows the host's processes. What cannot be read
+/// counts as not the host's.
+fn pins_reach_host(pin_dir: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
-    if in_host_mount_ns()? {
-        return Ok(true);
+    let host = hostns::HostProcess::find();
+    if hostns::in_host_mount_ns(host.as_ref()).unwrap_or(false) {
+        return true;
     }
-    let Some((host, _)) = host_process() else {
-        return Ok(false);
+    // The pin directory may not exist yet: its nearest ancestor that does is on the same
+    // filesystem (ensure_bpffs found the bpffs mounted at or above it).
+    let (Some(host), Some(existing)) = (host, pin_dir.ancestors().find(|a| a.exists())) else {
+        return false;
     };
-    // The pin directory's parent may not exist yet; its nearest ancestor that does is on the
-    // same bpffs (ensure_bpffs found the mount at or above it).
-    let Some(existing) = dir.ancestors().find(|a| a.exists()) else {
-        return Ok(false);
-    };
-    let ours = fs::metadata(existing)?.dev();
-    let seen = host
-        .join("root")
-        .join(existing.strip_prefix("/").unwrap_or(existing));
-    Ok(fs::metadata(seen).is_ok_and(|h| h.dev() == ours))
+    let ours = fs::metadata(existing).map(|m| m.dev());
+    let theirs = host.dev_at(existing);
+    match (ours, theirs) {
+        (Ok(ours), Ok(theirs)) => ours == theirs,
+        (ours, theirs) => {
+            tracing::warn!(path = %existing.display(), host_pid = host.pid, ours = ?ours.err(), host = ?theirs.err(), "cannot compare the pin directory's filesystem with the host's");
+            false
+        }
+    }
 }
 
 /// Refuses a pid namespace other than the host's: the kernel records the host's pids for every
@@ -278,40 +280,6 @@ pub fn runtime_path(config: &Config, ext: &str) -> PathBuf {
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect();
     Path::new("/run/tollgate").join(format!("{name}.{ext}"))
-}
-
-/// The initial mount namespace's fixed inode number (kernels 6.18 and later; earlier ones
-/// number it like any other).
-const INIT_MNT_NS: &str = "mnt:[4026531832]";
-
-/// A process of the host's mount namespace, as its /proc directory, with the namespace's name:
-/// pid 1, or, where pid 1 cannot be read (a sandbox without ptrace access to it), the first
-/// process found in the namespace with the initial one's fixed inode number.
-fn host_process() -> Option<(PathBuf, std::ffi::OsString)> {
-    let pid1 = Path::new("/proc/1");
-    if let Ok(ns) = fs::read_link(pid1.join("ns/mnt")) {
-        return Some((pid1.to_owned(), ns.into_os_string()));
-    }
-    fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_str()
-                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        })
-        .map(|e| e.path())
-        .find(|p| fs::read_link(p.join("ns/mnt")).is_ok_and(|ns| ns.as_os_str() == INIT_MNT_NS))
-        .map(|p| (p, INIT_MNT_NS.into()))
-}
-
-/// Whether this process shares the host's mount namespace.
-fn in_host_mount_ns() -> Result<bool, RunError> {
-    let own = fs::read_link("/proc/self/ns/mnt")?;
-    Ok(match host_process() {
-        Some((_, host)) => own.as_os_str() == host,
-        None => own.as_os_str() == INIT_MNT_NS,
-    })
 }
 
 /// Holds an exclusive lock for this pin directory while the daemon runs.

@@ -90,30 +90,38 @@ fn mock(port: u16, body: &'static str) -> Result<()> {
     Ok(())
 }
 
-/// A mock of an LLM API on loopback, over TLS with a certificate for 127.0.0.1 from a
-/// throwaway CA. It answers chat completions and says whether it received the demo key (it
-/// never echoes the key). Returns the CA certificate (PEM).
-fn mock_llm(key: String) -> Result<String> {
+/// A TLS server configuration with a certificate for `names` from a throwaway CA named
+/// `ca_name`, and the CA certificate (PEM): for mocks of APIs, in the demo and in tests.
+pub fn throwaway_tls(
+    names: &[&str],
+    ca_name: &str,
+) -> Result<(std::sync::Arc<rustls::ServerConfig>, String)> {
     let ca_key = rcgen::KeyPair::generate()?;
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     ca_params
         .distinguished_name
-        .push(rcgen::DnType::CommonName, "tollgate demo CA");
+        .push(rcgen::DnType::CommonName, ca_name);
     let ca = ca_params.self_signed(&ca_key)?;
     let leaf_key = rcgen::KeyPair::generate()?;
-    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])?
-        .signed_by(&leaf_key, &ca, &ca_key)?;
+    let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+    let leaf = rcgen::CertificateParams::new(names)?.signed_by(&leaf_key, &ca, &ca_key)?;
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let tls = std::sync::Arc::new(
-        rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![leaf.der().clone()],
-                rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
-            )?,
-    );
+    let tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+        )?;
+    Ok((std::sync::Arc::new(tls), ca.pem()))
+}
+
+/// A mock of an LLM API on loopback, over TLS with a certificate for 127.0.0.1 from a
+/// throwaway CA. It answers chat completions and says whether it received the demo key (it
+/// never echoes the key). Returns the CA certificate (PEM).
+fn mock_llm(key: String) -> Result<String> {
+    let (tls, ca_pem) = throwaway_tls(&["127.0.0.1"], "tollgate demo CA")?;
     let listener = TcpListener::bind(("127.0.0.1", LLM_TLS_PORT))
         .with_context(|| format!("mock LLM port {LLM_TLS_PORT} is busy"))?;
     std::thread::spawn(move || {
@@ -150,7 +158,7 @@ fn mock_llm(key: String) -> Result<String> {
             let _ = s.flush();
         }
     });
-    Ok(ca.pem())
+    Ok(ca_pem)
 }
 
 /// A fresh random demo key.

@@ -19,6 +19,7 @@ pub mod fold;
 pub mod framing;
 pub mod fuzzing;
 pub mod h2_resets;
+pub mod hostns;
 pub mod http_proxy;
 pub mod identity;
 pub mod jsonkey;

@@ -21,10 +21,12 @@ use rustls::{
 /// Servers whose TLS 1.3 tickets are kept; a new one takes the place of the one that received
 /// a ticket longest ago. Policy hosts are few; a wildcard rule's names are bounded by this.
 const SERVERS: usize = 32;
-/// TLS 1.3 tickets kept per server: how many dials at once can each resume a session. A
-/// ticket holds its own copy of the server's certificate chain (a few KiB for a public API),
-/// so the store holds at most about 4 MiB (rustls's own about 1).
-const TICKETS_PER_SERVER: usize = 32;
+/// TLS 1.3 tickets kept in all, as many as rustls's own store keeps (8 for each of 32
+/// servers), so the memory they can hold is no more than there: a ticket carries its own copy
+/// of the server's certificate chain, a few KiB for a public API (and as much as a server
+/// sends). Any one server may have them all: how many dials at once to one API can each resume
+/// a session.
+const TICKETS: usize = 256;
 
 /// The upstream client's session store. TLS 1.3 tickets are kept here; key-exchange hints and
 /// TLS 1.2 sessions (one per server, reusable) as rustls keeps them.
@@ -36,7 +38,8 @@ pub struct Tickets {
 impl Tickets {
     pub fn new() -> Self {
         Self {
-            tls13: Mutex::new(Bounded::new(SERVERS, TICKETS_PER_SERVER)),
+            tls13: Mutex::new(Bounded::new(SERVERS, TICKETS)),
+            // rustls's store keeps a server per 8 of its size.
             rest: ClientSessionMemoryCache::new(SERVERS * 8),
         }
     }
@@ -61,7 +64,7 @@ impl std::fmt::Debug for Tickets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let tls13 = self.tls13();
         f.debug_struct("Tickets")
-            .field("servers", &tls13.keys())
+            .field("servers", &tls13.key_count())
             .field("tls13_tickets", &tls13.len())
             .finish_non_exhaustive()
     }
@@ -104,59 +107,82 @@ impl ClientSessionStore for Tickets {
     }
 }
 
-/// Up to `per_key` values for each of up to `keys` keys. A full key drops its oldest value; a
-/// new key past `keys` evicts the key whose last value came longest ago. The newest value is
-/// taken first (a ticket is used once, and the newest lives longest).
+/// Up to `total` values in all, under up to `keys` keys. Past `total`, the oldest value goes,
+/// whichever key holds it; a new key past `keys` evicts the key pushed to longest ago. A key's
+/// newest value is taken first (a ticket is used once, and the newest lives longest).
 struct Bounded<K, V> {
-    values: HashMap<K, VecDeque<V>>,
-    /// Keys, the one with the oldest last push first.
-    order: VecDeque<K>,
+    /// Each key's values, oldest first.
+    values: HashMap<K, Stamped<V>>,
+    pushed: u64,
+    len: usize,
     keys: usize,
-    per_key: usize,
+    total: usize,
 }
 
+/// Values, each stamped with when it was pushed.
+type Stamped<V> = VecDeque<(u64, V)>;
+
 impl<K: Clone + Eq + Hash, V> Bounded<K, V> {
-    fn new(keys: usize, per_key: usize) -> Self {
+    fn new(keys: usize, total: usize) -> Self {
         Self {
             values: HashMap::new(),
-            order: VecDeque::new(),
+            pushed: 0,
+            len: 0,
             keys,
-            per_key,
+            total,
         }
     }
 
     fn push(&mut self, key: K, value: V) {
-        if let Some(at) = self.order.iter().position(|k| *k == key) {
-            self.order.remove(at);
-        } else if self.order.len() == self.keys {
-            if let Some(oldest) = self.order.pop_front() {
-                self.values.remove(&oldest);
+        if !self.values.contains_key(&key) && self.values.len() == self.keys {
+            let stale = self
+                .values
+                .iter()
+                .min_by_key(|(_, list)| list.back().map(|(at, _)| *at))
+                .map(|(k, _)| k.clone());
+            if let Some(list) = stale.and_then(|k| self.values.remove(&k)) {
+                self.len -= list.len();
             }
         }
-        self.order.push_back(key.clone());
-        let list = self.values.entry(key).or_default();
-        if list.len() == self.per_key {
-            list.pop_front();
+        if self.len == self.total {
+            let oldest = self
+                .values
+                .iter()
+                .min_by_key(|(_, list)| list.front().map(|(at, _)| *at))
+                .map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                self.remove(&k, VecDeque::pop_front);
+            }
         }
-        list.push_back(value);
+        self.pushed += 1;
+        self.values
+            .entry(key)
+            .or_default()
+            .push_back((self.pushed, value));
+        self.len += 1;
     }
 
     fn take(&mut self, key: &K) -> Option<V> {
-        let list = self.values.get_mut(key)?;
-        let value = list.pop_back();
-        if list.is_empty() {
-            self.values.remove(key);
-            self.order.retain(|k| k != key);
-        }
-        value
+        self.remove(key, VecDeque::pop_back)
     }
 
-    fn keys(&self) -> usize {
+    /// Removes one of `key`'s values (`end` says which), and the key with its last.
+    fn remove(&mut self, key: &K, end: fn(&mut Stamped<V>) -> Option<(u64, V)>) -> Option<V> {
+        let list = self.values.get_mut(key)?;
+        let (_, value) = end(list)?;
+        if list.is_empty() {
+            self.values.remove(key);
+        }
+        self.len -= 1;
+        Some(value)
+    }
+
+    fn key_count(&self) -> usize {
         self.values.len()
     }
 
     fn len(&self) -> usize {
-        self.values.values().map(VecDeque::len).sum()
+        self.len
     }
 }
 
@@ -165,17 +191,34 @@ mod tests {
     use super::Bounded;
 
     #[test]
-    fn the_newest_value_is_taken_first_and_a_full_key_drops_its_oldest() {
-        let mut b = Bounded::new(4, 3);
-        for v in 1..=5 {
+    fn a_keys_newest_value_is_taken_first_and_the_oldest_of_all_goes_past_the_total() {
+        let mut b = Bounded::new(4, 4);
+        b.push("api", 1);
+        b.push("other", 2);
+        for v in 3..=5 {
             b.push("api", v);
         }
-        assert_eq!(b.len(), 3);
+        // Full at 4: pushing 5 dropped 1, the oldest of all.
+        assert_eq!(b.len(), 4);
         assert_eq!(
             std::iter::from_fn(|| b.take(&"api")).collect::<Vec<_>>(),
             [5, 4, 3]
         );
-        assert_eq!((b.keys(), b.len()), (0, 0));
+        assert_eq!(b.take(&"other"), Some(2));
+        assert_eq!((b.key_count(), b.len()), (0, 0));
+    }
+
+    #[test]
+    fn one_key_may_hold_every_value() {
+        let mut b = Bounded::new(4, 3);
+        for v in 1..=3 {
+            b.push("api", v);
+        }
+        b.push("api", 4);
+        assert_eq!(
+            std::iter::from_fn(|| b.take(&"api")).collect::<Vec<_>>(),
+            [4, 3, 2]
+        );
     }
 
     #[test]
@@ -185,13 +228,14 @@ mod tests {
         b.push("b", 2);
         b.push("a", 3);
         b.push("c", 4);
-        assert_eq!(b.take(&"b"), None, "b had its last value longest ago");
+        assert_eq!(b.take(&"b"), None, "b was pushed to longest ago");
+        assert_eq!(b.len(), 3);
         assert_eq!(b.take(&"a"), Some(3));
         assert_eq!(b.take(&"c"), Some(4));
         // A key emptied by takes leaves its place: "d" fits beside "a".
         b.push("d", 5);
         assert_eq!(b.take(&"a"), Some(1));
         assert_eq!(b.take(&"d"), Some(5));
-        assert_eq!((b.keys(), b.len()), (0, 0));
+        assert_eq!((b.key_count(), b.len()), (0, 0));
     }
 }

@@ -860,27 +860,10 @@ mod tests {
     /// and how many of them resumed a session.
     async fn tls_mock(ca: &std::path::Path) -> (u16, Arc<[std::sync::atomic::AtomicUsize; 2]>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let ca_key = rcgen::KeyPair::generate().expect("ca key");
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca");
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let ca_cert = ca_params.self_signed(&ca_key).expect("ca");
-        std::fs::write(ca, ca_cert.pem()).expect("write the CA");
-        let key = rcgen::KeyPair::generate().expect("key");
-        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
-            .expect("params")
-            .signed_by(&key, &ca_cert, &ca_key)
-            .expect("cert");
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![cert.der().clone()],
-                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-            )
-            .expect("server config");
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let (config, ca_pem) =
+            crate::demo::throwaway_tls(&["localhost"], "tollgate test CA").expect("TLS mock");
+        std::fs::write(ca, ca_pem).expect("write the CA");
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");

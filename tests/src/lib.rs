@@ -141,45 +141,35 @@ impl Drop for Bpffs {
     }
 }
 
-/// A bpffs mounted in the host's mount namespace (pid 1's) at a test's own directory, as a
-/// node's /sys/fs/bpf is: a daemon in a mount namespace made from the host's, as a pod's is,
-/// finds it there. Unmounted when dropped, which drops every pin on it; `cargo xtask test`
-/// unmounts any that a killed run left.
+/// A bpffs mounted in the host's mount namespace at a test's own directory, as a node's
+/// /sys/fs/bpf is: a daemon in a mount namespace made from the host's, as a pod's is, finds it
+/// there. Unmounted when dropped, which drops every pin on it (among them the socket guard's,
+/// at the cgroup2 root); those a killed run left are unmounted by the next run's first test.
 pub struct HostBpffs {
     pub path: PathBuf,
+    /// The process of the host's mount namespace it was mounted through.
+    host: u32,
 }
 
-/// A process of the host's mount namespace (the initial one; the tests run in one of their
-/// own): pid 1, or where pid 1 cannot be read (a sandbox), the first process found there.
-pub fn host_pid() -> String {
-    if std::fs::read_link("/proc/1/ns/mnt").is_ok() {
-        return "1".into();
-    }
-    // The initial mount namespace's fixed inode number (kernels 6.18 and later).
-    let in_host = |pid: &str| {
-        std::fs::read_link(format!("/proc/{pid}/ns/mnt"))
-            .is_ok_and(|ns| ns.as_os_str() == "mnt:[4026531832]")
-    };
-    std::fs::read_dir("/proc")
-        .expect("/proc")
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        .find(|pid| in_host(pid))
-        .expect("a process in the host's mount namespace")
+/// A process of the host's mount namespace (the tests run in one of their own).
+fn host_pid() -> u32 {
+    gateway_user::hostns::HostProcess::find()
+        .expect("a process of the host's mount namespace, for nsenter")
+        .pid
 }
 
-/// `nsenter` into the host's mount namespace.
-fn in_host_mounts() -> Command {
+/// `nsenter` into the mount namespace of `host`.
+fn in_mounts_of(host: u32) -> Command {
     let mut c = Command::new("nsenter");
-    c.args(["--target", &host_pid(), "--mount", "--"]);
+    c.args(["--target", &host.to_string(), "--mount", "--"]);
     c
 }
 
 impl HostBpffs {
     pub fn mount(path: &Path) -> Self {
         std::fs::create_dir_all(path).expect("host bpffs dir");
-        let status = in_host_mounts()
+        let host = host_pid();
+        let status = in_mounts_of(host)
             .args(["mount", "-t", "bpf", "bpf"])
             .arg(path)
             .status()
@@ -191,13 +181,14 @@ impl HostBpffs {
         );
         Self {
             path: path.to_owned(),
+            host,
         }
     }
 
     /// The names under `dir` (relative to the mount) as the host sees them.
     pub fn list(&self, dir: &str) -> Vec<String> {
         let rel = self.path.strip_prefix("/").expect("absolute");
-        let root = PathBuf::from(format!("/proc/{}/root", host_pid()));
+        let root = PathBuf::from(format!("/proc/{}/root", self.host));
         std::fs::read_dir(root.join(rel).join(dir))
             .map(|d| {
                 d.flatten()
@@ -206,11 +197,35 @@ impl HostBpffs {
             })
             .unwrap_or_default()
     }
+
+    /// Unmounts what a killed run's tests left in the host's mount namespace: mounts in a
+    /// `tg-test-<pid>-…` directory whose test process is gone.
+    fn sweep() {
+        let Some(host) = gateway_user::hostns::HostProcess::find().map(|h| h.pid) else {
+            return;
+        };
+        let mountinfo = std::fs::read_to_string(format!("/proc/{host}/mountinfo"))
+            .expect("the host's mountinfo");
+        let prefix = std::env::temp_dir().join("tg-test-");
+        let prefix = prefix.to_string_lossy();
+        for point in mountinfo.lines().filter_map(|l| l.split(' ').nth(4)) {
+            let Some(owner) = point
+                .strip_prefix(&*prefix)
+                .and_then(|rest| rest.split('-').next())
+            else {
+                continue;
+            };
+            if !Path::new("/proc").join(owner).exists() {
+                eprintln!("unmounting {point}, left by a killed test run");
+                let _ = in_mounts_of(host).args(["umount", "-l", point]).status();
+            }
+        }
+    }
 }
 
 impl Drop for HostBpffs {
     fn drop(&mut self) {
-        let _ = in_host_mounts()
+        let _ = in_mounts_of(self.host)
             .args(["umount", "-l"])
             .arg(&self.path)
             .status();
@@ -256,6 +271,8 @@ impl TestEnv {
             "the privileged tests must run in a private mount namespace: use `cargo xtask test`"
         );
         let mount = cgroup2_mount();
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        SWEPT.call_once(HostBpffs::sweep);
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let name = format!("tg-test-{}-{n}-{test}", std::process::id());
         let dir = std::env::temp_dir().join(&name);
@@ -398,6 +415,11 @@ impl TestEnv {
                 &bpffs.path.join("tollgate").display().to_string(),
             )
             .replace("allow_private_bpffs: true", "allow_private_bpffs: false");
+        let pins = format!("pin_dir: {}", bpffs.path.join("tollgate").display());
+        assert!(
+            config.contains(&pins) && config.contains("allow_private_bpffs: false"),
+            "{pins}, and no private bpffs, in:\n{config}"
+        );
         std::fs::write(&self.config, config).expect("write config");
     }
 
@@ -546,7 +568,7 @@ impl Daemon {
                 c
             }
             Launch::Pod(prelude) => {
-                let mut c = in_host_mounts();
+                let mut c = in_mounts_of(host_pid());
                 c.arg("unshare");
                 in_own_mount_ns(&mut c, prelude);
                 c
@@ -786,30 +808,7 @@ impl Mock {
 /// A TLS server configuration with a certificate for `names` (DNS names or IP addresses)
 /// from a throwaway CA; returns it and the CA certificate (PEM) to trust.
 pub fn tls_server(names: &[&str]) -> (Arc<rustls::ServerConfig>, String) {
-    let ca_key = rcgen::KeyPair::generate().expect("ca key");
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "tollgate test CA");
-    let ca = ca_params.self_signed(&ca_key).expect("ca");
-    let key = rcgen::KeyPair::generate().expect("key");
-    let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
-    let cert = rcgen::CertificateParams::new(names)
-        .expect("params")
-        .signed_by(&key, &ca, &ca_key)
-        .expect("cert");
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-        )
-        .expect("server config");
-    (Arc::new(config), ca.pem())
+    gateway_user::demo::throwaway_tls(names, "tollgate test CA").expect("test TLS server")
 }
 
 /// A TLS "API" upstream with a certificate for `name` from a throwaway CA. It answers:

@@ -450,18 +450,25 @@ fn a_daemon_in_a_pods_mount_namespace_pins_on_the_hosts_bpffs() {
         .err()
         .expect("a pod with a bpffs of its own is refused");
     assert!(
-        log.contains("private mount namespace") && log.contains("is not the host's"),
+        log.contains("private mount namespace") && log.contains("is not the one the host has"),
         "{log}"
     );
-    assert!(node.list("tollgate").is_empty(), "nothing pinned");
-    let p = env.probe(Some(&app), &["tcp", &mock.addr.to_string()]);
-    assert_eq!(p["ok"], true, "nothing attached, so nothing enforced: {p}");
+    let counts = env.attachments();
+    assert!(
+        counts.as_object().expect("counts").values().all(|n| n == 0),
+        "nothing attached: {counts}"
+    );
 
     let mut d = env
         .start_as_pod("true")
         .unwrap_or_else(|log| panic!("the pod did not start: {log}"));
     let ok = env.probe(Some(&app), &["tcp", &mock.addr.to_string()]);
     assert_eq!(ok["ok"], true, "allowed through the gateway: {ok}");
+    let counts = env.attachments();
+    assert!(
+        counts.as_object().expect("counts").values().all(|n| n == 1),
+        "one of each attached: {counts}"
+    );
     assert!(
         !node.list("tollgate").is_empty(),
         "the pins are on the host's bpffs"

@@ -410,18 +410,10 @@ fn secret_scan(artifacts: &Path, secrets_file: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Removes cgroups a killed test run left behind (their processes first), and the bpffs mounts
-/// it made in the host's mount namespace (with the pins on them). Test cgroups are named
-/// `tg-test-*` directly under the cgroup2 mount; test directories `tg-test-*` in the temp dir.
+/// Removes cgroups a killed test run left behind (their processes first). Test cgroups are
+/// named `tg-test-*` directly under the cgroup2 mount.
 fn sweep_test_cgroups() -> Result<()> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-    let tests_dir = std::env::temp_dir().join("tg-test-");
-    for point in mountinfo.lines().filter_map(|l| l.split(' ').nth(4)) {
-        if point.starts_with(&*tests_dir.to_string_lossy()) {
-            eprintln!("xtask: unmounting leftover test mount {point}");
-            let _ = Command::new("umount").args(["-l", point]).status();
-        }
-    }
     let Some(mount) = mountinfo.lines().find_map(|l| {
         let (pre, post) = l.split_once(" - ")?;
         (post.split_whitespace().next()? == "cgroup2")
