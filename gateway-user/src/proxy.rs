@@ -825,12 +825,22 @@ mod tests {
         });
     }
 
-    /// Runs `test` on a one-thread runtime with two loopback listeners: where a client
-    /// connects, and the server the relay dials.
-    fn relay_test<F, Fut>(test: F)
+    /// What a relay test saw: the relay's counts (bytes up, bytes down, cut for its silence),
+    /// how long it ran, and what the server returned.
+    type Relayed<T> = ((u64, u64, bool), Duration, T);
+
+    /// Relays, on a one-thread runtime over loopback, between `client` (given its connection
+    /// to the relay) and `server` (given the relay's connection to it), with `idle` as the idle
+    /// timeout. Once the relay ends its two sockets close; then both sides are awaited.
+    fn relay_test<C, S, T>(
+        idle: Option<Duration>,
+        client: impl FnOnce(TcpStream) -> C,
+        server: impl FnOnce(TcpStream) -> S,
+    ) -> Relayed<T>
     where
-        F: FnOnce(TcpListener, TcpListener) -> Fut,
-        Fut: std::future::Future<Output = ()>,
+        C: std::future::Future<Output = ()> + Send + 'static,
+        S: std::future::Future<Output = T> + Send + 'static,
+        T: Send + 'static,
     {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -839,92 +849,79 @@ mod tests {
         rt.block_on(async {
             let front = TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let back = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            test(front, back).await;
-        });
+            let front_at = front.local_addr().expect("addr");
+            let client = tokio::spawn(client(TcpStream::connect(front_at).await.expect("connect")));
+            let (mut from_client, _) = front.accept().await.expect("accept");
+            let mut to_server = TcpStream::connect(back.local_addr().expect("addr"))
+                .await
+                .expect("connect");
+            let server = tokio::spawn(server(back.accept().await.expect("accept").0));
+            let started = std::time::Instant::now();
+            let counts = copy_counted(&mut from_client, &mut to_server, idle).await;
+            let took = started.elapsed();
+            drop((from_client, to_server));
+            client.await.expect("client");
+            (counts, took, server.await.expect("server"))
+        })
     }
 
     /// With an idle timeout, a relay that keeps moving bytes is left alone however long it
     /// lasts, and one that goes quiet is cut once the timeout has passed since its last byte.
     #[test]
     fn a_quiet_relay_is_cut_after_its_idle_timeout_and_a_busy_one_is_not() {
-        relay_test(|front, back| async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let (front_at, back_at) = (
-                front.local_addr().expect("addr"),
-                back.local_addr().expect("addr"),
-            );
-            // A byte every 100 ms for 1 s, then silence, the connections held open.
-            let client = tokio::spawn(async move {
-                let mut c = TcpStream::connect(front_at).await.expect("connect");
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let ((up, down, idled), took, received) = relay_test(
+            Some(Duration::from_millis(400)),
+            // A byte every 100 ms for 1 s, then silence, the connection held open.
+            |mut c| async move {
                 for _ in 0..10 {
                     c.write_all(b"x").await.expect("send");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 let _ = c.read(&mut [0; 1]).await;
-            });
-            let (mut from_client, _) = front.accept().await.expect("accept");
-            let mut to_server = TcpStream::connect(back_at).await.expect("connect");
-            let (mut server, _) = back.accept().await.expect("accept");
-            let server = tokio::spawn(async move {
+            },
+            |mut server| async move {
                 let mut got = [0; 16];
                 let mut n = 0;
                 while let Ok(read @ 1..) = server.read(&mut got).await {
                     n += read;
                 }
                 n
-            });
-            let started = std::time::Instant::now();
-            let idle = Duration::from_millis(400);
-            let (up, down, idled) =
-                copy_counted(&mut from_client, &mut to_server, Some(idle)).await;
-            let took = started.elapsed();
-            drop((from_client, to_server));
-            client.await.expect("client");
-            assert_eq!(server.await.expect("server"), 10);
-            assert!(idled, "cut for its silence");
-            assert_eq!((up, down), (10, 0));
-            // The last byte went at about 0.9 s: cut about 0.4 s later, not during the traffic.
-            assert!(
-                took >= Duration::from_millis(1_250) && took < Duration::from_secs(5),
-                "cut after {took:?}"
-            );
-        });
+            },
+        );
+        assert_eq!(received, 10);
+        assert!(idled, "cut for its silence");
+        assert_eq!((up, down), (10, 0));
+        // The last byte went at about 0.9 s: cut about 0.4 s later, not during the traffic.
+        assert!(
+            took >= Duration::from_millis(1_250) && took < Duration::from_secs(5),
+            "cut after {took:?}"
+        );
     }
 
     /// A relayed connection the client resets still reports the bytes it moved (the copy
     /// ends in an error; the counts must not fall to zero with it).
     #[test]
     fn a_reset_relay_still_counts_its_bytes() {
-        relay_test(|front, back| async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let (front_at, back_at) = (
-                front.local_addr().expect("addr"),
-                back.local_addr().expect("addr"),
-            );
-            let client = tokio::spawn(async move {
-                let mut c = TcpStream::connect(front_at).await.expect("connect");
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let ((up, down, _), _, ()) = relay_test(
+            None,
+            |mut c| async move {
                 c.write_all(&[7; 10_000]).await.expect("send");
                 let mut answer = [0; 300];
                 c.read_exact(&mut answer).await.expect("answer");
                 // Then a reset, as a workload hiding what it sent would.
                 reset(&c);
-            });
-            let (mut from_client, _) = front.accept().await.expect("accept");
-            let mut to_server = TcpStream::connect(back_at).await.expect("connect");
-            let (mut server, _) = back.accept().await.expect("accept");
-            let server = tokio::spawn(async move {
+            },
+            |mut server| async move {
                 let mut got = vec![0; 10_000];
                 server.read_exact(&mut got).await.expect("request");
                 server.write_all(&[9; 300]).await.expect("answer");
                 // Held open until the relay ends.
                 let _ = server.read(&mut [0; 1]).await;
-            });
-            let (up, down, _) = copy_counted(&mut from_client, &mut to_server, None).await;
-            client.await.expect("client");
-            drop(to_server);
-            server.await.expect("server");
-            assert_eq!((up, down), (10_000, 300));
-        });
+            },
+        );
+        assert_eq!((up, down), (10_000, 300));
     }
 
     #[test]

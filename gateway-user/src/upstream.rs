@@ -855,13 +855,13 @@ mod tests {
         });
     }
 
-    /// A TLS mock for `localhost` on loopback, its certificate from a throwaway CA written to
+    /// A TLS mock for 127.0.0.1 on loopback, its certificate from a throwaway CA written to
     /// `ca` (PEM). It answers every request head with a short body and counts its handshakes
     /// and how many of them resumed a session.
     async fn tls_mock(ca: &std::path::Path) -> (u16, Arc<[std::sync::atomic::AtomicUsize; 2]>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (config, ca_pem) =
-            crate::demo::throwaway_tls(&["localhost"], "tollgate test CA").expect("TLS mock");
+            crate::demo::throwaway_tls(&["127.0.0.1"], "tollgate test CA").expect("TLS mock");
         std::fs::write(ca, ca_pem).expect("write the CA");
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -900,16 +900,24 @@ mod tests {
     fn a_burst_of_new_connections_resumes_sessions() {
         use http_body_util::BodyExt;
         const BURST: usize = 10;
-        let ca = std::env::temp_dir().join(format!("tg-ticket-ca-{}.pem", std::process::id()));
+        /// The CA file, removed however the test ends.
+        struct CaFile(std::path::PathBuf);
+        impl Drop for CaFile {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+        let ca =
+            CaFile(std::env::temp_dir().join(format!("tg-ticket-ca-{}.pem", std::process::id())));
         runtime().block_on(async {
-            let (port, counts) = tls_mock(&ca).await;
+            let (port, counts) = tls_mock(&ca.0).await;
             let mut config = upstreams(Duration::from_secs(5)).dial.config.clone();
-            config.upstream_ca = Some(ca.clone());
+            config.upstream_ca = Some(ca.0.clone());
             let up = Arc::new(Upstreams::new(DialPolicy { config }).expect("upstreams"));
             let ns = Arc::new(Netns::Host);
             let target = Target {
                 https: true,
-                host: "localhost".into(),
+                host: "127.0.0.1".into(),
                 port,
             };
             for _ in 0..2 {
@@ -930,7 +938,6 @@ mod tests {
             // Full handshakes, then resumed ones.
             assert_eq!((count(0), count(1)), (BURST, BURST));
         });
-        let _ = std::fs::remove_file(&ca);
     }
 
     #[test]

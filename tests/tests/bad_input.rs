@@ -15,6 +15,19 @@ fn run_once(env: &TestEnv) -> (bool, String) {
     )
 }
 
+/// Runs `tollgate run` on the env's config through `wrapper` (a command that runs the rest of
+/// its arguments), expects it to fail, and returns its stderr.
+fn fails_through(env: &TestEnv, wrapper: &mut Command) -> String {
+    let out = wrapper
+        .arg(tollgate_bin())
+        .args(["run", "--config"])
+        .arg(&env.config)
+        .output()
+        .expect("run tollgate");
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// Runs the shell `script` in a private mount namespace, expects it to fail, and returns its
 /// stderr.
 fn fails_in_own_mounts(script: &str) -> String {
@@ -146,15 +159,10 @@ fn a_pin_dir_off_bpffs_and_a_private_namespace_are_refused() {
 #[test]
 fn a_pid_namespace_of_its_own_is_refused() {
     let env = TestEnv::new("pidns");
-    let out = Command::new("unshare")
-        .args(["--pid", "--fork", "--mount-proc", "--"])
-        .arg(tollgate_bin())
-        .args(["run", "--config"])
-        .arg(&env.config)
-        .output()
-        .expect("unshare");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = fails_through(
+        &env,
+        Command::new("unshare").args(["--pid", "--fork", "--mount-proc", "--"]),
+    );
     let line = error_line(&stderr);
     assert!(
         line.contains("runs in a pid namespace of its own") && line.contains("hostPID"),
@@ -189,15 +197,10 @@ fn a_second_daemon_is_refused_and_the_first_keeps_working() {
 fn a_kernel_without_bpf_or_cgroup2_is_named() {
     let env = TestEnv::new("nokernel");
     // bpf(2) refused (EPERM), as on a kernel without it or without the privilege.
-    let out = Command::new(tollgate_tests::probe_bin())
-        .arg("no-bpf")
-        .arg(tollgate_bin())
-        .args(["run", "--config"])
-        .arg(&env.config)
-        .output()
-        .expect("probe");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = fails_through(
+        &env,
+        Command::new(tollgate_tests::probe_bin()).arg("no-bpf"),
+    );
     assert!(error_line(&stderr).contains("no BPF syscall"), "{stderr}");
     assert_nothing_attached(&env);
 
