@@ -185,7 +185,7 @@ fn ensure_bpffs(config: &Config) -> Result<(), RunError> {
         return Err(RunError::Bpffs(format!(
             "tollgate runs in a private mount namespace and the bpffs at {} is not the one the host has at that path: pins would die with it and enforcement would stop. \
              Run it in the host's mount namespace, or mount the host's bpffs at the same path (for Kubernetes: hostPID, and /sys/fs/bpf as a hostPath volume with Bidirectional propagation)",
-            parent.display()
+            config.pin_dir.display()
         )));
     }
     Ok(())
