@@ -1,4 +1,7 @@
-//! Project tasks: `setup`, `build-ebpf`, `build-release`, `test`, `fuzz`, `bench`, `demo`.
+//! Project tasks: `setup`, `build-ebpf`, `build-release`, `image`, `test`, `fuzz`, `bench`,
+//! `demo`.
+mod image;
+
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -27,8 +30,16 @@ enum Task {
         #[arg(long)]
         pgo: bool,
     },
-    /// Setup, build, then run every test: unit, privileged end-to-end, the demo and a short
-    /// fuzz run. `test adversarial`: only the privileged suites that attack the enforcement
+    /// Build the daemon as it ships (as `build-release`) and the container image the
+    /// DaemonSet runs, an OCI archive (target/image/tollgate-oci.tar, named tollgate:latest):
+    /// the daemon and the libraries it loads, nothing else.
+    Image {
+        /// From the profile-guided build (`build-release --pgo`).
+        #[arg(long)]
+        pgo: bool,
+    },
+    /// Setup, build, then run every test: unit, privileged end-to-end, the demo, the image
+    /// and a short fuzz run. `test adversarial`: only the privileged suites that attack the enforcement
     /// (THREATS.md), without unit tests, demo or fuzzing.
     Test {
         /// `adversarial`, or nothing for everything.
@@ -65,12 +76,14 @@ enum Task {
     Demo,
 }
 
-const APT_PACKAGES: [&str; 6] = [
+const APT_PACKAGES: [&str; 7] = [
     "llvm-22-dev",
     "libclang-22-dev",
     "curl",
     "python3",
     "iproute2",
+    // Unpacks the container image in its test, verifying every digest as a runtime would.
+    "umoci",
     // The font the benchmark's latency chart is drawn with (tests/src/chart.rs, and its test).
     "fonts-dejavu-core",
 ];
@@ -354,6 +367,11 @@ fn test(suite: Option<&str>, filter: Option<&str>) -> Result<()> {
     run(&mut suite)?;
     if filter.is_none() && !adversarial {
         run(Command::new(&bin).arg("demo"))?;
+        // The image as it ships: the release build, unpacked and run as a runtime would.
+        let release = build_release(false)?;
+        let archive = image::archive_path(&root());
+        image::build(&release, &archive)?;
+        image::check(&archive, &root().join("policies"))?;
         fuzz(15)?;
     }
     // Last: no test secret in anything the suite wrote.
@@ -896,6 +914,16 @@ fn main() -> Result<()> {
             build_ebpf()?;
             let bin = build_release(pgo)?;
             println!("{}", bin.display());
+            Ok(())
+        }
+        Task::Image { pgo } => {
+            setup()?;
+            build_ebpf()?;
+            let bin = build_release(pgo)?;
+            let archive = image::archive_path(&root());
+            image::build(&bin, &archive)?;
+            println!("{}", archive.display());
+            eprintln!("xtask: load it with `podman load -i {0}`, `ctr -n k8s.io images import {0}` or `skopeo copy oci-archive:{0} docker://REGISTRY/tollgate:latest`", archive.display());
             Ok(())
         }
         Task::Bench { only, rate, pgo } => bench(only.as_deref(), rate, pgo),
