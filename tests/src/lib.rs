@@ -199,7 +199,8 @@ impl HostBpffs {
     }
 
     /// Unmounts what a killed run's tests left in the host's mount namespace: mounts in a
-    /// `tg-test-<pid>-…` directory whose test process is gone.
+    /// `tg-test-<pid>-…` directory whose test process is gone (a reused pid keeps one until
+    /// the pid is free again).
     fn sweep() {
         let Some(host) = gateway_user::hostns::HostProcess::find().map(|h| h.pid) else {
             return;
@@ -212,6 +213,7 @@ impl HostBpffs {
             let Some(owner) = point
                 .strip_prefix(&*prefix)
                 .and_then(|rest| rest.split('-').next())
+                .filter(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
             else {
                 continue;
             };
@@ -267,7 +269,7 @@ impl TestEnv {
     pub fn new(test: &str) -> Self {
         let own = std::fs::read_link("/proc/self/ns/mnt").expect("own mount ns");
         assert!(
-            own.as_os_str() != "mnt:[4026531832]",
+            own.as_os_str() != gateway_user::hostns::INIT_MNT_NS,
             "the privileged tests must run in a private mount namespace: use `cargo xtask test`"
         );
         let mount = cgroup2_mount();

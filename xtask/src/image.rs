@@ -25,14 +25,21 @@ pub fn archive_path(root: &Path) -> PathBuf {
 }
 
 /// Writes the OCI image archive for `binary` to `out`: one layer, made reproducibly (sorted,
-/// owned by root, dated 1970), so the same binary gives the same image digest.
+/// owned by root, dated 1970, modes fixed), so the same binary built on the same host (whose
+/// libraries go in too) gives the same image digest. Nothing is left at `out` if it fails.
 pub fn build(binary: &Path, out: &Path) -> Result<()> {
     let work = out.with_extension("work");
     let _ = std::fs::remove_dir_all(&work);
+    let built = build_in(&work, binary, out);
+    let _ = std::fs::remove_dir_all(&work);
+    built
+}
+
+fn build_in(work: &Path, binary: &Path, out: &Path) -> Result<()> {
     let rootfs = work.join("rootfs");
     place(binary, &rootfs.join(ENTRYPOINT.trim_start_matches('/')))?;
-    for lib in libraries(binary)? {
-        place(&lib, &rootfs.join(lib.strip_prefix("/").unwrap_or(&lib)))?;
+    for (at, file) in libraries(binary)? {
+        place(&file, &rootfs.join(at.strip_prefix("/").unwrap_or(&at)))?;
     }
     // Mount points the DaemonSet fills (config, audit log, admin socket, bpffs), and the
     // runtime's own.
@@ -43,10 +50,12 @@ pub fn build(binary: &Path, out: &Path) -> Result<()> {
         "sys",
         "proc",
         "dev",
-        "tmp",
     ] {
         std::fs::create_dir_all(rootfs.join(dir))?;
     }
+    // Host names from the files the runtime mounts (/etc/hosts), then DNS, whatever glibc's
+    // default without this file.
+    std::fs::write(rootfs.join("etc/nsswitch.conf"), "hosts: files dns\n")?;
     let layer = work.join("layer.tar");
     run(&mut reproducible_tar(&layer, &rootfs))?;
     let diff_id = sha256_file(&layer)?;
@@ -58,8 +67,9 @@ pub fn build(binary: &Path, out: &Path) -> Result<()> {
     let layer_digest = sha256_file(&gz)?;
     let layer_size = std::fs::metadata(&gz)?.len();
     std::fs::rename(&gz, blobs.join(&layer_digest))?;
+    let architecture = oci_architecture()?;
     let config = serde_json::json!({
-        "architecture": "amd64",
+        "architecture": architecture,
         "os": "linux",
         "config": {
             "Entrypoint": [ENTRYPOINT],
@@ -92,6 +102,7 @@ pub fn build(binary: &Path, out: &Path) -> Result<()> {
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
             "digest": format!("sha256:{manifest_digest}"),
             "size": manifest_size,
+            "platform": { "architecture": architecture, "os": "linux" },
             "annotations": {
                 "org.opencontainers.image.ref.name": TAG,
                 "io.containerd.image.name": NAME,
@@ -106,9 +117,20 @@ pub fn build(binary: &Path, out: &Path) -> Result<()> {
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    run(&mut reproducible_tar(out, &layout))?;
-    std::fs::remove_dir_all(&work)?;
+    let partial = work.join("image.tar");
+    run(&mut reproducible_tar(&partial, &layout))?;
+    std::fs::rename(&partial, out).with_context(|| format!("write {}", out.display()))?;
     Ok(())
+}
+
+/// The build host's architecture as OCI names it: the image holds this host's binary.
+fn oci_architecture() -> Result<&'static str> {
+    Ok(match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "riscv64" => "riscv64",
+        other => bail!("no OCI name known for the architecture {other}"),
+    })
 }
 
 /// Checks the archive at `archive` as a runtime takes it: umoci verifies every digest while
@@ -116,7 +138,7 @@ pub fn build(binary: &Path, out: &Path) -> Result<()> {
 /// nothing but the daemon and its libraries, and the daemon runs in it with nothing else
 /// (`policy check` of `policies`, chrooted into the image's root).
 pub fn check(archive: &Path, policies: &Path) -> Result<()> {
-    let dir = std::env::temp_dir().join(format!("tg-image-check-{}", std::process::id()));
+    let dir = archive.with_extension("check");
     let _ = std::fs::remove_dir_all(&dir);
     let checked = check_in(&dir, archive, policies);
     let _ = std::fs::remove_dir_all(&dir);
@@ -157,8 +179,10 @@ fn check_in(dir: &Path, archive: &Path, policies: &Path) -> Result<()> {
         .filter_map(|f| f.strip_prefix(rootfs.to_str()?))
         .collect();
     names.sort_unstable();
-    let daemon_and_libraries =
-        names.contains(&ENTRYPOINT) && names.iter().all(|f| *f == ENTRYPOINT || f.contains(".so"));
+    let daemon_and_libraries = names.contains(&ENTRYPOINT)
+        && names
+            .iter()
+            .all(|f| *f == ENTRYPOINT || *f == "/etc/nsswitch.conf" || f.contains(".so"));
     if !daemon_and_libraries {
         bail!("the image should hold the daemon and its libraries only, not {names:?}");
     }
@@ -166,7 +190,11 @@ fn check_in(dir: &Path, archive: &Path, policies: &Path) -> Result<()> {
         .arg("-r")
         .arg(policies)
         .arg(rootfs.join("etc/tollgate/policies")))?;
+    // As a runtime starts it: nothing from this environment (no LD_LIBRARY_PATH of cargo's),
+    // a PATH only to find chroot.
     let out = Command::new("chroot")
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .arg(&rootfs)
         .args([ENTRYPOINT, "policy", "check", "/etc/tollgate/policies"])
         .output()
@@ -187,24 +215,49 @@ fn check_in(dir: &Path, archive: &Path, policies: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The shared libraries `binary` loads, and its interpreter, as `ldd` finds them here.
-fn libraries(binary: &Path) -> Result<Vec<PathBuf>> {
+/// The shared libraries `binary` loads and its interpreter, as `ldd` finds them here: where
+/// each goes in the image, and the file to put there (an interpreter `ldd` prints as
+/// `PATH => FILE` goes at the path the binary names).
+fn libraries(binary: &Path) -> Result<Vec<(PathBuf, PathBuf)>> {
     let out = Command::new("ldd")
+        .env_remove("LD_LIBRARY_PATH")
         .arg(binary)
         .output()
         .context("run ldd")?;
     let text = String::from_utf8_lossy(&out.stdout);
-    Ok(text
-        .lines()
-        .filter_map(|l| {
-            let l = l.trim();
-            let path = match l.split_once("=>") {
-                Some((_, to)) => to.trim().split(' ').next()?,
-                None => l.split(' ').next()?,
-            };
-            path.starts_with('/').then(|| PathBuf::from(path))
-        })
-        .collect())
+    if !out.status.success() && !text.contains("not a dynamic executable") {
+        bail!(
+            "ldd {} failed: {}",
+            binary.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    parse_ldd(&text).with_context(|| format!("the libraries of {}", binary.display()))
+}
+
+/// `ldd`'s lines as (where in the image, which file).
+fn parse_ldd(text: &str) -> Result<Vec<(PathBuf, PathBuf)>> {
+    let mut found = Vec::new();
+    for line in text.lines().map(str::trim) {
+        let (at, file) = match line.split_once("=>") {
+            Some((name, to)) => {
+                let file = to.trim().split(' ').next().unwrap_or("");
+                if file == "not" {
+                    bail!("{} is needed and not on this host", name.trim());
+                }
+                let name = name.trim();
+                (if name.starts_with('/') { name } else { file }, file)
+            }
+            None => {
+                let path = line.split(' ').next().unwrap_or("");
+                (path, path)
+            }
+        };
+        if at.starts_with('/') && file.starts_with('/') {
+            found.push((PathBuf::from(at), PathBuf::from(file)));
+        }
+    }
+    Ok(found)
 }
 
 /// Copies `from` (following links: the image has no other copy to point to) to `to`.
@@ -228,6 +281,7 @@ fn reproducible_tar(out: &Path, dir: &Path) -> Command {
             "--group=0",
             "--numeric-owner",
             "--mtime=@0",
+            "--mode=go-w,a+rX",
             "--format=gnu",
         ])
         .arg("-C")
@@ -251,4 +305,37 @@ fn sha256_file(path: &Path) -> Result<String> {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::parse_ldd;
+
+    #[test]
+    fn ldd_lines_place_libraries_where_found_and_the_interpreter_where_named() {
+        let debian = "\tlinux-vdso.so.1 (0x00007ffd)\n\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f)\n\t/lib64/ld-linux-x86-64.so.2 (0x00007f)\n";
+        let other = "\t/lib64/ld-linux-x86-64.so.2 => /usr/lib/ld-linux-x86-64.so.2 (0x00007f)\n";
+        let pair = |at: &str, file: &str| (PathBuf::from(at), PathBuf::from(file));
+        assert_eq!(
+            parse_ldd(debian).expect("parsed"),
+            [
+                pair(
+                    "/lib/x86_64-linux-gnu/libc.so.6",
+                    "/lib/x86_64-linux-gnu/libc.so.6"
+                ),
+                pair("/lib64/ld-linux-x86-64.so.2", "/lib64/ld-linux-x86-64.so.2"),
+            ]
+        );
+        assert_eq!(
+            parse_ldd(other).expect("parsed"),
+            [pair(
+                "/lib64/ld-linux-x86-64.so.2",
+                "/usr/lib/ld-linux-x86-64.so.2"
+            )]
+        );
+        let missing = parse_ldd("\tlibfoo.so.1 => not found\n").expect_err("missing");
+        assert!(missing.to_string().contains("libfoo.so.1"), "{missing}");
+    }
 }
