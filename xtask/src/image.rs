@@ -28,11 +28,17 @@ pub fn archive_path(root: &Path) -> PathBuf {
 /// owned by root, dated 1970, modes fixed), so the same binary built on the same host (whose
 /// libraries go in too) gives the same image digest. Nothing is left at `out` if it fails.
 pub fn build(binary: &Path, out: &Path) -> Result<()> {
-    let work = out.with_extension("work");
-    let _ = std::fs::remove_dir_all(&work);
-    let built = build_in(&work, binary, out);
-    let _ = std::fs::remove_dir_all(&work);
-    built
+    in_scratch(&out.with_extension("work"), |work| {
+        build_in(work, binary, out)
+    })
+}
+
+/// Runs `f` on the directory `dir`, made empty first and removed after, however `f` ends.
+fn in_scratch(dir: &Path, f: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let _ = std::fs::remove_dir_all(dir);
+    let done = f(dir);
+    let _ = std::fs::remove_dir_all(dir);
+    done
 }
 
 fn build_in(work: &Path, binary: &Path, out: &Path) -> Result<()> {
@@ -138,11 +144,9 @@ fn oci_architecture() -> Result<&'static str> {
 /// nothing but the daemon and its libraries, and the daemon runs in it with nothing else
 /// (`policy check` of `policies`, chrooted into the image's root).
 pub fn check(archive: &Path, policies: &Path) -> Result<()> {
-    let dir = archive.with_extension("check");
-    let _ = std::fs::remove_dir_all(&dir);
-    let checked = check_in(&dir, archive, policies);
-    let _ = std::fs::remove_dir_all(&dir);
-    checked
+    in_scratch(&archive.with_extension("check"), |dir| {
+        check_in(dir, archive, policies)
+    })
 }
 
 fn check_in(dir: &Path, archive: &Path, policies: &Path) -> Result<()> {
