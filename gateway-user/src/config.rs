@@ -202,8 +202,9 @@ impl Default for RawListener {
 
 /// Below 1024, so a process outside the enforced roots needs CAP_NET_BIND_SERVICE to take it
 /// while the daemon is down (inside the roots, the bind hook refuses it to everyone).
+pub const DEFAULT_LISTENER_PORT: u16 = 951;
 const fn default_port() -> u16 {
-    951
+    DEFAULT_LISTENER_PORT
 }
 const fn default_ipv4() -> Ipv4Addr {
     Ipv4Addr::LOCALHOST

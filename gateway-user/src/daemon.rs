@@ -44,6 +44,8 @@ pub enum RunError {
     Bpffs(String),
     #[error("tollgate runs in a pid namespace of its own ({0}): the kernel records the host's pids for every connection and this /proc cannot show them, so no workload's identity could be verified. Run it with the host's pids (for Kubernetes: hostPID: true)")]
     PidNamespace(String),
+    #[error("tollgate lacks capabilities it needs: {0}. Run it as root with them (systemd: keep them in CapabilityBoundingSet=, as deploy/tollgate.service does; Kubernetes: privileged: true, as deploy/daemonset.yaml does)")]
+    Capabilities(String),
     #[error("socket guard: {0}")]
     SocketGuard(String),
     #[error("another tollgate is running with pin dir {pin_dir} (lock {lock}): stop it first")]
@@ -83,6 +85,7 @@ struct Preflight {
 
 fn preflight(config: &Config) -> Result<Preflight, RunError> {
     check_host_pids()?;
+    check_capabilities(config.listener_port)?;
     let policies = PolicySet::load_dir(&config.policies).map_err(|errs| {
         RunError::Policy(
             errs.iter()
@@ -222,6 +225,16 @@ fn pins_reach_host(pin_dir: &Path) -> bool {
 /// Refuses a pid namespace other than the host's: the kernel records the host's pids for every
 /// connection, and a /proc of another namespace cannot show those processes, so no workload's
 /// executable could be verified and `exe` selectors would never match.
+/// Every capability the daemon will use is in its effective set (see [`crate::caps`]).
+fn check_capabilities(port: u16) -> Result<(), RunError> {
+    let missing = crate::caps::missing(crate::caps::effective()?, &crate::caps::needed(port));
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(RunError::Capabilities(crate::caps::describe(&missing)))
+    }
+}
+
 fn check_host_pids() -> Result<(), RunError> {
     /// The initial pid namespace's fixed inode number (`PROC_PID_INIT_INO`).
     const INIT_PID_NS: &str = "pid:[4026531836]";

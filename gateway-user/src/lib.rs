@@ -5,6 +5,7 @@ pub mod audited;
 pub mod bpf_sys;
 pub mod btf;
 pub mod budget;
+pub mod caps;
 pub mod cgroup;
 pub mod cli;
 pub mod config;

@@ -57,6 +57,33 @@ pub fn tollgate_bin() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/tollgate"))
 }
 
+/// The capabilities the systemd unit leaves the daemon (`CapabilityBoundingSet=` of
+/// deploy/tollgate.service), as `setpriv --bounding-set` takes them, less those in `drop`
+/// (names such as `CAP_SYS_PTRACE`).
+pub fn unit_bounding_set(drop: &[&str]) -> String {
+    let unit = include_str!("../../deploy/tollgate.service");
+    let kept: Vec<String> = unit
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("CapabilityBoundingSet="))
+        .flat_map(str::split_whitespace)
+        .filter(|name| !drop.contains(name))
+        .map(|name| format!("+{}", name.trim_start_matches("CAP_").to_ascii_lowercase()))
+        .collect();
+    assert!(!kept.is_empty(), "the unit names no CapabilityBoundingSet=");
+    format!("-all,{}", kept.join(","))
+}
+
+/// `setpriv` arguments that run what follows as the systemd unit does: with the unit's
+/// capability bounding set (root's effective set shrinks to it at exec) and no new privileges.
+fn as_the_unit_runs_it() -> [String; 4] {
+    [
+        "--bounding-set".into(),
+        unit_bounding_set(&[]),
+        "--no-new-privs".into(),
+        "--".into(),
+    ]
+}
+
 pub fn probe_bin() -> PathBuf {
     std::env::var_os("TG_PROBE_BIN")
         .map(PathBuf::from)
@@ -549,21 +576,30 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts the daemon as `launch` says; the shell of a prelude `exec`s it, so the daemon
-    /// is the process started.
+    /// Starts the daemon as `launch` says, through `setpriv` as the systemd unit confines it;
+    /// `setpriv` and the shell of a prelude `exec` it, so the daemon is the process started.
     fn start(env: &TestEnv, launch: Launch) -> Result<Self, String> {
         let ready = env.dir.join("ready");
         let _ = std::fs::remove_file(&ready);
         let log = env
             .dir
             .join(format!("daemon-{}.log", SEQ.fetch_add(1, Ordering::SeqCst)));
+        // Every daemon runs with the unit's capabilities only, so every test shows they are
+        // enough.
+        let confined = as_the_unit_runs_it();
         let in_own_mount_ns = |c: &mut Command, prelude: &str| {
             c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-                .arg(format!("{prelude} && exec \"$0\" \"$@\""))
+                .arg(format!("{prelude} && exec setpriv \"$@\""))
+                .arg("sh")
+                .args(&confined)
                 .arg(tollgate_bin());
         };
         let mut command = match launch {
-            Launch::Direct => Command::new(tollgate_bin()),
+            Launch::Direct => {
+                let mut c = Command::new("setpriv");
+                c.args(&confined).arg(tollgate_bin());
+                c
+            }
             Launch::After(prelude) => {
                 let mut c = Command::new("unshare");
                 in_own_mount_ns(&mut c, prelude);
@@ -604,7 +640,43 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        d.assert_confined_as_the_unit();
         Ok(d)
+    }
+
+    /// The daemon holds exactly the unit's capabilities and can gain no more.
+    fn assert_confined_as_the_unit(&self) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("the daemon's status");
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(str::trim)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let unit: u64 = unit_bounding_set(&[])
+            .split(',')
+            .filter_map(|n| n.strip_prefix('+'))
+            .map(|n| {
+                let name = format!("CAP_{}", n.to_ascii_uppercase());
+                let known = gateway_user::caps::ALWAYS
+                    .iter()
+                    .chain([&gateway_user::caps::LOW_PORT])
+                    .find(|c| c.name == name)
+                    .unwrap_or_else(|| {
+                        panic!("the unit grants {name}, which the daemon does not use")
+                    });
+                1 << known.bit
+            })
+            .sum();
+        let effective = u64::from_str_radix(&field("CapEff:"), 16).expect("CapEff");
+        assert_eq!(
+            effective, unit,
+            "the daemon's effective capabilities: {effective:x}"
+        );
+        assert_eq!(field("NoNewPrivs:"), "1");
     }
 
     pub fn pid(&self) -> i32 {

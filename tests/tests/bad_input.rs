@@ -171,6 +171,29 @@ fn a_pid_namespace_of_its_own_is_refused() {
     assert_nothing_attached(&env);
 }
 
+/// Without one capability it needs (here, what lets it read other users' processes in
+/// /proc), the daemon names it and stops before attaching anything; with the unit's set it
+/// starts (every other test's daemon runs with exactly that set).
+#[test]
+fn a_missing_capability_is_named_before_anything_is_attached() {
+    let env = TestEnv::new("caps");
+    let stderr = fails_through(
+        &env,
+        Command::new("setpriv").args([
+            "--bounding-set",
+            &tollgate_tests::unit_bounding_set(&["CAP_SYS_PTRACE"]),
+            "--",
+        ]),
+    );
+    let line = error_line(&stderr);
+    assert!(
+        line.contains("lacks capabilities it needs: CAP_SYS_PTRACE (reading a workload's")
+            && line.contains("CapabilityBoundingSet="),
+        "{line}"
+    );
+    assert_nothing_attached(&env);
+}
+
 #[test]
 fn a_second_daemon_is_refused_and_the_first_keeps_working() {
     let mut env = TestEnv::new("second");
