@@ -50,6 +50,11 @@ pub enum RunError {
     SocketGuard(String),
     #[error("another tollgate is running with pin dir {pin_dir} (lock {lock}): stop it first")]
     AlreadyRunning { pin_dir: PathBuf, lock: PathBuf },
+    #[error("cannot create {path}: {source} (the daemon keeps its lock and admin socket in /run/tollgate, which must be writable to it: the systemd unit's RuntimeDirectory=tollgate makes it so)")]
+    Runtime {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("gateway cgroup {path}: {message}")]
     GatewayCgroup { path: PathBuf, message: String },
     #[error("cannot listen on {addr}: {source} (is another process using the listener port?)")]
@@ -298,14 +303,19 @@ pub fn runtime_path(config: &Config, ext: &str) -> PathBuf {
 /// Holds an exclusive lock for this pin directory while the daemon runs.
 fn lock(config: &Config) -> Result<fs::File, RunError> {
     let path = runtime_path(config, "lock");
+    let runtime_error = |source| RunError::Runtime {
+        path: path.clone(),
+        source,
+    };
     if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir)?;
+        fs::create_dir_all(dir).map_err(runtime_error)?;
     }
     let file = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(&path)?;
+        .open(&path)
+        .map_err(runtime_error)?;
     // SAFETY: flock on an fd we own.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         return Err(RunError::AlreadyRunning {

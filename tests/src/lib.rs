@@ -73,6 +73,43 @@ pub fn unit_bounding_set(drop: &[&str]) -> String {
     format!("-all,{}", kept.join(","))
 }
 
+/// Shell commands that confine the file system as deploy/tollgate.service does, run in a mount
+/// namespace of the daemon's own: `ProtectSystem=strict` (every mount read-only but /dev,
+/// /proc and /sys), `ProtectHome=yes`, `PrivateTmp=yes`, `UMask=0077`, and writable only the
+/// unit's `RuntimeDirectory=` (/run/tollgate) and, standing in for its `LogsDirectory=`, the
+/// test's directory `dir` (its config, audit log and ready file; carried over into the fresh
+/// /tmp when it is in /tmp).
+pub fn as_the_unit_confines_it(dir: &Path) -> String {
+    let unit = include_str!("../../deploy/tollgate.service");
+    for line in [
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "RuntimeDirectory=tollgate",
+        "LogsDirectory=tollgate",
+        "UMask=0077",
+    ] {
+        assert!(
+            unit.lines().any(|l| l.trim() == line),
+            "the unit says {line}, which this confinement stands for"
+        );
+    }
+    let dir = dir.display();
+    let private_tmp = if dir.to_string().starts_with("/tmp/") {
+        format!("mount --rbind {dir} /mnt && mount -t tmpfs tmpfs /tmp && mkdir -p {dir} && mount --move /mnt {dir}")
+    } else {
+        "mount -t tmpfs tmpfs /tmp".to_owned()
+    };
+    format!(
+        "{{ set -e; umask 077; mkdir -p /run/tollgate; \
+         mount --rbind /run/tollgate /run/tollgate; mount --rbind {dir} {dir}; {private_tmp}; \
+         for h in /home /root /run/user; do [ -d $h ] && mount -t tmpfs -o ro,mode=0 tmpfs $h; done; \
+         for m in $(awk '{{print $5}}' /proc/self/mountinfo | sort -u); do case $m in \
+         /dev|/dev/*|/proc|/proc/*|/sys|/sys/*|/tmp|/run/tollgate|/run/tollgate/*|{dir}|{dir}/*|/home|/root|/run/user) ;; \
+         *) mount -o remount,bind,ro $m ;; esac; done; }}"
+    )
+}
+
 /// `setpriv` arguments that run what follows as the systemd unit does: with the unit's
 /// capability bounding set (root's effective set shrinks to it at exec) and no new privileges.
 fn as_the_unit_runs_it() -> [String; 4] {

@@ -430,6 +430,61 @@ fn a_host_without_tracefs_gets_it_mounted_for_the_guard() {
     d.stop();
 }
 
+/// As the systemd unit runs it: in a mount namespace of its own made from the host's, with
+/// the unit's file system confinement (see `as_the_unit_confines_it`) as well as its
+/// capabilities (as every test's daemon), pinning on the host's bpffs. It starts, enforces,
+/// audits, and stops; so the unit's confinement leaves it everything it writes.
+#[test]
+fn the_systemd_units_confinement_leaves_the_daemon_what_it_needs() {
+    let mut env = TestEnv::new("unitfs");
+    let mock = Mock::start("127.0.0.1:0");
+    let app = env.workload("app.service");
+    let other = env.workload("other.service");
+    env.allow("app", "app.service", &[mock.addr]);
+    let node = HostBpffs::mount(&env.dir.join("node-bpffs"));
+    env.pin_on(&node);
+
+    let mut d = env
+        .start_as_pod(&tollgate_tests::as_the_unit_confines_it(&env.dir))
+        .unwrap_or_else(|log| panic!("the confined daemon did not start: {log}"));
+    let mountinfo =
+        std::fs::read_to_string(format!("/proc/{}/mountinfo", d.pid())).expect("mountinfo");
+    let options = |point: &str| -> Vec<String> {
+        mountinfo
+            .lines()
+            .filter(|l| l.split(' ').nth(4) == Some(point))
+            .filter_map(|l| l.split(' ').nth(5).map(str::to_owned))
+            .collect()
+    };
+    for (point, mode) in [("/", "ro"), ("/run/tollgate", "rw"), ("/tmp", "rw")] {
+        let found = options(point);
+        assert!(
+            found
+                .last()
+                .is_some_and(|o| o.split(',').next() == Some(mode)),
+            "{point} is {mode} in the daemon's namespace: {found:?}\n{mountinfo}"
+        );
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).expect("status");
+    assert!(status.contains("Umask:\t0077"), "{status}");
+
+    let ok = env.probe(Some(&app), &["tcp", &mock.addr.to_string()]);
+    assert_eq!(ok["ok"], true, "allowed through the gateway: {ok}");
+    let denied = env.probe(Some(&other), &["tcp", &mock.addr.to_string()]);
+    assert_eq!(denied["ok"], false, "no policy for it: {denied}");
+    env.wait_record("the denial", |r| r["reason"] == "no_policy_for_workload");
+    assert!(
+        !node.list("tollgate").is_empty(),
+        "the pins are on the host's bpffs"
+    );
+    d.stop();
+    let log = std::fs::read_to_string(&d.log).expect("log");
+    assert!(
+        !log.contains("ERROR") && !log.contains("Read-only file system"),
+        "{log}"
+    );
+}
+
 /// As a DaemonSet pod runs it: in a mount namespace of its own made from the host's, with its
 /// pins on a bpffs the host has (the node's /sys/fs/bpf, mounted in as a hostPath volume). It
 /// starts, enforces, and its pins are the host's, so once the pod is gone the workload's
