@@ -90,6 +90,97 @@ fn parse_effective(status: &str) -> Option<u64> {
     u64::from_str_radix(hex.trim(), 16).ok()
 }
 
+/// CAP_SETPCAP, which dropping from the bounding set takes.
+const SETPCAP: u32 = 8;
+
+/// Keeps only `needed` for good: every other capability leaves the bounding set (when this
+/// process may change it, i.e. holds CAP_SETPCAP; a unit that confined it already has no
+/// others there) and the permitted, effective, inheritable and ambient sets, and no exec can
+/// gain any back (`no_new_privs`). Capabilities are per thread and a new thread takes its
+/// creator's, so this runs before the daemon starts any; it refuses to run in a process that
+/// has more than one thread.
+pub fn keep_only(needed: &[Needed]) -> std::io::Result<()> {
+    let threads = std::fs::read_dir("/proc/self/task")?.count();
+    if threads != 1 {
+        return Err(std::io::Error::other(format!(
+            "capabilities can only be dropped before any thread starts ({threads} running)"
+        )));
+    }
+    let keep: u64 = needed.iter().map(|n| 1u64 << n.bit).fold(0, |a, b| a | b);
+    let effective = effective()?;
+    let last: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")?
+        .trim()
+        .parse()
+        .map_err(|_| std::io::Error::other("unreadable /proc/sys/kernel/cap_last_cap"))?;
+    let prctl = |option: libc::c_int, arg: libc::c_ulong| {
+        // SAFETY: prctl with integer arguments only.
+        if unsafe { libc::prctl(option, arg, 0, 0, 0) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    if effective & (1 << SETPCAP) != 0 {
+        for cap in (0..=last.min(63)).filter(|c| keep & (1 << c) == 0) {
+            prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap))?;
+        }
+    }
+    prctl(
+        libc::PR_CAP_AMBIENT,
+        libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+    )?;
+    let kept = keep & effective;
+    set_own(kept)?;
+    prctl(libc::PR_SET_NO_NEW_PRIVS, 1)
+}
+
+/// capset(2) on the calling thread: `set` permitted and effective, nothing inheritable.
+fn set_own(set: u64) -> std::io::Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    /// `_LINUX_CAPABILITY_VERSION_3`: 64-bit sets, as two 32-bit halves.
+    const VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let half = |shift: u32| {
+        let bits = u32::try_from((set >> shift) & 0xffff_ffff).unwrap_or(0);
+        Data {
+            effective: bits,
+            permitted: bits,
+            inheritable: 0,
+        }
+    };
+    let data = [half(0), half(32)];
+    // SAFETY: capset with a version 3 header and the two data blocks that version reads.
+    if unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The names of the capabilities in the mask `set` that the daemon knows.
+pub fn names(set: u64) -> Vec<&'static str> {
+    ALWAYS
+        .iter()
+        .chain([&LOW_PORT])
+        .filter(|n| set & (1 << n.bit) != 0)
+        .map(|n| n.name)
+        .collect()
+}
+
 /// One line per missing capability: its name and what it is for.
 pub fn describe(missing: &[Needed]) -> String {
     missing
@@ -128,6 +219,23 @@ mod tests {
         assert!(describe(&gone).starts_with("CAP_SYS_PTRACE (reading a workload's executable"));
         assert_eq!(missing(0, &needed(951)).len(), 6);
         assert_eq!(missing(0, &needed(8080)).len(), 5);
+    }
+
+    /// The test harness runs tests on threads of its own: dropping would leave the others with
+    /// everything, so it is refused and nothing changes.
+    #[test]
+    fn a_process_with_threads_is_refused() {
+        let before = std::fs::read_to_string("/proc/thread-self/status").expect("status");
+        let err = keep_only(&needed(951)).expect_err("threads are running");
+        assert!(err.to_string().contains("before any thread starts"), "{err}");
+        let after = std::fs::read_to_string("/proc/thread-self/status").expect("status");
+        let caps = |s: &str| -> Vec<String> {
+            s.lines()
+                .filter(|l| l.starts_with("Cap") || l.starts_with("NoNewPrivs"))
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(caps(&before), caps(&after));
     }
 
     /// The unit grants what the daemon needs with its default port, and nothing else.

@@ -46,6 +46,8 @@ pub enum RunError {
     PidNamespace(String),
     #[error("tollgate lacks capabilities it needs: {0}. Run it as root with them (systemd: keep them in CapabilityBoundingSet=, as deploy/tollgate.service does; Kubernetes: privileged: true, as deploy/daemonset.yaml does)")]
     Capabilities(String),
+    #[error("cannot drop the capabilities the daemon does not need: {0}")]
+    KeepCapabilities(std::io::Error),
     #[error("socket guard: {0}")]
     SocketGuard(String),
     #[error("another tollgate is running with pin dir {pin_dir} (lock {lock}): stop it first")]
@@ -689,6 +691,13 @@ pub fn raise_fd_limit() {
 /// Runs the daemon until SIGTERM/SIGINT. Pins stay: enforcement outlives the process.
 pub fn run(config: &Config, ready_file: Option<&Path>) -> Result<(), RunError> {
     let pre = preflight(config)?;
+    // Before any thread starts: each takes the capabilities of the thread that made it.
+    let needed = crate::caps::needed(config.listener_port);
+    crate::caps::keep_only(&needed).map_err(RunError::KeepCapabilities)?;
+    tracing::info!(
+        kept = ?crate::caps::names(crate::caps::effective()?),
+        "every other capability dropped for good"
+    );
     // Taken before anything on the host changes: a second instance stops here.
     let _lock = lock(config)?;
     ensure_bpffs(config)?;

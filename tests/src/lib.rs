@@ -303,6 +303,8 @@ impl Drop for HostBpffs {
 enum Launch<'a> {
     /// In the test's mount namespace.
     Direct,
+    /// In the test's mount namespace, with every capability root has.
+    AsRoot,
     /// In a mount namespace of its own (a copy of the test's) where the shell commands ran
     /// first.
     After(&'a str),
@@ -454,6 +456,13 @@ impl TestEnv {
     /// Starts the daemon and waits until it enforces.
     pub fn start(&self) -> Daemon {
         Daemon::start(self, Launch::Direct)
+            .unwrap_or_else(|log| panic!("daemon did not start: {log}"))
+    }
+
+    /// Starts the daemon as root with every capability, not as the systemd unit confines it,
+    /// and waits until it enforces.
+    pub fn start_as_root(&self) -> Daemon {
+        Daemon::start(self, Launch::AsRoot)
             .unwrap_or_else(|log| panic!("daemon did not start: {log}"))
     }
 
@@ -613,8 +622,9 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts the daemon as `launch` says, through `setpriv` as the systemd unit confines it;
-    /// `setpriv` and the shell of a prelude `exec` it, so the daemon is the process started.
+    /// Starts the daemon as `launch` says, through `setpriv` as the systemd unit confines it
+    /// (but as root), and checks it kept only the capabilities it needs; `setpriv` and the
+    /// shell of a prelude `exec` it, so the daemon is the process started.
     fn start(env: &TestEnv, launch: Launch) -> Result<Self, String> {
         let ready = env.dir.join("ready");
         let _ = std::fs::remove_file(&ready);
@@ -632,6 +642,7 @@ impl Daemon {
                 .arg(tollgate_bin());
         };
         let mut command = match launch {
+            Launch::AsRoot => Command::new(tollgate_bin()),
             Launch::Direct => {
                 let mut c = Command::new("setpriv");
                 c.args(&confined).arg(tollgate_bin());
@@ -677,43 +688,66 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        d.assert_confined_as_the_unit();
+        d.assert_keeps_only_what_it_needs(env.port, matches!(launch, Launch::AsRoot));
         Ok(d)
     }
 
-    /// The daemon holds exactly the unit's capabilities and can gain no more.
-    fn assert_confined_as_the_unit(&self) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .expect("the daemon's status");
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .map(str::trim)
-                .unwrap_or_default()
-                .to_owned()
+    /// Every thread of the daemon holds exactly the capabilities it needs with `port` (none
+    /// inheritable or ambient) and can gain no more; its bounding set is the unit's when
+    /// `setpriv` gave it that, or what it needs when it started with every capability.
+    fn assert_keeps_only_what_it_needs(&self, port: u16, unconfined: bool) {
+        let caps = gateway_user::caps::ALWAYS
+            .iter()
+            .chain([&gateway_user::caps::LOW_PORT]);
+        let mask = |names: &[String]| -> u64 {
+            names
+                .iter()
+                .map(|name| {
+                    let known = caps
+                        .clone()
+                        .find(|c| c.name == name)
+                        .unwrap_or_else(|| panic!("{name} is not one the daemon uses"));
+                    1 << known.bit
+                })
+                .fold(0, |a, b| a | b)
         };
-        let unit: u64 = unit_bounding_set(&[])
+        let needed = mask(
+            &gateway_user::caps::needed(port)
+                .iter()
+                .map(|c| c.name.to_owned())
+                .collect::<Vec<_>>(),
+        );
+        let unit: Vec<String> = unit_bounding_set(&[])
             .split(',')
             .filter_map(|n| n.strip_prefix('+'))
-            .map(|n| {
-                let name = format!("CAP_{}", n.to_ascii_uppercase());
-                let known = gateway_user::caps::ALWAYS
-                    .iter()
-                    .chain([&gateway_user::caps::LOW_PORT])
-                    .find(|c| c.name == name)
-                    .unwrap_or_else(|| {
-                        panic!("the unit grants {name}, which the daemon does not use")
-                    });
-                1 << known.bit
-            })
-            .sum();
-        let effective = u64::from_str_radix(&field("CapEff:"), 16).expect("CapEff");
-        assert_eq!(
-            effective, unit,
-            "the daemon's effective capabilities: {effective:x}"
-        );
-        assert_eq!(field("NoNewPrivs:"), "1");
+            .map(|n| format!("CAP_{}", n.to_ascii_uppercase()))
+            .collect();
+        let bounding = if unconfined { needed } else { mask(&unit) };
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.pid())).expect("tasks");
+        let mut threads = 0;
+        for task in tasks.flatten() {
+            let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+                continue;
+            };
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(str::trim)
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            let set = |name: &str| u64::from_str_radix(&field(name), 16).expect(name);
+            let tid = task.file_name();
+            assert_eq!(set("CapEff:"), needed, "thread {tid:?}: CapEff");
+            assert_eq!(set("CapPrm:"), needed, "thread {tid:?}: CapPrm");
+            assert_eq!(set("CapInh:"), 0, "thread {tid:?}: CapInh");
+            assert_eq!(set("CapAmb:"), 0, "thread {tid:?}: CapAmb");
+            assert_eq!(set("CapBnd:"), bounding, "thread {tid:?}: CapBnd");
+            assert_eq!(field("NoNewPrivs:"), "1", "thread {tid:?}");
+            threads += 1;
+        }
+        assert!(threads > 1, "the daemon's threads were read ({threads})");
     }
 
     pub fn pid(&self) -> i32 {

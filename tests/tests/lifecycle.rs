@@ -430,6 +430,30 @@ fn a_host_without_tracefs_gets_it_mounted_for_the_guard() {
     d.stop();
 }
 
+/// Started by root with every capability (as a privileged pod or a shell starts it), the
+/// daemon keeps only those it needs, in every thread, for good (the harness checks each
+/// thread's sets), and enforces with them: one workload through, another denied and audited.
+#[test]
+fn a_daemon_started_with_every_capability_keeps_only_those_it_needs() {
+    let mut env = TestEnv::new("rootcaps");
+    let mock = Mock::start("127.0.0.1:0");
+    let app = env.workload("app.service");
+    let other = env.workload("other.service");
+    env.allow("app", "app.service", &[mock.addr]);
+    let mut d = env.start_as_root();
+    let ok = env.probe(Some(&app), &["tcp", &mock.addr.to_string()]);
+    assert_eq!(ok["ok"], true, "allowed through the gateway: {ok}");
+    let denied = env.probe(Some(&other), &["tcp", &mock.addr.to_string()]);
+    assert_eq!(denied["ok"], false, "no policy for it: {denied}");
+    env.wait_record("the denial", |r| r["reason"] == "no_policy_for_workload");
+    let log = std::fs::read_to_string(&d.log).expect("log");
+    assert!(
+        log.contains("every other capability dropped for good") && log.contains("CAP_SYS_PTRACE"),
+        "{log}"
+    );
+    d.stop();
+}
+
 /// As the systemd unit runs it: in a mount namespace of its own made from the host's, with
 /// the unit's file system confinement (see `as_the_unit_confines_it`) as well as its
 /// capabilities (as every test's daemon), pinning on the host's bpffs. It starts, enforces,
