@@ -227,7 +227,10 @@ mod tests {
     fn a_process_with_threads_is_refused() {
         let before = std::fs::read_to_string("/proc/thread-self/status").expect("status");
         let err = keep_only(&needed(951)).expect_err("threads are running");
-        assert!(err.to_string().contains("before any thread starts"), "{err}");
+        assert!(
+            err.to_string().contains("before any thread starts"),
+            "{err}"
+        );
         let after = std::fs::read_to_string("/proc/thread-self/status").expect("status");
         let caps = |s: &str| -> Vec<String> {
             s.lines()

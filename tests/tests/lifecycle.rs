@@ -430,22 +430,33 @@ fn a_host_without_tracefs_gets_it_mounted_for_the_guard() {
     d.stop();
 }
 
+/// A mock, the workload `app.service` allowed to it, and `other.service`, under no policy.
+fn one_allowed_one_not(env: &mut TestEnv) -> (Mock, [std::path::PathBuf; 2]) {
+    let mock = Mock::start("127.0.0.1:0");
+    let app = env.workload("app.service");
+    let other = env.workload("other.service");
+    env.allow("app", "app.service", &[mock.addr]);
+    (mock, [app, other])
+}
+
+/// `app` reaches the mock through the gateway; `other` is denied, and audited.
+fn assert_enforces(env: &TestEnv, mock: &Mock, app: &std::path::Path, other: &std::path::Path) {
+    let ok = env.probe(Some(app), &["tcp", &mock.addr.to_string()]);
+    assert_eq!(ok["ok"], true, "allowed through the gateway: {ok}");
+    let denied = env.probe(Some(other), &["tcp", &mock.addr.to_string()]);
+    assert_eq!(denied["ok"], false, "no policy for it: {denied}");
+    env.wait_record("the denial", |r| r["reason"] == "no_policy_for_workload");
+}
+
 /// Started by root with every capability (as a privileged pod or a shell starts it), the
 /// daemon keeps only those it needs, in every thread, for good (the harness checks each
 /// thread's sets), and enforces with them: one workload through, another denied and audited.
 #[test]
 fn a_daemon_started_with_every_capability_keeps_only_those_it_needs() {
     let mut env = TestEnv::new("rootcaps");
-    let mock = Mock::start("127.0.0.1:0");
-    let app = env.workload("app.service");
-    let other = env.workload("other.service");
-    env.allow("app", "app.service", &[mock.addr]);
+    let (mock, [app, other]) = one_allowed_one_not(&mut env);
     let mut d = env.start_as_root();
-    let ok = env.probe(Some(&app), &["tcp", &mock.addr.to_string()]);
-    assert_eq!(ok["ok"], true, "allowed through the gateway: {ok}");
-    let denied = env.probe(Some(&other), &["tcp", &mock.addr.to_string()]);
-    assert_eq!(denied["ok"], false, "no policy for it: {denied}");
-    env.wait_record("the denial", |r| r["reason"] == "no_policy_for_workload");
+    assert_enforces(&env, &mock, &app, &other);
     let log = std::fs::read_to_string(&d.log).expect("log");
     assert!(
         log.contains("every other capability dropped for good") && log.contains("CAP_SYS_PTRACE"),
@@ -461,10 +472,7 @@ fn a_daemon_started_with_every_capability_keeps_only_those_it_needs() {
 #[test]
 fn the_systemd_units_confinement_leaves_the_daemon_what_it_needs() {
     let mut env = TestEnv::new("unitfs");
-    let mock = Mock::start("127.0.0.1:0");
-    let app = env.workload("app.service");
-    let other = env.workload("other.service");
-    env.allow("app", "app.service", &[mock.addr]);
+    let (mock, [app, other]) = one_allowed_one_not(&mut env);
     let node = HostBpffs::mount(&env.dir.join("node-bpffs"));
     env.pin_on(&node);
 
@@ -492,11 +500,7 @@ fn the_systemd_units_confinement_leaves_the_daemon_what_it_needs() {
     let status = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).expect("status");
     assert!(status.contains("Umask:\t0077"), "{status}");
 
-    let ok = env.probe(Some(&app), &["tcp", &mock.addr.to_string()]);
-    assert_eq!(ok["ok"], true, "allowed through the gateway: {ok}");
-    let denied = env.probe(Some(&other), &["tcp", &mock.addr.to_string()]);
-    assert_eq!(denied["ok"], false, "no policy for it: {denied}");
-    env.wait_record("the denial", |r| r["reason"] == "no_policy_for_workload");
+    assert_enforces(&env, &mock, &app, &other);
     assert!(
         !node.list("tollgate").is_empty(),
         "the pins are on the host's bpffs"
