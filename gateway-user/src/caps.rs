@@ -28,7 +28,8 @@ pub const ALWAYS: [Needed; 5] = [
     Needed {
         name: "CAP_NET_ADMIN",
         bit: 12,
-        why: "closing the connections that predate enforcement (SOCK_DESTROY)",
+        why: "closing the connections that predate enforcement (SOCK_DESTROY), bringing up \
+              loopback in a pod's network namespace",
     },
     Needed {
         name: "CAP_SYS_PTRACE",
@@ -181,7 +182,7 @@ pub fn names(set: u64) -> Vec<&'static str> {
         .collect()
 }
 
-/// One line per missing capability: its name and what it is for.
+/// Each missing capability's name and what it is for, joined by "; ".
 pub fn describe(missing: &[Needed]) -> String {
     missing
         .iter()
@@ -221,12 +222,16 @@ mod tests {
         assert_eq!(missing(0, &needed(8080)).len(), 5);
     }
 
-    /// The test harness runs tests on threads of its own: dropping would leave the others with
-    /// everything, so it is refused and nothing changes.
+    /// With a second thread running, dropping would leave it with everything: refused, and
+    /// nothing changes.
     #[test]
     fn a_process_with_threads_is_refused() {
+        let (stop, parked) = std::sync::mpsc::channel::<()>();
+        let other = std::thread::spawn(move || parked.recv());
         let before = std::fs::read_to_string("/proc/thread-self/status").expect("status");
         let err = keep_only(&needed(951)).expect_err("threads are running");
+        drop(stop);
+        let _ = other.join();
         assert!(
             err.to_string().contains("before any thread starts"),
             "{err}"

@@ -194,7 +194,7 @@ fn ensure_bpffs(config: &Config) -> Result<(), RunError> {
     if !config.allow_private_bpffs && !pins_reach_host(&config.pin_dir) {
         return Err(RunError::Bpffs(format!(
             "tollgate runs in a private mount namespace and the bpffs at {} is not the one the host has at that path: pins would die with it and enforcement would stop. \
-             Run it in the host's mount namespace, or mount the host's bpffs at the same path (for Kubernetes: hostPID, and /sys/fs/bpf as a hostPath volume with Bidirectional propagation)",
+             Run it in the host's mount namespace, or mount the host's bpffs at the same path (for systemd: mount it on the host before the unit starts, as systemd itself does at boot, so the unit's namespace sees it; for Kubernetes: hostPID, and /sys/fs/bpf as a hostPath volume with Bidirectional propagation)",
             config.pin_dir.display()
         )));
     }
@@ -229,9 +229,6 @@ fn pins_reach_host(pin_dir: &Path) -> bool {
     }
 }
 
-/// Refuses a pid namespace other than the host's: the kernel records the host's pids for every
-/// connection, and a /proc of another namespace cannot show those processes, so no workload's
-/// executable could be verified and `exe` selectors would never match.
 /// Every capability the daemon will use is in its effective set (see [`crate::caps`]).
 fn check_capabilities(port: u16) -> Result<(), RunError> {
     let missing = crate::caps::missing(crate::caps::effective()?, &crate::caps::needed(port));
@@ -242,6 +239,9 @@ fn check_capabilities(port: u16) -> Result<(), RunError> {
     }
 }
 
+/// Refuses a pid namespace other than the host's: the kernel records the host's pids for every
+/// connection, and a /proc of another namespace cannot show those processes, so no workload's
+/// executable could be verified and `exe` selectors would never match.
 fn check_host_pids() -> Result<(), RunError> {
     /// The initial pid namespace's fixed inode number (`PROC_PID_INIT_INO`).
     const INIT_PID_NS: &str = "pid:[4026531836]";

@@ -241,7 +241,20 @@ impl Namespaces {
                     Some(("netns-add", path)) => {
                         let path = PathBuf::from(path);
                         let result = tokio::task::spawn_blocking(move || {
-                            File::open(&path).and_then(|f| me.add(f, Some(path), "registered"))
+                            File::open(&path)
+                                .map_err(|e| {
+                                    io::Error::new(
+                                        e.kind(),
+                                        format!(
+                                            "cannot open {} in the daemon's mount namespace: {e} \
+                                             (a systemd unit with PrivateTmp= or ProtectHome= sees \
+                                             no /tmp or /home of the host's: name the namespace \
+                                             as /proc/PID/ns/net or under /run/netns)",
+                                            path.display()
+                                        ),
+                                    )
+                                })
+                                .and_then(|f| me.add(f, Some(path), "registered"))
                         })
                         .await
                         .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));

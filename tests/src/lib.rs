@@ -75,10 +75,12 @@ pub fn unit_bounding_set(drop: &[&str]) -> String {
 
 /// Shell commands that confine the file system as deploy/tollgate.service does, run in a mount
 /// namespace of the daemon's own: `ProtectSystem=strict` (every mount read-only but /dev,
-/// /proc and /sys), `ProtectHome=yes`, `PrivateTmp=yes`, `UMask=0077`, and writable only the
+/// /proc and /sys), `ProtectHome=yes`, `PrivateTmp=yes`, `UMask=0027`, and writable only the
 /// unit's `RuntimeDirectory=` (/run/tollgate) and, standing in for its `LogsDirectory=`, the
-/// test's directory `dir` (its config, audit log and ready file; carried over into the fresh
-/// /tmp when it is in /tmp).
+/// test's directory `dir`, in which all but the audit log, the ready file and the bpffs
+/// mounts is read-only (the config and policies, read-only in /etc/tollgate under the unit).
+/// The test's directory and the binary's, which the unit's installed daemon would not be
+/// in, are carried over where the fresh /tmp or the hidden home directories cover them.
 pub fn as_the_unit_confines_it(dir: &Path) -> String {
     let unit = include_str!("../../deploy/tollgate.service");
     for line in [
@@ -87,25 +89,59 @@ pub fn as_the_unit_confines_it(dir: &Path) -> String {
         "PrivateTmp=yes",
         "RuntimeDirectory=tollgate",
         "LogsDirectory=tollgate",
-        "UMask=0077",
+        "UMask=0027",
     ] {
         assert!(
             unit.lines().any(|l| l.trim() == line),
             "the unit says {line}, which this confinement stands for"
         );
     }
+    let covered = ["/tmp", "/home", "/root", "/run/user"];
+    let bin_dir = tollgate_bin()
+        .parent()
+        .expect("the binary's directory")
+        .to_owned();
+    let mut carried: Vec<PathBuf> = Vec::new();
+    for p in [dir.to_owned(), bin_dir] {
+        if covered.iter().any(|c| p.starts_with(c)) && !carried.iter().any(|c| p.starts_with(c)) {
+            carried.retain(|c| !c.starts_with(&p));
+            carried.push(p);
+        }
+    }
+    let hold: String = carried
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("mkdir /mnt/{i}; mount --rbind {} /mnt/{i}; ", p.display()))
+        .collect();
+    let place: String = carried
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("mkdir -p {0}; mount --move /mnt/{i} {0}; ", p.display()))
+        .collect();
+    let read_only: String = std::fs::read_dir(dir)
+        .expect("the test's directory")
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name != "audit.jsonl" && name != "ready" && !name.contains("bpffs")
+        })
+        .map(|e| {
+            format!(
+                "mount --bind {0} {0}; mount -o remount,bind,ro {0}; ",
+                e.path().display()
+            )
+        })
+        .collect();
     let dir = dir.display();
-    let private_tmp = if dir.to_string().starts_with("/tmp/") {
-        format!("mount --rbind {dir} /mnt && mount -t tmpfs tmpfs /tmp && mkdir -p {dir} && mount --move /mnt {dir}")
-    } else {
-        "mount -t tmpfs tmpfs /tmp".to_owned()
-    };
     format!(
-        "{{ set -e; umask 077; mkdir -p /run/tollgate; \
-         mount --rbind /run/tollgate /run/tollgate; mount --rbind {dir} {dir}; {private_tmp}; \
-         for h in /home /root /run/user; do [ -d $h ] && mount -t tmpfs -o ro,mode=0 tmpfs $h; done; \
-         for m in $(awk '{{print $5}}' /proc/self/mountinfo | sort -u); do case $m in \
-         /dev|/dev/*|/proc|/proc/*|/sys|/sys/*|/tmp|/run/tollgate|/run/tollgate/*|{dir}|{dir}/*|/home|/root|/run/user) ;; \
+        "{{ set -e; umask 027; mkdir -p /run/tollgate; mount --rbind /run/tollgate /run/tollgate; \
+         mount --rbind {dir} {dir}; mount -t tmpfs tmpfs /mnt; {hold}\
+         mount -t tmpfs tmpfs /tmp; \
+         for h in /home /root /run/user; do if [ -d $h ]; then mount -t tmpfs tmpfs $h; fi; done; \
+         {place}for h in /home /root /run/user; do if [ -d $h ]; then mount -o remount,ro $h; fi; done; \
+         {read_only}for m in $(awk '{{print $5}}' /proc/self/mountinfo | sort -u); do case $m in \
+         /dev|/dev/*|/proc|/proc/*|/sys|/sys/*|/tmp|/tmp/*|/home|/home/*|/root|/root/*|/run/user|/run/user/*|\
+         /run/tollgate|/run/tollgate/*|{dir}|{dir}/*|/mnt) ;; \
          *) mount -o remount,bind,ro $m ;; esac; done; }}"
     )
 }

@@ -488,7 +488,15 @@ fn the_systemd_units_confinement_leaves_the_daemon_what_it_needs() {
             .filter_map(|l| l.split(' ').nth(5).map(str::to_owned))
             .collect()
     };
-    for (point, mode) in [("/", "ro"), ("/run/tollgate", "rw"), ("/tmp", "rw")] {
+    let config = env.config.display().to_string();
+    let pins = node.path.display().to_string();
+    for (point, mode) in [
+        ("/", "ro"),
+        ("/run/tollgate", "rw"),
+        ("/tmp", "rw"),
+        (config.as_str(), "ro"),
+        (pins.as_str(), "rw"),
+    ] {
         let found = options(point);
         assert!(
             found
@@ -498,7 +506,7 @@ fn the_systemd_units_confinement_leaves_the_daemon_what_it_needs() {
         );
     }
     let status = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).expect("status");
-    assert!(status.contains("Umask:\t0077"), "{status}");
+    assert!(status.contains("Umask:\t0027"), "{status}");
 
     assert_enforces(&env, &mock, &app, &other);
     assert!(
