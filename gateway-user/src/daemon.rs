@@ -1040,6 +1040,15 @@ pub fn uninstall(config: &Config) -> Result<usize, RunError> {
 /// Sends one request line to the running daemon's admin socket and returns what follows `ok`
 /// in its reply.
 fn ask_daemon(config: &Config, request: &str) -> Result<String, String> {
+    ask_daemon_passing(config, request, None)
+}
+
+/// [`ask_daemon`], with the descriptor `passed` sent along (SCM_RIGHTS).
+fn ask_daemon_passing(
+    config: &Config,
+    request: &str,
+    passed: Option<std::os::fd::BorrowedFd<'_>>,
+) -> Result<String, String> {
     use std::io::{BufRead, BufReader};
     let admin = runtime_path(config, "sock");
     let mut stream = std::os::unix::net::UnixStream::connect(&admin).map_err(|e| {
@@ -1048,7 +1057,23 @@ fn ask_daemon(config: &Config, request: &str) -> Result<String, String> {
             admin.display()
         )
     })?;
-    writeln!(stream, "{request}").map_err(|e| e.to_string())?;
+    let line = format!("{request}\n");
+    let sent = match passed {
+        None => 0,
+        Some(fd) => nix::sys::socket::sendmsg::<()>(
+            stream.as_raw_fd(),
+            &[std::io::IoSlice::new(line.as_bytes())],
+            &[nix::sys::socket::ControlMessage::ScmRights(&[
+                fd.as_raw_fd()
+            ])],
+            nix::sys::socket::MsgFlags::empty(),
+            None,
+        )
+        .map_err(|e| format!("cannot send to the daemon: {e}"))?,
+    };
+    stream
+        .write_all(&line.as_bytes()[sent..])
+        .map_err(|e| e.to_string())?;
     let mut line = String::new();
     BufReader::new(stream)
         .read_line(&mut line)
@@ -1074,9 +1099,16 @@ pub fn connections(config: &Config) -> Result<serde_json::Value, String> {
 
 /// Asks the running daemon to serve the network namespace at `path` (what a CNI plugin does
 /// before a pod's containers start). Returns the namespace's cookie once its listener is up.
+/// The namespace is opened here and its descriptor passed, so the daemon need not see `path`
+/// in its own mount namespace (a systemd unit's /tmp and /home are not the host's).
 pub fn register_netns(config: &Config, path: &Path) -> Result<u64, String> {
-    let cookie = ask_daemon(config, &format!("netns-add {}", path.display()))
-        .map_err(|msg| format!("{}: {msg}", path.display()))?;
+    let ns = fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let cookie = ask_daemon_passing(
+        config,
+        &format!("netns-add {}", path.display()),
+        Some(std::os::fd::AsFd::as_fd(&ns)),
+    )
+    .map_err(|msg| format!("{}: {msg}", path.display()))?;
     cookie.parse().map_err(|_| format!("bad reply {cookie:?}"))
 }
 

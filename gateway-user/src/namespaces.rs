@@ -15,11 +15,7 @@ use std::{
 };
 
 use gateway_common::CarriedMark;
-use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::UnixListener,
-    task::JoinHandle,
-};
+use tokio::{io::AsyncWriteExt, net::UnixListener, task::JoinHandle};
 
 use crate::{
     audit::{AuditRecord, Layer, Verdict},
@@ -216,7 +212,8 @@ impl Namespaces {
         });
     }
 
-    /// Serves the admin socket: `netns-add <path>` → `ok <cookie>` or `error <message>`.
+    /// Serves the admin socket: `netns-add <path>` (with the namespace's descriptor, or
+    /// without) → `ok <cookie>` or `error <message>`.
     pub async fn serve_admin(self: Arc<Self>, listener: UnixListener) {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -224,11 +221,10 @@ impl Namespaces {
             };
             let me = Arc::clone(&self);
             tokio::spawn(async move {
-                let (read, mut write) = stream.into_split();
-                let mut line = String::new();
-                if BufReader::new(read).read_line(&mut line).await.is_err() {
+                let Ok((line, passed)) = read_request(&stream).await else {
                     return;
-                }
+                };
+                let (_, mut write) = stream.into_split();
                 let reply = match line.trim().split_once(' ') {
                     None if line.trim() == "budgets" => {
                         let left = me.gateway.budgets.left(std::time::Instant::now());
@@ -240,16 +236,20 @@ impl Namespaces {
                     }
                     Some(("netns-add", path)) => {
                         let path = PathBuf::from(path);
+                        // The namespace `tollgate netns add` opened and passed; a path alone
+                        // (an older or hand-written client) is opened here.
+                        let passed = passed.into_iter().next().map(File::from);
                         let result = tokio::task::spawn_blocking(move || {
-                            File::open(&path)
+                            passed
+                                .map_or_else(|| File::open(&path), Ok)
                                 .map_err(|e| {
                                     io::Error::new(
                                         e.kind(),
                                         format!(
                                             "cannot open {} in the daemon's mount namespace: {e} \
                                              (a systemd unit with PrivateTmp= or ProtectHome= sees \
-                                             no /tmp or /home of the host's: name the namespace \
-                                             as /proc/PID/ns/net or under /run/netns)",
+                                             no /tmp or /home of the host's: pass the namespace's \
+                                             descriptor, as `tollgate netns add` does)",
                                             path.display()
                                         ),
                                     )
@@ -574,6 +574,62 @@ impl Reported {
             }
         }
     }
+}
+
+/// Reads an admin request's line and the descriptors sent with it (SCM_RIGHTS).
+async fn read_request(
+    stream: &tokio::net::UnixStream,
+) -> io::Result<(String, Vec<std::os::fd::OwnedFd>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+    const MAX_LINE: usize = 64 * 1024;
+    let (mut line, mut passed) = (Vec::new(), Vec::new());
+    while !line.contains(&b'\n') {
+        if line.len() > MAX_LINE {
+            return Err(io::Error::other("admin request line too long"));
+        }
+        stream.readable().await?;
+        let mut buf = [0u8; 4096];
+        let read = stream.try_io(tokio::io::Interest::READABLE, || {
+            let mut space = nix::cmsg_space!([RawFd; 4]);
+            let mut iov = [io::IoSliceMut::new(&mut buf)];
+            let msg = recvmsg::<()>(
+                stream.as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            )
+            .map_err(io::Error::from)?;
+            let mut fds = Vec::new();
+            for cmsg in msg.cmsgs().map_err(io::Error::from)? {
+                if let ControlMessageOwned::ScmRights(received) = cmsg {
+                    fds.extend(received);
+                }
+            }
+            Ok((msg.bytes, fds))
+        });
+        match read {
+            Ok((n, fds)) => {
+                // SAFETY: each descriptor was just received and is owned by no one else.
+                passed.extend(
+                    fds.into_iter()
+                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                );
+                if n == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                line.extend_from_slice(&buf[..n]);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    // The first line only: what follows it is not part of this request.
+    let end = line
+        .iter()
+        .position(|b| *b == b'\n')
+        .map_or(line.len(), |i| i + 1);
+    Ok((String::from_utf8_lossy(&line[..end]).into_owned(), passed))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -28,6 +28,53 @@ fn register(env: &TestEnv, pod: &Pod) {
     );
 }
 
+/// A namespace at a path only the caller sees (a network plugin in a mount namespace of its
+/// own; a daemon whose unit gives it a /tmp of its own) is registered all the same:
+/// `tollgate netns add` opens it and passes the descriptor. The pod's first connection is
+/// then captured.
+#[test]
+fn a_namespace_at_a_path_only_the_caller_sees_is_registered() {
+    let mut env = TestEnv::kube("podfd");
+    let rel = containerd_cgroup("5d2c7a1e-3b4f-4e6a-8c9d-0e1f2a3b4c5d", CONTAINER_A);
+    let cg = env.workload(&rel);
+    let port = tollgate_tests::free_port();
+    env.allow(
+        "pod-f",
+        &rel,
+        &[format!("127.0.0.1:{port}").parse().expect("addr")],
+    );
+    let _d = env.start();
+    let pod = Pod::new(&env, "f", cg);
+    let allowed = Mock::start_in(&pod.netns, &format!("127.0.0.1:{port}"));
+    let hidden = "/mnt/tollgate-test-pod-ns";
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(format!(
+            "mount -t tmpfs tmpfs /mnt && touch {hidden} && mount --bind \"$1\" {hidden} && \
+             exec \"$0\" netns add --config \"$2\" {hidden}"
+        ))
+        .arg(tollgate_bin())
+        .arg(&pod.netns)
+        .arg(&env.config)
+        .output()
+        .expect("tollgate netns add");
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("netns cookie"),
+        "register through {hidden}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !std::path::Path::new(hidden).exists(),
+        "the daemon's mount namespace has no {hidden}"
+    );
+    let first = pod.probe(&["tcp", &allowed.addr.to_string()]);
+    assert_eq!(
+        first["ok"], true,
+        "the pod's first connection is captured and allowed: {first}"
+    );
+    assert_eq!(allowed.peers().len(), 1);
+}
+
 #[test]
 fn pod_clients_reach_an_allowed_mock_through_the_gateway() {
     let mut env = TestEnv::kube("pod");
