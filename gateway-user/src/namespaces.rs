@@ -33,6 +33,21 @@ struct Entry {
     tasks: Vec<JoinHandle<()>>,
     /// The path a runtime registered (e.g. /run/netns/<pod>), if any.
     path: Option<PathBuf>,
+    /// When a namespace was registered at a path this daemon's mounts do not show (its
+    /// descriptor was passed), and no process under the roots has used it since: it is kept
+    /// for [`AWAIT_USE`] from then, then only while in use.
+    awaiting_use: Option<std::time::Instant>,
+}
+
+/// How long a namespace registered at a path the daemon cannot see is served before any
+/// process under the roots uses it (a pod's containers start after its network is set up,
+/// possibly after pulling their images).
+const AWAIT_USE: Duration = Duration::from_secs(600);
+
+/// When `path` is given but does not show the namespace `inode` to this daemon, now.
+fn unseen(path: Option<&PathBuf>, inode: u64) -> Option<std::time::Instant> {
+    path.filter(|p| inode_of(p) != Some(inode))
+        .map(|_| std::time::Instant::now())
 }
 
 /// Every workload namespace being served, by namespace inode.
@@ -84,6 +99,7 @@ impl Namespaces {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(e) = entries.get_mut(&inode) {
             if path.is_some() {
+                e.awaiting_use = unseen(path.as_ref(), inode);
                 e.path = path;
             }
             return e.ns.cookie();
@@ -129,7 +145,16 @@ impl Namespaces {
         );
         self.gateway.audit.emit(r);
         tracing::info!(inode, cookie, how, "serving a workload network namespace");
-        entries.insert(inode, Entry { ns, tasks, path });
+        let awaiting_use = unseen(path.as_ref(), inode);
+        entries.insert(
+            inode,
+            Entry {
+                ns,
+                tasks,
+                path,
+                awaiting_use,
+            },
+        );
         Ok(cookie)
     }
 
@@ -196,8 +221,15 @@ impl Namespaces {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         entries.retain(|ino, e| {
+            let in_use = used.contains_key(ino);
+            if in_use {
+                e.awaiting_use = None;
+            }
             let registered = e.path.as_ref().is_some_and(|p| inode_of(p) == Some(*ino));
-            let keep = registered || used.contains_key(ino);
+            let awaited = e
+                .awaiting_use
+                .is_some_and(|since| since.elapsed() < AWAIT_USE);
+            let keep = registered || in_use || awaited;
             if !keep {
                 for t in &e.tasks {
                     t.abort();

@@ -30,8 +30,8 @@ fn register(env: &TestEnv, pod: &Pod) {
 
 /// A namespace at a path only the caller sees (a network plugin in a mount namespace of its
 /// own; a daemon whose unit gives it a /tmp of its own) is registered all the same:
-/// `tollgate netns add` opens it and passes the descriptor. The pod's first connection is
-/// then captured.
+/// `tollgate netns add` opens it and passes the descriptor. It is served while no process
+/// uses it yet, and the pod's first connection, a few sweeps later, is captured.
 #[test]
 fn a_namespace_at_a_path_only_the_caller_sees_is_registered() {
     let mut env = TestEnv::kube("podfd");
@@ -67,6 +67,9 @@ fn a_namespace_at_a_path_only_the_caller_sees_is_registered() {
         !std::path::Path::new(hidden).exists(),
         "the daemon's mount namespace has no {hidden}"
     );
+    // The daemon sweeps every half second; a namespace nobody uses yet and whose path it
+    // cannot see is still served after a few sweeps.
+    std::thread::sleep(std::time::Duration::from_millis(1600));
     let first = pod.probe(&["tcp", &allowed.addr.to_string()]);
     assert_eq!(
         first["ok"], true,
