@@ -1103,6 +1103,8 @@ pub fn connections(config: &Config) -> Result<serde_json::Value, String> {
 /// in its own mount namespace (a systemd unit's /tmp and /home are not the host's).
 pub fn register_netns(config: &Config, path: &Path) -> Result<u64, String> {
     let ns = fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    // The daemon's working directory is not the caller's: a relative path is made absolute.
+    let path = &fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
     let cookie = ask_daemon_passing(
         config,
         &format!("netns-add {}", path.display()),

@@ -33,9 +33,9 @@ struct Entry {
     tasks: Vec<JoinHandle<()>>,
     /// The path a runtime registered (e.g. /run/netns/<pod>), if any.
     path: Option<PathBuf>,
-    /// When a namespace was registered at a path this daemon's mounts do not show (its
-    /// descriptor was passed), and no process under the roots has used it since: it is kept
-    /// for [`AWAIT_USE`] from then, then only while in use.
+    /// When a namespace was first registered at a path this daemon's mounts do not show (its
+    /// descriptor was passed): it is served for [`AWAIT_USE`] from then, used or not, and
+    /// after that while a process under the roots uses it.
     awaiting_use: Option<std::time::Instant>,
 }
 
@@ -98,8 +98,16 @@ impl Namespaces {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(e) = entries.get_mut(&inode) {
-            if path.is_some() {
-                e.awaiting_use = unseen(path.as_ref(), inode);
+            // A path that still names it is kept over one this daemon cannot see, and the
+            // first registration's time over a later one's.
+            let visible =
+                |p: &Option<PathBuf>| p.as_ref().is_some_and(|p| inode_of(p) == Some(inode));
+            if path.is_some() && !visible(&e.path) {
+                if visible(&path) {
+                    e.awaiting_use = None;
+                } else if e.awaiting_use.is_none() {
+                    e.awaiting_use = unseen(path.as_ref(), inode);
+                }
                 e.path = path;
             }
             return e.ns.cookie();
@@ -222,9 +230,6 @@ impl Namespaces {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         entries.retain(|ino, e| {
             let in_use = used.contains_key(ino);
-            if in_use {
-                e.awaiting_use = None;
-            }
             let registered = e.path.as_ref().is_some_and(|p| inode_of(p) == Some(*ino));
             let awaited = e
                 .awaiting_use
@@ -256,7 +261,7 @@ impl Namespaces {
                 let Ok((line, passed)) = read_request(&stream).await else {
                     return;
                 };
-                let (_, mut write) = stream.into_split();
+                let mut write = stream;
                 let reply = match line.trim().split_once(' ') {
                     None if line.trim() == "budgets" => {
                         let left = me.gateway.budgets.left(std::time::Instant::now());
@@ -623,7 +628,8 @@ async fn read_request(
         stream.readable().await?;
         let mut buf = [0u8; 4096];
         let read = stream.try_io(tokio::io::Interest::READABLE, || {
-            let mut space = nix::cmsg_space!([RawFd; 4]);
+            // As many descriptors as one message can carry (SCM_MAX_FD), so none is cut off.
+            let mut space = nix::cmsg_space!([RawFd; 253]);
             let mut iov = [io::IoSliceMut::new(&mut buf)];
             let msg = recvmsg::<()>(
                 stream.as_raw_fd(),
@@ -632,6 +638,9 @@ async fn read_request(
                 MsgFlags::MSG_CMSG_CLOEXEC,
             )
             .map_err(io::Error::from)?;
+            if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+                return Err(io::Error::other("admin request's control data cut short"));
+            }
             let mut fds = Vec::new();
             for cmsg in msg.cmsgs().map_err(io::Error::from)? {
                 if let ControlMessageOwned::ScmRights(received) = cmsg {
@@ -648,7 +657,11 @@ async fn read_request(
                         .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
                 );
                 if n == 0 {
-                    return Err(io::ErrorKind::UnexpectedEof.into());
+                    // A client that shut its end after a last line without a newline.
+                    if line.is_empty() {
+                        return Err(io::ErrorKind::UnexpectedEof.into());
+                    }
+                    break;
                 }
                 line.extend_from_slice(&buf[..n]);
             }

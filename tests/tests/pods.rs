@@ -47,6 +47,10 @@ fn a_namespace_at_a_path_only_the_caller_sees_is_registered() {
     let pod = Pod::new(&env, "f", cg);
     let allowed = Mock::start_in(&pod.netns, &format!("127.0.0.1:{port}"));
     let hidden = "/mnt/tollgate-test-pod-ns";
+    assert!(
+        !std::path::Path::new(hidden).exists(),
+        "the daemon's mount namespace has no {hidden}"
+    );
     let out = Command::new("unshare")
         .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
         .arg(format!(
@@ -63,13 +67,27 @@ fn a_namespace_at_a_path_only_the_caller_sees_is_registered() {
         "register through {hidden}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        !std::path::Path::new(hidden).exists(),
-        "the daemon's mount namespace has no {hidden}"
-    );
     // The daemon sweeps every half second; a namespace nobody uses yet and whose path it
-    // cannot see is still served after a few sweeps.
+    // cannot see is still served after a few sweeps: registered once, never let go and
+    // found again.
     std::thread::sleep(std::time::Duration::from_millis(1600));
+    let inode = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&pod.netns)
+            .expect("the pod's netns")
+            .ino()
+    };
+    let served: Vec<String> = env
+        .records()
+        .iter()
+        .filter(|r| r["reason"] == "netns_enforced")
+        .filter_map(|r| r["rule"].as_str().map(str::to_owned))
+        .filter(|rule| rule.contains(&format!("inode {inode},")))
+        .collect();
+    assert!(
+        served.len() == 1 && served[0].starts_with("registered:") && served[0].contains(hidden),
+        "{served:?}"
+    );
     let first = pod.probe(&["tcp", &allowed.addr.to_string()]);
     assert_eq!(
         first["ok"], true,
