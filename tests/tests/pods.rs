@@ -13,6 +13,24 @@ fn containerd_cgroup(pod_uid: &str, container: &str) -> String {
     format!("kubepods-burstable.slice/kubepods-burstable-pod{uid}.slice/cri-containerd-{container}.scope")
 }
 
+/// The cgroup of container A of the pod `uid` (relative to the root, and its path) and a
+/// policy `name` allowing it to 127.0.0.1 on a free port.
+fn pod_allowed_one_port(
+    env: &mut TestEnv,
+    uid: &str,
+    name: &str,
+) -> (String, std::path::PathBuf, u16) {
+    let rel = containerd_cgroup(uid, CONTAINER_A);
+    let cg = env.workload(&rel);
+    let port = tollgate_tests::free_port();
+    env.allow(
+        name,
+        &rel,
+        &[format!("127.0.0.1:{port}").parse().expect("addr")],
+    );
+    (rel, cg, port)
+}
+
 fn register(env: &TestEnv, pod: &Pod) {
     let out = Command::new(tollgate_bin())
         .args(["netns", "add", "--config"])
@@ -35,14 +53,8 @@ fn register(env: &TestEnv, pod: &Pod) {
 #[test]
 fn a_namespace_at_a_path_only_the_caller_sees_is_registered() {
     let mut env = TestEnv::kube("podfd");
-    let rel = containerd_cgroup("5d2c7a1e-3b4f-4e6a-8c9d-0e1f2a3b4c5d", CONTAINER_A);
-    let cg = env.workload(&rel);
-    let port = tollgate_tests::free_port();
-    env.allow(
-        "pod-f",
-        &rel,
-        &[format!("127.0.0.1:{port}").parse().expect("addr")],
-    );
+    let (_, cg, port) =
+        pod_allowed_one_port(&mut env, "5d2c7a1e-3b4f-4e6a-8c9d-0e1f2a3b4c5d", "pod-f");
     let _d = env.start();
     let pod = Pod::new(&env, "f", cg);
     let allowed = Mock::start_in(&pod.netns, &format!("127.0.0.1:{port}"));
@@ -99,16 +111,9 @@ fn a_namespace_at_a_path_only_the_caller_sees_is_registered() {
 #[test]
 fn pod_clients_reach_an_allowed_mock_through_the_gateway() {
     let mut env = TestEnv::kube("pod");
-    let uid = "0b4f2a4e-6d1c-4c8e-9a57-3f2e1d0c9b8a";
-    let rel = containerd_cgroup(uid, CONTAINER_A);
-    let cg = env.workload(&rel);
     // The pod's policy is declared before the pod exists.
-    let port = tollgate_tests::free_port();
-    env.allow(
-        "pod-a",
-        &rel,
-        &[format!("127.0.0.1:{port}").parse().expect("addr")],
-    );
+    let (rel, cg, port) =
+        pod_allowed_one_port(&mut env, "0b4f2a4e-6d1c-4c8e-9a57-3f2e1d0c9b8a", "pod-a");
     let _d = env.start();
     // A new pod, created while the daemon runs: namespace, registration (as the runtime's
     // network plugin would), then the workload's first connection.
