@@ -98,14 +98,16 @@ impl Namespaces {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(e) = entries.get_mut(&inode) {
-            // A path that still names it is kept over one this daemon cannot see, and the
-            // first registration's time over a later one's.
+            // The newest path that names it to this daemon is kept; a path it cannot see
+            // replaces only one that no longer names it either, and keeps the first such
+            // registration's time.
             let visible =
                 |p: &Option<PathBuf>| p.as_ref().is_some_and(|p| inode_of(p) == Some(inode));
-            if path.is_some() && !visible(&e.path) {
-                if visible(&path) {
-                    e.awaiting_use = None;
-                } else if e.awaiting_use.is_none() {
+            if visible(&path) {
+                e.awaiting_use = None;
+                e.path = path;
+            } else if path.is_some() && !visible(&e.path) {
+                if e.awaiting_use.is_none() {
                     e.awaiting_use = unseen(path.as_ref(), inode);
                 }
                 e.path = path;
