@@ -658,9 +658,9 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts the daemon as `launch` says, through `setpriv` as the systemd unit confines it
-    /// (but as root), and checks it kept only the capabilities it needs; `setpriv` and the
-    /// shell of a prelude `exec` it, so the daemon is the process started.
+    /// Starts the daemon as `launch` says: through `setpriv` as the systemd unit confines its
+    /// capabilities (but `Launch::AsRoot`), and checks it kept only those it needs. `setpriv`
+    /// and the shell of a prelude `exec` it, so the daemon is the process started.
     fn start(env: &TestEnv, launch: Launch) -> Result<Self, String> {
         let ready = env.dir.join("ready");
         let _ = std::fs::remove_file(&ready);
