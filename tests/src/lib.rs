@@ -642,13 +642,28 @@ pub fn register_secret(secret: &str) {
     }
 }
 
-/// A port nothing listens on right now.
+/// A port nothing uses on 127.0.0.1 or ::1 right now, below the range the kernel picks
+/// connections' source ports from (`ip_local_port_range`), so no connection made before it is
+/// bound can take it; each call tries the next one.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    const LOWEST: u32 = 10_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let above: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768);
+    let span = above.saturating_sub(LOWEST).max(1);
+    let start = std::process::id().wrapping_mul(7_919);
+    for _ in 0..span {
+        let i = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = u16::try_from(LOWEST + start.wrapping_add(i) % span).expect("a port");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && TcpListener::bind(("::1", port)).is_ok()
+        {
+            return port;
+        }
+    }
+    panic!("no port free on 127.0.0.1 and ::1 from {LOWEST} to {above}");
 }
 
 /// A running `tollgate run`, killed on drop.
