@@ -604,6 +604,29 @@ impl TestEnv {
     }
 }
 
+impl TestEnv {
+    /// The lock and admin socket its daemons left in the host's /run/tollgate: named after
+    /// their pin directories, all of which are under the test's directory.
+    fn remove_runtime_files(&self) {
+        let prefix: String = self
+            .dir
+            .display()
+            .to_string()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .chain(['_'])
+            .collect();
+        let Ok(entries) = std::fs::read_dir("/run/tollgate") else {
+            return;
+        };
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
 impl Drop for TestEnv {
     fn drop(&mut self) {
         while let Some(c) = self.children.pop() {
@@ -611,6 +634,7 @@ impl Drop for TestEnv {
         }
         Cgroup::remove(&self.root.path);
         Cgroup::remove(&self.gateway_cgroup);
+        self.remove_runtime_files();
         // `_bpffs` unmounts after this body; the directory goes once it is unmounted.
         let dir = self.dir.clone();
         let bpffs = dir.join("bpffs");
