@@ -290,16 +290,23 @@ fn ensure_tracefs(config: &Config) -> Result<(), RunError> {
     Ok(())
 }
 
-/// A per-instance file under /run/tollgate (lock, admin socket), named after the pin dir.
-pub fn runtime_path(config: &Config, ext: &str) -> PathBuf {
-    let name: String = config
-        .pin_dir
-        .display()
+/// Where an instance keeps its lock and admin socket.
+pub const RUNTIME_DIR: &str = "/run/tollgate";
+
+/// The name an instance's files under [`RUNTIME_DIR`] share: `path` with every character but
+/// ASCII letters and digits as `_`.
+pub fn runtime_stem(path: &Path) -> String {
+    path.display()
         .to_string()
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
-    Path::new("/run/tollgate").join(format!("{name}.{ext}"))
+        .collect()
+}
+
+/// A per-instance file under /run/tollgate (lock, admin socket), named after the pin dir.
+pub fn runtime_path(config: &Config, ext: &str) -> PathBuf {
+    let name = runtime_stem(&config.pin_dir);
+    Path::new(RUNTIME_DIR).join(format!("{name}.{ext}"))
 }
 
 /// Holds an exclusive lock for this pin directory while the daemon runs.

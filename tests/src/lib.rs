@@ -608,15 +608,8 @@ impl TestEnv {
     /// The lock and admin socket its daemons left in the host's /run/tollgate: named after
     /// their pin directories, all of which are under the test's directory.
     fn remove_runtime_files(&self) {
-        let prefix: String = self
-            .dir
-            .display()
-            .to_string()
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-            .chain(['_'])
-            .collect();
-        let Ok(entries) = std::fs::read_dir("/run/tollgate") else {
+        let prefix = format!("{}_", gateway_user::daemon::runtime_stem(&self.dir));
+        let Ok(entries) = std::fs::read_dir(gateway_user::daemon::RUNTIME_DIR) else {
             return;
         };
         for e in entries.flatten() {
